@@ -11,7 +11,8 @@ al. 2020), trained here with the backbone frozen, so the model's own outputs nev
 
 ``attach_exit_heads`` is the one documented in-place edit of a user's model: it registers the
 heads as the submodule ``model.dynexec_exit_heads``, so ``model.to()``/``.half()`` move them
-with the model and the backend finds them with ``get_exit_heads(model)``.
+with the model; ``get_exit_heads(model)`` finds them from the model and
+``find_exit_heads(tensors)`` from its parameters (what a ``torch.compile`` backend sees).
 
 Conventions: block ``i`` is the ``i``-th transformer block (0-based); its output is
 ``hidden_states[i + 1]`` of ``model(..., output_hidden_states=True)``. Exits sit after blocks
@@ -31,11 +32,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 HEAD_KINDS = ("cls_tanh", "mean_tanh", "last_token_rmsnorm")
 ATTACH_NAME = "dynexec_exit_heads"
 METADATA_KEY = "dynexec_exit_heads"
+_HEADS_BY_PARAMETER: WeakIdKeyDictionary = WeakIdKeyDictionary()  # backbone parameter -> heads
 FORMAT_VERSION = 1
 
 
@@ -558,8 +561,11 @@ def attach_exit_heads(model: nn.Module, heads: ExitHeads) -> nn.Module:
             f"expected ExitHeads (from train_exit_heads or load_exit_heads), got {type(heads).__name__}"
         )
     _check_heads_fit(model, heads)
+    detach_exit_heads(model)
     param = next(model.parameters())
     heads.to(device=param.device, dtype=param.dtype)
+    for backbone_param in model.parameters():
+        _HEADS_BY_PARAMETER[backbone_param] = heads
     model.add_module(ATTACH_NAME, heads)
     return model
 
@@ -569,6 +575,8 @@ def detach_exit_heads(model: nn.Module) -> ExitHeads | None:
     heads = get_exit_heads(model)
     if heads is not None:
         delattr(model, ATTACH_NAME)
+        for param in model.parameters():
+            _HEADS_BY_PARAMETER.pop(param, None)
     return heads
 
 
@@ -576,6 +584,20 @@ def get_exit_heads(model: nn.Module) -> ExitHeads | None:
     """The heads attached to ``model`` by ``attach_exit_heads``, or ``None``. One dict lookup."""
     heads = model._modules.get(ATTACH_NAME)
     return heads if isinstance(heads, ExitHeads) else None
+
+
+def find_exit_heads(tensors: Iterable[torch.Tensor]) -> ExitHeads | None:
+    """The heads attached to the model owning any of ``tensors`` (its parameters), or ``None``.
+
+    For code that sees a model's parameters but not the model, e.g. a ``torch.compile``
+    backend, which receives the parameters among a graph's example inputs. One weak-keyed
+    dict lookup per tensor; the registry keeps neither the model nor its parameters alive.
+    """
+    for tensor in tensors:
+        heads = _HEADS_BY_PARAMETER.get(tensor) if isinstance(tensor, torch.Tensor) else None
+        if heads is not None:
+            return heads
+    return None
 
 
 def _check_heads_fit(model: nn.Module, heads: ExitHeads) -> None:
@@ -602,6 +624,7 @@ __all__ = [
     "default_head_kind",
     "detach_exit_heads",
     "evaluate_exit_heads",
+    "find_exit_heads",
     "get_exit_heads",
     "load_exit_heads",
     "model_dims",

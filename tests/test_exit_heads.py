@@ -19,6 +19,7 @@ from dynexec_compile.exit_heads import (
     default_head_kind,
     detach_exit_heads,
     evaluate_exit_heads,
+    find_exit_heads,
     get_exit_heads,
     load_exit_heads,
     save_exit_heads,
@@ -217,8 +218,12 @@ def test_attach_registers_a_submodule_that_moves_with_the_model(family):
     model.to(torch.float64)
     assert heads["0"].out.weight.dtype == torch.float64
 
+    assert find_exit_heads(model.parameters()) is heads
+    assert find_exit_heads([torch.zeros(2), 3]) is None
+
     assert detach_exit_heads(model) is heads
     assert get_exit_heads(model) is None
+    assert find_exit_heads(model.parameters()) is None
     assert not any(name.startswith("dynexec_exit_heads.") for name, _ in model.named_parameters())
 
 
