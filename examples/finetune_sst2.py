@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shlex
@@ -189,7 +190,7 @@ def main() -> None:
 
     metrics = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "args": vars(args),
+        "args": {**vars(args), "out": os.path.relpath(out, SST2_ARTIFACT_DIR.parents[1])},
         "train_sentences": len(train),
         "exit_head_train_sentences": len(head_train),
         "validation_sentences": len(validation),
