@@ -6,10 +6,13 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
+from dynexec_compile.elastic import Importance, head_importance
 
 __all__ = [
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
+    "Importance",
+    "head_importance",
     "parse_options",
 ]

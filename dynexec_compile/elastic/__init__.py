@@ -1,0 +1,26 @@
+"""Importance-ordered heads and neurons, and zero-copy elastic sub-models (issue 4).
+
+Score heads/neurons/layers (``importance``), sort each block by importance in place
+(``reorder``), then run any level as prefix *views* of the one set of weights (``slicing``,
+``runtime``).
+"""
+
+from dynexec_compile.elastic.arch import BlockSpec, find_blocks
+from dynexec_compile.elastic.importance import Importance, head_importance
+from dynexec_compile.elastic.reorder import (
+    ElasticPlan,
+    elastic_plan,
+    lookup_plan,
+    reorder_by_importance,
+)
+
+__all__ = [
+    "BlockSpec",
+    "ElasticPlan",
+    "Importance",
+    "elastic_plan",
+    "find_blocks",
+    "head_importance",
+    "lookup_plan",
+    "reorder_by_importance",
+]
