@@ -6,13 +6,15 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
-from dynexec_compile.elastic import Importance, head_importance
+from dynexec_compile.elastic import ElasticPlan, Importance, head_importance, reorder_by_importance
 
 __all__ = [
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
+    "ElasticPlan",
     "Importance",
     "head_importance",
+    "reorder_by_importance",
     "parse_options",
 ]
