@@ -13,14 +13,18 @@ from dynexec_compile.elastic.reorder import (
     lookup_plan,
     reorder_by_importance,
 )
+from dynexec_compile.elastic.slicing import choose_anchors, level_param_slices, level_params
 
 __all__ = [
     "BlockSpec",
     "ElasticPlan",
     "Importance",
+    "choose_anchors",
     "elastic_plan",
     "find_blocks",
     "head_importance",
+    "level_param_slices",
+    "level_params",
     "lookup_plan",
     "reorder_by_importance",
 ]
