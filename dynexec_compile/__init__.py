@@ -6,15 +6,30 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
-from dynexec_compile.elastic import ElasticPlan, Importance, head_importance, reorder_by_importance
+from dynexec_compile.elastic import (
+    ElasticModel,
+    ElasticPlan,
+    Importance,
+    elastic_level,
+    elastic_stats,
+    head_importance,
+    level_param_slices,
+    reorder_by_importance,
+    set_elastic_level,
+)
 
 __all__ = [
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
+    "ElasticModel",
     "ElasticPlan",
     "Importance",
+    "elastic_level",
+    "elastic_stats",
     "head_importance",
+    "level_param_slices",
     "reorder_by_importance",
+    "set_elastic_level",
     "parse_options",
 ]

@@ -13,18 +13,28 @@ from dynexec_compile.elastic.reorder import (
     lookup_plan,
     reorder_by_importance,
 )
+from dynexec_compile.elastic.runtime import (
+    ElasticModel,
+    elastic_level,
+    elastic_stats,
+    set_elastic_level,
+)
 from dynexec_compile.elastic.slicing import choose_anchors, level_param_slices, level_params
 
 __all__ = [
     "BlockSpec",
+    "ElasticModel",
     "ElasticPlan",
     "Importance",
     "choose_anchors",
+    "elastic_level",
     "elastic_plan",
+    "elastic_stats",
     "find_blocks",
     "head_importance",
     "level_param_slices",
     "level_params",
     "lookup_plan",
     "reorder_by_importance",
+    "set_elastic_level",
 ]

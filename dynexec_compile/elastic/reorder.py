@@ -81,7 +81,8 @@ def lookup_plan(model_or_tensors: nn.Module | Iterable[torch.Tensor]) -> Elastic
 
 
 def elastic_plan(model: nn.Module) -> ElasticPlan:
-    """The model's registered plan, or an identity plan (original order) when it has none.
+    """The model's registered plan, or a new identity plan (original order, registered for the
+    model) when it has none.
 
     The identity plan lets any supported model be sliced in its original head order, the
     baseline the importance order is compared with.
@@ -90,7 +91,7 @@ def elastic_plan(model: nn.Module) -> ElasticPlan:
     if plan is not None:
         return plan
     blocks = tuple(find_blocks(model))
-    return ElasticPlan(
+    plan = ElasticPlan(
         blocks=blocks,
         head_order=tuple(tuple(range(b.num_heads)) for b in blocks),
         kv_order=tuple(tuple(range(b.num_kv_heads)) for b in blocks),
@@ -98,6 +99,8 @@ def elastic_plan(model: nn.Module) -> ElasticPlan:
         layer_importance=None,
         sorted_by=None,
     )
+    register_plan(model, plan)
+    return plan
 
 
 def _descending(scores: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_bert() -> BertModel:
+def tiny_bert(layers: int = 3) -> BertModel:
     cfg = BertConfig(
         vocab_size=VOCAB,
         hidden_size=48,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=6,
         intermediate_size=96,
         max_position_embeddings=64,
