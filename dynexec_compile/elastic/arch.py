@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,15 @@ _LAYOUTS = {
 }
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (weight [in, out]); matched by name and its ``nf``/``nx``
+    attributes so importing dynexec does not import transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
 def out_dim(module: nn.Module) -> int:
     """Weight dimension indexing a projection's output features (Conv1D stores [in, out])."""
-    return 1 if isinstance(module, Conv1D) else 0
+    return 1 if _is_conv1d(module) else 0
 
 
 def in_dim(module: nn.Module) -> int:
