@@ -11,7 +11,7 @@ mode restored, no ``.grad`` written):
   examples of ``|dL/d gate|``, the first-order estimate of the loss change when the unit is
   removed. A per-layer gate interpolates between a block's input and output
   (``h_in + g * (h_out - h_in)``) for the layer score. ``L`` is the model's own loss when the
-  batches carry ``labels``, ``loss_fn(outputs, batch)`` when one is given, and otherwise the
+  batches carry ``labels``, ``loss_fn(outputs, target)`` when one is given, and otherwise the
   cross-entropy of the model to its own (detached) argmax predictions. The soft version, a KL
   divergence to its own detached distribution, is *not* used: at gate = 1 the model equals its
   target, and the gradient of ``KL(p_detached || p)`` there is exactly zero for every unit.
@@ -181,15 +181,25 @@ class _Calibration:
         return Importance(method=self.method, num_examples=self.examples, **scores)
 
 
-def _as_kwargs(batch: Any, device: torch.device) -> dict[str, Any]:
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _split_batch(batch: Any, device: torch.device) -> tuple[dict[str, Any], Any]:
+    """(model keyword arguments, what loss_fn gets as its second argument)."""
+    if isinstance(batch, tuple) and len(batch) == 2:
+        inputs, target = _split_batch(batch[0], device)[0], batch[1]
+        return inputs, _to(target, device)
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping):
         raise TypeError(
             "dynexec elastic: a calibration batch must be a dict of model keyword arguments "
-            f"(input_ids, attention_mask, labels, ...) or an input_ids tensor, got {type(batch).__name__}"
+            "(input_ids, attention_mask, labels, ...), an input_ids tensor, or a pair "
+            f"(model inputs, loss_fn target), got {type(batch).__name__}"
         )
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    inputs = {k: _to(v, device) for k, v in batch.items()}
+    return inputs, inputs
 
 
 def _self_prediction_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -209,10 +219,10 @@ def _self_prediction_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> to
 
 
 def _taylor_loss(
-    outputs: Any, batch: dict[str, Any], loss_fn: Callable | None, batch_size: int
+    outputs: Any, batch: dict[str, Any], target: Any, loss_fn: Callable | None, batch_size: int
 ) -> torch.Tensor:
     if loss_fn is not None:
-        return loss_fn(outputs, batch)
+        return loss_fn(outputs, target)
     loss = getattr(outputs, "loss", None)
     if "labels" in batch and loss is not None:
         return loss * batch_size  # HF losses are batch means; scale to per-example gradients
@@ -238,7 +248,7 @@ def head_importance(
     model: nn.Module,
     batches: Iterable[Any],
     method: str = "taylor",
-    loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> Importance:
     """Score every attention head, MLP neuron and block of ``model`` on calibration batches.
@@ -249,10 +259,12 @@ def head_importance(
     Args:
         model: a Hugging Face transformer (BERT, GPT-2, LLaMA/Qwen2 layouts; see ``arch.py``).
         batches: dicts of model keyword arguments (``input_ids``, ``attention_mask``,
-            optional ``labels``) or bare ``input_ids`` tensors ``[B, S]``.
+            optional ``labels``), bare ``input_ids`` tensors ``[B, S]``, or pairs
+            ``(model_inputs, target)`` whose ``target`` goes to ``loss_fn`` only (labels for
+            a head that is not part of the model, e.g. a probe on a base encoder).
         method: ``"taylor"`` (``|dL/d gate|``) or ``"activation"`` (contribution norms).
-        loss_fn: for ``"taylor"``, ``loss_fn(outputs, batch) -> scalar``, summed over the
-            batch's examples; by default the model's loss with labels, else the
+        loss_fn: for ``"taylor"``, ``loss_fn(outputs, target) -> scalar``, summed over the
+            batch's examples (``target`` is the pair's second element, else the batch dict); by default the model's loss with labels, else the
             cross-entropy to its own argmax predictions.
         progress: show a tqdm bar over the batches.
 
@@ -276,7 +288,7 @@ def head_importance(
             for raw in tqdm(
                 batches, total=total, desc=f"importance ({method})", disable=not progress
             ):
-                batch = _as_kwargs(raw, device)
+                batch, target = _split_batch(raw, device)
                 calib.mask = batch.get("attention_mask")
                 shape = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape
                 if method == "activation":
@@ -286,7 +298,7 @@ def head_importance(
                     continue
                 with torch.enable_grad():
                     outputs = model(**batch)
-                    _taylor_loss(outputs, batch, loss_fn, shape[0]).backward()
+                    _taylor_loss(outputs, batch, target, loss_fn, shape[0]).backward()
                 calib.collect_gradients(shape[0])
         return calib.result()
     finally:

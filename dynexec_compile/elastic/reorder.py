@@ -173,7 +173,7 @@ def reorder_by_importance(
     batches: Iterable[Any] | None = None,
     importance: Importance | None = None,
     method: str = "taylor",
-    loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> ElasticPlan:
     """Sort every block's heads and MLP neurons by importance, most important first.

@@ -123,3 +123,16 @@ def test_bad_inputs_are_rejected():
         head_importance(model, [], method="activation", progress=False)
     with pytest.raises(ValueError, match="no transformer block"):
         head_importance(torch.nn.Linear(3, 3), [make_batch()], progress=False)
+
+
+def test_pairs_send_their_target_to_loss_fn_only():
+    model = tiny_bert()
+    probe = torch.nn.Linear(48, 2)
+    labels = torch.tensor([0, 1, 1])
+
+    def probe_loss(out, target):
+        pooled = out.last_hidden_state.mean(1)  # [B, D]
+        return F.cross_entropy(probe(pooled), target, reduction="sum")
+
+    imp = head_importance(model, [(make_batch(), labels)], loss_fn=probe_loss, progress=False)
+    assert imp.num_examples == 3 and (imp.heads > 0).all() and (imp.neurons > 0).any()
