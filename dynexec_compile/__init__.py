@@ -6,10 +6,15 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
+from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, generate
 
 __all__ = [
+    "DecodeEngine",
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
+    "GenerateOutput",
+    "SlotCache",
+    "generate",
     "parse_options",
 ]
