@@ -6,6 +6,7 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
+from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, generate
 from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
@@ -30,6 +31,10 @@ from dynexec_compile.explain import explain
 from dynexec_compile.runtime.stats import last_stats
 
 __all__ = [
+    "DecodeEngine",
+    "GenerateOutput",
+    "SlotCache",
+    "generate",
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
