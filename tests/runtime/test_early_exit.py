@@ -154,3 +154,29 @@ def test_inductor_early_exit_with_compaction_equals_eager():
     out = run(c, "bert", inputs, dynamic_batch=True)
     assert last_stats()["exit_layer"] == exits and last_stats()["compaction"]
     assert (out - eager).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family, kind", [("bert", "cls_tanh"), ("llama", "last_token_rmsnorm")])
+def test_trained_heads_are_the_exit_heads(family, kind):
+    from dynexec_compile import ExitHeads, attach_exit_heads
+
+    model = H.classifier(family)
+    heads = ExitHeads([0, 1], hidden_size=32, num_labels=2, kind=kind).eval()
+    inputs = H.encoder_inputs(batch=3, pad_last=2)
+    with torch.no_grad():
+        stock = model(**call_kwargs(family, inputs), output_hidden_states=True)
+    attach_exit_heads(model, heads)  # the one documented in-place edit
+    out = run(compiled(model, rule="max_prob", threshold=1e-6, heads="trained"), family, inputs)
+    assert last_stats()["exit_layer"] == [0, 0, 0]
+    with torch.no_grad():
+        ref = heads.exit_logits(0, stock.hidden_states[1], inputs["attention_mask"])
+    assert (out - ref).abs().max().item() <= 1e-5
+    torch._dynamo.reset()
+    out = run(compiled(model, rule="entropy", threshold=0.0, heads="trained"), family, inputs)
+    assert torch.equal(out, stock.logits)  # never fires: the model's own output
+
+
+def test_trained_heads_missing_is_a_clear_error():
+    model = H.classifier("bert")
+    with pytest.raises(Exception, match="no exit heads are attached.*attach_exit_heads"):
+        run(compiled(model, heads="trained"), "bert", H.encoder_inputs())
