@@ -9,7 +9,13 @@ import json
 import sys
 from pathlib import Path
 
-from dynexec_compile.bench.common import compare, environment, markdown_table, parse_percent, write_result
+from dynexec_compile.bench.common import (
+    compare,
+    environment,
+    markdown_table,
+    parse_percent,
+    write_result,
+)
 
 # suite name -> module with ``run(args) -> SuiteResult`` and ``add_arguments(parser)``
 SUITES = {

@@ -66,12 +66,12 @@ def run(args: argparse.Namespace) -> SuiteResult:
                 if options is None:
                     compiled = torch.compile(model, backend="inductor" if lowering == "inductor" else "eager")
                     reports = []
-                    out, compile_s = timed(lambda: compiled(**inputs))
+                    out, compile_s = timed(lambda c=compiled, x=inputs: c(**x))
                 else:
                     compiled = torch.compile(model, backend="dynexec", options=options)
                     with capture_reports() as reports:
-                        out, compile_s = timed(lambda: compiled(**inputs))
-                run_s = median_seconds(lambda: compiled(**inputs), repeats=repeats)
+                        out, compile_s = timed(lambda c=compiled, x=inputs: c(**x))
+                run_s = median_seconds(lambda c=compiled, x=inputs: c(**x), repeats=repeats)
                 times[variant] = (compile_s, run_s)
                 diff = (_logits(out) - reference).abs().max().item()
                 result.metric(f"{name}/{variant}/outputs_equal", float(diff <= 1e-5), "exact")

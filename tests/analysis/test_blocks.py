@@ -23,13 +23,13 @@ def dynamo_graph(model, **inputs):
     return graphs[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encoder_graph(family):
     """Traced once per family (tracing costs seconds); tests must not edit the result."""
     return dynamo_graph(H.classifier(family), **H.encoder_inputs(pad_last=2))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def decoder_graph(family):
     return dynamo_graph(H.causal_lm(family), input_ids=torch.randint(3, H.VOCAB, (2, 6)), use_cache=True)
 
