@@ -11,7 +11,8 @@ al. 2020), trained here with the backbone frozen, so the model's own outputs nev
 
 ``attach_exit_heads`` is the one documented in-place edit of a user's model: it registers the
 heads as the submodule ``model.dynexec_exit_heads``, so ``model.to()``/``.half()`` move them
-with the model and the backend finds them with ``get_exit_heads(model)``.
+with the model; ``get_exit_heads(model)`` finds them from the model and
+``find_exit_heads(tensors)`` from its parameters (what a ``torch.compile`` backend sees).
 
 Conventions: block ``i`` is the ``i``-th transformer block (0-based); its output is
 ``hidden_states[i + 1]`` of ``model(..., output_hidden_states=True)``. Exits sit after blocks
@@ -32,11 +33,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
-HEAD_KINDS = ("cls_tanh", "last_token_rmsnorm")
+HEAD_KINDS = ("cls_tanh", "mean_tanh", "last_token_rmsnorm")
 ATTACH_NAME = "dynexec_exit_heads"
 METADATA_KEY = "dynexec_exit_heads"
+_HEADS_BY_PARAMETER: WeakIdKeyDictionary = WeakIdKeyDictionary()  # backbone parameter -> heads
 FORMAT_VERSION = 1
 
 
@@ -83,6 +86,26 @@ class PoolerExitHead(ExitHead):
         return self.out(self.dropout(torch.tanh(self.dense(x))))  # [B, num_labels]
 
 
+class MeanPoolExitHead(PoolerExitHead):
+    """Like ``PoolerExitHead`` but reads the mean of the real tokens instead of the first one.
+
+    Early blocks of a BERT have barely mixed the sentence into the first token (in MiniLM-L6,
+    a sentence-embedding model trained with mean pooling, the first token of blocks 0..2 is
+    one large outlier dimension and nothing else), while the token mean already carries the
+    sentence: on SST-2 its exits after blocks 0..2 reach 77-83% where first-token exits stay at
+    the majority class. ``attention_mask: [B, S]`` keeps padding out of the mean; without a
+    mask every position counts.
+    """
+
+    kind = "mean_tanh"
+
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return h.mean(dim=1)  # [B, D]
+        mask = attention_mask.to(h.dtype).unsqueeze(-1)  # [B, S, 1]
+        return (h * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B, D]
+
+
 class LastTokenExitHead(ExitHead):
     """Causal-LM off-ramp: last real token -> RMSNorm (like the final norm) -> dropout -> Linear.
 
@@ -119,7 +142,8 @@ class ExitHeads(nn.ModuleDict):
         layers: the exit block indices, sorted.
         hidden_size: D, the width of the hidden states the heads read.
         num_labels: the number of classes each head predicts.
-        kind: ``"cls_tanh"`` (BERT family) or ``"last_token_rmsnorm"`` (causal LMs).
+        kind: ``"cls_tanh"`` (BERT family, DeeBERT's choice), ``"mean_tanh"`` (BERT family,
+            token mean instead of the first token) or ``"last_token_rmsnorm"`` (causal LMs).
     """
 
     def __init__(
@@ -197,6 +221,8 @@ def _make_head(
 ) -> ExitHead:
     if kind == "cls_tanh":
         return PoolerExitHead(hidden_size, num_labels, dropout)
+    if kind == "mean_tanh":
+        return MeanPoolExitHead(hidden_size, num_labels, dropout)
     return LastTokenExitHead(hidden_size, num_labels, dropout, eps)
 
 
@@ -310,7 +336,8 @@ def train_exit_heads(
         loss: ``"ce"`` (cross-entropy on ``labels``), ``"distill"`` (KL to the model's own
             final predictions, self-distillation; needs no labels) or ``"auto"`` (``"ce"`` on
             batches with labels, ``"distill"`` on batches without).
-        heads: existing heads to train further instead of fresh ones.
+        heads: existing heads to train further instead of fresh ones (moved in place to the
+            model's device, fp32); ``layers`` must then be ``"all"`` or their layers.
         kind: head kind (see ``HEAD_KINDS``); default from the model (``default_head_kind``).
         weight_decay, dropout: regularisation of the heads.
         temperature: softening of both distributions for ``"distill"``.
@@ -335,7 +362,10 @@ def train_exit_heads(
         )
     else:
         _check_heads_fit(model, heads)
-        exit_layers = heads.layers
+        if layers != "all" and exit_layers != heads.layers:
+            raise ValueError(
+                f"layers={list(exit_layers)} but the given heads exit at {list(heads.layers)}"
+            )
     heads = heads.to(device=device, dtype=torch.float32)
 
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
@@ -440,6 +470,7 @@ def evaluate_exit_heads(
     was_training, heads_training = model.training, heads.training
     model.eval()
     heads.eval()
+    param_dtype = next(heads.parameters()).dtype
     correct = dict.fromkeys((*heads.layers, num_layers - 1), 0)
     seen = 0
     try:
@@ -449,7 +480,6 @@ def evaluate_exit_heads(
                 raise ValueError("evaluate_exit_heads needs 'labels' in every batch")
             out = model(**inputs, output_hidden_states=True)
             hidden_states = _hidden_states(out, num_layers)
-            param_dtype = next(heads.parameters()).dtype
             logits = heads.all_exit_logits(
                 [h.to(param_dtype) for h in hidden_states], inputs.get("attention_mask")
             )
@@ -532,8 +562,11 @@ def attach_exit_heads(model: nn.Module, heads: ExitHeads) -> nn.Module:
             f"expected ExitHeads (from train_exit_heads or load_exit_heads), got {type(heads).__name__}"
         )
     _check_heads_fit(model, heads)
+    detach_exit_heads(model)
     param = next(model.parameters())
     heads.to(device=param.device, dtype=param.dtype)
+    for backbone_param in model.parameters():
+        _HEADS_BY_PARAMETER[backbone_param] = heads
     model.add_module(ATTACH_NAME, heads)
     # The dynexec backend sees the model only through its parameters (Dynamo lifts them as graph
     # inputs): remember which heads belong to them, weakly, so compiled graphs can find them.
@@ -562,6 +595,8 @@ def detach_exit_heads(model: nn.Module) -> ExitHeads | None:
     heads = get_exit_heads(model)
     if heads is not None:
         delattr(model, ATTACH_NAME)
+        for param in model.parameters():
+            _HEADS_BY_PARAMETER.pop(param, None)
     return heads
 
 
@@ -569,6 +604,20 @@ def get_exit_heads(model: nn.Module) -> ExitHeads | None:
     """The heads attached to ``model`` by ``attach_exit_heads``, or ``None``. One dict lookup."""
     heads = model._modules.get(ATTACH_NAME)
     return heads if isinstance(heads, ExitHeads) else None
+
+
+def find_exit_heads(tensors: Iterable[torch.Tensor]) -> ExitHeads | None:
+    """The heads attached to the model owning any of ``tensors`` (its parameters), or ``None``.
+
+    For code that sees a model's parameters but not the model, e.g. a ``torch.compile``
+    backend, which receives the parameters among a graph's example inputs. One weak-keyed
+    dict lookup per tensor; the registry keeps neither the model nor its parameters alive.
+    """
+    for tensor in tensors:
+        heads = _HEADS_BY_PARAMETER.get(tensor) if isinstance(tensor, torch.Tensor) else None
+        if heads is not None:
+            return heads
+    return None
 
 
 def _check_heads_fit(model: nn.Module, heads: ExitHeads) -> None:
@@ -589,11 +638,13 @@ __all__ = [
     "ExitHead",
     "ExitHeads",
     "LastTokenExitHead",
+    "MeanPoolExitHead",
     "PoolerExitHead",
     "attach_exit_heads",
     "default_head_kind",
     "detach_exit_heads",
     "evaluate_exit_heads",
+    "find_exit_heads",
     "get_exit_heads",
     "load_exit_heads",
     "model_dims",

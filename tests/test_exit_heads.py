@@ -13,11 +13,13 @@ from safetensors.torch import save_file
 from dynexec_compile.exit_heads import (
     ExitHeads,
     LastTokenExitHead,
+    MeanPoolExitHead,
     PoolerExitHead,
     attach_exit_heads,
     default_head_kind,
     detach_exit_heads,
     evaluate_exit_heads,
+    find_exit_heads,
     get_exit_heads,
     load_exit_heads,
     save_exit_heads,
@@ -133,6 +135,10 @@ def test_training_rejects_bad_arguments():
         train_exit_heads(model, separable_batches(1, labels=False), loss="ce", progress=False)
     with pytest.raises(ValueError, match="loss must be"):
         train_exit_heads(model, separable_batches(1), loss="mse", progress=False)
+    with pytest.raises(ValueError, match="given heads exit at"):
+        train_exit_heads(
+            model, separable_batches(1), [0], heads=ExitHeads([0, 1], 32, 2), progress=False
+        )
     with pytest.raises(TypeError, match="dicts of tensors"):
         train_exit_heads(model, [(torch.zeros(1, 4, dtype=torch.long),)], progress=False)
 
@@ -148,7 +154,19 @@ def test_last_token_pooling_finds_the_last_real_token_with_either_padding():
     assert torch.equal(PoolerExitHead(4, 2).pool(h, right), h[:, 0])
 
 
-@pytest.mark.parametrize("kind", ["cls_tanh", "last_token_rmsnorm"])
+def test_mean_pooling_ignores_padding():
+    head = MeanPoolExitHead(4, 2).eval()
+    h = torch.randn(2, 5, 4)  # [B, S, D]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    pooled = head.pool(h, mask)
+    torch.testing.assert_close(pooled[0], h[0, :3].mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled[1], h[1].mean(0), rtol=0, atol=1e-6)
+    garbage = h.clone()
+    garbage[0, 3:] = 1e4
+    assert torch.equal(head(garbage, mask)[0], head(h, mask)[0])
+
+
+@pytest.mark.parametrize("kind", ["cls_tanh", "mean_tanh", "last_token_rmsnorm"])
 def test_save_load_round_trip_is_exact(tmp_path, kind):
     heads = ExitHeads([0, 2, 3], hidden_size=16, num_labels=3, kind=kind).eval()
     path = tmp_path / "heads.safetensors"
@@ -200,8 +218,12 @@ def test_attach_registers_a_submodule_that_moves_with_the_model(family):
     model.to(torch.float64)
     assert heads["0"].out.weight.dtype == torch.float64
 
+    assert find_exit_heads(model.parameters()) is heads
+    assert find_exit_heads([torch.zeros(2), 3]) is None
+
     assert detach_exit_heads(model) is heads
     assert get_exit_heads(model) is None
+    assert find_exit_heads(model.parameters()) is None
     assert not any(name.startswith("dynexec_exit_heads.") for name, _ in model.named_parameters())
 
 
