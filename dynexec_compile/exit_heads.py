@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -568,26 +567,7 @@ def attach_exit_heads(model: nn.Module, heads: ExitHeads) -> nn.Module:
     for backbone_param in model.parameters():
         _HEADS_BY_PARAMETER[backbone_param] = heads
     model.add_module(ATTACH_NAME, heads)
-    # The dynexec backend sees the model only through its parameters (Dynamo lifts them as graph
-    # inputs): remember which heads belong to them, weakly, so compiled graphs can find them.
-    # (Keyed by id with weak references both ways: tensors compare elementwise, so they cannot
-    # be dict keys themselves, and nothing here should keep a model alive.)
-    model_ref = weakref.ref(model)
-    for p in model.parameters():
-        _HEADS_BY_PARAM[id(p)] = (weakref.ref(p), model_ref)
     return model
-
-
-_HEADS_BY_PARAM: dict[int, tuple[weakref.ref, weakref.ref]] = {}
-
-
-def exit_heads_for_parameters(params) -> ExitHeads | None:
-    """The heads attached to the model that owns any of ``params`` (used by the backend)."""
-    for p in params:
-        entry = _HEADS_BY_PARAM.get(id(p)) if isinstance(p, nn.Parameter) else None
-        if entry is not None and entry[0]() is p and entry[1]() is not None:
-            return get_exit_heads(entry[1]())
-    return None
 
 
 def detach_exit_heads(model: nn.Module) -> ExitHeads | None:

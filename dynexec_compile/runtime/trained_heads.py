@@ -14,9 +14,9 @@ from dynexec_compile.runtime.staged import StagePlan
 def trained_head_fns(ctx: PassContext, ee_plan, plan: StagePlan, top: fx.GraphModule) -> dict[int, Callable]:
     """``{block: fn(hidden [A, S, D], env) -> logits [A, C]}`` from the heads attached to the
     model whose parameters this graph reads."""
-    from dynexec_compile.exit_heads import exit_heads_for_parameters
+    from dynexec_compile.exit_heads import find_exit_heads
 
-    heads = exit_heads_for_parameters(ctx.artifacts.get("example_inputs", []))
+    heads = find_exit_heads(ctx.artifacts.get("example_inputs", []))
     if heads is None:
         raise ValueError(
             "dynexec: early_exit.heads='trained' but no exit heads are attached to this model: "
