@@ -1,12 +1,13 @@
-"""slice_param_placeholders: a Dynamo graph with narrowed parameter placeholders runs the level
-(BERT, equal to the functional_call level), and a graph with baked head counts is refused."""
+"""slice_param_placeholders: a Dynamo graph with narrowed parameter placeholders (and re-derived
+reshape sizes) runs the level exactly like functional_call over the level's views."""
 
 import pytest
 import torch
-from conftest import make_batch, tiny_bert, tiny_llama
+from conftest import make_batch, tiny_bert, tiny_llama, tiny_qwen2
 from test_reorder import random_importance
 from torch.func import functional_call
 
+from dynexec_compile.elastic import fx as elastic_fx
 from dynexec_compile.elastic import level_param_slices, level_params, reorder_by_importance
 from dynexec_compile.elastic.fx import placeholder_param_names, slice_param_placeholders
 
@@ -42,10 +43,28 @@ def test_sliced_bert_graph_equals_the_level():
     assert len(narrows) == len(level_param_slices(model, plan, 0.5))
 
 
-def test_graph_with_baked_head_counts_is_refused():
-    model = tiny_llama()
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@torch.no_grad()
+def test_sliced_gqa_graph_with_baked_head_counts_equals_the_level(factory):
+    model = factory(layers=2)
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    batch = make_batch()
+    gm, inputs = capture(model, batch)
+    for level in (0.5, 0.25):
+        sliced = slice_param_placeholders(gm, inputs, level, anchors=[1])
+        views = level_params(model, level_param_slices(model, plan, level, [1]))
+        want = functional_call(model, views, (), batch).logits
+        (got,) = [
+            o for o in sliced(*inputs) if isinstance(o, torch.Tensor) and o.shape == want.shape
+        ]
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_a_reshape_that_cannot_be_re_derived_is_refused(monkeypatch):
+    model = tiny_llama(layers=1)
     reorder_by_importance(model, importance=random_importance(model))
     gm, inputs = capture(model, make_batch())
+    monkeypatch.setattr(elastic_fx, "_resized_shape", lambda *args: None)
     with pytest.raises(NotImplementedError, match="ElasticModel"):
         slice_param_placeholders(gm, inputs, 0.5)
 
