@@ -19,6 +19,7 @@ Supported block layouts (matched by attribute names, so relatives with the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -110,11 +111,11 @@ def _match_layout(block: nn.Module) -> str | None:
     return None
 
 
-def _features(module: nn.Module, dim_fn) -> int:
+def _features(module: nn.Module, dim_fn: Callable[[nn.Module], int]) -> int:
     return module.weight.shape[dim_fn(module)]
 
 
-def _head_counts(block: nn.Module, arch: str, model: nn.Module) -> tuple[int, int, int]:
+def _head_counts(block: nn.Module, arch: str) -> tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim) read from the block's modules and the config."""
     if arch == "bert":
         attn = block.get_submodule("attention.self")
@@ -151,7 +152,7 @@ def find_blocks(model: nn.Module) -> list[BlockSpec]:
             continue
         taken.append(name)
         head_in, head_out, neuron_in, neuron_out = _LAYOUTS[arch]
-        heads, kv_heads, head_dim = _head_counts(module, arch, model)
+        heads, kv_heads, head_dim = _head_counts(module, arch)
         neurons = _features(module.get_submodule(neuron_out), in_dim)
         prefix = f"{name}." if name else ""
         specs.append(

@@ -50,7 +50,8 @@ class ElasticPlan:
     sorted_by: str | None
 
 
-_REGISTRY: dict[int, tuple[weakref.ref, ElasticPlan]] = {}
+# id(anchor parameter) -> (ref(anchor parameter), plan, ref(model))
+_REGISTRY: dict[int, tuple[weakref.ref, ElasticPlan, weakref.ref]] = {}
 
 
 def _anchor_param(model: nn.Module, blocks: tuple[BlockSpec, ...]) -> nn.Parameter:
@@ -60,14 +61,12 @@ def _anchor_param(model: nn.Module, blocks: tuple[BlockSpec, ...]) -> nn.Paramet
 def register_plan(model: nn.Module, plan: ElasticPlan) -> None:
     """Remember ``plan`` for ``model`` (found again by :func:`lookup_plan`)."""
     param = _anchor_param(model, plan.blocks)
-    _REGISTRY[id(param)] = (weakref.ref(param), plan)
-    weakref.finalize(param, _REGISTRY.pop, id(param), None)
+    if id(param) not in _REGISTRY:
+        weakref.finalize(param, _REGISTRY.pop, id(param), None)
+    _REGISTRY[id(param)] = (weakref.ref(param), plan, weakref.ref(model))
 
 
-def lookup_plan(model_or_tensors: nn.Module | Iterable[torch.Tensor]) -> ElasticPlan | None:
-    """The plan :func:`reorder_by_importance` registered for a model, found from the model or
-    from any iterable of tensors that contains its parameters (e.g. a Dynamo graph's example
-    inputs, where parameters are lifted to inputs); ``None`` when there is none."""
+def _lookup(model_or_tensors: nn.Module | Iterable[torch.Tensor]) -> tuple | None:
     tensors = (
         model_or_tensors.parameters()
         if isinstance(model_or_tensors, nn.Module)
@@ -76,8 +75,22 @@ def lookup_plan(model_or_tensors: nn.Module | Iterable[torch.Tensor]) -> Elastic
     for t in tensors:
         entry = _REGISTRY.get(id(t))
         if entry is not None and entry[0]() is t:
-            return entry[1]
+            return entry
     return None
+
+
+def lookup_plan(model_or_tensors: nn.Module | Iterable[torch.Tensor]) -> ElasticPlan | None:
+    """The plan :func:`reorder_by_importance` registered for a model, found from the model or
+    from any iterable of tensors that contains its parameters (e.g. a Dynamo graph's example
+    inputs, where parameters are lifted to inputs); ``None`` when there is none."""
+    entry = _lookup(model_or_tensors)
+    return entry[1] if entry is not None else None
+
+
+def lookup_model(tensors: Iterable[torch.Tensor]) -> nn.Module | None:
+    """The (still alive) model whose plan is registered and whose parameters are in ``tensors``."""
+    entry = _lookup(tensors)
+    return entry[2]() if entry is not None else None
 
 
 def elastic_plan(model: nn.Module) -> ElasticPlan:

@@ -89,8 +89,10 @@ def set_elastic_level(target: Any, level: float) -> None:
     if isinstance(target, ElasticModel):
         target.check_level(level)
     plan = _plan_of(target)
+    entry = _LEVELS.get(id(plan))
+    if entry is None or entry[0]() is not plan:
+        weakref.finalize(plan, _LEVELS.pop, id(plan), None)
     _LEVELS[id(plan)] = (weakref.ref(plan), level)
-    weakref.finalize(plan, _LEVELS.pop, id(plan), None)
 
 
 def requested_level(plan: ElasticPlan, default: float) -> float:

@@ -41,11 +41,11 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(layers: int = 3) -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=2,
         intermediate_size=96,
@@ -54,11 +54,11 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_qwen2() -> Qwen2ForCausalLM:
+def tiny_qwen2(layers: int = 3) -> Qwen2ForCausalLM:
     cfg = Qwen2Config(
         vocab_size=VOCAB,
         hidden_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=4,
         intermediate_size=96,
