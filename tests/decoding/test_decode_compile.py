@@ -33,6 +33,10 @@ def test_300_tokens_compile_one_prefill_and_one_step_graph(llama):
     assert counter.frame_count == 2 and out2.stats.compiles == 0, "a prompt in the same bucket recompiled"
     assert torch.equal(out2.sequences, hf_greedy(llama, ids2, mask2, 300))
 
+    out3 = dx.generate(llama, ids2, mask2, max_new_tokens=20, eos_token_id=[], backend=counter)
+    assert out3.stats.compiles == 0, "a shorter generation reuses the engine with the longer cache"
+    assert torch.equal(out3.sequences, out2.sequences[:, : ids2.shape[1] + 20])
+
 
 def test_generic_step_compiles_once_per_width(llama):
     counter = CompileCounterWithBackend("eager")
@@ -64,7 +68,7 @@ def test_inductor_greedy_equals_transformers_without_recompiles():
     assert counter.frame_count == 2 and out.stats.compiles == 2
     gen = torch.Generator().manual_seed(0)
     sampled = dx.generate(model, ids, mask, strategy="sample", max_new_tokens=50, generator=gen, backend=counter)
-    assert counter.frame_count == 2, "sampling reuses the compiled step"
+    assert counter.frame_count == 2, "sampling (and a shorter generation) reuses the compiled graphs"
     gen = torch.Generator().manual_seed(0)
     eager = dx.generate(model, ids, mask, strategy="sample", max_new_tokens=50, generator=gen, compile=False)
     assert torch.equal(sampled.sequences, eager.sequences)
