@@ -208,19 +208,28 @@ def generate(
 
 
 def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings) -> DecodeEngine:
-    """A :class:`DecodeEngine` for these shapes and compile settings, reused across calls."""
-    key = (
+    """A :class:`DecodeEngine` with at least ``max_len`` slots for these settings, reused across calls.
+
+    An engine with a longer cache is reused rather than compiling new graphs for a shorter
+    one: a recompile costs far more than attending over the extra (masked) slots.
+    """
+    settings_key = (
         id(model),
         batch_size,
-        max_len,
         settings.compile,
         id(settings.backend) if callable(settings.backend) else settings.backend,
         settings.mode,
         tuple(sorted((settings.options or {}).items())),
         settings.cuda_graphs,
     )
-    engine = _ENGINES.get(key)
-    if engine is None or engine.model is not model:
+    fitting = [
+        (key, engine)
+        for key, engine in _ENGINES.items()
+        if key[0] == settings_key and engine.model is model and engine.max_len >= max_len
+    ]
+    if fitting:
+        key, engine = min(fitting, key=lambda item: item[1].max_len)
+    else:
         engine = DecodeEngine(
             model,
             batch_size,
@@ -231,6 +240,7 @@ def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: 
             options=settings.options,
             cuda_graphs=settings.cuda_graphs,
         )
+        key = (settings_key, max_len)
         _ENGINES[key] = engine
         while len(_ENGINES) > MAX_ENGINES:
             _ENGINES.popitem(last=False)
@@ -287,6 +297,7 @@ def _plain_loop(
     compiles0, forwards0 = compile_count(), decoder.forward_passes
     batch, device = input_ids.shape[0], decoder.device
     new = torch.empty(batch, settings.max_new_tokens, dtype=torch.long, device=device)  # [B, N]
+    live = torch.ones(settings.max_new_tokens, batch, dtype=torch.bool, device=device)  # [N, B] before each token
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)  # [E]
     stop_on_eos = eos.numel() > 0
@@ -306,13 +317,13 @@ def _plain_loop(
     start = time.perf_counter()
     count = 1
     while count < settings.max_new_tokens and not (stop_on_eos and bool(finished.all())):
-        live = (~finished).long().tolist()
+        live[count] = ~finished
         token = emit(decoder.decode(token), count)
-        stats.accepted_per_step.append(live)
         count += 1
     stats.decode_time_s = time.perf_counter() - start
 
     stats.steps = count - 1
+    stats.accepted_per_step = live[1:count].long().tolist()
     stats.new_tokens = _generated_per_row(new[:, :count], eos)
     stats.forward_passes = decoder.forward_passes - forwards0
     stats.compiles = compile_count() - compiles0
