@@ -113,7 +113,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, cfg: DynexecConf
             _fall_back(report, "block analysis", AnalysisError("no transformer blocks found"))
         report.final_gm = gm
         return lower_graph(gm, example_inputs, cfg.lowering)
-    ctx = PassContext(cfg, report.analysis)
+    ctx = PassContext(cfg, report.analysis, {"example_inputs": list(example_inputs)})
     try:
         final = run_passes(gm, ctx, report, dumper)
     except (PassError, AnalysisError) as err:

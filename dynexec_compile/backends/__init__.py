@@ -53,6 +53,9 @@ def structural_key(gm: fx.GraphModule, example_inputs: Sequence) -> str:
 
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
+        if node.op == "placeholder":  # inputs are told apart by position, not by name
+            parts.append("placeholder")
+            continue
         if node.op == "get_attr":  # a constant inside the graph: same only if the same object
             parts.append(f"get_attr:{id(getattr(gm, str(node.target), None))}")
             continue

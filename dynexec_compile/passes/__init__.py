@@ -61,11 +61,13 @@ def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _pass_order() -> list[tuple[str, Callable[[fx.GraphModule, PassContext], PassResult], Callable[[DynexecConfig], bool]]]:
+    from dynexec_compile.passes.insert_early_exit import insert_early_exit
     from dynexec_compile.passes.partition_stages import partition_stages
 
     # (name, pass, when it runs)
     return [
         ("partition_stages", partition_stages, lambda cfg: cfg.needs_stages),
+        ("insert_early_exit", insert_early_exit, lambda cfg: cfg.early_exit is not None),
     ]
 
 

@@ -87,7 +87,7 @@ class StagePlan:
     num_inputs: int
     num_slots: int
     outputs: object  # the output structure, with slot indices in place of nodes
-    slot_of: dict[str, int]  # top-level node name -> slot
+    value_slot: dict[str, int]  # node name in the original graph -> slot
 
     def run(self, args: Sequence, start: int = 0, stop: int | None = None, env: list | None = None) -> list:
         if env is None:
@@ -104,7 +104,8 @@ class StagePlan:
 
 def make_plan(top: fx.GraphModule, compiled: dict[str, Callable]) -> StagePlan:
     """Number every value of the top-level graph with an env slot and list the stage calls."""
-    slot_of: dict[str, int] = {}
+    slot_of: dict[str, int] = {}  # top-level node name -> slot
+    value_slot: dict[str, int] = {}  # node name in the original (unsplit) graph -> slot
     outputs_of: dict[str, list[int]] = {}
     steps: list[StageStep] = []
     stages = {s.attr: s for s in stages_of(top)}
@@ -113,7 +114,7 @@ def make_plan(top: fx.GraphModule, compiled: dict[str, Callable]) -> StagePlan:
     next_slot = 0
     for node in top.graph.nodes:
         if node.op == "placeholder":
-            slot_of[node.name] = next_slot
+            slot_of[node.name] = value_slot[node.name] = next_slot
             next_slot += 1
             num_inputs += 1
         elif node.op == "call_module":
@@ -122,6 +123,9 @@ def make_plan(top: fx.GraphModule, compiled: dict[str, Callable]) -> StagePlan:
             writes = list(range(next_slot, next_slot + num_out))
             next_slot += num_out
             outputs_of[node.name] = writes
+            # stage outputs keep their original node names (split_module keep_original_node_name)
+            for out_node, slot in zip(stage.gm.graph.output_node().args[0], writes):
+                value_slot[out_node.name] = slot
             reads = [slot_of[a.name] for a in node.args]
             steps.append(StageStep(stage, compiled[node.target], reads, writes))
         elif node.op == "call_function" and node.target is operator.getitem:
@@ -132,7 +136,7 @@ def make_plan(top: fx.GraphModule, compiled: dict[str, Callable]) -> StagePlan:
         else:
             raise RuntimeError(f"dynexec: unexpected node in a staged graph: {node.format_node()}")
     outputs = fx.node.map_arg(outputs, lambda n: _Slot(slot_of[n.name]))
-    return StagePlan(steps, num_inputs, next_slot, outputs, slot_of)
+    return StagePlan(steps, num_inputs, next_slot, outputs, value_slot)
 
 
 class _Slot(int):
