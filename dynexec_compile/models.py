@@ -73,14 +73,14 @@ def heldout_files() -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def _code_start(text: str) -> int:
-    """Offset of the first top-level ``def``/``class`` line, or 0 when there is none."""
+def _code_start(text: str) -> int | None:
+    """Offset of the first top-level ``def``/``class`` line, or None when there is none."""
     offset = 0
     for line in text.splitlines(keepends=True):
         if line.startswith(_CODE_STARTS):
             return offset
         offset += len(line)
-    return 0
+    return None
 
 
 def heldout_prompts(n: int, tokens: int, tokenizer, from_code: bool = True) -> torch.Tensor:
@@ -88,7 +88,8 @@ def heldout_prompts(n: int, tokens: int, tokenizer, from_code: bool = True) -> t
 
     One prompt per file, files in the order of ``heldout_files.txt``, skipping files too short.
     With ``from_code`` a prompt starts at the file's first top-level ``def``/``class`` (so a
-    continuation writes code, not licence text); otherwise at the file's beginning.
+    continuation writes code, not licence text; files without one are skipped); otherwise at
+    the file's beginning.
 
     Returns:
         ids: [n, tokens] int64
@@ -103,7 +104,10 @@ def heldout_prompts(n: int, tokens: int, tokenizer, from_code: bool = True) -> t
     for path in heldout_files():
         text = path.read_text(encoding="utf-8")
         if from_code:
-            text = text[_code_start(text) :]
+            start = _code_start(text)
+            if start is None:
+                continue
+            text = text[start:]
         ids = tokenizer(text[: 16 * tokens], add_special_tokens=False)["input_ids"]
         if len(ids) >= tokens:
             prompts.append(ids[:tokens])

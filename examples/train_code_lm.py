@@ -73,7 +73,7 @@ SPECS = {
         hidden=256, layers=8, heads=8, kv_heads=4, intermediate=688, lr=1.5e-3, batch=2
     ),
     "draft": ModelSpec(
-        hidden=128, layers=3, heads=4, kv_heads=2, intermediate=384, lr=2.5e-3, batch=4
+        hidden=128, layers=3, heads=4, kv_heads=2, intermediate=384, lr=4e-3, batch=4
     ),
 }
 
@@ -516,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512, help="training context (tokens)")
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--target-minutes", type=float, default=54.0)
-    p.add_argument("--draft-minutes", type=float, default=28.0)
+    p.add_argument("--draft-minutes", type=float, default=33.0)
     p.add_argument("--target-steps", type=int, default=0, help="step-based schedule if > 0")
     p.add_argument("--draft-steps", type=int, default=0, help="step-based schedule if > 0")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
