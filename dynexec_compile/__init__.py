@@ -28,9 +28,13 @@ from dynexec_compile.exit_heads import (
     train_exit_heads,
 )
 from dynexec_compile.explain import explain
+from dynexec_compile.models import demo_lm_path, heldout_prompts, load_demo_lm
 from dynexec_compile.runtime.stats import last_stats
 
 __all__ = [
+    "demo_lm_path",
+    "heldout_prompts",
+    "load_demo_lm",
     "DecodeEngine",
     "GenerateOutput",
     "SlotCache",
