@@ -434,14 +434,10 @@ def switch_cost(elastic: ElasticModel, batch: Batch, repeats: int) -> dict[str, 
     lo, hi = elastic.levels[-1], elastic.levels[0]
     after_switch: dict[float, list[float]] = {lo: [], hi: []}
     same: dict[float, list[float]] = {lo: [], hi: []}
-    for i in range(2 * repeats):  # every call switches
+    for i in range(2 * repeats):  # paired: the call right after a switch, then a repeat
         lv = hi if i % 2 else lo
         set_elastic_level(elastic, lv)
         after_switch[lv].append(timed(lambda: elastic(**batch)))
-    for i in range(2 * repeats):  # same level twice in a row, the second timed
-        lv = hi if i % 2 else lo
-        set_elastic_level(elastic, lv)
-        elastic(**batch)
         same[lv].append(timed(lambda: elastic(**batch)))
     out = {"set_elastic_level_us": set_level_s * 1e6, "elastic_level_context_us": context_s * 1e6}
     for lv in (lo, hi):
