@@ -1,0 +1,264 @@
+"""A preallocated KV cache with per-row write slots, usable by stock Hugging Face models.
+
+Why our own cache rather than transformers' ``StaticCache``: ``StaticCache`` writes every row
+of the batch at the same positions (one shared ``cumulative_length``), so a batch whose rows
+accept different numbers of tokens per step (lookahead, speculative decoding) cannot use it.
+``SlotCache`` writes the new keys/values of row ``b`` at the slots ``write_slots[b, :]`` that
+the caller sets before the forward, and keeps a per-row committed length.
+
+Layout invariant: the committed token at position ``i`` of row ``b`` lives in slot ``i`` of
+row ``b`` (``0 <= i < lengths[b]``). Slots at or beyond ``lengths[b]`` hold scratch (rejected
+candidates, prefill padding) that attention masks hide. A verification step writes its
+candidates at slots ``>= lengths[b]``; :meth:`SlotCache.commit` then gathers the accepted ones
+to ``lengths[b] ..`` and advances ``lengths`` — keys/values are moved, never recomputed.
+
+The buffers are allocated once at construction, so every forward sees the same tensor
+shapes and addresses: one compiled graph per step shape, and CUDA graphs can capture the
+in-place writes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    """Keys and values of one attention layer: ``[B, H_kv, S_max, Dh]`` buffers written in place.
+
+    Args:
+        keys: preallocated key buffer ``[B, H_kv, S_max, Dh]``.
+        values: preallocated value buffer ``[B, H_kv, S_max, Dh_v]``.
+    """
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys = keys
+        self.values = values
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The buffers are allocated at construction; nothing is lazy."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        write_slots: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``T`` new tokens per row at ``write_slots`` and return the whole buffers.
+
+        Args:
+            key_states: ``[B, H_kv, T, Dh]`` keys of the new tokens.
+            value_states: ``[B, H_kv, T, Dh_v]`` values of the new tokens.
+            write_slots: ``[B, T]`` cache slots of the new tokens, distinct within a row.
+        """
+        if write_slots is None:
+            raise RuntimeError(
+                "SlotCache: no write slots are set for this forward; run the model through "
+                "DecodeEngine, or call cache.set_write_slots(slots) before model(...)"
+            )
+        if key_states.shape[0] != self.keys.shape[0] or key_states.shape[1:2] != self.keys.shape[1:2]:
+            raise ValueError(
+                f"SlotCache: the model produced keys of shape {tuple(key_states.shape)} but the cache "
+                f"holds [B={self.keys.shape[0]}, H_kv={self.keys.shape[1]}, S, Dh={self.keys.shape[3]}]; "
+                "build the cache for this model's config and batch size"
+            )
+        # idx: [B, H_kv, T, Dh] — slot of every written element along the sequence dim
+        idx_k = write_slots[:, None, :, None].expand_as(key_states)
+        idx_v = write_slots[:, None, :, None].expand_as(value_states)
+        self.keys.scatter_(2, idx_k, key_states.to(self.keys.dtype))
+        self.values.scatter_(2, idx_v, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Attention always spans the whole buffer: ``(S_max, 0)``."""
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        """Not tracked per layer; :meth:`SlotCache.get_seq_length` answers for the cache."""
+        raise NotImplementedError("SlotLayer does not track lengths; ask the SlotCache")
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+
+
+def attention_geometry(config: PreTrainedConfig) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config; raise for unsupported layouts.
+
+    GPT-2's names (``n_layer``, ``n_head``, ``n_embd``) are mapped by its config's
+    ``attribute_map``; models without ``num_key_value_heads`` use plain multi-head attention.
+    """
+    config = config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        kinds = sorted(set(layer_types) - {"full_attention"})
+        raise NotImplementedError(
+            f"SlotCache supports full-attention layers only; this model has {kinds} layers "
+            "(sliding-window / linear attention need their own mask and cache layout)"
+        )
+    num_layers = config.num_hidden_layers
+    num_heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return num_layers, kv_heads, head_dim
+
+
+class SlotCache(Cache):
+    """A ``transformers.Cache`` of preallocated per-layer buffers written at per-row slots.
+
+    Args:
+        config: the model's config (decoder part is used).
+        batch_size: rows ``B``.
+        max_len: slots per row ``S_max``; committed tokens plus the widest step must fit.
+        dtype: dtype of keys and values (the model's dtype).
+        device: where the buffers live.
+
+    Attributes:
+        lengths: ``[B]`` int64, committed tokens per row (slots ``0 .. lengths[b]-1``).
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"SlotCache: batch_size={batch_size} and max_len={max_len} must be >= 1")
+        num_layers, kv_heads, head_dim = attention_geometry(config)
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        layers = [
+            SlotLayer(
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._write_slots: torch.Tensor | None = None
+        if device is not None and torch.device(device).type == "cuda":
+            # Fixed addresses: compiled graphs and CUDA graphs may update these in place.
+            for layer in layers:
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+            torch._dynamo.mark_static_address(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        """Slots per row, ``S_max``."""
+        return self.layers[0].keys.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].keys.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].keys.device
+
+    def set_write_slots(self, write_slots: torch.Tensor | None) -> None:
+        """Set the ``[B, T]`` slots where the next forward writes its ``T`` tokens per row."""
+        self._write_slots = write_slots
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called by the model's attention: write at the current write slots, return full buffers."""
+        return self.layers[layer_idx].update(key_states, value_states, self._write_slots)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The longest committed row. Rows differ; models get explicit ``position_ids``."""
+        return int(self.lengths.max())
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.max_len, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.lengths.zero_()
+
+    def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
+        """Keep the accepted tokens of a verification step and advance each row's length.
+
+        Row ``b`` keeps ``counts[b]`` tokens; the ``i``-th kept token's keys/values are gathered
+        from slot ``accepted_slots[b, i]`` to slot ``lengths[b] + i``. Without
+        ``accepted_slots`` the accepted tokens already sit at ``lengths[b] ..`` (a chain
+        accepted up to a point) and only the lengths move.
+
+        Args:
+            counts: ``[B]`` int, tokens kept per row, ``0 <= counts[b] <= A``.
+            accepted_slots: ``[B, A]`` int, slots of the kept tokens in order; entries past
+                ``counts[b]`` are ignored.
+        """
+        counts = counts.to(device=self.lengths.device, dtype=torch.long)
+        self._check_commit(counts, accepted_slots)
+        if accepted_slots is not None:
+            src, dest = commit_indices(self.lengths, counts, accepted_slots.to(self.lengths.device), self.max_len)
+            for layer in self.layers:
+                move_slots(layer.keys, src, dest)
+                move_slots(layer.values, src, dest)
+        self.lengths.add_(counts)
+
+    def _check_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None) -> None:
+        if counts.shape != self.lengths.shape:
+            raise ValueError(f"commit: counts must have shape [B]={tuple(self.lengths.shape)}, got {tuple(counts.shape)}")
+        if bool((counts < 0).any()) or bool((self.lengths + counts > self.max_len).any()):
+            raise ValueError(
+                f"commit: counts {counts.tolist()} with lengths {self.lengths.tolist()} must be >= 0 "
+                f"and fit in max_len={self.max_len}"
+            )
+        if accepted_slots is None:
+            return
+        if accepted_slots.ndim != 2 or accepted_slots.shape[0] != self.lengths.shape[0]:
+            raise ValueError(f"commit: accepted_slots must be [B, A], got {tuple(accepted_slots.shape)}")
+        if bool((counts > accepted_slots.shape[1]).any()):
+            raise ValueError(f"commit: counts {counts.tolist()} exceed A={accepted_slots.shape[1]} accepted slots")
+        if bool(((accepted_slots < 0) | (accepted_slots >= self.max_len)).any()):
+            raise ValueError(f"commit: accepted_slots must lie in [0, {self.max_len})")
+
+
+def commit_indices(
+    lengths: torch.Tensor, counts: torch.Tensor, accepted_slots: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and destination slots ``[B, A]`` for :meth:`SlotCache.commit`, fixed shape.
+
+    Entries past a row's count repeat its last kept move (same source, same destination), so
+    duplicate destinations always receive identical values; a row keeping nothing copies one
+    slot onto itself.
+    """
+    num = accepted_slots.shape[1]
+    i = torch.arange(num, device=lengths.device)[None, :]  # [1, A]
+    last = (counts - 1).clamp(min=0)[:, None]  # [B, 1]
+    j = torch.minimum(i, last)  # [B, A]
+    src = accepted_slots.gather(1, j)  # [B, A]
+    dest = lengths[:, None] + j  # [B, A]
+    none_kept = counts[:, None] == 0  # [B, 1]
+    dest = torch.where(none_kept, lengths.clamp(max=max_len - 1)[:, None], dest)
+    src = torch.where(none_kept, dest, src)
+    return src, dest
+
+
+def move_slots(buf: torch.Tensor, src: torch.Tensor, dest: torch.Tensor) -> None:
+    """``buf[b, :, dest[b, i]] = buf[b, :, src[b, i]]`` for all ``i`` at once (gather, then scatter)."""
+    # buf: [B, H, S, Dh]; src, dest: [B, A]
+    shape = (buf.shape[0], buf.shape[1], src.shape[1], buf.shape[3])
+    moved = buf.gather(2, src[:, None, :, None].expand(shape))  # [B, H, A, Dh]
+    buf.scatter_(2, dest[:, None, :, None].expand(shape), moved)

@@ -1,0 +1,445 @@
+"""``dynexec_compile.generate``: decoding strategies on the compiled static-cache step.
+
+The arguments every strategy shares are checked once into :class:`DecodeSettings`; a
+strategy is a function ``(model, input_ids, attention_mask, settings, **options) ->
+GenerateOutput`` registered under its name, so lookahead and speculative decoding plug in
+beside greedy and sampling without touching this dispatch. Output follows
+``model.generate``: prompt (as given, padding included) followed by the new tokens, rows
+that stopped early filled with ``pad_token_id``.
+
+Engines (cache + compiled graphs) are kept in a small LRU keyed by model and shapes, so a
+second call with a prompt in the same length bucket reuses the compiled graphs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
+from dynexec_compile.decoding.step import (
+    Backend,
+    DecodeEngine,
+    check_causal_lm,
+    pack_prompts,
+    prefill_bucket,
+)
+
+CACHES = ("static", "dynamic")
+PENDING_STRATEGIES = {
+    "lookahead": "issue 5 (lookahead decoding)",
+    "speculative": "issue 6 (draft-and-verify: draft model)",
+    "draft_heads": "issue 6 (draft-and-verify: fused draft heads)",
+    "self_speculative": "issue 6 (draft-and-verify: self-speculation)",
+}
+CACHE_LEN_MULTIPLE = 128
+MAX_ENGINES = 4
+
+
+@dataclass
+class GenerateStats:
+    """What a generation did.
+
+    Attributes:
+        strategy: the strategy's name.
+        forward_passes: model forwards, prefill included.
+        steps: decoding steps after the prefill.
+        new_tokens: generated tokens per row (EOS included, padding not).
+        accepted_per_step: per step, the tokens each row kept (a plain step keeps 1 per live row).
+        compiles: graphs compiled by Dynamo during the call (0 once warm).
+        prefill_time_s: seconds in the prefill (compilation included on a cold call).
+        decode_time_s: seconds in the decoding steps.
+        extra: strategy-specific figures (drafted tokens, acceptance, ...).
+    """
+
+    strategy: str
+    forward_passes: int = 0
+    steps: int = 0
+    new_tokens: list[int] = field(default_factory=list)
+    accepted_per_step: list[list[int]] = field(default_factory=list)
+    compiles: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens kept per row per decoding step, over rows still generating."""
+        kept = [n for step in self.accepted_per_step for n in step if n > 0]
+        return sum(kept) / len(kept) if kept else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per model forward, averaged over rows."""
+        if not self.forward_passes or not self.new_tokens:
+            return 0.0
+        return sum(self.new_tokens) / len(self.new_tokens) / self.forward_passes
+
+    @property
+    def tokens_per_second(self) -> float:
+        """All rows' generated tokens over prefill + decode time."""
+        seconds = self.prefill_time_s + self.decode_time_s
+        return sum(self.new_tokens) / seconds if seconds > 0 else 0.0
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences``: ``[B, L + n]`` prompt + generated tokens; ``stats``: :class:`GenerateStats`."""
+
+    sequences: torch.Tensor
+    stats: GenerateStats
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The checked arguments every strategy shares (see :func:`generate`).
+
+    ``eos_token_ids`` is a tuple (possibly empty); ``sampling`` is ``None`` for greedy.
+    """
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    sampling: SamplingParams | None
+    generator: torch.Generator | None
+    cache: str
+    compile: bool
+    backend: Backend
+    mode: str | None
+    options: dict[str, Any] | None
+    cuda_graphs: bool | None
+
+
+Strategy = Callable[..., GenerateOutput]
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, fn: Strategy) -> None:
+    """Make ``generate(..., strategy=name, **options)`` call ``fn(model, input_ids,
+    attention_mask, settings, **options)``."""
+    _STRATEGIES[name] = fn
+
+
+def generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    strategy: str = "greedy",
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    cache: str = "static",
+    compile: bool = True,
+    backend: Backend = "inductor",
+    mode: str | None = None,
+    compile_options: dict[str, Any] | None = None,
+    cuda_graphs: bool | None = None,
+    **strategy_options: Any,
+) -> GenerateOutput:
+    """Decode ``max_new_tokens`` tokens per row with a compiled, static-cache step.
+
+    Args:
+        model: a transformers causal LM in eval mode (not modified).
+        input_ids: ``[B, L]`` prompts; pad on the left as for ``model.generate``.
+        attention_mask: ``[B, L]``, 0 on padding; ``None`` when there is none.
+        strategy: ``"greedy"`` (argmax, token-identical to ``model.generate(do_sample=False)``
+            in fp32) or ``"sample"``; ``"lookahead"``, ``"speculative"``, ``"draft_heads"`` and
+            ``"self_speculative"`` once their issues land.
+        max_new_tokens: tokens to generate per row (>= 1).
+        eos_token_id: stop a row at this token (or any of a list); ``None`` takes the model's
+            ``generation_config.eos_token_id``.
+        pad_token_id: fills rows that stopped; ``None`` takes the generation config's, else the
+            first EOS id (as transformers does).
+        do_sample: sample instead of argmax; implied by ``strategy="sample"``.
+        temperature, top_k, top_p: the sampling distribution (see :class:`SamplingParams`).
+        generator: random generator for the draws (same generator state, same draws).
+        cache: ``"static"`` (dynexec's :class:`SlotCache`, fixed shapes) or ``"dynamic"``
+            (transformers' ``DynamicCache``, growing shapes; compiled with dynamic shapes).
+        compile: compile the forward with ``torch.compile(fullgraph=True)``.
+        backend, mode, compile_options: passed to ``torch.compile``.
+        cuda_graphs: capture the step as a CUDA graph (``None``: on when the model is on CUDA
+            and the cache is static).
+        **strategy_options: options of the chosen strategy (e.g. ``window=`` for lookahead).
+
+    Returns:
+        :class:`GenerateOutput` with ``sequences`` ``[B, L + n]`` and ``stats``.
+    """
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a string, got {type(strategy).__name__}")
+    if strategy not in _STRATEGIES:
+        if strategy in PENDING_STRATEGIES:
+            raise NotImplementedError(f"strategy={strategy!r} is not implemented yet: {PENDING_STRATEGIES[strategy]}")
+        known = sorted(set(_STRATEGIES) | set(PENDING_STRATEGIES))
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies are {known}")
+    check_causal_lm(model)
+    if strategy == "greedy" and do_sample:
+        raise ValueError("strategy='greedy' with do_sample=True: use strategy='sample' to sample")
+    if strategy == "sample":
+        if do_sample is False:
+            raise ValueError("strategy='sample' with do_sample=False: use strategy='greedy' for argmax decoding")
+        do_sample = True
+    eos_ids = _eos_ids(model, eos_token_id)
+    settings = DecodeSettings(
+        max_new_tokens=_check_max_new_tokens(max_new_tokens),
+        eos_token_ids=eos_ids,
+        pad_token_id=_pad_id(model, pad_token_id, eos_ids),
+        sampling=SamplingParams(temperature, top_k, top_p) if do_sample else None,
+        generator=generator,
+        cache=_check_choice("cache", cache, CACHES),
+        compile=bool(compile),
+        backend=backend,
+        mode=mode,
+        options=compile_options,
+        cuda_graphs=cuda_graphs,
+    )
+    return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
+
+
+def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings) -> DecodeEngine:
+    """A :class:`DecodeEngine` with at least ``max_len`` slots for these settings, reused across calls.
+
+    An engine with a longer cache is reused rather than compiling new graphs for a shorter
+    one: a recompile costs far more than attending over the extra (masked) slots.
+    """
+    settings_key = (
+        id(model),
+        batch_size,
+        settings.compile,
+        id(settings.backend) if callable(settings.backend) else settings.backend,
+        settings.mode,
+        tuple(sorted((settings.options or {}).items())),
+        settings.cuda_graphs,
+    )
+    fitting = [
+        (key, engine)
+        for key, engine in _ENGINES.items()
+        if key[0] == settings_key and engine.model is model and engine.max_len >= max_len
+    ]
+    if fitting:
+        key, engine = min(fitting, key=lambda item: item[1].max_len)
+    else:
+        engine = DecodeEngine(
+            model,
+            batch_size,
+            max_len,
+            compile=settings.compile,
+            backend=settings.backend,
+            mode=settings.mode,
+            options=settings.options,
+            cuda_graphs=settings.cuda_graphs,
+        )
+        key = (settings_key, max_len)
+        _ENGINES[key] = engine
+        while len(_ENGINES) > MAX_ENGINES:
+            _ENGINES.popitem(last=False)
+    _ENGINES.move_to_end(key)
+    return engine
+
+
+_ENGINES: OrderedDict[tuple, DecodeEngine] = OrderedDict()
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, reserve: int = 0) -> int:
+    """Cache slots for a generation: prefill bucket, prompt + new tokens + ``reserve`` (the
+    widest verification step), rounded up so nearby requests share an engine."""
+    need = max(prefill_bucket(prompt_len), prompt_len + max_new_tokens + reserve)
+    return -(-need // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
+
+
+def compile_count() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+# ---- plain decoding (greedy / sample) --------------------------------------------------
+
+
+def _plain(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    **options: Any,
+) -> GenerateOutput:
+    if options:
+        raise TypeError(f"greedy/sample decoding takes no options {sorted(options)}")
+    strategy = "greedy" if settings.sampling is None else "sample"
+    if settings.cache == "dynamic":
+        decoder = _DynamicDecoder(model, settings)
+    else:
+        _, lengths = pack_prompts(input_ids, attention_mask)
+        max_len = cache_length(int(lengths.max()), settings.max_new_tokens)
+        decoder = get_engine(model, input_ids.shape[0], max_len, settings)
+    return _plain_loop(decoder, input_ids, attention_mask, settings, strategy)
+
+
+def _plain_loop(
+    decoder: DecodeEngine | _DynamicDecoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    strategy: str,
+) -> GenerateOutput:
+    """One token per row per forward, stopping rows at EOS the way ``model.generate`` does."""
+    stats = GenerateStats(strategy=strategy)
+    compiles0, forwards0 = compile_count(), decoder.forward_passes
+    batch, device = input_ids.shape[0], decoder.device
+    new = torch.empty(batch, settings.max_new_tokens, dtype=torch.long, device=device)  # [B, N]
+    live = torch.ones(settings.max_new_tokens, batch, dtype=torch.bool, device=device)  # [N, B] before each token
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+    eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)  # [E]
+    stop_on_eos = eos.numel() > 0
+
+    def emit(logits: torch.Tensor, count: int) -> torch.Tensor:
+        # logits: [B, V] -> token: [B], written as new token number `count`
+        token = _next_token(logits, settings)
+        if stop_on_eos:
+            token = torch.where(finished, settings.pad_token_id, token)
+            finished.logical_or_(torch.isin(token, eos))
+        new[:, count] = token
+        return token
+
+    start = time.perf_counter()
+    token = emit(decoder.prefill(input_ids, attention_mask), 0)
+    stats.prefill_time_s = time.perf_counter() - start
+    start = time.perf_counter()
+    count = 1
+    while count < settings.max_new_tokens and not (stop_on_eos and bool(finished.all())):
+        live[count] = ~finished
+        token = emit(decoder.decode(token), count)
+        count += 1
+    stats.decode_time_s = time.perf_counter() - start
+
+    stats.steps = count - 1
+    stats.accepted_per_step = live[1:count].long().tolist()
+    stats.new_tokens = _generated_per_row(new[:, :count], eos)
+    stats.forward_passes = decoder.forward_passes - forwards0
+    stats.compiles = compile_count() - compiles0
+    sequences = torch.cat([input_ids.to(device), new[:, :count]], dim=1)
+    return GenerateOutput(sequences=sequences, stats=stats)
+
+
+def _next_token(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+    # logits: [B, V] -> token: [B]
+    if settings.sampling is None:
+        return logits.argmax(dim=-1)
+    return draw(sampling_probs(logits, settings.sampling), settings.generator)
+
+
+def _generated_per_row(new: torch.Tensor, eos: torch.Tensor) -> list[int]:
+    """Tokens each row generated: up to and including its first EOS, else all."""
+    if eos.numel() == 0 or new.shape[1] == 0:
+        return [new.shape[1]] * new.shape[0]
+    is_eos = torch.isin(new, eos)  # [B, n]
+    first = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, new.shape[1])
+    return first.tolist()
+
+
+class _DynamicDecoder:
+    """transformers' own ``DynamicCache`` path: the inputs ``model.generate`` would pass.
+
+    Left padding stays in the cache and the 2-D mask grows by one column per step; shapes
+    change every step, so with ``compile=True`` the forward is compiled with dynamic shapes.
+    """
+
+    def __init__(self, model: PreTrainedModel, settings: DecodeSettings):
+        if settings.cuda_graphs:
+            raise ValueError("cuda_graphs needs cache='static' (fixed shapes and addresses)")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.forward_passes = 0
+        self._forward = self._forward_impl
+        if settings.compile:
+            self._forward = torch.compile(
+                self._forward_impl,
+                backend=settings.backend,
+                fullgraph=True,
+                dynamic=True,
+                mode=settings.mode,
+                options=settings.options,
+            )
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        pack_prompts(input_ids, attention_mask)  # same argument checks as the static path
+        ids = input_ids.to(self.device).long()
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device).long()
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, L], as model.generate
+        self._cache = DynamicCache(config=self.model.config)
+        self._mask, self._positions = mask, positions[:, -1:]
+        with torch.no_grad():  # the prefill runs eagerly, as in transformers
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+            )
+        self.forward_passes += 1
+        return out.logits[:, -1]
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)  # [B, L+t]
+        self._positions = self._positions + 1  # [B, 1]
+        with torch.no_grad():
+            logits = self._forward(token[:, None], self._mask, self._positions, self._cache)
+        self.forward_passes += 1
+        return logits[:, -1]
+
+    def _forward_impl(
+        self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        out = self.model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits
+
+
+# ---- argument checks ---------------------------------------------------------------------
+
+
+def _check_max_new_tokens(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {list(choices)}")
+    return value
+
+
+def _eos_ids(model: PreTrainedModel, eos_token_id: int | list[int] | None) -> tuple[int, ...]:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return ()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos_token_id!r}")
+    return tuple(ids)
+
+
+def _pad_id(model: PreTrainedModel, pad_token_id: int | None, eos_ids: tuple[int, ...]) -> int | None:
+    """The filler of stopped rows: given, else the generation config's, else the first EOS id
+    (as transformers does)."""
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad_token_id is None and eos_ids:
+        pad_token_id = eos_ids[0]
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+        raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+    return pad_token_id
+
+
+register_strategy("greedy", _plain)
+register_strategy("sample", _plain)

@@ -1,0 +1,71 @@
+"""Additive float attention masks over the cache slots of a :class:`SlotCache`.
+
+Every decoding step (plain, lookahead, speculative chain or tree) attends over the whole
+``S_max``-slot buffer, so its mask is ``[B, 1, T, S_max]``: 0 where query ``t`` may see slot
+``j``, the dtype's most negative finite value elsewhere. Why float and not bool: transformers'
+eager attention *adds* the mask to the scores, so a boolean 4-D mask is silently wrong there;
+and why the finite minimum rather than ``-inf``: a query that sees nothing (a padding row)
+then gets uniform weights instead of NaN, and NaN in a scratch slot can never leak into a
+real row through ``0 * NaN``. transformers 5 passes a 4-D mask to attention unchanged
+(``masking_utils._preprocess_mask_arguments``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean ``allowed`` -> additive float mask (0 visible, ``finfo(dtype).min`` hidden)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, hidden)
+
+
+def chain_mask(slots: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Mask of a causal chain of tokens written at consecutive slots ``lengths[b] + t``.
+
+    Token ``t`` sees every slot up to its own: the committed prefix, the chain's earlier
+    tokens and itself. Covers prefill, the 1-token step and a speculative chain.
+
+    Args:
+        slots: ``[B, T]`` slots of the step's tokens, ``slots[b, t] = lengths[b] + t``.
+        max_len: ``S_max``.
+    Returns:
+        ``[B, 1, T, S_max]`` additive mask.
+    """
+    keys = torch.arange(max_len, device=slots.device)  # [S]
+    allowed = keys[None, None, :] <= slots[:, :, None]  # [B, T, S]
+    return additive(allowed[:, None], dtype)
+
+
+def step_mask(
+    lengths: torch.Tensor,
+    slots: torch.Tensor,
+    visible: torch.Tensor,
+    max_len: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Mask of a step whose ``T`` tokens see the committed prefix plus chosen step tokens.
+
+    Query ``t`` of row ``b`` sees slot ``j`` iff ``j < lengths[b]`` (committed prefix) or
+    ``j = slots[b, u]`` for a step token ``u`` with ``visible[b, t, u]``. Lookahead (Jacobi
+    window + n-gram candidates) and tree verification are this mask with their own
+    ``visible``; a chain is ``visible = tril(ones)``.
+
+    Args:
+        lengths: ``[B]`` committed lengths.
+        slots: ``[B, T]`` slots of the step's tokens, distinct within a row, ``>= lengths[b]``.
+        visible: ``[T, T]`` or ``[B, T, T]`` bool, ``visible[.., t, u]``: query ``t`` sees token
+            ``u`` (include the diagonal: a token sees itself).
+        max_len: ``S_max``.
+    Returns:
+        ``[B, 1, T, S_max]`` additive mask.
+    """
+    batch, width = slots.shape
+    keys = torch.arange(max_len, device=slots.device)  # [S]
+    prefix = keys[None, None, :] < lengths[:, None, None]  # [B, 1, S]
+    visible = visible.to(device=slots.device, dtype=torch.bool).expand(batch, width, width)
+    own = torch.zeros(batch, width, max_len, dtype=torch.bool, device=slots.device)  # [B, T, S]
+    own.scatter_(2, slots[:, None, :].expand(batch, width, width), visible)
+    return additive((prefix | own)[:, None], dtype)

@@ -1,0 +1,329 @@
+"""The compiled decoding step every strategy is a loop of.
+
+A ``DecodeEngine`` owns a :class:`SlotCache` for one model, batch size and cache length, and
+three compiled entry points, each a fixed-shape graph:
+
+- ``prefill(input_ids, attention_mask)``: prompts packed to the front of each row (slot ==
+  position), right-padded to a length bucket so nearby prompt lengths share one graph;
+- ``decode(tokens)``: the 1-token step; positions, slots and mask come from the cache's
+  lengths inside the graph, which then advances them — one call, no host work per step;
+- ``step(tokens, positions, mask, slots)``: the generic fused forward of ``T`` tokens per row
+  under a caller-built mask (lookahead windows, draft chains, trees); the caller then keeps
+  what it accepts with ``commit``.
+
+Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA the
+``decode`` and ``step`` graphs are captured as CUDA graphs and replayed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.cache import SlotCache
+from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
+from dynexec_compile.decoding.masks import chain_mask
+
+Backend = str | Callable
+
+
+def check_causal_lm(model: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``model`` is a decoder-only HF LM in eval mode."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel causal LM, got {type(model).__name__}")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or not model.can_generate():
+        raise ValueError(
+            f"{type(model).__name__} is not a decoder-only causal LM (can_generate="
+            f"{model.can_generate()}, is_encoder_decoder={getattr(config, 'is_encoder_decoder', False)}); "
+            "use an AutoModelForCausalLM model"
+        )
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in ("position_ids", "past_key_values", "attention_mask") if p not in params]
+    if missing:
+        raise ValueError(f"{type(model).__name__}.forward does not accept {missing}; it cannot decode with a KV cache")
+    if model.training:
+        raise ValueError(
+            f"{type(model).__name__} is in training mode (dropout active, outputs random); call model.eval() first"
+        )
+
+
+def prefill_bucket(length: int) -> int:
+    """Padded prefill length: a power of two from 16 up to 512, then a multiple of 512."""
+    if length <= 512:
+        return max(16, 1 << (length - 1).bit_length())
+    return -(-length // 512) * 512
+
+
+def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens (``attention_mask == 1``, in order) to the front.
+
+    Left- or right-padded prompts both become ``[B, L]`` rows whose first ``lengths[b]``
+    entries are the prompt, so prompt token ``i`` has position ``i`` — what transformers
+    computes from the mask (``cumsum - 1``) for a left-padded batch.
+
+    Returns:
+        ``(packed [B, L], lengths [B])``; entries past ``lengths[b]`` are the row's pad tokens.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if attention_mask is None:
+        lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+        return input_ids.long(), lengths
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+        )
+    real = attention_mask.to(input_ids.device) != 0  # [B, L]
+    lengths = real.sum(dim=1)  # [B]
+    if bool((lengths == 0).any()):
+        raise ValueError("every prompt needs at least one token with attention_mask == 1; a row is empty")
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+    return input_ids.long().gather(1, order), lengths
+
+
+class DecodeEngine:
+    """Static-cache, compiled decoding for one causal LM at a fixed batch size and cache length.
+
+    Args:
+        model: a transformers causal LM in eval mode. It is not modified.
+        batch_size: rows decoded together.
+        max_len: cache slots per row: prompt + generated tokens + the widest step must fit.
+        compile: compile prefill/decode/step with ``torch.compile(fullgraph=True,
+            dynamic=False)``; ``False`` runs the same code eagerly.
+        backend: ``torch.compile`` backend (a name or a callable).
+        mode: ``torch.compile`` mode (Inductor only); ``None`` for the default.
+        options: ``torch.compile`` options for the backend (e.g. Inductor's ``cpp_wrapper``).
+        cuda_graphs: capture ``decode``/``step`` as CUDA graphs; ``None`` = on when the model
+            is on CUDA.
+
+    Attributes:
+        cache: the :class:`SlotCache`; ``cache.lengths`` holds each row's committed length.
+        forward_passes: model forwards run so far (prefill, decode and step calls).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        batch_size: int,
+        max_len: int,
+        *,
+        compile: bool = True,
+        backend: Backend = "inductor",
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        cuda_graphs: bool | None = None,
+    ):
+        check_causal_lm(model)
+        weight = next(model.parameters())
+        self.model = model
+        self.cache = SlotCache(model.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+        self.forward_passes = 0
+        self._length_bound = 0  # host-side upper bound of max(cache.lengths)
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        compiler = _compiler(compile, backend, mode, options)
+        self._prefill_fn = compiler(self._prefill_impl)
+        self._decode_fn = compiler(self._decode_impl)
+        self._step_fn = compiler(self._step_impl)
+        on_cuda = weight.device.type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and mode not in ("reduce-overhead", "max-autotune")
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        if cuda_graphs:
+            self._decode_fn = CudaGraphRunner(self._decode_fn, state=[self.cache.lengths])
+            self._step_fn = CudaGraphRunner(self._step_fn)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` committed tokens per row (the cache's own tensor; do not write to it)."""
+        return self.cache.lengths
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    # ---- public steps -------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill the cache with the prompts and return each row's next-token logits ``[B, V]``.
+
+        Args:
+            input_ids: ``[B, L]`` prompts, left- or right-padded.
+            attention_mask: ``[B, L]``, 1 for prompt tokens, 0 for padding; ``None`` = all 1.
+        """
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(f"prefill: batch of {input_ids.shape[0]} rows, engine built for {self.batch_size}")
+        packed, lengths = pack_prompts(input_ids.to(self.device), attention_mask)
+        longest = int(lengths.max())
+        packed = packed[:, :longest]
+        bucket = prefill_bucket(longest)
+        if bucket > self.max_len:
+            raise ValueError(
+                f"prefill: prompts of {longest} tokens need {bucket} slots (bucketed), cache has {self.max_len}"
+            )
+        # ids: [B, bucket], prompt first; the padded tail is scratch that later steps overwrite
+        ids = torch.zeros(self.batch_size, bucket, dtype=torch.long, device=self.device)
+        ids[:, : packed.shape[1]] = packed
+        self.cache.reset()
+        with torch.no_grad():
+            logits = self._prefill_fn(ids, lengths.to(self.device))
+        self.forward_passes += 1
+        self._length_bound = longest
+        return logits
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row at position ``lengths[b]``; commits it and returns logits ``[B, V]``.
+
+        Args:
+            tokens: ``[B, 1]`` (or ``[B]``) the last sampled token of each row.
+        """
+        tokens = tokens.reshape(self.batch_size, 1)
+        if self._length_bound + 1 > self.max_len:
+            self._refresh_bound(1)
+        with torch.no_grad():
+            logits = self._decode_fn(tokens)
+        self.forward_passes += 1
+        self._length_bound += 1
+        return logits
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fused forward of ``T`` tokens per row under a caller-built mask; nothing committed.
+
+        The tokens' keys/values are written at ``slots`` (scratch until :meth:`commit`).
+
+        Args:
+            tokens: ``[B, T]`` token ids.
+            positions: ``[B, T]`` position ids (``lengths[b] + depth`` in a tree).
+            mask: ``[B, 1, T, S_max]`` additive float mask over cache slots in the model's
+                dtype (see :mod:`dynexec_compile.decoding.masks`).
+            slots: ``[B, T]`` distinct slots ``>= lengths[b]``; defaults to ``positions``
+                (right for a chain).
+        Returns:
+            ``[B, T, V]`` logits.
+        """
+        slots = positions if slots is None else slots
+        self._check_step(tokens, positions, mask, slots)
+        with torch.no_grad():
+            logits = self._step_fn(tokens, positions, slots, mask)
+        self.forward_passes += 1
+        return logits
+
+    def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
+        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`)."""
+        self.cache.commit(counts, accepted_slots)
+        self._length_bound = int(self.cache.lengths.max())
+
+    # ---- traced bodies ------------------------------------------------------------------
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's forward with the cache writing at ``slots``; logits ``[B, T or K, V]``."""
+        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        self.cache.set_write_slots(slots)
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                **kwargs,
+            )
+        finally:
+            self.cache.set_write_slots(None)
+        return out.logits
+
+    def _prefill_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # ids: [B, L]; lengths: [B]
+        batch, width = ids.shape
+        positions = torch.arange(width, device=ids.device)[None, :].expand(batch, width)  # [B, L]
+        mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, L, S]
+        last = (lengths - 1)[:, None]  # [B, 1]
+        if self._accepts_logits_to_keep:
+            logits = self._forward(ids, positions, positions, mask, keep=last)  # [B, 1, V]
+        else:
+            logits = self._forward(ids, positions, positions, mask)  # [B, L, V]
+            logits = logits.gather(1, last[:, :, None].expand(batch, 1, logits.shape[-1]))
+        self.cache.lengths.copy_(lengths)
+        return logits[:, 0]
+
+    def _decode_impl(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: [B, 1]; slot == position == committed length
+        slots = self.cache.lengths[:, None].clone()  # [B, 1]
+        mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, 1, S]
+        logits = self._forward(tokens, slots, slots, mask)  # [B, 1, V]
+        self.cache.lengths.add_(1)
+        return logits[:, 0]
+
+    def _step_impl(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self._forward(tokens, positions, slots, mask)
+
+    # ---- checks -------------------------------------------------------------------------
+
+    def _refresh_bound(self, width: int) -> None:
+        self._length_bound = int(self.cache.lengths.max())
+        if self._length_bound + width > self.max_len:
+            raise ValueError(
+                f"the KV cache is full: a row holds {self._length_bound} of {self.max_len} slots and the "
+                f"step adds {width}; build the engine with a larger max_len"
+            )
+
+    def _check_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> None:
+        batch, width = tokens.shape if tokens.ndim == 2 else (None, None)
+        if batch != self.batch_size:
+            raise ValueError(f"step: tokens must be [B={self.batch_size}, T], got {tuple(tokens.shape)}")
+        for name, t in (("positions", positions), ("slots", slots)):
+            if t.shape != tokens.shape:
+                raise ValueError(f"step: {name} must have the shape of tokens {tuple(tokens.shape)}, got {tuple(t.shape)}")
+        if mask.shape != (batch, 1, width, self.max_len) or mask.dtype != self.cache.dtype:
+            raise ValueError(
+                f"step: mask must be an additive {self.cache.dtype} mask of shape "
+                f"{(batch, 1, width, self.max_len)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if int(slots.min()) < 0 or int(slots.max()) >= self.max_len:
+            raise ValueError(f"step: slots must lie in [0, {self.max_len}), got [{int(slots.min())}, {int(slots.max())}]")
+
+
+def _compiler(enabled: bool, backend: Backend, mode: str | None, options: dict[str, Any] | None) -> Callable:
+    """``fn -> torch.compile(fn, fullgraph=True, dynamic=False, ...)``, or identity when disabled."""
+    if not enabled:
+        if mode is not None or options:
+            raise ValueError("mode/options are compile settings; they need compile=True")
+        return lambda fn: fn
+    if mode is not None and options:
+        raise ValueError("torch.compile takes either mode or options, not both")
+
+    def compile_fn(fn: Callable) -> Callable:
+        return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, mode=mode, options=options)
+
+    return compile_fn

@@ -1,0 +1,76 @@
+"""Tiny causal LMs from configs (random weights) whose greedy continuations are not degenerate.
+
+Each fixture seeds its own initialisation, so the models — and the token sequences the tests
+compare — are the same in every run. GPT-2 gets a larger init range: with the default 0.02 a
+random GPT-2 repeats one token forever, and a test on it could not fail.
+"""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is fastest, and immune to a busy machine's scheduling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        config = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
+        )
+        model = LlamaForCausalLM(config)
+    elif kind == "qwen2":
+        config = Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
+        )
+        model = Qwen2ForCausalLM(config)
+    elif kind == "gpt2":  # absolute learned positions
+        config = GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=1024,
+            initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(kind)
+    model.set_attn_implementation(attn)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def lm(request):
+    return build_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_model("llama")
+
+
+def left_padded_batch(lengths: list[int], seed: int = 1, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of the given lengths, left-padded as transformers expects for decoder-only LMs."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask

@@ -1,0 +1,82 @@
+"""Compiled decoding: one graph per step shape, no recompiles after warm-up, tokens unchanged.
+
+The non-slow test counts compiles through Dynamo with the cheap ``eager`` backend (the graph
+capture is what recompiles, whatever the backend); the Inductor runs are ``slow``.
+"""
+
+import pytest
+import torch
+from conftest import build_model, left_padded_batch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dynexec_compile as dx
+from dynexec_compile.decoding import DecodeEngine, chain_mask
+
+
+def hf_greedy(model, ids, mask, max_new_tokens):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[], pad_token_id=0
+        )
+
+
+def test_300_tokens_compile_one_prefill_and_one_step_graph(llama):
+    counter = CompileCounterWithBackend("eager")
+    ids, mask = left_padded_batch([7, 12])
+    out = dx.generate(llama, ids, mask, max_new_tokens=300, eos_token_id=[], backend=counter)
+    assert counter.frame_count == 2, "one graph for the prefill bucket, one for the decode step"
+    assert out.stats.compiles == 2 and out.stats.forward_passes == 300
+    assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 300))
+
+    ids2, mask2 = left_padded_batch([9, 15], seed=8)  # same prefill bucket (16), same cache length
+    out2 = dx.generate(llama, ids2, mask2, max_new_tokens=300, eos_token_id=[], backend=counter)
+    assert counter.frame_count == 2 and out2.stats.compiles == 0, "a prompt in the same bucket recompiled"
+    assert torch.equal(out2.sequences, hf_greedy(llama, ids2, mask2, 300))
+
+    out3 = dx.generate(llama, ids2, mask2, max_new_tokens=20, eos_token_id=[], backend=counter)
+    assert out3.stats.compiles == 0, "a shorter generation reuses the engine with the longer cache"
+    assert torch.equal(out3.sequences, out2.sequences[:, : ids2.shape[1] + 20])
+
+
+def test_generic_step_compiles_once_per_width(llama):
+    counter = CompileCounterWithBackend("eager")
+    engine = DecodeEngine(llama, batch_size=2, max_len=64, backend=counter)
+    reference = DecodeEngine(llama, batch_size=2, max_len=64, compile=False)
+    ids, mask = left_padded_batch([5, 9])
+    for e in (engine, reference):
+        e.prefill(ids, mask)
+    for i in range(4):
+        chain = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(i))
+        positions = engine.lengths[:, None] + torch.arange(3)
+        mask4 = chain_mask(positions, 64, torch.float32)
+        torch.testing.assert_close(
+            engine.step(chain, positions, mask4), reference.step(chain, positions, mask4), atol=1e-5, rtol=1e-5
+        )
+        accepted = torch.tensor([i % 3 + 1, 2])
+        engine.commit(accepted)
+        reference.commit(accepted)
+    assert counter.frame_count == 2, "prefill + one step width; commits and new lengths do not recompile"
+
+
+@pytest.mark.slow
+def test_inductor_greedy_equals_transformers_without_recompiles():
+    model = build_model("qwen2")
+    counter = CompileCounterWithBackend("inductor")
+    ids, mask = left_padded_batch([7, 12, 3])
+    out = dx.generate(model, ids, mask, max_new_tokens=300, eos_token_id=[], backend=counter)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 300))
+    assert counter.frame_count == 2 and out.stats.compiles == 2
+    gen = torch.Generator().manual_seed(0)
+    sampled = dx.generate(model, ids, mask, strategy="sample", max_new_tokens=50, generator=gen, backend=counter)
+    assert counter.frame_count == 2, "sampling (and a shorter generation) reuses the compiled graphs"
+    gen = torch.Generator().manual_seed(0)
+    eager = dx.generate(model, ids, mask, strategy="sample", max_new_tokens=50, generator=gen, compile=False)
+    assert torch.equal(sampled.sequences, eager.sequences)
+
+
+@pytest.mark.slow
+def test_dynamic_cache_compiled_with_dynamic_shapes_equals_transformers(llama):
+    ids, mask = left_padded_batch([7, 12])
+    out = dx.generate(llama, ids, mask, max_new_tokens=40, eos_token_id=[], cache="dynamic", backend="eager")
+    assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 40))
+    assert out.stats.compiles <= 2

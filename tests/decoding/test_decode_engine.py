@@ -1,0 +1,102 @@
+"""DecodeEngine: prefill, the 1-token step and the generic fused step equal the stock forward."""
+
+import pytest
+import torch
+from conftest import build_model, left_padded_batch
+from transformers import GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration
+
+from dynexec_compile.decoding import DecodeEngine, chain_mask
+from dynexec_compile.decoding.step import pack_prompts, prefill_bucket
+
+
+def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of one unpadded row without any cache: ``[n, V]``."""
+    with torch.no_grad():
+        return model(input_ids=tokens[None]).logits[0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_decode_and_step_equal_the_stock_forward(attn):
+    for kind in ("llama", "qwen2", "gpt2"):
+        model = build_model(kind, attn=attn)
+        ids, mask = left_padded_batch([5, 9])
+        prompts = [ids[r, mask[r] == 1] for r in range(2)]
+        engine = DecodeEngine(model, batch_size=2, max_len=48, compile=False)
+
+        logits = engine.prefill(ids, mask)  # [B, V]
+        for r in range(2):
+            torch.testing.assert_close(logits[r], full_logits(model, prompts[r])[-1], atol=1e-5, rtol=1e-5)
+
+        token = torch.tensor([[17], [33]])
+        logits = engine.decode(token)
+        assert engine.lengths.tolist() == [6, 10]
+        prompts = [torch.cat([p, t]) for p, t in zip(prompts, token, strict=True)]
+        for r in range(2):
+            torch.testing.assert_close(logits[r], full_logits(model, prompts[r])[-1], atol=1e-5, rtol=1e-5)
+
+        chain = torch.tensor([[4, 5, 6], [7, 8, 9]])
+        positions = engine.lengths[:, None] + torch.arange(3)
+        logits = engine.step(chain, positions, chain_mask(positions, engine.max_len, torch.float32))
+        assert logits.shape == (2, 3, model.config.vocab_size)
+        assert engine.lengths.tolist() == [6, 10], "step() commits nothing"
+        for r in range(2):
+            ref = full_logits(model, torch.cat([prompts[r], chain[r]]))[-3:]
+            torch.testing.assert_close(logits[r], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pack_prompts_moves_tokens_to_the_front():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 0], [1, 2, 3, 4]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    packed, lengths = pack_prompts(ids, mask)
+    assert lengths.tolist() == [2, 3, 4]
+    assert packed[0, :2].tolist() == [5, 6] and packed[1, :3].tolist() == [7, 8, 9]
+    assert packed[2].tolist() == [1, 2, 3, 4]
+
+
+def test_prefill_buckets():
+    assert [prefill_bucket(n) for n in (1, 16, 17, 100, 512, 513, 1100)] == [16, 16, 32, 128, 512, 1024, 1536]
+
+
+def test_step_and_decode_reject_bad_arguments(llama):
+    engine = DecodeEngine(llama, batch_size=2, max_len=32, compile=False)
+    ids, mask = left_padded_batch([5, 7])
+    engine.prefill(ids, mask)
+    tokens = torch.ones(2, 2, dtype=torch.long)
+    positions = engine.lengths[:, None] + torch.arange(2)
+    good = chain_mask(positions, 32, torch.float32)
+    with pytest.raises(ValueError, match="tokens must be"):
+        engine.step(torch.ones(3, 2, dtype=torch.long), positions, good)
+    with pytest.raises(ValueError, match="mask must be"):
+        engine.step(tokens, positions, good.bool())
+    with pytest.raises(ValueError, match="mask must be"):
+        engine.step(tokens, positions, good[..., :16])
+    with pytest.raises(ValueError, match="positions must"):
+        engine.step(tokens, positions[:, :1], good)
+    with pytest.raises(ValueError, match="slots must lie"):
+        engine.step(tokens, positions, good, slots=positions + 30)
+    with pytest.raises(ValueError, match="batch of 3 rows"):
+        engine.prefill(torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="need 64 slots"):
+        engine.prefill(torch.ones(2, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.prefill(ids, torch.zeros_like(mask))
+    small = DecodeEngine(llama, batch_size=1, max_len=17, compile=False)
+    small.prefill(torch.ones(1, 16, dtype=torch.long))
+    small.decode(torch.ones(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="KV cache is full"):
+        small.decode(torch.ones(1, 1, dtype=torch.long))
+
+
+def test_models_that_cannot_decode_are_refused():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        DecodeEngine(torch.nn.Linear(2, 2), batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
+        DecodeEngine(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)).eval(), batch_size=1, max_len=8)
+    t5 = T5ForConditionalGeneration(T5Config(num_layers=1, d_model=16, num_heads=2, d_ff=16, d_kv=8)).eval()
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
+        DecodeEngine(t5, batch_size=1, max_len=8)
+    training = build_model("llama").train()
+    with pytest.raises(ValueError, match="training mode"):
+        DecodeEngine(training, batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs"):
+        DecodeEngine(build_model("llama"), batch_size=1, max_len=8, cuda_graphs=True)
