@@ -571,12 +571,12 @@ def sst2_markdown(q: dict[str, Any]) -> list[str]:
         "",
         (
             f"Probe trained on the full model's features of {q['probe_train_sentences']} training "
+            f"sentences; importance calibrated on {q['calibration_sentences']} other training "
             "sentences; "
             if "probe_train_sentences" in q
-            else ""
+            else f"Importance calibrated on {q['calibration_sentences']} training sentences; "
         )
-        + f"importance calibrated on {q['calibration_sentences']} training sentences (disjoint "
-        f"from the probe's); {q['validation_sentences']} validation sentences. Full model: "
+        + f"{q['validation_sentences']} validation sentences. Full model: "
         f"**{q['full_accuracy']:.4f}**. Cells: accuracy (fraction of block parameters used).",
         "",
     ]
