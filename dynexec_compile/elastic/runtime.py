@@ -11,7 +11,8 @@ switch never evaluates another level's guards and many levels never exhaust one 
 
 The level a call runs at: the innermost ``with elastic_level(r):`` of the calling thread if
 any, else the level set with :func:`set_elastic_level`, else the largest level. What the last
-call in this thread ran at is in :func:`elastic_stats` (and ``ElasticModel.last_stats``).
+call in this thread ran at is in :func:`elastic_stats` (and ``ElasticModel.last_stats``), and in
+``dynexec_compile.last_stats()`` under ``elastic_``-prefixed keys (``elastic_level``, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dynexec_compile.elastic.slicing import (
     level_param_slices,
     level_params,
 )
+from dynexec_compile.runtime import stats as dynexec_stats
 
 _local = threading.local()
 _LEVELS: dict[int, tuple[weakref.ref, float]] = {}  # id(plan) -> (ref(plan), level)
@@ -211,4 +213,5 @@ class ElasticModel:
         out = self._fns[level](*args, **kwargs)
         self.last_stats = self._stats[level]
         record_stats(self.last_stats)
+        dynexec_stats.record_stats({f"elastic_{k}": v for k, v in self.last_stats.items()})
         return out

@@ -11,6 +11,7 @@ from test_reorder import random_importance
 from torch._dynamo.testing import CompileCounter
 from torch.func import functional_call
 
+from dynexec_compile import last_stats
 from dynexec_compile.elastic import (
     ElasticModel,
     elastic_level,
@@ -57,6 +58,7 @@ def test_stats_report_what_ran():
         elastic(**make_batch())
     stats = elastic_stats()
     assert stats == elastic.last_stats
+    assert last_stats()["elastic_level"] == 0.5 and last_stats()["elastic_heads"] == [3, 3]
     assert stats["level"] == 0.5 and stats["levels"] == LEVELS
     assert stats["heads"] == [3, 3] and stats["neurons"] == [48, 48]
     assert stats["anchor_layers"] == []
