@@ -131,6 +131,7 @@ class DecodeEngine:
         self._prefill_fn = compiler(self._prefill_impl)
         self._decode_fn = compiler(self._decode_impl)
         self._step_fn = compiler(self._step_impl)
+        self._step_hidden_fn = compiler(self._step_hidden_impl)
         on_cuda = weight.device.type == "cuda"
         if cuda_graphs is None:
             cuda_graphs = on_cuda and mode not in ("reduce-overhead", "max-autotune")
@@ -140,6 +141,7 @@ class DecodeEngine:
         if cuda_graphs:
             self._decode_fn = CudaGraphRunner(self._decode_fn, state=[self.cache.lengths])
             self._step_fn = CudaGraphRunner(self._step_fn)
+            self._step_hidden_fn = CudaGraphRunner(self._step_hidden_fn)
 
     @property
     def batch_size(self) -> int:
@@ -208,7 +210,9 @@ class DecodeEngine:
         positions: torch.Tensor,
         mask: torch.Tensor,
         slots: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Fused forward of ``T`` tokens per row under a caller-built mask; nothing committed.
 
         The tokens' keys/values are written at ``slots`` (scratch until :meth:`commit`).
@@ -220,15 +224,18 @@ class DecodeEngine:
                 dtype (see :mod:`dynexec_compile.decoding.masks`).
             slots: ``[B, T]`` distinct slots ``>= lengths[b]``; defaults to ``positions``
                 (right for a chain).
+            return_hidden: also return the final hidden states (the LM head's input), e.g.
+                for draft heads; a graph of its own.
         Returns:
-            ``[B, T, V]`` logits.
+            ``[B, T, V]`` logits, or ``(logits, hidden [B, T, D])``.
         """
         slots = positions if slots is None else slots
         self._check_step(tokens, positions, mask, slots)
+        fn = self._step_hidden_fn if return_hidden else self._step_fn
         with torch.no_grad():
-            logits = self._step_fn(tokens, positions, slots, mask)
+            out = fn(tokens, positions, slots, mask)
         self.forward_passes += 1
-        return logits
+        return out
 
     def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
         """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`)."""
@@ -244,9 +251,12 @@ class DecodeEngine:
         slots: torch.Tensor,
         mask: torch.Tensor,
         keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The model's forward with the cache writing at ``slots``; logits ``[B, T or K, V]``."""
-        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        hidden: bool = False,
+    ) -> Any:
+        """The model's forward with the cache writing at ``slots``; its output object."""
+        kwargs: dict[str, Any] = {} if keep is None else {"logits_to_keep": keep}
+        if hidden:
+            kwargs["output_hidden_states"] = True
         self.cache.set_write_slots(slots)
         try:
             out = self.model(
@@ -259,7 +269,7 @@ class DecodeEngine:
             )
         finally:
             self.cache.set_write_slots(None)
-        return out.logits
+        return out
 
     def _prefill_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # ids: [B, L]; lengths: [B]
@@ -268,9 +278,9 @@ class DecodeEngine:
         mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, L, S]
         last = (lengths - 1)[:, None]  # [B, 1]
         if self._accepts_logits_to_keep:
-            logits = self._forward(ids, positions, positions, mask, keep=last)  # [B, 1, V]
+            logits = self._forward(ids, positions, positions, mask, keep=last).logits  # [B, 1, V]
         else:
-            logits = self._forward(ids, positions, positions, mask)  # [B, L, V]
+            logits = self._forward(ids, positions, positions, mask).logits  # [B, L, V]
             logits = logits.gather(1, last[:, :, None].expand(batch, 1, logits.shape[-1]))
         self.cache.lengths.copy_(lengths)
         return logits[:, 0]
@@ -279,14 +289,20 @@ class DecodeEngine:
         # tokens: [B, 1]; slot == position == committed length
         slots = self.cache.lengths[:, None].clone()  # [B, 1]
         mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, 1, S]
-        logits = self._forward(tokens, slots, slots, mask)  # [B, 1, V]
+        logits = self._forward(tokens, slots, slots, mask).logits  # [B, 1, V]
         self.cache.lengths.add_(1)
         return logits[:, 0]
 
     def _step_impl(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        return self._forward(tokens, positions, slots, mask)
+        return self._forward(tokens, positions, slots, mask).logits
+
+    def _step_hidden_impl(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._forward(tokens, positions, slots, mask, hidden=True)
+        return out.logits, out.hidden_states[-1]
 
     # ---- checks -------------------------------------------------------------------------
 
