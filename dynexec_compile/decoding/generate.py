@@ -222,6 +222,8 @@ def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: 
         tuple(sorted((settings.options or {}).items())),
         settings.cuda_graphs,
     )
+    for key in [k for k, e in _ENGINES.items() if e.model is model and e.frozen_weights_changed()]:
+        del _ENGINES[key]  # its graphs hold the old weights
     fitting = [
         (key, engine)
         for key, engine in _ENGINES.items()

@@ -80,3 +80,44 @@ def test_dynamic_cache_compiled_with_dynamic_shapes_equals_transformers(llama):
     out = dx.generate(llama, ids, mask, max_new_tokens=40, eos_token_id=[], cache="dynamic", backend="eager")
     assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 40))
     assert out.stats.compiles <= 2
+
+
+def test_engines_of_two_models_with_the_same_shapes_stay_apart(llama):
+    """Compiled graphs are shared by code object; skipping guards on warm calls must still run
+    each engine's own model and cache."""
+    other = build_model("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    ids, mask = left_padded_batch([5, 9])
+    counter = CompileCounterWithBackend("eager")
+    engines = [DecodeEngine(m, batch_size=2, max_len=64, backend=counter) for m in (llama, other)]
+    references = [DecodeEngine(m, batch_size=2, max_len=64, compile=False) for m in (llama, other)]
+    tokens = []
+    for engine, reference in zip(engines, references, strict=True):
+        logits = engine.prefill(ids, mask)
+        torch.testing.assert_close(logits, reference.prefill(ids, mask), atol=1e-5, rtol=1e-5)
+        tokens.append(logits.argmax(-1))
+    for _ in range(5):
+        for i, (engine, reference) in enumerate(zip(engines, references, strict=True)):
+            logits = engine.decode(tokens[i])
+            torch.testing.assert_close(logits, reference.decode(tokens[i]), atol=1e-5, rtol=1e-5)
+            tokens[i] = logits.argmax(-1)
+    assert not torch.equal(references[0].cache.layers[0].keys, references[1].cache.layers[0].keys)
+
+
+@pytest.mark.slow
+def test_frozen_engine_refuses_changed_weights_and_generate_rebuilds():
+    model = build_model("llama")
+    ids, mask = left_padded_batch([5, 9])
+    engine = DecodeEngine(model, batch_size=2, max_len=64)  # Inductor on CPU: frozen weights
+    engine.prefill(ids, mask)
+    before = dx.generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with pytest.raises(RuntimeError, match="weights changed"):
+        engine.prefill(ids, mask)
+    after = dx.generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(after.sequences, hf_greedy(model, ids, mask, 8))
+    assert not torch.equal(after.sequences, before.sequences)
