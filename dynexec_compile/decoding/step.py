@@ -1,7 +1,7 @@
 """The compiled decoding step every strategy is a loop of.
 
 A ``DecodeEngine`` owns a :class:`SlotCache` for one model, batch size and cache length, and
-three compiled entry points, each a fixed-shape graph:
+compiled entry points, each a fixed-shape graph:
 
 - ``prefill(input_ids, attention_mask)``: prompts packed to the front of each row (slot ==
   position), right-padded to a length bucket so nearby prompt lengths share one graph;
@@ -13,6 +13,13 @@ three compiled entry points, each a fixed-shape graph:
 
 Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA the
 ``decode`` and ``step`` graphs are captured as CUDA graphs and replayed.
+
+At batch 1 on a CPU the step is a chain of matrix-vector products that stream the weights
+from memory, plus overhead. What was measured to shorten it (``benchmarks/bench_step.py``):
+Inductor freezing, which folds the weights into pre-transposed and fused (q/k/v, gate/up)
+constants — MKL's GEMV on a transposed weight is ~1.5x slower here; tracing attention in its
+eager form, which Inductor fuses with the mask and softmax; and skipping Dynamo's guard
+evaluation on shapes an engine has already run.
 """
 
 from __future__ import annotations
@@ -107,13 +114,14 @@ class DecodeEngine:
             is on CUDA.
         freeze: Inductor freezing — the weights become constants of the compiled graphs, so
             Inductor folds their layout (pre-transposed, fused QKV / gate-up matmuls) once.
-            The engine then holds its own copy of the weights and does not see later in-place
-            changes to the model's. ``None`` = on for Inductor on CPU.
+            The engine then holds its own copy of the folded weights; if the model's weights
+            change in place afterwards, ``prefill`` raises (build a new engine). ``None`` = on
+            for Inductor on CPU without a ``mode``.
         attention: attention implementation to trace the model with (``"eager"``, ``"sdpa"``),
             set on the model's config only for the duration of each call and restored after;
-            ``None`` keeps the model's. Default: ``"eager"`` on CPU (a 1-token query over the
-            cache is a matrix-vector product that Inductor fuses with the mask and softmax,
-            cheaper than SDPA's CPU kernel), the model's own elsewhere.
+            ``None`` keeps the model's; ``"auto"``: ``"eager"`` on CPU (a 1-token query over
+            the cache is a matrix-vector product that Inductor fuses with the mask and
+            softmax, cheaper than SDPA's CPU kernel), the model's own elsewhere.
         skip_guards: once a step shape has run, call it again without re-evaluating Dynamo's
             guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): nothing the
             guards check changes between an engine's own calls, since all state is in tensors.
