@@ -219,15 +219,22 @@ class SlotCache(Cache):
                 ``counts[b]`` are ignored.
         """
         counts = counts.to(device=self.lengths.device, dtype=torch.long)
-        self._check_commit(counts, accepted_slots)
         if accepted_slots is not None:
-            src, dest = commit_indices(self.lengths, counts, accepted_slots.to(self.lengths.device), self.max_len)
+            accepted_slots = accepted_slots.to(device=self.lengths.device, dtype=torch.long)
+        self.check_commit(counts, accepted_slots)
+        self.apply_commit(counts, accepted_slots)
+
+    def apply_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
+        """:meth:`commit` without argument checks: fixed-shape tensor work only, traceable."""
+        if accepted_slots is not None:
+            src, dest = commit_indices(self.lengths, counts, accepted_slots, self.max_len)
             for layer in self.layers:
                 move_slots(layer.keys, src, dest)
                 move_slots(layer.values, src, dest)
         self.lengths.add_(counts)
 
-    def _check_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None) -> None:
+    def check_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None) -> None:
+        """Raise ``ValueError`` unless :meth:`apply_commit` can take these arguments."""
         if counts.shape != self.lengths.shape:
             raise ValueError(f"commit: counts must have shape [B]={tuple(self.lengths.shape)}, got {tuple(counts.shape)}")
         if bool((counts < 0).any()) or bool((self.lengths + counts > self.max_len).any()):

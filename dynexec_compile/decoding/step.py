@@ -176,6 +176,7 @@ class DecodeEngine:
         self._decode_fn = compiler(_private_method(self, self._decode_impl))
         self._step_fn = compiler(_private_method(self, self._step_impl))
         self._step_hidden_fn = compiler(_private_method(self, self._step_hidden_impl))
+        self._commit_fn = compiler(_private_method(self, self._commit_impl))
         if cuda_graphs is None:
             cuda_graphs = on_cuda and mode not in ("reduce-overhead", "max-autotune")
         if cuda_graphs and not on_cuda:
@@ -289,8 +290,16 @@ class DecodeEngine:
         return self._weights_at_freeze is not None and weights_fingerprint(self.model) != self._weights_at_freeze
 
     def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
-        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`)."""
-        self.cache.commit(counts, accepted_slots)
+        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`); the
+        key/value moves run as a compiled graph per ``A``."""
+        counts = counts.to(device=self.device, dtype=torch.long)
+        if accepted_slots is None:
+            self.cache.check_commit(counts, None)
+            self.cache.lengths.add_(counts)
+        else:
+            accepted_slots = accepted_slots.to(device=self.device, dtype=torch.long)
+            self.cache.check_commit(counts, accepted_slots)
+            self._run("commit", self._commit_fn, counts, accepted_slots)
         self._length_bound = int(self.cache.lengths.max())
 
     # ---- calling the compiled graphs -----------------------------------------------------
@@ -368,6 +377,9 @@ class DecodeEngine:
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         return self._forward(tokens, positions, slots, mask).logits
+
+    def _commit_impl(self, counts: torch.Tensor, accepted_slots: torch.Tensor) -> None:
+        self.cache.apply_commit(counts, accepted_slots)
 
     def _step_hidden_impl(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor

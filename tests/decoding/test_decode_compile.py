@@ -52,10 +52,18 @@ def test_generic_step_compiles_once_per_width(llama):
         torch.testing.assert_close(
             engine.step(chain, positions, mask4), reference.step(chain, positions, mask4), atol=1e-5, rtol=1e-5
         )
-        accepted = torch.tensor([i % 3 + 1, 2])
-        engine.commit(accepted)
-        reference.commit(accepted)
-    assert counter.frame_count == 2, "prefill + one step width; commits and new lengths do not recompile"
+        counts = torch.tensor([i % 3 + 1, 2])
+        if i % 2:  # keep a prefix of the chain in place
+            engine.commit(counts)
+            reference.commit(counts)
+        else:  # gather chosen tokens (a graph of its own)
+            kept = positions[:, [2, 0, 1]]
+            engine.commit(counts, kept)
+            reference.commit(counts, kept)
+        assert torch.equal(engine.lengths, reference.lengths)
+        for a, b in zip(engine.cache.layers, reference.cache.layers, strict=True):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 3, "prefill + one step width + one commit width; new lengths do not recompile"
 
 
 @pytest.mark.slow
