@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
+from dynexec_compile.decoding.inductor_passes import ContiguousFrozenWeights
 from dynexec_compile.decoding.masks import chain_mask
 
 Backend = str | Callable
@@ -441,6 +442,8 @@ CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
     "cpp.enable_concat_linear": True,
     # MKL-packed weights are slower than a plain GEMV on a pre-transposed weight at batch 1
     "cpp.weight_prepack": False,
+    # every frozen matmul weight row-major [in, out]
+    "post_grad_custom_post_pass": ContiguousFrozenWeights(),
 }
 
 
