@@ -1,11 +1,16 @@
 """An Inductor graph pass for the batch-1 decoding step on CPU.
 
 A linear layer's weight is stored ``[out, in]`` and multiplied transposed. With freezing,
-Inductor folds the weights into graph constants, and the constants it builds itself (the
-fused q/k/v and gate/up weights) come out contiguous ``[in, out]``; a weight used alone stays
-a transposed view of the parameter, and MKL's matrix-vector product on that layout measured
-~1.5x slower here (``benchmarks/bench_step.py``: the matmul-pass floor uses the contiguous
-layout). This pass gives those matmuls a contiguous copy too — once, at compile time.
+Inductor folds the weights into graph constants; the constants it builds itself (the fused
+q/k/v and gate/up weights) come out contiguous ``[in, out]``, but a weight used alone stays a
+transposed view of the parameter, and MKL's matrix-vector product on that layout measured
+~1.5x slower here (``benchmarks/bench_step.py``'s matmul-pass floor uses the contiguous
+layout). This pass asks for a contiguous copy of those weights in the graph, which freezing's
+constant folding then computes once, at compile time.
+
+Why a joint-graph pass (before freezing) rather than a post-grad one: constants made by
+freezing exist before Inductor computes its cache key, which then covers them; a constant
+made later would be stored with the compiled artifact and go stale when the weights change.
 """
 
 from __future__ import annotations
@@ -17,54 +22,48 @@ aten = torch.ops.aten
 _MATMULS = {aten.mm.default: 1, aten.addmm.default: 2}  # op -> index of the weight argument
 
 
-class ContiguousFrozenWeights(CustomGraphPass):
-    """Post-grad pass: ``mm``/``addmm`` reading a frozen 2-D constant through a transposed
-    layout read a contiguous copy of it instead (same values, row-major ``[in, out]``).
+class ContiguousWeightsForFreezing(CustomGraphPass):
+    """Joint-graph pass, for frozen graphs only: ``mm(x, permute(w))`` with ``w`` a graph input
+    (a parameter, which freezing turns into a constant) becomes ``mm(x, clone(permute(w)))``
+    so that constant folding materialises the row-major ``[in, out]`` weight.
 
-    Matches only ``get_attr`` constants (frozen weights); graph inputs are left alone. Edits
-    the graph in place and registers the copies on the owning module.
+    Left alone: matmuls whose activation ``x`` feeds other matmuls (q/k/v, gate/up), which
+    Inductor's ``concat_linear`` fuses into one contiguous weight anyway. Installed without
+    freezing it would add a copy per call, so :class:`~dynexec_compile.decoding.DecodeEngine`
+    only installs it with ``freeze=True``. Edits the graph in place.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        module = graph.owning_module
-        copies: dict[str, torch.fx.Node] = {}
         for node in list(graph.nodes):
             index = _MATMULS.get(node.target) if node.op == "call_function" else None
             if index is None or len(node.args) <= index:
                 continue
-            weight = node.args[index]
-            if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+            weight, activation = node.args[index], node.args[index - 1]
+            if not _is_transposed_input(weight) or _feeds_several_matmuls(activation):
                 continue
-            value = _attribute(module, weight.target)
-            if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.is_contiguous():
-                continue
-            if weight.target not in copies:
-                copies[weight.target] = _register_copy(graph, module, weight, value)
-            node.replace_input_with(weight, copies[weight.target])
-        if copies:
-            graph.eliminate_dead_code()
-            graph.lint()
+            with graph.inserting_after(weight):
+                copy = graph.call_function(aten.clone.default, (weight,), {"memory_format": torch.contiguous_format})
+            if "val" in weight.meta:
+                copy.meta["val"] = weight.meta["val"].clone(memory_format=torch.contiguous_format)
+            node.replace_input_with(weight, copy)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
 
 
-def _attribute(module: torch.nn.Module, target: str) -> object:
-    value: object = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
+def _is_transposed_input(node: object) -> bool:
+    """``permute(placeholder, [1, 0])`` of a 2-D graph input."""
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and node.target in (aten.permute.default, aten.t.default)
+        and (node.target is aten.t.default or list(node.args[1]) == [1, 0])
+        and isinstance(node.args[0], torch.fx.Node)
+        and node.args[0].op == "placeholder"
+    )
 
 
-def _register_copy(
-    graph: torch.fx.Graph, module: torch.nn.Module, weight: torch.fx.Node, value: torch.Tensor
-) -> torch.fx.Node:
-    name = f"{weight.target.replace('.', '_')}_contiguous"
-    setattr(module, name, value.contiguous())
-    first = next(n for n in graph.nodes if n.op != "placeholder")
-    with graph.inserting_before(first):
-        node = graph.get_attr(name)
-    node.meta.update(weight.meta)
-    if "val" in weight.meta:
-        node.meta["val"] = weight.meta["val"].contiguous()
-    return node
+def _feeds_several_matmuls(activation: object) -> bool:
+    if not isinstance(activation, torch.fx.Node):
+        return False
+    return sum(1 for user in activation.users if user.target in _MATMULS) > 1

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
-from dynexec_compile.decoding.inductor_passes import ContiguousFrozenWeights
+from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
 from dynexec_compile.decoding.masks import chain_mask
 
 Backend = str | Callable
@@ -110,7 +110,7 @@ class DecodeEngine:
         backend: ``torch.compile`` backend (a name or a callable).
         mode: ``torch.compile`` mode (Inductor only); ``None`` for the default.
         options: ``torch.compile`` options for the backend; with Inductor on CPU they extend
-            :data:`CPU_INDUCTOR_OPTIONS`.
+            :data:`CPU_INDUCTOR_OPTIONS`, with ``freeze`` :data:`FREEZING_OPTIONS`.
         cuda_graphs: capture ``decode``/``step`` as CUDA graphs; ``None`` = on when the model
             is on CUDA.
         freeze: Inductor freezing — the weights become constants of the compiled graphs, so
@@ -158,7 +158,7 @@ class DecodeEngine:
         if inductor and on_cpu and mode is None:
             options = {**CPU_INDUCTOR_OPTIONS, **(options or {})}
         if freeze:
-            options = {**(options or {}), "freezing": True}
+            options = {**FREEZING_OPTIONS, **(options or {})}
         if attention == "auto":
             attention = "eager" if on_cpu and model._can_set_attn_implementation() else None
         self.model = model
@@ -442,8 +442,11 @@ CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
     "cpp.enable_concat_linear": True,
     # MKL-packed weights are slower than a plain GEMV on a pre-transposed weight at batch 1
     "cpp.weight_prepack": False,
-    # every frozen matmul weight row-major [in, out]
-    "post_grad_custom_post_pass": ContiguousFrozenWeights(),
+}
+FREEZING_OPTIONS: dict[str, Any] = {
+    "freezing": True,
+    # every frozen matmul weight row-major [in, out] (folded once by freezing)
+    "joint_custom_post_pass": ContiguousWeightsForFreezing(),
 }
 
 
