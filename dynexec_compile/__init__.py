@@ -7,14 +7,58 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
 from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, generate
+from dynexec_compile.elastic import (
+    ElasticModel,
+    ElasticPlan,
+    Importance,
+    elastic_level,
+    elastic_stats,
+    head_importance,
+    level_param_slices,
+    reorder_by_importance,
+    set_elastic_level,
+)
+from dynexec_compile.exit_heads import (
+    ExitHeads,
+    attach_exit_heads,
+    detach_exit_heads,
+    get_exit_heads,
+    load_exit_heads,
+    save_exit_heads,
+    train_exit_heads,
+)
+from dynexec_compile.explain import explain
+from dynexec_compile.models import demo_lm_path, heldout_prompts, load_demo_lm
+from dynexec_compile.runtime.stats import last_stats
 
 __all__ = [
+    "demo_lm_path",
+    "heldout_prompts",
+    "load_demo_lm",
     "DecodeEngine",
-    "DynexecConfig",
-    "EarlyExitConfig",
-    "ElasticConfig",
     "GenerateOutput",
     "SlotCache",
     "generate",
+    "DynexecConfig",
+    "EarlyExitConfig",
+    "ElasticConfig",
+    "ElasticModel",
+    "ElasticPlan",
+    "ExitHeads",
+    "Importance",
+    "attach_exit_heads",
+    "detach_exit_heads",
+    "elastic_level",
+    "elastic_stats",
+    "explain",
+    "get_exit_heads",
+    "head_importance",
+    "last_stats",
+    "level_param_slices",
+    "load_exit_heads",
     "parse_options",
+    "reorder_by_importance",
+    "save_exit_heads",
+    "set_elastic_level",
+    "train_exit_heads",
 ]

@@ -1,0 +1,78 @@
+"""The graph passes and their order.
+
+Every pass is ``pass_fn(gm, ctx) -> PassResult`` (torch.fx's PassBase/PassResult shape, with a
+context carrying the settings and the block analysis). ``PASS_ORDER`` is the one list the
+backend runs; print it with ``python -m dynexec_compile.passes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from dynexec_compile.analysis.blocks import BlockAnalysis
+from dynexec_compile.config import DynexecConfig
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly new) graph module, whether it changed, and notes a
+    person can read in ``explain()`` (what it matched, what it did)."""
+
+    gm: fx.GraphModule
+    modified: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What every pass may read: the settings and the block analysis of the input graph."""
+
+    cfg: DynexecConfig
+    analysis: BlockAnalysis
+    artifacts: dict = field(default_factory=dict)  # what a pass leaves for the runtime
+
+
+class PassError(RuntimeError):
+    """A pass could not apply; the message names the pass and, where it can, the node."""
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # torch.fx treats every call_method as pure, but Dynamo graphs keep in-place methods
+    # (a static KV cache's ``index_copy_``) whose results nobody reads.
+    if node.op == "call_method" and str(node.target).endswith("_"):
+        return True
+    if node.op == "call_module":  # a stage or a compiled callable: never dropped here
+        return True
+    if node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_"):
+        return True
+    return node.is_impure()
+
+
+def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
+    """The clean-up every changing pass ends with: dead code elimination (keeping in-place
+    ops), lint, recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _pass_order() -> list[tuple[str, Callable[[fx.GraphModule, PassContext], PassResult], Callable[[DynexecConfig], bool]]]:
+    from dynexec_compile.passes.insert_early_exit import insert_early_exit
+    from dynexec_compile.passes.partition_stages import partition_stages
+
+    # (name, pass, when it runs)
+    return [
+        ("partition_stages", partition_stages, lambda cfg: cfg.needs_stages),
+        ("insert_early_exit", insert_early_exit, lambda cfg: cfg.early_exit is not None),
+    ]
+
+
+PASS_ORDER = _pass_order()
+
+
+def describe_pass_order() -> str:
+    return "\n".join(f"{i}. {name}" for i, (name, _, _) in enumerate(PASS_ORDER, 1))

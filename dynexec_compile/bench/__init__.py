@@ -1,0 +1,65 @@
+"""``dynexec bench SUITE``: dynexec and its baselines side by side, JSON + table + plots, and
+``--compare BASELINE.json --max-regression 10%`` to gate a CI job on it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from dynexec_compile.bench.common import (
+    compare,
+    environment,
+    markdown_table,
+    parse_percent,
+    write_result,
+)
+
+# suite name -> module with ``run(args) -> SuiteResult`` and ``add_arguments(parser)``
+SUITES = {
+    "overhead": "dynexec_compile.bench.overhead",
+}
+PLANNED = {
+    "early_exit": "issue 3 (early exit)",
+    "elastic": "issue 4 (elastic sub-models)",
+    "lookahead": "issue 5 (lookahead decoding)",
+    "speculative": "issue 6 (draft-and-verify)",
+}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=sorted(set(SUITES) | set(PLANNED)))
+    parser.add_argument("--quick", action="store_true", help="small configs and few repeats: the deterministic part, for CI")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--out", default=None, help="JSON result path (default runs/bench-SUITE.json)")
+    parser.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) when a metric regresses against this result")
+    parser.add_argument("--max-regression", default="10%", help="tolerance for wall-clock ratios in --compare (default 10%%)")
+    parser.add_argument("--no-timing", action="store_true", help="with --compare: gate only the deterministic metrics")
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    if args.suite not in SUITES:
+        raise NotImplementedError(f"dynexec bench {args.suite}: this suite lands with {PLANNED[args.suite]}, which is not done yet")
+    module = importlib.import_module(SUITES[args.suite])
+    result = module.run(args)
+    result.env = environment()
+    print(markdown_table(result.rows))
+    for note in result.notes:
+        print(note)
+    out = write_result(result, args.out or f"runs/bench-{args.suite}.json")
+    print(f"\nresult written to {out}")
+    if args.compare:
+        baseline = json.loads(Path(args.compare).read_text())
+        current = result.to_json()
+        if args.no_timing:
+            baseline = {**baseline, "metrics": {k: v for k, v in baseline["metrics"].items() if v["gate"] != "timing"}}
+        problems = compare(current, baseline, parse_percent(args.max_regression))
+        if problems:
+            print(f"\nREGRESSION against {args.compare}:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            return 1
+        print(f"no regression against {args.compare} ({len(baseline['metrics'])} metrics checked)")
+    return 0

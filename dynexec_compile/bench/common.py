@@ -1,0 +1,163 @@
+"""What every benchmark suite shares: timing, metrics, tables, JSON, the regression gate.
+
+Timing follows gpt-fast's rules: warm-up first, compile time reported apart from run time,
+medians over repeats, and every dynexec figure next to its baseline from the same process as
+a ratio (these machines are shared and noisy; absolute times are not comparable across runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GATES = ("exact", "tolerance", "timing")
+
+
+@dataclass
+class Metric:
+    """One number a suite reports.
+
+    gate: ``"exact"`` deterministic counters and equality (layers per sample, tokens per
+    forward, compiles, token equality), compared exactly; ``"tolerance"`` deterministic up to
+    float noise (accuracy), compared within ``tol``; ``"timing"`` wall-clock ratios, compared
+    with the ``--max-regression`` tolerance. better: ``"higher"``, ``"lower"`` or ``"equal"``.
+    """
+
+    value: float
+    gate: str
+    better: str = "equal"
+    tol: float = 0.0
+    unit: str = ""
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, name: str, value: float, gate: str, better: str = "equal", tol: float = 0.0, unit: str = "") -> None:
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}")
+        self.metrics[name] = Metric(float(value), gate, better, tol, unit)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "env": self.env,
+            "rows": self.rows,
+            "metrics": {k: asdict(v) for k, v in self.metrics.items()},
+            "notes": self.notes,
+        }
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0].keys())
+    for r in rows[1:]:
+        cols += [c for c in r if c not in cols]
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_result(result: SuiteResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2))
+    return path
+
+
+def compare(current: dict[str, Any], baseline: dict[str, Any], max_regression: float) -> list[str]:
+    """Regressions of ``current`` against ``baseline`` (both suite JSON dicts); empty if none.
+
+    A metric in the baseline but missing now is a regression (a check that silently stopped
+    running is how gates rot).
+    """
+    problems = []
+    cur = current.get("metrics", {})
+    for name, base in baseline.get("metrics", {}).items():
+        if name not in cur:
+            problems.append(f"{name}: in the baseline but not measured now")
+            continue
+        b, c = base["value"], cur[name]["value"]
+        gate, better = base["gate"], base.get("better", "equal")
+        if gate == "exact":
+            bad = c != b if better == "equal" else (c < b if better == "higher" else c > b)
+            if bad:
+                problems.append(f"{name}: {c:g} vs baseline {b:g} (deterministic; must not get {'worse' if better != 'equal' else 'different'})")
+        else:
+            tol = base.get("tol", 0.0) if gate == "tolerance" else max_regression
+            scale = abs(b) if gate == "timing" else 1.0
+            if better == "higher" and c < b - tol * scale:
+                problems.append(f"{name}: {c:.4g} vs baseline {b:.4g} (lower by more than {tol:g}{' relative' if gate == 'timing' else ''})")
+            elif better == "lower" and c > b + tol * scale:
+                problems.append(f"{name}: {c:.4g} vs baseline {b:.4g} (higher by more than {tol:g}{' relative' if gate == 'timing' else ''})")
+            elif better == "equal" and abs(c - b) > tol * scale:
+                problems.append(f"{name}: {c:.4g} vs baseline {b:.4g} (differs by more than {tol:g})")
+    return problems
+
+
+def parse_percent(text: str) -> float:
+    """``"10%"`` or ``"0.1"`` -> 0.1."""
+    text = text.strip()
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= value < 10:
+        raise ValueError(f"--max-regression {text!r} is not a sensible tolerance")
+    return value

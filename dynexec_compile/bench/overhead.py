@@ -1,0 +1,98 @@
+"""``dynexec bench overhead``: what dynexec costs when no dynamic feature is on.
+
+Side by side in one process, on a BERT and a LLaMA config: plain ``torch.compile`` (Inductor),
+dynexec with default options (no feature on: one stage), and dynexec split at every block
+(``partition="blocks"``, the form early exit runs on). Compile time (first call, Inductor's
+caches disabled so every compile is real) apart from median forward latency; ratios to plain
+Inductor. Deterministic metrics for CI: outputs equal, graphs and stage compiles counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import transformers as T
+
+from dynexec_compile.bench.common import SuiteResult, median_seconds, timed
+
+
+def _models(quick: bool) -> dict[str, tuple[torch.nn.Module, dict]]:
+    torch.manual_seed(0)
+    if quick:
+        bert = T.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        llama = T.LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+        seq = 16
+    else:  # MiniLM-L6's shape, and the demo code LM's shape
+        bert = T.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        llama = T.LlamaConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688)
+        seq = 64
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (1, seq), generator=g)
+    bert_model = T.BertForSequenceClassification(bert).eval()
+    llama_model = T.LlamaForCausalLM(llama).eval()
+    return {
+        "bert": (bert_model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
+        "llama": (llama_model, {"input_ids": ids, "use_cache": False}),
+    }
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def run(args: argparse.Namespace) -> SuiteResult:
+    from dynexec_compile.backend import capture_reports
+
+    quick = args.quick
+    repeats = args.repeats or (5 if quick else 30)
+    lowering = "eager" if quick else "inductor"
+    result = SuiteResult("overhead")
+    result.notes.append(
+        f"lowering={lowering}; compile = first call with Inductor caches disabled; run = median of {repeats} forwards; "
+        "ratios are dynexec / plain torch.compile (lower is better)"
+    )
+    variants = {
+        "plain": None,
+        "dynexec": {"lowering": lowering},
+        "dynexec_staged": {"lowering": lowering, "partition": "blocks"},
+    }
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        for name, (model, inputs) in _models(quick).items():
+            reference = _logits(model(**inputs))
+            times: dict[str, tuple[float, float]] = {}
+            for variant, options in variants.items():
+                torch._dynamo.reset()
+                if options is None:
+                    compiled = torch.compile(model, backend="inductor" if lowering == "inductor" else "eager")
+                    reports = []
+                    out, compile_s = timed(lambda c=compiled, x=inputs: c(**x))
+                else:
+                    compiled = torch.compile(model, backend="dynexec", options=options)
+                    with capture_reports() as reports:
+                        out, compile_s = timed(lambda c=compiled, x=inputs: c(**x))
+                run_s = median_seconds(lambda c=compiled, x=inputs: c(**x), repeats=repeats)
+                times[variant] = (compile_s, run_s)
+                diff = (_logits(out) - reference).abs().max().item()
+                result.metric(f"{name}/{variant}/outputs_equal", float(diff <= 1e-5), "exact")
+                if reports:
+                    result.metric(f"{name}/{variant}/graphs", len(reports), "exact")
+                    result.metric(f"{name}/{variant}/stage_compiles", sum(r.stages_compiled for r in reports), "exact", "lower")
+                result.rows.append({
+                    "model": name,
+                    "variant": variant,
+                    "compile s": compile_s,
+                    "run ms": run_s * 1e3,
+                    "compile ratio": compile_s / times["plain"][0],
+                    "run ratio": run_s / times["plain"][1],
+                    "max abs diff": diff,
+                    "stages": sum(len(r.final_gm.meta.get("dynexec_stages", [])) or 1 for r in reports) if reports else 1,
+                })
+                if variant != "plain":
+                    result.metric(f"{name}/{variant}/run_ratio", run_s / times["plain"][1], "timing", "lower")
+                    result.metric(f"{name}/{variant}/compile_ratio", compile_s / times["plain"][0], "timing", "lower")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:  # no suite-specific options
+    del parser

@@ -1,0 +1,174 @@
+"""Elastic levels inside a Dynamo graph: narrow the lifted parameter placeholders.
+
+With inlined ``nn.Module``s (the default since torch 2.5) Dynamo lifts every parameter to a
+graph input, and the backend's example inputs *are* the ``Parameter`` objects. So a backend can
+find the model's plan and the model itself (``lookup_plan`` / ``lookup_model``), name every
+placeholder, and apply :func:`~dynexec_compile.elastic.slicing.level_param_slices` by inserting
+``torch.narrow(placeholder, dim, 0, k)`` after the placeholders: the same prefix views
+``ElasticModel`` uses, inside one graph per level.
+
+Dynamo bakes some shapes into the graph as literals. Transformers' BERT reshapes with ``-1``
+heads, but LLaMA/Qwen2's ``repeat_kv`` reads the key/value head count from the tensor at trace
+time and records ``expand(B, G, n_rep, S, d)`` / ``reshape(B, H, S, d)``. So after narrowing,
+the graph is run once on fake tensors and every ``view`` / ``reshape`` / ``expand`` whose input
+shrank gets its size literals re-derived: an ``expand`` literal equal to the input's full size
+becomes ``-1`` (keep), and a reshape keeps the full reshape's grouping of dims (merged dims
+multiply; a split dim shrinks its first factor, the head count in ``[.., H*d] -> [.., H, d]``).
+A node that still does not type-check raises ``NotImplementedError`` naming it; for such a
+model run the levels through :class:`~dynexec_compile.elastic.runtime.ElasticModel`, which
+traces each level anew.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dynexec_compile.elastic.reorder import lookup_model, lookup_plan
+from dynexec_compile.elastic.slicing import Anchors, level_param_slices
+
+
+def placeholder_param_names(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, str]:
+    """``{placeholder node name: parameter name}`` for the placeholders fed a model parameter.
+
+    Raises:
+        ValueError: no input is a parameter of a model with a registered elastic plan.
+    """
+    model = lookup_model(example_inputs)
+    if model is None:
+        raise ValueError(
+            "dynexec elastic: no graph input is a parameter of a model with an elastic plan; call "
+            "reorder_by_importance(model, batches) (or elastic_plan(model)) before torch.compile"
+        )
+    names = {id(p): name for name, p in model.named_parameters()}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {
+        node.name: names[id(value)]
+        for node, value in zip(placeholders, example_inputs, strict=True)
+        if id(value) in names
+    }
+
+
+_RESHAPES = ("view", "reshape", "expand")
+
+
+def _dim_groups(full_in: Sequence[int], full_out: Sequence[int]) -> list[tuple[range, range]]:
+    """Pair up runs of input and output dims of a reshape whose sizes multiply to the same
+    number: ``[3, 2, 4, 11, 8] -> [3, 8, 11, 8]`` gives (0)(0), (1, 2)(1), (3)(2), (4)(3)."""
+    groups, i, j = [], 0, 0
+    while i < len(full_in) and j < len(full_out):
+        i0, j0, a, b = i, j, full_in[i], full_out[j]
+        while a != b:
+            if a < b:
+                i += 1
+                a *= full_in[i]
+            else:
+                j += 1
+                b *= full_out[j]
+        groups.append((range(i0, i + 1), range(j0, j + 1)))
+        i, j = i + 1, j + 1
+    if groups:  # trailing size-1 dims join the last group
+        last_in, last_out = groups[-1]
+        groups[-1] = (range(last_in.start, len(full_in)), range(last_out.start, len(full_out)))
+    return groups
+
+
+def _resized_shape(
+    full_in: Sequence[int], full_out: Sequence[int], new_in: Sequence[int]
+) -> list[int] | None:
+    """The reshape target for input ``new_in`` that keeps the full reshape's dim grouping, or
+    ``None`` when a group changed in a way that has no unique answer."""
+    out = list(full_out)
+    for ins, outs in _dim_groups(full_in, full_out):
+        old, new = math.prod(full_in[i] for i in ins), math.prod(new_in[i] for i in ins)
+        if old == new:
+            continue
+        if len(outs) == 1:
+            out[outs.start] = new
+        elif len(ins) == 1 and (out[outs.start] * new) % old == 0:  # a split: the first factor
+            out[outs.start] = out[outs.start] * new // old  # ([.., H*d] -> [.., H, d]) shrinks
+        else:
+            return None
+    return out
+
+
+class _Reshape(fx.Interpreter):
+    """Runs the sliced graph on fake tensors, rewriting the size literals of ``view`` /
+    ``reshape`` / ``expand`` whose input shrank (sizes Dynamo baked from the full model's head
+    counts), and turning any node that still fails into a ``NotImplementedError`` naming it."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_method" and n.target in _RESHAPES:
+            self._rewrite(n)
+        try:
+            return super().run_node(n)
+        except Exception as err:
+            raise NotImplementedError(
+                f"dynexec elastic: the sliced graph does not type-check at {n.format_node()}: {err}; "
+                "run the levels with ElasticModel (which traces each level anew) instead"
+            ) from err
+
+    def _rewrite(self, n: fx.Node) -> None:
+        src = n.args[0]
+        sizes = (
+            n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+        )
+        full_in = tuple(src.meta["example_value"].shape) if "example_value" in src.meta else None
+        new_in = tuple(self.env[src].shape)
+        if full_in is None or full_in == new_in or not all(type(s) is int for s in sizes):
+            return
+        if n.target == "expand":  # a literal equal to the input size means "keep it": -1
+            offset = len(sizes) - len(full_in)
+            sizes = [
+                -1 if i >= offset and s == full_in[i - offset] else s for i, s in enumerate(sizes)
+            ]
+        else:
+            resized = _resized_shape(full_in, tuple(n.meta["example_value"].shape), new_in)
+            if resized is None:
+                return
+            sizes = resized
+        n.args = (src, *sizes)
+
+
+def slice_param_placeholders(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], level: float, anchors: Anchors = 0
+) -> fx.GraphModule:
+    """A copy of ``gm`` running elastic level ``level``: each sliced parameter placeholder is
+    followed by ``torch.narrow(p, dim, 0, k)`` and all its uses read the narrowed view.
+
+    ``gm`` itself is not modified. The result is checked with fake tensors of
+    ``example_inputs``.
+
+    Raises:
+        ValueError: no registered plan for the graph's parameters, or a bad level/anchors.
+        NotImplementedError: the sliced graph does not type-check (see the module docstring).
+    """
+    plan, model = lookup_plan(example_inputs), lookup_model(example_inputs)
+    names = placeholder_param_names(gm, example_inputs)
+    slices = level_param_slices(model, plan, level, anchors)
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    insert_after = placeholders[-1]
+    for node in placeholders:
+        if names.get(node.name) not in slices:
+            continue
+        dim, k = slices[names[node.name]]
+        with graph.inserting_after(insert_after):
+            narrow = graph.call_function(torch.narrow, (node, dim, 0, k))
+        node.replace_all_uses_with(
+            narrow, delete_user_cb=lambda user, view=narrow: user is not view
+        )
+        insert_after = narrow
+    sliced = fx.GraphModule(gm, graph)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        _Reshape(sliced).run(*fakes)
+    sliced.graph.lint()
+    sliced.recompile()
+    return sliced

