@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     CompileConfig,
     DynamicCache,
     LlamaConfig,
@@ -50,6 +51,7 @@ from transformers import (
 import dynexec_compile as dx
 from dynexec_compile.decoding import DecodeEngine
 from dynexec_compile.decoding.generate import cache_length
+from dynexec_compile.models import heldout_prompts
 
 FLOOR = "floor: matmul pass"
 DEFAULT_VARIANTS = {
@@ -71,6 +73,18 @@ def build_model(path: str | None, dtype: torch.dtype, device: str) -> torch.nn.M
         )
         model = LlamaForCausalLM(config).to(dtype)
     return model.to(device).eval()
+
+
+def build_prompt(path: str | None, vocab: int, length: int) -> tuple[torch.Tensor, str]:
+    """``[1, length]``: held-out stdlib code when the model folder has a tokenizer, else
+    seeded random ids (the step's cost does not depend on the tokens)."""
+    if path:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return heldout_prompts(1, length, tokenizer), "held-out stdlib code"
+        except (OSError, ValueError):
+            pass
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0)), "random ids"
 
 
 def sync(device: str) -> None:
@@ -273,7 +287,7 @@ def markdown(report: dict) -> str:
     floor = report["floor"]
     lines = [
         f"threads={report['threads']} device={report['device']} dtype={report['dtype']} "
-        f"params={report['params'] / 1e6:.2f}M prompt={report['prompt_len']} step FLOPs={floor['flops'] / 1e6:.2f}M "
+        f"params={report['params'] / 1e6:.2f}M prompt={report['prompt_len']} tokens of {report['prompt']} step FLOPs={floor['flops'] / 1e6:.2f}M "
         f"load average={report['load_average']}",
         "",
         "| method | wall median (ms) | wall p10-p90 | CPU median (ms) | speed-up vs hf_eager (wall / CPU) "
@@ -335,7 +349,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, dtype, args.device)
     vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0)).to(args.device)
+    prompt, prompt_source = build_prompt(args.model, vocab, args.prompt_len)
+    prompt = prompt.to(args.device)
     max_len = cache_length(args.prompt_len, args.warmup + args.steps + 8)
 
     methods = hf_methods(model, prompt, max_len)
@@ -358,6 +373,7 @@ def main() -> None:
         "model": args.model or "random LlamaConfig(hidden 256, 6 layers, 8 heads, 4 kv heads, inter 688, vocab 4096)",
         "params": sum(p.numel() for p in model.parameters()),
         "prompt_len": args.prompt_len,
+        "prompt": prompt_source,
         "step": {},
         "floor": {
             "flops": flops,
