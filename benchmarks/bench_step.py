@@ -12,10 +12,11 @@ prompt) of
 - ``dynexec`` (+ variants with Inductor options): ``DecodeEngine.decode`` on dynexec's
   ``SlotCache`` with a ``fullgraph``, ``dynamic=False`` compiled step;
 
-and the arithmetic floor: FLOPs of one step (2 x matmul weights + attention over the
-context) over a matmul rate measured in the same run, both for a batch-1 matrix-vector
-product of the LM head's shape (what a batch-1 step is made of) and for a large GEMM.
-Methods run round-robin (each round restarts every method from the prompt), so load drift
+and the floors, measured in the same run: one pass over all the model's matmul weights as
+batch-1 GEMVs (the step's arithmetic with nothing else around it; at batch 1 it streams the
+weights, so it is bound by memory, not FLOPs), and the step's FLOPs (2 x matmul weights +
+attention over the context) over the rate of a cache-resident GEMV of the LM head's shape and
+of a large GEMM. Wall and CPU time are both reported. Methods run round-robin (each round restarts every method from the prompt), so load drift
 on a shared machine hits all of them alike. Compile time is reported apart.
 
 Then tokens/s of a greedy generation (HF ``generate`` eager and with its static-cache
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     CompileConfig,
     DynamicCache,
     LlamaConfig,
@@ -48,6 +51,14 @@ from transformers import (
 import dynexec_compile as dx
 from dynexec_compile.decoding import DecodeEngine
 from dynexec_compile.decoding.generate import cache_length
+from dynexec_compile.models import heldout_prompts
+
+FLOOR = "floor: matmul pass"
+DEFAULT_VARIANTS = {
+    "dynexec[attention=model]": {"attention": None},
+    "dynexec[freeze=False]": {"freeze": False},
+    "dynexec[skip_guards=False]": {"skip_guards": False},
+}
 
 
 def build_model(path: str | None, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -64,9 +75,30 @@ def build_model(path: str | None, dtype: torch.dtype, device: str) -> torch.nn.M
     return model.to(device).eval()
 
 
+def build_prompt(path: str | None, vocab: int, length: int) -> tuple[torch.Tensor, str]:
+    """``[1, length]``: held-out stdlib code when the model folder has a tokenizer, else
+    seeded random ids (the step's cost does not depend on the tokens)."""
+    if path:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return heldout_prompts(1, length, tokenizer), "held-out stdlib code"
+        except (OSError, ValueError):
+            pass
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0)), "random ids"
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def cpu_clock() -> Callable[[], float]:
+    """CPU time of the work: this thread's with one intra-op thread, else the process's.
+
+    On a shared machine wall time also counts the time other processes hold the cores; CPU
+    time does not, so it is the steadier figure there (both are reported).
+    """
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
 
 
 class Method:
@@ -75,6 +107,7 @@ class Method:
     def __init__(self, name: str, start: Callable[[], torch.Tensor], step: Callable[[torch.Tensor], torch.Tensor]):
         self.name, self.start, self.step = name, start, step
         self.step_times: list[float] = []
+        self.cpu_times: list[float] = []
         self.first_call_s = 0.0
 
 
@@ -131,8 +164,8 @@ def hf_methods(model, prompt: torch.Tensor, max_len: int) -> list[Method]:
     ]
 
 
-def dynexec_method(name: str, model, prompt: torch.Tensor, max_len: int, options: dict | None) -> Method:
-    engine = DecodeEngine(model, batch_size=1, max_len=max_len, backend="inductor", options=options)
+def dynexec_method(name: str, model, prompt: torch.Tensor, max_len: int, settings: dict) -> Method:
+    engine = DecodeEngine(model, batch_size=1, max_len=max_len, backend="inductor", **settings)
     return Method(name, lambda: engine.prefill(prompt), engine.decode)
 
 
@@ -146,16 +179,18 @@ def time_steps(methods: list[Method], rounds: int, steps: int, warmup: int, devi
                 token = method.step(token).argmax(-1, keepdim=True)
             sync(device)
             method.first_call_s = time.perf_counter() - start
+        clock = cpu_clock()
         for _ in range(rounds):
             for method in methods:
                 token = method.start().argmax(-1, keepdim=True)
                 for i in range(warmup + steps):
                     sync(device)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), clock()
                     token = method.step(token).argmax(-1, keepdim=True)
                     sync(device)
                     if i >= warmup:
                         method.step_times.append(time.perf_counter() - start)
+                        method.cpu_times.append(clock() - cpu_start)
 
 
 def step_flops(model, context: float) -> float:
@@ -190,6 +225,22 @@ def matmul_rate(m: int, k: int, n: int, device: str, dtype: torch.dtype, seconds
         sync(device)
         times.append((time.perf_counter() - start) / batch)
     return 2 * m * k * n / statistics.median(times)
+
+
+def matmul_pass_method(model, device: str) -> Method:
+    """The floor as a method: one batch-1 GEMV per Linear weight of the model, nothing else, on
+    weights pre-transposed to ``[in, out]`` (the layout a frozen graph uses); timed in the
+    same rounds as the real steps."""
+    weights = [m.weight.detach().t().contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, w.shape[0], device=device, dtype=w.dtype) for w in weights]
+    logits = torch.zeros(1, model.config.vocab_size, device=device)
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        for x, w in zip(inputs, weights, strict=True):
+            torch.mm(x, w)
+        return logits
+
+    return Method(FLOOR, lambda: logits, step)
 
 
 def generation_throughput(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str) -> dict:
@@ -232,30 +283,41 @@ def generation_throughput(model, prompt: torch.Tensor, new_tokens: int, repeats:
 
 def markdown(report: dict) -> str:
     steps = report["step"]
-    base = steps["hf_eager"]["median_ms"]
-    best_plain = min(steps[n]["median_ms"] for n in ("compile_dynamic", "compile_static") if n in steps)
+    plain = [n for n in ("compile_dynamic", "compile_static") if n in steps]
     floor = report["floor"]
     lines = [
         f"threads={report['threads']} device={report['device']} dtype={report['dtype']} "
-        f"params={report['params'] / 1e6:.2f}M prompt={report['prompt_len']} step FLOPs={floor['flops'] / 1e6:.2f}M",
+        f"params={report['params'] / 1e6:.2f}M prompt={report['prompt_len']} tokens of {report['prompt']} step FLOPs={floor['flops'] / 1e6:.2f}M "
+        f"load average={report['load_average']}",
         "",
-        "| method | median step (ms) | p10-p90 (ms) | vs hf_eager | vs best torch.compile | vs floor (GEMV rate) | first calls (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | wall median (ms) | wall p10-p90 | CPU median (ms) | speed-up vs hf_eager (wall / CPU) "
+        "| time vs best torch.compile (wall / CPU) | CPU vs matmul pass | first calls (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in steps.items():
+        ratios = []
+        for key in ("median_ms", "cpu_median_ms"):
+            base = steps["hf_eager"][key]
+            best = min(steps[n][key] for n in plain) if plain else float("nan")
+            ratios.append((base / s[key], s[key] / best))
         lines.append(
-            f"| {name} | {s['median_ms']:.3f} | {s['p10_ms']:.3f}-{s['p90_ms']:.3f} | "
-            f"{base / s['median_ms']:.2f}x faster | {s['median_ms'] / best_plain:.2f}x time | "
-            f"{s['median_ms'] / floor['gemv_floor_ms']:.1f}x | {s['first_call_s']:.1f} |"
+            f"| {name} | {s['median_ms']:.3f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | {s['cpu_median_ms']:.3f} | "
+            f"{ratios[0][0]:.2f}x / {ratios[1][0]:.2f}x | {ratios[0][1]:.2f} / {ratios[1][1]:.2f} | "
+            f"{s['cpu_median_ms'] / floor['matmul_pass_ms']:.2f}x | {s['first_call_s']:.1f} |"
         )
     lines += [
         "",
-        f"floor: {floor['gemv_floor_ms']:.3f} ms at the batch-1 GEMV rate {floor['gemv_gflops']:.1f} GFLOP/s "
-        f"({floor['gemv_shape']}); {floor['gemm_floor_ms']:.4f} ms at the GEMM rate {floor['gemm_gflops']:.1f} GFLOP/s "
-        f"({floor['gemm_shape']})",
+        f"floors: matmul pass (every Linear as a batch-1 GEMV, timed in the same rounds) {floor['matmul_pass_ms']:.3f} ms CPU; "
+        f"FLOPs / GEMV rate {floor['gemv_floor_ms']:.3f} ms ({floor['gemv_gflops']:.1f} GFLOP/s, {floor['gemv_shape']}); "
+        f"FLOPs / GEMM rate {floor['gemm_floor_ms']:.4f} ms ({floor['gemm_gflops']:.1f} GFLOP/s, {floor['gemm_shape']})",
     ]
     if "generate" in report:
-        lines += ["", "| generation | tokens/s | seconds | equal to HF eager | first call (s) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| generation ({report['generate_new_tokens']} tokens, greedy) | tokens/s | seconds | equal to HF eager "
+            "| first call (s) |",
+            "|---|---|---|---|---|",
+        ]
         for name, g in report["generate"].items():
             lines.append(
                 f"| {name} | {g['tokens_per_s']:.1f} | {g['seconds']:.3f} | {g['equal_to_hf_eager']} | {g['first_call_s']:.1f} |"
@@ -276,20 +338,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--variants", default="cpp_wrapper,freezing", help="dynexec Inductor option variants, comma-separated")
+    parser.add_argument(
+        "--variants",
+        default=json.dumps(DEFAULT_VARIANTS),
+        help="JSON {name: DecodeEngine keyword arguments} of dynexec ablations ('{}' for none)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, dtype, args.device)
     vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0)).to(args.device)
+    prompt, prompt_source = build_prompt(args.model, vocab, args.prompt_len)
+    prompt = prompt.to(args.device)
     max_len = cache_length(args.prompt_len, args.warmup + args.steps + 8)
 
     methods = hf_methods(model, prompt, max_len)
-    methods.append(dynexec_method("dynexec", model, prompt, max_len, None))
-    for variant in filter(None, args.variants.split(",")):
-        methods.append(dynexec_method(f"dynexec+{variant}", model, prompt, max_len, {variant: True}))
+    methods.append(dynexec_method("dynexec", model, prompt, max_len, {}))
+    for name, settings in json.loads(args.variants).items():
+        methods.append(dynexec_method(name, model, prompt, max_len, settings))
+    methods.append(matmul_pass_method(model, args.device))
     time_steps(methods, args.rounds, args.steps, args.warmup, args.device)
 
     context = args.prompt_len + args.warmup + args.steps / 2
@@ -299,11 +367,13 @@ def main() -> None:
     gemm = matmul_rate(512, 1024, 1024, args.device, dtype)
     report = {
         "threads": torch.get_num_threads(),
+        "load_average": [round(x, 1) for x in os.getloadavg()],
         "device": args.device,
         "dtype": args.dtype,
         "model": args.model or "random LlamaConfig(hidden 256, 6 layers, 8 heads, 4 kv heads, inter 688, vocab 4096)",
         "params": sum(p.numel() for p in model.parameters()),
         "prompt_len": args.prompt_len,
+        "prompt": prompt_source,
         "step": {},
         "floor": {
             "flops": flops,
@@ -315,10 +385,12 @@ def main() -> None:
             "gemm_floor_ms": flops / gemm * 1e3,
         },
     }
+    report["floor"]["matmul_pass_ms"] = statistics.median(methods[-1].cpu_times) * 1e3
     for m in methods:
         times = sorted(m.step_times)
         report["step"][m.name] = {
             "median_ms": statistics.median(times) * 1e3,
+            "cpu_median_ms": statistics.median(m.cpu_times) * 1e3,
             "p10_ms": times[len(times) // 10] * 1e3,
             "p90_ms": times[(9 * len(times)) // 10] * 1e3,
             "first_call_s": m.first_call_s,

@@ -70,11 +70,9 @@ class SlotLayer(CacheLayerMixin):
                 f"holds [B={self.keys.shape[0]}, H_kv={self.keys.shape[1]}, S, Dh={self.keys.shape[3]}]; "
                 "build the cache for this model's config and batch size"
             )
-        # idx: [B, H_kv, T, Dh] — slot of every written element along the sequence dim
-        idx_k = write_slots[:, None, :, None].expand_as(key_states)
-        idx_v = write_slots[:, None, :, None].expand_as(value_states)
-        self.keys.scatter_(2, idx_k, key_states.to(self.keys.dtype))
-        self.values.scatter_(2, idx_v, value_states.to(self.values.dtype))
+        index = _slot_index(write_slots, key_states.shape[1])
+        self.keys.index_put_(index, key_states.to(self.keys.dtype))
+        self.values.index_put_(index, value_states.to(self.values.dtype))
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -91,6 +89,18 @@ class SlotLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys.zero_()
         self.values.zero_()
+
+
+def _slot_index(slots: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advanced index ``(b, h, s)`` selecting ``buf[b, h, slots[b, t]]`` as a ``[B, H, T]`` grid.
+
+    Why ``index_put_`` rather than ``scatter_``: Inductor re-inplaces an ``index_put_`` on a
+    graph input, but turns a ``scatter_`` into an out-of-place copy of the whole
+    ``[B, H, S_max, Dh]`` buffer plus a copy back — per layer, per step.
+    """
+    batch = torch.arange(slots.shape[0], device=slots.device)[:, None, None]  # [B, 1, 1]
+    head = torch.arange(heads, device=slots.device)[None, :, None]  # [1, H, 1]
+    return batch, head, slots[:, None, :]  # slots: [B, 1, T]
 
 
 def attention_geometry(config: PreTrainedConfig) -> tuple[int, int, int]:
@@ -209,15 +219,22 @@ class SlotCache(Cache):
                 ``counts[b]`` are ignored.
         """
         counts = counts.to(device=self.lengths.device, dtype=torch.long)
-        self._check_commit(counts, accepted_slots)
         if accepted_slots is not None:
-            src, dest = commit_indices(self.lengths, counts, accepted_slots.to(self.lengths.device), self.max_len)
+            accepted_slots = accepted_slots.to(device=self.lengths.device, dtype=torch.long)
+        self.check_commit(counts, accepted_slots)
+        self.apply_commit(counts, accepted_slots)
+
+    def apply_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
+        """:meth:`commit` without argument checks: fixed-shape tensor work only, traceable."""
+        if accepted_slots is not None:
+            src, dest = commit_indices(self.lengths, counts, accepted_slots, self.max_len)
             for layer in self.layers:
                 move_slots(layer.keys, src, dest)
                 move_slots(layer.values, src, dest)
         self.lengths.add_(counts)
 
-    def _check_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None) -> None:
+    def check_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None) -> None:
+        """Raise ``ValueError`` unless :meth:`apply_commit` can take these arguments."""
         if counts.shape != self.lengths.shape:
             raise ValueError(f"commit: counts must have shape [B]={tuple(self.lengths.shape)}, got {tuple(counts.shape)}")
         if bool((counts < 0).any()) or bool((self.lengths + counts > self.max_len).any()):
@@ -257,8 +274,7 @@ def commit_indices(
 
 
 def move_slots(buf: torch.Tensor, src: torch.Tensor, dest: torch.Tensor) -> None:
-    """``buf[b, :, dest[b, i]] = buf[b, :, src[b, i]]`` for all ``i`` at once (gather, then scatter)."""
+    """``buf[b, :, dest[b, i]] = buf[b, :, src[b, i]]`` for all ``i`` at once (gather, then write)."""
     # buf: [B, H, S, Dh]; src, dest: [B, A]
-    shape = (buf.shape[0], buf.shape[1], src.shape[1], buf.shape[3])
-    moved = buf.gather(2, src[:, None, :, None].expand(shape))  # [B, H, A, Dh]
-    buf.scatter_(2, dest[:, None, :, None].expand(shape), moved)
+    moved = buf[_slot_index(src, buf.shape[1])]  # [B, H, A, Dh], a copy
+    buf.index_put_(_slot_index(dest, buf.shape[1]), moved)

@@ -7,8 +7,9 @@ beside greedy and sampling without touching this dispatch. Output follows
 ``model.generate``: prompt (as given, padding included) followed by the new tokens, rows
 that stopped early filled with ``pad_token_id``.
 
-Engines (cache + compiled graphs) are kept in a small LRU keyed by model and shapes, so a
-second call with a prompt in the same length bucket reuses the compiled graphs.
+Engines (cache + compiled graphs) are kept in a small LRU keyed by model, batch size and
+compile settings; a later call reuses an engine whose cache is long enough, so prompts in
+the same length bucket and shorter generations run on the graphs already compiled.
 """
 
 from __future__ import annotations
@@ -222,6 +223,8 @@ def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: 
         tuple(sorted((settings.options or {}).items())),
         settings.cuda_graphs,
     )
+    for key in [k for k, e in _ENGINES.items() if e.model is model and e.frozen_weights_changed()]:
+        del _ENGINES[key]  # its graphs hold the old weights
     fitting = [
         (key, engine)
         for key, engine in _ENGINES.items()
@@ -313,6 +316,7 @@ def _plain_loop(
 
     start = time.perf_counter()
     token = emit(decoder.prefill(input_ids, attention_mask), 0)
+    _synchronize(device)
     stats.prefill_time_s = time.perf_counter() - start
     start = time.perf_counter()
     count = 1
@@ -320,6 +324,7 @@ def _plain_loop(
         live[count] = ~finished
         token = emit(decoder.decode(token), count)
         count += 1
+    _synchronize(device)
     stats.decode_time_s = time.perf_counter() - start
 
     stats.steps = count - 1
@@ -329,6 +334,11 @@ def _plain_loop(
     stats.compiles = compile_count() - compiles0
     sequences = torch.cat([input_ids.to(device), new[:, :count]], dim=1)
     return GenerateOutput(sequences=sequences, stats=stats)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _next_token(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The compiled decoding step every strategy is a loop of.
 
 A ``DecodeEngine`` owns a :class:`SlotCache` for one model, batch size and cache length, and
-three compiled entry points, each a fixed-shape graph:
+compiled entry points, each a fixed-shape graph:
 
 - ``prefill(input_ids, attention_mask)``: prompts packed to the front of each row (slot ==
   position), right-padded to a length bucket so nearby prompt lengths share one graph;
@@ -13,11 +13,20 @@ three compiled entry points, each a fixed-shape graph:
 
 Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA the
 ``decode`` and ``step`` graphs are captured as CUDA graphs and replayed.
+
+At batch 1 on a CPU the step is a chain of matrix-vector products that stream the weights
+from memory, plus overhead. What was measured to shorten it (``benchmarks/bench_step.py``):
+Inductor freezing, which folds the weights into pre-transposed and fused (q/k/v, gate/up)
+constants — MKL's GEMV on a transposed weight is ~1.5x slower here; tracing attention in its
+eager form, which Inductor fuses with the mask and softmax; and skipping Dynamo's guard
+evaluation on shapes an engine has already run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +35,7 @@ from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
+from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
 from dynexec_compile.decoding.masks import chain_mask
 
 Backend = str | Callable
@@ -92,16 +102,30 @@ class DecodeEngine:
     """Static-cache, compiled decoding for one causal LM at a fixed batch size and cache length.
 
     Args:
-        model: a transformers causal LM in eval mode. It is not modified.
+        model: a transformers causal LM in eval mode. It is not modified (see ``attention``).
         batch_size: rows decoded together.
         max_len: cache slots per row: prompt + generated tokens + the widest step must fit.
         compile: compile prefill/decode/step with ``torch.compile(fullgraph=True,
             dynamic=False)``; ``False`` runs the same code eagerly.
         backend: ``torch.compile`` backend (a name or a callable).
         mode: ``torch.compile`` mode (Inductor only); ``None`` for the default.
-        options: ``torch.compile`` options for the backend (e.g. Inductor's ``cpp_wrapper``).
+        options: ``torch.compile`` options for the backend; with Inductor on CPU they extend
+            :data:`CPU_INDUCTOR_OPTIONS`, with ``freeze`` :data:`FREEZING_OPTIONS`.
         cuda_graphs: capture ``decode``/``step`` as CUDA graphs; ``None`` = on when the model
             is on CUDA.
+        freeze: Inductor freezing — the weights become constants of the compiled graphs, so
+            Inductor folds their layout (pre-transposed, fused QKV / gate-up matmuls) once.
+            The engine then holds its own copy of the folded weights; if the model's weights
+            change in place afterwards, ``prefill`` raises (build a new engine). ``None`` = on
+            for Inductor on CPU without a ``mode``.
+        attention: attention implementation to trace the model with (``"eager"``, ``"sdpa"``),
+            set on the model's config only for the duration of each call and restored after;
+            ``None`` keeps the model's; ``"auto"``: ``"eager"`` on CPU (a 1-token query over
+            the cache is a matrix-vector product that Inductor fuses with the mask and
+            softmax, cheaper than SDPA's CPU kernel), the model's own elsewhere.
+        skip_guards: once a step shape has run, call it again without re-evaluating Dynamo's
+            guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): nothing the
+            guards check changes between an engine's own calls, since all state is in tensors.
 
     Attributes:
         cache: the :class:`SlotCache`; ``cache.lengths`` holds each row's committed length.
@@ -119,19 +143,41 @@ class DecodeEngine:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
         cuda_graphs: bool | None = None,
+        freeze: bool | None = None,
+        attention: str | None = "auto",
+        skip_guards: bool = True,
     ):
         check_causal_lm(model)
         weight = next(model.parameters())
+        on_cpu, on_cuda = weight.device.type == "cpu", weight.device.type == "cuda"
+        inductor = compile and backend == "inductor"
+        if freeze is None:
+            freeze = inductor and on_cpu and mode is None
+        if freeze and not inductor:
+            raise ValueError("freeze=True is Inductor freezing: it needs compile=True and backend='inductor'")
+        if inductor and on_cpu and mode is None:
+            options = {**CPU_INDUCTOR_OPTIONS, **(options or {})}
+        if freeze:
+            options = {**FREEZING_OPTIONS, **(options or {})}
+        if attention == "auto":
+            attention = "eager" if on_cpu and model._can_set_attn_implementation() else None
         self.model = model
         self.cache = SlotCache(model.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
         self.forward_passes = 0
+        self.compiled = compile
+        self._freeze = freeze
+        self._attention = attention
+        self._skip_guards = compile and skip_guards
+        self._warm: set[tuple] = set()  # (entry point, input shapes) already run
         self._length_bound = 0  # host-side upper bound of max(cache.lengths)
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._weights_at_freeze = weights_fingerprint(model) if freeze else None
         compiler = _compiler(compile, backend, mode, options)
-        self._prefill_fn = compiler(self._prefill_impl)
-        self._decode_fn = compiler(self._decode_impl)
-        self._step_fn = compiler(self._step_impl)
-        on_cuda = weight.device.type == "cuda"
+        self._prefill_fn = compiler(_private_method(self, self._prefill_impl))
+        self._decode_fn = compiler(_private_method(self, self._decode_impl))
+        self._step_fn = compiler(_private_method(self, self._step_impl))
+        self._step_hidden_fn = compiler(_private_method(self, self._step_hidden_impl))
+        self._commit_fn = compiler(_private_method(self, self._commit_impl))
         if cuda_graphs is None:
             cuda_graphs = on_cuda and mode not in ("reduce-overhead", "max-autotune")
         if cuda_graphs and not on_cuda:
@@ -140,6 +186,7 @@ class DecodeEngine:
         if cuda_graphs:
             self._decode_fn = CudaGraphRunner(self._decode_fn, state=[self.cache.lengths])
             self._step_fn = CudaGraphRunner(self._step_fn)
+            self._step_hidden_fn = CudaGraphRunner(self._step_hidden_fn)
 
     @property
     def batch_size(self) -> int:
@@ -169,6 +216,11 @@ class DecodeEngine:
         """
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(f"prefill: batch of {input_ids.shape[0]} rows, engine built for {self.batch_size}")
+        if self.frozen_weights_changed():
+            raise RuntimeError(
+                "the model's weights changed after this engine froze them into its compiled graphs; "
+                "build a new DecodeEngine (or pass freeze=False to see weight changes live)"
+            )
         packed, lengths = pack_prompts(input_ids.to(self.device), attention_mask)
         longest = int(lengths.max())
         packed = packed[:, :longest]
@@ -181,8 +233,7 @@ class DecodeEngine:
         ids = torch.zeros(self.batch_size, bucket, dtype=torch.long, device=self.device)
         ids[:, : packed.shape[1]] = packed
         self.cache.reset()
-        with torch.no_grad():
-            logits = self._prefill_fn(ids, lengths.to(self.device))
+        logits = self._run("prefill", self._prefill_fn, ids, lengths.to(self.device))
         self.forward_passes += 1
         self._length_bound = longest
         return logits
@@ -196,8 +247,7 @@ class DecodeEngine:
         tokens = tokens.reshape(self.batch_size, 1)
         if self._length_bound + 1 > self.max_len:
             self._refresh_bound(1)
-        with torch.no_grad():
-            logits = self._decode_fn(tokens)
+        logits = self._run("decode", self._decode_fn, tokens)
         self.forward_passes += 1
         self._length_bound += 1
         return logits
@@ -208,7 +258,9 @@ class DecodeEngine:
         positions: torch.Tensor,
         mask: torch.Tensor,
         slots: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Fused forward of ``T`` tokens per row under a caller-built mask; nothing committed.
 
         The tokens' keys/values are written at ``slots`` (scratch until :meth:`commit`).
@@ -220,20 +272,56 @@ class DecodeEngine:
                 dtype (see :mod:`dynexec_compile.decoding.masks`).
             slots: ``[B, T]`` distinct slots ``>= lengths[b]``; defaults to ``positions``
                 (right for a chain).
+            return_hidden: also return the final hidden states (the LM head's input), e.g.
+                for draft heads; a graph of its own.
         Returns:
-            ``[B, T, V]`` logits.
+            ``[B, T, V]`` logits, or ``(logits, hidden [B, T, D])``.
         """
         slots = positions if slots is None else slots
         self._check_step(tokens, positions, mask, slots)
-        with torch.no_grad():
-            logits = self._step_fn(tokens, positions, slots, mask)
+        if return_hidden:
+            out = self._run("step_hidden", self._step_hidden_fn, tokens, positions, slots, mask)
+        else:
+            out = self._run("step", self._step_fn, tokens, positions, slots, mask)
         self.forward_passes += 1
-        return logits
+        return out
+
+    def frozen_weights_changed(self) -> bool:
+        """Whether the model's weights changed since this engine froze them (``freeze=True``)."""
+        return self._weights_at_freeze is not None and weights_fingerprint(self.model) != self._weights_at_freeze
 
     def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
-        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`)."""
-        self.cache.commit(counts, accepted_slots)
+        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`); the
+        key/value moves run as a compiled graph per ``A``."""
+        counts = counts.to(device=self.device, dtype=torch.long)
+        if accepted_slots is None:
+            self.cache.check_commit(counts, None)
+            self.cache.lengths.add_(counts)
+        else:
+            accepted_slots = accepted_slots.to(device=self.device, dtype=torch.long)
+            self.cache.check_commit(counts, accepted_slots)
+            self._run("commit", self._commit_fn, counts, accepted_slots)
         self._length_bound = int(self.cache.lengths.max())
+
+    # ---- calling the compiled graphs -----------------------------------------------------
+
+    def _run(self, entry: str, fn: Callable, *args: torch.Tensor) -> Any:
+        """Call a compiled entry point: no grad, the engine's attention implementation on the
+        model's config for the call only, freezing on while it compiles, guards skipped once
+        this shape has run."""
+        key = (entry, *(tuple(a.shape) for a in args))
+        warm = key in self._warm
+        config = self.model.config
+        saved = config._attn_implementation_internal
+        if self._attention is not None:
+            config._attn_implementation_internal = self._attention
+        try:
+            with torch.no_grad(), _freezing(self._freeze and not warm), _skip_guards(self._skip_guards and warm):
+                out = fn(*args)
+        finally:
+            config._attn_implementation_internal = saved
+        self._warm.add(key)
+        return out
 
     # ---- traced bodies ------------------------------------------------------------------
 
@@ -244,9 +332,12 @@ class DecodeEngine:
         slots: torch.Tensor,
         mask: torch.Tensor,
         keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The model's forward with the cache writing at ``slots``; logits ``[B, T or K, V]``."""
-        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        hidden: bool = False,
+    ) -> Any:
+        """The model's forward with the cache writing at ``slots``; its output object."""
+        kwargs: dict[str, Any] = {} if keep is None else {"logits_to_keep": keep}
+        if hidden:
+            kwargs["output_hidden_states"] = True
         self.cache.set_write_slots(slots)
         try:
             out = self.model(
@@ -259,7 +350,7 @@ class DecodeEngine:
             )
         finally:
             self.cache.set_write_slots(None)
-        return out.logits
+        return out
 
     def _prefill_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # ids: [B, L]; lengths: [B]
@@ -268,9 +359,9 @@ class DecodeEngine:
         mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, L, S]
         last = (lengths - 1)[:, None]  # [B, 1]
         if self._accepts_logits_to_keep:
-            logits = self._forward(ids, positions, positions, mask, keep=last)  # [B, 1, V]
+            logits = self._forward(ids, positions, positions, mask, keep=last).logits  # [B, 1, V]
         else:
-            logits = self._forward(ids, positions, positions, mask)  # [B, L, V]
+            logits = self._forward(ids, positions, positions, mask).logits  # [B, L, V]
             logits = logits.gather(1, last[:, :, None].expand(batch, 1, logits.shape[-1]))
         self.cache.lengths.copy_(lengths)
         return logits[:, 0]
@@ -279,14 +370,23 @@ class DecodeEngine:
         # tokens: [B, 1]; slot == position == committed length
         slots = self.cache.lengths[:, None].clone()  # [B, 1]
         mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, 1, S]
-        logits = self._forward(tokens, slots, slots, mask)  # [B, 1, V]
+        logits = self._forward(tokens, slots, slots, mask).logits  # [B, 1, V]
         self.cache.lengths.add_(1)
         return logits[:, 0]
 
     def _step_impl(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        return self._forward(tokens, positions, slots, mask)
+        return self._forward(tokens, positions, slots, mask).logits
+
+    def _commit_impl(self, counts: torch.Tensor, accepted_slots: torch.Tensor) -> None:
+        self.cache.apply_commit(counts, accepted_slots)
+
+    def _step_hidden_impl(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._forward(tokens, positions, slots, mask, hidden=True)
+        return out.logits, out.hidden_states[-1]
 
     # ---- checks -------------------------------------------------------------------------
 
@@ -312,6 +412,52 @@ class DecodeEngine:
             )
         if int(slots.min()) < 0 or int(slots.max()) >= self.max_len:
             raise ValueError(f"step: slots must lie in [0, {self.max_len}), got [{int(slots.min())}, {int(slots.max())}]")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Identity and in-place-modification counter of every parameter: changes when weights are
+    replaced or updated in place (optimizer steps, ``load_state_dict``)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _private_method(owner: object, method: Callable) -> Callable:
+    """``method`` bound to ``owner`` with a code object of its own.
+
+    Dynamo keys compiled graphs by code object: private code objects keep each engine's graphs
+    (and frozen weights) apart from other engines', so skipping guards can only pick among the
+    engine's own graphs, and a new engine always compiles against the model as it is now.
+    """
+    func = method.__func__
+    name = f"{func.__name__}_engine{id(owner):x}"
+    renames = {"co_name": name}
+    if hasattr(func.__code__, "co_qualname"):  # Python >= 3.11
+        renames["co_qualname"] = f"{func.__qualname__}_engine{id(owner):x}"
+    code = func.__code__.replace(**renames)
+    private = types.FunctionType(code, func.__globals__, name, func.__defaults__, func.__closure__)
+    return types.MethodType(private, owner)
+
+
+CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
+    # one matmul for q/k/v and one for gate/up (with freezing): fewer, larger GEMVs
+    "cpp.enable_concat_linear": True,
+    # MKL-packed weights are slower than a plain GEMV on a pre-transposed weight at batch 1
+    "cpp.weight_prepack": False,
+}
+FREEZING_OPTIONS: dict[str, Any] = {
+    "freezing": True,
+    # every frozen matmul weight row-major [in, out] (folded once by freezing)
+    "joint_custom_post_pass": ContiguousWeightsForFreezing(),
+}
+
+
+def _freezing(on: bool) -> contextlib.AbstractContextManager:
+    """Inductor reads ``freezing`` while Dynamo traces (to make weights graph constants), so it
+    must be set globally around the compiling call, not only in ``options``."""
+    return torch._inductor.config.patch(freezing=True) if on else contextlib.nullcontext()
+
+
+def _skip_guards(on: bool) -> contextlib.AbstractContextManager:
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if on else contextlib.nullcontext()
 
 
 def _compiler(enabled: bool, backend: Backend, mode: str | None, options: dict[str, Any] | None) -> Callable:

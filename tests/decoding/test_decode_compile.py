@@ -52,10 +52,18 @@ def test_generic_step_compiles_once_per_width(llama):
         torch.testing.assert_close(
             engine.step(chain, positions, mask4), reference.step(chain, positions, mask4), atol=1e-5, rtol=1e-5
         )
-        accepted = torch.tensor([i % 3 + 1, 2])
-        engine.commit(accepted)
-        reference.commit(accepted)
-    assert counter.frame_count == 2, "prefill + one step width; commits and new lengths do not recompile"
+        counts = torch.tensor([i % 3 + 1, 2])
+        if i % 2:  # keep a prefix of the chain in place
+            engine.commit(counts)
+            reference.commit(counts)
+        else:  # gather chosen tokens (a graph of its own)
+            kept = positions[:, [2, 0, 1]]
+            engine.commit(counts, kept)
+            reference.commit(counts, kept)
+        assert torch.equal(engine.lengths, reference.lengths)
+        for a, b in zip(engine.cache.layers, reference.cache.layers, strict=True):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 3, "prefill + one step width + one commit width; new lengths do not recompile"
 
 
 @pytest.mark.slow
@@ -77,6 +85,50 @@ def test_inductor_greedy_equals_transformers_without_recompiles():
 @pytest.mark.slow
 def test_dynamic_cache_compiled_with_dynamic_shapes_equals_transformers(llama):
     ids, mask = left_padded_batch([7, 12])
-    out = dx.generate(llama, ids, mask, max_new_tokens=40, eos_token_id=[], cache="dynamic", backend="eager")
+    counter = CompileCounterWithBackend("eager")
+    out = dx.generate(llama, ids, mask, max_new_tokens=40, eos_token_id=[], cache="dynamic", backend=counter)
     assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 40))
-    assert out.stats.compiles <= 2
+    assert 1 <= counter.frame_count <= 2, "the step compiles once with static shapes, at most once more dynamic"
+    again = dx.generate(llama, ids, mask, max_new_tokens=40, eos_token_id=[], cache="dynamic", backend=counter)
+    assert again.stats.compiles == 0 and torch.equal(again.sequences, out.sequences)
+
+
+def test_engines_of_two_models_with_the_same_shapes_stay_apart(llama):
+    """Compiled graphs are shared by code object; skipping guards on warm calls must still run
+    each engine's own model and cache."""
+    other = build_model("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    ids, mask = left_padded_batch([5, 9])
+    counter = CompileCounterWithBackend("eager")
+    engines = [DecodeEngine(m, batch_size=2, max_len=64, backend=counter) for m in (llama, other)]
+    references = [DecodeEngine(m, batch_size=2, max_len=64, compile=False) for m in (llama, other)]
+    tokens = []
+    for engine, reference in zip(engines, references, strict=True):
+        logits = engine.prefill(ids, mask)
+        torch.testing.assert_close(logits, reference.prefill(ids, mask), atol=1e-5, rtol=1e-5)
+        tokens.append(logits.argmax(-1))
+    for _ in range(5):
+        for i, (engine, reference) in enumerate(zip(engines, references, strict=True)):
+            logits = engine.decode(tokens[i])
+            torch.testing.assert_close(logits, reference.decode(tokens[i]), atol=1e-5, rtol=1e-5)
+            tokens[i] = logits.argmax(-1)
+    assert not torch.equal(references[0].cache.layers[0].keys, references[1].cache.layers[0].keys)
+
+
+@pytest.mark.slow
+def test_frozen_engine_refuses_changed_weights_and_generate_rebuilds():
+    model = build_model("llama")
+    ids, mask = left_padded_batch([5, 9])
+    engine = DecodeEngine(model, batch_size=2, max_len=64)  # Inductor on CPU: frozen weights
+    engine.prefill(ids, mask)
+    before = dx.generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with pytest.raises(RuntimeError, match="weights changed"):
+        engine.prefill(ids, mask)
+    after = dx.generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(after.sequences, hf_greedy(model, ids, mask, 8))
+    assert not torch.equal(after.sequences, before.sequences)

@@ -100,3 +100,17 @@ def test_models_that_cannot_decode_are_refused():
         DecodeEngine(training, batch_size=1, max_len=8)
     with pytest.raises(ValueError, match="cuda_graphs=True needs"):
         DecodeEngine(build_model("llama"), batch_size=1, max_len=8, cuda_graphs=True)
+
+
+def test_step_can_return_the_final_hidden_states(lm):
+    engine = DecodeEngine(lm, batch_size=2, max_len=32, compile=False)
+    ids, mask = left_padded_batch([4, 6])
+    engine.prefill(ids, mask)
+    positions = engine.lengths[:, None] + torch.arange(2)
+    mask4 = chain_mask(positions, 32, torch.float32)
+    tokens = torch.tensor([[5, 6], [7, 8]])
+    logits, hidden = engine.step(tokens, positions, mask4, return_hidden=True)
+    assert hidden.shape == (2, 2, lm.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.get_output_embeddings()(hidden), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.step(tokens, positions, mask4), logits, atol=1e-5, rtol=1e-5)

@@ -100,6 +100,7 @@ def test_the_users_model_is_not_modified(llama):
     dx.generate(llama, ids, mask, max_new_tokens=5, compile=False)
     dx.generate(llama, ids, mask, max_new_tokens=5, cache="dynamic", compile=False)
     assert llama.config.to_dict() == config and set(vars(llama)) == attributes and not llama.training
+    assert llama.config._attn_implementation == "sdpa", "the engine traces eager attention only during its calls"
     assert all(torch.equal(v, params[k]) for k, v in llama.state_dict().items())
 
 
