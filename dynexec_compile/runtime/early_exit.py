@@ -148,12 +148,12 @@ class EarlyExitRuntime:
             leave = leave & live
             if not bool(leave.any()):
                 continue
-            self._write(results, head_out, rows[leave], leave)
+            self._write(results, head_out, rows[leave], leave, batch)
             exit_layer[rows[leave]] = block
             stay = ~leave & live
             if not bool(stay.any()):
                 self._record(exit_layer, batch_sizes, batch)
-                return self._assemble(results)
+                return tuple(results)
             if self.compaction:
                 keep = stay.nonzero().squeeze(1)
                 self._compact(env, keep)
@@ -163,20 +163,19 @@ class EarlyExitRuntime:
                 self._warn_static_batch()
         final = plan.run(args, len(plan.steps) - 1, None, env)
         tail = tuple(final[slot] for slot in self.outputs)
-        self._write(results, tail, rows[live], live)
+        self._write(results, tail, rows[live], live, batch)
         self._record(exit_layer, batch_sizes, batch)
-        return self._assemble(results)
+        return tuple(results)
 
-    def _write(self, results: list, values: tuple, dest_rows: torch.Tensor, src_mask: torch.Tensor) -> None:
+    @staticmethod
+    def _write(results: list, values: tuple, dest_rows: torch.Tensor, src_mask: torch.Tensor, batch: int) -> None:
+        """Rows ``src_mask`` of each output go to rows ``dest_rows`` of the full-batch result."""
         for i, value in enumerate(values):
             if value is None:
                 continue
             if results[i] is None:
-                results[i] = value.new_zeros((self._total_rows,) + tuple(value.shape[1:]))
+                results[i] = value.new_zeros((batch,) + tuple(value.shape[1:]))
             results[i][dest_rows] = value[src_mask].to(results[i].dtype)
-
-    def _assemble(self, results: list) -> tuple:
-        return tuple(results)
 
     def _record(self, exit_layer: torch.Tensor, batch_sizes: list[int], batch: int) -> None:
         layers = (exit_layer + 1).tolist()
@@ -203,10 +202,6 @@ class EarlyExitRuntime:
         warnings.warn(msg, stacklevel=2)
 
 
-class _RowCounter:
-    """Carries the full batch size into ``_write`` without threading it through every call."""
-
-
 def early_exit_runtime_factory(ctx: PassContext, ee_plan) -> Callable:
     """What the backend calls once the stages are lowered."""
 
@@ -217,12 +212,6 @@ def early_exit_runtime_factory(ctx: PassContext, ee_plan) -> Callable:
             from dynexec_compile.runtime.trained_heads import trained_head_fns
 
             head_fns = trained_head_fns(ctx, ee_plan, plan, top)
-        runtime = EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns)
-
-        def run_early_exit(*args):
-            runtime._total_rows = runtime._batch_size(args)
-            return runtime(*args)
-
-        return run_early_exit
+        return EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns)
 
     return factory
