@@ -13,7 +13,14 @@ from dynexec_compile.decoding.generate import (
     get_engine,
     register_strategy,
 )
+from dynexec_compile.decoding.lookahead import (
+    LookaheadConfig,
+    NgramPool,
+    lookahead_decode,
+    step_layout,
+)
 from dynexec_compile.decoding.masks import chain_mask, step_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
 from dynexec_compile.decoding.step import DecodeEngine
 
@@ -22,14 +29,19 @@ __all__ = [
     "DecodeSettings",
     "GenerateOutput",
     "GenerateStats",
+    "LookaheadConfig",
+    "NgramPool",
     "SamplingParams",
     "SlotCache",
+    "TokenRuns",
     "chain_mask",
     "draw",
     "generate",
     "get_engine",
+    "lookahead_decode",
     "register_strategy",
     "sampling_probs",
+    "step_layout",
     "step_mask",
     "warp_logits",
 ]

@@ -1,0 +1,410 @@
+"""Lookahead decoding (Fu et al., 2024): Jacobi window, n-gram pool and verification in one forward.
+
+Why: plain decoding runs the whole model for one token; a step that also carries guesses
+of later tokens costs little more on hardware that is idle between weight loads, and every
+guess the model confirms is a step saved. Lookahead decoding needs no draft model: the
+guesses come from the model's own Jacobi iterations and, optionally, from the prompt.
+
+One step is ONE forward of ``T = 1 + (N-1)*W + G*(N-1)`` tokens per row (fixed for a
+configuration, so it compiles once) under a custom mask, laid out as
+
+- the *current* token (the last one generated, not yet in the cache), position ``p``;
+- the *lookahead window*: ``N-1`` levels of ``W`` tokens, the last ``N-1`` Jacobi iterates.
+  Level ``l``, column ``j`` sits at position ``p+1+l+j`` and sees the current token, level 0
+  at columns ``<= j`` and its own column at levels ``1..l`` — its Jacobi ancestors, a causal
+  chain of consecutive positions (the layout of the paper's figure 3);
+- the *verification branch*: up to ``G`` candidate ``(N-1)``-grams from the pool whose key is
+  the current token; candidate token ``k`` sits at position ``p+1+k`` and sees the current
+  token and its own earlier tokens only. Unused candidate slots are padding.
+
+After the forward: the current token's prediction and the candidates' predictions give the
+greedy tokens; the longest candidate prefix that matches them is accepted (plus the one
+token the model predicts after it), which is exactly what greedy decoding would have
+produced. Only the accepted tokens' keys/values are kept: ``DecodeEngine.commit`` gathers
+them from their scratch slots into place (nothing recomputed). The window then advances by
+one Jacobi iteration (drop the oldest level, append the predictions of the newest), and the
+``W`` n-grams along its columns (level 0 .. N-2, then the prediction) enter the pool.
+
+Batches work row by row inside the same tensors: rows accept different counts, each row's
+cache length moves on its own (the :class:`SlotCache` keeps per-row lengths).
+
+Sampling is not supported: accepting guesses losslessly under sampling needs a rejection
+scheme over several candidates, which is not implemented (``NotImplementedError``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.generate import (
+    DecodeSettings,
+    GenerateOutput,
+    GenerateStats,
+    _synchronize,
+    cache_length,
+    compile_count,
+    get_engine,
+    register_strategy,
+)
+from dynexec_compile.decoding.masks import step_mask
+from dynexec_compile.decoding.runs import TokenRuns
+from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
+
+DEFAULTS = {"window": 4, "ngram": 4, "guesses": 4, "prompt_lookup": True}
+_WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
+
+
+@dataclass(frozen=True)
+class LookaheadConfig:
+    """Lookahead decoding settings.
+
+    Args:
+        window: ``W``, columns of the Jacobi window (>= 1).
+        ngram: ``N``, n-gram length (>= 2): the window has ``N-1`` levels and candidates are
+            ``N-1`` tokens, so one step accepts at most ``N`` tokens.
+        guesses: ``G``, the most candidate n-grams verified per step (>= 0).
+        prompt_lookup: also fill the n-gram pool from the prompt and the generated text
+            (prompt-lookup decoding), besides the Jacobi window.
+    """
+
+    window: int = DEFAULTS["window"]
+    ngram: int = DEFAULTS["ngram"]
+    guesses: int = DEFAULTS["guesses"]
+    prompt_lookup: bool = DEFAULTS["prompt_lookup"]
+
+    def __post_init__(self) -> None:
+        for name, low in (("window", 1), ("ngram", 2), ("guesses", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"lookahead: {name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.prompt_lookup, bool):
+            raise ValueError(f"lookahead: prompt_lookup must be True or False, got {self.prompt_lookup!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> LookaheadConfig:
+        """Build from ``generate(**options)``; unknown keys are a ``ValueError`` naming the valid ones."""
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"lookahead: unknown option(s) {unknown}; valid options are {sorted(DEFAULTS)}")
+        return cls(**options)
+
+    @property
+    def step_tokens(self) -> int:
+        """``T``: tokens per row in one step."""
+        return 1 + (self.ngram - 1) * (self.window + self.guesses)
+
+
+# ---- the fused step's layout -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Where each token of the fused step sits, and what it sees.
+
+    Token order: ``[current, window level 0 (W), ..., level N-2 (W), candidate 0 (N-1), ...]``.
+
+    Attributes:
+        offsets: ``[T]`` position of each token relative to the current token's.
+        visible: ``[T, T]`` bool, ``visible[q, k]``: token ``q`` attends to token ``k``.
+        window: ``[N-1, W]`` token index of window level ``l``, column ``j``.
+        candidates: ``[G, N-1]`` token index of candidate ``g``'s ``k``-th token.
+    """
+
+    offsets: torch.Tensor
+    visible: torch.Tensor
+    window: torch.Tensor
+    candidates: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.offsets.numel()
+
+
+@functools.lru_cache(maxsize=16)
+def step_layout(window: int, ngram: int, guesses: int) -> StepLayout:
+    """The (CPU) layout of a lookahead step for ``(W, N, G)``; see the module docstring."""
+    levels, span = ngram - 1, ngram - 1
+    lev = torch.arange(levels)[:, None].expand(levels, window).reshape(-1)  # [(N-1)W] level of each window token
+    col = torch.arange(window)[None, :].expand(levels, window).reshape(-1)  # [(N-1)W] column
+    cand = torch.arange(guesses)[:, None].expand(guesses, span).reshape(-1)  # [G(N-1)] candidate
+    depth = torch.arange(span)[None, :].expand(guesses, span).reshape(-1)  # [G(N-1)] token within it
+    first_window, first_candidate = 1, 1 + levels * window
+    width = first_candidate + guesses * span
+
+    sees_first_level = (lev[None, :] == 0) & (col[None, :] <= col[:, None])  # [(N-1)W, (N-1)W]
+    sees_own_column = (col[None, :] == col[:, None]) & (lev[None, :] >= 1) & (lev[None, :] <= lev[:, None])
+    own_prefix = (cand[None, :] == cand[:, None]) & (depth[None, :] <= depth[:, None])  # [G(N-1), G(N-1)]
+    visible = torch.zeros(width, width, dtype=torch.bool)
+    visible[:, 0] = True  # everything sees the current token
+    visible[first_window:first_candidate, first_window:first_candidate] = sees_first_level | sees_own_column
+    visible[first_candidate:, first_candidate:] = own_prefix
+
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), 1 + lev + col, 1 + depth])  # [T]
+    return StepLayout(
+        offsets=offsets,
+        visible=visible,
+        window=torch.arange(first_window, first_candidate).view(levels, window),
+        candidates=torch.arange(first_candidate, width).view(guesses, span),
+    )
+
+
+# ---- the n-gram pool -----------------------------------------------------------------
+
+
+class NgramPool:
+    """One row's n-grams, keyed by their first token: up to ``capacity`` continuations of
+    ``N-1`` tokens per key, most recently seen first (a seen-again n-gram moves to the front).
+
+    Args:
+        ngram: ``N``.
+        capacity: continuations kept per key (``G``).
+    """
+
+    def __init__(self, ngram: int, capacity: int):
+        self.ngram = ngram
+        self.capacity = capacity
+        self._pool: dict[int, list[tuple[int, ...]]] = {}
+
+    def add(self, key: int, continuation: tuple[int, ...]) -> None:
+        if self.capacity == 0:
+            return
+        known = self._pool.setdefault(key, [])
+        if continuation in known:
+            known.remove(continuation)
+        known.insert(0, continuation)
+        del known[self.capacity :]
+
+    def add_text(self, tokens: list[int], start: int = 0) -> None:
+        """Add every n-gram of ``tokens`` that begins at index ``start`` or later, in order."""
+        n = self.ngram
+        for i in range(start, len(tokens) - n + 1):
+            self.add(tokens[i], tuple(tokens[i + 1 : i + n]))
+
+    def candidates(self, key: int) -> list[tuple[int, ...]]:
+        """Continuations of ``key``, most recent first."""
+        return self._pool.get(key, [])
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._pool.values())
+
+
+# ---- the strategy --------------------------------------------------------------------
+
+
+def _lookahead(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    **options: Any,
+) -> GenerateOutput:
+    config = LookaheadConfig.from_options(options)
+    if settings.sampling is not None:
+        raise NotImplementedError(
+            "strategy='lookahead' with sampling: lossless verification of the guessed n-grams under "
+            "sampling (multi-candidate rejection sampling) is not implemented; use greedy lookahead "
+            "(do_sample=False) or strategy='sample'"
+        )
+    if settings.cache != "static":
+        raise ValueError("strategy='lookahead' needs cache='static' (per-row slots for the window and candidates)")
+    _, lengths = pack_prompts(input_ids, attention_mask)
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=config.step_tokens)
+    engine = get_engine(model, input_ids.shape[0], max_len, settings)
+    return lookahead_decode(engine, input_ids, attention_mask, settings, config)
+
+
+def lookahead_decode(
+    engine: DecodeEngine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    config: LookaheadConfig,
+) -> GenerateOutput:
+    """Greedy lookahead decoding on ``engine`` (its cache must hold prompt + new tokens + ``T``).
+
+    Returns what :func:`dynexec_compile.generate` returns; ``stats.extra`` holds the
+    configuration, ``step_tokens`` (``T``) and ``guesses_per_step`` (candidates verified per
+    step and row).
+    """
+    if settings.sampling is not None:
+        raise NotImplementedError("lookahead_decode is greedy only (see strategy='lookahead')")
+    device = engine.device
+    packed, lengths = pack_prompts(input_ids.to(device), attention_mask)
+    if int(lengths.max()) + settings.max_new_tokens + config.step_tokens > engine.max_len:
+        raise ValueError(
+            f"lookahead: the engine's cache ({engine.max_len} slots) cannot hold prompt + max_new_tokens + "
+            f"{config.step_tokens} step tokens; build it with cache_length(..., reserve={config.step_tokens})"
+        )
+    stats = GenerateStats(strategy="lookahead")
+    compiles0, forwards0 = compile_count(), engine.forward_passes
+    decoder = _LookaheadState(engine, config, settings, packed, lengths)
+
+    start = time.perf_counter()
+    decoder.start(input_ids, attention_mask)
+    _synchronize(device)
+    stats.prefill_time_s = time.perf_counter() - start
+    start = time.perf_counter()
+    while not decoder.runs.all_done():
+        stats.accepted_per_step.append(decoder.step())
+    _synchronize(device)
+    stats.decode_time_s = time.perf_counter() - start
+
+    stats.steps = len(stats.accepted_per_step)
+    stats.new_tokens = decoder.runs.produced.tolist()
+    stats.forward_passes = engine.forward_passes - forwards0
+    stats.compiles = compile_count() - compiles0
+    stats.extra = {
+        "window": config.window,
+        "ngram": config.ngram,
+        "guesses": config.guesses,
+        "prompt_lookup": config.prompt_lookup,
+        "step_tokens": config.step_tokens,
+        "guesses_per_step": decoder.guesses_per_step,
+    }
+    return GenerateOutput(sequences=decoder.runs.sequences(input_ids), stats=stats)
+
+
+class _LookaheadState:
+    """The loop's state between steps: current tokens, Jacobi window, pools, output runs."""
+
+    def __init__(
+        self,
+        engine: DecodeEngine,
+        config: LookaheadConfig,
+        settings: DecodeSettings,
+        packed: torch.Tensor,
+        lengths: torch.Tensor,
+    ):
+        device = engine.device
+        self.engine, self.config = engine, config
+        layout = step_layout(config.window, config.ngram, config.guesses)
+        self.offsets = layout.offsets.to(device)  # [T]
+        self.visible = layout.visible.to(device)  # [T, T]
+        self.window_index = layout.window.to(device)  # [N-1, W]
+        self.candidate_index = layout.candidates.to(device)  # [G, N-1]
+        self.runs = TokenRuns(
+            packed.shape[0], settings.max_new_tokens, config.ngram, settings.eos_token_ids, settings.pad_token_id, device
+        )
+        self.window = _initial_window(packed, lengths, config)  # [B, N-1, W]
+        self.filled = 1  # window levels that hold Jacobi iterates (the rest: prompt tokens)
+        self.texts = [row[:n] for row, n in zip(packed.tolist(), lengths.tolist(), strict=True)]
+        self.pools = [NgramPool(config.ngram, config.guesses) for _ in self.texts]
+        if config.prompt_lookup:
+            for pool, text in zip(self.pools, self.texts, strict=True):
+                pool.add_text(text)
+        self.token = torch.zeros(packed.shape[0], dtype=torch.long, device=device)  # [B] current token
+        self.guesses_per_step: list[list[int]] = []
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Prefill the prompts and keep each row's first token."""
+        self.token = self.engine.prefill(input_ids, attention_mask).argmax(dim=-1)  # [B]
+        ones = torch.ones_like(self.token)
+        self.runs.keep(self.token[:, None], ones)
+        self._extend_texts(self.token[:, None], ones)
+
+    def step(self) -> list[int]:
+        """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
+        engine = self.engine
+        candidates, valid = self._candidates()  # [B, G, N-1], [B, G]
+        tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
+        slots = engine.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T]
+        positions = engine.lengths[:, None] + self.offsets  # [B, T]
+        mask = step_mask(engine.lengths, slots, self.visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
+        predicted = engine.step(tokens, positions, mask, slots).argmax(dim=-1)  # [B, T] greedy token after each
+
+        run, accepted, run_slots = self._verify(predicted, candidates, valid, slots)  # [B, A], [B], [B, A]
+        kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
+        # cache surgery: keep the current token and the accepted candidate tokens, in order
+        engine.commit(kept, run_slots)
+        last = run.gather(1, (kept - 1).clamp(min=0)[:, None])[:, 0]  # [B]
+        self.token = torch.where(kept > 0, last, self.token)
+
+        self._advance_window(predicted)
+        self._extend_texts(run, kept)
+        self.guesses_per_step.append(valid.sum(dim=1).tolist())
+        return kept.tolist()
+
+    def _verify(
+        self, predicted: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy verification: candidate ``g`` matches while its ``k``-th token is what the model
+        predicts after the current token and its first ``k`` tokens; the first longest match wins.
+
+        Returns:
+            ``run [B, N]``: the greedy tokens after the current token along the winning
+            candidate (all of them true greedy tokens up to ``accepted + 1``);
+            ``accepted [B]``: candidate tokens confirmed; ``run_slots [B, N]``: cache slots of
+            the current token and the winning candidate's tokens (the keys/values to keep).
+        """
+        after_current = predicted[:, :1]  # [B, 1]
+        if self.config.guesses == 0:
+            return after_current, torch.zeros_like(self.token), slots[:, :1]
+        batch, guesses = candidates.shape[:2]
+        after_candidate = predicted[:, self.candidate_index]  # [B, G, N-1]
+        expected = torch.cat([after_current[:, None].expand(batch, guesses, 1), after_candidate[:, :, :-1]], dim=2)
+        matched = ((candidates == expected) & valid[:, :, None]).long().cumprod(dim=2).sum(dim=2)  # [B, G]
+        best = matched.argmax(dim=1)  # [B]
+        rows = torch.arange(batch, device=predicted.device)
+        run = torch.cat([after_current, after_candidate[rows, best]], dim=1)  # [B, N]
+        run_slots = torch.cat([slots[:, :1], slots.gather(1, self.candidate_index[best])], dim=1)  # [B, N]
+        return run, matched[rows, best], run_slots
+
+    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, G, N-1] tokens, [B, G] valid)``: the pool's continuations of each current token."""
+        cfg = self.config
+        span = cfg.ngram - 1
+        filler = (0,) * span
+        rows, valid = [], []
+        for pool, key in zip(self.pools, self.token.tolist(), strict=True):
+            found = pool.candidates(key)[: cfg.guesses]
+            valid.append([True] * len(found) + [False] * (cfg.guesses - len(found)))
+            rows.append(found + [filler] * (cfg.guesses - len(found)))
+        device = self.token.device
+        candidates = torch.tensor(rows, dtype=torch.long, device=device).view(len(rows), cfg.guesses, span)
+        return candidates, torch.tensor(valid, dtype=torch.bool, device=device).view(len(rows), cfg.guesses)
+
+    def _advance_window(self, predicted: torch.Tensor) -> None:
+        """One Jacobi iteration: while filling, the next level is the predictions of the last
+        filled one; then the oldest level goes, the newest predictions come in, and the
+        columns' n-grams (levels 0..N-2 + prediction) enter the pools."""
+        levels = self.config.ngram - 1
+        if self.filled < levels:
+            self.window[:, self.filled] = predicted[:, self.window_index[self.filled - 1]]
+            self.filled += 1
+            return
+        newest = predicted[:, self.window_index[-1]]  # [B, W]
+        ngrams = torch.cat([self.window, newest[:, None]], dim=1).transpose(1, 2)  # [B, W, N]
+        for pool, row in zip(self.pools, ngrams.tolist(), strict=True):
+            for gram in row:
+                pool.add(gram[0], tuple(gram[1:]))
+        self.window = torch.cat([self.window[:, 1:], newest[:, None]], dim=1)
+
+    def _extend_texts(self, run: torch.Tensor, kept: torch.Tensor) -> None:
+        """With prompt lookup: append the kept tokens to each row's text and pool its new n-grams."""
+        if not self.config.prompt_lookup:
+            return
+        for b, (row, n) in enumerate(zip(run.tolist(), kept.tolist(), strict=True)):
+            if n == 0:
+                continue
+            text = self.texts[b]
+            text.extend(row[:n])
+            self.pools[b].add_text(text, start=max(0, len(text) - n - self.config.ngram + 1))
+
+
+def _initial_window(packed: torch.Tensor, lengths: torch.Tensor, config: LookaheadConfig) -> torch.Tensor:
+    """``[B, N-1, W]`` tokens drawn from each row's own prompt (as the reference implementations
+    seed it), with a fixed seed so runs are reproducible."""
+    batch = packed.shape[0]
+    gen = torch.Generator().manual_seed(_WINDOW_SEED)
+    draws = torch.rand(batch, (config.ngram - 1) * config.window, generator=gen)  # [B, (N-1)W]
+    index = (draws * lengths.cpu()[:, None]).long().to(packed.device)
+    return packed.gather(1, index).view(batch, config.ngram - 1, config.window)
+
+
+register_strategy("lookahead", _lookahead)

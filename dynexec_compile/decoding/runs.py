@@ -1,0 +1,86 @@
+"""Generated tokens when a step keeps a run of several tokens per row.
+
+Why a class of its own: lookahead and draft-and-verify steps accept a different number of
+tokens per row, and the run a row keeps must still stop exactly where ``model.generate``
+would: at the row's first EOS (EOS included, ``pad_token_id`` after it) and at
+``max_new_tokens``, never past them. The plain one-token loop in ``generate.py`` keeps its own
+leaner bookkeeping; the semantics are the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TokenRuns:
+    """Per-row output buffer of a multi-token decoding loop, with EOS and length limits.
+
+    Args:
+        batch_size: rows ``B``.
+        max_new_tokens: the most tokens a row may generate.
+        width: the longest run one step may offer (``K``).
+        eos_token_ids: a row stops after the first of these it keeps; empty: never.
+        pad_token_id: fills a row after its EOS (``None`` only when there is no EOS).
+        device: where the buffers live.
+
+    Attributes:
+        produced: ``[B]`` tokens kept so far per row (EOS included).
+        finished: ``[B]`` whether the row has kept an EOS.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_new_tokens: int,
+        width: int,
+        eos_token_ids: tuple[int, ...],
+        pad_token_id: int | None,
+        device: torch.device,
+    ):
+        if eos_token_ids and pad_token_id is None:
+            raise ValueError("TokenRuns: rows that stop at EOS need a pad_token_id to fill them")
+        fill = 0 if pad_token_id is None else pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.new = torch.full((batch_size, max_new_tokens + width), fill, dtype=torch.long, device=device)  # [B, M+K]
+        self.produced = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
+        self.eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)  # [E]
+        self._offsets = torch.arange(width, device=device)  # [K]
+
+    @property
+    def done(self) -> torch.Tensor:
+        """``[B]`` rows that will keep no more tokens (EOS kept, or ``max_new_tokens`` reached)."""
+        return self.finished | (self.produced >= self.max_new_tokens)
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def keep(self, run: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Append the first ``counts[b]`` tokens of ``run[b]``, cut at EOS and ``max_new_tokens``.
+
+        Args:
+            run: ``[B, K']`` (``K' <= width``) tokens offered per row, in order.
+            counts: ``[B]`` how many of them the row accepted (``<= K'``).
+        Returns:
+            ``[B]`` tokens actually kept: 0 for rows already done.
+        """
+        width = run.shape[1]
+        offsets = self._offsets[:width]  # [K']
+        counts = torch.minimum(counts, self.max_new_tokens - self.produced)
+        counts = counts.masked_fill(self.done, 0)  # [B]
+        if self.eos.numel():
+            is_eos = torch.isin(run, self.eos) & (offsets < counts[:, None])  # [B, K']
+            hit = is_eos.any(dim=1)  # [B]
+            counts = torch.where(hit, is_eos.long().argmax(dim=1) + 1, counts)
+            self.finished |= hit
+        index = self.produced[:, None] + offsets  # [B, K']
+        kept = torch.where(offsets < counts[:, None], run, self.new.gather(1, index))
+        self.new.scatter_(1, index, kept)
+        self.produced += counts
+        return counts
+
+    def sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L + n]``: the prompts as given, then the generated tokens; ``n`` is the longest
+        row's count, shorter (finished) rows padded."""
+        longest = int(self.produced.max())
+        return torch.cat([input_ids.to(self.new.device), self.new[:, :longest]], dim=1)
