@@ -108,7 +108,6 @@ def test_the_users_model_is_not_modified(llama):
     ("kwargs", "error", "message"),
     [
         ({"strategy": "beam"}, ValueError, "unknown strategy 'beam'"),
-        ({"strategy": "lookahead"}, NotImplementedError, "issue 5"),
         ({"strategy": "speculative"}, NotImplementedError, "issue 6"),
         ({"strategy": "draft_heads"}, NotImplementedError, "issue 6"),
         ({"strategy": "self_speculative"}, NotImplementedError, "issue 6"),
