@@ -14,6 +14,7 @@ from dynexec_compile.decoding.generate import (
     register_strategy,
 )
 from dynexec_compile.decoding.lookahead import (
+    ContextLookup,
     LookaheadConfig,
     NgramPool,
     lookahead_decode,
@@ -25,6 +26,7 @@ from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_pro
 from dynexec_compile.decoding.step import DecodeEngine
 
 __all__ = [
+    "ContextLookup",
     "DecodeEngine",
     "DecodeSettings",
     "GenerateOutput",

@@ -194,6 +194,52 @@ class NgramPool:
         return sum(len(v) for v in self._pool.values())
 
 
+class ContextLookup:
+    """Prompt-lookup candidates of one row: what followed earlier occurrences of the row's last
+    two tokens in its text (prompt + generated so far), most recent occurrence first.
+
+    Why two tokens: a single token (``(``, ``.``, a space) has many continuations in code and
+    prose; the bigram picks the copy that is being continued (as transformers' prompt lookup
+    does with ``max_matching_ngram_size=2``). Single-token matches come from the
+    :class:`NgramPool` seeded with the same text.
+
+    Args:
+        span: candidate length ``N-1``.
+        tokens: the prompt.
+    """
+
+    def __init__(self, span: int, tokens: list[int]):
+        self.span = span
+        self.text: list[int] = []
+        self._after: dict[tuple[int, int], list[int]] = {}  # bigram -> indices of what followed it
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        text = self.text
+        for token in tokens:
+            text.append(token)
+            if len(text) >= 2:
+                self._after.setdefault((text[-2], token), []).append(len(text))
+
+    def candidates(self, limit: int) -> list[tuple[int, ...]]:
+        """Up to ``limit`` distinct continuations of the text's last bigram; one that runs into
+        the end of the text is padded with its last token (verification rejects what is wrong)."""
+        text, found = self.text, []
+        if len(text) < 2 or limit == 0:
+            return found
+        for start in reversed(self._after.get((text[-2], text[-1]), [])):
+            if start >= len(text):  # the occurrence that is the end of the text itself
+                continue
+            continuation = text[start : start + self.span]
+            continuation += continuation[-1:] * (self.span - len(continuation))
+            candidate = tuple(continuation)
+            if candidate not in found:
+                found.append(candidate)
+                if len(found) == limit:
+                    break
+        return found
+
+
 # ---- the strategy --------------------------------------------------------------------
 
 
@@ -293,11 +339,11 @@ class _LookaheadState:
         )
         self.window = _initial_window(packed, lengths, config)  # [B, N-1, W]
         self.filled = 1  # window levels that hold Jacobi iterates (the rest: prompt tokens)
-        self.texts = [row[:n] for row, n in zip(packed.tolist(), lengths.tolist(), strict=True)]
-        self.pools = [NgramPool(config.ngram, config.guesses) for _ in self.texts]
-        if config.prompt_lookup:
-            for pool, text in zip(self.pools, self.texts, strict=True):
-                pool.add_text(text)
+        prompts = [row[:n] for row, n in zip(packed.tolist(), lengths.tolist(), strict=True)]
+        self.pools = [NgramPool(config.ngram, config.guesses) for _ in prompts]
+        self.contexts = [ContextLookup(config.ngram - 1, p) for p in prompts] if config.prompt_lookup else []
+        for pool, context in zip(self.pools, self.contexts):  # no contexts: prompt lookup off
+            pool.add_text(context.text)
         self.token = torch.zeros(packed.shape[0], dtype=torch.long, device=device)  # [B] current token
         self.guesses_per_step: list[list[int]] = []
 
@@ -356,13 +402,15 @@ class _LookaheadState:
         return run, matched[rows, best], run_slots
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, G, N-1] tokens, [B, G] valid)``: the pool's continuations of each current token."""
+        """``([B, G, N-1] tokens, [B, G] valid)`` per row: prompt-lookup continuations of the last
+        bigram first (with ``prompt_lookup``), then the pool's continuations of the current token."""
         cfg = self.config
         span = cfg.ngram - 1
         filler = (0,) * span
         rows, valid = [], []
-        for pool, key in zip(self.pools, self.token.tolist(), strict=True):
-            found = pool.candidates(key)[: cfg.guesses]
+        for b, key in enumerate(self.token.tolist()):
+            found = self.contexts[b].candidates(cfg.guesses) if self.contexts else []
+            found += [c for c in self.pools[b].candidates(key) if c not in found][: cfg.guesses - len(found)]
             valid.append([True] * len(found) + [False] * (cfg.guesses - len(found)))
             rows.append(found + [filler] * (cfg.guesses - len(found)))
         device = self.token.device
@@ -387,13 +435,13 @@ class _LookaheadState:
 
     def _extend_texts(self, run: torch.Tensor, kept: torch.Tensor) -> None:
         """With prompt lookup: append the kept tokens to each row's text and pool its new n-grams."""
-        if not self.config.prompt_lookup:
+        if not self.contexts:
             return
         for b, (row, n) in enumerate(zip(run.tolist(), kept.tolist(), strict=True)):
             if n == 0:
                 continue
-            text = self.texts[b]
-            text.extend(row[:n])
+            text = self.contexts[b].text
+            self.contexts[b].extend(row[:n])
             self.pools[b].add_text(text, start=max(0, len(text) - n - self.config.ngram + 1))
 
 

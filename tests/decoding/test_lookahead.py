@@ -8,6 +8,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import dynexec_compile as dx
 from dynexec_compile.decoding import (
+    ContextLookup,
     DecodeEngine,
     LookaheadConfig,
     NgramPool,
@@ -257,6 +258,18 @@ def test_ngram_pool_keeps_the_most_recent_continuations_per_key():
     pool.add(5, (7, 7))
     assert pool.candidates(5) == [(7, 7), (1, 2)], "capacity 2: the oldest continuation goes"
     assert len(NgramPool(ngram=3, capacity=0).candidates(5)) == 0
+
+
+def test_context_lookup_continues_the_last_bigram_most_recent_first():
+    context = ContextLookup(span=3, tokens=[1, 2, 3, 4, 5, 1, 2, 6, 7, 8, 9, 1])
+    assert context.candidates(4) == [], "the last bigram (9, 1) occurred nowhere before"
+    context.extend([2])
+    assert context.candidates(4) == [(6, 7, 8), (3, 4, 5)], "(1, 2) continued, most recent first"
+    assert context.candidates(1) == [(6, 7, 8)]
+    context.extend([6, 7])
+    assert context.candidates(4) == [(8, 9, 1)]
+    context = ContextLookup(span=3, tokens=[4, 4, 4])
+    assert context.candidates(2) == [(4, 4, 4)], "a continuation that runs into the end is padded"
 
 
 def test_prompt_lookup_seeds_the_pool_from_the_prompt(llama):
