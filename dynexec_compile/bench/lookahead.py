@@ -1,0 +1,259 @@
+"""``dynexec bench lookahead``: lookahead decoding against greedy and prompt lookup, side by side.
+
+Why this comparison: lookahead decoding only pays if the tokens it gains per forward outweigh
+what the wider step costs, and prompt-lookup decoding is the cheap alternative a user would
+try first. So in one process, on the trained demo code LM and held-out standard-library
+prompts, every generation is timed interleaved (round-robin, medians) for: transformers'
+greedy ``generate``; transformers' prompt lookup (``prompt_lookup_num_tokens``, batch 1 only:
+transformers refuses it for larger batches); dynexec greedy (the compiled static-cache step);
+dynexec lookahead at several ``(W, N, G)``. Every output is checked token-identical to
+transformers' greedy decoding. Reported: tokens/s, tokens per forward (forwards counted, not
+inferred), ratios, and compile time apart (first call).
+
+``--quick`` runs a tiny random LLaMA eagerly in seconds: only the deterministic metrics
+(identical outputs, tokens per forward, forwards) are recorded, for the CI gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynexec_compile.bench.common import SuiteResult, interleaved_medians
+from dynexec_compile.decoding.lookahead import DEFAULTS
+
+Config = tuple[int, int, int]  # (window, ngram, guesses)
+DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
+FULL_SWEEP: list[Config] = [(1, 5, 2), (2, 5, 2), (1, 6, 2), (2, 4, 2), (4, 4, 4), (3, 5, 3)]
+QUICK_SWEEP: list[Config] = [(2, 3, 2), (2, 4, 3)]
+Generation = tuple[torch.Tensor, int]  # (sequences, forward passes)
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="lookahead: tokens per row (default 128; quick 32)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="lookahead: prompt length (default 100; quick 24)")
+    parser.add_argument("--prompts", type=int, default=None, help="lookahead: held-out prompts (default 4)")
+    parser.add_argument("--batches", default=None, help="lookahead: batch sizes, e.g. 1,4 (default 1,4; quick 1,2)")
+    parser.add_argument("--sweep", default=None, help='lookahead: (W,N,G) configs as "W,N,G;W,N,G"')
+    parser.add_argument("--pld-tokens", type=int, default=10, help="lookahead: transformers' prompt_lookup_num_tokens (default 10)")
+    parser.add_argument("--threads", type=int, default=1, help="lookahead: torch threads (default 1)")
+
+
+def run(args: argparse.Namespace) -> SuiteResult:
+    quick = args.quick
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, prompts, label = _quick_setup(args) if quick else _demo_setup(args)
+    max_new = args.max_new_tokens or (32 if quick else 128)
+    batches = [int(b) for b in (args.batches or ("1,2" if quick else "1,4")).split(",")]
+    sweep = _parse_sweep(args.sweep) if args.sweep else (QUICK_SWEEP if quick else FULL_SWEEP)
+    configs = [DEFAULT_CONFIG] + [c for c in sweep if c != DEFAULT_CONFIG]
+    repeats = args.repeats or (1 if quick else 3)
+    result = SuiteResult("lookahead")
+    result.notes.append(
+        f"{label}; {prompts.shape[0]} prompts of {prompts.shape[1]} tokens, {max_new} new tokens, fp32, "
+        f"{torch.get_num_threads()} thread(s); dynexec {'eager (compile=False)' if quick else 'compiled (Inductor)'}; "
+        f"time = median of {repeats} interleaved rounds over all prompts; 'first call s' includes compilation; "
+        "ratios > 1 mean faster than the baseline"
+    )
+    for batch in batches:
+        _run_batch(result, model, prompts, batch, max_new, configs, repeats, args.pld_tokens, quick)
+    if not quick:
+        _plot_sweep(result, Path(args.out or "runs/bench-lookahead.json").with_suffix(".png"))
+    return result
+
+
+# ---- set-ups ---------------------------------------------------------------------------
+
+
+def _demo_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    from dynexec_compile.models import heldout_prompts, load_demo_lm
+
+    model, tokenizer = load_demo_lm("target")
+    prompts = heldout_prompts(args.prompts or 4, args.prompt_tokens or 100, tokenizer)
+    return model, prompts, "demo code LM (models/code-lm/target), held-out stdlib prompts"
+
+
+def _quick_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )
+    model = T.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, 128, (args.prompts or 4, args.prompt_tokens or 24), generator=gen)
+    return model, prompts, "tiny random LLaMA (GQA), random prompts"
+
+
+def _parse_sweep(text: str) -> list[Config]:
+    try:
+        configs = [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError as err:
+        raise SystemExit(f"--sweep {text!r}: expected 'W,N,G;W,N,G' with integers ({err})") from None
+    if not configs or any(len(c) != 3 for c in configs):
+        raise SystemExit(f"--sweep {text!r}: expected 'W,N,G;W,N,G'")
+    return configs  # type: ignore[return-value]
+
+
+def _batches(prompts: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Groups of ``batch`` prompts; in a group row ``i`` loses its first ``10 * i`` tokens
+    (left padding, as for ``model.generate``), so the rows have different lengths."""
+    if batch == 1:
+        return [(prompts[i : i + 1], None) for i in range(prompts.shape[0])]
+    if prompts.shape[0] < batch:
+        raise SystemExit(f"batch {batch} needs at least {batch} prompts; pass --prompts {batch}")
+    groups = []
+    for start in range(0, prompts.shape[0] - batch + 1, batch):
+        ids = prompts[start : start + batch].clone()
+        mask = torch.ones_like(ids)
+        for i in range(batch):
+            cut = min(10 * i, ids.shape[1] - 1)
+            ids[i, :cut], mask[i, :cut] = 0, 0
+        groups.append((ids, mask))
+    return groups
+
+
+# ---- the variants ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _counting_forwards(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Count top-level forwards of ``model`` (transformers' own generate loops only: a hook
+    must not be traced into dynexec's compiled graphs, so it is removed afterwards)."""
+    count = [0]
+    handle = model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+def _variants(
+    model: torch.nn.Module, max_new: int, batch: int, configs: list[Config], pld_tokens: int, quick: bool
+) -> dict[str, tuple[Config | None, bool, Callable[[torch.Tensor, torch.Tensor | None], Generation]]]:
+    """name -> (lookahead config, prompt lookup, fn(ids, mask) -> (sequences, forwards))."""
+    import dynexec_compile as dx
+
+    common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0}
+    dx_common = {**common, "compile": not quick}
+
+    def hf(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
+        def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:
+            with torch.no_grad(), _counting_forwards(model) as count:
+                out = model.generate(ids, attention_mask=mask, do_sample=False, **common, **extra)
+            return out, count[0]
+
+        return fn
+
+    def ours(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
+        def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:
+            out = dx.generate(model, ids, mask, **dx_common, **extra)
+            return out.sequences, out.stats.forward_passes
+
+        return fn
+
+    variants = {"hf_greedy": (None, False, hf()), "dx_greedy": (None, False, ours(strategy="greedy"))}
+    if batch == 1:
+        variants["hf_prompt_lookup"] = (None, True, hf(prompt_lookup_num_tokens=pld_tokens))
+    for i, (w, n, g) in enumerate(configs):
+        options = {"strategy": "lookahead", "window": w, "ngram": n, "guesses": g}
+        variants[f"dx_lookahead_{w}_{n}_{g}"] = ((w, n, g), True, ours(**options))
+        if i == 0:  # the default: also without prompt lookup (the Jacobi window's own n-grams)
+            variants[f"dx_lookahead_{w}_{n}_{g}_nopl"] = ((w, n, g), False, ours(**options, prompt_lookup=False))
+    return variants
+
+
+def _run_batch(
+    result: SuiteResult,
+    model: torch.nn.Module,
+    prompts: torch.Tensor,
+    batch: int,
+    max_new: int,
+    configs: list[Config],
+    repeats: int,
+    pld_tokens: int,
+    quick: bool,
+) -> None:
+    groups = _batches(prompts, batch)
+    variants = _variants(model, max_new, batch, configs if batch == 1 else configs[:1], pld_tokens, quick)
+    reference = [variants["hf_greedy"][2](ids, mask)[0] for ids, mask in groups]
+    first_call: dict[str, float] = {}
+    forwards: dict[str, int] = {}
+    identical: dict[str, bool] = {}
+    for name, (_, _, fn) in variants.items():
+        start = time.perf_counter()
+        outs = [fn(ids, mask) for ids, mask in groups]  # cold: compiles
+        first_call[name] = time.perf_counter() - start
+        forwards[name] = sum(f for _, f in outs)
+        identical[name] = all(torch.equal(seq, ref) for (seq, _), ref in zip(outs, reference))
+
+    def all_groups(fn: Callable) -> Callable[[], None]:
+        return lambda: [fn(ids, mask) for ids, mask in groups]
+
+    times = interleaved_medians({name: all_groups(v[2]) for name, v in variants.items()}, repeats=repeats, warmup=0)
+    new_tokens = sum(ids.shape[0] for ids, _ in groups) * max_new
+    for name, (config, pl, _) in variants.items():
+        tokens_per_forward = max_new * len(groups) / forwards[name]  # per row: each call gives every row max_new
+        row = {
+            "batch": batch,
+            "variant": name,
+            "W,N,G": ",".join(map(str, config)) if config else "",
+            "step tokens": 1 + (config[1] - 1) * (config[0] + config[2]) if config else "",
+            "prompt lookup": "yes" if pl else "no",
+            "forwards": forwards[name],
+            "tokens/forward": tokens_per_forward,
+            "tokens/s": new_tokens / times[name],
+            "vs hf greedy": times["hf_greedy"] / times[name],
+            "vs hf prompt lookup": times["hf_prompt_lookup"] / times[name] if "hf_prompt_lookup" in times else None,
+            "vs dx greedy": times["dx_greedy"] / times[name],
+            "identical": "yes" if identical[name] else "NO",
+            "first call s": first_call[name],
+        }
+        result.rows.append(row)
+        key = f"b{batch}/{name}"
+        result.metric(f"{key}/outputs_equal", float(identical[name]), "exact")
+        result.metric(f"{key}/tokens_per_forward", tokens_per_forward, "exact", "higher")
+        if not quick and name != "hf_greedy":
+            result.metric(f"{key}/speedup_vs_hf_greedy", row["vs hf greedy"], "timing", "higher")
+            result.metric(f"{key}/speedup_vs_dx_greedy", row["vs dx greedy"], "timing", "higher")
+    if batch > 1:
+        result.notes.append(f"batch {batch}: transformers' prompt lookup does not support batches > 1 (not run)")
+
+
+def _plot_sweep(result: SuiteResult, path: Path) -> None:
+    """Tokens per forward and speed-up over dynexec greedy against the step's token count (batch 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r["batch"] == 1 and r["W,N,G"] and r["prompt lookup"] == "yes"]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("tokens/forward", "vs dx greedy")):
+        ax.scatter([r["step tokens"] for r in rows], [r[key] for r in rows])
+        for r in rows:
+            ax.annotate(f"({r['W,N,G']})", (r["step tokens"], r[key]), fontsize=8)
+        ax.set_xlabel("tokens per step T = 1 + (N-1)(W+G)")
+        ax.set_ylabel(key)
+    pld = [r for r in result.rows if r["batch"] == 1 and r["variant"] == "hf_prompt_lookup"]
+    if pld:
+        axes[1].axhline(pld[0]["vs dx greedy"], linestyle="--", color="gray", label="HF prompt lookup")
+        axes[1].legend()
+    axes[1].axhline(1.0, color="black", linewidth=0.5)
+    fig.suptitle("lookahead sweep, batch 1 (demo code LM)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    result.notes.append(f"sweep plot written to {path}")
