@@ -331,6 +331,11 @@ class _LookaheadState:
         self.engine, self.config = engine, config
         layout = step_layout(config.window, config.ngram, config.guesses)
         self.offsets = layout.offsets.to(device)  # [T]
+        self.step_range = torch.arange(layout.width, device=device)  # [T]
+        # window and candidate tokens past the model's last position (near the end of a long
+        # generation) are only guesses beyond what can be kept: clamp them so that learned
+        # position embeddings (GPT-2) stay in range
+        self.last_position = _last_position(engine.model.config)
         self.visible = layout.visible.to(device)  # [T, T]
         self.window_index = layout.window.to(device)  # [N-1, W]
         self.candidate_index = layout.candidates.to(device)  # [G, N-1]
@@ -359,8 +364,8 @@ class _LookaheadState:
         engine = self.engine
         candidates, valid = self._candidates()  # [B, G, N-1], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
-        slots = engine.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T]
-        positions = engine.lengths[:, None] + self.offsets  # [B, T]
+        slots = engine.lengths[:, None] + self.step_range  # [B, T]
+        positions = (engine.lengths[:, None] + self.offsets).clamp(max=self.last_position)  # [B, T]
         mask = step_mask(engine.lengths, slots, self.visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
         predicted = engine.step(tokens, positions, mask, slots).argmax(dim=-1)  # [B, T] greedy token after each
 
@@ -443,6 +448,12 @@ class _LookaheadState:
             text = self.contexts[b].text
             self.contexts[b].extend(row[:n])
             self.pools[b].add_text(text, start=max(0, len(text) - n - self.config.ngram + 1))
+
+
+def _last_position(config: Any) -> int:
+    """The largest position id the model embeds (a huge number when no limit is known)."""
+    limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return limit - 1 if isinstance(limit, int) and limit > 0 else 2**62
 
 
 def _initial_window(packed: torch.Tensor, lengths: torch.Tensor, config: LookaheadConfig) -> torch.Tensor:

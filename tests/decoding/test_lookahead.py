@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import VOCAB, left_padded_batch
 from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import dynexec_compile as dx
 from dynexec_compile.decoding import (
@@ -201,6 +202,17 @@ def test_max_new_tokens_inside_an_accepted_run_is_never_exceeded(lm):
         assert out.sequences.shape == (1, width + max_new)
         assert torch.equal(out.sequences, hf_greedy(lm, ids, mask, max_new))
         assert out.stats.new_tokens == [max_new]
+
+
+def test_a_generation_up_to_gpt2s_last_position_keeps_guesses_in_range():
+    """Near the end, window tokens would sit past GPT-2's learned positions: they are clamped
+    (only guesses beyond what can be kept live there)."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=48, initializer_range=0.2)
+    model = GPT2LMHeadModel(config).eval()
+    ids, mask = left_padded_batch([12, 8], seed=4)
+    out = lookahead(model, ids, mask, 36, window=4, ngram=5, guesses=3)  # the longest row ends at position 47
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 36))
 
 
 def test_every_row_stopping_at_eos_ends_the_loop_and_pads(llama):
