@@ -56,7 +56,7 @@ from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
 
-DEFAULTS = {"window": 2, "ngram": 5, "guesses": 2, "prompt_lookup": True}
+DEFAULTS = {"window": 1, "ngram": 6, "guesses": 2, "prompt_lookup": True}
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
 
 

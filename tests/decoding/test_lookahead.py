@@ -20,12 +20,14 @@ from dynexec_compile.decoding import (
 )
 from dynexec_compile.decoding.generate import DecodeSettings, cache_length
 
-CONFIGS = [  # (window, ngram, guesses, prompt_lookup)
-    (4, 4, 4, True),
-    (3, 2, 2, False),
-    (2, 5, 3, True),
-    (5, 3, 0, False),
+CONFIGS = [  # options of generate(strategy="lookahead"); {} = the defaults
+    {},
+    {"window": 4, "ngram": 4, "guesses": 4, "prompt_lookup": True},
+    {"window": 3, "ngram": 2, "guesses": 2, "prompt_lookup": False},
+    {"window": 2, "ngram": 5, "guesses": 3, "prompt_lookup": True},
+    {"window": 5, "ngram": 3, "guesses": 0, "prompt_lookup": False},
 ]
+PINNED = {"window": 4, "ngram": 4, "guesses": 4}  # the tests below need accepted runs; not the defaults
 
 
 def hf_greedy(model, ids, mask, max_new_tokens, **kwargs):
@@ -35,7 +37,7 @@ def hf_greedy(model, ids, mask, max_new_tokens, **kwargs):
 
 
 def lookahead(model, ids, mask, max_new_tokens, **kwargs):
-    kwargs = {"eos_token_id": [], "pad_token_id": 0, "compile": False, **kwargs}
+    kwargs = {"eos_token_id": [], "pad_token_id": 0, "compile": False, **PINNED, **kwargs}
     return dx.generate(model, ids, mask, strategy="lookahead", max_new_tokens=max_new_tokens, **kwargs)
 
 
@@ -143,16 +145,17 @@ def test_one_forward_per_step_with_the_layout_mask_and_positions(llama):
 # ---- token-exact greedy ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("window", "ngram", "guesses", "prompt_lookup"), CONFIGS)
-def test_lookahead_equals_transformers_greedy_on_a_left_padded_batch(lm, window, ngram, guesses, prompt_lookup):
+@pytest.mark.parametrize("options", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_lookahead_equals_transformers_greedy_on_a_left_padded_batch(lm, options):
     ids, mask = left_padded_batch([7, 12, 4])
     ref = hf_greedy(lm, ids, mask, 48)
-    out = lookahead(lm, ids, mask, 48, window=window, ngram=ngram, guesses=guesses, prompt_lookup=prompt_lookup)
+    kwargs = {"eos_token_id": [], "pad_token_id": 0, "compile": False, **options}
+    out = dx.generate(lm, ids, mask, strategy="lookahead", max_new_tokens=48, **kwargs)
     assert len(set(ref[:, ids.shape[1] :].flatten().tolist())) >= 8, "degenerate model: the test could not fail"
     assert torch.equal(out.sequences, ref)
     assert out.stats.forward_passes == out.stats.steps + 1
     assert out.stats.new_tokens == [48, 48, 48]
-    if guesses:
+    if out.stats.extra["guesses"]:
         assert max(max(s) for s in out.stats.accepted_per_step) > 1
 
 
