@@ -12,10 +12,13 @@ configuration, so it compiles once) under a custom mask, laid out as
 - the *lookahead window*: ``N-1`` levels of ``W`` tokens, the last ``N-1`` Jacobi iterates.
   Level ``l``, column ``j`` sits at position ``p+1+l+j`` and sees the current token, level 0
   at columns ``<= j`` and its own column at levels ``1..l`` — its Jacobi ancestors, a causal
-  chain of consecutive positions (the layout of the paper's figure 3);
-- the *verification branch*: up to ``G`` candidate ``(N-1)``-grams from the pool whose key is
-  the current token; candidate token ``k`` sits at position ``p+1+k`` and sees the current
-  token and its own earlier tokens only. Unused candidate slots are padding.
+  chain of consecutive positions (the layout of the paper and of llama.cpp's lookahead example);
+- the *verification branch*: up to ``G`` candidate ``(N-1)``-grams; candidate token ``k``
+  sits at position ``p+1+k`` and sees the current token and its own earlier tokens only.
+  With ``prompt_lookup`` the first candidates continue earlier occurrences of the last two
+  tokens in the prompt + generated text; the rest come from the n-gram pool under the
+  current token (the window's n-grams and, with ``prompt_lookup``, the text's). Unused
+  candidate slots are padding.
 
 After the forward: the current token's prediction and the candidates' predictions give the
 greedy tokens; the longest candidate prefix that matches them is accepted (plus the one
@@ -24,6 +27,13 @@ produced. Only the accepted tokens' keys/values are kept: ``DecodeEngine.commit`
 them from their scratch slots into place (nothing recomputed). The window then advances by
 one Jacobi iteration (drop the oldest level, append the predictions of the newest), and the
 ``W`` n-grams along its columns (level 0 .. N-2, then the prediction) enter the pool.
+
+The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill the levels
+(level ``l+1`` = predictions of level ``l``) before n-grams are collected.
+
+Defaults ``(W, N, G) = (1, 6, 2)`` are the best measured on the demo code LM at batch 1 on a
+2-core CPU (``dynexec bench lookahead``), where every extra token in the step costs ~9% of a
+one-token step; on hardware with idle compute per weight load (GPUs) wider windows pay off.
 
 Batches work row by row inside the same tensors: rows accept different counts, each row's
 cache length moves on its own (the :class:`SlotCache` keeps per-row lengths).
