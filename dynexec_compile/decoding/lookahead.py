@@ -31,7 +31,7 @@ one Jacobi iteration (drop the oldest level, append the predictions of the newes
 The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill the levels
 (level ``l+1`` = predictions of level ``l``) before n-grams are collected.
 
-Defaults ``(W, N, G) = (1, 6, 2)`` are the best measured on the demo code LM at batch 1 on a
+Defaults ``(W, N, G) = (1, 5, 1)`` are among the best measured on the demo code LM at batch 1 on a
 2-core CPU (``dynexec bench lookahead``), where every extra token in the step costs ~9% of a
 one-token step; on hardware with idle compute per weight load (GPUs) wider windows pay off.
 
@@ -66,7 +66,7 @@ from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
 
-DEFAULTS = {"window": 1, "ngram": 6, "guesses": 2, "prompt_lookup": True}
+DEFAULTS = {"window": 1, "ngram": 5, "guesses": 1, "prompt_lookup": True}
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
 
 
