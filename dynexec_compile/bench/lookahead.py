@@ -30,7 +30,7 @@ from dynexec_compile.decoding.lookahead import DEFAULTS
 
 Config = tuple[int, int, int]  # (window, ngram, guesses)
 DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
-FULL_SWEEP: list[Config] = [(1, 6, 1), (1, 6, 2), (1, 7, 2), (2, 5, 2), (2, 4, 2), (4, 4, 4), (3, 5, 3)]
+FULL_SWEEP: list[Config] = [(1, 5, 1), (1, 6, 1), (1, 7, 2), (2, 5, 2), (2, 4, 2), (4, 4, 4), (3, 5, 3)]
 QUICK_SWEEP: list[Config] = [(2, 3, 2), (2, 4, 3)]
 Generation = tuple[torch.Tensor, int]  # (sequences, forward passes)
 
@@ -212,6 +212,7 @@ def _run_batch(
             "forwards": forwards[name],
             "tokens/forward": tokens_per_forward,
             "tokens/s": new_tokens / times[name],
+            "ms/forward": 1e3 * times[name] / forwards[name],
             "vs hf greedy": times["hf_greedy"] / times[name],
             "vs hf prompt lookup": times["hf_prompt_lookup"] / times[name] if "hf_prompt_lookup" in times else None,
             "vs dx greedy": times["dx_greedy"] / times[name],
