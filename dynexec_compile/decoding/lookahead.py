@@ -32,9 +32,8 @@ The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill 
 (level ``l+1`` = predictions of level ``l``) before n-grams are collected.
 
 Defaults ``(W, N, G) = (1, 6, 2)``: on the demo code LM at batch 1 on a 2-core CPU
-(``dynexec bench lookahead``, three runs) the steadiest of the fastest settings, 1.34-1.37x
-dynexec greedy; there every extra token in the step costs ~9% of a one-token step, so narrow
-windows win. On hardware with idle compute per weight load (GPUs) wider windows pay off.
+(``dynexec bench lookahead``, five runs) the steadiest of the fastest settings, 1.22-1.39x
+dynexec greedy; there a 16-token step costs ~2.5-3 one-token steps, so narrow windows win. On hardware with idle compute per weight load (GPUs) wider windows pay off.
 
 Batches work row by row inside the same tensors: rows accept different counts, each row's
 cache length moves on its own (the :class:`SlotCache` keeps per-row lengths).
