@@ -6,7 +6,17 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
-from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, generate
+from dynexec_compile.decoding import (
+    DecodeEngine,
+    DraftHeads,
+    GenerateOutput,
+    SlotCache,
+    generate,
+    load_draft_heads,
+    save_draft_heads,
+    train_draft_heads,
+    train_exit_lm_head,
+)
 from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
@@ -36,6 +46,11 @@ __all__ = [
     "heldout_prompts",
     "load_demo_lm",
     "DecodeEngine",
+    "DraftHeads",
+    "load_draft_heads",
+    "save_draft_heads",
+    "train_draft_heads",
+    "train_exit_lm_head",
     "GenerateOutput",
     "SlotCache",
     "generate",

@@ -5,6 +5,14 @@ Lookahead and speculative strategies are loops of :meth:`DecodeEngine.step` +
 """
 
 from dynexec_compile.decoding.cache import SlotCache
+from dynexec_compile.decoding.draft_heads import (
+    DraftHeads,
+    load_draft_heads,
+    save_draft_heads,
+    train_draft_heads,
+)
+from dynexec_compile.decoding.draft_heads_decode import draft_heads_strategy
+from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
@@ -15,21 +23,33 @@ from dynexec_compile.decoding.generate import (
 )
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
+from dynexec_compile.decoding.self_speculative import self_speculative_strategy, train_exit_lm_head
+from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
 from dynexec_compile.decoding.step import DecodeEngine
+
+register_strategy("draft_heads", draft_heads_strategy)
+register_strategy("self_speculative", self_speculative_strategy)
 
 __all__ = [
     "DecodeEngine",
     "DecodeSettings",
+    "DraftHeads",
+    "DraftHeadsEngine",
     "GenerateOutput",
     "GenerateStats",
     "SamplingParams",
+    "SelfSpeculativeEngine",
     "SlotCache",
     "chain_mask",
     "draw",
     "generate",
+    "load_draft_heads",
     "get_engine",
     "register_strategy",
     "sampling_probs",
+    "save_draft_heads",
     "step_mask",
+    "train_draft_heads",
+    "train_exit_lm_head",
     "warp_logits",
 ]

@@ -36,8 +36,6 @@ CACHES = ("static", "dynamic")
 PENDING_STRATEGIES = {
     "lookahead": "issue 5 (lookahead decoding)",
     "speculative": "issue 6 (draft-and-verify: draft model)",
-    "draft_heads": "issue 6 (draft-and-verify: fused draft heads)",
-    "self_speculative": "issue 6 (draft-and-verify: self-speculation)",
 }
 CACHE_LEN_MULTIPLE = 128
 MAX_ENGINES = 4

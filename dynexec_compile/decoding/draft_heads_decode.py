@@ -1,0 +1,164 @@
+"""``generate(..., strategy="draft_heads", heads=...)``: Medusa-style decoding, one forward per step.
+
+Each step feeds ``[pending, c_1 .. c_k]`` through :meth:`DraftHeadsEngine.verify_greedy`
+(or ``verify_all`` when sampling): the same forward scores the candidates and, through the
+draft heads inside its graph, proposes the next ``k``. Row ``b`` keeps the candidates the
+target agrees with plus the target's own next token, so greedy output is token-identical
+to greedy decoding; sampling uses speculative rejection sampling with each head's warped
+distribution as the proposal (:mod:`dynexec_compile.decoding.verify`), so the output follows
+the target's own sampling distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.chain_output import ChainOutput
+from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
+from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
+from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
+from dynexec_compile.decoding.generate import (
+    DecodeSettings,
+    GenerateOutput,
+    GenerateStats,
+    _next_token,
+    _synchronize,
+    cache_length,
+    compile_count,
+)
+from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.sampling import draw, sampling_probs
+from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
+
+
+def draft_heads_strategy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    *,
+    heads: DraftHeads | None = None,
+    tree: Any = None,
+    **options: Any,
+) -> GenerateOutput:
+    """The ``"draft_heads"`` strategy (see the module docstring). Options: ``heads`` (required)."""
+    if options:
+        raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= (and tree=)")
+    if heads is None:
+        raise ValueError("strategy='draft_heads' needs heads=DraftHeads (dynexec_compile.train_draft_heads / load_draft_heads)")
+    if tree is not None:
+        raise NotImplementedError("tree= with strategy='draft_heads' is not implemented yet: the heads propose a chain")
+    if settings.cache != "static":
+        raise ValueError("strategy='draft_heads' runs on the static SlotCache; pass cache='static'")
+    check_heads_fit(model, heads)
+    k = heads.num_heads
+    _, lengths = pack_prompts(input_ids, attention_mask)
+    batch = input_ids.shape[0]
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=k + 1)
+    engine = cached_engine(
+        model,
+        batch,
+        max_len,
+        settings,
+        ("draft_heads", id(heads), weights_fingerprint(heads)),
+        lambda n: DraftHeadsEngine(model, batch, n, heads, **engine_options(settings)),
+    )
+    return _decode(engine, input_ids, attention_mask, settings)
+
+
+def _decode(
+    engine: DraftHeadsEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: DecodeSettings
+) -> GenerateOutput:
+    stats = GenerateStats(strategy="draft_heads")
+    compiles0, forwards0 = compile_count(), engine.forward_passes
+    k, device, sampling = engine.num_heads, engine.device, settings.sampling
+    out = ChainOutput(input_ids.shape[0], settings, device)
+    drafted, accepted_drafts = [], []
+
+    start = time.perf_counter()
+    logits, head_logits = engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
+    pending = _next_token(logits, settings)  # [B]
+    candidates, proposal = _propose(head_logits, settings)  # [B, k], [B, k, V] or None
+    out.emit(pending[:, None], torch.ones_like(pending))
+    _synchronize(device)
+    stats.prefill_time_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    offsets = torch.arange(k + 1, device=device)
+    while not out.done:
+        live = ~out.finished  # [B]
+        positions = engine.lengths[:, None] + offsets  # [B, k+1]
+        mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
+        tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
+        if sampling is None:
+            target, accepted, head_logits = engine.verify_greedy(tokens, positions, mask)
+            emitted = target  # [B, k+1]: accepted candidates equal the target's argmax
+            pending = target.gather(1, accepted[:, None])[:, 0]  # [B]
+        else:
+            verdict, head_all = _verify_sampled(engine, tokens, positions, mask, proposal, settings)
+            accepted, emitted, pending = verdict.accepted, verdict.tokens, verdict.next_token
+            rows = torch.arange(tokens.shape[0], device=device)
+            head_logits = head_all[rows, accepted]  # [B, k, V]: the heads at the last kept position
+        engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted candidates, in place
+        out.emit(emitted, accepted + 1)
+        candidates, proposal = _propose(head_logits, settings)
+        drafted.append(torch.where(live, k, 0).tolist())
+        accepted_drafts.append(torch.where(live, accepted, 0).tolist())
+        stats.accepted_per_step.append(torch.where(live, accepted + 1, 0).tolist())
+    _synchronize(device)
+    stats.decode_time_s = time.perf_counter() - start
+
+    stats.steps = len(drafted)
+    stats.new_tokens = out.count.tolist()
+    stats.forward_passes = engine.forward_passes - forwards0
+    stats.compiles = compile_count() - compiles0
+    layers = engine.stack.num_layers
+    stats.extra = {
+        "drafted_per_step": drafted,
+        "accepted_drafts_per_step": accepted_drafts,
+        "acceptance_rate": _rate(accepted_drafts, drafted),
+        "target_forwards": stats.forward_passes,
+        # per row, decoding steps only: every step runs all L layers on k + 1 tokens
+        "target_layer_evals": stats.steps * layers * (k + 1),
+        "drafter_layer_evals": 0,
+        "draft_head_evals": stats.steps * k * (1 if sampling is None else k + 1),
+    }
+    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+
+
+def _propose(head_logits: torch.Tensor, settings: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidates ``[B, k]`` from the heads' logits ``[B, k, V]``: argmax, or one draw per head
+    from its warped distribution (returned as the proposal ``[B, k, V]`` for verification)."""
+    if settings.sampling is None:
+        return head_logits.argmax(dim=-1), None
+    proposal = sampling_probs(head_logits, settings.sampling)  # [B, k, V]
+    return draw(proposal, settings.generator), proposal
+
+
+def _verify_sampled(
+    engine: DraftHeadsEngine,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    proposal: torch.Tensor,
+    settings: DecodeSettings,
+) -> tuple[Any, torch.Tensor]:
+    """Speculative rejection sampling of the chain; ``(verdict, heads' logits [B, k+1, k, V])``."""
+    from dynexec_compile.decoding.verify import TreeSpec, verify
+
+    logits, head_all = engine.verify_all(tokens, positions, mask)  # [B, k+1, V], [B, k+1, k, V]
+    draft_probs = torch.cat([torch.zeros_like(proposal[:, :1]), proposal], dim=1)  # [B, k+1, V], row 0 unused
+    verdict = verify(TreeSpec.chain(engine.num_heads), tokens, logits, draft_probs, settings.sampling, settings.generator)
+    return verdict, head_all
+
+
+def _rate(accepted: list[list[int]], drafted: list[list[int]]) -> float:
+    total = sum(map(sum, drafted))
+    return sum(map(sum, accepted)) / total if total else 0.0
+
+
+__all__ = ["draft_heads_strategy"]

@@ -1,0 +1,175 @@
+"""The fused draft-heads step: ONE target forward verifies the last candidates and proposes the next.
+
+The step's graph runs the model on ``[pending, c_1 .. c_k]`` (the token sampled last step and
+the heads' ``k`` candidates) at positions ``n .. n + k`` and has the draft heads inside it,
+as extra outputs next to the logits: the heads read the final hidden state of the *last
+accepted* position, so their guesses continue the sequence the step keeps.
+
+- Greedy (``verify_greedy``): acceptance is an argmax comparison, done in the graph: it
+  returns the target's argmax tokens ``[B, k+1]``, the accepted count ``[B]`` and the heads'
+  logits ``[B, k, V]`` at position ``n + accepted`` — the LM head runs ``k`` extra times
+  per row, not ``k (k + 1)``.
+- Sampling (``verify_all``): acceptance needs random draws and the rejection rule, so the
+  graph returns the logits ``[B, k+1, V]`` and the heads' logits at every position
+  ``[B, k+1, k, V]``; the caller picks the row of the last accepted position.
+
+The prefill (``prefill_propose``) also ends in the heads, so the first step already has
+candidates. The model is run through :class:`DecoderStack` (its own modules, final norm and
+LM head), so the logits are the model's.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
+from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
+from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.step import (
+    DecodeEngine,
+    _private_method,
+    pack_prompts,
+    prefill_bucket,
+)
+
+
+class DraftHeadsEngine(DecodeEngine):
+    """A :class:`DecodeEngine` whose prefill and verification graphs end in draft heads.
+
+    Args:
+        model: a llama / qwen2 / gpt2 causal LM in eval mode (not modified).
+        batch_size, max_len: as for :class:`DecodeEngine`.
+        heads: trained :class:`DraftHeads` for this model (copied to the model's device and
+            dtype; the given module is unchanged).
+        **engine_options: the rest of :class:`DecodeEngine`'s options.
+    """
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int, heads: DraftHeads, **engine_options: Any):
+        super().__init__(model, batch_size, max_len, **engine_options)
+        weight = next(model.parameters())
+        self.heads = copy.deepcopy(check_heads_fit(model, heads)).to(device=weight.device, dtype=weight.dtype).eval()
+        self.stack = DecoderStack(model)
+        self.num_heads = self.heads.num_heads
+        self._prefill_propose_fn = self._compiler(_private_method(self, self._prefill_propose_impl))
+        self._verify_greedy_fn = self._compiler(_private_method(self, self._verify_greedy_impl))
+        self._verify_all_fn = self._compiler(_private_method(self, self._verify_all_impl))
+        if self.cuda_graphs:
+            self._verify_greedy_fn = CudaGraphRunner(self._verify_greedy_fn)
+            self._verify_all_fn = CudaGraphRunner(self._verify_all_fn)
+
+    def prefill_propose(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the cache with the prompts: ``(next-token logits [B, V], heads' logits [B, k, V])``."""
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(f"prefill: batch of {input_ids.shape[0]} rows, engine built for {self.batch_size}")
+        packed, lengths = pack_prompts(input_ids.to(self.device), attention_mask)
+        longest = int(lengths.max())
+        bucket = prefill_bucket(longest)
+        if bucket > self.max_len:
+            raise ValueError(f"prefill: prompts of {longest} tokens need {bucket} slots (bucketed), cache has {self.max_len}")
+        ids = torch.zeros(self.batch_size, bucket, dtype=torch.long, device=self.device)  # [B, bucket]
+        ids[:, :longest] = packed[:, :longest]
+        self.cache.reset()
+        out = self._run("prefill_propose", self._prefill_propose_fn, ids, lengths.to(self.device))
+        self.forward_passes += 1
+        self._length_bound = longest
+        return out
+
+    def verify_greedy(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy fused step on the chain ``tokens = [pending, c_1 .. c_k]``.
+
+        Args:
+            tokens: ``[B, k + 1]``; positions: ``[B, k + 1]`` (== slots);
+            mask: ``[B, 1, k + 1, S_max]`` additive chain mask.
+        Returns:
+            ``(argmax [B, k+1], accepted [B] in 0..k, heads' logits [B, k, V])``: row ``b``
+            keeps ``argmax[b, :accepted[b] + 1]`` (the accepted candidates, then the target's
+            own next token) and proposes ``heads' logits[b].argmax(-1)`` after them.
+        """
+        self._check_chain(tokens, positions, mask)
+        out = self._run("verify_greedy", self._verify_greedy_fn, tokens, positions, mask)
+        self.forward_passes += 1
+        return out
+
+    def verify_all(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused step for sampling: ``(logits [B, k+1, V], heads' logits [B, k+1, k, V])``."""
+        self._check_chain(tokens, positions, mask)
+        out = self._run("verify_all", self._verify_all_fn, tokens, positions, mask)
+        self.forward_passes += 1
+        return out
+
+    def step_graph(self) -> fx.GraphModule:
+        """The FX graph Dynamo captures for the greedy fused step (what the backend compiles).
+
+        Its outputs are the target's argmax, the accepted counts and the draft heads'
+        logits; the heads' parameters are inputs of the same graph. Captured on a scratch
+        chain at each row's committed length (nothing is committed).
+        """
+        graphs: list[fx.GraphModule] = []
+
+        def capture(gm: fx.GraphModule, example_inputs: list) -> Any:
+            graphs.append(gm)
+            return gm.forward
+
+        width = self.num_heads + 1
+        positions = (self.cache.lengths[:, None] + torch.arange(width, device=self.device)).clamp(max=self.max_len - 1)
+        tokens = torch.zeros_like(positions)
+        mask = chain_mask(positions, self.max_len, self.cache.dtype)
+        fn = torch.compile(_private_method(self, self._verify_greedy_impl), backend=capture, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            fn(tokens, positions, mask)
+        return graphs[0]
+
+    def _check_chain(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        if tokens.ndim != 2 or tokens.shape[1] != self.num_heads + 1:
+            raise ValueError(f"draft-heads step: tokens must be [B, k+1={self.num_heads + 1}], got {tuple(tokens.shape)}")
+        self._check_step(tokens, positions, mask, positions)
+
+    # ---- traced bodies ------------------------------------------------------------------
+
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # tokens, positions: [B, T] -> final hidden state after the norm: [B, T, D]
+        h = self.stack.embed(tokens, positions)
+        h = self.stack.run(h, 0, self.stack.num_layers, mask, positions, self.cache, positions)
+        return self.stack.norm(h)
+
+    def _prefill_propose_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ids: [B, L]; lengths: [B]
+        batch, width = ids.shape
+        positions = torch.arange(width, device=ids.device)[None, :].expand(batch, width)  # [B, L]
+        mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, L, S]
+        h = self._hidden(ids, positions, mask)  # [B, L, D]
+        last = h.gather(1, (lengths - 1)[:, None, None].expand(batch, 1, h.shape[-1]))[:, 0]  # [B, D]
+        self.cache.lengths.copy_(lengths)
+        return self.stack.lm_head(last), self.heads(last, self.stack.lm_head)  # [B, V], [B, k, V]
+
+    def _verify_greedy_impl(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # tokens: [B, k+1] = [pending, c_1 .. c_k]
+        h = self._hidden(tokens, positions, mask)  # [B, k+1, D]
+        target = self.stack.lm_head(h).argmax(dim=-1)  # [B, k+1]
+        matches = (tokens[:, 1:] == target[:, :-1]).long()  # [B, k]: c_i is the target's choice
+        accepted = matches.cumprod(dim=1).sum(dim=1)  # [B]
+        last = h.gather(1, accepted[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]  # [B, D]
+        return target, accepted, self.heads(last, self.stack.lm_head)  # ..., [B, k, V]
+
+    def _verify_all_impl(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self._hidden(tokens, positions, mask)  # [B, k+1, D]
+        return self.stack.lm_head(h), self.heads(h, self.stack.lm_head)  # [B, k+1, V], [B, k+1, k, V]
+
+
+__all__ = ["DraftHeadsEngine"]
