@@ -104,11 +104,11 @@ def _decode(
             rows = torch.arange(tokens.shape[0], device=device)
             head_logits = head_all[rows, accepted]  # [B, k, V]: the heads at the last kept position
         engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted candidates, in place
-        out.emit(emitted, accepted + 1)
+        kept = out.emit(emitted, accepted + 1)
         candidates, proposal = _propose(head_logits, settings)
         drafted.append(torch.where(live, k, 0).tolist())
         accepted_drafts.append(torch.where(live, accepted, 0).tolist())
-        stats.accepted_per_step.append(torch.where(live, accepted + 1, 0).tolist())
+        stats.accepted_per_step.append(kept.tolist())
     _synchronize(device)
     stats.decode_time_s = time.perf_counter() - start
 

@@ -171,10 +171,10 @@ def _decode(
         logits = engine.verify(hidden, tokens[:, -1:], positions, mask)  # [B, k+1, V]
         accepted, emitted, pending = _accept(tokens, logits, proposal, settings)
         engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
-        out.emit(emitted, accepted + 1)
+        kept = out.emit(emitted, accepted + 1)
         drafted.append(torch.where(live, k, 0).tolist())
         accepted_drafts.append(torch.where(live, accepted, 0).tolist())
-        stats.accepted_per_step.append(torch.where(live, accepted + 1, 0).tolist())
+        stats.accepted_per_step.append(kept.tolist())
     _synchronize(device)
     stats.decode_time_s = time.perf_counter() - start
 
