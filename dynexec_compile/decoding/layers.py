@@ -22,6 +22,11 @@ from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.cache import SlotCache
 
+try:  # transformers >= 5: hidden states are recorded by hooks on the decoder layers
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older transformers record them inside forward
+    _active_collector = None
+
 _FAMILIES = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 
@@ -91,6 +96,7 @@ class DecoderStack:
         if self.family == "llama":
             kwargs["position_embeddings"] = self._rotary(h, position_ids=positions)  # (cos, sin): [B, T, Dh]
         cache.set_write_slots(slots)
+        capture = _capture_off()
         try:
             for layer in self.layers[start:stop]:
                 h = layer(
@@ -103,11 +109,29 @@ class DecoderStack:
                 )
         finally:
             cache.set_write_slots(None)
+            _capture_restore(capture)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's head on the last layer's output: ``[..., D] -> [..., V]``."""
         return self.lm_head(self.norm(h))
+
+
+def _capture_off() -> object:
+    """Keep transformers' output-recording hooks inactive around layers called directly.
+
+    Once a model ran with ``output_hidden_states=True``, its decoder layers carry hooks that
+    read a context variable the model's own ``forward`` sets; called outside that forward,
+    the hooks would read it unset, which Dynamo cannot trace. Setting it to ``None`` the way
+    ``forward`` does (a ``CompileableContextVar``, which works under compilation) turns them
+    off. Returns the token for :func:`_capture_restore`.
+    """
+    return None if _active_collector is None else _active_collector.set(None)
+
+
+def _capture_restore(token: object) -> None:
+    if _active_collector is not None:
+        _active_collector.reset(token)
 
 
 __all__ = ["DecoderStack"]
