@@ -1,7 +1,8 @@
 """Decoding on a compiled, static-shape step: the KV cache, masks, sampling and ``generate``.
 
 Lookahead and speculative strategies are loops of :meth:`DecodeEngine.step` +
-:meth:`DecodeEngine.commit`, registered with :func:`register_strategy`.
+:meth:`DecodeEngine.commit`, registered with :func:`register_strategy`; draft-and-verify
+strategies share one acceptance rule, :mod:`dynexec_compile.decoding.verify`.
 """
 
 from dynexec_compile.decoding.cache import SlotCache
@@ -26,6 +27,18 @@ from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_pro
 from dynexec_compile.decoding.self_speculative import self_speculative_strategy, train_exit_lm_head
 from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
 from dynexec_compile.decoding.step import DecodeEngine
+from dynexec_compile.decoding.verify import (
+    TreeSpec,
+    Verdict,
+    as_tree,
+    commit_verdict,
+    draw_children,
+    node_mask,
+    tree_positions,
+    verify,
+    verify_greedy,
+    verify_sampling,
+)
 
 register_strategy("draft_heads", draft_heads_strategy)
 register_strategy("self_speculative", self_speculative_strategy)
@@ -40,6 +53,16 @@ __all__ = [
     "SamplingParams",
     "SelfSpeculativeEngine",
     "SlotCache",
+    "TreeSpec",
+    "Verdict",
+    "as_tree",
+    "commit_verdict",
+    "draw_children",
+    "node_mask",
+    "tree_positions",
+    "verify",
+    "verify_greedy",
+    "verify_sampling",
     "chain_mask",
     "draw",
     "generate",
