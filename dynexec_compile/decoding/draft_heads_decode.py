@@ -33,6 +33,7 @@ from dynexec_compile.decoding.generate import (
 from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
+from dynexec_compile.decoding.verify import TreeSpec, Verdict, verify
 
 
 def draft_heads_strategy(
@@ -146,10 +147,8 @@ def _verify_sampled(
     mask: torch.Tensor,
     proposal: torch.Tensor,
     settings: DecodeSettings,
-) -> tuple[Any, torch.Tensor]:
+) -> tuple[Verdict, torch.Tensor]:
     """Speculative rejection sampling of the chain; ``(verdict, heads' logits [B, k+1, k, V])``."""
-    from dynexec_compile.decoding.verify import TreeSpec, verify
-
     logits, head_all = engine.verify_all(tokens, positions, mask)  # [B, k+1, V], [B, k+1, k, V]
     draft_probs = torch.cat([torch.zeros_like(proposal[:, :1]), proposal], dim=1)  # [B, k+1, V], row 0 unused
     verdict = verify(TreeSpec.chain(engine.num_heads), tokens, logits, draft_probs, settings.sampling, settings.generator)

@@ -45,6 +45,7 @@ from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
 from dynexec_compile.decoding.step import check_causal_lm, pack_prompts, weights_fingerprint
+from dynexec_compile.decoding.verify import TreeSpec, verify
 from dynexec_compile.exit_heads import ExitHeads
 
 EXIT_HEADS = ("shared", "trained")
@@ -226,13 +227,8 @@ def _draft_chain(
 def _accept(
     tokens: torch.Tensor, logits: torch.Tensor, proposal: torch.Tensor | None, settings: DecodeSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(accepted drafts [B], emitted tokens [B, k+1], next pending token [B])`` of a chain."""
-    if settings.sampling is None:
-        argmax = logits.argmax(dim=-1)  # [B, k+1]
-        accepted = (tokens[:, 1:] == argmax[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # [B]
-        return accepted, argmax, argmax.gather(1, accepted[:, None])[:, 0]
-    from dynexec_compile.decoding.verify import TreeSpec, verify
-
+    """``(accepted drafts [B], emitted tokens [B, k+1], next pending token [B])`` of a chain:
+    greedy acceptance or rejection sampling, by the shared verification core."""
     verdict = verify(TreeSpec.chain(tokens.shape[1] - 1), tokens, logits, proposal, settings.sampling, settings.generator)
     return verdict.accepted, verdict.tokens, verdict.next_token
 
