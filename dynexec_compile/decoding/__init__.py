@@ -16,6 +16,12 @@ from dynexec_compile.decoding.generate import (
 )
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
+from dynexec_compile.decoding.speculative import (
+    Drafter,
+    ModelDrafter,
+    check_same_vocabulary,
+    draft_verify_loop,
+)
 from dynexec_compile.decoding.step import DecodeEngine
 from dynexec_compile.decoding.verify import (
     TreeSpec,
@@ -33,6 +39,10 @@ from dynexec_compile.decoding.verify import (
 __all__ = [
     "DecodeEngine",
     "DecodeSettings",
+    "Drafter",
+    "ModelDrafter",
+    "check_same_vocabulary",
+    "draft_verify_loop",
     "GenerateOutput",
     "GenerateStats",
     "SamplingParams",

@@ -35,7 +35,6 @@ from dynexec_compile.decoding.step import (
 CACHES = ("static", "dynamic")
 PENDING_STRATEGIES = {
     "lookahead": "issue 5 (lookahead decoding)",
-    "speculative": "issue 6 (draft-and-verify: draft model)",
     "draft_heads": "issue 6 (draft-and-verify: fused draft heads)",
     "self_speculative": "issue 6 (draft-and-verify: self-speculation)",
 }
@@ -208,14 +207,18 @@ def generate(
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
 
 
-def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings) -> DecodeEngine:
+def get_engine(
+    model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings, role: str = "target"
+) -> DecodeEngine:
     """A :class:`DecodeEngine` with at least ``max_len`` slots for these settings, reused across calls.
 
     An engine with a longer cache is reused rather than compiling new graphs for a shorter
-    one: a recompile costs far more than attending over the extra (masked) slots.
+    one: a recompile costs far more than attending over the extra (masked) slots. ``role``
+    keeps engines of one model apart when it plays two parts at once (e.g. its own draft).
     """
     settings_key = (
         id(model),
+        role,
         batch_size,
         settings.compile,
         id(settings.backend) if callable(settings.backend) else settings.backend,
