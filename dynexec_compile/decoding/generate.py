@@ -155,8 +155,9 @@ def generate(
         input_ids: ``[B, L]`` prompts; pad on the left as for ``model.generate``.
         attention_mask: ``[B, L]``, 0 on padding; ``None`` when there is none.
         strategy: ``"greedy"`` (argmax, token-identical to ``model.generate(do_sample=False)``
-            in fp32) or ``"sample"``; ``"lookahead"``, ``"speculative"``, ``"draft_heads"`` and
-            ``"self_speculative"`` once their issues land.
+            in fp32) or ``"sample"``; ``"speculative"`` (``draft_model=``, ``num_draft=`` or
+            ``tree=``; see :mod:`dynexec_compile.decoding.speculative`); ``"lookahead"``,
+            ``"draft_heads"`` and ``"self_speculative"`` once their issues land.
         max_new_tokens: tokens to generate per row (>= 1).
         eos_token_id: stop a row at this token (or any of a list); ``None`` takes the model's
             ``generation_config.eos_token_id``.

@@ -75,6 +75,9 @@ def test_greedy_with_a_smaller_random_draft_and_a_perfect_draft():
         perfect = speculative(target, target, ids, mask, 30, **shape)  # every draft accepted: the lag path
         assert torch.equal(perfect.sequences, ref)
         assert all(n == 3 for step in perfect.stats.extra["accepted_drafts_per_step"][:-1] for n in step)
+    irregular = TreeSpec((-1, 0, 0, 0, 1, 1, 2, 4))  # leaves at depths 1, 2 and 3
+    partial = speculative(target, truncated_draft(target), ids, mask, 30, tree=irregular)
+    assert torch.equal(partial.sequences, ref) and partial.stats.extra["draft_forwards"] == 1 + 3 * partial.stats.steps
     gpt2_draft = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=1024,
                                             bos_token_id=1, eos_token_id=2)).eval()
     gpt2 = build_model("gpt2")
