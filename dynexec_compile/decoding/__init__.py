@@ -26,6 +26,12 @@ from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
 from dynexec_compile.decoding.self_speculative import self_speculative_strategy, train_exit_lm_head
 from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
+from dynexec_compile.decoding.speculative import (
+    Drafter,
+    ModelDrafter,
+    check_same_vocabulary,
+    draft_verify_loop,
+)
 from dynexec_compile.decoding.step import DecodeEngine
 from dynexec_compile.decoding.verify import (
     TreeSpec,
@@ -48,6 +54,10 @@ __all__ = [
     "DecodeSettings",
     "DraftHeads",
     "DraftHeadsEngine",
+    "Drafter",
+    "ModelDrafter",
+    "check_same_vocabulary",
+    "draft_verify_loop",
     "GenerateOutput",
     "GenerateStats",
     "SamplingParams",

@@ -117,15 +117,19 @@ def _decode(
     stats.new_tokens = out.count.tolist()
     stats.forward_passes = engine.forward_passes - forwards0
     stats.compiles = compile_count() - compiles0
-    layers = engine.stack.num_layers
+    live_steps = sum(n > 0 for step in drafted for n in step)
     stats.extra = {
+        "num_draft": k,
         "drafted_per_step": drafted,
         "accepted_drafts_per_step": accepted_drafts,
-        "acceptance_rate": _rate(accepted_drafts, drafted),
         "target_forwards": stats.forward_passes,
-        # per row, decoding steps only: every step runs all L layers on k + 1 tokens
-        "target_layer_evals": stats.steps * layers * (k + 1),
-        "drafter_layer_evals": 0,
+        "draft_forwards": 0,  # the heads run inside the target's forward
+        "acceptance_rate": _rate(accepted_drafts, drafted),
+        "mean_accepted_per_step": sum(map(sum, accepted_drafts)) / live_steps if live_steps else 0.0,
+        # token x layer evaluations per row in the decoding steps (prefill not counted):
+        # every step runs all L layers on k + 1 tokens; the heads are one residual block each
+        "target_layer_evals": stats.steps * engine.stack.num_layers * (k + 1),
+        "draft_layer_evals": 0,
         "draft_head_evals": stats.steps * k * (1 if sampling is None else k + 1),
     }
     return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)

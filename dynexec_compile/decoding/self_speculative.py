@@ -185,18 +185,23 @@ def _decode(
     stats.compiles = compile_count() - compiles0
     layer_tokens = [a - b for a, b in zip(engine.layer_tokens, layer_tokens0)]
     exit_layer = engine.exit_layer
-    # per row, decoding steps only: the draft calls run layers < E on k tokens per step, the
-    # verification layers < E on one token and layers >= E on k + 1
+    live_steps = sum(n > 0 for step in drafted for n in step)
+    total_accepted = sum(map(sum, accepted_drafts))
     stats.extra = {
+        "num_draft": k,
+        "exit_layer": exit_layer,
         "drafted_per_step": drafted,
         "accepted_drafts_per_step": accepted_drafts,
-        "acceptance_rate": sum(map(sum, accepted_drafts)) / max(1, sum(map(sum, drafted))),
         "target_forwards": stats.forward_passes,
-        "layer_tokens": layer_tokens,
-        "drafter_layer_evals": stats.steps * exit_layer * k,
+        "draft_forwards": stats.steps * k,
+        "acceptance_rate": total_accepted / max(1, sum(map(sum, drafted))),
+        "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
+        # token x layer evaluations per row in the decoding steps (prefill not counted): the
+        # draft runs layers < E on k tokens per step; the verification layers < E on the last
+        # draft only and layers >= E on all k + 1 tokens — no token runs a layer twice
+        "draft_layer_evals": stats.steps * exit_layer * k,
         "target_layer_evals": stats.steps * (exit_layer + (engine.stack.num_layers - exit_layer) * (k + 1)),
-        "exit_layer": exit_layer,
-        "num_draft": k,
+        "layer_tokens": layer_tokens,
     }
     return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
 

@@ -118,7 +118,7 @@ def test_layers_below_the_exit_run_once_per_token(llama4):
     # within a step no position goes through layer 0 twice
     lower = torch.cat(seen[0][1:], dim=1).view(2, steps, k + 1)  # [B, steps, k+1] positions
     assert all(len(set(lower[b, s].tolist())) == k + 1 for b in range(2) for s in range(steps))
-    assert out.stats.extra["drafter_layer_evals"] == steps * exit_layer * k
+    assert out.stats.extra["draft_layer_evals"] == steps * exit_layer * k
     assert out.stats.extra["target_layer_evals"] == steps * (exit_layer + (4 - exit_layer) * (k + 1))
 
 
