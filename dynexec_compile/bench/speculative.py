@@ -174,7 +174,35 @@ def speculative_variants(ctx: BenchContext) -> list[Variant]:
     return variants
 
 
-VARIANT_FACTORIES: list[Callable[[BenchContext], list[Variant]]] = [baseline_variants, speculative_variants]
+def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
+    """dynexec draft_heads (the committed heads; untrained ones with --quick) and
+    self_speculative (shared exit head at HF early exit's layer, per k)."""
+    from dynexec_compile.decoding.draft_heads import DraftHeads
+    from dynexec_compile.models import demo_draft_heads_path
+
+    if ctx.compile:
+        heads = dx.load_draft_heads(demo_draft_heads_path())
+    else:
+        heads = DraftHeads(ctx.target.config.hidden_size, 3, vocab_size=ctx.target.config.vocab_size)
+    variants = [
+        Variant(f"dynexec_draft_heads_k{heads.num_heads}", _dynexec(ctx, "draft_heads", heads=heads), "dynexec",
+                params={"k": heads.num_heads})
+    ]
+    exit_layer = ctx.early_exit_layer
+    variants += [
+        Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",
+                _dynexec(ctx, "self_speculative", exit_layer=exit_layer, num_draft=k), "dynexec",
+                params={"k": k, "exit_layer": exit_layer})
+        for k in ctx.ks
+    ]
+    return variants
+
+
+VARIANT_FACTORIES: list[Callable[[BenchContext], list[Variant]]] = [
+    baseline_variants,
+    speculative_variants,
+    self_drafting_variants,
+]
 
 
 # ---- running ----------------------------------------------------------------------------
