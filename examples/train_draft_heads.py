@@ -15,6 +15,7 @@ Regenerate (a few minutes on one CPU thread; rerun after the target is retrained
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sysconfig
@@ -46,6 +47,21 @@ def training_stream(tokenizer, max_tokens: int, seed: int) -> torch.Tensor:
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
 
 
+def self_generated(model, stream: torch.Tensor, rows: int, prompt_len: int, new_tokens: int) -> torch.Tensor:
+    """``[rows, prompt_len + new_tokens]``: training-text prompts followed by the target's own
+    greedy continuations (what verification will compare the heads with), generated with
+    dynexec's compiled greedy decoding in batches of 32."""
+    starts = torch.linspace(0, stream.numel() - prompt_len - 1, rows).long()
+    prompts = torch.stack([stream[s : s + prompt_len] for s in starts.tolist()])  # [rows, P]
+    chunks = []
+    for i in range(0, rows, 32):
+        batch = prompts[i : i + 32]
+        out = dx.generate(model, batch, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0)
+        chunks.append(out.sequences)
+        print(f"generated {i + batch.shape[0]}/{rows} continuations", flush=True)
+    return torch.cat(chunks)
+
+
 @torch.no_grad()
 def heldout_agreement(model, heads: DraftHeads, tokenizer, windows: int = 8, seq_len: int = 256) -> list[float]:
     """Per head ``i``: fraction of held-out positions ``t`` where head ``i``'s top-1 equals the
@@ -68,6 +84,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--self-generated", type=int, default=0,
+        help="train on this many sequences of a training-text prompt (64 tokens) + the target's own greedy "
+        "continuation (seq-len - 64 tokens) instead of on the training text",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
@@ -75,10 +96,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, tokenizer = dx.load_demo_lm("target")
     stream = training_stream(tokenizer, args.steps * args.batch_size * args.seq_len, args.seed)
+    data = stream
+    if args.self_generated:
+        data = self_generated(model, stream, args.self_generated, 64, args.seq_len - 64)
     before = heldout_agreement(model, DraftHeads(model.config.hidden_size, args.offsets, vocab_size=model.config.vocab_size), tokenizer)
     start = time.perf_counter()
     heads = dx.train_draft_heads(
-        model, stream, offsets=args.offsets, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr
+        model, data, offsets=args.offsets, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr
     )
     seconds = time.perf_counter() - start
     after = heldout_agreement(model, heads, tokenizer)
@@ -89,9 +113,10 @@ def main() -> None:
         "command": "python examples/train_draft_heads.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
         ),
-        "target_weights_bytes": target_file.stat().st_size,
-        "target_weights_mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(target_file.stat().st_mtime)),
-        "training_tokens": int(stream.numel()),
+        "target_weights_sha256": hashlib.sha256(target_file.read_bytes()).hexdigest(),
+        "data": "self-generated" if args.self_generated else "training text",
+        "distinct_training_tokens": int(data.numel()),
+        "tokens_seen": args.steps * args.batch_size * args.seq_len,
         "train_seconds": round(seconds, 1),
         "heldout_top1_agreement_untrained": [round(a, 4) for a in before],
         "heldout_top1_agreement": [round(a, 4) for a in after],

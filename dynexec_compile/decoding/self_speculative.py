@@ -11,8 +11,10 @@ The drafter is the model's first ``E`` layers plus an exit head:
 Work sharing (see :mod:`~dynexec_compile.decoding.self_speculative_engine`): drafted tokens
 never go through layers ``0..E-1`` twice — verification continues from the layer-``E``
 hidden states kept while drafting and reuses the keys/values drafting wrote for those
-layers. Greedy output is token-identical to greedy decoding; sampling uses speculative
-rejection sampling with the exit head's warped distribution as the proposal.
+layers. Greedy output is token-identical to greedy decoding, and a greedy step is one
+compiled graph (drafts, verification, acceptance, commit); sampling uses speculative
+rejection sampling (the shared verification core) with the exit head's warped distribution
+as the proposal, one graph per draft pass plus one for the verification.
 """
 
 from __future__ import annotations
@@ -166,12 +168,17 @@ def _decode(
     offsets = torch.arange(k + 1, device=device)
     while not out.done:
         live = ~out.finished  # [B]
-        tokens, hidden, proposal = _draft_chain(engine, pending, k, settings)  # [B, k+1], [B, k, D]
-        positions = engine.lengths[:, None] + offsets  # [B, k+1]
-        mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
-        logits = engine.verify(hidden, tokens[:, -1:], positions, mask)  # [B, k+1, V]
-        accepted, emitted, pending = _accept(tokens, logits, proposal, settings)
-        engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
+        if settings.sampling is None:  # the whole step is one graph, commit included
+            emitted, accepted = engine.step_greedy(pending, live, k)  # [B, k+1], [B]
+            pending = emitted.gather(1, accepted[:, None])[:, 0]
+        else:
+            tokens, hidden, proposal = _draft_chain(engine, pending, k, settings)  # [B, k+1], [B, k, D]
+            positions = engine.lengths[:, None] + offsets  # [B, k+1]
+            mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
+            logits = engine.verify(hidden, tokens[:, -1:], positions, mask)  # [B, k+1, V]
+            verdict = verify(TreeSpec.chain(k), tokens, logits, proposal, settings.sampling, settings.generator)
+            accepted, emitted, pending = verdict.accepted, verdict.tokens, verdict.next_token
+            engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
         kept = out.emit(emitted, accepted + 1)
         drafted.append(torch.where(live, k, 0).tolist())
         accepted_drafts.append(torch.where(live, accepted, 0).tolist())
@@ -208,34 +215,20 @@ def _decode(
 
 def _draft_chain(
     engine: SelfSpeculativeEngine, pending: torch.Tensor, k: int, settings: DecodeSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``k`` draft calls from the pending token: ``(chain [B, k+1] = [pending, d_1..d_k],
-    layer-E hidden states [B, k, D] of ``pending, d_1..d_{k-1}``, proposals [B, k+1, V] or None)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` sampling draft calls from the pending token: ``(chain [B, k+1] = [pending, d_1..d_k],
+    layer-E hidden states [B, k, D] of ``pending, d_1..d_{k-1}``, proposals [B, k+1, V])``."""
     tokens, hidden, probs = [pending], [], []
     for i in range(k):
         positions = engine.lengths[:, None] + i  # [B, 1]
         mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
         h, logits = engine.draft(tokens[-1][:, None], positions, mask)  # [B, 1, D], [B, V]
         hidden.append(h)
-        if settings.sampling is None:
-            tokens.append(logits.argmax(dim=-1))
-        else:
-            q = sampling_probs(logits, settings.sampling)  # [B, V]
-            probs.append(q)
-            tokens.append(draw(q, settings.generator))
-    proposal = None
-    if probs:
-        proposal = torch.stack([torch.zeros_like(probs[0]), *probs], dim=1)  # [B, k+1, V], row 0 unused
+        q = sampling_probs(logits, settings.sampling)  # [B, V]
+        probs.append(q)
+        tokens.append(draw(q, settings.generator))
+    proposal = torch.stack([torch.zeros_like(probs[0]), *probs], dim=1)  # [B, k+1, V], row 0 unused
     return torch.stack(tokens, dim=1), torch.cat(hidden, dim=1), proposal
-
-
-def _accept(
-    tokens: torch.Tensor, logits: torch.Tensor, proposal: torch.Tensor | None, settings: DecodeSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(accepted drafts [B], emitted tokens [B, k+1], next pending token [B])`` of a chain:
-    greedy acceptance or rejection sampling, by the shared verification core."""
-    verdict = verify(TreeSpec.chain(tokens.shape[1] - 1), tokens, logits, proposal, settings.sampling, settings.generator)
-    return verdict.accepted, verdict.tokens, verdict.next_token
 
 
 # ---- training a trained exit head -----------------------------------------------------------

@@ -20,6 +20,12 @@ So every layer sees each of the step's ``k + 1`` tokens exactly once. The caller
 prefix and commits ``accepted + 1`` tokens in place (a chain needs no gathering): the kept
 tokens' keys/values in all layers are already right, since they were computed over exactly
 the kept prefix.
+
+Greedy decoding runs the whole step — ``k`` draft passes, the verification, the acceptance
+and the commit — as ONE graph (:meth:`SelfSpeculativeEngine.step_greedy`): on a CPU a call
+costs about as much as a small model's arithmetic, so ``k + 1`` calls per step would eat
+the gain. Sampling needs the rejection rule's random draws between the passes and uses
+``draft`` and ``verify``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.step import DecodeEngine, _private_method
 
 
@@ -73,9 +80,11 @@ class SelfSpeculativeEngine(DecodeEngine):
         self.layer_tokens = [0] * self.stack.num_layers
         self._draft_fn = self._compiler(_private_method(self, self._draft_impl))
         self._verify_fn = self._compiler(_private_method(self, self._verify_impl))
+        self._step_greedy_fn = self._compiler(_private_method(self, self._step_greedy_impl))
         if self.cuda_graphs:
             self._draft_fn = CudaGraphRunner(self._draft_fn)
             self._verify_fn = CudaGraphRunner(self._verify_fn)
+            self._step_greedy_fn = CudaGraphRunner(self._step_greedy_fn, state=[self.cache.lengths])
 
     def draft(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers ``[0, E)`` + exit head on one token per row; its keys/values go to slot ``positions``.
@@ -117,6 +126,28 @@ class SelfSpeculativeEngine(DecodeEngine):
         self._count(range(self.exit_layer, self.stack.num_layers), positions.shape[1])
         return logits
 
+    def step_greedy(self, pending: torch.Tensor, live: torch.Tensor, num_draft: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole greedy step as one graph: draft ``k`` tokens, verify, accept, commit.
+
+        Args:
+            pending: ``[B]`` each row's last emitted token (not yet in the cache).
+            live: ``[B]`` bool, rows that commit (finished rows run but keep nothing).
+            num_draft: ``k``.
+        Returns:
+            ``(argmax [B, k+1], accepted [B])``: row ``b`` emits ``argmax[b, :accepted[b] + 1]``
+            (its accepted drafts, which equal the target's argmax, then the target's own next
+            token); ``pending`` and the accepted drafts are committed to the cache.
+        """
+        if self._length_bound + num_draft + 1 > self.max_len:
+            self._refresh_bound(num_draft + 1)
+        offsets = torch.arange(num_draft + 1, device=self.device)  # its shape selects the graph
+        out = self._run("step_greedy", self._step_greedy_fn, pending.reshape(self.batch_size, 1), live, offsets)
+        self.forward_passes += 1
+        self._length_bound += num_draft + 1
+        self._count(range(self.exit_layer), num_draft + 1)
+        self._count(range(self.exit_layer, self.stack.num_layers), num_draft + 1)
+        return out
+
     def _count(self, layers: range, tokens: int) -> None:
         for i in layers:
             self.layer_tokens[i] += tokens
@@ -146,6 +177,28 @@ class SelfSpeculativeEngine(DecodeEngine):
         h = torch.cat([hidden, h_last], dim=1)  # [B, k+1, D]
         h = self.stack.run(h, self.exit_layer, self.stack.num_layers, mask, positions, self.cache, positions)
         return self.stack.logits(h)  # [B, k+1, V]
+
+    def _step_greedy_impl(
+        self, pending: torch.Tensor, live: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # pending: [B, 1]; live: [B]; offsets: [k+1]
+        num_draft = offsets.shape[0] - 1
+        positions = self.cache.lengths[:, None] + offsets  # [B, k+1], slot == position
+        mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, k+1, S]
+        chain, hidden = [pending], []
+        for i in range(num_draft + 1):  # draft passes 0..k-1, then d_k's lower layers
+            at = positions[:, i : i + 1]  # [B, 1]
+            h = self.stack.embed(chain[-1], at)
+            h = self.stack.run(h, 0, self.exit_layer, mask[:, :, i : i + 1], at, self.cache, at)  # [B, 1, D]
+            hidden.append(h)
+            if i < num_draft:
+                chain.append(self._exit_logits(h)[:, -1].argmax(dim=-1, keepdim=True))  # [B, 1]
+        h = self.stack.run(torch.cat(hidden, dim=1), self.exit_layer, self.stack.num_layers, mask, positions, self.cache, positions)
+        argmax = self.stack.logits(h).argmax(dim=-1)  # [B, k+1]
+        tokens = torch.cat(chain, dim=1)  # [B, k+1] = [pending, d_1 .. d_k]
+        accepted = (tokens[:, 1:] == argmax[:, :-1]).long().cumprod(dim=1).sum(dim=1)  # [B]
+        self.cache.lengths.add_(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
+        return argmax, accepted
 
 
 __all__ = ["SelfSpeculativeEngine"]
