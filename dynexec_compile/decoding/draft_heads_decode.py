@@ -90,23 +90,21 @@ def _decode(
 
     start = time.perf_counter()
     offsets = torch.arange(k + 1, device=device)
+    tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
     while not out.done:
         live = ~out.finished  # [B]
-        positions = engine.lengths[:, None] + offsets  # [B, k+1]
-        mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
-        tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
-        if sampling is None:
-            target, accepted, head_logits = engine.verify_greedy(tokens, positions, mask)
-            emitted = target  # [B, k+1]: accepted candidates equal the target's argmax
-            pending = target.gather(1, accepted[:, None])[:, 0]  # [B]
+        if sampling is None:  # one graph: verify, accept, commit, propose
+            emitted, accepted, _, tokens = engine.verify_greedy(tokens, live)  # [B, k+1], [B], _, [B, k+1]
         else:
+            positions = engine.lengths[:, None] + offsets  # [B, k+1]
+            mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
             verdict, head_all = _verify_sampled(engine, tokens, positions, mask, proposal, settings)
-            accepted, emitted, pending = verdict.accepted, verdict.tokens, verdict.next_token
+            accepted, emitted = verdict.accepted, verdict.tokens
+            engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted candidates, in place
             rows = torch.arange(tokens.shape[0], device=device)
-            head_logits = head_all[rows, accepted]  # [B, k, V]: the heads at the last kept position
-        engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted candidates, in place
+            candidates, proposal = _propose(head_all[rows, accepted], settings)  # the heads at the last kept position
+            tokens = torch.cat([verdict.next_token[:, None], candidates], dim=1)
         kept = out.emit(emitted, accepted + 1)
-        candidates, proposal = _propose(head_logits, settings)
         drafted.append(torch.where(live, k, 0).tolist())
         accepted_drafts.append(torch.where(live, accepted, 0).tolist())
         stats.accepted_per_step.append(kept.tolist())

@@ -5,10 +5,11 @@ the heads' ``k`` candidates) at positions ``n .. n + k`` and has the draft heads
 as extra outputs next to the logits: the heads read the final hidden state of the *last
 accepted* position, so their guesses continue the sequence the step keeps.
 
-- Greedy (``verify_greedy``): acceptance is an argmax comparison, done in the graph: it
-  returns the target's argmax tokens ``[B, k+1]``, the accepted count ``[B]`` and the heads'
+- Greedy (``verify_greedy``): the whole step is the graph. Acceptance is an argmax
+  comparison, so it happens inside, as does the commit (``lengths += accepted + 1``); it
+  returns the target's argmax tokens ``[B, k+1]``, the accepted count ``[B]``, the heads'
   logits ``[B, k, V]`` at position ``n + accepted`` — the LM head runs ``k`` extra times
-  per row, not ``k (k + 1)``.
+  per row, not ``k (k + 1)`` — and the next step's chain ``[B, k+1]``. One call per step.
 - Sampling (``verify_all``): acceptance needs random draws and the rejection rule, so the
   graph returns the logits ``[B, k+1, V]`` and the heads' logits at every position
   ``[B, k+1, k, V]``; the caller picks the row of the last accepted position.
@@ -60,7 +61,7 @@ class DraftHeadsEngine(DecodeEngine):
         self._verify_greedy_fn = self._compiler(_private_method(self, self._verify_greedy_impl))
         self._verify_all_fn = self._compiler(_private_method(self, self._verify_all_impl))
         if self.cuda_graphs:
-            self._verify_greedy_fn = CudaGraphRunner(self._verify_greedy_fn)
+            self._verify_greedy_fn = CudaGraphRunner(self._verify_greedy_fn, state=[self.cache.lengths])
             self._verify_all_fn = CudaGraphRunner(self._verify_all_fn)
 
     def prefill_propose(
@@ -83,21 +84,29 @@ class DraftHeadsEngine(DecodeEngine):
         return out
 
     def verify_greedy(
-        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy fused step on the chain ``tokens = [pending, c_1 .. c_k]``.
+        self, tokens: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole greedy step as one graph: verify ``tokens = [pending, c_1 .. c_k]`` at each
+        row's next positions, accept, commit, and propose the next chain.
 
         Args:
-            tokens: ``[B, k + 1]``; positions: ``[B, k + 1]`` (== slots);
-            mask: ``[B, 1, k + 1, S_max]`` additive chain mask.
+            tokens: ``[B, k + 1]``.
+            live: ``[B]`` bool, rows that commit (finished rows run but keep nothing).
         Returns:
-            ``(argmax [B, k+1], accepted [B] in 0..k, heads' logits [B, k, V])``: row ``b``
-            keeps ``argmax[b, :accepted[b] + 1]`` (the accepted candidates, then the target's
-            own next token) and proposes ``heads' logits[b].argmax(-1)`` after them.
+            ``(argmax [B, k+1], accepted [B] in 0..k, heads' logits [B, k, V], next [B, k+1])``:
+            row ``b`` emits ``argmax[b, :accepted[b] + 1]`` (the accepted candidates, then the
+            target's own next token); ``pending`` and the accepted candidates are committed;
+            ``next`` is the next step's chain (that token, then the heads' argmax).
         """
-        self._check_chain(tokens, positions, mask)
-        out = self._run("verify_greedy", self._verify_greedy_fn, tokens, positions, mask)
+        if tokens.ndim != 2 or tokens.shape != (self.batch_size, self.num_heads + 1):
+            raise ValueError(
+                f"draft-heads step: tokens must be [B={self.batch_size}, k+1={self.num_heads + 1}], got {tuple(tokens.shape)}"
+            )
+        if self._length_bound + self.num_heads + 1 > self.max_len:
+            self._refresh_bound(self.num_heads + 1)
+        out = self._run("verify_greedy", self._verify_greedy_fn, tokens, live)
         self.forward_passes += 1
+        self._length_bound += self.num_heads + 1
         return out
 
     def verify_all(
@@ -112,9 +121,9 @@ class DraftHeadsEngine(DecodeEngine):
     def step_graph(self) -> fx.GraphModule:
         """The FX graph Dynamo captures for the greedy fused step (what the backend compiles).
 
-        Its outputs are the target's argmax, the accepted counts and the draft heads'
-        logits; the heads' parameters are inputs of the same graph. Captured on a scratch
-        chain at each row's committed length (nothing is committed).
+        Its outputs are the target's argmax, the accepted counts, the draft heads' logits and
+        the next chain; the heads' parameters are inputs of the same graph. Captured on a
+        scratch chain at each row's committed length (nothing is committed).
         """
         graphs: list[fx.GraphModule] = []
 
@@ -122,13 +131,11 @@ class DraftHeadsEngine(DecodeEngine):
             graphs.append(gm)
             return gm.forward
 
-        width = self.num_heads + 1
-        positions = (self.cache.lengths[:, None] + torch.arange(width, device=self.device)).clamp(max=self.max_len - 1)
-        tokens = torch.zeros_like(positions)
-        mask = chain_mask(positions, self.max_len, self.cache.dtype)
+        tokens = torch.zeros(self.batch_size, self.num_heads + 1, dtype=torch.long, device=self.device)
+        live = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)  # commits nothing
         fn = torch.compile(_private_method(self, self._verify_greedy_impl), backend=capture, fullgraph=True, dynamic=False)
         with torch.no_grad():
-            fn(tokens, positions, mask)
+            fn(tokens, live)
         return graphs[0]
 
     def _check_chain(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
@@ -155,15 +162,20 @@ class DraftHeadsEngine(DecodeEngine):
         return self.stack.lm_head(last), self.heads(last, self.stack.lm_head)  # [B, V], [B, k, V]
 
     def _verify_greedy_impl(
-        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # tokens: [B, k+1] = [pending, c_1 .. c_k]
+        self, tokens: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # tokens: [B, k+1] = [pending, c_1 .. c_k]; live: [B]
+        positions = self.cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, k+1]
+        mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, k+1, S]
         h = self._hidden(tokens, positions, mask)  # [B, k+1, D]
         target = self.stack.lm_head(h).argmax(dim=-1)  # [B, k+1]
         matches = (tokens[:, 1:] == target[:, :-1]).long()  # [B, k]: c_i is the target's choice
         accepted = matches.cumprod(dim=1).sum(dim=1)  # [B]
+        self.cache.lengths.add_(torch.where(live, accepted + 1, 0))  # pending + accepted, in place
         last = h.gather(1, accepted[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]  # [B, D]
-        return target, accepted, self.heads(last, self.stack.lm_head)  # ..., [B, k, V]
+        head_logits = self.heads(last, self.stack.lm_head)  # [B, k, V]
+        bonus = target.gather(1, accepted[:, None])  # [B, 1]
+        return target, accepted, head_logits, torch.cat([bonus, head_logits.argmax(dim=-1)], dim=1)
 
     def _verify_all_impl(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor

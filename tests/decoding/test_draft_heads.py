@@ -77,11 +77,15 @@ def test_fused_step_accepts_exactly_the_greedy_prefix(heads_for):
     tokens = greedy.clone()
     tokens[1, 2] = (tokens[1, 2] + 1) % VOCAB  # row 1: second candidate wrong
     tokens[2, 1] = (tokens[2, 1] + 1) % VOCAB  # row 2: first candidate wrong
-    positions = engine.lengths[:, None] + torch.arange(K + 1)
-    target, accepted, head_logits = engine.verify_greedy(tokens, positions, dx.decoding.chain_mask(positions, 64, torch.float32))
+    lengths = engine.lengths.clone()
+    live = torch.tensor([True, True, False])
+    target, accepted, head_logits, chain = engine.verify_greedy(tokens, live)
     assert accepted.tolist() == [K, 1, 0]
     assert torch.equal(target[0, :K], greedy[0, 1:]) and torch.equal(target[1, :2], greedy[1, 1:3])
+    assert torch.equal(engine.lengths, lengths + torch.tensor([K + 1, 2, 0])), "live rows commit pending + accepted"
     assert head_logits.shape == (3, K, VOCAB)
+    assert torch.equal(chain[:, 0], target.gather(1, accepted[:, None])[:, 0])
+    assert torch.equal(chain[:, 1:], head_logits.argmax(-1))
 
 
 def test_training_lowers_the_distillation_loss():
@@ -154,7 +158,7 @@ def test_no_recompiles_after_warmup_and_heads_are_graph_outputs(heads_for):
     engine = DraftHeadsEngine(model, 2, 64, heads, compile=False)
     graph = engine.step_graph()
     outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
-    assert len(outputs) == 3, "argmax tokens, accepted counts, draft heads' logits"
+    assert len(outputs) == 4, "argmax tokens, accepted counts, draft heads' logits, next chain"
     head_params = {n for n in graph.graph.nodes if n.op in ("placeholder", "get_attr") and "heads" in n.name}
     assert head_params, "the draft heads' weights are inputs of the step graph"
     ancestors, frontier = set(), [outputs[2]]
