@@ -33,7 +33,7 @@ from dynexec_compile.decoding.generate import (
 from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
-from dynexec_compile.decoding.verify import TreeSpec, Verdict, verify
+from dynexec_compile.decoding.verify import TreeSpec, Verdict, as_tree, verify
 
 
 def draft_heads_strategy(
@@ -46,27 +46,36 @@ def draft_heads_strategy(
     tree: Any = None,
     **options: Any,
 ) -> GenerateOutput:
-    """The ``"draft_heads"`` strategy (see the module docstring). Options: ``heads`` (required)."""
+    """The ``"draft_heads"`` strategy (see the module docstring).
+
+    Options: ``heads`` (required); ``tree``: ``None`` for a chain of one candidate per head,
+    or a candidate tree (children per depth, e.g. ``[4, 2, 1]``, or a ``TreeSpec``) at most
+    ``k`` deep whose depth-``d`` nodes take head ``d``'s top tokens — greedy only.
+    """
     if options:
-        raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= (and tree=)")
+        raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= and tree=")
     if heads is None:
         raise ValueError("strategy='draft_heads' needs heads=DraftHeads (dynexec_compile.train_draft_heads / load_draft_heads)")
-    if tree is not None:
-        raise NotImplementedError("tree= with strategy='draft_heads' is not implemented yet: the heads propose a chain")
     if settings.cache != "static":
         raise ValueError("strategy='draft_heads' runs on the static SlotCache; pass cache='static'")
     check_heads_fit(model, heads)
-    k = heads.num_heads
+    spec = None if tree is None else as_tree(tree, None)
+    if spec is not None and settings.sampling is not None:
+        raise NotImplementedError(
+            "tree= with sampling is not implemented for strategy='draft_heads' (the tree's siblings would need "
+            "proposals drawn without replacement from each head); sample with a chain (tree=None)"
+        )
+    width = heads.num_heads + 1 if spec is None else spec.size
     _, lengths = pack_prompts(input_ids, attention_mask)
     batch = input_ids.shape[0]
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=k + 1)
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=width)
     engine = cached_engine(
         model,
         batch,
         max_len,
         settings,
-        ("draft_heads", id(heads), weights_fingerprint(heads)),
-        lambda n: DraftHeadsEngine(model, batch, n, heads, **engine_options(settings)),
+        ("draft_heads", id(heads), weights_fingerprint(heads), None if spec is None else spec.parents),
+        lambda n: DraftHeadsEngine(model, batch, n, heads, spec, **engine_options(settings)),
     )
     return _decode(engine, input_ids, attention_mask, settings)
 
@@ -77,6 +86,7 @@ def _decode(
     stats = GenerateStats(strategy="draft_heads")
     compiles0, forwards0 = compile_count(), engine.forward_passes
     k, device, sampling = engine.num_heads, engine.device, settings.sampling
+    width = k + 1 if engine.tree is None else engine.tree.size  # tokens per verification forward
     out = ChainOutput(input_ids.shape[0], settings, device)
     drafted, accepted_drafts = [], []
 
@@ -91,9 +101,13 @@ def _decode(
     start = time.perf_counter()
     offsets = torch.arange(k + 1, device=device)
     tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
+    if engine.tree is not None:
+        tokens = engine.tree_tokens(pending, head_logits)  # [B, T]
     while not out.done:
         live = ~out.finished  # [B]
-        if sampling is None:  # one graph: verify, accept, commit, propose
+        if engine.tree is not None:  # one graph: verify the tree, keep the best path, propose
+            emitted, accepted, _, tokens = engine.verify_tree(tokens, live)  # [B, D+1], [B], _, [B, T]
+        elif sampling is None:  # one graph: verify, accept, commit, propose
             emitted, accepted, _, tokens = engine.verify_greedy(tokens, live)  # [B, k+1], [B], _, [B, k+1]
         else:
             positions = engine.lengths[:, None] + offsets  # [B, k+1]
@@ -105,7 +119,7 @@ def _decode(
             candidates, proposal = _propose(head_all[rows, accepted], settings)  # the heads at the last kept position
             tokens = torch.cat([verdict.next_token[:, None], candidates], dim=1)
         kept = out.emit(emitted, accepted + 1)
-        drafted.append(torch.where(live, k, 0).tolist())
+        drafted.append(torch.where(live, width - 1, 0).tolist())
         accepted_drafts.append(torch.where(live, accepted, 0).tolist())
         stats.accepted_per_step.append(kept.tolist())
     _synchronize(device)
@@ -117,7 +131,8 @@ def _decode(
     stats.compiles = compile_count() - compiles0
     live_steps = sum(n > 0 for step in drafted for n in step)
     stats.extra = {
-        "num_draft": k,
+        "num_draft": width - 1,
+        "tree": None if engine.tree is None else list(engine.tree.parents),
         "drafted_per_step": drafted,
         "accepted_drafts_per_step": accepted_drafts,
         "target_forwards": stats.forward_passes,
@@ -126,7 +141,7 @@ def _decode(
         "mean_accepted_per_step": sum(map(sum, accepted_drafts)) / live_steps if live_steps else 0.0,
         # token x layer evaluations per row in the decoding steps (prefill not counted):
         # every step runs all L layers on k + 1 tokens; the heads are one residual block each
-        "target_layer_evals": stats.steps * engine.stack.num_layers * (k + 1),
+        "target_layer_evals": stats.steps * engine.stack.num_layers * width,
         "draft_layer_evals": 0,
         "draft_head_evals": stats.steps * k * (1 if sampling is None else k + 1),
     }

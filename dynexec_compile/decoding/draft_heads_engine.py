@@ -14,6 +14,12 @@ accepted* position, so their guesses continue the sequence the step keeps.
   graph returns the logits ``[B, k+1, V]`` and the heads' logits at every position
   ``[B, k+1, k, V]``; the caller picks the row of the last accepted position.
 
+- Greedy with a candidate tree (``verify_tree``, Medusa's trees): node ``i`` at depth ``d``
+  holds head ``d``'s ``r``-th most likely token, ``r`` its rank among its parent's children;
+  all nodes are verified in the same single forward under the tree mask (positions by
+  depth, slots by node), the deepest path the target agrees with is kept (its keys/values
+  gathered in the cache, in the graph) and the heads read that path's last node.
+
 The prefill (``prefill_propose``) also ends in the heads, so the first step already has
 candidates. The model is run through :class:`DecoderStack` (its own modules, final norm and
 LM head), so the logits are the model's.
@@ -31,13 +37,14 @@ from transformers import PreTrainedModel
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
 from dynexec_compile.decoding.layers import DecoderStack
-from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.step import (
     DecodeEngine,
     _private_method,
     pack_prompts,
     prefill_bucket,
 )
+from dynexec_compile.decoding.verify import TreeSpec, tree_positions, verify_greedy
 
 
 class DraftHeadsEngine(DecodeEngine):
@@ -51,16 +58,37 @@ class DraftHeadsEngine(DecodeEngine):
         **engine_options: the rest of :class:`DecodeEngine`'s options.
     """
 
-    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int, heads: DraftHeads, **engine_options: Any):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        batch_size: int,
+        max_len: int,
+        heads: DraftHeads,
+        tree: TreeSpec | None = None,
+        **engine_options: Any,
+    ):
         super().__init__(model, batch_size, max_len, **engine_options)
         weight = next(model.parameters())
         self.heads = copy.deepcopy(check_heads_fit(model, heads)).to(device=weight.device, dtype=weight.dtype).eval()
         self.stack = DecoderStack(model)
         self.num_heads = self.heads.num_heads
+        self.tree = tree
+        if tree is not None:
+            if tree.max_depth > self.num_heads:
+                raise ValueError(
+                    f"the candidate tree is {tree.max_depth} deep but there are {self.num_heads} draft heads "
+                    "(depth d takes head d's top tokens); use a tree at most that deep"
+                )
+            ranks = [0] + [tree.children[parent].index(i) for i, parent in enumerate(tree.parents) if parent >= 0]
+            self._node_depth = torch.tensor(tree.depths[1:], device=self.device) - 1  # [T-1] head of each node
+            self._node_rank = torch.tensor(ranks[1:], device=self.device)  # [T-1] rank among siblings
+            self._top = max(ranks) + 1
         self._prefill_propose_fn = self._compiler(_private_method(self, self._prefill_propose_impl))
         self._verify_greedy_fn = self._compiler(_private_method(self, self._verify_greedy_impl))
         self._verify_all_fn = self._compiler(_private_method(self, self._verify_all_impl))
+        self._verify_tree_fn = self._compiler(_private_method(self, self._verify_tree_impl))
         if self.cuda_graphs:
+            self._verify_tree_fn = CudaGraphRunner(self._verify_tree_fn, state=[self.cache.lengths])
             self._verify_greedy_fn = CudaGraphRunner(self._verify_greedy_fn, state=[self.cache.lengths])
             self._verify_all_fn = CudaGraphRunner(self._verify_all_fn)
 
@@ -109,6 +137,37 @@ class DraftHeadsEngine(DecodeEngine):
         self._length_bound += self.num_heads + 1
         return out
 
+    def tree_tokens(self, root: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        """The candidate tree's tokens ``[B, T]``: ``root`` ``[B]``, then each node's token from
+        the heads' logits ``[B, k, V]`` (head ``depth``, ``rank``-th most likely)."""
+        top = head_logits.topk(self._top, dim=-1).indices  # [B, k, top]
+        return torch.cat([root[:, None], top[:, self._node_depth, self._node_rank]], dim=1)
+
+    def verify_tree(
+        self, tokens: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole greedy tree step as one graph: verify, accept the deepest agreeing path,
+        gather it in the cache, propose the next tree.
+
+        Args:
+            tokens: ``[B, T]`` the tree's tokens (:meth:`tree_tokens`), root first.
+            live: ``[B]`` bool, rows that commit.
+        Returns:
+            ``(emitted [B, D+1], accepted [B], heads' logits [B, k, V], next tree [B, T])``: row
+            ``b`` emits ``emitted[b, :accepted[b] + 1]``.
+        """
+        tree = self.tree
+        if tree is None:
+            raise ValueError("verify_tree needs an engine built with tree=TreeSpec")
+        if tokens.shape != (self.batch_size, tree.size):
+            raise ValueError(f"draft-heads tree step: tokens must be [B={self.batch_size}, T={tree.size}], got {tuple(tokens.shape)}")
+        if self._length_bound + tree.size > self.max_len:
+            self._refresh_bound(tree.size)
+        out = self._run("verify_tree", self._verify_tree_fn, tokens, live)
+        self.forward_passes += 1
+        self._length_bound += tree.max_depth + 1
+        return out
+
     def verify_all(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,10 +204,13 @@ class DraftHeadsEngine(DecodeEngine):
 
     # ---- traced bodies ------------------------------------------------------------------
 
-    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # tokens, positions: [B, T] -> final hidden state after the norm: [B, T, D]
+    def _hidden(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # tokens, positions, slots: [B, T] -> final hidden state after the norm: [B, T, D]
         h = self.stack.embed(tokens, positions)
-        h = self.stack.run(h, 0, self.stack.num_layers, mask, positions, self.cache, positions)
+        slots = positions if slots is None else slots
+        h = self.stack.run(h, 0, self.stack.num_layers, mask, positions, self.cache, slots)
         return self.stack.norm(h)
 
     def _prefill_propose_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +238,21 @@ class DraftHeadsEngine(DecodeEngine):
         head_logits = self.heads(last, self.stack.lm_head)  # [B, k, V]
         bonus = target.gather(1, accepted[:, None])  # [B, 1]
         return target, accepted, head_logits, torch.cat([bonus, head_logits.argmax(dim=-1)], dim=1)
+
+    def _verify_tree_impl(
+        self, tokens: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # tokens: [B, T] root + tree nodes; live: [B]
+        tree, lengths = self.tree, self.cache.lengths
+        positions, slots = tree_positions(tree, lengths)  # [B, T] each
+        mask = step_mask(lengths, slots, tree.visible(tokens.device), self.cache.max_len, self.cache.dtype)
+        h = self._hidden(tokens, positions, mask, slots)  # [B, T, D]
+        verdict = verify_greedy(tree, tokens, self.stack.lm_head(h))
+        counts = torch.where(live, verdict.accepted + 1, 0)  # [B]: root + accepted path
+        self.cache.apply_commit(counts, lengths[:, None] + verdict.path)  # gather the path, advance
+        last = verdict.path.gather(1, verdict.accepted[:, None])  # [B, 1] the path's last node
+        head_logits = self.heads(h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0], self.stack.lm_head)
+        return verdict.tokens, verdict.accepted, head_logits, self.tree_tokens(verdict.next_token, head_logits)
 
     def _verify_all_impl(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor

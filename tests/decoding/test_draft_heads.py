@@ -191,3 +191,67 @@ def test_save_load_roundtrip_and_errors(tmp_path, heads_for):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a dynexec draft-heads file"):
         dx.load_draft_heads(tmp_path / "other.safetensors")
+
+
+# ---- candidate trees ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("tree", [[3, 2, 1], [2, 2]])
+def test_tree_greedy_equals_transformers(kind, tree, heads_for):
+    model, heads = heads_for(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = dx.generate(
+        model, ids, mask, strategy="draft_heads", heads=heads, tree=tree, max_new_tokens=40, eos_token_id=[], compile=False
+    )
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.forward_passes == out.stats.steps + 1
+
+
+def test_tree_accepts_at_least_the_chain_from_the_same_state(heads_for):
+    """The tree contains the chain (every node's first child is the heads' top token), so from
+    the same cache state its accepted path is never shorter — and on some rows longer."""
+    model, heads = heads_for("gpt2")
+    chain_engine = DraftHeadsEngine(model, 6, 64, heads, compile=False)
+    tree_engine = DraftHeadsEngine(model, 6, 64, heads, dx.decoding.TreeSpec.from_branching([3, 2, 1]), compile=False)
+    live = torch.ones(6, dtype=torch.bool)
+    gains = []
+    for seed in range(4):
+        ids, mask = left_padded_batch([5, 11, 8, 6, 9, 4], seed=seed)
+        logits, head_logits = chain_engine.prefill_propose(ids, mask)
+        tree_engine.prefill_propose(ids, mask)
+        pending = logits.argmax(-1)
+        chain = torch.cat([pending[:, None], head_logits.argmax(-1)], dim=1)
+        _, chain_accepted, _, _ = chain_engine.verify_greedy(chain, live)
+        emitted, tree_accepted, _, _ = tree_engine.verify_tree(tree_engine.tree_tokens(pending, head_logits), live)
+        assert (tree_accepted >= chain_accepted).all()
+        gains.append(int((tree_accepted - chain_accepted).sum()))
+        greedy = hf_greedy(model, ids, mask, 2 + K)[:, ids.shape[1] + 1 :]  # the tokens after pending
+        for b in range(6):
+            n = int(tree_accepted[b]) + 1
+            assert torch.equal(emitted[b, :n], greedy[b, :n]), "the tree's emitted tokens are greedy's"
+    assert sum(gains) > 0
+
+
+def test_tree_options_are_checked(heads_for):
+    model, heads = heads_for("llama")
+    ids, mask = left_padded_batch([5, 5])
+    with pytest.raises(ValueError, match="4 deep but there are 3 draft heads"):
+        dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1, 1, 1], max_new_tokens=4, compile=False)
+    with pytest.raises(NotImplementedError, match="tree= with sampling"):
+        dx.generate(
+            model, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1], do_sample=True, max_new_tokens=4, compile=False
+        )
+
+
+def test_tree_step_is_one_graph_without_recompiles(heads_for):
+    model, heads = heads_for("gpt2")
+    counter = CompileCounterWithBackend("eager")
+    for seed in (1, 2):
+        ids, mask = left_padded_batch([7, 12], seed=seed)
+        out = dx.generate(
+            model, ids, mask, strategy="draft_heads", heads=heads, tree=[3, 2, 1], max_new_tokens=30, eos_token_id=[],
+            backend=counter,
+        )
+        assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30))
+        assert counter.frame_count == 2, "the prefill (+ heads) and the tree step (verify, gather, propose)"
