@@ -83,6 +83,8 @@ class DraftHeadsEngine(DecodeEngine):
             self._node_depth = torch.tensor(tree.depths[1:], device=self.device) - 1  # [T-1] head of each node
             self._node_rank = torch.tensor(ranks[1:], device=self.device)  # [T-1] rank among siblings
             self._top = max(ranks) + 1
+            # fill the tree's cached properties now: Dynamo cannot trace their first (locked) access
+            tree.visible(), tree.depth_tensor(), tree.path_table(), tree.child_table()
         self._prefill_propose_fn = self._compiler(_private_method(self, self._prefill_propose_impl))
         self._verify_greedy_fn = self._compiler(_private_method(self, self._verify_greedy_impl))
         self._verify_all_fn = self._compiler(_private_method(self, self._verify_all_impl))
