@@ -175,8 +175,8 @@ def speculative_variants(ctx: BenchContext) -> list[Variant]:
 
 
 def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
-    """dynexec draft_heads (the committed heads; untrained ones with --quick) and
-    self_speculative (shared exit head at HF early exit's layer, per k)."""
+    """dynexec draft_heads (the committed heads; untrained ones with --quick; a chain and each
+    tree at most k deep) and self_speculative (shared exit head at HF early exit's layer, per k)."""
     from dynexec_compile.decoding.draft_heads import DraftHeads
     from dynexec_compile.models import demo_draft_heads_path
 
@@ -187,6 +187,12 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
     variants = [
         Variant(f"dynexec_draft_heads_k{heads.num_heads}", _dynexec(ctx, "draft_heads", heads=heads), "dynexec",
                 params={"k": heads.num_heads})
+    ]
+    variants += [
+        Variant("dynexec_draft_heads_tree" + "x".join(map(str, tree)),
+                _dynexec(ctx, "draft_heads", heads=heads, tree=list(tree)), "dynexec", params={"tree": list(tree)})
+        for tree in ctx.trees
+        if len(tree) <= heads.num_heads
     ]
     exit_layer = ctx.early_exit_layer
     variants += [
