@@ -188,7 +188,7 @@ def _distill_loss(
     if seq <= k:
         raise ValueError(f"training sequences need more than offsets={k} tokens, got {seq}")
     student = heads.features(h[:, : seq - 1])  # [B, S-1, k, D]
-    weight = lm_head.weight.float()  # [V, D], frozen
+    weight = lm_head.weight.detach().float()  # [V, D], frozen: no gradient reaches the model
     losses = []
     for i in range(1, k + 1):
         logits = F.linear(student[:, : seq - i, i - 1], weight)  # [B, S-i, V]: head i at t

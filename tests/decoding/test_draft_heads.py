@@ -102,6 +102,7 @@ def test_training_lowers_the_distillation_loss():
         after = _distill_loss(model, trained, lm_head, text, 1.0)
     assert after < 0.8 * before, (before, after)
     assert all(torch.count_nonzero(p) == 0 for p in fresh.parameters()), "the given heads are not modified"
+    assert all(p.grad is None for p in model.parameters()), "no gradient reaches the model"
 
 
 def test_exactly_one_target_forward_per_step(heads_for):
