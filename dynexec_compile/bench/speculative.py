@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import transformers as T
+from tqdm import tqdm
 
 import dynexec_compile as dx
 from dynexec_compile.bench.common import SuiteResult, sync
@@ -217,9 +218,11 @@ def _run_over(variant: Variant, batches: list[torch.Tensor]) -> tuple[list[RunOu
 
 def _measure(variants: list[Variant], batches: list[torch.Tensor], repeats: int) -> dict[str, tuple[list[RunOutput], float]]:
     """Warm every variant up, then time them in interleaved rounds; median seconds each."""
-    outputs = {v.name: _run_over(v, batches)[0] for v in variants}  # warm-up (compiles)
+    outputs = {}
+    for v in tqdm(variants, desc="warm-up (compiles)", leave=False):
+        outputs[v.name] = _run_over(v, batches)[0]
     times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc="timed rounds", leave=False):
         for v in variants:
             times[v.name].append(_run_over(v, batches)[1])
     return {name: (outputs[name], statistics.median(ts) if ts else float("nan")) for name, ts in times.items()}
