@@ -250,3 +250,18 @@ def test_end_to_end_samples_follow_the_target_distribution(shape):
     pvalue = torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2, dtype=torch.float64), stat / 2)
     assert pvalue > 1e-3
     assert 0.05 < out.stats.extra["acceptance_rate"] < 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay of the speculative steps needs CUDA")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cuda_graphs_give_the_greedy_tokens(shape):
+    target = build_model("llama").cuda()
+    draft = truncated_draft(target).cuda()
+    ids, mask = left_padded_batch([7, 12, 4])
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = dx.generate(target, ids, mask, max_new_tokens=48, eos_token_id=[], pad_token_id=0, compile=False,
+                      cuda_graphs=False).sequences
+    for cuda_graphs in (False, True):
+        out = speculative(target, draft, ids, mask, 48, cuda_graphs=cuda_graphs, **SHAPES[shape])
+        assert torch.equal(out.sequences, ref)
