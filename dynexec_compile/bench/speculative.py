@@ -13,8 +13,9 @@ acceptance rate. Every output must equal HF greedy's (an exact gate).
 ``--quick``: tiny random LLaMA target and a one-layer draft cut from it, eager (no compile):
 the deterministic figures only (outputs equal, target forwards, acceptance), in seconds.
 
-Other drafters add rows by appending a factory to :data:`VARIANT_FACTORIES`
-(``factory(ctx) -> list[Variant]``).
+Other drafters add rows by appending a factory ``factory(ctx) -> list[Variant]`` to
+:data:`VARIANT_FACTORIES`; :func:`dynexec_run` wraps any ``dx.generate`` strategy, e.g.
+``Variant("dynexec_self_spec_E4", dynexec_run(ctx, "self_speculative", exit_layer=4), "dynexec")``.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def _hf_early_exit(ctx: BenchContext, k: int) -> Callable[[torch.Tensor], RunOut
     return run
 
 
-def _dynexec(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[torch.Tensor], RunOutput]:
+def dynexec_run(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[torch.Tensor], RunOutput]:
+    """A variant's ``run``: ``dx.generate(ctx.target, ids, strategy=strategy, **options)`` with
+    the suite's settings; drafted/accepted counts from ``stats.extra`` when it has them."""
     def run(ids: torch.Tensor) -> RunOutput:
         out: GenerateOutput = dx.generate(
             ctx.target, ids, strategy=strategy, max_new_tokens=ctx.max_new_tokens, eos_token_id=[], pad_token_id=0,
@@ -155,21 +158,21 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
             {"k": k, "exit_layer": ctx.early_exit_layer},
         )
     )
-    variants.append(Variant("dynexec_greedy", _dynexec(ctx, "greedy"), "dynexec"))
+    variants.append(Variant("dynexec_greedy", dynexec_run(ctx, "greedy"), "dynexec"))
     return variants
 
 
 def speculative_variants(ctx: BenchContext) -> list[Variant]:
     """dynexec speculative: a chain per k and each tree, with the draft model."""
     variants = [
-        Variant(f"dynexec_spec_k{k}", _dynexec(ctx, "speculative", draft_model=ctx.draft, num_draft=k), "dynexec",
+        Variant(f"dynexec_spec_k{k}", dynexec_run(ctx, "speculative", draft_model=ctx.draft, num_draft=k), "dynexec",
                 params={"k": k})
         for k in ctx.ks
     ]
     for tree in ctx.trees:
         name = "dynexec_spec_tree" + "x".join(map(str, tree))
         variants.append(
-            Variant(name, _dynexec(ctx, "speculative", draft_model=ctx.draft, tree=list(tree)), "dynexec",
+            Variant(name, dynexec_run(ctx, "speculative", draft_model=ctx.draft, tree=list(tree)), "dynexec",
                     params={"tree": list(tree)})
         )
     return variants
