@@ -196,15 +196,20 @@ def _context(args: argparse.Namespace) -> BenchContext:
         draft = T.LlamaForCausalLM(draft_config).eval()
         draft.load_state_dict(target.state_dict(), strict=False)  # the target's first layer: agrees often
         prompts = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(1))
-        return BenchContext(target, draft, prompts, 24, False, (2, 4), ((2, 2, 1),), 1)
+        return BenchContext(target, draft, prompts, 24, False, tuple(args.ks or (2, 4)), _trees(args.trees or ["2,2,1"]), 1)
     from dynexec_compile.models import heldout_prompts, load_demo_lm
 
     target, tokenizer = load_demo_lm("target")
     draft, _ = load_demo_lm("draft")
     prompts = heldout_prompts(args.prompts, args.prompt_tokens, tokenizer)
-    trees = tuple(tuple(int(b) for b in t.split(",")) for t in args.trees)
     layers = target.config.num_hidden_layers
-    return BenchContext(target, draft, prompts, args.new_tokens, True, tuple(args.ks), trees, layers // 2)
+    ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])
+    return BenchContext(target, draft, prompts, args.new_tokens, True, ks, trees, layers // 2)
+
+
+def _trees(specs: list[str]) -> tuple[tuple[int, ...], ...]:
+    """``["3,2,1"]`` -> ``((3, 2, 1),)``."""
+    return tuple(tuple(int(b) for b in spec.split(",")) for spec in specs)
 
 
 def _batches(prompts: torch.Tensor, batch: int) -> list[torch.Tensor]:
@@ -313,8 +318,8 @@ def run(args: argparse.Namespace) -> SuiteResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speculative")
-    group.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6], help="chain lengths to sweep")
-    group.add_argument("--trees", nargs="+", default=["3,2,1"], help="candidate trees as children per depth")
+    group.add_argument("--ks", type=int, nargs="+", default=None, help="chain lengths to sweep (default 2 3 4 6; quick 2 4)")
+    group.add_argument("--trees", nargs="+", default=None, help="candidate trees as children per depth (default 3,2,1; quick 2,2,1)")
     group.add_argument("--prompts", type=int, default=4, help="held-out prompts")
     group.add_argument("--prompt-tokens", type=int, default=64)
     group.add_argument("--new-tokens", type=int, default=128)
