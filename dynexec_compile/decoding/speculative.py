@@ -137,6 +137,11 @@ class ModelDrafter:
             logits = logits[:, -len(level) :]  # the catch-up query's logits are not needed
             self.forwards += 1
             self.layer_evals += feed.shape[1] * self._layers
+            counts = {len(tree.children[node]) for node in level}
+            if sampling is None and len(counts) == 1 and 0 not in counts:  # one top-k for the level
+                kids = [kid for node in level for kid in tree.children[node]]
+                tokens[:, kids] = logits.topk(counts.pop(), dim=-1).indices.reshape(batch, len(kids))
+                continue
             for j, node in enumerate(level):
                 kids = list(tree.children[node])
                 if not kids:
