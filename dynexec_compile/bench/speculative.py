@@ -224,16 +224,22 @@ def _run_over(variant: Variant, batches: list[torch.Tensor]) -> tuple[list[RunOu
     return outs, time.perf_counter() - start
 
 
-def _measure(variants: list[Variant], batches: list[torch.Tensor], repeats: int) -> dict[str, tuple[list[RunOutput], float]]:
-    """Warm every variant up, then time them in interleaved rounds; median seconds each."""
-    outputs = {}
+def _measure(
+    variants: list[Variant], batches: list[torch.Tensor], repeats: int
+) -> dict[str, tuple[list[RunOutput], float, float]]:
+    """Warm every variant up (timed apart: it includes compiling), then time them in
+    interleaved rounds; ``(outputs, median seconds, warm-up seconds)`` per variant."""
+    warm: dict[str, tuple[list[RunOutput], float]] = {}
     for v in tqdm(variants, desc="warm-up (compiles)", leave=False):
-        outputs[v.name] = _run_over(v, batches)[0]
+        warm[v.name] = _run_over(v, batches)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in tqdm(range(repeats), desc="timed rounds", leave=False):
         for v in variants:
             times[v.name].append(_run_over(v, batches)[1])
-    return {name: (outputs[name], statistics.median(ts) if ts else float("nan")) for name, ts in times.items()}
+    return {
+        name: (warm[name][0], statistics.median(ts) if ts else float("nan"), warm[name][1])
+        for name, ts in times.items()
+    }
 
 
 def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats: int, result: SuiteResult) -> None:
@@ -255,10 +261,10 @@ def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats
     reference = measured["hf_greedy"][0]
     new_tokens = ctx.max_new_tokens * ctx.prompts.shape[0] // batch * batch
     base_s = measured["hf_greedy"][1]
-    assisted = [s for name, (_, s) in measured.items() if name.startswith("hf_assisted")]
+    assisted = [m[1] for name, m in measured.items() if name.startswith("hf_assisted")]
     best_assisted = min(assisted) if assisted else None
     for v in runnable:
-        outs, seconds = measured[v.name]
+        outs, seconds, warm_up = measured[v.name]
         equal = all(torch.equal(o.sequences, r.sequences) for o, r in zip(outs, reference, strict=True))
         forwards = _total(o.target_forwards for o in outs)
         drafted, accepted = _total(o.drafted for o in outs), _total(o.accepted for o in outs)
@@ -271,6 +277,7 @@ def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats
             "tokens/target fwd": new_tokens / batch / forwards if forwards else None,  # per row
             "acceptance": accepted / drafted if drafted else None,
             "outputs equal": equal,
+            "warm-up s": warm_up,
         }
         result.rows.append(row)
         prefix = f"b{batch}/{v.name}"
