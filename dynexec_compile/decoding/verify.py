@@ -89,6 +89,11 @@ class TreeSpec:
                     f"tree nodes must be in breadth-first order (depth non-decreasing); node {i} has depth "
                     f"{depths[i]} after a node of depth {depths[i - 1]}"
                 )
+        # fill every derived table now, so that code traced by Dynamo (a compiled step that
+        # verifies in-graph) only reads attributes: it cannot trace a first, locked
+        # cached_property access
+        for name in _DERIVED:
+            getattr(self, name)
 
     @classmethod
     def chain(cls, k: int) -> TreeSpec:
@@ -210,6 +215,9 @@ class TreeSpec:
         for i, kids in enumerate(self.children):
             table[i, : len(kids)] = torch.tensor(kids, dtype=torch.long)
         return table
+
+
+_DERIVED = ("depths", "children", "_depth_tensor", "_parent_index", "_preference", "_ancestors", "_paths", "_child_table")
 
 
 def as_tree(tree: TreeSpec | Sequence[int] | None, num_draft: int | None) -> TreeSpec:
