@@ -13,8 +13,9 @@ acceptance rate. Every output must equal HF greedy's (an exact gate).
 ``--quick``: tiny random LLaMA target and a one-layer draft cut from it, eager (no compile):
 the deterministic figures only (outputs equal, target forwards, acceptance), in seconds.
 
-Other drafters add rows by appending a factory to :data:`VARIANT_FACTORIES`
-(``factory(ctx) -> list[Variant]``).
+Other drafters add rows by appending a factory ``factory(ctx) -> list[Variant]`` to
+:data:`VARIANT_FACTORIES`; :func:`dynexec_run` wraps any ``dx.generate`` strategy, e.g.
+``Variant("dynexec_self_spec_E4", dynexec_run(ctx, "self_speculative", exit_layer=4), "dynexec")``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 import transformers as T
+from tqdm import tqdm
 
 import dynexec_compile as dx
 from dynexec_compile.bench.common import SuiteResult, sync
@@ -126,7 +128,9 @@ def _hf_early_exit(ctx: BenchContext, k: int) -> Callable[[torch.Tensor], RunOut
     return run
 
 
-def _dynexec(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[torch.Tensor], RunOutput]:
+def dynexec_run(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[torch.Tensor], RunOutput]:
+    """A variant's ``run``: ``dx.generate(ctx.target, ids, strategy=strategy, **options)`` with
+    the suite's settings; drafted/accepted counts from ``stats.extra`` when it has them."""
     def run(ids: torch.Tensor) -> RunOutput:
         out: GenerateOutput = dx.generate(
             ctx.target, ids, strategy=strategy, max_new_tokens=ctx.max_new_tokens, eos_token_id=[], pad_token_id=0,
@@ -154,21 +158,21 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
             {"k": k, "exit_layer": ctx.early_exit_layer},
         )
     )
-    variants.append(Variant("dynexec_greedy", _dynexec(ctx, "greedy"), "dynexec"))
+    variants.append(Variant("dynexec_greedy", dynexec_run(ctx, "greedy"), "dynexec"))
     return variants
 
 
 def speculative_variants(ctx: BenchContext) -> list[Variant]:
     """dynexec speculative: a chain per k and each tree, with the draft model."""
     variants = [
-        Variant(f"dynexec_spec_k{k}", _dynexec(ctx, "speculative", draft_model=ctx.draft, num_draft=k), "dynexec",
+        Variant(f"dynexec_spec_k{k}", dynexec_run(ctx, "speculative", draft_model=ctx.draft, num_draft=k), "dynexec",
                 params={"k": k})
         for k in ctx.ks
     ]
     for tree in ctx.trees:
         name = "dynexec_spec_tree" + "x".join(map(str, tree))
         variants.append(
-            Variant(name, _dynexec(ctx, "speculative", draft_model=ctx.draft, tree=list(tree)), "dynexec",
+            Variant(name, dynexec_run(ctx, "speculative", draft_model=ctx.draft, tree=list(tree)), "dynexec",
                     params={"tree": list(tree)})
         )
     return variants
@@ -185,19 +189,19 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
     else:
         heads = DraftHeads(ctx.target.config.hidden_size, 3, vocab_size=ctx.target.config.vocab_size)
     variants = [
-        Variant(f"dynexec_draft_heads_k{heads.num_heads}", _dynexec(ctx, "draft_heads", heads=heads), "dynexec",
+        Variant(f"dynexec_draft_heads_k{heads.num_heads}", dynexec_run(ctx, "draft_heads", heads=heads), "dynexec",
                 params={"k": heads.num_heads})
     ]
     variants += [
         Variant("dynexec_draft_heads_tree" + "x".join(map(str, tree)),
-                _dynexec(ctx, "draft_heads", heads=heads, tree=list(tree)), "dynexec", params={"tree": list(tree)})
+                dynexec_run(ctx, "draft_heads", heads=heads, tree=list(tree)), "dynexec", params={"tree": list(tree)})
         for tree in ctx.trees
         if len(tree) <= heads.num_heads
     ]
     exit_layer = ctx.early_exit_layer
     variants += [
         Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",
-                _dynexec(ctx, "self_speculative", exit_layer=exit_layer, num_draft=k), "dynexec",
+                dynexec_run(ctx, "self_speculative", exit_layer=exit_layer, num_draft=k), "dynexec",
                 params={"k": k, "exit_layer": exit_layer})
         for k in ctx.ks
     ]
@@ -226,15 +230,20 @@ def _context(args: argparse.Namespace) -> BenchContext:
         draft = T.LlamaForCausalLM(draft_config).eval()
         draft.load_state_dict(target.state_dict(), strict=False)  # the target's first layer: agrees often
         prompts = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(1))
-        return BenchContext(target, draft, prompts, 24, False, (2, 4), ((2, 2, 1),), 1)
+        return BenchContext(target, draft, prompts, 24, False, tuple(args.ks or (2, 4)), _trees(args.trees or ["2,2,1"]), 1)
     from dynexec_compile.models import heldout_prompts, load_demo_lm
 
     target, tokenizer = load_demo_lm("target")
     draft, _ = load_demo_lm("draft")
     prompts = heldout_prompts(args.prompts, args.prompt_tokens, tokenizer)
-    trees = tuple(tuple(int(b) for b in t.split(",")) for t in args.trees)
     layers = target.config.num_hidden_layers
-    return BenchContext(target, draft, prompts, args.new_tokens, True, tuple(args.ks), trees, layers // 2)
+    ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])
+    return BenchContext(target, draft, prompts, args.new_tokens, True, ks, trees, layers // 2)
+
+
+def _trees(specs: list[str]) -> tuple[tuple[int, ...], ...]:
+    """``["3,2,1"]`` -> ``((3, 2, 1),)``."""
+    return tuple(tuple(int(b) for b in spec.split(",")) for spec in specs)
 
 
 def _batches(prompts: torch.Tensor, batch: int) -> list[torch.Tensor]:
@@ -249,14 +258,22 @@ def _run_over(variant: Variant, batches: list[torch.Tensor]) -> tuple[list[RunOu
     return outs, time.perf_counter() - start
 
 
-def _measure(variants: list[Variant], batches: list[torch.Tensor], repeats: int) -> dict[str, tuple[list[RunOutput], float]]:
-    """Warm every variant up, then time them in interleaved rounds; median seconds each."""
-    outputs = {v.name: _run_over(v, batches)[0] for v in variants}  # warm-up (compiles)
+def _measure(
+    variants: list[Variant], batches: list[torch.Tensor], repeats: int
+) -> dict[str, tuple[list[RunOutput], float, float]]:
+    """Warm every variant up (timed apart: it includes compiling), then time them in
+    interleaved rounds; ``(outputs, median seconds, warm-up seconds)`` per variant."""
+    warm: dict[str, tuple[list[RunOutput], float]] = {}
+    for v in tqdm(variants, desc="warm-up (compiles)", leave=False):
+        warm[v.name] = _run_over(v, batches)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc="timed rounds", leave=False):
         for v in variants:
             times[v.name].append(_run_over(v, batches)[1])
-    return {name: (outputs[name], statistics.median(ts) if ts else float("nan")) for name, ts in times.items()}
+    return {
+        name: (warm[name][0], statistics.median(ts) if ts else float("nan"), warm[name][1])
+        for name, ts in times.items()
+    }
 
 
 def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats: int, result: SuiteResult) -> None:
@@ -278,10 +295,10 @@ def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats
     reference = measured["hf_greedy"][0]
     new_tokens = ctx.max_new_tokens * ctx.prompts.shape[0] // batch * batch
     base_s = measured["hf_greedy"][1]
-    assisted = [s for name, (_, s) in measured.items() if name.startswith("hf_assisted")]
+    assisted = [m[1] for name, m in measured.items() if name.startswith("hf_assisted")]
     best_assisted = min(assisted) if assisted else None
     for v in runnable:
-        outs, seconds = measured[v.name]
+        outs, seconds, warm_up = measured[v.name]
         equal = all(torch.equal(o.sequences, r.sequences) for o, r in zip(outs, reference, strict=True))
         forwards = _total(o.target_forwards for o in outs)
         drafted, accepted = _total(o.drafted for o in outs), _total(o.accepted for o in outs)
@@ -294,6 +311,7 @@ def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats
             "tokens/target fwd": new_tokens / batch / forwards if forwards else None,  # per row
             "acceptance": accepted / drafted if drafted else None,
             "outputs equal": equal,
+            "warm-up s": warm_up,
         }
         result.rows.append(row)
         prefix = f"b{batch}/{v.name}"
@@ -341,8 +359,8 @@ def run(args: argparse.Namespace) -> SuiteResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speculative")
-    group.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6], help="chain lengths to sweep")
-    group.add_argument("--trees", nargs="+", default=["3,2,1"], help="candidate trees as children per depth")
+    group.add_argument("--ks", type=int, nargs="+", default=None, help="chain lengths to sweep (default 2 3 4 6; quick 2 4)")
+    group.add_argument("--trees", nargs="+", default=None, help="candidate trees as children per depth (default 3,2,1; quick 2,2,1)")
     group.add_argument("--prompts", type=int, default=4, help="held-out prompts")
     group.add_argument("--prompt-tokens", type=int, default=64)
     group.add_argument("--new-tokens", type=int, default=128)

@@ -39,7 +39,7 @@ from dynexec_compile.decoding.generate import (
     get_engine,
     register_strategy,
 )
-from dynexec_compile.decoding.masks import step_mask
+from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
 from dynexec_compile.decoding.verify import (
@@ -105,7 +105,10 @@ class ModelDrafter:
         self._lag = torch.zeros(batch, dtype=torch.long, device=device)  # [B] 1: draft misses one token
         self._catch_up = torch.zeros(batch, dtype=torch.long, device=device)  # [B] that token
         self._base = torch.zeros(batch, dtype=torch.long, device=device)  # [B] target length at propose
-        self._visible = tree.visible(device)  # [T, T]
+        # per depth: the nodes fed, as a list and a tensor, and the nodes each of them sees
+        self._levels = [list(tree.level(depth)) for depth in range(tree.max_depth)]
+        self._level_nodes = [torch.tensor(level, device=device) for level in self._levels]
+        self._level_visible = [tree.visible(device)[level] for level in self._levels]  # [n, T] each
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.engine.prefill(input_ids, attention_mask)
@@ -129,14 +132,21 @@ class ModelDrafter:
         tokens = torch.zeros(batch, size, dtype=torch.long, device=device)  # [B, T]
         tokens[:, 0] = root
         probs = None
-        for depth in range(tree.max_depth):
-            level = list(tree.level(depth))
-            feed, positions, slots, visible = self._level_inputs(tokens, base, level, depth)
-            mask = node_mask(base, base, visible, engine.max_len, engine.cache.dtype)
+        for depth, level in enumerate(self._levels):
+            feed, positions, slots, visible = self._level_inputs(tokens, base, depth)
+            if tree.is_chain:  # every query sees the slots up to its own
+                mask = chain_mask(slots, engine.max_len, engine.cache.dtype)
+            else:
+                mask = node_mask(base, base, visible, engine.max_len, engine.cache.dtype)
             logits = engine.step(feed, positions, mask, slots)  # [B, n, V]
             logits = logits[:, -len(level) :]  # the catch-up query's logits are not needed
             self.forwards += 1
             self.layer_evals += feed.shape[1] * self._layers
+            counts = {len(tree.children[node]) for node in level}
+            if sampling is None and len(counts) == 1 and 0 not in counts:  # one top-k for the level
+                kids = [kid for node in level for kid in tree.children[node]]
+                tokens[:, kids] = logits.topk(counts.pop(), dim=-1).indices.reshape(batch, len(kids))
+                continue
             for j, node in enumerate(level):
                 kids = list(tree.children[node])
                 if not kids:
@@ -151,16 +161,18 @@ class ModelDrafter:
         return tokens, probs
 
     def _level_inputs(
-        self, tokens: torch.Tensor, base: torch.Tensor, level: list[int], depth: int
+        self, tokens: torch.Tensor, base: torch.Tensor, depth: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens, positions, slots ``[B, n]`` and visible nodes ``[n, T]`` of one draft forward;
-        the first also carries the catch-up token (or a dummy) in front."""
-        nodes = torch.tensor(level, device=base.device)  # [n]
+        """Tokens, positions, slots ``[B, n]`` and visible nodes ``[n, T]`` of one draft forward.
+
+        When a row lags, the first forward also carries the catch-up token in front (rows
+        without lag feed a dummy there); without lag anywhere it has the level's shape alone.
+        """
+        level, visible = self._levels[depth], self._level_visible[depth]
         feed = tokens[:, level]  # [B, n]
         positions = (base[:, None] + depth).repeat(1, len(level))  # [B, n]
-        slots = base[:, None] + nodes[None, :]  # [B, n]
-        visible = self._visible[level]  # [n, T]
-        if depth > 0:
+        slots = base[:, None] + self._level_nodes[depth][None, :]  # [B, n]
+        if depth > 0 or not bool(self._lag.any()):
             return feed, positions, slots, visible
         lag = self._lag.bool()
         spare = base + self.tree.size - 1  # a depth-D node's slot: never read while drafting

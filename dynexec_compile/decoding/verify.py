@@ -89,6 +89,11 @@ class TreeSpec:
                     f"tree nodes must be in breadth-first order (depth non-decreasing); node {i} has depth "
                     f"{depths[i]} after a node of depth {depths[i - 1]}"
                 )
+        # fill every derived table now, so that code traced by Dynamo (a compiled step that
+        # verifies in-graph) only reads attributes: it cannot trace a first, locked
+        # cached_property access
+        for name in _DERIVED:
+            getattr(self, name)
 
     @classmethod
     def chain(cls, k: int) -> TreeSpec:
@@ -159,7 +164,7 @@ class TreeSpec:
 
     def depth_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[T]`` int64 depths (position offsets of the nodes)."""
-        return torch.tensor(self.depths, dtype=torch.long, device=device)
+        return self._depth_tensor.to(device)
 
     def path_table(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[T, D + 1]`` int64: row ``i`` lists the path root .. ``i`` by depth, then repeats ``i``."""
@@ -168,6 +173,21 @@ class TreeSpec:
     def child_table(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[T, C]`` int64 children of every node in try order, padded with -1 (``C`` = most children)."""
         return self._child_table.to(device)
+
+    @cached_property
+    def _depth_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.depths, dtype=torch.long)
+
+    @cached_property
+    def _parent_index(self) -> torch.Tensor:
+        """``[T]`` parents with the root as its own parent."""
+        return torch.tensor((0, *self.parents[1:]), dtype=torch.long)
+
+    @cached_property
+    def _preference(self) -> torch.Tensor:
+        """``[T]`` deeper nodes first, then lower indices (picks among accepted nodes)."""
+        index = torch.arange(self.size)
+        return self._depth_tensor * self.size + (self.size - 1 - index)
 
     @cached_property
     def _ancestors(self) -> torch.Tensor:
@@ -195,6 +215,9 @@ class TreeSpec:
         for i, kids in enumerate(self.children):
             table[i, : len(kids)] = torch.tensor(kids, dtype=torch.long)
         return table
+
+
+_DERIVED = ("depths", "children", "_depth_tensor", "_parent_index", "_preference", "_ancestors", "_paths", "_child_table")
 
 
 def as_tree(tree: TreeSpec | Sequence[int] | None, num_draft: int | None) -> TreeSpec:
@@ -298,17 +321,16 @@ def verify_greedy(tree: TreeSpec, tokens: torch.Tensor, target_logits: torch.Ten
     """
     _check(tree, tokens, target_logits)
     device = tokens.device
-    size = tree.size
     argmax = target_logits.argmax(dim=-1)  # [B, T]
-    parents = torch.tensor((0, *tree.parents[1:]), device=device)  # [T], root its own parent
-    correct = tokens == argmax[:, parents]  # [B, T]
-    correct[:, 0] = True
-    # a node is accepted iff it and all its ancestors are correct
-    wrong_on_path = tree.visible(device)[None] & ~correct[:, None, :]  # [B, T, T]
-    accepted_node = ~wrong_on_path.any(dim=-1)  # [B, T]
-    index = torch.arange(size, device=device)
-    score = tree.depth_tensor(device) * size + (size - 1 - index)  # deeper first, then lower index
-    best = torch.where(accepted_node, score[None, :], -1).argmax(dim=-1)  # [B]
+    if tree.is_chain:  # node i has depth i: the accepted length is the matching prefix
+        best = (tokens[:, 1:] == argmax[:, :-1]).cumprod(dim=1).sum(dim=1)  # [B]
+    else:
+        correct = tokens == argmax[:, tree._parent_index.to(device)]  # [B, T]
+        correct[:, 0] = True
+        # a node is accepted iff it and all its ancestors are correct
+        wrong_on_path = tree.visible(device)[None] & ~correct[:, None, :]  # [B, T, T]
+        accepted_node = ~wrong_on_path.any(dim=-1)  # [B, T]
+        best = torch.where(accepted_node, tree._preference.to(device)[None, :], -1).argmax(dim=-1)  # [B]
     bonus = argmax.gather(1, best[:, None])[:, 0]  # [B]
     return _verdict(tree, tokens, best, bonus)
 

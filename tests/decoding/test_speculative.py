@@ -5,7 +5,14 @@ import pytest
 import torch
 from conftest import VOCAB, build_model, left_padded_batch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import dynexec_compile as dx
 from dynexec_compile.decoding import (
@@ -61,27 +68,44 @@ def test_greedy_equals_transformers_with_a_partial_draft(lm, shape):
     assert out.stats.tokens_per_forward > 1.0
 
 
-def test_greedy_with_a_smaller_random_draft_and_a_perfect_draft():
-    target = build_model("llama")
+def small_random_draft(kind: str):
+    """A smaller model of the target's family with random weights and the same vocabulary."""
     torch.manual_seed(5)
-    small = LlamaForCausalLM(
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=1024)
-    ).eval()
+    if kind == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=1024, bos_token_id=1,
+                            eos_token_id=2)
+        return GPT2LMHeadModel(config).eval()
+    cls, config_cls = (LlamaForCausalLM, LlamaConfig) if kind == "llama" else (Qwen2ForCausalLM, Qwen2Config)
+    config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=1024)
+    return cls(config).eval()
+
+
+def test_greedy_with_a_smaller_random_draft(lm):
     ids, mask = left_padded_batch([9, 5])
-    ref = hf_greedy(target, ids, mask, 30)
+    ref = hf_greedy(lm, ids, mask, 30)
+    draft = small_random_draft(lm.config.model_type)
     for shape in SHAPES.values():
-        assert torch.equal(speculative(target, small, ids, mask, 30, **shape).sequences, ref)
-        perfect = speculative(target, target, ids, mask, 30, **shape)  # every draft accepted: the lag path
+        calls = []
+        hook = lm.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        try:
+            out = speculative(lm, draft, ids, mask, 30, **shape)
+        finally:
+            hook.remove()
+        assert torch.equal(out.sequences, ref)
+        assert len(calls) == out.stats.steps + 1, "one target forward per step (hooks fire: compile=False)"
+
+
+def test_greedy_with_a_perfect_draft_and_an_irregular_tree(llama):
+    ids, mask = left_padded_batch([9, 5])
+    ref = hf_greedy(llama, ids, mask, 30)
+    for shape in SHAPES.values():
+        perfect = speculative(llama, llama, ids, mask, 30, **shape)  # every draft accepted: the lag path
         assert torch.equal(perfect.sequences, ref)
         assert all(n == 3 for step in perfect.stats.extra["accepted_drafts_per_step"][:-1] for n in step)
     irregular = TreeSpec((-1, 0, 0, 0, 1, 1, 2, 4))  # leaves at depths 1, 2 and 3
-    partial = speculative(target, truncated_draft(target), ids, mask, 30, tree=irregular)
+    partial = speculative(llama, truncated_draft(llama), ids, mask, 30, tree=irregular)
     assert torch.equal(partial.sequences, ref) and partial.stats.extra["draft_forwards"] == 1 + 3 * partial.stats.steps
-    gpt2_draft = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=1024,
-                                            bos_token_id=1, eos_token_id=2)).eval()
-    gpt2 = build_model("gpt2")
-    assert torch.equal(speculative(gpt2, gpt2_draft, ids, mask, 20).sequences, hf_greedy(gpt2, ids, mask, 20))
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -150,10 +174,10 @@ def test_no_recompiles_after_warm_up(shape):
     ids, mask = left_padded_batch([7, 12])
     out = speculative(target, draft, ids, mask, 200, backend=counter, compile=True, **SHAPES[shape])
     assert torch.equal(out.sequences, hf_greedy(target, ids, mask, 200))
-    # prefills of both models, the target's step; chain: draft steps of width 2 and 1;
-    # tree [2, 2, 1]: draft steps of width 2 (depths 0 and 1 share it) and 4, and a
-    # gathering commit per cache
-    expected = 5 if shape == "chain" else 7
+    # prefills of both models, the target's step; chain: draft steps of width 2 (root after
+    # a catch-up token) and 1; tree [2, 2, 1]: draft steps of width 1 (root), 2 (root after
+    # a catch-up token, and depth 1) and 4, and a gathering commit per cache
+    expected = 5 if shape == "chain" else 8
     assert counter.frame_count == expected and out.stats.compiles == expected
     ids2, mask2 = left_padded_batch([9, 15], seed=8)  # same prefill bucket
     again = speculative(target, draft, ids2, mask2, 200, backend=counter, compile=True, **SHAPES[shape])
@@ -226,3 +250,18 @@ def test_end_to_end_samples_follow_the_target_distribution(shape):
     pvalue = torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2, dtype=torch.float64), stat / 2)
     assert pvalue > 1e-3
     assert 0.05 < out.stats.extra["acceptance_rate"] < 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay of the speculative steps needs CUDA")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cuda_graphs_give_the_greedy_tokens(shape):
+    target = build_model("llama").cuda()
+    draft = truncated_draft(target).cuda()
+    ids, mask = left_padded_batch([7, 12, 4])
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = dx.generate(target, ids, mask, max_new_tokens=48, eos_token_id=[], pad_token_id=0, compile=False,
+                      cuda_graphs=False).sequences
+    for cuda_graphs in (False, True):
+        out = speculative(target, draft, ids, mask, 48, cuda_graphs=cuda_graphs, **SHAPES[shape])
+        assert torch.equal(out.sequences, ref)

@@ -233,3 +233,19 @@ def test_sampling_acceptance_matches_the_overlap_of_target_and_draft():
     overlap = torch.minimum(p0, q[0]).sum().item()
     rate = verdict.accepted.float().mean().item()
     assert abs(rate - overlap) < 4 * math.sqrt(overlap * (1 - overlap) / rows)
+
+
+@pytest.mark.parametrize("tree", [TreeSpec.chain(3), TreeSpec.from_branching([2, 2])], ids=["chain", "tree"])
+def test_greedy_verification_traces_into_one_graph(tree):
+    """Fused strategies verify inside their compiled step: no graph break, same verdict."""
+    tokens = torch.randint(0, 10, (3, tree.size), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(3, tree.size, 10)
+    tokens[:, 1] = logits[:, 0].argmax(-1)  # some rows accept something
+
+    def fn(tokens, logits):
+        verdict = verify_greedy(tree, tokens, logits)
+        return verdict.accepted, verdict.path, verdict.tokens
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(tokens, logits), fn(tokens, logits), strict=True):
+        assert torch.equal(got, want)
