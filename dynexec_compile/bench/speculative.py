@@ -334,7 +334,8 @@ def _total(values: Any) -> int | None:
 
 
 def run(args: argparse.Namespace) -> SuiteResult:
-    torch.set_num_threads(args.threads)
+    threads = args.threads or 1  # dynexec bench --threads; one by default: stable timings on a shared machine
+    torch.set_num_threads(threads)
     ctx = _context(args)
     repeats = args.repeats or (1 if args.quick else 3)
     variants = [v for factory in VARIANT_FACTORIES for v in factory(ctx)]
@@ -342,7 +343,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
     result.notes.append(
         f"{'quick: tiny random LLaMA, eager' if args.quick else 'demo code LMs (fp32), compiled'}; "
         f"{ctx.prompts.shape[0]} prompts of {ctx.prompts.shape[1]} tokens, {ctx.max_new_tokens} new tokens each, "
-        f"EOS off; median of {repeats} interleaved rounds after a warm-up; {args.threads} thread(s); "
+        f"EOS off; median of {repeats} interleaved rounds after a warm-up; {threads} thread(s); "
         "'vs' columns are speed-ups (higher is better)"
     )
     for batch in args.batch_sizes:
@@ -365,5 +366,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-tokens", type=int, default=64)
     group.add_argument("--new-tokens", type=int, default=128)
     group.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    group.add_argument("--threads", type=int, default=1)
     group.add_argument("--md", default=None, help="also write the table as markdown here")
