@@ -177,3 +177,20 @@ def test_bad_arguments_raise_clear_errors(llama4):
     ).eval()
     with pytest.raises(NotImplementedError, match="mistral"):
         generate(mistral, ids, mask)
+
+
+def test_the_users_model_and_heads_are_not_modified(llama4):
+    state = {k: v.clone() for k, v in llama4.state_dict().items()}
+    attn = llama4.config._attn_implementation
+    heads = dx.DraftHeads(64, 2, vocab_size=VOCAB)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.1)
+    head_state = {k: v.clone() for k, v in heads.state_dict().items()}
+    ids, mask = left_padded_batch([5, 7])
+    generate(llama4, ids, mask, exit_layer=2, max_new_tokens=8)
+    dx.generate(llama4, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1], max_new_tokens=8, compile=False)
+    assert llama4.config._attn_implementation == attn
+    assert all(torch.equal(v, state[k]) for k, v in llama4.state_dict().items())
+    assert all(torch.equal(v, head_state[k]) for k, v in heads.state_dict().items())
+    assert all(p.grad is None for p in llama4.parameters())
