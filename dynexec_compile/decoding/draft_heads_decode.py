@@ -6,7 +6,8 @@ draft heads inside its graph, proposes the next ``k``. Row ``b`` keeps the candi
 target agrees with plus the target's own next token, so greedy output is token-identical
 to greedy decoding; sampling uses speculative rejection sampling with each head's warped
 distribution as the proposal (:mod:`dynexec_compile.decoding.verify`), so the output follows
-the target's own sampling distribution.
+the target's own sampling distribution. With ``tree=`` (greedy) the forward scores a Medusa
+candidate tree instead of a chain (:meth:`DraftHeadsEngine.verify_tree`).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def _decode(
         "acceptance_rate": _rate(accepted_drafts, drafted),
         "mean_accepted_per_step": sum(map(sum, accepted_drafts)) / live_steps if live_steps else 0.0,
         # token x layer evaluations per row in the decoding steps (prefill not counted):
-        # every step runs all L layers on k + 1 tokens; the heads are one residual block each
+        # every step runs all L layers on its k + 1 (chain) or T (tree) tokens; heads: one block each
         "target_layer_evals": stats.steps * engine.stack.num_layers * width,
         "draft_layer_evals": 0,
         "draft_head_evals": stats.steps * k * (1 if sampling is None else k + 1),
