@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from dynexec_compile.elastic.reorder import lookup_model, lookup_plan
 from dynexec_compile.elastic.slicing import Anchors, level_param_slices
@@ -98,10 +99,33 @@ def _resized_shape(
     return out
 
 
+class _FullShapes(fx.Interpreter):
+    """Runs the unsliced graph on the same fake inputs and records every tensor's concrete
+    shape by node name: the full sizes to compare the sliced run with, concrete even where
+    Dynamo's example values are symbolic (a dynamic sequence length)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n.name] = tuple(out.shape)
+        return out
+
+
 class _Reshape(fx.Interpreter):
     """Runs the sliced graph on fake tensors, rewriting the size literals of ``view`` /
     ``reshape`` / ``expand`` whose input shrank (sizes Dynamo baked from the full model's head
-    counts), and turning any node that still fails into a ``NotImplementedError`` naming it."""
+    counts), and turning any node that still fails into a ``NotImplementedError`` naming it.
+
+    Only integer literals are rewritten: a size computed in the graph (a symbolic sequence
+    length) or ``-1`` (inferred) is left as it is."""
+
+    def __init__(self, gm: fx.GraphModule, full_shapes: dict[str, tuple[int, ...]]):
+        super().__init__(gm)
+        self.full_shapes = full_shapes
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_method" and n.target in _RESHAPES:
@@ -116,24 +140,38 @@ class _Reshape(fx.Interpreter):
 
     def _rewrite(self, n: fx.Node) -> None:
         src = n.args[0]
-        sizes = (
+        sizes = list(
             n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
         )
-        full_in = tuple(src.meta["example_value"].shape) if "example_value" in src.meta else None
+        full_in, full_out = self.full_shapes.get(src.name), self.full_shapes.get(n.name)
         new_in = tuple(self.env[src].shape)
-        if full_in is None or full_in == new_in or not all(type(s) is int for s in sizes):
+        if full_in is None or full_out is None or full_in == new_in:
             return
         if n.target == "expand":  # a literal equal to the input size means "keep it": -1
             offset = len(sizes) - len(full_in)
             sizes = [
-                -1 if i >= offset and s == full_in[i - offset] else s for i, s in enumerate(sizes)
+                -1 if i >= offset and type(s) is int and s == full_in[i - offset] else s
+                for i, s in enumerate(sizes)
             ]
         else:
-            resized = _resized_shape(full_in, tuple(n.meta["example_value"].shape), new_in)
+            resized = _resized_shape(full_in, full_out, new_in)
             if resized is None:
                 return
-            sizes = resized
+            for j, (old, new) in enumerate(zip(full_out, resized, strict=True)):
+                if old != new and type(sizes[j]) is int and sizes[j] != -1:
+                    sizes[j] = new
         n.args = (src, *sizes)
+
+
+def _concrete(mode: FakeTensorMode, value: Any) -> Any:
+    """A fake tensor of a real one, and a symbolic size as its example value: the check runs
+    with concrete shapes so it never adds a guard to Dynamo's symbolic ones (which would
+    specialise a dynamic sequence length and recompile at every new length)."""
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    if isinstance(value, torch.SymInt):
+        return optimization_hint(value)
+    return value
 
 
 def slice_param_placeholders(
@@ -167,8 +205,10 @@ def slice_param_placeholders(
         insert_after = narrow
     sliced = fx.GraphModule(gm, graph)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        _Reshape(sliced).run(*fakes)
+        fakes = [_concrete(mode, x) for x in example_inputs]
+        full = _FullShapes(gm)
+        full.run(*fakes)
+        _Reshape(sliced, full.shapes).run(*fakes)
     sliced.graph.lint()
     sliced.recompile()
     return sliced
