@@ -212,3 +212,29 @@ def slice_param_placeholders(
     sliced.graph.lint()
     sliced.recompile()
     return sliced
+
+
+class _RecordNarrows(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is torch.narrow:
+            self.views[n.args[0].name] = (self.env[n.args[0]], out)
+        return out
+
+
+def narrowed_weights(
+    gm: fx.GraphModule, example_inputs: Sequence[Any]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run a level's graph eagerly on ``example_inputs`` (real tensors; symbolic sizes are
+    taken at their example value) and return ``{placeholder name: (input, narrowed view)}``
+    for every ``torch.narrow`` of a placeholder: what a zero-copy check compares storages of."""
+    recorder = _RecordNarrows(gm)
+    with torch.no_grad():
+        recorder.run(
+            *[optimization_hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
+        )
+    return recorder.views

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import torch
-import torch.fx as fx
 from torch._dynamo.exc import BackendCompilerFailed
 from torch.func import functional_call
 
@@ -22,7 +21,7 @@ from dynexec_compile.elastic import (
     level_params,
     reorder_by_importance,
 )
-from dynexec_compile.elastic.fx import placeholder_param_names
+from dynexec_compile.elastic.fx import narrowed_weights, placeholder_param_names
 from hf_models import causal_lm, classifier, encoder_inputs
 
 LEVELS = [1.0, 0.75, 0.5]
@@ -86,20 +85,6 @@ def test_levels_equal_the_stock_model_and_the_slice_reference(family):
     assert [p.name for p in reports[0].passes] == ["slice_elastic_levels"]
 
 
-class _RecordNarrows(fx.Interpreter):
-    """Runs a level's graph, keeping every ``torch.narrow`` result with the tensor it narrowed."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.op == "call_function" and n.target is torch.narrow:
-            self.views[n.args[0].name] = (self.env[n.args[0]], out)
-        return out
-
-
 @torch.no_grad()
 def test_every_sliced_weight_is_a_view_of_its_parameter():
     model, inputs = model_and_inputs("llama")
@@ -113,18 +98,17 @@ def test_every_sliced_weight_is_a_view_of_its_parameter():
     anchor = plan.blocks[graphs.anchors[0]].name + "."
     names = placeholder_param_names(report.gm, report.example_inputs)
     for level, gm in graphs.graphs.items():
-        recorder = _RecordNarrows(gm)
-        recorder.run(*report.example_inputs)
-        assert len(recorder.views) == len(graphs.slices[level])
-        for placeholder, (param, view) in recorder.views.items():
+        views = narrowed_weights(gm, report.example_inputs)
+        assert len(views) == len(graphs.slices[level])
+        for placeholder, (param, view) in views.items():
             assert id(param) in params, placeholder
             assert view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
             assert view.data_ptr() == param.data_ptr()  # a prefix: same first element
             assert not names[placeholder].startswith(anchor)  # anchor blocks stay whole
         if level < 1.0:
-            assert {names[p] for p in recorder.views} == set(graphs.slices[level])
+            assert {names[p] for p in views} == set(graphs.slices[level])
         for node in gm.graph.nodes:  # no sliced parameter is read whole anywhere else
-            if node.op == "placeholder" and node.name in recorder.views:
+            if node.op == "placeholder" and node.name in views:
                 assert [u.target for u in node.users] == [torch.narrow]
     assert graphs.graphs[1.0] is report.gm  # the full level is Dynamo's graph, unchanged
 
