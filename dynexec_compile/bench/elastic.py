@@ -84,10 +84,11 @@ def _sliced_weights(report: Any, model: nn.Module) -> tuple[int, int]:
     graphs = report.artifacts["elastic"].graphs
     count = outside = 0
     for gm in {id(g): g for g in graphs.values()}.values():
-        for _, view in narrowed_weights(gm, report.example_inputs).values():
-            count += 1
-            if view.untyped_storage().data_ptr() not in params:
-                outside += view.numel() * view.element_size()
+        for views in narrowed_weights(gm, report.example_inputs).values():
+            for _, view in views:
+                count += 1
+                if view.untyped_storage().data_ptr() not in params:
+                    outside += view.numel() * view.element_size()
     return count, outside
 
 
@@ -261,9 +262,10 @@ def _sub_model_mb(model: nn.Module, slices: dict[str, tuple[int, int]]) -> float
     """Parameter MB of the sub-model a level runs (what a pruned copy of it would hold)."""
     params = dict(model.named_parameters())
     total = sum(p.numel() * p.element_size() for p in params.values())
-    for name, (dim, k) in slices.items():
+    for name, (dim, k, *parts) in slices.items():
         p = params[name]
-        total -= (p.shape[dim] - k) * (p.numel() // p.shape[dim]) * p.element_size()
+        kept = k * (parts[0] if parts else 1)
+        total -= (p.shape[dim] - kept) * (p.numel() // p.shape[dim]) * p.element_size()
     return total / 2**20
 
 

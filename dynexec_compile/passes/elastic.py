@@ -17,9 +17,12 @@ original head order keep far less quality than the importance order (SST-2 at 50
 worse ones would not know. Slicing in the original order stays one explicit call away
 (``elastic_plan(model)``), and the error says so.
 
+GPT-2's fused ``c_attn`` (``Conv1D``, ``[Q | K | V]`` columns) keeps a prefix of each part: its
+``addmm`` becomes one ``addmm`` per part over three views of the one weight (``fx.py``).
+
 Errors: a model without a plan, or anchors it cannot honour, is a ``ValueError`` (a user error,
-raised whatever ``strict`` says). A model whose graph cannot be sliced (GPT-2's fused
-projections, a reshape whose sizes cannot be re-derived) is a ``PassError``: by default the
+raised whatever ``strict`` says). A graph that cannot be sliced (a fused weight read other than
+by ``addmm``, a reshape whose sizes cannot be re-derived) is a ``PassError``: by default the
 backend warns and compiles the stock graph, ``strict=True`` raises.
 """
 
@@ -43,14 +46,15 @@ class ElasticGraphs:
         plan: the model's plan (the key its level is requested under).
         levels: the configured levels, largest first.
         anchors: blocks kept whole at every level.
-        slices: per level, ``{param_name: (dim, k)}`` (empty: the full graph).
+        slices: per level, ``{param_name: (dim, k)}`` or ``(dim, k, parts)`` for a fused
+            projection (empty: the full graph).
         graphs: per level, the graph that runs it (levels with equal slices share one).
     """
 
     plan: ElasticPlan
     levels: tuple[float, ...]
     anchors: tuple[int, ...]
-    slices: dict[float, dict[str, tuple[int, int]]]
+    slices: dict[float, dict[str, tuple[int, ...]]]
     graphs: dict[float, fx.GraphModule]
 
 
@@ -72,7 +76,7 @@ def slice_elastic_levels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         )
     model = lookup_model(example_inputs)
     anchors = tuple(sorted(choose_anchors(plan, cfg.anchor_layers)))
-    slices: dict[float, dict[str, tuple[int, int]]] = {}
+    slices: dict[float, dict[str, tuple[int, ...]]] = {}
     graphs: dict[float, fx.GraphModule] = {}
     by_slices: dict[tuple, fx.GraphModule] = {(): gm}
     for level in cfg.levels:

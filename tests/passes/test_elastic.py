@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
 
 from dynexec_compile import elastic_level, last_stats, set_elastic_level
 from dynexec_compile.backend import capture_reports
@@ -100,7 +101,7 @@ def test_every_sliced_weight_is_a_view_of_its_parameter():
     for level, gm in graphs.graphs.items():
         views = narrowed_weights(gm, report.example_inputs)
         assert len(views) == len(graphs.slices[level])
-        for placeholder, (param, view) in views.items():
+        for placeholder, [(param, view)] in views.items():
             assert id(param) in params, placeholder
             assert view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
             assert view.data_ptr() == param.data_ptr()  # a prefix: same first element
@@ -190,6 +191,58 @@ def test_original_order_on_request():
     with elastic_level(0.5):
         got = compiled(**inputs).logits
     assert max_diff(got, reference(model, plan, 0.5, 0, inputs)) <= 1e-5
+
+
+def pruned_gpt2(model, slices):
+    """A copy of GPT-2 with the level's heads and neurons physically removed: smaller Conv1D
+    layers holding copies of the kept columns/rows, and ``split_size`` / ``num_heads`` set to
+    match (what transformers' old ``prune_heads`` did)."""
+    pruned = copy.deepcopy(model)
+    for name in {n.rsplit(".", 1)[0] for n in slices}:
+        old = pruned.get_submodule(name)
+        dim, k, *parts = slices[f"{name}.weight"]
+        if dim == 1:  # output columns, a prefix of each part
+            part = old.weight.shape[1] // (parts[0] if parts else 1)
+            keep = torch.cat([torch.arange(j * part, j * part + k) for j in range(parts[0] if parts else 1)])
+            new = Conv1D(len(keep), old.weight.shape[0])
+            new.weight.data, new.bias.data = old.weight[:, keep].clone(), old.bias[keep].clone()
+        else:  # input rows
+            new = Conv1D(old.weight.shape[1], k)
+            new.weight.data, new.bias.data = old.weight[:k].clone(), old.bias.clone()
+        parent, _, child = name.rpartition(".")
+        setattr(pruned.get_submodule(parent), child, new)
+        if child == "c_attn":
+            attn = pruned.get_submodule(parent)
+            attn.split_size, attn.num_heads = k, k // attn.head_dim
+    return pruned
+
+
+@torch.no_grad()
+def test_gpt2_fused_levels_equal_a_physically_pruned_copy():
+    model = causal_lm("gpt2")
+    inputs = {**encoder_inputs(batch=3, seq=8, pad_last=3), "use_cache": False}
+    stock = copy.deepcopy(model)
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, levels=[1.0, 0.5], anchors=1)
+    with capture_reports() as reports:
+        for level in (1.0, 0.5, 1.0, 0.5):
+            with elastic_level(level):
+                got = compiled(**inputs).logits
+            slices = level_param_slices(model, plan, level, 1)
+            want = stock(**inputs).logits if level == 1.0 else pruned_gpt2(model, slices)(**inputs).logits
+            assert max_diff(got, want) <= 1e-5
+    assert sorted(last_stats()["elastic_heads"]) == [2, 2, 4]  # 4 heads -> 2 outside the anchor
+    assert len(reports) == 1 and reports[0].runtime.lowerings == 2
+    report = reports[0]
+    names = placeholder_param_names(report.gm, report.example_inputs)
+    views = narrowed_weights(report.artifacts["elastic"].graphs[0.5], report.example_inputs)
+    fused = {p: v for p, v in views.items() if names[p].endswith("c_attn.weight")}
+    assert len(fused) == 2  # the two non-anchor blocks
+    for parts in fused.values():
+        assert len(parts) == 3  # a view of each of Q, K, V, never a copy
+        for j, (param, view) in enumerate(parts):
+            assert view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+            assert view.data_ptr() == param.data_ptr() + j * param.shape[1] // 3 * param.element_size()
 
 
 def _inner(excinfo) -> BaseException:
