@@ -101,10 +101,10 @@ def _storage_metrics(result: SuiteResult, name: str, report: Any, model: nn.Modu
 def _check_levels(
     result: SuiteResult, name: str, model: nn.Module, stock: nn.Module, compiled: Callable,
     levels: list[float], anchors, batch: Batch,
-) -> Any:
+) -> None:
     """Deterministic metrics on ``batch``: each level (visited down, then up again) equals the
     stock model (1.0) or the prefix-view reference; Dynamo compiles, lowerings, weight bytes
-    outside the parameters. Returns the compile report."""
+    outside the parameters."""
     from dynexec_compile.backend import capture_reports
     from dynexec_compile.elastic import elastic_level, lookup_plan
     from dynexec_compile.runtime.stats import last_stats
@@ -127,7 +127,6 @@ def _check_levels(
     result.metric(f"{name}/dynamo_compiles", len(reports), "exact", "lower")
     result.metric(f"{name}/lowerings", reports[0].runtime.lowerings, "exact", "lower")
     _storage_metrics(result, name, reports[0], model)
-    return reports[0]
 
 
 def _parse_anchors(text: str) -> int | str:
@@ -269,6 +268,10 @@ def _sub_model_mb(model: nn.Module, slices: dict[str, tuple[int, int]]) -> float
     return total / 2**20
 
 
+def _say(what: str) -> None:
+    print(f"[bench elastic {time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
 def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
     import random
 
@@ -295,18 +298,22 @@ def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
     with torch.no_grad():
         _warm_up(lowering)
         rss = [_rss_mb()]
+        _say(f"compiling the full model with plain torch.compile ({lowering})")
         plain = torch.compile(stock, backend=lowering)
         plain_compile_s = timed(lambda: plain(**batch))[1]
         rss.append(_rss_mb())
+        _say(f"compiling {len(levels)} elastic levels with dynexec ({lowering})")
         compiled = _compile(model, levels, anchors, lowering)
         with capture_reports() as reports:  # every dynexec compile from here on
             dyn_compile_s = timed(lambda: compiled(**batch))[1]  # lowers every level
             rss.append(_rss_mb())
             graphs = reports[0].artifacts["elastic"]
             stock_acc = (_predict(stock, batches, len(val)) == labels).float().mean().item()
+            _say(f"SST-2 validation accuracy at each level ({len(val)} sentences)")
             acc = {lv: (_predict(_level_fn(compiled, lv), batches, len(val)) == labels).float().mean().item() for lv in levels}
             variants = {"plain torch.compile": lambda: plain(**batch)}
             variants.update({f"level {lv}": lambda lv=lv: _level_fn(compiled, lv)(**batch) for lv in levels})
+            _say(f"latency: {repeats} interleaved rounds")
             medians = _interleaved(variants, warmup=3, repeats=repeats)
             switch = _switch_cost(compiled, levels, batch, repeats)
             full_diff = (_logits(_level_fn(compiled, levels[0])(**batch)) - _logits(stock(**batch))).abs().max().item()
