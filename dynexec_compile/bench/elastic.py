@@ -35,21 +35,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynexec_compile.bench.common import SuiteResult, timed
+from dynexec_compile.bench.common import SuiteResult, interleaved_medians, timed
 
 DEFAULT_LEVELS = (1.0, 0.75, 0.5, 0.25)
 Batch = dict[str, torch.Tensor]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this suite, prefixed ``--elastic-`` so they never collide with another
+    suite's (every suite adds its options to the one ``dynexec bench`` parser)."""
     group = parser.add_argument_group("elastic suite")
-    group.add_argument("--levels", type=float, nargs="+", default=None, help=f"elastic levels (default {list(DEFAULT_LEVELS)})")
-    group.add_argument("--anchors", default="0", help="elastic anchor_layers: a count or 'auto' (default 0)")
-    group.add_argument("--lowering", choices=("inductor", "eager"), default=None, help="dynexec lowering and plain torch.compile backend (default inductor; eager with --quick)")
-    group.add_argument("--data", default=None, help="folder holding sst2/{train,validation}.tsv (default $DYNEXEC_DATA_DIR or ../shared/data)")
-    group.add_argument("--calib-size", type=int, default=256, help="SST-2 training sentences for the Taylor importance")
-    group.add_argument("--batch-size", type=int, default=8, help="sentences per batch (accuracy and latency)")
-    group.add_argument("--seq", type=int, default=64, help="tokens per sentence (padded)")
+    group.add_argument("--elastic-levels", dest="levels", type=float, nargs="+", default=None, help=f"elastic levels (default {list(DEFAULT_LEVELS)})")
+    group.add_argument("--elastic-anchors", dest="anchors", default="0", help="elastic anchor_layers: a count or 'auto' (default 0)")
+    group.add_argument("--elastic-lowering", dest="lowering", choices=("inductor", "eager"), default=None, help="dynexec lowering and plain torch.compile backend (default inductor; eager with --quick)")
+    group.add_argument("--elastic-data", dest="data", default=None, help="folder holding sst2/{train,validation}.tsv (default $DYNEXEC_DATA_DIR or ../shared/data)")
+    group.add_argument("--elastic-calib-size", dest="calib_size", type=int, default=256, help="SST-2 training sentences for the Taylor importance")
+    group.add_argument("--elastic-batch-size", dest="batch_size", type=int, default=8, help="sentences per batch (accuracy and latency)")
+    group.add_argument("--elastic-seq", dest="seq", type=int, default=64, help="tokens per sentence (padded)")
 
 
 # ----------------------------------------------------------------------------- shared
@@ -197,18 +199,6 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per variant; every round runs each variant once, so load drift hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn)[1])
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _pruned_copy(model: nn.Module, slices: dict[str, tuple[int, int]]) -> nn.Module:
     """The stock way to get a smaller model: copy it and prune the same heads and neurons."""
     from transformers.pytorch_utils import prune_linear_layer
@@ -314,7 +304,7 @@ def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
             variants = {"plain torch.compile": lambda: plain(**batch)}
             variants.update({f"level {lv}": lambda lv=lv: _level_fn(compiled, lv)(**batch) for lv in levels})
             _say(f"latency: {repeats} interleaved rounds")
-            medians = _interleaved(variants, warmup=3, repeats=repeats)
+            medians = interleaved_medians(variants, repeats=repeats)
             switch = _switch_cost(compiled, levels, batch, repeats)
             full_diff = (_logits(_level_fn(compiled, levels[0])(**batch)) - _logits(stock(**batch))).abs().max().item()
         prune_s = statistics.median(timed(lambda: _pruned_copy(model, graphs.slices[levels[-1]]))[1] for _ in range(5))
