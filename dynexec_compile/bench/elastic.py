@@ -10,7 +10,7 @@ copy of the model per size).
 Full run, on the demo MiniLM-L6 SST-2 classifier (``dynexec_compile.demo_models``) reordered by
 Taylor importance (its own loss on SST-2 training sentences): per level, validation accuracy and
 median latency next to plain ``torch.compile`` (Inductor) of the full, unreordered model
-(interleaved rounds, warm-up, compile time apart, ratios); the cost of a switch
+(interleaved rounds, warm-up, compile time apart with Inductor's caches off, ratios); the cost of a switch
 (``set_elastic_level``, ``with elastic_level``, a call right after a switch) against
 ``deepcopy`` + ``prune_linear_layer``; memory: process RSS growth of compiling all levels next
 to the plain compile of one graph, and the weight bytes outside the parameters (0: every level
@@ -285,7 +285,8 @@ def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
     labels = torch.tensor([y for _, y in val])
     batches = _fixed_batches(tokenizer, [s for s, _ in val], args.batch_size, args.seq)
     batch = batches[0]
-    with torch.no_grad():
+    # Inductor's caches off: every compile is real, not a hit from an earlier run
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
         _warm_up(lowering)
         rss = [_rss_mb()]
         _say(f"compiling the full model with plain torch.compile ({lowering})")
@@ -314,7 +315,7 @@ def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
         f"MiniLM-L6 SST-2 classifier (demo_models), Taylor importance on {args.calib_size} training sentences ({importance_s:.1f} s); "
         f"anchors {anchors}; lowering={lowering}; input {args.batch_size} x {args.seq} tokens; median of {repeats} interleaved rounds; "
         f"stock eager accuracy {stock_acc:.4f} on {len(val)} validation sentences",
-        f"compile (first call): plain torch.compile {plain_compile_s:.1f} s; dynexec, all {len(levels)} levels, {dyn_compile_s:.1f} s "
+        f"compile (first call, Inductor caches off): plain torch.compile {plain_compile_s:.1f} s; dynexec, all {len(levels)} levels, {dyn_compile_s:.1f} s "
         f"({reports[0].runtime.lowerings} lowerings)",
         f"switch: set_elastic_level {switch['set_elastic_level'] * 1e6:.2f} us, with elastic_level {switch['elastic_level_context'] * 1e6:.2f} us; "
         f"a call right after a switch {switch['call_after_switch'] * 1e3:.2f} ms vs the same level again {switch['call_same_level'] * 1e3:.2f} ms; "
