@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from dynexec_compile.config import EarlyExitConfig
 from dynexec_compile.passes import PassContext
+from dynexec_compile.runtime.exit_recording import ExitRecording, RecordedCall, active_recording
 from dynexec_compile.runtime.exit_rules import ExitRule, make_exit_rule
 from dynexec_compile.runtime.staged import StagePlan, make_plan
 from dynexec_compile.runtime.stats import record_stats
@@ -126,6 +127,9 @@ class EarlyExitRuntime:
     # --- the loop ----------------------------------------------------------------------------
 
     def __call__(self, *args):
+        recording = active_recording()
+        if recording is not None:
+            return self._run_recording(args, recording)
         plan = self.plan
         batch = self._batch_size(args)
         env = list(args) + [None] * (plan.num_slots - plan.num_inputs)
@@ -166,6 +170,31 @@ class EarlyExitRuntime:
         self._write(results, tail, rows[live], live, batch)
         self._record(exit_layer, batch_sizes, batch)
         return tuple(results)
+
+    def _run_recording(self, args, recording: ExitRecording) -> tuple:
+        """Every block and every exit head on the whole batch; the full model's outputs."""
+        plan = self.plan
+        env = list(args) + [None] * (plan.num_slots - plan.num_inputs)
+        plan.run(args, 0, 1, env)  # prefix
+        exit_logits = []
+        for block in range(self.num_blocks):
+            plan.run(args, block + 1, block + 2, env)
+            if block in self.exit_hidden:
+                logits = self._head(block, env)[self.logits_output]
+                exit_logits.append(logits[:, -1] if logits.dim() == 3 else logits)  # [B, C]
+        final = plan.run(args, len(plan.steps) - 1, None, env)
+        outputs = tuple(final[slot] for slot in self.outputs)
+        logits = outputs[self.logits_output]
+        recording.calls.append(RecordedCall(
+            cfg=self.cfg,
+            num_blocks=self.num_blocks,
+            exit_blocks=sorted(self.exit_hidden),
+            exit_logits=torch.stack(exit_logits, 1).detach().float().cpu(),  # [B, E, C]
+            final_logits=(logits[:, -1] if logits.dim() == 3 else logits).detach().float().cpu(),
+        ))
+        batch = self._batch_size(args)
+        self._record(torch.full((batch,), self.num_blocks - 1, dtype=torch.long), [batch] * self.num_blocks, batch)
+        return outputs
 
     @staticmethod
     def _write(results: list, values: tuple, dest_rows: torch.Tensor, src_mask: torch.Tensor, batch: int) -> None:
