@@ -20,9 +20,9 @@ from dynexec_compile.bench.common import (
 # suite name -> module with ``run(args) -> SuiteResult`` and ``add_arguments(parser)``
 SUITES = {
     "overhead": "dynexec_compile.bench.overhead",
+    "early_exit": "dynexec_compile.bench.early_exit",
 }
 PLANNED = {
-    "early_exit": "issue 3 (early exit)",
     "elastic": "issue 4 (elastic sub-models)",
     "lookahead": "issue 5 (lookahead decoding)",
     "speculative": "issue 6 (draft-and-verify)",
@@ -37,6 +37,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) when a metric regresses against this result")
     parser.add_argument("--max-regression", default="10%", help="tolerance for wall-clock ratios in --compare (default 10%%)")
     parser.add_argument("--no-timing", action="store_true", help="with --compare: gate only the deterministic metrics")
+    for module in SUITES.values():  # each suite's own options
+        importlib.import_module(module).add_arguments(parser)
 
 
 def run_suite(args: argparse.Namespace) -> int:
