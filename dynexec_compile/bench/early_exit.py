@@ -282,7 +282,7 @@ def wall_clock(result: SuiteResult, model, tokenizer, pairs, best, dx, batch: in
             "heads": "trained" if name == "dynexec" else "",
             "rule": best.rule if name == "dynexec" else "plain torch.compile",
             "threshold": best.threshold if name == "dynexec" else None,
-            "layers/sample": sum(layers) / len(layers) if layers else float(best.num_blocks),
+            "layers/sample": sum(layers) / len(layers) if layers else float(best.point.num_blocks),
             "compile s": s["compile s"],
             "ms/sample": 1e3 * s["median s"] / samples,
             "speed-up": speedup if name == "dynexec" else 1.0,
