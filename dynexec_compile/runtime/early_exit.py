@@ -66,11 +66,19 @@ def _batch_symbols(top: fx.GraphModule) -> set | None:
 class EarlyExitRuntime:
     """Walks the stages of one partitioned graph with exits after some blocks."""
 
-    def __init__(self, top: fx.GraphModule, plan: StagePlan, ee_plan, cfg: EarlyExitConfig, head_fns: dict[int, Callable] | None):
+    def __init__(
+        self,
+        top: fx.GraphModule,
+        plan: StagePlan,
+        ee_plan,
+        cfg: EarlyExitConfig,
+        head_fns: dict[int, Callable] | None,
+        lowering: str = "eager",
+    ):
         self.plan = plan
         self.cfg = cfg
         self.num_blocks = ee_plan.num_blocks
-        self.rule: ExitRule = make_exit_rule(cfg)
+        self.rule: ExitRule = make_exit_rule(cfg, lowering)
         self.exit_hidden = {site.block: plan.value_slot[site.hidden] for site in ee_plan.sites}
         self.suffix = plan.steps[-1]
         hidden_slot = plan.value_slot[ee_plan.suffix_hidden]
@@ -241,6 +249,6 @@ def early_exit_runtime_factory(ctx: PassContext, ee_plan) -> Callable:
             from dynexec_compile.runtime.trained_heads import trained_head_fns
 
             head_fns = trained_head_fns(ctx, ee_plan, plan, top)
-        return EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns)
+        return EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns, ctx.cfg.lowering)
 
     return factory
