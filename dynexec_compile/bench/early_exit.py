@@ -335,11 +335,13 @@ def plot(path: Path, scores: dict[str, ExitScores], calibrated: dict, full: floa
     ax.set_ylim(max(45, 100 * full - 20), 100 * full + 2)
     ax.set_xlabel(f"blocks run per sample (of {n})")
     ax.set_ylabel("SST-2 validation accuracy (%)")
+    two_classes = scores["trained"].exit_logits.shape[-1] == 2
     ax.set_title(
-        f"Early exit, MiniLM-L6 on SST-2 ({scores['trained'].num_samples} validation sentences). "
-        f"Stars: calibrated keep={KEEP}.\n"
+        f"Early exit, MiniLM-L6 on SST-2 ({scores['trained'].num_samples} validation sentences). Stars: calibrated keep={KEEP}.\n"
         f"Timed ({best.rule}, trained): {best.layer_reduction:.2f}x fewer blocks, "
-        f"wall-clock {speedups[1]:.2f}x (batch 1), {speedups[32]:.2f}x (batch 32)", fontsize=9)
+        f"wall-clock {speedups[1]:.2f}x (batch 1), {speedups[32]:.2f}x (batch 32)"
+        + ("\nTwo classes: entropy and max_prob rank samples alike, so their curves coincide." if two_classes else ""),
+        fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
