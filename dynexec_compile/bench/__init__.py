@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from dynexec_compile.bench.common import (
     compare,
     environment,
@@ -36,6 +38,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON result path (default runs/bench-SUITE.json)")
     parser.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) when a metric regresses against this result")
     parser.add_argument("--max-regression", default="10%", help="tolerance for wall-clock ratios in --compare (default 10%%)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's); 1 keeps timings stable on a shared machine",
+    )
     parser.add_argument("--no-timing", action="store_true", help="with --compare: gate only the deterministic metrics")
     for module in SUITES.values():  # each suite's own options
         importlib.import_module(module).add_arguments(parser)
@@ -45,6 +51,10 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.suite not in SUITES:
         raise NotImplementedError(f"dynexec bench {args.suite}: this suite lands with {PLANNED[args.suite]}, which is not done yet")
     module = importlib.import_module(SUITES[args.suite])
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     result = module.run(args)
     result.env = environment()
     print(markdown_table(result.rows))

@@ -93,6 +93,27 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) ->
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median wall-clock seconds of each ``fns[name]()``, timed in round-robin rounds.
+
+    On a shared machine the load drifts over seconds; timing variant A's repeats and then
+    B's charges that drift to one of them. Interleaving puts every variant under the same
+    load, so their ratio is what a user would see.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
