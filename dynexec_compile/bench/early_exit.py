@@ -51,7 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("early_exit suite")
     g.add_argument("--data-dir", default=None, help="folder holding sst2/validation.tsv (default ../shared/data)")
     g.add_argument("--sentences", type=int, default=None, help="use only the first N validation sentences (default all 872)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--timing-sentences", type=int, default=96, help="sentences timed one by one at batch 1")
     g.add_argument("--timing-batches", type=int, default=4, help="batches of 32 sentences timed at batch 32")
 
@@ -351,8 +350,6 @@ def plot(path: Path, scores: dict[str, ExitScores], calibrated: dict, full: floa
 
 
 def run(args: argparse.Namespace) -> SuiteResult:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     result = SuiteResult("early_exit")
     if args.quick:
         with torch.no_grad():
