@@ -247,8 +247,11 @@ def run_full(result: SuiteResult, args: argparse.Namespace, plot_path: Path) -> 
     result.metric("accuracy_drop_points", 100 * (full - best.accuracy), "tolerance", "lower", tol=0.2)
 
     # the chosen point, Inductor-compiled: timed against plain Inductor, then run over the
-    # whole validation set (batch 32, compaction) to check its exits against the replay
-    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=64):
+    # whole validation set (batch 32, compaction) to check its exits against the replay;
+    # no duck sizing (a batch equal to a sequence length must not share its symbol), room for
+    # both variants' graphs, and Inductor's on-disk caches off so compile times are real
+    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=64), \
+            torch._inductor.config.patch(force_disable_caches=True):
         timing = {}
         for batch in (32, 1):
             torch._dynamo.reset()  # each batch size compiles afresh: compile times are real
