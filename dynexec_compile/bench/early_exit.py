@@ -277,6 +277,7 @@ def wall_clock(result: SuiteResult, model, tokenizer, pairs, best, dx, batch: in
     stats = time_interleaved({"plain": plain, "dynexec": dx}, batches, {"plain": False, "dynexec": batch > 1}, repeats)
     samples = sum(b["input_ids"].shape[0] for b in batches)
     speedup = stats["plain"]["median s"] / stats["dynexec"]["median s"]
+    ideal = ideal_speedup(batches, stats["dynexec"]["layers"], best.point.num_blocks)
     for name, s in stats.items():
         layers = s["layers"]
         result.rows.append({
@@ -288,6 +289,7 @@ def wall_clock(result: SuiteResult, model, tokenizer, pairs, best, dx, batch: in
             "compile s": s["compile s"],
             "ms/sample": 1e3 * s["median s"] / samples,
             "speed-up": speedup if name == "dynexec" else 1.0,
+            "ideal (length-weighted)": ideal if name == "dynexec" else 1.0,
         })
     result.metric(f"speedup_batch{batch}", speedup, "timing", "higher")
     result.notes.append(
@@ -296,6 +298,17 @@ def wall_clock(result: SuiteResult, model, tokenizer, pairs, best, dx, batch: in
         "compile s = first call; sequence length dynamic on both sides" + (", batch dynamic for dynexec (compaction)" if batch > 1 else "")
     )
     return speedup
+
+
+def ideal_speedup(batches: list[dict], layers: list[int], num_blocks: int) -> float:
+    """Speed-up if blocks were all that cost, each in proportion to its call's sequence length.
+
+    Harder sentences tend to be longer and run more blocks, so ``num_blocks / mean layers``
+    overstates what leaving early can save; weighting each sample by the padded length of
+    the call it ran in (its own length at batch 1) does not.
+    """
+    lengths = [b["input_ids"].shape[1] for b in batches for _ in range(b["input_ids"].shape[0])]
+    return num_blocks * sum(lengths) / sum(n * w for n, w in zip(layers, lengths))
 
 
 def goals(result: SuiteResult, best, full: float) -> None:
