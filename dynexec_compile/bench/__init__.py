@@ -22,10 +22,10 @@ from dynexec_compile.bench.common import (
 # suite name -> module with ``run(args) -> SuiteResult`` and ``add_arguments(parser)``
 SUITES = {
     "overhead": "dynexec_compile.bench.overhead",
+    "early_exit": "dynexec_compile.bench.early_exit",
     "elastic": "dynexec_compile.bench.elastic",
 }
 PLANNED = {
-    "early_exit": "issue 3 (early exit)",
     "lookahead": "issue 5 (lookahead decoding)",
     "speculative": "issue 6 (draft-and-verify)",
 }
