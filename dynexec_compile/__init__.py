@@ -7,7 +7,7 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 
 from dynexec_compile.calibrate import Calibration, calibrate_threshold
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
-from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, generate
+from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, TreeSpec, generate
 from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
@@ -39,6 +39,7 @@ __all__ = [
     "DecodeEngine",
     "GenerateOutput",
     "SlotCache",
+    "TreeSpec",
     "generate",
     "Calibration",
     "DynexecConfig",

@@ -24,10 +24,10 @@ SUITES = {
     "overhead": "dynexec_compile.bench.overhead",
     "early_exit": "dynexec_compile.bench.early_exit",
     "elastic": "dynexec_compile.bench.elastic",
+    "speculative": "dynexec_compile.bench.speculative",
 }
 PLANNED = {
     "lookahead": "issue 5 (lookahead decoding)",
-    "speculative": "issue 6 (draft-and-verify)",
 }
 
 

@@ -109,7 +109,7 @@ def test_the_users_model_is_not_modified(llama):
     [
         ({"strategy": "beam"}, ValueError, "unknown strategy 'beam'"),
         ({"strategy": "lookahead"}, NotImplementedError, "issue 5"),
-        ({"strategy": "speculative"}, NotImplementedError, "issue 6"),
+        ({"strategy": "speculative"}, ValueError, "needs draft_model"),
         ({"strategy": "draft_heads"}, NotImplementedError, "issue 6"),
         ({"strategy": "self_speculative"}, NotImplementedError, "issue 6"),
         ({"strategy": "sample", "temperature": 0.0}, ValueError, "temperature"),
