@@ -5,6 +5,7 @@ blocks in Dynamo's FX graph, rewrites the graph into stages with decision points
 them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
+from dynexec_compile.calibrate import Calibration, calibrate_threshold
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
 from dynexec_compile.decoding import (
     DecodeEngine,
@@ -56,6 +57,7 @@ __all__ = [
     "SlotCache",
     "TreeSpec",
     "generate",
+    "Calibration",
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
@@ -64,6 +66,7 @@ __all__ = [
     "ExitHeads",
     "Importance",
     "attach_exit_heads",
+    "calibrate_threshold",
     "detach_exit_heads",
     "elastic_level",
     "elastic_stats",

@@ -22,11 +22,11 @@ from dynexec_compile.bench.common import (
 # suite name -> module with ``run(args) -> SuiteResult`` and ``add_arguments(parser)``
 SUITES = {
     "overhead": "dynexec_compile.bench.overhead",
+    "early_exit": "dynexec_compile.bench.early_exit",
+    "elastic": "dynexec_compile.bench.elastic",
     "speculative": "dynexec_compile.bench.speculative",
 }
 PLANNED = {
-    "early_exit": "issue 3 (early exit)",
-    "elastic": "issue 4 (elastic sub-models)",
     "lookahead": "issue 5 (lookahead decoding)",
 }
 
@@ -43,7 +43,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: torch's); 1 keeps timings stable on a shared machine",
     )
     parser.add_argument("--no-timing", action="store_true", help="with --compare: gate only the deterministic metrics")
-    for module in SUITES.values():  # each suite's own options
+    for module in SUITES.values():  # suite-specific options, each in its own group
         importlib.import_module(module).add_arguments(parser)
 
 
