@@ -5,8 +5,20 @@ blocks in Dynamo's FX graph, rewrites the graph into stages with decision points
 them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
+from dynexec_compile.calibrate import Calibration, calibrate_threshold
 from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
-from dynexec_compile.decoding import DecodeEngine, GenerateOutput, SlotCache, generate
+from dynexec_compile.decoding import (
+    DecodeEngine,
+    DraftHeads,
+    GenerateOutput,
+    SlotCache,
+    TreeSpec,
+    generate,
+    load_draft_heads,
+    save_draft_heads,
+    train_draft_heads,
+    train_exit_lm_head,
+)
 from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
@@ -36,9 +48,16 @@ __all__ = [
     "heldout_prompts",
     "load_demo_lm",
     "DecodeEngine",
+    "DraftHeads",
+    "load_draft_heads",
+    "save_draft_heads",
+    "train_draft_heads",
+    "train_exit_lm_head",
     "GenerateOutput",
     "SlotCache",
+    "TreeSpec",
     "generate",
+    "Calibration",
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",
@@ -47,6 +66,7 @@ __all__ = [
     "ExitHeads",
     "Importance",
     "attach_exit_heads",
+    "calibrate_threshold",
     "detach_exit_heads",
     "elastic_level",
     "elastic_stats",

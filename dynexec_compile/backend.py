@@ -53,6 +53,8 @@ class CompileReport:
     stages_compiled: int = 0
     stages_shared: int = 0
     compile_seconds: float = 0.0
+    artifacts: dict = field(default_factory=dict)  # what the passes left for the runtime
+    runtime: Callable | None = None  # what the backend returned to Dynamo
 
 
 _reports = threading.local()
@@ -114,6 +116,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, cfg: DynexecConf
         report.final_gm = gm
         return lower_graph(gm, example_inputs, cfg.lowering)
     ctx = PassContext(cfg, report.analysis, {"example_inputs": list(example_inputs)})
+    report.artifacts = ctx.artifacts
     try:
         final = run_passes(gm, ctx, report, dumper)
     except (PassError, AnalysisError) as err:
@@ -125,8 +128,21 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, cfg: DynexecConf
         return lower_graph(gm, example_inputs, cfg.lowering)
     report.final_gm = final
     if "dynexec_stages" not in final.meta:
-        return lower_graph(final, example_inputs, cfg.lowering)
+        return lower_unstaged(final, example_inputs, ctx)
     return lower_staged(final, ctx, report)
+
+
+def lower_unstaged(gm: fx.GraphModule, example_inputs: Sequence, ctx: PassContext) -> Callable:
+    """Lower a graph that was not split into stages; a pass that left several variants of it
+    (elastic levels) left a ``graph_runtime`` factory that lowers each and picks per call."""
+
+    def lower(graph: fx.GraphModule) -> Callable:
+        return lower_graph(graph, example_inputs, ctx.cfg.lowering)
+
+    runtime_factory = ctx.artifacts.get("graph_runtime")
+    if runtime_factory is not None:
+        return runtime_factory(gm, lower)
+    return lower(gm)
 
 
 def lower_staged(top: fx.GraphModule, ctx: PassContext, report: CompileReport) -> Callable:
@@ -160,6 +176,7 @@ def dynexec_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict 
     start = time.perf_counter()
     fn = compile_graph(gm, example_inputs, cfg, report)
     report.compile_seconds = time.perf_counter() - start
+    report.runtime = fn
     sink = getattr(_reports, "sink", None)
     if sink is not None:
         sink.append(report)

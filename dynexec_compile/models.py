@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["demo_lm_path", "heldout_files", "heldout_prompts", "load_demo_lm"]
+__all__ = ["demo_draft_heads_path", "demo_lm_path", "heldout_files", "heldout_prompts", "load_demo_lm"]
 
 DEMO_MODELS = ("target", "draft")
 REGENERATE_COMMAND = "python examples/train_code_lm.py --out models/code-lm"
+DRAFT_HEADS_COMMAND = "python examples/train_draft_heads.py"
 _CODE_STARTS = ("def ", "class ", "async def ")
 
 
@@ -44,6 +45,22 @@ def demo_lm_path(which: str = "target") -> Path:
             f"demo model {which!r} not found at {path}. The demo models live in the dynexec "
             f"repository's models/code-lm/; regenerate them from the repository root with "
             f"`{REGENERATE_COMMAND}` (about an hour on 2 CPU cores)."
+        )
+    return path
+
+
+def demo_draft_heads_path() -> Path:
+    """The committed draft heads of the demo target (``strategy="draft_heads"``), a safetensors
+    file for :func:`dynexec_compile.load_draft_heads`.
+
+    Raises:
+        FileNotFoundError: the file is missing; the message gives the command that trains it.
+    """
+    path = _demo_root() / "draft-heads" / "heads.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"draft heads of the demo target not found at {path}; train them from the repository root with "
+            f"`{DRAFT_HEADS_COMMAND}` (a few minutes on one CPU thread)"
         )
     return path
 

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from dynexec_compile.bench.common import (
     compare,
     environment,
@@ -20,13 +22,12 @@ from dynexec_compile.bench.common import (
 # suite name -> module with ``run(args) -> SuiteResult`` and ``add_arguments(parser)``
 SUITES = {
     "overhead": "dynexec_compile.bench.overhead",
+    "early_exit": "dynexec_compile.bench.early_exit",
+    "elastic": "dynexec_compile.bench.elastic",
+    "speculative": "dynexec_compile.bench.speculative",
     "lookahead": "dynexec_compile.bench.lookahead",
 }
-PLANNED = {
-    "early_exit": "issue 3 (early exit)",
-    "elastic": "issue 4 (elastic sub-models)",
-    "speculative": "issue 6 (draft-and-verify)",
-}
+PLANNED: dict[str, str] = {}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +37,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON result path (default runs/bench-SUITE.json)")
     parser.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) when a metric regresses against this result")
     parser.add_argument("--max-regression", default="10%", help="tolerance for wall-clock ratios in --compare (default 10%%)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's); 1 keeps timings stable on a shared machine",
+    )
     parser.add_argument("--no-timing", action="store_true", help="with --compare: gate only the deterministic metrics")
-    for name, module in SUITES.items():
-        importlib.import_module(module).add_arguments(parser.add_argument_group(f"{name} suite"))
+    for module in SUITES.values():  # suite-specific options, each in its own group
+        importlib.import_module(module).add_arguments(parser)
 
 
 def run_suite(args: argparse.Namespace) -> int:
     if args.suite not in SUITES:
         raise NotImplementedError(f"dynexec bench {args.suite}: this suite lands with {PLANNED[args.suite]}, which is not done yet")
     module = importlib.import_module(SUITES[args.suite])
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     result = module.run(args)
     result.env = environment()
     print(markdown_table(result.rows))

@@ -36,23 +36,31 @@ Generation = tuple[torch.Tensor, int]  # (sequences, forward passes)
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="lookahead: tokens per row (default 128; quick 32)")
-    parser.add_argument("--prompt-tokens", type=int, default=None, help="lookahead: prompt length (default 100; quick 24)")
-    parser.add_argument("--prompts", type=int, default=None, help="lookahead: held-out prompts (default 4)")
-    parser.add_argument("--batches", default=None, help="lookahead: batch sizes, e.g. 1,4 (default 1,4; quick 1,2)")
-    parser.add_argument("--sweep", default=None, help='lookahead: (W,N,G) configs as "W,N,G;W,N,G"')
-    parser.add_argument("--pld-tokens", type=int, default=10, help="lookahead: transformers' prompt_lookup_num_tokens (default 10)")
-    parser.add_argument("--threads", type=int, default=1, help="lookahead: torch threads (default 1)")
+    group = parser.add_argument_group("lookahead suite") if isinstance(parser, argparse.ArgumentParser) else parser
+    group.add_argument("--lookahead-new-tokens", dest="la_new_tokens", type=int, default=None, help="tokens per row (default 128; quick 32)")
+    group.add_argument("--lookahead-prompt-tokens", dest="la_prompt_tokens", type=int, default=None, help="prompt length (default 100; quick 24)")
+    group.add_argument("--lookahead-prompts", dest="la_prompts", type=int, default=None, help="held-out prompts (default 4)")
+    group.add_argument("--lookahead-batches", dest="la_batches", default=None, help="batch sizes, e.g. 1,4 (default 1,4; quick 1,2)")
+    group.add_argument("--lookahead-sweep", dest="la_sweep", default=None, help='(W,N,G) configs as "W,N,G;W,N,G"')
+    group.add_argument("--lookahead-pld-tokens", dest="la_pld_tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens (default 10)")
 
 
 def run(args: argparse.Namespace) -> SuiteResult:
+    threads = torch.get_num_threads()
+    if args.quick and getattr(args, "threads", None) is None:
+        torch.set_num_threads(1)  # the quick metrics are exact: keep fp32 reductions in one order
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> SuiteResult:
     quick = args.quick
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, prompts, label = _quick_setup(args) if quick else _demo_setup(args)
-    max_new = args.max_new_tokens or (32 if quick else 128)
-    batches = [int(b) for b in (args.batches or ("1,2" if quick else "1,4")).split(",")]
-    sweep = _parse_sweep(args.sweep) if args.sweep else (QUICK_SWEEP if quick else FULL_SWEEP)
+    max_new = args.la_new_tokens or (32 if quick else 128)
+    batches = [int(b) for b in (args.la_batches or ("1,2" if quick else "1,4")).split(",")]
+    sweep = _parse_sweep(args.la_sweep) if args.la_sweep else (QUICK_SWEEP if quick else FULL_SWEEP)
     configs = [DEFAULT_CONFIG] + [c for c in sweep if c != DEFAULT_CONFIG]
     repeats = args.repeats or (1 if quick else 3)
     result = SuiteResult("lookahead")
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
         "ratios > 1 mean faster than the baseline"
     )
     for batch in batches:
-        _run_batch(result, model, prompts, batch, max_new, configs, repeats, args.pld_tokens, quick)
+        _run_batch(result, model, prompts, batch, max_new, configs, repeats, args.la_pld_tokens, quick)
     if not quick:
         _plot_sweep(result, Path(args.out or "runs/bench-lookahead.json").with_suffix(".png"))
     return result
@@ -76,7 +84,7 @@ def _demo_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor
     from dynexec_compile.models import heldout_prompts, load_demo_lm
 
     model, tokenizer = load_demo_lm("target")
-    prompts = heldout_prompts(args.prompts or 4, args.prompt_tokens or 100, tokenizer)
+    prompts = heldout_prompts(args.la_prompts or 4, args.la_prompt_tokens or 100, tokenizer)
     return model, prompts, "demo code LM (models/code-lm/target), held-out stdlib prompts"
 
 
@@ -90,7 +98,7 @@ def _quick_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tenso
     )
     model = T.LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, 128, (args.prompts or 4, args.prompt_tokens or 24), generator=gen)
+    prompts = torch.randint(3, 128, (args.la_prompts or 4, args.la_prompt_tokens or 24), generator=gen)
     return model, prompts, "tiny random LLaMA (GQA), random prompts"
 
 
@@ -98,9 +106,9 @@ def _parse_sweep(text: str) -> list[Config]:
     try:
         configs = [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
     except ValueError as err:
-        raise SystemExit(f"--sweep {text!r}: expected 'W,N,G;W,N,G' with integers ({err})") from None
+        raise SystemExit(f"--lookahead-sweep {text!r}: expected 'W,N,G;W,N,G' with integers ({err})") from None
     if not configs or any(len(c) != 3 for c in configs):
-        raise SystemExit(f"--sweep {text!r}: expected 'W,N,G;W,N,G'")
+        raise SystemExit(f"--lookahead-sweep {text!r}: expected 'W,N,G;W,N,G'")
     return configs  # type: ignore[return-value]
 
 
@@ -110,7 +118,7 @@ def _batches(prompts: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, torc
     if batch == 1:
         return [(prompts[i : i + 1], None) for i in range(prompts.shape[0])]
     if prompts.shape[0] < batch:
-        raise SystemExit(f"batch {batch} needs at least {batch} prompts; pass --prompts {batch}")
+        raise SystemExit(f"batch {batch} needs at least {batch} prompts; pass --lookahead-prompts {batch}")
     groups = []
     for start in range(0, prompts.shape[0] - batch + 1, batch):
         ids = prompts[start : start + batch].clone()

@@ -1,10 +1,19 @@
 """Decoding on a compiled, static-shape step: the KV cache, masks, sampling and ``generate``.
 
 Lookahead and speculative strategies are loops of :meth:`DecodeEngine.step` +
-:meth:`DecodeEngine.commit`, registered with :func:`register_strategy`.
+:meth:`DecodeEngine.commit`, registered with :func:`register_strategy`; draft-and-verify
+strategies share one acceptance rule, :mod:`dynexec_compile.decoding.verify`.
 """
 
 from dynexec_compile.decoding.cache import SlotCache
+from dynexec_compile.decoding.draft_heads import (
+    DraftHeads,
+    load_draft_heads,
+    save_draft_heads,
+    train_draft_heads,
+)
+from dynexec_compile.decoding.draft_heads_decode import draft_heads_strategy
+from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
@@ -23,27 +32,71 @@ from dynexec_compile.decoding.lookahead import (
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
+from dynexec_compile.decoding.self_speculative import self_speculative_strategy, train_exit_lm_head
+from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
+from dynexec_compile.decoding.speculative import (
+    Drafter,
+    ModelDrafter,
+    check_same_vocabulary,
+    draft_verify_loop,
+)
 from dynexec_compile.decoding.step import DecodeEngine
+from dynexec_compile.decoding.verify import (
+    TreeSpec,
+    Verdict,
+    as_tree,
+    commit_verdict,
+    draw_children,
+    node_mask,
+    tree_positions,
+    verify,
+    verify_greedy,
+    verify_sampling,
+)
+
+register_strategy("draft_heads", draft_heads_strategy)
+register_strategy("self_speculative", self_speculative_strategy)
 
 __all__ = [
     "ContextLookup",
     "DecodeEngine",
     "DecodeSettings",
+    "DraftHeads",
+    "DraftHeadsEngine",
+    "Drafter",
+    "ModelDrafter",
+    "check_same_vocabulary",
+    "draft_verify_loop",
     "GenerateOutput",
     "GenerateStats",
     "LookaheadConfig",
     "NgramPool",
     "SamplingParams",
+    "SelfSpeculativeEngine",
     "SlotCache",
     "TokenRuns",
+    "TreeSpec",
+    "Verdict",
+    "as_tree",
+    "commit_verdict",
+    "draw_children",
+    "node_mask",
+    "tree_positions",
+    "verify",
+    "verify_greedy",
+    "verify_sampling",
     "chain_mask",
     "draw",
     "generate",
+    "load_draft_heads",
     "get_engine",
     "lookahead_decode",
     "register_strategy",
     "sampling_probs",
     "step_layout",
+    "save_draft_heads",
     "step_mask",
+    "train_draft_heads",
+    "train_exit_lm_head",
     "warp_logits",
 ]

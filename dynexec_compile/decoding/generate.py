@@ -33,11 +33,7 @@ from dynexec_compile.decoding.step import (
 )
 
 CACHES = ("static", "dynamic")
-PENDING_STRATEGIES = {
-    "speculative": "issue 6 (draft-and-verify: draft model)",
-    "draft_heads": "issue 6 (draft-and-verify: fused draft heads)",
-    "self_speculative": "issue 6 (draft-and-verify: self-speculation)",
-}
+PENDING_STRATEGIES: dict[str, str] = {}
 CACHE_LEN_MULTIPLE = 128
 MAX_ENGINES = 4
 
@@ -155,9 +151,11 @@ def generate(
         input_ids: ``[B, L]`` prompts; pad on the left as for ``model.generate``.
         attention_mask: ``[B, L]``, 0 on padding; ``None`` when there is none.
         strategy: ``"greedy"`` (argmax, token-identical to ``model.generate(do_sample=False)``
-            in fp32), ``"sample"`` or ``"lookahead"`` (greedy; options ``window``, ``ngram``,
-            ``guesses``, ``prompt_lookup``, see :mod:`dynexec_compile.decoding.lookahead`);
-            ``"speculative"``, ``"draft_heads"`` and ``"self_speculative"`` once their issues land.
+            in fp32), ``"sample"``, ``"lookahead"`` (greedy; options ``window``, ``ngram``,
+            ``guesses``, ``prompt_lookup``, see :mod:`dynexec_compile.decoding.lookahead`) or
+            ``"speculative"`` (``draft_model=``, ``num_draft=`` or ``tree=``; see
+            :mod:`dynexec_compile.decoding.speculative`), ``"draft_heads"``,
+            ``"self_speculative"``.
         max_new_tokens: tokens to generate per row (>= 1).
         eos_token_id: stop a row at this token (or any of a list); ``None`` takes the model's
             ``generation_config.eos_token_id``.
@@ -208,14 +206,18 @@ def generate(
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
 
 
-def get_engine(model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings) -> DecodeEngine:
+def get_engine(
+    model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings, role: str = "target"
+) -> DecodeEngine:
     """A :class:`DecodeEngine` with at least ``max_len`` slots for these settings, reused across calls.
 
     An engine with a longer cache is reused rather than compiling new graphs for a shorter
-    one: a recompile costs far more than attending over the extra (masked) slots.
+    one: a recompile costs far more than attending over the extra (masked) slots. ``role``
+    keeps engines of one model apart when it plays two parts at once (e.g. its own draft).
     """
     settings_key = (
         id(model),
+        role,
         batch_size,
         settings.compile,
         id(settings.backend) if callable(settings.backend) else settings.backend,

@@ -173,6 +173,7 @@ class DecodeEngine:
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._weights_at_freeze = weights_fingerprint(model) if freeze else None
         compiler = _compiler(compile, backend, mode, options)
+        self._compiler = compiler  # subclasses compile their own entry points the same way
         self._prefill_fn = compiler(_private_method(self, self._prefill_impl))
         self._decode_fn = compiler(_private_method(self, self._decode_impl))
         self._step_fn = compiler(_private_method(self, self._step_impl))

@@ -17,6 +17,11 @@ multiply; a split dim shrinks its first factor, the head count in ``[.., H*d] ->
 A node that still does not type-check raises ``NotImplementedError`` naming it; for such a
 model run the levels through :class:`~dynexec_compile.elastic.runtime.ElasticModel`, which
 traces each level anew.
+
+GPT-2's fused ``c_attn`` (``Conv1D``: ``addmm(bias, x, weight)`` with ``[Q | K | V]`` output
+columns) keeps a prefix of each part, which is not one view: its ``addmm`` becomes one
+``addmm`` per part over a narrowed column block, concatenated, and the ``split`` at the full
+part width that follows shrinks with it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from dynexec_compile.elastic.reorder import lookup_model, lookup_plan
 from dynexec_compile.elastic.slicing import Anchors, level_param_slices
@@ -56,6 +62,7 @@ def placeholder_param_names(gm: fx.GraphModule, example_inputs: Sequence[Any]) -
 
 
 _RESHAPES = ("view", "reshape", "expand")
+FULL_NAME = "dynexec_full_name"  # node.meta key: the node of the unsliced graph it stands for
 
 
 def _dim_groups(full_in: Sequence[int], full_out: Sequence[int]) -> list[tuple[range, range]]:
@@ -98,14 +105,39 @@ def _resized_shape(
     return out
 
 
+class _FullShapes(fx.Interpreter):
+    """Runs the unsliced graph on the same fake inputs and records every tensor's concrete
+    shape by node name: the full sizes to compare the sliced run with, concrete even where
+    Dynamo's example values are symbolic (a dynamic sequence length)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n.name] = tuple(out.shape)
+        return out
+
+
 class _Reshape(fx.Interpreter):
     """Runs the sliced graph on fake tensors, rewriting the size literals of ``view`` /
     ``reshape`` / ``expand`` whose input shrank (sizes Dynamo baked from the full model's head
-    counts), and turning any node that still fails into a ``NotImplementedError`` naming it."""
+    counts), and turning any node that still fails into a ``NotImplementedError`` naming it.
+
+    Only integer literals are rewritten: a size computed in the graph (a symbolic sequence
+    length) or ``-1`` (inferred) is left as it is."""
+
+    def __init__(self, gm: fx.GraphModule, full_shapes: dict[str, tuple[int, ...]]):
+        super().__init__(gm)
+        self.full_shapes = full_shapes
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_method" and n.target in _RESHAPES:
             self._rewrite(n)
+        elif n.op == "call_method" and n.target == "split":
+            self._rewrite_split(n)
         try:
             return super().run_node(n)
         except Exception as err:
@@ -114,26 +146,94 @@ class _Reshape(fx.Interpreter):
                 "run the levels with ElasticModel (which traces each level anew) instead"
             ) from err
 
+    def _full_shape(self, n: fx.Node) -> tuple[int, ...] | None:
+        return self.full_shapes.get(n.meta.get(FULL_NAME, n.name))
+
+    def _rewrite_split(self, n: fx.Node) -> None:
+        """``split(size, dim)`` of a tensor whose ``dim`` shrank: the parts shrink alike (the
+        fused Q | K | V of GPT-2's ``c_attn``, split at ``split_size``)."""
+        src, size = n.args[0], n.args[1]
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        full_in = self._full_shape(src)
+        new_in = tuple(self.env[src].shape)
+        if full_in is None or type(size) is not int or full_in[dim] == new_in[dim]:
+            return
+        if (size * new_in[dim]) % full_in[dim] == 0:
+            n.args = (src, size * new_in[dim] // full_in[dim], *n.args[2:])
+
     def _rewrite(self, n: fx.Node) -> None:
         src = n.args[0]
-        sizes = (
+        sizes = list(
             n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
         )
-        full_in = tuple(src.meta["example_value"].shape) if "example_value" in src.meta else None
+        full_in, full_out = self._full_shape(src), self._full_shape(n)
         new_in = tuple(self.env[src].shape)
-        if full_in is None or full_in == new_in or not all(type(s) is int for s in sizes):
+        if full_in is None or full_out is None or full_in == new_in:
             return
         if n.target == "expand":  # a literal equal to the input size means "keep it": -1
             offset = len(sizes) - len(full_in)
             sizes = [
-                -1 if i >= offset and s == full_in[i - offset] else s for i, s in enumerate(sizes)
+                -1 if i >= offset and type(s) is int and s == full_in[i - offset] else s
+                for i, s in enumerate(sizes)
             ]
         else:
-            resized = _resized_shape(full_in, tuple(n.meta["example_value"].shape), new_in)
+            resized = _resized_shape(full_in, full_out, new_in)
             if resized is None:
                 return
-            sizes = resized
+            for j, (old, new) in enumerate(zip(full_out, resized, strict=True)):
+                if old != new and type(sizes[j]) is int and sizes[j] != -1:
+                    sizes[j] = new
         n.args = (src, *sizes)
+
+
+def _concrete(mode: FakeTensorMode, value: Any) -> Any:
+    """A fake tensor of a real one, and a symbolic size as its example value: the check runs
+    with concrete shapes so it never adds a guard to Dynamo's symbolic ones (which would
+    specialise a dynamic sequence length and recompile at every new length)."""
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    if isinstance(value, torch.SymInt):
+        return optimization_hint(value)
+    return value
+
+
+def _split_fused(
+    graph: fx.Graph,
+    weight: fx.Node,
+    name: str,
+    by_name: dict[str, fx.Node],
+    slices: dict[str, tuple],
+    model: torch.nn.Module,
+) -> None:
+    """Replace each ``addmm(bias, x, weight)`` of a fused projection (GPT-2's ``Conv1D``
+    ``c_attn``, output columns ``[Q | K | V]``) by one ``addmm`` per part over narrowed views
+    of its column block, concatenated: ``k`` features of each part, no weight copied. The
+    split that follows (at the full part width) is re-derived by ``_Reshape``."""
+    dim, k, parts = slices[name]
+    bias_name = name.rsplit(".", 1)[0] + ".bias"
+    bias = by_name.get(bias_name)
+    part = model.get_parameter(name).shape[dim] // parts
+    if dim != 1 or bias is None or slices.get(bias_name) != (0, k, parts):
+        raise NotImplementedError(
+            f"dynexec elastic: fused parameter {name!r} is sliced as {slices[name]}; only a Conv1D "
+            "weight [in, parts * out] with its bias is supported"
+        )
+    for user in list(weight.users):
+        if user.target is not torch.addmm or user.args[0] is not bias or user.args[2] is not weight:
+            raise NotImplementedError(
+                f"dynexec elastic: fused parameter {name!r} is read by {user.format_node()}; only "
+                "addmm(bias, x, weight) (transformers' Conv1D) can be split into parts"
+            )
+        with graph.inserting_before(user):
+            outs = []
+            for j in range(parts):
+                w = graph.call_function(torch.narrow, (weight, 1, j * part, k))  # [in, k]
+                b = graph.call_function(torch.narrow, (bias, 0, j * part, k))  # [k]
+                outs.append(graph.call_function(torch.addmm, (b, user.args[1], w), dict(user.kwargs)))
+            cat = graph.call_function(torch.cat, (outs, -1))  # [N, parts * k]
+        cat.meta[FULL_NAME] = user.name  # its full-model shape is the fused addmm's
+        user.replace_all_uses_with(cat)
+        graph.erase_node(user)
 
 
 def slice_param_placeholders(
@@ -155,8 +255,13 @@ def slice_param_placeholders(
     graph = copy.deepcopy(gm.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     insert_after = placeholders[-1]
+    by_name = {names[n.name]: n for n in placeholders if n.name in names}
     for node in placeholders:
         if names.get(node.name) not in slices:
+            continue
+        if len(slices[names[node.name]]) == 3:  # a fused projection: split with its weight
+            if names[node.name].endswith(".weight"):
+                _split_fused(graph, node, names[node.name], by_name, slices, model)
             continue
         dim, k = slices[names[node.name]]
         with graph.inserting_after(insert_after):
@@ -167,8 +272,37 @@ def slice_param_placeholders(
         insert_after = narrow
     sliced = fx.GraphModule(gm, graph)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        _Reshape(sliced).run(*fakes)
+        fakes = [_concrete(mode, x) for x in example_inputs]
+        full = _FullShapes(gm)
+        full.run(*fakes)
+        _Reshape(sliced, full.shapes).run(*fakes)
     sliced.graph.lint()
     sliced.recompile()
     return sliced
+
+
+class _RecordNarrows(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.views: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is torch.narrow:
+            self.views.setdefault(n.args[0].name, []).append((self.env[n.args[0]], out))
+        return out
+
+
+def narrowed_weights(
+    gm: fx.GraphModule, example_inputs: Sequence[Any]
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Run a level's graph eagerly on ``example_inputs`` (real tensors; symbolic sizes are
+    taken at their example value) and return ``{placeholder name: [(input, narrowed view)]}``
+    for every ``torch.narrow`` of a placeholder (one per part of a fused projection): what a
+    zero-copy check compares storages of."""
+    recorder = _RecordNarrows(gm)
+    with torch.no_grad():
+        recorder.run(
+            *[optimization_hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
+        )
+    return recorder.views

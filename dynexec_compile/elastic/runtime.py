@@ -39,6 +39,8 @@ from dynexec_compile.runtime import stats as dynexec_stats
 
 _local = threading.local()
 _LEVELS: dict[int, tuple[weakref.ref, float]] = {}  # id(plan) -> (ref(plan), level)
+# id(plan) -> (ref(plan), levels some torch.compile(backend="dynexec") compiled for it)
+_COMPILED: dict[int, tuple[weakref.ref, frozenset[float]]] = {}
 
 
 def _check_level(level: Any) -> float:
@@ -80,17 +82,42 @@ def _plan_of(target: Any) -> ElasticPlan:
     return plan
 
 
+def register_compiled_levels(plan: ElasticPlan, levels: Sequence[float]) -> None:
+    """Record that a dynexec compile serves ``levels`` for ``plan``'s model (the backend's
+    runtime calls this), so :func:`set_elastic_level` can refuse a level nothing compiled."""
+    entry = _COMPILED.get(id(plan))
+    if entry is None or entry[0]() is not plan:
+        weakref.finalize(plan, _COMPILED.pop, id(plan), None)
+        entry = (weakref.ref(plan), frozenset())
+    _COMPILED[id(plan)] = (entry[0], entry[1] | frozenset(levels))
+
+
+def compiled_levels(plan: ElasticPlan) -> frozenset[float] | None:
+    """Levels dynexec compiles of ``plan``'s model serve, or ``None`` before the first compile."""
+    entry = _COMPILED.get(id(plan))
+    return entry[1] if entry is not None and entry[0]() is plan else None
+
+
 def set_elastic_level(target: Any, level: float) -> None:
     """Make ``level`` the default level of ``target`` for all threads.
 
     ``target`` is an :class:`ElasticModel`, or a model (or ``torch.compile``'s wrapper of one)
     with a plan; the level is recorded against the model's plan, where a compiled runtime reads
-    it with :func:`requested_level`. An ``ElasticModel`` checks the level is one it compiled.
+    it with :func:`requested_level`. An ``ElasticModel`` checks the level is one it compiled; a
+    model compiled with ``backend="dynexec"`` is checked against its configured levels once it
+    has been compiled (``torch.compile`` compiles on the first call; before it, the first call
+    checks).
     """
     level = _check_level(level)
     if isinstance(target, ElasticModel):
         target.check_level(level)
     plan = _plan_of(target)
+    known = compiled_levels(plan)
+    if not isinstance(target, ElasticModel) and known is not None and level not in known:
+        raise ValueError(
+            f"dynexec elastic: level {level} was not compiled; this model was compiled with levels "
+            f"{sorted(known, reverse=True)} (options={{'elastic': {{'levels': [...]}}}})"
+        )
     entry = _LEVELS.get(id(plan))
     if entry is None or entry[0]() is not plan:
         weakref.finalize(plan, _LEVELS.pop, id(plan), None)
@@ -115,6 +142,29 @@ def elastic_stats() -> dict[str, Any]:
 def record_stats(stats: dict[str, Any]) -> None:
     """Publish a call's elastic stats for :func:`elastic_stats` (used by the runtimes)."""
     _local.stats = stats
+
+
+def describe_level(
+    plan: ElasticPlan,
+    slices: dict[str, tuple[int, int]],
+    level: float,
+    levels: Sequence[float],
+    anchors: Sequence[int],
+) -> dict[str, Any]:
+    """What ``level`` runs: query heads and neurons kept per block, the levels, the anchors."""
+    heads, neurons = [], []
+    for spec in plan.blocks:
+        q = slices.get(f"{spec.head_in[0]}.weight")
+        n = slices.get(f"{spec.neuron_out}.weight")
+        heads.append(q[1] // spec.head_dim if q else spec.num_heads)
+        neurons.append(n[1] if n else spec.num_neurons)
+    return {
+        "level": level,
+        "levels": tuple(levels),
+        "heads": heads,
+        "neurons": neurons,
+        "anchor_layers": sorted(anchors),
+    }
 
 
 def _fresh_code(fn: Callable) -> Callable:
@@ -170,7 +220,10 @@ class ElasticModel:
         self._fns = {
             lv: self._compile(self.views[lv], backend, compile_options) for lv in self.levels
         }
-        self._stats = {lv: self._level_stats(lv) for lv in self.levels}
+        self._stats = {
+            lv: describe_level(self.plan, self.slices[lv], lv, self.levels, self.anchors)
+            for lv in self.levels
+        }
         self.level = self.levels[0]
         self.last_stats: dict[str, Any] = {}
 
@@ -191,22 +244,6 @@ class ElasticModel:
     def set_level(self, level: float) -> None:
         """Default level for calls outside any ``elastic_level`` block (all threads)."""
         set_elastic_level(self, level)
-
-    def _level_stats(self, level: float) -> dict[str, Any]:
-        """What ``level`` runs: query heads and neurons kept per block, anchors."""
-        heads, neurons = [], []
-        for spec in self.plan.blocks:
-            q = self.slices[level].get(f"{spec.head_in[0]}.weight")
-            n = self.slices[level].get(f"{spec.neuron_out}.weight")
-            heads.append(q[1] // spec.head_dim if q else spec.num_heads)
-            neurons.append(n[1] if n else spec.num_neurons)
-        return {
-            "level": level,
-            "levels": self.levels,
-            "heads": heads,
-            "neurons": neurons,
-            "anchor_layers": sorted(self.anchors),
-        }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         level = self.check_level(requested_level(self.plan, self.level))

@@ -14,9 +14,12 @@ FX pass inserts ``aten.narrow(placeholder, dim, 0, k)`` after each named placeho
 Transformers' BERT and LLaMA/Qwen2 attention reshape with ``-1`` heads
 (``view(*input_shape, -1, head_dim)``) and take the key/value repeat factor from
 ``num_key_value_groups``, a ratio that whole-group slicing keeps; so fewer heads need no
-config change. GPT-2 cannot be sliced this way: its fused ``c_attn`` splits Q|K|V at a
-hard-coded ``split_size`` and ``Conv1D`` reshapes to a hard-coded width ``nf``, and a prefix
-of each of the three fused blocks is not one strided view.
+config change. GPT-2's fused ``c_attn`` (``Conv1D``, weight ``[in, 3 * H * d]``) keeps a
+prefix of *each* of its Q, K and V column blocks: three views, not one, so its entry is
+``(dim, k, parts)`` with ``parts=3`` (``k`` features kept of each part). The module's own
+forward cannot take three views (it splits one output at a hard-coded ``split_size``), so
+``level_params`` refuses such a model and only the dynexec backend serves it (its FX pass
+turns the fused ``addmm`` into one ``addmm`` per part, see ``fx.py``).
 """
 
 from __future__ import annotations
@@ -79,14 +82,30 @@ def choose_anchors(plan: ElasticPlan, anchors: Anchors) -> frozenset[int]:
     return frozenset(ranked[:anchors])
 
 
-def _block_slices(spec: BlockSpec, level: float) -> dict[str, tuple[int, int]]:
-    """{module name + '.weight' / '.bias': (dim, k)} for one (non-anchor) block."""
+Slice = tuple[int, int] | tuple[int, int, int]  # (dim, k) or, fused, (dim, k, parts)
+
+
+def _gpt2_block_slices(spec: BlockSpec, level: float) -> dict[str, Slice]:
+    """GPT-2's ``Conv1D`` weights are ``[in, out]``: output features are columns (dim 1)."""
+    width = kept_units(spec.num_heads, level) * spec.head_dim
+    neurons = kept_units(spec.num_neurons, level)
+    (c_attn,) = spec.head_in
+    (c_fc,) = spec.neuron_in
+    return {
+        f"{c_attn}.weight": (1, width, 3),  # [D, Q | K | V]: a prefix of each part
+        f"{c_attn}.bias": (0, width, 3),
+        f"{spec.head_out}.weight": (0, width),
+        f"{c_fc}.weight": (1, neurons),
+        f"{c_fc}.bias": (0, neurons),
+        f"{spec.neuron_out}.weight": (0, neurons),
+    }
+
+
+def _block_slices(spec: BlockSpec, level: float) -> dict[str, Slice]:
+    """{module name + '.weight' / '.bias': (dim, k) or (dim, k, parts)} for one (non-anchor)
+    block."""
     if spec.arch == "gpt2":
-        raise NotImplementedError(
-            "dynexec elastic: slicing GPT-2 needs a model change: its fused c_attn splits Q|K|V at "
-            "a hard-coded split_size and Conv1D reshapes to a hard-coded width nf; reordering "
-            "GPT-2 works, slicing supports the BERT and LLaMA/Qwen2 layouts"
-        )
+        return _gpt2_block_slices(spec, level)
     kv = kept_units(spec.num_kv_heads, level)
     q_width, kv_width = kv * spec.group_size * spec.head_dim, kv * spec.head_dim
     neurons = kept_units(spec.num_neurons, level)
@@ -106,8 +125,9 @@ def level_param_slices(
     plan: ElasticPlan,
     level: float,
     anchors: Anchors = 0,
-) -> dict[str, tuple[int, int]]:
-    """Which parameters level ``level`` slices, and how: ``{param_name: (dim, k)}``.
+) -> dict[str, Slice]:
+    """Which parameters level ``level`` slices, and how: ``{param_name: (dim, k)}``, or
+    ``(dim, k, parts)`` for a fused projection (GPT-2's ``c_attn``: ``k`` of each part).
 
     A pure function of names, shapes and the plan: the sub-model uses
     ``param.narrow(dim, 0, k)`` for every listed parameter and the full parameter for every
@@ -125,7 +145,6 @@ def level_param_slices(
     Raises:
         ValueError: a level outside (0, 1], bad anchors, or a parameter whose size does not
             match the plan.
-        NotImplementedError: a GPT-2 block (see the module docstring).
     """
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level <= 1.0:
         raise ValueError(f"dynexec elastic: level={level!r} must be a fraction in (0, 1]")
@@ -135,36 +154,47 @@ def level_param_slices(
         else model_or_named_params
     )
     keep_whole = choose_anchors(plan, anchors)
-    slices: dict[str, tuple[int, int]] = {}
+    slices: dict[str, Slice] = {}
     if level == 1.0:
         return slices
     for spec in plan.blocks:
         if spec.index in keep_whole:
             continue
         full = _block_slices(spec, 1.0)
-        for name, (dim, k) in _block_slices(spec, level).items():
+        for name, cut in _block_slices(spec, level).items():
             if name not in params:
                 if name.endswith(".weight"):
                     raise ValueError(
                         f"dynexec elastic: the plan names parameter {name!r}, which the model lacks"
                     )
                 continue
-            if params[name].shape[dim] != full[name][1]:
+            dim, parts = cut[0], cut[2] if len(cut) == 3 else 1
+            if params[name].shape[dim] != full[name][1] * parts:
                 raise ValueError(
                     f"dynexec elastic: parameter {name!r} has {params[name].shape[dim]} features on dim "
-                    f"{dim}, the plan expects {full[name][1]}; was the model changed after planning?"
+                    f"{dim}, the plan expects {full[name][1] * parts}; was the model changed after planning?"
                 )
-            slices[name] = (dim, k)
+            slices[name] = cut
     return slices
 
 
-def level_params(
-    model: nn.Module, slices: Mapping[str, tuple[int, int]]
-) -> dict[str, torch.Tensor]:
+def level_params(model: nn.Module, slices: Mapping[str, Slice]) -> dict[str, torch.Tensor]:
     """``{name: param.narrow(dim, 0, k)}``: views sharing storage with ``model``'s parameters.
 
     Pass the result to ``torch.func.functional_call(model, views, args, kwargs)``; parameters
     not in it are taken from the model unchanged.
+
+    Raises:
+        NotImplementedError: a fused projection (GPT-2's ``c_attn``) is sliced: its prefix of
+            each part is not one view, and the module cannot take several; serve such a model
+            with ``torch.compile(model, backend="dynexec", options={"elastic": ...})``.
     """
+    fused = [name for name, cut in slices.items() if len(cut) == 3]
+    if fused:
+        raise NotImplementedError(
+            f"dynexec elastic: {fused[0]!r} is a fused projection (GPT-2's c_attn): a prefix of each "
+            "of its Q, K and V parts is not one view, so functional_call (ElasticModel) cannot run "
+            "the level; compile the model with backend='dynexec' and options={'elastic': ...}"
+        )
     params = dict(model.named_parameters())
     return {name: params[name].narrow(dim, 0, k) for name, (dim, k) in slices.items()}

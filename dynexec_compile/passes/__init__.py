@@ -61,6 +61,7 @@ def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _pass_order() -> list[tuple[str, Callable[[fx.GraphModule, PassContext], PassResult], Callable[[DynexecConfig], bool]]]:
+    from dynexec_compile.passes.elastic import slice_elastic_levels
     from dynexec_compile.passes.insert_early_exit import insert_early_exit
     from dynexec_compile.passes.partition_stages import partition_stages
 
@@ -68,6 +69,7 @@ def _pass_order() -> list[tuple[str, Callable[[fx.GraphModule, PassContext], Pas
     return [
         ("partition_stages", partition_stages, lambda cfg: cfg.needs_stages),
         ("insert_early_exit", insert_early_exit, lambda cfg: cfg.early_exit is not None),
+        ("slice_elastic_levels", slice_elastic_levels, lambda cfg: cfg.elastic is not None),
     ]
 
 

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from dynexec_compile.config import EarlyExitConfig
 from dynexec_compile.passes import PassContext
+from dynexec_compile.runtime.exit_recording import ExitRecording, RecordedCall, active_recording
 from dynexec_compile.runtime.exit_rules import ExitRule, make_exit_rule
 from dynexec_compile.runtime.staged import StagePlan, make_plan
 from dynexec_compile.runtime.stats import record_stats
@@ -65,11 +66,19 @@ def _batch_symbols(top: fx.GraphModule) -> set | None:
 class EarlyExitRuntime:
     """Walks the stages of one partitioned graph with exits after some blocks."""
 
-    def __init__(self, top: fx.GraphModule, plan: StagePlan, ee_plan, cfg: EarlyExitConfig, head_fns: dict[int, Callable] | None):
+    def __init__(
+        self,
+        top: fx.GraphModule,
+        plan: StagePlan,
+        ee_plan,
+        cfg: EarlyExitConfig,
+        head_fns: dict[int, Callable] | None,
+        lowering: str = "eager",
+    ):
         self.plan = plan
         self.cfg = cfg
         self.num_blocks = ee_plan.num_blocks
-        self.rule: ExitRule = make_exit_rule(cfg)
+        self.rule: ExitRule = make_exit_rule(cfg, lowering)
         self.exit_hidden = {site.block: plan.value_slot[site.hidden] for site in ee_plan.sites}
         self.suffix = plan.steps[-1]
         hidden_slot = plan.value_slot[ee_plan.suffix_hidden]
@@ -126,6 +135,9 @@ class EarlyExitRuntime:
     # --- the loop ----------------------------------------------------------------------------
 
     def __call__(self, *args):
+        recording = active_recording()
+        if recording is not None:
+            return self._run_recording(args, recording)
         plan = self.plan
         batch = self._batch_size(args)
         env = list(args) + [None] * (plan.num_slots - plan.num_inputs)
@@ -166,6 +178,31 @@ class EarlyExitRuntime:
         self._write(results, tail, rows[live], live, batch)
         self._record(exit_layer, batch_sizes, batch)
         return tuple(results)
+
+    def _run_recording(self, args, recording: ExitRecording) -> tuple:
+        """Every block and every exit head on the whole batch; the full model's outputs."""
+        plan = self.plan
+        env = list(args) + [None] * (plan.num_slots - plan.num_inputs)
+        plan.run(args, 0, 1, env)  # prefix
+        exit_logits = []
+        for block in range(self.num_blocks):
+            plan.run(args, block + 1, block + 2, env)
+            if block in self.exit_hidden:
+                logits = self._head(block, env)[self.logits_output]
+                exit_logits.append(logits[:, -1] if logits.dim() == 3 else logits)  # [B, C]
+        final = plan.run(args, len(plan.steps) - 1, None, env)
+        outputs = tuple(final[slot] for slot in self.outputs)
+        logits = outputs[self.logits_output]
+        recording.calls.append(RecordedCall(
+            cfg=self.cfg,
+            num_blocks=self.num_blocks,
+            exit_blocks=sorted(self.exit_hidden),
+            exit_logits=torch.stack(exit_logits, 1).detach().float().cpu(),  # [B, E, C]
+            final_logits=(logits[:, -1] if logits.dim() == 3 else logits).detach().float().cpu(),
+        ))
+        batch = self._batch_size(args)
+        self._record(torch.full((batch,), self.num_blocks - 1, dtype=torch.long), [batch] * self.num_blocks, batch)
+        return outputs
 
     @staticmethod
     def _write(results: list, values: tuple, dest_rows: torch.Tensor, src_mask: torch.Tensor, batch: int) -> None:
@@ -212,6 +249,6 @@ def early_exit_runtime_factory(ctx: PassContext, ee_plan) -> Callable:
             from dynexec_compile.runtime.trained_heads import trained_head_fns
 
             head_fns = trained_head_fns(ctx, ee_plan, plan, top)
-        return EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns)
+        return EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns, ctx.cfg.lowering)
 
     return factory

@@ -7,13 +7,21 @@
 A rule is ``rule(logits [A, C], state) -> (leave: bool[A], state)``; ``state`` carries what a
 rule remembers between exits (PABEE's previous prediction and counter) and is row-gathered
 with the batch by ``rule.select(state, keep)``.
+
+The decision runs after every exit on the critical path. On CUDA it is dynexec's Triton
+kernel. On CPU the PyTorch definition is about fifteen small ops (~0.5 ms a call on a busy
+core, as much as an exit head); with the Inductor lowering it is therefore lowered like a
+stage, once per logits dtype and class count, with a symbolic row count: one fused C++ loop
+with the same semantics (``exit_decision_reference`` traced as it is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from dynexec_compile.config import EarlyExitConfig
 
@@ -26,9 +34,44 @@ def _decide(logits: torch.Tensor, rule: str, threshold: float):
     return d.exit_mask, d.pred
 
 
+def lower_exit_decision(rule: str, threshold: float, num_classes: int, dtype: torch.dtype, lowering: str) -> Callable:
+    """``fn(logits [A, C]) -> (exit_mask bool[A],)`` for CPU logits, lowered with ``lowering``
+    for any row count ``A``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from dynexec_compile.backends import lower_graph
+    from dynexec_compile.backends.kernels.exit_decision import exit_decision_reference
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    rows = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    example = mode.from_tensor(torch.empty(2, num_classes, dtype=dtype), symbolic_context=rows)
+
+    def decide(logits: torch.Tensor) -> tuple[torch.Tensor]:
+        return (exit_decision_reference(logits, rule, threshold).exit_mask,)  # ([A],)
+
+    with mode, torch.no_grad():
+        gm = make_fx(decide)(example)
+    # Inductor's caches fail to key this graph (torch 2.13 cannot format the float globals
+    # inf/nan of traced code and warns at length); it is a few fused loops, compiled uncached.
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        return lower_graph(gm, [example], lowering)
+
+
 @dataclass
 class ExitRule:
     cfg: EarlyExitConfig
+    lowering: str = "eager"  # "inductor": the CPU decision is lowered (see the module docstring)
+    _lowered: dict = field(default_factory=dict, repr=False)  # (dtype, C) -> lowered decision
+
+    def _leave(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.lowering != "inductor" or logits.is_cuda:
+            return _decide(logits, self.cfg.rule, self.cfg.threshold)[0]
+        key = (logits.dtype, logits.shape[1])
+        fn = self._lowered.get(key)
+        if fn is None:
+            fn = self._lowered[key] = lower_exit_decision(self.cfg.rule, self.cfg.threshold, key[1], key[0], self.lowering)
+        return fn(logits)[0]
 
     def init_state(self, batch: int):
         if self.cfg.rule != "patience":
@@ -43,13 +86,12 @@ class ExitRule:
     def __call__(self, logits: torch.Tensor, state):
         # logits: [A, C]
         if self.cfg.rule in ("entropy", "max_prob"):
-            leave, _ = _decide(logits, self.cfg.rule, self.cfg.threshold)
-            return leave.to(torch.bool).cpu(), state
+            return self._leave(logits).to(torch.bool).cpu(), state
         prev, count = state
         pred = logits.argmax(-1).cpu()
         count = torch.where(pred == prev, count + 1, torch.zeros_like(count))
         return count >= self.cfg.patience, (pred, count)
 
 
-def make_exit_rule(cfg: EarlyExitConfig) -> ExitRule:
-    return ExitRule(cfg)
+def make_exit_rule(cfg: EarlyExitConfig, lowering: str = "eager") -> ExitRule:
+    return ExitRule(cfg, lowering)

@@ -108,9 +108,9 @@ def test_the_users_model_is_not_modified(llama):
     ("kwargs", "error", "message"),
     [
         ({"strategy": "beam"}, ValueError, "unknown strategy 'beam'"),
-        ({"strategy": "speculative"}, NotImplementedError, "issue 6"),
-        ({"strategy": "draft_heads"}, NotImplementedError, "issue 6"),
-        ({"strategy": "self_speculative"}, NotImplementedError, "issue 6"),
+        ({"strategy": "speculative"}, ValueError, "needs draft_model"),
+        ({"strategy": "draft_heads"}, ValueError, "needs heads="),
+        ({"strategy": "self_speculative"}, ValueError, "needs exit_layer="),
         ({"strategy": "sample", "temperature": 0.0}, ValueError, "temperature"),
         ({"strategy": "sample", "top_p": 0.0}, ValueError, "top_p"),
         ({"strategy": "sample", "top_k": 0}, ValueError, "top_k"),

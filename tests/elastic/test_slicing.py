@@ -138,6 +138,9 @@ def test_bad_levels_anchors_and_models_are_rejected():
         level_param_slices(model, plan, 0.5, anchors="most")
     with pytest.raises(ValueError, match="expects"):
         level_param_slices(tiny_llama(), elastic_plan(tiny_qwen2()), 0.5)
-    gpt2 = tiny_gpt2()
-    with pytest.raises(NotImplementedError, match="GPT-2"):
-        level_param_slices(gpt2, elastic_plan(gpt2), 0.5)
+    gpt2 = tiny_gpt2()  # 6 heads of 8: 3 kept of each of Q, K, V in the fused c_attn
+    slices = level_param_slices(gpt2, elastic_plan(gpt2), 0.5)
+    assert slices["transformer.h.0.attn.c_attn.weight"] == (1, 24, 3)
+    assert slices["transformer.h.0.attn.c_proj.weight"] == (0, 24)
+    with pytest.raises(NotImplementedError, match="backend='dynexec'"):
+        level_params(gpt2, slices)  # three views cannot feed the module's one weight

@@ -1,0 +1,359 @@
+"""``dynexec bench elastic``: elastic sub-models served by the dynexec backend, level by level.
+
+One importance-reordered model, compiled once with
+``torch.compile(model, backend="dynexec", options={"elastic": {"levels": [...]}})``, every level
+a graph over prefix views of the same parameters. Why these measurements: a level is only worth
+serving if it keeps accuracy, runs faster than the full model compiled the plain way, and
+switching to it costs next to nothing in time and memory (the stock alternative is a pruned
+copy of the model per size).
+
+Full run, on the demo MiniLM-L6 SST-2 classifier (``dynexec_compile.demo_models``) reordered by
+Taylor importance (its own loss on SST-2 training sentences): per level, validation accuracy and
+median latency next to plain ``torch.compile`` (Inductor) of the full, unreordered model
+(interleaved rounds, warm-up, compile time apart with Inductor's caches off, ratios); the cost of a switch
+(``set_elastic_level``, ``with elastic_level``, a call right after a switch) against
+``deepcopy`` + ``prune_linear_layer``; memory: process RSS growth of compiling all levels next
+to the plain compile of one graph, and the weight bytes outside the parameters (0: every level
+reads views). Every batch has the same shape (the last one is filled up), so each compile is
+one static graph.
+
+``--quick``: tiny BERT and LLaMA configs (random weights), eager lowering, deterministic metrics
+only: level 1.0 equals the stock model, every level equals the eager prefix-view reference, one
+Dynamo compile, one lowering per distinct level, no weight outside the parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynexec_compile.bench.common import SuiteResult, interleaved_medians, timed
+
+DEFAULT_LEVELS = (1.0, 0.75, 0.5, 0.25)
+Batch = dict[str, torch.Tensor]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this suite, prefixed ``--elastic-`` so they never collide with another
+    suite's (every suite adds its options to the one ``dynexec bench`` parser)."""
+    group = parser.add_argument_group("elastic suite")
+    group.add_argument("--elastic-levels", dest="levels", type=float, nargs="+", default=None, help=f"elastic levels (default {list(DEFAULT_LEVELS)})")
+    group.add_argument("--elastic-anchors", dest="anchors", default="0", help="elastic anchor_layers: a count or 'auto' (default 0)")
+    group.add_argument("--elastic-lowering", dest="lowering", choices=("inductor", "eager"), default=None, help="dynexec lowering and plain torch.compile backend (default inductor; eager with --quick)")
+    group.add_argument("--elastic-data", dest="data", default=None, help="folder holding sst2/{train,validation}.tsv (default $DYNEXEC_DATA_DIR or ../shared/data)")
+    group.add_argument("--elastic-calib-size", dest="calib_size", type=int, default=256, help="SST-2 training sentences for the Taylor importance")
+    group.add_argument("--elastic-batch-size", dest="batch_size", type=int, default=8, help="sentences per batch (accuracy and latency)")
+    group.add_argument("--elastic-seq", dest="seq", type=int, default=64, help="tokens per sentence (padded)")
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def _compile(model: nn.Module, levels, anchors, lowering: str) -> nn.Module:
+    options = {"lowering": lowering, "strict": True, "elastic": {"levels": list(levels), "anchor_layers": anchors}}
+    return torch.compile(model, backend="dynexec", options=options)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@torch.no_grad()
+def _reference(model: nn.Module, plan, level: float, anchors, batch: Batch) -> torch.Tensor:
+    """The level run eagerly over prefix views of the parameters."""
+    from torch.func import functional_call
+
+    from dynexec_compile.elastic import level_param_slices, level_params
+
+    views = level_params(model, level_param_slices(model, plan, level, anchors))
+    return _logits(functional_call(model, views, (), batch))
+
+
+def _sliced_weights(report: Any, model: nn.Module) -> tuple[int, int]:
+    """(sliced weights the level graphs read, bytes of those that are not parameter storage):
+    the second is 0 when every sliced weight is a view of its parameter."""
+    from dynexec_compile.elastic.fx import narrowed_weights
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    graphs = report.artifacts["elastic"].graphs
+    count = outside = 0
+    for gm in {id(g): g for g in graphs.values()}.values():
+        for views in narrowed_weights(gm, report.example_inputs).values():
+            for _, view in views:
+                count += 1
+                if view.untyped_storage().data_ptr() not in params:
+                    outside += view.numel() * view.element_size()
+    return count, outside
+
+
+def _storage_metrics(result: SuiteResult, name: str, report: Any, model: nn.Module) -> None:
+    count, outside = _sliced_weights(report, model)
+    result.metric(f"{name}/sliced_weights_checked", count, "exact")
+    result.metric(f"{name}/weight_bytes_outside_parameters", outside, "exact", "lower")
+
+
+def _check_levels(
+    result: SuiteResult, name: str, model: nn.Module, stock: nn.Module, compiled: Callable,
+    levels: list[float], anchors, batch: Batch,
+) -> None:
+    """Deterministic metrics on ``batch``: each level (visited down, then up again) equals the
+    stock model (1.0) or the prefix-view reference; Dynamo compiles, lowerings, weight bytes
+    outside the parameters."""
+    from dynexec_compile.backend import capture_reports
+    from dynexec_compile.elastic import elastic_level, lookup_plan
+    from dynexec_compile.runtime.stats import last_stats
+
+    plan = lookup_plan(model)
+    with torch.no_grad(), capture_reports() as reports:
+        want_full = _logits(stock(**batch))
+        for visit, level in enumerate(levels + levels[::-1]):
+            with elastic_level(level):
+                got = _logits(compiled(**batch))
+            if visit >= len(levels):
+                continue
+            want = want_full if level == 1.0 else _reference(model, plan, level, anchors, batch)
+            diff = (got - want).abs().max().item()
+            check = "equals_stock" if level == 1.0 else "equals_reference"
+            result.metric(f"{name}/level_{level}/{check}", float(diff <= 1e-5), "exact")
+            heads = last_stats()["elastic_heads"]
+            result.metric(f"{name}/level_{level}/heads_kept", sum(heads), "exact")
+            result.rows.append({"model": name, "level": level, "heads": heads, "neurons": last_stats()["elastic_neurons"], "max abs diff": diff})
+    result.metric(f"{name}/dynamo_compiles", len(reports), "exact", "lower")
+    result.metric(f"{name}/lowerings", reports[0].runtime.lowerings, "exact", "lower")
+    _storage_metrics(result, name, reports[0], model)
+
+
+def _parse_anchors(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+# ----------------------------------------------------------------------------- quick
+
+
+def _tiny_models() -> dict[str, tuple[nn.Module, Batch]]:
+    import transformers as T
+
+    torch.manual_seed(0)
+    bert = T.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    llama = T.LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (2, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, 12:] = 0
+    return {
+        "bert": (T.BertForSequenceClassification(bert).eval(), {"input_ids": ids, "attention_mask": mask}),
+        "llama": (T.LlamaForCausalLM(llama).eval(), {"input_ids": ids, "attention_mask": mask, "use_cache": False}),
+    }
+
+
+def _run_quick(args: argparse.Namespace, result: SuiteResult) -> None:
+    from dynexec_compile.elastic import reorder_by_importance
+
+    levels = sorted(set(args.levels or DEFAULT_LEVELS), reverse=True)
+    anchors = _parse_anchors(args.anchors)
+    lowering = args.lowering or "eager"
+    result.notes.append(f"quick: tiny configs, random weights, lowering={lowering}, levels {levels}, anchors {anchors}; deterministic metrics only")
+    for name, (stock, batch) in _tiny_models().items():
+        torch._dynamo.reset()
+        model = copy.deepcopy(stock)
+        calib = [{k: v for k, v in batch.items() if k != "use_cache"}]
+        reorder_by_importance(model, calib, method="taylor", progress=False)
+        _check_levels(result, name, model, stock, _compile(model, levels, anchors, lowering), levels, anchors, batch)
+
+
+# ----------------------------------------------------------------------------- full
+
+
+def _fixed_batches(tokenizer: Any, texts: list[str], batch_size: int, seq: int) -> list[Batch]:
+    """Batches of exactly ``[batch_size, seq]`` (one compiled shape); the last one is filled up
+    with copies of its first sentence, whose predictions are dropped."""
+    texts = list(texts) + [texts[-1]] * (-len(texts) % batch_size)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    return [{k: v[i : i + batch_size] for k, v in enc.items()} for i in range(0, len(texts), batch_size)]
+
+
+@torch.no_grad()
+def _predict(fn: Callable, batches: list[Batch], n: int) -> torch.Tensor:
+    return torch.cat([_logits(fn(**b)).argmax(-1) for b in batches])[:n]
+
+
+def _calibration(tokenizer: Any, rows: list[tuple[str, int]], batch_size: int, seq: int) -> list[Batch]:
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=seq, return_tensors="pt")
+        out.append({**enc, "labels": torch.tensor([y for _, y in chunk])})
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _pruned_copy(model: nn.Module, slices: dict[str, tuple[int, int]]) -> nn.Module:
+    """The stock way to get a smaller model: copy it and prune the same heads and neurons."""
+    from transformers.pytorch_utils import prune_linear_layer
+
+    pruned = copy.deepcopy(model)
+    for name in {n.rsplit(".", 1)[0] for n in slices if n.endswith(".weight")}:
+        dim, k = slices[f"{name}.weight"]
+        parent, _, child = name.rpartition(".")
+        setattr(pruned.get_submodule(parent), child, prune_linear_layer(pruned.get_submodule(name), torch.arange(k), dim))
+    return pruned
+
+
+def _switch_cost(compiled: Callable, levels: list[float], batch: Batch, repeats: int) -> dict[str, float]:
+    """Seconds of a switch: ``set_elastic_level``, ``with elastic_level``, and a call right after
+    a switch next to a call at the same level again (paired, smallest level and full)."""
+    from dynexec_compile.elastic import elastic_level, set_elastic_level
+
+    n = 20000
+    cycle = [levels[i % len(levels)] for i in range(n)]
+    start = time.perf_counter()
+    for lv in cycle:
+        set_elastic_level(compiled, lv)
+    set_s = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    for lv in cycle:
+        with elastic_level(lv):
+            pass
+    context_s = (time.perf_counter() - start) / n
+    after, same = [], []
+    for i in range(2 * repeats):
+        set_elastic_level(compiled, levels[-1] if i % 2 else levels[0])
+        after.append(timed(lambda: compiled(**batch))[1])
+        same.append(timed(lambda: compiled(**batch))[1])
+    set_elastic_level(compiled, levels[0])
+    return {"set_elastic_level": set_s, "elastic_level_context": context_s, "call_after_switch": statistics.median(after), "call_same_level": statistics.median(same)}
+
+
+def _level_fn(compiled: Callable, level: float) -> Callable[..., Any]:
+    """``compiled`` as a function that always runs at ``level``."""
+    from dynexec_compile.elastic import elastic_level
+
+    def run(**batch: torch.Tensor) -> Any:
+        with elastic_level(level):
+            return compiled(**batch)
+
+    return run
+
+
+def _sub_model_mb(model: nn.Module, slices: dict[str, tuple[int, int]]) -> float:
+    """Parameter MB of the sub-model a level runs (what a pruned copy of it would hold)."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    for name, (dim, k, *parts) in slices.items():
+        p = params[name]
+        kept = k * (parts[0] if parts else 1)
+        total -= (p.shape[dim] - kept) * (p.numel() // p.shape[dim]) * p.element_size()
+    return total / 2**20
+
+
+def _say(what: str) -> None:
+    print(f"[bench elastic {time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
+def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
+    import random
+
+    from dynexec_compile.backend import capture_reports
+    from dynexec_compile.bench.overhead import _warm_up
+    from dynexec_compile.data import load_sst2
+    from dynexec_compile.demo_models import load_sst2_classifier
+    from dynexec_compile.elastic import reorder_by_importance
+
+    levels = sorted(set(args.levels or DEFAULT_LEVELS), reverse=True)
+    anchors = _parse_anchors(args.anchors)
+    lowering = args.lowering or "inductor"
+    repeats = args.repeats or 30
+    stock, tokenizer = load_sst2_classifier()
+    model = copy.deepcopy(stock)
+    train = load_sst2("train", args.data)
+    random.Random(0).shuffle(train)
+    calib = _calibration(tokenizer, train[: args.calib_size], 32, args.seq)
+    importance_s = timed(lambda: reorder_by_importance(model, calib, method="taylor"))[1]
+    val = load_sst2("validation", args.data)
+    labels = torch.tensor([y for _, y in val])
+    batches = _fixed_batches(tokenizer, [s for s, _ in val], args.batch_size, args.seq)
+    batch = batches[0]
+    # Inductor's caches off: every compile is real, not a hit from an earlier run
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        _warm_up(lowering)
+        rss = [_rss_mb()]
+        _say(f"compiling the full model with plain torch.compile ({lowering})")
+        plain = torch.compile(stock, backend=lowering)
+        plain_compile_s = timed(lambda: plain(**batch))[1]
+        rss.append(_rss_mb())
+        _say(f"compiling {len(levels)} elastic levels with dynexec ({lowering})")
+        compiled = _compile(model, levels, anchors, lowering)
+        with capture_reports() as reports:  # every dynexec compile from here on
+            dyn_compile_s = timed(lambda: compiled(**batch))[1]  # lowers every level
+            rss.append(_rss_mb())
+            graphs = reports[0].artifacts["elastic"]
+            stock_acc = (_predict(stock, batches, len(val)) == labels).float().mean().item()
+            _say(f"SST-2 validation accuracy at each level ({len(val)} sentences)")
+            acc = {lv: (_predict(_level_fn(compiled, lv), batches, len(val)) == labels).float().mean().item() for lv in levels}
+            variants = {"plain torch.compile": lambda: plain(**batch)}
+            variants.update({f"level {lv}": lambda lv=lv: _level_fn(compiled, lv)(**batch) for lv in levels})
+            _say(f"latency: {repeats} interleaved rounds")
+            medians = interleaved_medians(variants, repeats=repeats)
+            switch = _switch_cost(compiled, levels, batch, repeats)
+            full_diff = (_logits(_level_fn(compiled, levels[0])(**batch)) - _logits(stock(**batch))).abs().max().item()
+        prune_s = statistics.median(timed(lambda: _pruned_copy(model, graphs.slices[levels[-1]]))[1] for _ in range(5))
+    base = medians["plain torch.compile"]
+    param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    result.notes += [
+        f"MiniLM-L6 SST-2 classifier (demo_models), Taylor importance on {args.calib_size} training sentences ({importance_s:.1f} s); "
+        f"anchors {anchors}; lowering={lowering}; input {args.batch_size} x {args.seq} tokens; median of {repeats} interleaved rounds; "
+        f"stock eager accuracy {stock_acc:.4f} on {len(val)} validation sentences",
+        f"compile (first call, Inductor caches off): plain torch.compile {plain_compile_s:.1f} s; dynexec, all {len(levels)} levels, {dyn_compile_s:.1f} s "
+        f"({reports[0].runtime.lowerings} lowerings)",
+        f"switch: set_elastic_level {switch['set_elastic_level'] * 1e6:.2f} us, with elastic_level {switch['elastic_level_context'] * 1e6:.2f} us; "
+        f"a call right after a switch {switch['call_after_switch'] * 1e3:.2f} ms vs the same level again {switch['call_same_level'] * 1e3:.2f} ms; "
+        f"deepcopy + prune_linear_layer to level {levels[-1]}: {prune_s * 1e3:.1f} ms = {prune_s / switch['set_elastic_level']:.0f}x a set_elastic_level",
+        f"memory: parameters {param_mb:.1f} MB; RSS growth of the plain compile {rss[1] - rss[0]:.1f} MB, of dynexec's {len(levels)} levels "
+        f"{rss[2] - rss[1]:.1f} MB; a pruned copy per level < 1 would hold "
+        f"{sum(_sub_model_mb(model, graphs.slices[lv]) for lv in levels if lv < 1.0):.1f} MB more",
+    ]
+    for lv in levels:
+        heads = sum(_heads_kept(graphs, lv))
+        result.rows.append({
+            "level": lv, "heads": heads, "sub-model MB": round(_sub_model_mb(model, graphs.slices[lv]), 2),
+            "accuracy": acc[lv], "run ms": medians[f"level {lv}"] * 1e3, "ratio vs plain": medians[f"level {lv}"] / base,
+        })
+        result.metric(f"minilm_sst2/level_{lv}/accuracy", acc[lv], "tolerance", "higher", tol=0.005)
+        result.metric(f"minilm_sst2/level_{lv}/heads_kept", heads, "exact")
+        result.metric(f"minilm_sst2/level_{lv}/run_ratio", medians[f"level {lv}"] / base, "timing", "lower")
+    result.rows.append({"level": "plain torch.compile (full)", "accuracy": stock_acc, "run ms": base * 1e3, "ratio vs plain": 1.0})
+    if levels[0] == 1.0:
+        result.metric("minilm_sst2/level_1.0/max_abs_diff_vs_stock", full_diff, "tolerance", "lower", tol=1e-4)
+    result.metric("minilm_sst2/dynamo_compiles", len(reports), "exact", "lower")
+    result.metric("minilm_sst2/lowerings", reports[0].runtime.lowerings, "exact", "lower")
+    _storage_metrics(result, "minilm_sst2", reports[0], model)
+    result.metric("minilm_sst2/set_elastic_level_us", switch["set_elastic_level"] * 1e6, "timing", "lower")
+    result.metric("minilm_sst2/prune_over_switch", prune_s / switch["set_elastic_level"], "timing", "higher")
+    result.metric("minilm_sst2/rss_growth_mb_per_level", (rss[2] - rss[1]) / len(levels), "timing", "lower")
+
+
+def _heads_kept(graphs: Any, level: float) -> list[int]:
+    from dynexec_compile.elastic.runtime import describe_level
+
+    return describe_level(graphs.plan, graphs.slices[level], level, graphs.levels, graphs.anchors)["heads"]
+
+
+def run(args: argparse.Namespace) -> SuiteResult:
+    result = SuiteResult("elastic")
+    if args.quick:
+        _run_quick(args, result)
+    else:
+        _run_full(args, result)
+    return result

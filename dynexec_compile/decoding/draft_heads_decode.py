@@ -1,0 +1,181 @@
+"""``generate(..., strategy="draft_heads", heads=...)``: Medusa-style decoding, one forward per step.
+
+Each step feeds ``[pending, c_1 .. c_k]`` through :meth:`DraftHeadsEngine.verify_greedy`
+(or ``verify_all`` when sampling): the same forward scores the candidates and, through the
+draft heads inside its graph, proposes the next ``k``. Row ``b`` keeps the candidates the
+target agrees with plus the target's own next token, so greedy output is token-identical
+to greedy decoding; sampling uses speculative rejection sampling with each head's warped
+distribution as the proposal (:mod:`dynexec_compile.decoding.verify`), so the output follows
+the target's own sampling distribution. With ``tree=`` (greedy) the forward scores a Medusa
+candidate tree instead of a chain (:meth:`DraftHeadsEngine.verify_tree`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.chain_output import ChainOutput
+from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
+from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
+from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
+from dynexec_compile.decoding.generate import (
+    DecodeSettings,
+    GenerateOutput,
+    GenerateStats,
+    _next_token,
+    _synchronize,
+    cache_length,
+    compile_count,
+)
+from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.sampling import draw, sampling_probs
+from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
+from dynexec_compile.decoding.verify import TreeSpec, Verdict, as_tree, verify
+
+
+def draft_heads_strategy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    *,
+    heads: DraftHeads | None = None,
+    tree: Any = None,
+    **options: Any,
+) -> GenerateOutput:
+    """The ``"draft_heads"`` strategy (see the module docstring).
+
+    Options: ``heads`` (required); ``tree``: ``None`` for a chain of one candidate per head,
+    or a candidate tree (children per depth, e.g. ``[4, 2, 1]``, or a ``TreeSpec``) at most
+    ``k`` deep whose depth-``d`` nodes take head ``d``'s top tokens — greedy only.
+    """
+    if options:
+        raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= and tree=")
+    if heads is None:
+        raise ValueError("strategy='draft_heads' needs heads=DraftHeads (dynexec_compile.train_draft_heads / load_draft_heads)")
+    if settings.cache != "static":
+        raise ValueError("strategy='draft_heads' runs on the static SlotCache; pass cache='static'")
+    check_heads_fit(model, heads)
+    spec = None if tree is None else as_tree(tree, None)
+    if spec is not None and settings.sampling is not None:
+        raise NotImplementedError(
+            "tree= with sampling is not implemented for strategy='draft_heads' (the tree's siblings would need "
+            "proposals drawn without replacement from each head); sample with a chain (tree=None)"
+        )
+    width = heads.num_heads + 1 if spec is None else spec.size
+    _, lengths = pack_prompts(input_ids, attention_mask)
+    batch = input_ids.shape[0]
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=width)
+    engine = cached_engine(
+        model,
+        batch,
+        max_len,
+        settings,
+        ("draft_heads", id(heads), weights_fingerprint(heads), None if spec is None else spec.parents),
+        lambda n: DraftHeadsEngine(model, batch, n, heads, spec, **engine_options(settings)),
+    )
+    return _decode(engine, input_ids, attention_mask, settings)
+
+
+def _decode(
+    engine: DraftHeadsEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: DecodeSettings
+) -> GenerateOutput:
+    stats = GenerateStats(strategy="draft_heads")
+    compiles0, forwards0 = compile_count(), engine.forward_passes
+    k, device, sampling = engine.num_heads, engine.device, settings.sampling
+    width = k + 1 if engine.tree is None else engine.tree.size  # tokens per verification forward
+    out = ChainOutput(input_ids.shape[0], settings, device)
+    drafted, accepted_drafts = [], []
+
+    start = time.perf_counter()
+    logits, head_logits = engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
+    pending = _next_token(logits, settings)  # [B]
+    candidates, proposal = _propose(head_logits, settings)  # [B, k], [B, k, V] or None
+    out.emit(pending[:, None], torch.ones_like(pending))
+    _synchronize(device)
+    stats.prefill_time_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    offsets = torch.arange(k + 1, device=device)
+    tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
+    if engine.tree is not None:
+        tokens = engine.tree_tokens(pending, head_logits)  # [B, T]
+    while not out.done:
+        live = ~out.finished  # [B]
+        if engine.tree is not None:  # one graph: verify the tree, keep the best path, propose
+            emitted, accepted, _, tokens = engine.verify_tree(tokens, live)  # [B, D+1], [B], _, [B, T]
+        elif sampling is None:  # one graph: verify, accept, commit, propose
+            emitted, accepted, _, tokens = engine.verify_greedy(tokens, live)  # [B, k+1], [B], _, [B, k+1]
+        else:
+            positions = engine.lengths[:, None] + offsets  # [B, k+1]
+            mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
+            verdict, head_all = _verify_sampled(engine, tokens, positions, mask, proposal, settings)
+            accepted, emitted = verdict.accepted, verdict.tokens
+            engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted candidates, in place
+            rows = torch.arange(tokens.shape[0], device=device)
+            candidates, proposal = _propose(head_all[rows, accepted], settings)  # the heads at the last kept position
+            tokens = torch.cat([verdict.next_token[:, None], candidates], dim=1)
+        kept = out.emit(emitted, accepted + 1)
+        drafted.append(torch.where(live, width - 1, 0).tolist())
+        accepted_drafts.append(torch.where(live, accepted, 0).tolist())
+        stats.accepted_per_step.append(kept.tolist())
+    _synchronize(device)
+    stats.decode_time_s = time.perf_counter() - start
+
+    stats.steps = len(drafted)
+    stats.new_tokens = out.count.tolist()
+    stats.forward_passes = engine.forward_passes - forwards0
+    stats.compiles = compile_count() - compiles0
+    live_steps = sum(n > 0 for step in drafted for n in step)
+    stats.extra = {
+        "num_draft": width - 1,
+        "tree": None if engine.tree is None else list(engine.tree.parents),
+        "drafted_per_step": drafted,
+        "accepted_drafts_per_step": accepted_drafts,
+        "target_forwards": stats.forward_passes,
+        "draft_forwards": 0,  # the heads run inside the target's forward
+        "acceptance_rate": _rate(accepted_drafts, drafted),
+        "mean_accepted_per_step": sum(map(sum, accepted_drafts)) / live_steps if live_steps else 0.0,
+        # token x layer evaluations per row in the decoding steps (prefill not counted):
+        # every step runs all L layers on its k + 1 (chain) or T (tree) tokens; heads: one block each
+        "target_layer_evals": stats.steps * engine.stack.num_layers * width,
+        "draft_layer_evals": 0,
+        "draft_head_evals": stats.steps * k * (1 if sampling is None else k + 1),
+    }
+    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+
+
+def _propose(head_logits: torch.Tensor, settings: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidates ``[B, k]`` from the heads' logits ``[B, k, V]``: argmax, or one draw per head
+    from its warped distribution (returned as the proposal ``[B, k, V]`` for verification)."""
+    if settings.sampling is None:
+        return head_logits.argmax(dim=-1), None
+    proposal = sampling_probs(head_logits, settings.sampling)  # [B, k, V]
+    return draw(proposal, settings.generator), proposal
+
+
+def _verify_sampled(
+    engine: DraftHeadsEngine,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    proposal: torch.Tensor,
+    settings: DecodeSettings,
+) -> tuple[Verdict, torch.Tensor]:
+    """Speculative rejection sampling of the chain; ``(verdict, heads' logits [B, k+1, k, V])``."""
+    logits, head_all = engine.verify_all(tokens, positions, mask)  # [B, k+1, V], [B, k+1, k, V]
+    draft_probs = torch.cat([torch.zeros_like(proposal[:, :1]), proposal], dim=1)  # [B, k+1, V], row 0 unused
+    verdict = verify(TreeSpec.chain(engine.num_heads), tokens, logits, draft_probs, settings.sampling, settings.generator)
+    return verdict, head_all
+
+
+def _rate(accepted: list[list[int]], drafted: list[list[int]]) -> float:
+    total = sum(map(sum, drafted))
+    return sum(map(sum, accepted)) / total if total else 0.0
+
+
+__all__ = ["draft_heads_strategy"]

@@ -1,0 +1,299 @@
+"""``generate(..., strategy="self_speculative", exit_layer=E, exit_head=...)``: the model drafts for itself.
+
+The drafter is the model's first ``E`` layers plus an exit head:
+
+- ``exit_head="shared"``: the model's own final norm + LM head on the layer-``E`` hidden state;
+- ``exit_head="trained"``: a ``last_token_rmsnorm`` head from :mod:`dynexec_compile.exit_heads`
+  (RMSNorm + a ``D x V`` projection) trained for layer ``E`` by :func:`train_exit_lm_head`
+  (self-distillation on the model's own next-token distribution, backbone frozen), passed as
+  ``exit_heads=ExitHeads`` whose layer ``E - 1`` (the block whose output it reads) is used.
+
+Work sharing (see :mod:`~dynexec_compile.decoding.self_speculative_engine`): drafted tokens
+never go through layers ``0..E-1`` twice — verification continues from the layer-``E``
+hidden states kept while drafting and reuses the keys/values drafting wrote for those
+layers. Greedy output is token-identical to greedy decoding, and a greedy step is one
+compiled graph (drafts, verification, acceptance, commit); sampling uses speculative
+rejection sampling (the shared verification core) with the exit head's warped distribution
+as the proposal, one graph per draft pass plus one for the verification.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.chain_output import ChainOutput
+from dynexec_compile.decoding.draft_heads import _batches
+from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
+from dynexec_compile.decoding.generate import (
+    DecodeSettings,
+    GenerateOutput,
+    GenerateStats,
+    _next_token,
+    _synchronize,
+    cache_length,
+    compile_count,
+)
+from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.sampling import draw, sampling_probs
+from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
+from dynexec_compile.decoding.step import check_causal_lm, pack_prompts, weights_fingerprint
+from dynexec_compile.decoding.verify import TreeSpec, verify
+from dynexec_compile.exit_heads import ExitHeads
+
+EXIT_HEADS = ("shared", "trained")
+DEFAULT_NUM_DRAFT = 4
+
+
+def self_speculative_strategy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    *,
+    exit_layer: int | None = None,
+    exit_head: str = "shared",
+    exit_heads: ExitHeads | None = None,
+    num_draft: int = DEFAULT_NUM_DRAFT,
+    tree: Any = None,
+    **options: Any,
+) -> GenerateOutput:
+    """The ``"self_speculative"`` strategy (see the module docstring).
+
+    Options: ``exit_layer`` (``E``, required), ``exit_head`` (``"shared"`` | ``"trained"``),
+    ``exit_heads`` (the trained heads, for ``"trained"``), ``num_draft`` (``k`` drafted tokens
+    per step).
+    """
+    if options:
+        raise TypeError(
+            f"strategy='self_speculative' got unknown options {sorted(options)}; it takes exit_layer=, "
+            "exit_head=, exit_heads=, num_draft= (and tree=)"
+        )
+    if exit_layer is None:
+        raise ValueError("strategy='self_speculative' needs exit_layer=E (the layers the draft runs)")
+    if tree is not None:
+        raise NotImplementedError("tree= with strategy='self_speculative' is not implemented yet: the draft is a chain")
+    if settings.cache != "static":
+        raise ValueError("strategy='self_speculative' runs on the static SlotCache; pass cache='static'")
+    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+        raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
+    head, head_key = _exit_head(model, exit_layer, exit_head, exit_heads)
+    _, lengths = pack_prompts(input_ids, attention_mask)
+    batch = input_ids.shape[0]
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=num_draft + 1)
+    engine = cached_engine(
+        model,
+        batch,
+        max_len,
+        settings,
+        ("self_speculative", exit_layer, head_key),
+        lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, **engine_options(settings)),
+    )
+    return _decode(engine, input_ids, attention_mask, settings, num_draft)
+
+
+def _exit_head(
+    model: PreTrainedModel, exit_layer: Any, exit_head: str, exit_heads: ExitHeads | None
+) -> tuple[nn.Module | None, tuple]:
+    """The exit head module (``None`` = shared) and a cache key for it."""
+    if exit_head not in EXIT_HEADS:
+        raise ValueError(f"exit_head={exit_head!r} is not valid; use one of {list(EXIT_HEADS)}")
+    if exit_head == "shared":
+        if exit_heads is not None:
+            raise ValueError("exit_heads= is for exit_head='trained'; the shared head is the model's own")
+        return None, ("shared",)
+    if not isinstance(exit_heads, ExitHeads):
+        raise ValueError(
+            "exit_head='trained' needs exit_heads=ExitHeads with a head for the exit layer "
+            "(dynexec_compile.train_exit_lm_head or dynexec_compile.load_exit_heads)"
+        )
+    block = exit_layer - 1 if isinstance(exit_layer, int) else exit_layer
+    if str(block) not in exit_heads:
+        raise ValueError(
+            f"exit_heads has heads after blocks {list(exit_heads.layers)}; exit_layer={exit_layer} reads block "
+            f"{block}'s output: train a head with train_exit_lm_head(model, data, exit_layer={exit_layer})"
+        )
+    vocab = int(model.config.vocab_size)
+    if exit_heads.kind != "last_token_rmsnorm" or exit_heads.num_labels != vocab:
+        raise ValueError(
+            f"exit_heads must be kind 'last_token_rmsnorm' over the vocabulary ({vocab}), got kind "
+            f"{exit_heads.kind!r} with {exit_heads.num_labels} outputs"
+        )
+    weight = next(model.parameters())
+    head = copy.deepcopy(exit_heads.head(block)).to(device=weight.device, dtype=weight.dtype).eval()
+    return _TokenwiseHead(head), ("trained", id(exit_heads), weights_fingerprint(exit_heads))
+
+
+class _TokenwiseHead(nn.Module):
+    """An exit head's classifier (norm -> dropout -> linear) on every position: ``[.., D] -> [.., V]``."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head.classify(h)
+
+
+def _decode(
+    engine: SelfSpeculativeEngine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    k: int,
+) -> GenerateOutput:
+    stats = GenerateStats(strategy="self_speculative")
+    compiles0, forwards0 = compile_count(), engine.forward_passes
+    layer_tokens0 = list(engine.layer_tokens)
+    device = engine.device
+    out = ChainOutput(input_ids.shape[0], settings, device)
+    drafted, accepted_drafts = [], []
+
+    start = time.perf_counter()
+    pending = _next_token(engine.prefill(input_ids, attention_mask), settings)  # [B]
+    out.emit(pending[:, None], torch.ones_like(pending))
+    _synchronize(device)
+    stats.prefill_time_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    offsets = torch.arange(k + 1, device=device)
+    while not out.done:
+        live = ~out.finished  # [B]
+        if settings.sampling is None:  # the whole step is one graph, commit included
+            emitted, accepted = engine.step_greedy(pending, live, k)  # [B, k+1], [B]
+            pending = emitted.gather(1, accepted[:, None])[:, 0]
+        else:
+            tokens, hidden, proposal = _draft_chain(engine, pending, k, settings)  # [B, k+1], [B, k, D]
+            positions = engine.lengths[:, None] + offsets  # [B, k+1]
+            mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
+            logits = engine.verify(hidden, tokens[:, -1:], positions, mask)  # [B, k+1, V]
+            verdict = verify(TreeSpec.chain(k), tokens, logits, proposal, settings.sampling, settings.generator)
+            accepted, emitted, pending = verdict.accepted, verdict.tokens, verdict.next_token
+            engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
+        kept = out.emit(emitted, accepted + 1)
+        drafted.append(torch.where(live, k, 0).tolist())
+        accepted_drafts.append(torch.where(live, accepted, 0).tolist())
+        stats.accepted_per_step.append(kept.tolist())
+    _synchronize(device)
+    stats.decode_time_s = time.perf_counter() - start
+
+    stats.steps = len(drafted)
+    stats.new_tokens = out.count.tolist()
+    stats.forward_passes = engine.forward_passes - forwards0
+    stats.compiles = compile_count() - compiles0
+    layer_tokens = [a - b for a, b in zip(engine.layer_tokens, layer_tokens0)]
+    exit_layer = engine.exit_layer
+    live_steps = sum(n > 0 for step in drafted for n in step)
+    total_accepted = sum(map(sum, accepted_drafts))
+    stats.extra = {
+        "num_draft": k,
+        "exit_layer": exit_layer,
+        "drafted_per_step": drafted,
+        "accepted_drafts_per_step": accepted_drafts,
+        "target_forwards": stats.forward_passes,
+        "draft_forwards": stats.steps * k,
+        "acceptance_rate": total_accepted / max(1, sum(map(sum, drafted))),
+        "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
+        # token x layer evaluations per row in the decoding steps (prefill not counted): the
+        # draft runs layers < E on k tokens per step; the verification layers < E on the last
+        # draft only and layers >= E on all k + 1 tokens — no token runs a layer twice
+        "draft_layer_evals": stats.steps * exit_layer * k,
+        "target_layer_evals": stats.steps * (exit_layer + (engine.stack.num_layers - exit_layer) * (k + 1)),
+        "layer_tokens": layer_tokens,
+    }
+    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+
+
+def _draft_chain(
+    engine: SelfSpeculativeEngine, pending: torch.Tensor, k: int, settings: DecodeSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` sampling draft calls from the pending token: ``(chain [B, k+1] = [pending, d_1..d_k],
+    layer-E hidden states [B, k, D] of ``pending, d_1..d_{k-1}``, proposals [B, k+1, V])``."""
+    tokens, hidden, probs = [pending], [], []
+    for i in range(k):
+        positions = engine.lengths[:, None] + i  # [B, 1]
+        mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
+        h, logits = engine.draft(tokens[-1][:, None], positions, mask)  # [B, 1, D], [B, V]
+        hidden.append(h)
+        q = sampling_probs(logits, settings.sampling)  # [B, V]
+        probs.append(q)
+        tokens.append(draw(q, settings.generator))
+    proposal = torch.stack([torch.zeros_like(probs[0]), *probs], dim=1)  # [B, k+1, V], row 0 unused
+    return torch.stack(tokens, dim=1), torch.cat(hidden, dim=1), proposal
+
+
+# ---- training a trained exit head -----------------------------------------------------------
+
+
+def train_exit_lm_head(
+    model: PreTrainedModel,
+    data: torch.Tensor | Iterable[torch.Tensor],
+    exit_layer: int,
+    *,
+    steps: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> ExitHeads:
+    """Train a ``last_token_rmsnorm`` exit head over the vocabulary for ``exit_head="trained"``.
+
+    The head (RMSNorm -> Linear(D, V)) reads block ``exit_layer - 1``'s output, starts from
+    the model's own LM head (and, for RMSNorm models, its final norm's scale) and is fitted
+    to the model's final next-token distribution at every position (KL divergence,
+    teacher-forced). The model is never modified.
+
+    Args:
+        model: a llama / qwen2 / gpt2 causal LM in eval mode.
+        data: token ids, as for :func:`~dynexec_compile.decoding.draft_heads.train_draft_heads`.
+        exit_layer: ``E``, the layers the draft runs.
+        steps, batch_size, seq_len, lr, temperature, progress: as for ``train_draft_heads``.
+    Returns:
+        :class:`ExitHeads` with one head at block ``exit_layer - 1`` (fp32, eval mode); save it
+        with ``save_exit_heads``.
+    """
+    check_causal_lm(model)
+    stack = DecoderStack(model)
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < stack.num_layers:
+        raise ValueError(f"exit_layer must be an int in [1, {stack.num_layers - 1}], got {exit_layer!r}")
+    vocab = int(model.config.vocab_size)
+    eps = float(getattr(stack.norm, "variance_epsilon", getattr(stack.norm, "eps", 1e-6)))
+    heads = ExitHeads([exit_layer - 1], stack.hidden_size, vocab, "last_token_rmsnorm", dropout=0.0, eps=eps)
+    head = heads.head(exit_layer - 1)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        head.out.weight.copy_(stack.lm_head.weight)
+        if stack.family == "llama":
+            head.norm.weight.copy_(stack.norm.weight)
+    heads = heads.to(device=device, dtype=torch.float32).train()
+    batches, total = _batches(data, batch_size, seq_len, steps)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+    with tqdm(total=total, desc=f"exit head (layer {exit_layer})", disable=not progress, unit="step") as bar:
+        for ids in batches:
+            with torch.no_grad():
+                out = model(input_ids=ids.to(device), output_hidden_states=True)
+                teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S, V]
+                h = out.hidden_states[exit_layer].float()  # [B, S, D], block E-1's output
+            student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
+            loss = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return heads.eval()
+
+
+__all__ = ["self_speculative_strategy", "train_exit_lm_head"]

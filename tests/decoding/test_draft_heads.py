@@ -1,0 +1,258 @@
+"""strategy="draft_heads": one fused target forward per step, greedy token-identical to model.generate.
+
+The heads are trained for a few seconds on each tiny model's own greedy text, so candidates
+are accepted often enough that the acceptance paths (several tokens kept per step, different
+counts per row) are exercised; a test checks they were.
+"""
+
+import pytest
+import torch
+from conftest import VOCAB, build_model, left_padded_batch
+from safetensors.torch import save_file
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dynexec_compile as dx
+from dynexec_compile.decoding import DraftHeads, DraftHeadsEngine
+
+K = 3
+
+
+def hf_greedy(model, ids, mask, max_new_tokens, eos=None):
+    eos = [] if eos is None else eos
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0
+        )
+
+
+def own_text(model, rows: int = 16, length: int = 48) -> torch.Tensor:
+    """The model's greedy continuations of random 8-token prompts: [rows, 8 + length]."""
+    prompts = torch.randint(3, VOCAB, (rows, 8), generator=torch.Generator().manual_seed(5))
+    return hf_greedy(model, prompts, torch.ones_like(prompts), length)
+
+
+@pytest.fixture(scope="module")
+def heads_for():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            model = build_model(kind)
+            torch.manual_seed(0)
+            heads = dx.train_draft_heads(model, own_text(model), offsets=K, steps=60, batch_size=8, lr=1e-2, progress=False)
+            cache[kind] = (model, heads)
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_equals_transformers(kind, heads_for):
+    model, heads = heads_for(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=40, eos_token_id=[], compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.forward_passes == out.stats.steps + 1
+    assert sum(map(sum, out.stats.accepted_per_step)) + 3 == sum(out.stats.new_tokens)
+
+
+def test_rows_accept_their_own_number_of_drafts(heads_for):
+    # the random GPT-2 (init range 0.2) writes text its heads learn to predict
+    model, heads = heads_for("gpt2")
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=40, eos_token_id=[], compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.extra["acceptance_rate"] > 0.2
+    assert any(len(set(rows)) > 1 for rows in out.stats.extra["accepted_drafts_per_step"])
+    assert out.stats.steps < 40 - 1, "accepted drafts save forwards"
+
+
+def test_fused_step_accepts_exactly_the_greedy_prefix(heads_for):
+    """Candidates equal to greedy's next tokens up to a chosen point are accepted up to there."""
+    model, heads = heads_for("llama")
+    ids, mask = left_padded_batch([6, 9, 4], seed=7)
+    greedy = hf_greedy(model, ids, mask, K + 1)[:, ids.shape[1]:]  # [B, k+1]: pending + k tokens
+    engine = DraftHeadsEngine(model, 3, 64, heads, compile=False)
+    engine.prefill_propose(ids, mask)
+    tokens = greedy.clone()
+    tokens[1, 2] = (tokens[1, 2] + 1) % VOCAB  # row 1: second candidate wrong
+    tokens[2, 1] = (tokens[2, 1] + 1) % VOCAB  # row 2: first candidate wrong
+    lengths = engine.lengths.clone()
+    live = torch.tensor([True, True, False])
+    target, accepted, head_logits, chain = engine.verify_greedy(tokens, live)
+    assert accepted.tolist() == [K, 1, 0]
+    assert torch.equal(target[0, :K], greedy[0, 1:]) and torch.equal(target[1, :2], greedy[1, 1:3])
+    assert torch.equal(engine.lengths, lengths + torch.tensor([K + 1, 2, 0])), "live rows commit pending + accepted"
+    assert head_logits.shape == (3, K, VOCAB)
+    assert torch.equal(chain[:, 0], target.gather(1, accepted[:, None])[:, 0])
+    assert torch.equal(chain[:, 1:], head_logits.argmax(-1))
+
+
+def test_training_lowers_the_distillation_loss():
+    from dynexec_compile.decoding.draft_heads import _distill_loss
+
+    model = build_model("llama")
+    text = own_text(model)
+    fresh = DraftHeads(64, K, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    trained = dx.train_draft_heads(model, text, heads=fresh, steps=40, batch_size=8, lr=1e-2, progress=False)
+    lm_head = model.get_output_embeddings()
+    with torch.no_grad():
+        before = _distill_loss(model, fresh, lm_head, text, 1.0)
+        after = _distill_loss(model, trained, lm_head, text, 1.0)
+    assert after < 0.8 * before, (before, after)
+    assert all(torch.count_nonzero(p) == 0 for p in fresh.parameters()), "the given heads are not modified"
+    assert all(p.grad is None for p in model.parameters()), "no gradient reaches the model"
+
+
+def test_exactly_one_target_forward_per_step(heads_for):
+    model, heads = heads_for("llama")
+    calls = []
+    hook = model.model.layers[-1].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    try:
+        ids, mask = left_padded_batch([7, 4])
+        out = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=30, eos_token_id=[], compile=False)
+    finally:
+        hook.remove()
+    steps = out.stats.steps
+    assert len(calls) == 1 + steps, "the last layer ran once for the prefill and once per step"
+    assert calls[1:] == [K + 1] * steps, "each step is one forward over pending + k candidates"
+    assert out.stats.extra["target_forwards"] == steps + 1
+    assert sum(out.stats.new_tokens) / 2 > steps + 1, "more tokens than target forwards"
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 6, 13])
+def test_max_new_tokens_boundaries(max_new_tokens, heads_for):
+    model, heads = heads_for("gpt2")
+    ids, mask = left_padded_batch([5, 9], seed=2)
+    out = dx.generate(
+        model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=max_new_tokens, eos_token_id=[], compile=False
+    )
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, max_new_tokens))
+
+
+def test_eos_stops_rows_like_transformers(heads_for):
+    model, heads = heads_for("qwen2")
+    ids, mask = left_padded_batch([5, 9, 7], seed=6)
+    free = hf_greedy(model, ids, mask, 30)
+    eos = int(free[0, ids.shape[1] + 12])  # a token row 0 emits mid-way
+    ref = hf_greedy(model, ids, mask, 30, eos=[eos])
+    out = dx.generate(
+        model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=30, eos_token_id=eos, pad_token_id=0, compile=False
+    )
+    assert ref.shape[1] <= free.shape[1] and (ref[:, ids.shape[1]:] == eos).any()
+    assert torch.equal(out.sequences, ref)
+
+
+def test_no_recompiles_after_warmup_and_heads_are_graph_outputs(heads_for):
+    model, heads = heads_for("llama")
+    counter = CompileCounterWithBackend("eager")
+    ids, mask = left_padded_batch([7, 12])
+    out = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=40, eos_token_id=[], backend=counter)
+    assert counter.frame_count == 2, "one graph for the prefill (+ heads), one for the fused step"
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    ids2, mask2 = left_padded_batch([9, 15], seed=8)
+    out2 = dx.generate(model, ids2, mask2, strategy="draft_heads", heads=heads, max_new_tokens=40, eos_token_id=[], backend=counter)
+    assert counter.frame_count == 2 and out2.stats.compiles == 0
+    assert torch.equal(out2.sequences, hf_greedy(model, ids2, mask2, 40))
+
+    engine = DraftHeadsEngine(model, 2, 64, heads, compile=False)
+    graph = engine.step_graph()
+    outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    assert len(outputs) == 4, "argmax tokens, accepted counts, draft heads' logits, next chain"
+    head_params = {n for n in graph.graph.nodes if n.op in ("placeholder", "get_attr") and "heads" in n.name}
+    assert head_params, "the draft heads' weights are inputs of the step graph"
+    ancestors, frontier = set(), [outputs[2]]
+    while frontier:
+        node = frontier.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            frontier.extend(node.all_input_nodes)
+    assert head_params <= ancestors, "the third output is computed by the draft heads"
+
+
+def test_save_load_roundtrip_and_errors(tmp_path, heads_for):
+    model, heads = heads_for("llama")
+    path = tmp_path / "heads.safetensors"
+    dx.save_draft_heads(heads, path)
+    loaded = dx.load_draft_heads(path)
+    for a, b in zip(heads.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    ids, mask = left_padded_batch([6, 6])
+    a = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, max_new_tokens=12, compile=False)
+    b = dx.generate(model, ids, mask, strategy="draft_heads", heads=loaded, max_new_tokens=12, compile=False)
+    assert torch.equal(a.sequences, b.sequences)
+
+    with pytest.raises(ValueError, match="needs heads"):
+        dx.generate(model, ids, mask, strategy="draft_heads", max_new_tokens=4, compile=False)
+    with pytest.raises(TypeError, match="DraftHeads"):
+        dx.generate(model, ids, mask, strategy="draft_heads", heads=torch.nn.Linear(2, 2), max_new_tokens=4, compile=False)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        dx.generate(model, ids, mask, strategy="draft_heads", heads=DraftHeads(32, 2), max_new_tokens=4, compile=False)
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a dynexec draft-heads file"):
+        dx.load_draft_heads(tmp_path / "other.safetensors")
+
+
+# ---- candidate trees ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("tree", [[3, 2, 1], [2, 2]])
+def test_tree_greedy_equals_transformers(kind, tree, heads_for):
+    model, heads = heads_for(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = dx.generate(
+        model, ids, mask, strategy="draft_heads", heads=heads, tree=tree, max_new_tokens=40, eos_token_id=[], compile=False
+    )
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.forward_passes == out.stats.steps + 1
+
+
+def test_tree_accepts_at_least_the_chain_from_the_same_state(heads_for):
+    """The tree contains the chain (every node's first child is the heads' top token), so from
+    the same cache state its accepted path is never shorter — and on some rows longer."""
+    model, heads = heads_for("gpt2")
+    chain_engine = DraftHeadsEngine(model, 6, 64, heads, compile=False)
+    tree_engine = DraftHeadsEngine(model, 6, 64, heads, dx.decoding.TreeSpec.from_branching([3, 2, 1]), compile=False)
+    live = torch.ones(6, dtype=torch.bool)
+    gains = []
+    for seed in range(4):
+        ids, mask = left_padded_batch([5, 11, 8, 6, 9, 4], seed=seed)
+        logits, head_logits = chain_engine.prefill_propose(ids, mask)
+        tree_engine.prefill_propose(ids, mask)
+        pending = logits.argmax(-1)
+        chain = torch.cat([pending[:, None], head_logits.argmax(-1)], dim=1)
+        _, chain_accepted, _, _ = chain_engine.verify_greedy(chain, live)
+        emitted, tree_accepted, _, _ = tree_engine.verify_tree(tree_engine.tree_tokens(pending, head_logits), live)
+        assert (tree_accepted >= chain_accepted).all()
+        gains.append(int((tree_accepted - chain_accepted).sum()))
+        greedy = hf_greedy(model, ids, mask, 2 + K)[:, ids.shape[1] + 1 :]  # the tokens after pending
+        for b in range(6):
+            n = int(tree_accepted[b]) + 1
+            assert torch.equal(emitted[b, :n], greedy[b, :n]), "the tree's emitted tokens are greedy's"
+    assert sum(gains) > 0
+
+
+def test_tree_options_are_checked(heads_for):
+    model, heads = heads_for("llama")
+    ids, mask = left_padded_batch([5, 5])
+    with pytest.raises(ValueError, match="4 deep but there are 3 draft heads"):
+        dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1, 1, 1], max_new_tokens=4, compile=False)
+    with pytest.raises(NotImplementedError, match="tree= with sampling"):
+        dx.generate(
+            model, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1], do_sample=True, max_new_tokens=4, compile=False
+        )
+
+
+def test_tree_step_is_one_graph_without_recompiles(heads_for):
+    model, heads = heads_for("gpt2")
+    counter = CompileCounterWithBackend("eager")
+    for seed in (1, 2):
+        ids, mask = left_padded_batch([7, 12], seed=seed)
+        out = dx.generate(
+            model, ids, mask, strategy="draft_heads", heads=heads, tree=[3, 2, 1], max_new_tokens=30, eos_token_id=[],
+            backend=counter,
+        )
+        assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30))
+        assert counter.frame_count == 2, "the prefill (+ heads) and the tree step (verify, gather, propose)"

@@ -1,0 +1,28 @@
+"""draft_heads and self_speculative compiled with Inductor (freezing on CPU): tokens unchanged,
+nothing recompiles on the next call. Slow: Inductor compiles each graph in tens of seconds."""
+
+import pytest
+import torch
+from conftest import build_model, left_padded_batch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dynexec_compile as dx
+from dynexec_compile.decoding import DraftHeads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [("draft_heads", {"heads": DraftHeads(64, 3, vocab_size=128)}), ("self_speculative", {"exit_layer": 1, "num_draft": 3})],
+)
+def test_inductor_greedy_equals_transformers_without_recompiles(strategy, options):
+    model = build_model("qwen2")
+    counter = CompileCounterWithBackend("inductor")
+    ids, mask = left_padded_batch([7, 12, 3])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=100, eos_token_id=[], pad_token_id=0)
+    out = dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=100, eos_token_id=[], backend=counter, **options)
+    assert torch.equal(out.sequences, ref)
+    assert counter.frame_count == 2, "the prefill and the one-graph greedy step"
+    again = dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=100, eos_token_id=[], backend=counter, **options)
+    assert torch.equal(again.sequences, ref) and again.stats.compiles == 0 and counter.frame_count == 2

@@ -1,0 +1,196 @@
+"""strategy="self_speculative": the model's first E layers draft, layers E..L verify, no layer < E recomputed.
+
+Layer evaluations are counted with forward hooks on the model's own decoder layers (eager
+runs), so the counts are what ran, not what the strategy claims.
+"""
+
+import pytest
+import torch
+from conftest import VOCAB, build_model, left_padded_batch
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import dynexec_compile as dx
+from dynexec_compile.decoding.layers import DecoderStack
+
+
+def hf_greedy(model, ids, mask, max_new_tokens, eos=None):
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=[] if eos is None else eos,
+            pad_token_id=0,
+        )
+
+
+@pytest.fixture(scope="module")
+def llama4():
+    """A 4-layer LLaMA, so the exit layer can sit in the middle (E = 2)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def generate(model, ids, mask, max_new_tokens=40, **options):
+    options.setdefault("exit_layer", 1)
+    options.setdefault("compile", False)
+    options.setdefault("eos_token_id", [])
+    return dx.generate(model, ids, mask, strategy="self_speculative", max_new_tokens=max_new_tokens, **options)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_equals_transformers_shared_head(kind):
+    model = build_model(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = generate(model, ids, mask, num_draft=3)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.extra["acceptance_rate"] > 0, "some drafts must be accepted for the test to mean something"
+    assert out.stats.forward_passes == out.stats.steps + 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_equals_transformers_trained_head(kind):
+    model = build_model(kind)
+    text = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    heads = dx.train_exit_lm_head(model, text, exit_layer=1, steps=10, batch_size=4, seq_len=32, progress=False)
+    assert heads.layers == (0,) and heads.num_labels == VOCAB
+    ids, mask = left_padded_batch([5, 9], seed=4)
+    out = generate(model, ids, mask, exit_head="trained", exit_heads=heads, num_draft=2)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+
+
+def test_training_the_exit_head_brings_it_closer_to_the_model(llama4):
+    text = hf_greedy(llama4, *left_padded_batch([8] * 8, seed=9), 40)  # [8, 48]
+    stack = DecoderStack(llama4)
+    with torch.no_grad():
+        out = llama4(text, output_hidden_states=True)
+        teacher = out.logits.log_softmax(-1)  # [8, 48, V]
+
+        def kl(logits):
+            return torch.nn.functional.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+
+        shared = kl(stack.logits(out.hidden_states[2]))  # the shared head at layer 2
+    heads = dx.train_exit_lm_head(llama4, text, exit_layer=2, steps=40, batch_size=8, seq_len=48, lr=3e-3, progress=False)
+    with torch.no_grad():
+        trained = kl(heads.head(1).classify(out.hidden_states[2]))
+    assert trained < 0.7 * shared, (float(shared), float(trained))
+    ids, mask = left_padded_batch([6, 10], seed=5)
+    generated = generate(llama4, ids, mask, exit_layer=2, num_draft=3, exit_head="trained", exit_heads=heads)
+    assert torch.equal(generated.sequences, hf_greedy(llama4, ids, mask, 40))
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_layers_below_the_exit_run_once_per_token(llama4, do_sample):
+    """Per step, every layer processes the step's k + 1 tokens exactly once: the k tokens the
+    draft read are not re-run through layers < E for verification (HF's assistant_early_exit
+    would run them through all layers again: 2k + 1 per step in layers < E)."""
+    exit_layer, k = 2, 3
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(4)}
+
+    def recorder(index):
+        def hook(module, args, kwargs):
+            seen[index].append(kwargs["position_ids"].clone())
+
+        return hook
+
+    hooks = [
+        layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(llama4.model.layers)
+    ]
+    try:
+        ids, mask = left_padded_batch([6, 10], seed=5)
+        sampling = {"do_sample": True, "generator": torch.Generator().manual_seed(0)} if do_sample else {}
+        out = generate(llama4, ids, mask, exit_layer=exit_layer, num_draft=k, max_new_tokens=30, **sampling)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not do_sample:
+        assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 30))
+    steps = out.stats.steps
+    for layer, calls in seen.items():
+        tokens = sum(p.shape[1] for p in calls[1:])  # after the prefill
+        assert tokens == steps * (k + 1), f"layer {layer} processed {tokens} tokens in {steps} steps"
+    assert out.stats.extra["layer_tokens"] == [steps * (k + 1)] * 4
+    # layers < E: one call per token (k draft calls + the last draft in the verification)
+    assert len(seen[0]) - 1 == steps * (k + 1) and len(seen[exit_layer]) - 1 == steps
+    # within a step no position goes through layer 0 twice
+    lower = torch.cat(seen[0][1:], dim=1).view(2, steps, k + 1)  # [B, steps, k+1] positions
+    assert all(len(set(lower[b, s].tolist())) == k + 1 for b in range(2) for s in range(steps))
+    assert out.stats.extra["draft_layer_evals"] == steps * exit_layer * k
+    assert out.stats.extra["target_layer_evals"] == steps * (exit_layer + (4 - exit_layer) * (k + 1))
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 11])
+def test_max_new_tokens_boundaries(max_new_tokens, llama4):
+    ids, mask = left_padded_batch([5, 9], seed=2)
+    out = generate(llama4, ids, mask, exit_layer=2, num_draft=4, max_new_tokens=max_new_tokens)
+    assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, max_new_tokens))
+
+
+def test_eos_stops_rows_like_transformers():
+    model = build_model("gpt2")
+    ids, mask = left_padded_batch([5, 9, 7], seed=6)
+    free = hf_greedy(model, ids, mask, 30)
+    eos = int(free[0, ids.shape[1] + 10])
+    ref = hf_greedy(model, ids, mask, 30, eos=[eos])
+    out = generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0, num_draft=3)
+    assert (ref[:, ids.shape[1]:] == eos).any()
+    assert torch.equal(out.sequences, ref)
+
+
+def test_no_recompiles_after_warmup(llama4):
+    counter = CompileCounterWithBackend("eager")
+    ids, mask = left_padded_batch([7, 12])
+    out = generate(llama4, ids, mask, exit_layer=2, num_draft=3, compile=True, backend=counter)
+    assert counter.frame_count == 2, "prefill, and the whole greedy step (drafts, verification, commit)"
+    assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 40))
+    ids2, mask2 = left_padded_batch([9, 15], seed=8)
+    out2 = generate(llama4, ids2, mask2, exit_layer=2, num_draft=3, compile=True, backend=counter)
+    assert counter.frame_count == 2 and out2.stats.compiles == 0
+    assert torch.equal(out2.sequences, hf_greedy(llama4, ids2, mask2, 40))
+
+
+def test_bad_arguments_raise_clear_errors(llama4):
+    ids, mask = left_padded_batch([5, 5])
+    with pytest.raises(ValueError, match="needs exit_layer"):
+        dx.generate(llama4, ids, mask, strategy="self_speculative", max_new_tokens=4, compile=False)
+    with pytest.raises(ValueError, match=r"exit_layer must be an int in \[1, 3\]"):
+        generate(llama4, ids, mask, exit_layer=4)
+    with pytest.raises(ValueError, match="exit_head='nope'"):
+        generate(llama4, ids, mask, exit_head="nope")
+    with pytest.raises(ValueError, match="needs exit_heads=ExitHeads"):
+        generate(llama4, ids, mask, exit_head="trained")
+    heads = dx.train_exit_lm_head(llama4, torch.randint(3, VOCAB, (4, 16)), exit_layer=1, steps=1, seq_len=16, progress=False)
+    with pytest.raises(ValueError, match="reads block 1"):
+        generate(llama4, ids, mask, exit_layer=2, exit_head="trained", exit_heads=heads)
+    with pytest.raises(TypeError, match="unknown options"):
+        generate(llama4, ids, mask, window=3)
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(
+        MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB)
+    ).eval()
+    with pytest.raises(NotImplementedError, match="mistral"):
+        generate(mistral, ids, mask)
+
+
+def test_the_users_model_and_heads_are_not_modified(llama4):
+    state = {k: v.clone() for k, v in llama4.state_dict().items()}
+    attn = llama4.config._attn_implementation
+    heads = dx.DraftHeads(64, 2, vocab_size=VOCAB)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.1)
+    head_state = {k: v.clone() for k, v in heads.state_dict().items()}
+    ids, mask = left_padded_batch([5, 7])
+    generate(llama4, ids, mask, exit_layer=2, max_new_tokens=8)
+    dx.generate(llama4, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1], max_new_tokens=8, compile=False)
+    assert llama4.config._attn_implementation == attn
+    assert all(torch.equal(v, state[k]) for k, v in llama4.state_dict().items())
+    assert all(torch.equal(v, head_state[k]) for k, v in heads.state_dict().items())
+    assert all(p.grad is None for p in llama4.parameters())

@@ -1,0 +1,302 @@
+"""torch.compile(backend="dynexec", options={"elastic": ...}): level 1.0 is the stock model, every
+other level equals the eager prefix-view reference, every sliced weight is a view of its
+parameter, switching level never recompiles, and bad requests are refused with a clear error."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from dynexec_compile import elastic_level, last_stats, set_elastic_level
+from dynexec_compile.backend import capture_reports
+from dynexec_compile.elastic import (
+    Importance,
+    elastic_plan,
+    elastic_stats,
+    find_blocks,
+    level_param_slices,
+    level_params,
+    reorder_by_importance,
+)
+from dynexec_compile.elastic.fx import narrowed_weights, placeholder_param_names
+from hf_models import causal_lm, classifier, encoder_inputs
+
+LEVELS = [1.0, 0.75, 0.5]
+
+
+def random_importance(model: torch.nn.Module, seed: int = 1) -> Importance:
+    """Random scores: a head and neuron order far from the identity."""
+    blocks = find_blocks(model)
+    gen = torch.Generator().manual_seed(seed)
+    return Importance(
+        heads=torch.rand(len(blocks), blocks[0].num_heads, generator=gen),
+        neurons=torch.rand(len(blocks), blocks[0].num_neurons, generator=gen),
+        layers=torch.rand(len(blocks), generator=gen),
+        method="random",
+        num_examples=0,
+    )
+
+
+def model_and_inputs(family: str, seq: int = 8):
+    if family == "bert":
+        return classifier("bert"), encoder_inputs(batch=3, seq=seq, pad_last=3)
+    return causal_lm("llama"), {**encoder_inputs(batch=3, seq=seq, pad_last=3), "use_cache": False}
+
+
+def compile_elastic(model, levels=LEVELS, anchors=1, **options):
+    elastic = {"levels": levels, "anchor_layers": anchors}
+    opts = {"lowering": "eager", "strict": True, "elastic": elastic, **options}
+    return torch.compile(model, backend="dynexec", options=opts)
+
+
+def reference(model, plan, level, anchors, inputs) -> torch.Tensor:
+    """The level run eagerly over prefix views (what ElasticModel(backend=None) runs)."""
+    views = level_params(model, level_param_slices(model, plan, level, anchors))
+    return functional_call(model, views, (), inputs).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@torch.no_grad()
+def test_levels_equal_the_stock_model_and_the_slice_reference(family):
+    model, inputs = model_and_inputs(family)
+    stock = copy.deepcopy(model)  # never reordered
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, anchors=1)
+    with capture_reports() as reports:
+        for level in LEVELS + LEVELS[::-1]:
+            with elastic_level(level):
+                got = compiled(**inputs).logits
+            assert last_stats()["elastic_level"] == level
+            if level == 1.0:
+                assert max_diff(got, stock(**inputs).logits) <= 1e-5
+            else:
+                assert max_diff(got, reference(model, plan, level, 1, inputs)) <= 1e-5
+                full = stock(**inputs).logits
+                assert max_diff(got, full) > 1e-3 * full.abs().max().item()  # a smaller model ran
+    assert len(reports) == 1  # one Dynamo compile; switching level never recompiles
+    assert reports[0].runtime.lowerings == len(LEVELS)  # one lowered graph per level
+    assert [p.name for p in reports[0].passes] == ["slice_elastic_levels"]
+
+
+@torch.no_grad()
+def test_every_sliced_weight_is_a_view_of_its_parameter():
+    model, inputs = model_and_inputs("llama")
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, levels=[1.0, 0.75, 0.5, 0.25], anchors=1)
+    with capture_reports() as reports:
+        compiled(**inputs)
+    report = reports[0]
+    graphs = report.artifacts["elastic"]
+    params = {id(p) for p in model.parameters()}
+    anchor = plan.blocks[graphs.anchors[0]].name + "."
+    names = placeholder_param_names(report.gm, report.example_inputs)
+    for level, gm in graphs.graphs.items():
+        views = narrowed_weights(gm, report.example_inputs)
+        assert len(views) == len(graphs.slices[level])
+        for placeholder, [(param, view)] in views.items():
+            assert id(param) in params, placeholder
+            assert view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+            assert view.data_ptr() == param.data_ptr()  # a prefix: same first element
+            assert not names[placeholder].startswith(anchor)  # anchor blocks stay whole
+        if level < 1.0:
+            assert {names[p] for p in views} == set(graphs.slices[level])
+        for node in gm.graph.nodes:  # no sliced parameter is read whole anywhere else
+            if node.op == "placeholder" and node.name in views:
+                assert [u.target for u in node.users] == [torch.narrow]
+    assert graphs.graphs[1.0] is report.gm  # the full level is Dynamo's graph, unchanged
+
+
+@torch.no_grad()
+def test_anchor_layers_kept_whole_at_every_level_share_one_graph():
+    model, inputs = model_and_inputs("bert")
+    reorder_by_importance(model, importance=random_importance(model))
+    want = model(**inputs).logits
+    compiled = compile_elastic(model, anchors=3)  # all three blocks are anchors
+    with capture_reports() as reports, elastic_level(0.5):
+        assert max_diff(compiled(**inputs).logits, want) <= 1e-5
+    assert reports[0].runtime.lowerings == 1
+    assert last_stats()["elastic_anchor_layers"] == [0, 1, 2]
+
+
+@torch.no_grad()
+def test_auto_anchor_layers_are_the_most_important_blocks():
+    model, inputs = model_and_inputs("bert")
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, levels=[1.0, 0.5], anchors="auto")
+    with elastic_level(0.5):
+        got = compiled(**inputs).logits
+    top = max(range(3), key=lambda i: plan.layer_importance[i])
+    assert last_stats()["elastic_anchor_layers"] == [top]  # ceil(3 / 4) = 1 block
+    assert last_stats()["elastic_heads"][top] == 4
+    assert max_diff(got, reference(model, plan, 0.5, [top], inputs)) <= 1e-5
+
+
+@torch.no_grad()
+def test_set_level_thread_local_override_and_stats():
+    model, inputs = model_and_inputs("bert")
+    reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, anchors=0)
+    compiled(**inputs)
+    assert last_stats()["elastic_level"] == 1.0  # the largest level by default
+    set_elastic_level(compiled, 0.5)
+    compiled(**inputs)
+    assert elastic_stats()["level"] == 0.5 and last_stats()["elastic_heads"] == [2, 2, 2]
+    assert last_stats()["elastic_neurons"] == [32, 32, 32]
+    seen = {}
+
+    def other_thread():
+        with torch.no_grad():
+            compiled(**inputs)
+        seen["level"] = last_stats()["elastic_level"]
+
+    with elastic_level(0.75):
+        compiled(**inputs)
+        assert last_stats()["elastic_level"] == 0.75
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert seen["level"] == 0.5  # the context manager is this thread's only
+    compiled(**inputs)
+    assert last_stats()["elastic_level"] == 0.5
+
+
+@torch.no_grad()
+def test_a_new_sequence_length_compiles_like_stock_and_stays_exact():
+    model, inputs = model_and_inputs("llama", seq=8)
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, levels=[1.0, 0.5], anchors=1)
+    with capture_reports() as reports:
+        for seq in (8, 5, 11):  # the second length makes Dynamo mark it dynamic
+            _, inputs = model_and_inputs("llama", seq=seq)
+            for level in (1.0, 0.5):
+                with elastic_level(level):
+                    got = compiled(**inputs).logits
+                assert max_diff(got, reference(model, plan, level, 1, inputs)) <= 1e-5
+    assert len(reports) == 2  # static, then one dynamic graph serving every later length
+
+
+@torch.no_grad()
+def test_original_order_on_request():
+    model, inputs = model_and_inputs("bert")
+    plan = elastic_plan(model)  # explicit: slice in the original head order
+    compiled = compile_elastic(model, levels=[1.0, 0.5], anchors=0)
+    with elastic_level(0.5):
+        got = compiled(**inputs).logits
+    assert max_diff(got, reference(model, plan, 0.5, 0, inputs)) <= 1e-5
+
+
+def pruned_gpt2(model, slices):
+    """A copy of GPT-2 with the level's heads and neurons physically removed: smaller Conv1D
+    layers holding copies of the kept columns/rows, and ``split_size`` / ``num_heads`` set to
+    match (what transformers' old ``prune_heads`` did)."""
+    pruned = copy.deepcopy(model)
+    for name in {n.rsplit(".", 1)[0] for n in slices}:
+        old = pruned.get_submodule(name)
+        dim, k, *parts = slices[f"{name}.weight"]
+        if dim == 1:  # output columns, a prefix of each part
+            part = old.weight.shape[1] // (parts[0] if parts else 1)
+            keep = torch.cat([torch.arange(j * part, j * part + k) for j in range(parts[0] if parts else 1)])
+            new = Conv1D(len(keep), old.weight.shape[0])
+            new.weight.data, new.bias.data = old.weight[:, keep].clone(), old.bias[keep].clone()
+        else:  # input rows
+            new = Conv1D(old.weight.shape[1], k)
+            new.weight.data, new.bias.data = old.weight[:k].clone(), old.bias.clone()
+        parent, _, child = name.rpartition(".")
+        setattr(pruned.get_submodule(parent), child, new)
+        if child == "c_attn":
+            attn = pruned.get_submodule(parent)
+            attn.split_size, attn.num_heads = k, k // attn.head_dim
+    return pruned
+
+
+@torch.no_grad()
+def test_gpt2_fused_levels_equal_a_physically_pruned_copy():
+    model = causal_lm("gpt2")
+    inputs = {**encoder_inputs(batch=3, seq=8, pad_last=3), "use_cache": False}
+    stock = copy.deepcopy(model)
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, levels=[1.0, 0.5], anchors=1)
+    with capture_reports() as reports:
+        for level in (1.0, 0.5, 1.0, 0.5):
+            with elastic_level(level):
+                got = compiled(**inputs).logits
+            slices = level_param_slices(model, plan, level, 1)
+            want = stock(**inputs).logits if level == 1.0 else pruned_gpt2(model, slices)(**inputs).logits
+            assert max_diff(got, want) <= 1e-5
+    assert sorted(last_stats()["elastic_heads"]) == [2, 2, 4]  # 4 heads -> 2 outside the anchor
+    assert len(reports) == 1 and reports[0].runtime.lowerings == 2
+    report = reports[0]
+    names = placeholder_param_names(report.gm, report.example_inputs)
+    views = narrowed_weights(report.artifacts["elastic"].graphs[0.5], report.example_inputs)
+    fused = {p: v for p, v in views.items() if names[p].endswith("c_attn.weight")}
+    assert len(fused) == 2  # the two non-anchor blocks
+    for parts in fused.values():
+        assert len(parts) == 3  # a view of each of Q, K, V, never a copy
+        for j, (param, view) in enumerate(parts):
+            assert view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+            assert view.data_ptr() == param.data_ptr() + j * param.shape[1] // 3 * param.element_size()
+
+
+def _inner(excinfo) -> BaseException:
+    err = excinfo.value
+    return err.inner_exception if isinstance(err, BackendCompilerFailed) else err
+
+
+@torch.no_grad()
+def test_bad_requests_are_refused():
+    model, inputs = model_and_inputs("bert")
+    with pytest.raises(BackendCompilerFailed, match="reorder_by_importance") as excinfo:
+        compile_elastic(copy.deepcopy(model))(**inputs)  # no plan: never reordered
+    assert isinstance(_inner(excinfo), ValueError)
+
+    plain = copy.deepcopy(model)
+    elastic_plan(plain)  # an original-order plan has no layer importance for "auto"
+    with pytest.raises(BackendCompilerFailed, match="layer importance") as excinfo:
+        compile_elastic(plain, anchors="auto")(**inputs)
+    assert isinstance(_inner(excinfo), ValueError)
+
+    reorder_by_importance(model, importance=random_importance(model))
+    torch._dynamo.reset()
+    with pytest.raises(BackendCompilerFailed, match=r"anchor_layers=4 must be in \[0, 3\]"):
+        compile_elastic(model, anchors=4)(**inputs)
+
+    torch._dynamo.reset()
+    compiled = compile_elastic(model)
+    compiled(**inputs)
+    with pytest.raises(ValueError, match=r"level 0.25 was requested.*\[1.0, 0.75, 0.5\]"):
+        with elastic_level(0.25):
+            compiled(**inputs)
+    with pytest.raises(ValueError, match="level 0.25 was not compiled"):
+        set_elastic_level(compiled, 0.25)
+
+
+def test_elastic_on_a_staged_graph_is_not_implemented():
+    model, inputs = model_and_inputs("bert")
+    reorder_by_importance(model, importance=random_importance(model))
+    with pytest.raises(BackendCompilerFailed, match="staged graph.*not implemented") as excinfo:
+        compile_elastic(model, partition="blocks")(**inputs)
+    assert isinstance(_inner(excinfo), NotImplementedError)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_levels_equal_the_reference():
+    model, inputs = model_and_inputs("llama")
+    stock = copy.deepcopy(model)
+    plan = reorder_by_importance(model, importance=random_importance(model))
+    compiled = compile_elastic(model, levels=[1.0, 0.5], anchors=1, lowering="inductor")
+    with capture_reports() as reports:
+        for level in (1.0, 0.5, 1.0, 0.5):
+            with elastic_level(level):
+                got = compiled(**inputs).logits
+            want = stock(**inputs).logits if level == 1.0 else reference(model, plan, level, 1, inputs)
+            assert max_diff(got, want) <= 1e-5
+    assert len(reports) == 1 and reports[0].runtime.lowerings == 2
