@@ -171,6 +171,7 @@ class DecodeEngine:
         self._warm: set[tuple] = set()  # (entry point, input shapes) already run
         self._length_bound = 0  # host-side upper bound of max(cache.lengths)
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._max_position = _learned_positions(model.config)
         self._weights_at_freeze = weights_fingerprint(model) if freeze else None
         compiler = _compiler(compile, backend, mode, options)
         self._compiler = compiler  # subclasses compile their own entry points the same way
@@ -310,7 +311,8 @@ class DecodeEngine:
         """Call a compiled entry point: no grad, the engine's attention implementation on the
         model's config for the call only, freezing on while it compiles, guards skipped once
         this shape has run."""
-        key = (entry, *(tuple(a.shape) for a in args))
+        # shapes, strides and dtypes: what the skipped guards would have checked on tensors
+        key = (entry, *((tuple(a.shape), a.stride(), a.dtype) for a in args))
         warm = key in self._warm
         config = self.model.config
         saved = config._attn_implementation_internal
@@ -356,13 +358,16 @@ class DecodeEngine:
     def _prefill_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # ids: [B, L]; lengths: [B]
         batch, width = ids.shape
-        positions = torch.arange(width, device=ids.device)[None, :].expand(batch, width)  # [B, L]
-        mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)  # [B, 1, L, S]
+        slots = torch.arange(width, device=ids.device)[None, :].expand(batch, width)  # [B, L]
+        mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, L, S]
+        # The bucket's padded tail is scratch; clamp its positions so a model with learned
+        # positions (GPT-2's n_positions) never indexes past its table.
+        positions = slots.clamp(max=self._max_position - 1) if self._max_position else slots
         last = (lengths - 1)[:, None]  # [B, 1]
         if self._accepts_logits_to_keep:
-            logits = self._forward(ids, positions, positions, mask, keep=last).logits  # [B, 1, V]
+            logits = self._forward(ids, positions, slots, mask, keep=last).logits  # [B, 1, V]
         else:
-            logits = self._forward(ids, positions, positions, mask).logits  # [B, L, V]
+            logits = self._forward(ids, positions, slots, mask).logits  # [B, L, V]
             logits = logits.gather(1, last[:, :, None].expand(batch, 1, logits.shape[-1]))
         self.cache.lengths.copy_(lengths)
         return logits[:, 0]
@@ -413,6 +418,13 @@ class DecodeEngine:
             )
         if int(slots.min()) < 0 or int(slots.max()) >= self.max_len:
             raise ValueError(f"step: slots must lie in [0, {self.max_len}), got [{int(slots.min())}, {int(slots.max())}]")
+
+
+def _learned_positions(config: Any) -> int | None:
+    """Size of a learned position table (GPT-2's ``n_positions``), ``None`` for rotary models."""
+    if getattr(config, "position_embedding_type", None) == "rope" or hasattr(config, "rope_theta") or getattr(config, "rope_parameters", None):
+        return None
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
