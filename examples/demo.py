@@ -82,41 +82,97 @@ def early_exit_demo(lowering: str, sentences: int) -> None:
     plain = torch.compile(model, backend="inductor" if lowering == "inductor" else "eager")
     acc, _, t_full = evaluate(lambda x: plain(**x).logits)
     print(f"{'plain torch.compile':<34} accuracy {acc:.3f}  layers 6.00  {t_full:.2f} s")
-    for rule, thr in [("entropy", 0.05), ("entropy", 0.2), ("max_prob", 0.95)]:
+    # the threshold is calibrated on other validation sentences than the ones evaluated
+    calib = list(sst2_dataloader(tok, load_sst2("validation")[sentences : 2 * sentences], batch_size=32))
+    cal = dx.calibrate_threshold(model, calib, keep=0.99, rule="entropy", heads="trained", progress=False)
+    print(f"calibrate_threshold(keep=0.99) on {len(calib) * 32} other sentences: entropy < {cal.threshold:.4f}")
+    for rule, thr in [("entropy", cal.threshold), ("entropy", 0.2), ("max_prob", 0.95)]:
         torch._dynamo.reset()
         c = torch.compile(model, backend="dynexec", options={"lowering": lowering, "early_exit": {"rule": rule, "threshold": thr, "heads": "trained"}})
         acc, layers, t = evaluate(lambda x, c=c: c(**x).logits)
-        print(f"dynexec {rule}<{thr:<8} (trained) accuracy {acc:.3f}  layers {layers:.2f}  {t:.2f} s  speed-up {t_full / t:.2f}x")
+        print(f"dynexec {rule}<{thr:<8.4g} (trained) accuracy {acc:.3f}  layers {layers:.2f}  {t:.2f} s  speed-up {t_full / t:.2f}x")
 
 
-def decoding_demo() -> None:
-    section("3. decoding step (trained code LM)")
+def elastic_demo(lowering: str, sentences: int) -> None:
+    section("3. elastic sub-models: importance-ordered prefix views (SST-2 MiniLM-L6)")
+    import copy
+
+    from dynexec_compile.data import load_sst2, sst2_dataloader
+    from dynexec_compile.demo_models import load_sst2_classifier
+
     try:
-        from dynexec_compile.models import load_demo_lm
-    except ImportError:
-        print("skipped: the demo code LMs have not landed yet (python examples/train_code_lm.py makes them)")
+        stock, tok = load_sst2_classifier()
+    except (FileNotFoundError, OSError) as err:
+        print(f"skipped: {err}")
         return
-    model, tok = load_demo_lm("target")
-    ids = tok("import os\n\ndef main(", return_tensors="pt").input_ids
+    model = copy.deepcopy(stock)  # reorder_by_importance edits its model in place
+    calib = list(sst2_dataloader(tok, load_sst2("train")[:256], batch_size=32))
+    dx.reorder_by_importance(model, calib, method="taylor", progress=False)
+    data = list(sst2_dataloader(tok, load_sst2("validation")[:sentences], batch_size=32))
+    levels = [1.0, 0.75, 0.5]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dynexec", options={"lowering": lowering, "elastic": {"levels": levels}})
+    plain = torch.compile(stock, backend="inductor" if lowering == "inductor" else "eager")
+    inputs = {k: data[0][k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        t_plain = median_ms(lambda: plain(**inputs))
+        print(f"{'plain torch.compile (full model)':<34} {t_plain:.2f} ms per batch of 32")
+        for level in levels:
+            with dx.elastic_level(level):
+                correct = sum(
+                    (compiled(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits.argmax(-1) == b["labels"]).sum().item()
+                    for b in data
+                )
+                t = median_ms(lambda: compiled(**inputs))
+            acc = correct / sum(len(b["labels"]) for b in data)
+            print(f"dynexec elastic level {level:<5} accuracy {acc:.3f}  {t:.2f} ms  speed-up {t_plain / t:.2f}x")
+
+
+def decoding_demo(new_tokens: int) -> None:
+    section("4. decoding strategies (trained code LM, greedy, held-out prompt)")
+    from dynexec_compile.decoding.draft_heads import load_draft_heads
+    from dynexec_compile.models import demo_draft_heads_path, heldout_prompts, load_demo_lm
+
+    try:
+        model, tok = load_demo_lm("target")
+        draft, _ = load_demo_lm("draft")
+    except (FileNotFoundError, OSError) as err:
+        print(f"skipped: {err} (python examples/train_code_lm.py makes the demo LMs)")
+        return
+    model, draft = model.float(), draft.float()
+    ids = heldout_prompts(1, 64, tok)
+    heads = load_draft_heads(demo_draft_heads_path(), dtype=torch.float32)
     t = time.perf_counter()
-    ref = model.generate(ids, max_new_tokens=64, do_sample=False)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
     t_hf = time.perf_counter() - t
-    dx.generate(model, ids, strategy="greedy", max_new_tokens=64)  # warm-up compile
-    t = time.perf_counter()
-    out = dx.generate(model, ids, strategy="greedy", max_new_tokens=64)
-    t_dx = time.perf_counter() - t
-    print(f"HF greedy {64 / t_hf:.0f} tok/s, dynexec greedy {64 / t_dx:.0f} tok/s, identical: {torch.equal(out.sequences, ref)}")
+    print(f"{'HF generate (greedy)':<34} {new_tokens / t_hf:6.0f} tok/s")
+    runs = [
+        ("dynexec greedy", {"strategy": "greedy"}),
+        ("dynexec lookahead", {"strategy": "lookahead"}),
+        ("dynexec speculative (draft LM, k=4)", {"strategy": "speculative", "draft_model": draft, "num_draft": 4}),
+        ("dynexec draft heads (k=3)", {"strategy": "draft_heads", "heads": heads}),
+        ("dynexec self-speculative (E=4, k=2)", {"strategy": "self_speculative", "exit_layer": 4, "num_draft": 2}),
+    ]
+    for name, kwargs in runs:
+        dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)  # warm-up: compiles
+        t = time.perf_counter()
+        out = dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)
+        seconds = time.perf_counter() - t
+        print(f"{name:<34} {new_tokens / seconds:6.0f} tok/s  {new_tokens / seconds * t_hf / new_tokens:.2f}x HF  "
+              f"tokens/forward {out.stats.tokens_per_forward:.2f}  identical to HF: {torch.equal(out.sequences, ref)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lowering", default="eager", choices=("inductor", "eager"))
     parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     torch.manual_seed(0)
     backend_demo(args.lowering)
     early_exit_demo(args.lowering, args.sentences)
-    decoding_demo()
+    elastic_demo(args.lowering, args.sentences)
+    decoding_demo(args.new_tokens)
 
 
 if __name__ == "__main__":
