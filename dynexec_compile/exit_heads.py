@@ -22,18 +22,17 @@ report the last hidden state after their final norm, not the block output).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
+
+from dynexec_compile.weights_io import read_with_config, save_with_config
 
 HEAD_KINDS = ("cls_tanh", "mean_tanh", "last_token_rmsnorm")
 ATTACH_NAME = "dynexec_exit_heads"
@@ -504,28 +503,14 @@ def save_exit_heads(
     """Write ``heads`` to a safetensors file, optionally cast to ``dtype`` (e.g. bf16 to ship)."""
     if not isinstance(heads, ExitHeads):
         raise TypeError(f"expected ExitHeads, got {type(heads).__name__}")
-    tensors = {
-        name: (tensor.to(dtype) if dtype is not None else tensor).detach().cpu().contiguous()
-        for name, tensor in heads.state_dict().items()
-    }
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(heads.config())})
+    save_with_config(heads, path, METADATA_KEY, heads.config(), dtype)
 
 
 def load_exit_heads(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> ExitHeads:
     """Read heads written by ``save_exit_heads``; ``dtype=None`` keeps the stored dtype. Eval mode."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no exit-heads file at {path}")
-    with safe_open(path, framework="pt") as reader:
-        metadata = reader.metadata() or {}
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{path} is not a dynexec exit-heads file (no {METADATA_KEY!r} metadata)")
-    config = json.loads(metadata[METADATA_KEY])
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported exit-heads format {config.get('format_version')!r}")
-    tensors = load_file(path)
+    config, tensors = read_with_config(path, METADATA_KEY, "exit-heads", FORMAT_VERSION)
     stored_dtype = next(iter(tensors.values())).dtype
     heads = ExitHeads(
         config["layers"],

@@ -24,20 +24,18 @@ their configuration in the file's metadata.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.step import check_causal_lm
+from dynexec_compile.weights_io import read_with_config, save_with_config
 
 METADATA_KEY = "dynexec_draft_heads"
 FORMAT_VERSION = 1
@@ -242,27 +240,14 @@ def save_draft_heads(heads: DraftHeads, path: str | os.PathLike, dtype: torch.dt
     """Write ``heads`` to a safetensors file (configuration in the metadata), optionally cast to ``dtype``."""
     if not isinstance(heads, DraftHeads):
         raise TypeError(f"expected DraftHeads, got {type(heads).__name__}")
-    tensors = {
-        name: (t.to(dtype) if dtype is not None else t).detach().cpu().contiguous() for name, t in heads.state_dict().items()
-    }
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(heads.config())})
+    save_with_config(heads, path, METADATA_KEY, heads.config(), dtype)
 
 
 def load_draft_heads(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> DraftHeads:
     """Read heads written by :func:`save_draft_heads`; ``dtype=None`` keeps the stored dtype. Eval mode."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no draft-heads file at {path}")
-    with safe_open(path, framework="pt") as reader:
-        metadata = reader.metadata() or {}
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{path} is not a dynexec draft-heads file (no {METADATA_KEY!r} metadata)")
-    config = json.loads(metadata[METADATA_KEY])
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported draft-heads format {config.get('format_version')!r}")
-    tensors = load_file(path)
+    config, tensors = read_with_config(path, METADATA_KEY, "draft-heads", FORMAT_VERSION)
     heads = DraftHeads(config["hidden_size"], config["num_heads"], config["num_layers"], config["vocab_size"])
     heads = heads.to(dtype=next(iter(tensors.values())).dtype)
     heads.load_state_dict(tensors, strict=True)

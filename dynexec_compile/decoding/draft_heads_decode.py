@@ -34,7 +34,7 @@ from dynexec_compile.decoding.generate import (
 from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
-from dynexec_compile.decoding.verify import TreeSpec, Verdict, as_tree, verify
+from dynexec_compile.decoding.verify import TreeSpec, Verdict, acceptance_stats, as_tree, verify
 
 
 def draft_heads_strategy(
@@ -130,16 +130,12 @@ def _decode(
     stats.new_tokens = out.count.tolist()
     stats.forward_passes = engine.forward_passes - forwards0
     stats.compiles = compile_count() - compiles0
-    live_steps = sum(n > 0 for step in drafted for n in step)
     stats.extra = {
         "num_draft": width - 1,
         "tree": None if engine.tree is None else list(engine.tree.parents),
-        "drafted_per_step": drafted,
-        "accepted_drafts_per_step": accepted_drafts,
+        **acceptance_stats(drafted, accepted_drafts),
         "target_forwards": stats.forward_passes,
         "draft_forwards": 0,  # the heads run inside the target's forward
-        "acceptance_rate": _rate(accepted_drafts, drafted),
-        "mean_accepted_per_step": sum(map(sum, accepted_drafts)) / live_steps if live_steps else 0.0,
         # token x layer evaluations per row in the decoding steps (prefill not counted):
         # every step runs all L layers on its k + 1 (chain) or T (tree) tokens; heads: one block each
         "target_layer_evals": stats.steps * engine.stack.num_layers * width,
@@ -171,11 +167,6 @@ def _verify_sampled(
     draft_probs = torch.cat([torch.zeros_like(proposal[:, :1]), proposal], dim=1)  # [B, k+1, V], row 0 unused
     verdict = verify(TreeSpec.chain(engine.num_heads), tokens, logits, draft_probs, settings.sampling, settings.generator)
     return verdict, head_all
-
-
-def _rate(accepted: list[list[int]], drafted: list[list[int]]) -> float:
-    total = sum(map(sum, drafted))
-    return sum(map(sum, accepted)) / total if total else 0.0
 
 
 __all__ = ["draft_heads_strategy"]

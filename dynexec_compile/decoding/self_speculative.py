@@ -47,7 +47,7 @@ from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
 from dynexec_compile.decoding.step import check_causal_lm, pack_prompts, weights_fingerprint
-from dynexec_compile.decoding.verify import TreeSpec, verify
+from dynexec_compile.decoding.verify import TreeSpec, acceptance_stats, verify
 from dynexec_compile.exit_heads import ExitHeads
 
 EXIT_HEADS = ("shared", "trained")
@@ -192,17 +192,12 @@ def _decode(
     stats.compiles = compile_count() - compiles0
     layer_tokens = [a - b for a, b in zip(engine.layer_tokens, layer_tokens0)]
     exit_layer = engine.exit_layer
-    live_steps = sum(n > 0 for step in drafted for n in step)
-    total_accepted = sum(map(sum, accepted_drafts))
     stats.extra = {
         "num_draft": k,
         "exit_layer": exit_layer,
-        "drafted_per_step": drafted,
-        "accepted_drafts_per_step": accepted_drafts,
+        **acceptance_stats(drafted, accepted_drafts),
         "target_forwards": stats.forward_passes,
         "draft_forwards": stats.steps * k,
-        "acceptance_rate": total_accepted / max(1, sum(map(sum, drafted))),
-        "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
         # token x layer evaluations per row in the decoding steps (prefill not counted): the
         # draft runs layers < E on k tokens per step; the verification layers < E on the last
         # draft only and layers >= E on all k + 1 tokens — no token runs a layer twice

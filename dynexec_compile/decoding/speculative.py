@@ -45,6 +45,7 @@ from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_pr
 from dynexec_compile.decoding.verify import (
     TreeSpec,
     Verdict,
+    acceptance_stats,
     as_tree,
     commit_verdict,
     draw_children,
@@ -290,18 +291,12 @@ def _extra_stats(
     draft_evals0: int,
 ) -> dict[str, Any]:
     target_layers = target.model.config.get_text_config(decoder=True).num_hidden_layers
-    total_drafted = sum(map(sum, drafted))
-    total_accepted = sum(map(sum, accepted))
-    live_steps = sum(n > 0 for step in drafted for n in step)
     return {
         "tree": list(tree.parents),
         "num_draft": tree.num_draft,
-        "drafted_per_step": drafted,
-        "accepted_drafts_per_step": accepted,
+        **acceptance_stats(drafted, accepted),
         "target_forwards": stats.forward_passes,
         "draft_forwards": drafter.forwards - draft_forwards0,
-        "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
-        "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
         # token x layer evaluations per row in the decoding steps (prefill not counted)
         "target_layer_evals": stats.steps * tree.size * target_layers,
         "draft_layer_evals": drafter.layer_evals - draft_evals0,

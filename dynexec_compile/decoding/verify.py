@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -422,6 +422,20 @@ def draw_children(
         child_probs.append(q)
         remaining = remaining.index_put((rows, token), torch.zeros((), device=probs.device))
     return torch.stack(tokens, dim=1), torch.stack(child_probs, dim=1)
+
+
+def acceptance_stats(drafted: list[list[int]], accepted: list[list[int]]) -> dict[str, Any]:
+    """The ``stats.extra`` entries every draft-and-verify strategy reports, from per-step,
+    per-row counts of drafted and accepted tokens (0 for rows that had finished)."""
+    total_drafted = sum(map(sum, drafted))
+    total_accepted = sum(map(sum, accepted))
+    live_steps = sum(n > 0 for step in drafted for n in step)
+    return {
+        "drafted_per_step": drafted,
+        "accepted_drafts_per_step": accepted,
+        "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
+        "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
+    }
 
 
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
