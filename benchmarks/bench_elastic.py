@@ -49,11 +49,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dynexec_compile.bench.common import interleaved_medians  # noqa: E402
 from dynexec_compile.elastic import (  # noqa: E402
     ElasticModel,
     Importance,
@@ -449,18 +449,6 @@ def compile_levels(elastic: ElasticModel, batch: Batch) -> tuple[dict, dict]:
     return compile_s, rss_mb
 
 
-def latency(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per variant; rounds interleave the variants so load drift hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    for _ in tqdm(range(repeats), desc="latency rounds"):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def switch_cost(elastic: ElasticModel, batch: Batch, repeats: int) -> dict[str, float]:
     """Cost of changing level: the call itself, and a call right after a switch vs a repeat."""
     n = 20000
@@ -522,7 +510,7 @@ def speed(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> dict[st
         variants[f"level {level}"] = (
             lambda lv: lambda: (set_elastic_level(elastic, lv), elastic(**batch))
         )(level)
-    medians = latency(variants, args.warmup, args.repeats)
+    medians = interleaved_medians(variants, repeats=args.repeats, warmup=args.warmup, progress="latency rounds")
     base = medians["compiled full model"]
     switch = switch_cost(elastic, batch, args.repeats)
     prune_s = statistics.median(

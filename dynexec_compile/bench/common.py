@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 GATES = ("exact", "tolerance", "timing")
 
@@ -93,19 +94,22 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) ->
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3, progress: str | None = None
+) -> dict[str, float]:
     """Median wall-clock seconds of each ``fns[name]()``, timed in round-robin rounds.
 
     On a shared machine the load drifts over seconds; timing variant A's repeats and then
     B's charges that drift to one of them. Interleaving puts every variant under the same
-    load, so their ratio is what a user would see.
+    load, so their ratio is what a user would see. ``progress``: a tqdm bar over the rounds
+    with this description.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc=progress, leave=False, disable=progress is None):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()

@@ -21,7 +21,6 @@ Other drafters add rows by appending a factory ``factory(ctx) -> list[Variant]``
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import transformers as T
 from tqdm import tqdm
 
 import dynexec_compile as dx
-from dynexec_compile.bench.common import SuiteResult, sync
+from dynexec_compile.bench.common import SuiteResult, interleaved_medians, sync
 from dynexec_compile.decoding.generate import GenerateOutput
 
 
@@ -266,14 +265,10 @@ def _measure(
     warm: dict[str, tuple[list[RunOutput], float]] = {}
     for v in tqdm(variants, desc="warm-up (compiles)", leave=False):
         warm[v.name] = _run_over(v, batches)
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in tqdm(range(repeats), desc="timed rounds", leave=False):
-        for v in variants:
-            times[v.name].append(_run_over(v, batches)[1])
-    return {
-        name: (warm[name][0], statistics.median(ts) if ts else float("nan"), warm[name][1])
-        for name, ts in times.items()
-    }
+    times = interleaved_medians(
+        {v.name: (lambda v=v: _run_over(v, batches)) for v in variants}, repeats=repeats, warmup=0, progress="timed rounds"
+    )
+    return {name: (warm[name][0], times[name], warm[name][1]) for name in times}
 
 
 def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats: int, result: SuiteResult) -> None:
