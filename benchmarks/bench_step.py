@@ -78,12 +78,9 @@ def build_model(path: str | None, dtype: torch.dtype, device: str) -> torch.nn.M
 def build_prompt(path: str | None, vocab: int, length: int) -> tuple[torch.Tensor, str]:
     """``[1, length]``: held-out stdlib code when the model folder has a tokenizer, else
     seeded random ids (the step's cost does not depend on the tokens)."""
-    if path:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            return heldout_prompts(1, length, tokenizer), "held-out stdlib code"
-        except (OSError, ValueError):
-            pass
+    if path and (Path(path) / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return heldout_prompts(1, length, tokenizer), "held-out stdlib code"
     return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0)), "random ids"
 
 

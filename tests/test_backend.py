@@ -10,6 +10,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import hf_models as H
 from dynexec_compile import passes
 from dynexec_compile.backend import capture_reports, dynexec_backend
+from dynexec_compile.backends.tensorrt import tensorrt_available
 from dynexec_compile.passes import PassError
 
 
@@ -74,15 +75,8 @@ def test_unknown_option_is_a_value_error_at_compile():
         torch.compile(mlp(), backend="dynexec", options={"lowring": "eager"})(torch.randn(2, 8))
 
 
+@pytest.mark.skipif(tensorrt_available()[0], reason="torch-tensorrt and CUDA are present: the GPU test covers this path")
 def test_tensorrt_without_it_says_what_to_install():
-    pytest.importorskip("torch")
-    try:
-        import torch_tensorrt  # noqa: F401
-
-        if torch.cuda.is_available():
-            pytest.skip("torch-tensorrt and CUDA are present: the GPU test covers this path")
-    except ImportError:
-        pass
     with pytest.raises(RuntimeError, match=r"tensorrt.*pip install 'dynexec_compile\[tensorrt\]'"):
         dynexec_backend(torch.fx.symbolic_trace(mlp()), [torch.randn(2, 8)], options={"lowering": "tensorrt"})
 
