@@ -1,22 +1,26 @@
-"""Reuse of strategy-specific engines across ``generate`` calls (their compiled graphs with them).
+"""Reuse of decoding engines across ``generate`` calls (their compiled graphs with them).
 
-Like :func:`~dynexec_compile.decoding.generate.get_engine` for engines that carry more than
-the model (draft heads, an exit layer and head): a later call with the same model, batch
-size, compile settings and strategy key reuses an engine whose cache is long enough, so it
-compiles nothing. Engines whose frozen weights went stale are dropped.
+One small LRU for every strategy: plain engines (:func:`~dynexec_compile.decoding.generate.get_engine`)
+and engines that carry more than the model (draft heads, an exit layer and head). A later
+call with the same model, batch size, compile settings and strategy key reuses an engine
+whose cache is long enough — a recompile costs far more than attending over extra masked
+slots — so it compiles nothing. Engines whose frozen weights went stale are dropped.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.generate import DecodeSettings
 from dynexec_compile.decoding.step import DecodeEngine
 
-MAX_ENGINES = 4
+if TYPE_CHECKING:  # generate.py imports this module
+    from dynexec_compile.decoding.generate import DecodeSettings
+
+MAX_ENGINES = 8
 _ENGINES: OrderedDict[tuple, DecodeEngine] = OrderedDict()
 
 
@@ -38,7 +42,7 @@ def cached_engine(
     """An engine for ``(model, batch_size, settings, strategy_key)`` with ``>= max_len`` slots;
     ``build(max_len)`` makes one when none is cached."""
     for key in [k for k, e in _ENGINES.items() if e.model is model and e.frozen_weights_changed()]:
-        del _ENGINES[key]
+        del _ENGINES[key]  # its graphs hold the old weights
     wanted = (settings_key(model, batch_size, settings), strategy_key)
     fitting = [(k, e) for k, e in _ENGINES.items() if k[0] == wanted and e.model is model and e.max_len >= max_len]
     if fitting:

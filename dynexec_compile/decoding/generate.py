@@ -15,7 +15,6 @@ the same length bucket and shorter generations run on the graphs already compile
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 from dynexec_compile.decoding.step import (
     Backend,
@@ -35,7 +35,6 @@ from dynexec_compile.decoding.step import (
 CACHES = ("static", "dynamic")
 PENDING_STRATEGIES: dict[str, str] = {}
 CACHE_LEN_MULTIPLE = 128
-MAX_ENGINES = 4
 
 
 @dataclass
@@ -215,45 +214,14 @@ def get_engine(
     one: a recompile costs far more than attending over the extra (masked) slots. ``role``
     keeps engines of one model apart when it plays two parts at once (e.g. its own draft).
     """
-    settings_key = (
-        id(model),
-        role,
+    return cached_engine(
+        model,
         batch_size,
-        settings.compile,
-        id(settings.backend) if callable(settings.backend) else settings.backend,
-        settings.mode,
-        tuple(sorted((settings.options or {}).items())),
-        settings.cuda_graphs,
+        max_len,
+        settings,
+        ("plain", role),
+        lambda slots: DecodeEngine(model, batch_size, slots, **engine_options(settings)),
     )
-    for key in [k for k, e in _ENGINES.items() if e.model is model and e.frozen_weights_changed()]:
-        del _ENGINES[key]  # its graphs hold the old weights
-    fitting = [
-        (key, engine)
-        for key, engine in _ENGINES.items()
-        if key[0] == settings_key and engine.model is model and engine.max_len >= max_len
-    ]
-    if fitting:
-        key, engine = min(fitting, key=lambda item: item[1].max_len)
-    else:
-        engine = DecodeEngine(
-            model,
-            batch_size,
-            max_len,
-            compile=settings.compile,
-            backend=settings.backend,
-            mode=settings.mode,
-            options=settings.options,
-            cuda_graphs=settings.cuda_graphs,
-        )
-        key = (settings_key, max_len)
-        _ENGINES[key] = engine
-        while len(_ENGINES) > MAX_ENGINES:
-            _ENGINES.popitem(last=False)
-    _ENGINES.move_to_end(key)
-    return engine
-
-
-_ENGINES: OrderedDict[tuple, DecodeEngine] = OrderedDict()
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, reserve: int = 0) -> int:
