@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -159,20 +159,43 @@ def train_draft_heads(
         heads = copy.deepcopy(check_heads_fit(model, heads))
     device = next(model.parameters()).device
     heads = heads.to(device=device, dtype=torch.float32).train()
-    batches, total = _batches(data, batch_size, seq_len, steps)
     lm_head = model.get_output_embeddings()
+    fit_heads(
+        heads,
+        _batches(data, batch_size, seq_len, steps),
+        lambda ids: _distill_loss(model, heads, lm_head, ids.to(device), temperature),
+        lr=lr,
+        weight_decay=weight_decay,
+        desc="draft heads",
+        progress=progress,
+    )
+    return heads.eval()
+
+
+def fit_heads(
+    heads: nn.Module,
+    batches: tuple[Iterator[torch.Tensor], int],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    desc: str,
+    progress: bool,
+) -> None:
+    """The self-distillation loop heads on a frozen model share: AdamW, linear decay to 0 over
+    the ``(iterator, total)`` of :func:`_batches`, ``loss_fn(ids)`` per step, a progress bar."""
+    steps, total = batches
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
-    with tqdm(total=total, desc="draft heads", disable=not progress, unit="step") as bar:
-        for ids in batches:
-            loss = _distill_loss(model, heads, lm_head, ids.to(device), temperature)
+    with tqdm(total=total, desc=desc, disable=not progress, unit="step") as bar:
+        for ids in steps:
+            loss = loss_fn(ids)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return heads.eval()
 
 
 def _distill_loss(

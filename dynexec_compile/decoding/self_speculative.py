@@ -27,11 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.chain_output import ChainOutput
-from dynexec_compile.decoding.draft_heads import _batches
+from dynexec_compile.decoding.draft_heads import _batches, fit_heads
 from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
@@ -271,23 +270,24 @@ def train_exit_lm_head(
         if stack.family == "llama":
             head.norm.weight.copy_(stack.norm.weight)
     heads = heads.to(device=device, dtype=torch.float32).train()
-    batches, total = _batches(data, batch_size, seq_len, steps)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
-    with tqdm(total=total, desc=f"exit head (layer {exit_layer})", disable=not progress, unit="step") as bar:
-        for ids in batches:
-            with torch.no_grad():
-                out = model(input_ids=ids.to(device), output_hidden_states=True)
-                teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S, V]
-                h = out.hidden_states[exit_layer].float()  # [B, S, D], block E-1's output
-            student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
-            loss = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device), output_hidden_states=True)
+            teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S, V]
+            h = out.hidden_states[exit_layer].float()  # [B, S, D], block E-1's output
+        student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
+        return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+
+    fit_heads(
+        heads,
+        _batches(data, batch_size, seq_len, steps),
+        loss_fn,
+        lr=lr,
+        weight_decay=0.0,
+        desc=f"exit head (layer {exit_layer})",
+        progress=progress,
+    )
     return heads.eval()
 
 
