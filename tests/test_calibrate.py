@@ -15,14 +15,6 @@ from dynexec_compile.runtime.early_exit import EarlyExitRuntime
 from dynexec_compile.runtime.stats import last_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def labelled_batches(num_batches: int = 3, batch: int = 8, seed: int = 0, labels: bool = True) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []

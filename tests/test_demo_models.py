@@ -39,12 +39,8 @@ ONE_SENTENCE = 1 / FIRST_N
 
 @pytest.fixture(scope="module")
 def loaded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model, tokenizer = load_sst2_classifier()
-    loader = sst2_dataloader(tokenizer, load_sst2("validation")[:FIRST_N], batch_size=64)
-    yield model, loader
-    torch.set_num_threads(threads)
+    return model, sst2_dataloader(tokenizer, load_sst2("validation")[:FIRST_N], batch_size=64)
 
 
 def test_classifier_reproduces_the_model_card_accuracy(loaded):

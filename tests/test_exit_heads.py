@@ -31,15 +31,6 @@ FAMILIES = ("bert", "roberta", "albert", "distilbert", "llama")
 SEQ = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def separable_batches(
     num_batches: int = 4, batch: int = 16, seed: int = 0, labels: bool = True
 ) -> list[dict]:

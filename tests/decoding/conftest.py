@@ -19,15 +19,6 @@ from transformers import (
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is fastest, and immune to a busy machine's scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
