@@ -65,3 +65,22 @@ def left_padded_batch(lengths: list[int], seed: int = 1, pad: int = 0) -> tuple[
         ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
         mask[row, width - n :] = 1
     return ids, mask
+
+
+def chi_square_pvalue(samples: torch.Tensor, vocab: int, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit of ``[n, L]`` token sequences over a vocabulary of
+    ``vocab`` against their joint ``probs`` (``vocab ** L`` cells); cells with expected count
+    < 5 pooled; 0 when a sequence of zero probability occurs."""
+    n = samples.shape[0]
+    codes = (samples * torch.tensor([vocab**i for i in reversed(range(samples.shape[1]))])).sum(1)
+    observed = torch.bincount(codes, minlength=probs.numel()).double()
+    expected = probs.reshape(-1).double() * n
+    if observed[expected == 0].sum() > 0:
+        return 0.0
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))

@@ -10,6 +10,7 @@ reject the untempered distribution, so it can fail.
 
 import pytest
 import torch
+from conftest import chi_square_pvalue
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dynexec_compile as dx
@@ -50,23 +51,6 @@ def exact_joint(model, params):
     return first[:, None, None] * second[:, :, None] * third.view(V, V, V)
 
 
-def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit of ``[n, 3]`` samples; cells expecting < 5 pooled;
-    0 when a sequence of zero probability occurs."""
-    codes = samples[:, 0] * V * V + samples[:, 1] * V + samples[:, 2]
-    observed = torch.bincount(codes, minlength=V**N).double()
-    expected = probs.reshape(-1).double() * samples.shape[0]
-    if observed[expected == 0].sum() > 0:
-        return 0.0
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
-
-
 def sample(model, heads, strategy, params, seed):
     options = {"heads": heads} if strategy == "draft_heads" else {"exit_layer": 1, "num_draft": 2}
     out = dx.generate(
@@ -83,11 +67,11 @@ def test_sampled_tokens_follow_the_target_distribution(strategy, warp, tiny):
     model, heads = tiny
     samples, stats = sample(model, heads, strategy, PARAMS[warp], seed=1)
     assert 0.05 < stats.extra["acceptance_rate"] < 0.95, "drafts must be both accepted and rejected"
-    assert chi_square_pvalue(samples, exact_joint(model, PARAMS[warp])) > 1e-3
+    assert chi_square_pvalue(samples, V, exact_joint(model, PARAMS[warp])) > 1e-3
 
 
 @pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
 def test_the_chi_square_test_tells_another_distribution_apart(strategy, tiny):
     model, heads = tiny
     samples, _ = sample(model, heads, strategy, PARAMS["temperature"], seed=2)
-    assert chi_square_pvalue(samples, exact_joint(model, SamplingParams(temperature=1.0))) < 1e-6
+    assert chi_square_pvalue(samples, V, exact_joint(model, SamplingParams(temperature=1.0))) < 1e-6

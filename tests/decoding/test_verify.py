@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import chi_square_pvalue
 
 from dynexec_compile.decoding import SamplingParams, sampling_probs
 from dynexec_compile.decoding.masks import step_mask
@@ -171,24 +172,6 @@ def exact_joint(model, params, n):
     return joint
 
 
-def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells with expected count < 5 pooled; 0 when a
-    sequence of zero probability occurs."""
-    n = samples.shape[0]
-    codes = (samples * torch.tensor([V**i for i in reversed(range(samples.shape[1]))])).sum(1)
-    observed = torch.bincount(codes, minlength=probs.numel()).double()
-    expected = probs.reshape(-1).double() * n
-    if observed[expected == 0].sum() > 0:
-        return 0.0
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
-
-
 PARAMS = {
     "temperature": SamplingParams(temperature=1.3),
     "top_k": SamplingParams(temperature=0.9, top_k=4),
@@ -204,7 +187,7 @@ def test_sampled_tokens_follow_the_target_distribution(shape, warp):
     draft = Markov(2, base=target.table, noise=0.8)
     params, tree = PARAMS[warp], TREES[shape]
     samples = speculative_samples(target, draft, tree, params, rows=30_000, n=3, seed=3)
-    assert chi_square_pvalue(samples, exact_joint(target, params, 3)) > 1e-3
+    assert chi_square_pvalue(samples, V, exact_joint(target, params, 3)) > 1e-3
 
 
 def test_the_chi_square_test_tells_the_draft_apart():
@@ -214,7 +197,7 @@ def test_the_chi_square_test_tells_the_draft_apart():
     draft = Markov(2, base=target.table, noise=0.8)
     params = PARAMS["temperature"]
     draft_only = speculative_samples(draft, draft, TREES["chain"], params, rows=30_000, n=3, seed=4)
-    assert chi_square_pvalue(draft_only, exact_joint(target, params, 3)) < 1e-6
+    assert chi_square_pvalue(draft_only, V, exact_joint(target, params, 3)) < 1e-6
 
 
 def test_sampling_acceptance_matches_the_overlap_of_target_and_draft():
