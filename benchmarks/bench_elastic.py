@@ -56,10 +56,9 @@ sys.path.insert(0, str(REPO))
 from dynexec_compile.bench.common import interleaved_medians  # noqa: E402
 from dynexec_compile.elastic import (  # noqa: E402
     ElasticModel,
-    Importance,
     elastic_level,
     elastic_plan,
-    find_blocks,
+    random_importance,
     reorder_by_importance,
     set_elastic_level,
 )
@@ -139,18 +138,6 @@ def features(run: Callable[..., Any], batches: list[Batch]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- orders
-
-
-def random_importance(model: nn.Module, seed: int) -> Importance:
-    blocks = find_blocks(model)
-    gen = torch.Generator().manual_seed(seed)
-    return Importance(
-        heads=torch.rand(len(blocks), blocks[0].num_heads, generator=gen),
-        neurons=torch.rand(len(blocks), blocks[0].num_neurons, generator=gen),
-        layers=torch.rand(len(blocks), generator=gen),
-        method="random",
-        num_examples=0,
-    )
 
 
 def ordered_copies(

@@ -6,7 +6,7 @@ Score heads/neurons/layers (``importance``), sort each block by importance in pl
 """
 
 from dynexec_compile.elastic.arch import BlockSpec, find_blocks
-from dynexec_compile.elastic.importance import Importance, head_importance
+from dynexec_compile.elastic.importance import Importance, head_importance, random_importance
 from dynexec_compile.elastic.reorder import (
     ElasticPlan,
     elastic_plan,
@@ -32,6 +32,7 @@ __all__ = [
     "elastic_stats",
     "find_blocks",
     "head_importance",
+    "random_importance",
     "level_param_slices",
     "level_params",
     "lookup_plan",

@@ -46,7 +46,7 @@ class Importance:
         heads: ``[L, H]`` one score per query head of every block.
         neurons: ``[L, I]`` one score per MLP neuron of every block.
         layers: ``[L]`` one score per block (used to choose anchor layers).
-        method: ``"taylor"`` or ``"activation"``.
+        method: ``"taylor"``, ``"activation"`` (or ``"random"``, :func:`random_importance`).
         num_examples: calibration examples (sequences) the scores average over.
     """
 
@@ -55,6 +55,21 @@ class Importance:
     layers: torch.Tensor
     method: str
     num_examples: int
+
+
+def random_importance(model: nn.Module, seed: int = 1) -> Importance:
+    """Seeded random scores for ``model``'s heads, neurons and layers (``method="random"``):
+    the random-order baseline importance orders are compared with, and an order far from the
+    identity that exercises every index path of reordering and slicing."""
+    blocks = find_blocks(model)
+    gen = torch.Generator().manual_seed(seed)
+    return Importance(
+        heads=torch.rand(len(blocks), blocks[0].num_heads, generator=gen),
+        neurons=torch.rand(len(blocks), blocks[0].num_neurons, generator=gen),
+        layers=torch.rand(len(blocks), generator=gen),
+        method="random",
+        num_examples=0,
+    )
 
 
 class _Calibration:

@@ -8,25 +8,12 @@ from conftest import make_batch, model_output, tiny_bert, tiny_llama
 from transformers import BertModel
 
 from dynexec_compile.elastic import (
-    Importance,
     elastic_plan,
     find_blocks,
     lookup_plan,
+    random_importance,
     reorder_by_importance,
 )
-
-
-def random_importance(model: torch.nn.Module, seed: int = 1) -> Importance:
-    """Random scores: a permutation far from the identity, to exercise every index path."""
-    blocks = find_blocks(model)
-    gen = torch.Generator().manual_seed(seed)
-    return Importance(
-        heads=torch.rand(len(blocks), blocks[0].num_heads, generator=gen),
-        neurons=torch.rand(len(blocks), blocks[0].num_neurons, generator=gen),
-        layers=torch.rand(len(blocks), generator=gen),
-        method="random",
-        num_examples=0,
-    )
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 from conftest import make_batch, model_output, tiny_bert, tiny_llama
-from test_reorder import random_importance
 from torch._dynamo.testing import CompileCounter
 from torch.func import functional_call
 
@@ -18,6 +17,7 @@ from dynexec_compile.elastic import (
     elastic_stats,
     level_param_slices,
     level_params,
+    random_importance,
     reorder_by_importance,
     set_elastic_level,
 )

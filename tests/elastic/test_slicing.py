@@ -6,11 +6,10 @@ import copy
 import pytest
 import torch
 from conftest import make_batch, model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
-from test_reorder import random_importance
 from torch.func import functional_call
 from transformers.pytorch_utils import prune_linear_layer
 
-from dynexec_compile.elastic import elastic_plan, reorder_by_importance
+from dynexec_compile.elastic import elastic_plan, random_importance, reorder_by_importance
 from dynexec_compile.elastic.arch import head_feature_index
 from dynexec_compile.elastic.slicing import (
     choose_anchors,

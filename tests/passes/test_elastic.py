@@ -14,31 +14,17 @@ from transformers.pytorch_utils import Conv1D
 from dynexec_compile import elastic_level, last_stats, set_elastic_level
 from dynexec_compile.backend import capture_reports
 from dynexec_compile.elastic import (
-    Importance,
     elastic_plan,
     elastic_stats,
-    find_blocks,
     level_param_slices,
     level_params,
+    random_importance,
     reorder_by_importance,
 )
 from dynexec_compile.elastic.fx import narrowed_weights, placeholder_param_names
 from hf_models import causal_lm, classifier, encoder_inputs
 
 LEVELS = [1.0, 0.75, 0.5]
-
-
-def random_importance(model: torch.nn.Module, seed: int = 1) -> Importance:
-    """Random scores: a head and neuron order far from the identity."""
-    blocks = find_blocks(model)
-    gen = torch.Generator().manual_seed(seed)
-    return Importance(
-        heads=torch.rand(len(blocks), blocks[0].num_heads, generator=gen),
-        neurons=torch.rand(len(blocks), blocks[0].num_neurons, generator=gen),
-        layers=torch.rand(len(blocks), generator=gen),
-        method="random",
-        num_examples=0,
-    )
 
 
 def model_and_inputs(family: str, seq: int = 8):
