@@ -39,7 +39,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -258,6 +258,8 @@ def train(args: argparse.Namespace, which: str) -> None:
     streams = load_file(work / "tokens.safetensors")
     train_ids, held = streams["train"].long(), streams["heldout"]
     spec = SPECS[which]
+    if args.lr > 0:
+        spec = replace(spec, lr=args.lr)
     model = build_model(spec, len(tok), tok.eos_token_id, args.max_positions)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{which}] {n_params / 1e6:.2f}M parameters, {spec}")
@@ -520,6 +522,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-steps", type=int, default=0, help="step-based schedule if > 0")
     p.add_argument("--draft-steps", type=int, default=0, help="step-based schedule if > 0")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument(
+        "--lr", type=float, default=0.0, help="peak LR of the model trained (0: the spec's)"
+    )
     p.add_argument("--eval-every", type=float, default=0.1, help="held-out eval every fraction")
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--samples", type=int, default=3)
