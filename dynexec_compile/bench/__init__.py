@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from dynexec_compile.bench.common import (
+    MODEL_ARGUMENTS,
+    add_model_arguments,
     compare,
     environment,
     markdown_table,
@@ -42,6 +44,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: torch's); 1 keeps timings stable on a shared machine",
     )
     parser.add_argument("--no-timing", action="store_true", help="with --compare: gate only the deterministic metrics")
+    add_model_arguments(parser)
     for module in SUITES.values():  # suite-specific options, each in its own group
         importlib.import_module(module).add_arguments(parser)
 
@@ -50,6 +53,12 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.suite not in SUITES:
         raise NotImplementedError(f"dynexec bench {args.suite}: this suite lands with {PLANNED[args.suite]}, which is not done yet")
     module = importlib.import_module(SUITES[args.suite])
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_ARGUMENTS if getattr(args, name, None)]
+    if given and not getattr(module, "TAKES_USER_MODEL", False):
+        takers = sorted(s for s, m in SUITES.items() if getattr(importlib.import_module(m), "TAKES_USER_MODEL", False))
+        raise ValueError(f"dynexec bench {args.suite} does not take {', '.join(given)}; the suites that do: {', '.join(takers)}")
+    if given and args.quick:
+        raise ValueError(f"{', '.join(given)} and --quick exclude each other: --quick runs tiny random models")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -186,3 +186,89 @@ def parse_percent(text: str) -> float:
     if not 0 <= value < 10:
         raise ValueError(f"--max-regression {text!r} is not a sensible tolerance")
     return value
+
+
+# ---- the user's own model ---------------------------------------------------------------
+
+
+@dataclass
+class LMSetup:
+    """A causal LM to benchmark and its prompts (the demo target unless ``--model`` names one)."""
+
+    model: Any  # transformers PreTrainedModel, fp32, eval mode
+    tokenizer: Any
+    prompts: torch.Tensor  # [N, L]
+    label: str
+    is_demo: bool
+
+
+def add_model_arguments(parser: Any) -> None:
+    """``--model``, ``--draft-model``, ``--draft-heads``, ``--prompt-file``: benchmark your own
+    checkpoint (suites that decode: lookahead, speculative)."""
+    group = parser.add_argument_group("your own model (lookahead, speculative)")
+    group.add_argument("--model", default=None, help="local folder of a transformers causal LM (default: the demo target)")
+    group.add_argument(
+        "--draft-model", default=None,
+        help="local folder of a draft LM with the same tokenizer (speculative; default: the demo draft with the demo target)",
+    )
+    group.add_argument(
+        "--draft-heads", default=None,
+        help="draft heads saved by dynexec_compile.save_draft_heads (speculative; default: the demo heads with the demo target)",
+    )
+    group.add_argument(
+        "--prompt-file", default=None,
+        help="UTF-8 text file; prompts are consecutive windows of its tokens (default: held-out stdlib files)",
+    )
+
+
+MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file")
+
+
+def load_causal_lm(path: str | Path, what: str = "--model") -> tuple[Any, Any]:
+    """``(model fp32 in eval mode, tokenizer)`` from a local folder, with errors that say what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} {path}: no config.json there; pass the folder a transformers model was saved to "
+            "(model.save_pretrained(folder); tokenizer.save_pretrained(folder))"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    except ValueError as err:
+        raise ValueError(f"{what} {path} is not a causal LM transformers can load: {err}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{what} {path}: no tokenizer saved with the model ({err}); save it with tokenizer.save_pretrained") from None
+    return model, tokenizer
+
+
+def file_prompts(path: str | Path, n: int, tokens: int, tokenizer: Any) -> torch.Tensor:
+    """``n`` prompts of ``tokens`` tokens: consecutive, non-overlapping windows of a text file."""
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n * tokens:
+        raise ValueError(
+            f"--prompt-file {path} has {len(ids)} tokens; {n} prompts of {tokens} tokens need {n * tokens}: "
+            "give a longer file or ask for fewer or shorter prompts"
+        )
+    return torch.tensor(ids[: n * tokens], dtype=torch.long).reshape(n, tokens)
+
+
+def lm_setup(args: Any, n: int, tokens: int) -> LMSetup:
+    """The model and prompts a decoding suite runs on: ``--model``/``--prompt-file`` or the demo's."""
+    from dynexec_compile.models import heldout_prompts, load_demo_lm
+
+    if getattr(args, "model", None):
+        model, tokenizer = load_causal_lm(args.model)
+        label, is_demo = f"model {args.model}", False
+    else:
+        model, tokenizer = load_demo_lm("target")
+        label, is_demo = "demo code LM (models/code-lm/target)", True
+    if getattr(args, "prompt_file", None):
+        prompts, source = file_prompts(args.prompt_file, n, tokens, tokenizer), f"prompts from {args.prompt_file}"
+    else:
+        prompts, source = heldout_prompts(n, tokens, tokenizer), "held-out stdlib prompts"
+    return LMSetup(model, tokenizer, prompts, f"{label}, {source}", is_demo)

@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
-from dynexec_compile.bench.common import SuiteResult, interleaved_medians
+from dynexec_compile.bench.common import SuiteResult, interleaved_medians, lm_setup
 from dynexec_compile.decoding.lookahead import DEFAULTS
+
+TAKES_USER_MODEL = True  # --model / --prompt-file (see bench.common.add_model_arguments)
 
 Config = tuple[int, int, int]  # (window, ngram, guesses)
 DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
@@ -81,11 +83,9 @@ def _run(args: argparse.Namespace) -> SuiteResult:
 
 
 def _demo_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
-    from dynexec_compile.models import heldout_prompts, load_demo_lm
-
-    model, tokenizer = load_demo_lm("target")
-    prompts = heldout_prompts(args.la_prompts or 4, args.la_prompt_tokens or 100, tokenizer)
-    return model, prompts, "demo code LM (models/code-lm/target), held-out stdlib prompts"
+    """The demo target (or ``--model``) and held-out stdlib (or ``--prompt-file``) prompts."""
+    setup = lm_setup(args, args.la_prompts or 4, args.la_prompt_tokens or 100)
+    return setup.model, setup.prompts, setup.label
 
 
 def _quick_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:

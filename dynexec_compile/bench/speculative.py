@@ -31,8 +31,16 @@ import transformers as T
 from tqdm import tqdm
 
 import dynexec_compile as dx
-from dynexec_compile.bench.common import SuiteResult, interleaved_medians, sync
+from dynexec_compile.bench.common import (
+    SuiteResult,
+    interleaved_medians,
+    lm_setup,
+    load_causal_lm,
+    sync,
+)
 from dynexec_compile.decoding.generate import GenerateOutput
+
+TAKES_USER_MODEL = True  # --model / --draft-model / --draft-heads / --prompt-file (bench.common)
 
 
 @dataclass
@@ -40,13 +48,14 @@ class BenchContext:
     """What the variants run on: target, draft, prompt batches and settings."""
 
     target: T.PreTrainedModel
-    draft: T.PreTrainedModel
+    draft: T.PreTrainedModel | None  # None: no draft model given, the draft-model rows are skipped
     prompts: torch.Tensor  # [N, L]
     max_new_tokens: int
     compile: bool
     ks: tuple[int, ...]
     trees: tuple[tuple[int, ...], ...]
     early_exit_layer: int
+    heads_path: str | None = None  # draft heads to load (compiled runs); None: no draft-heads rows
 
 
 @dataclass
@@ -147,9 +156,10 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
     """HF greedy, HF assisted (per k), HF early exit, dynexec greedy."""
     one = "HF assisted generation supports batch size 1 only"
     variants = [Variant("hf_greedy", lambda ids: _hf_generate(ctx, ids), "hf")]
-    variants += [
-        Variant(f"hf_assisted_k{k}", _hf_assisted(ctx, k), "hf", (1,), one, {"k": k}) for k in ctx.ks
-    ]
+    if ctx.draft is not None:
+        variants += [
+            Variant(f"hf_assisted_k{k}", _hf_assisted(ctx, k), "hf", (1,), one, {"k": k}) for k in ctx.ks
+        ]
     k = max(ctx.ks)
     variants.append(
         Variant(
@@ -163,6 +173,8 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
 
 def speculative_variants(ctx: BenchContext) -> list[Variant]:
     """dynexec speculative: a chain per k and each tree, with the draft model."""
+    if ctx.draft is None:
+        return []
     variants = [
         Variant(f"dynexec_spec_k{k}", dynexec_run(ctx, "speculative", draft_model=ctx.draft, num_draft=k), "dynexec",
                 params={"k": k})
@@ -181,12 +193,25 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
     """dynexec draft_heads (the committed heads; untrained ones with --quick; a chain and each
     tree at most k deep) and self_speculative (shared exit head at HF early exit's layer, per k)."""
     from dynexec_compile.decoding.draft_heads import DraftHeads
-    from dynexec_compile.models import demo_draft_heads_path
 
-    if ctx.compile:
-        heads = dx.load_draft_heads(demo_draft_heads_path())
+    if ctx.compile and ctx.heads_path is None:
+        heads = None
+    elif ctx.compile:
+        heads = dx.load_draft_heads(ctx.heads_path)
     else:
         heads = DraftHeads(ctx.target.config.hidden_size, 3, vocab_size=ctx.target.config.vocab_size)
+    variants = [] if heads is None else _draft_heads_variants(ctx, heads)
+    exit_layer = ctx.early_exit_layer
+    variants += [
+        Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",
+                dynexec_run(ctx, "self_speculative", exit_layer=exit_layer, num_draft=k), "dynexec",
+                params={"k": k, "exit_layer": exit_layer})
+        for k in ctx.ks
+    ]
+    return variants
+
+
+def _draft_heads_variants(ctx: BenchContext, heads: Any) -> list[Variant]:
     variants = [
         Variant(f"dynexec_draft_heads_k{heads.num_heads}", dynexec_run(ctx, "draft_heads", heads=heads), "dynexec",
                 params={"k": heads.num_heads})
@@ -196,13 +221,6 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
                 dynexec_run(ctx, "draft_heads", heads=heads, tree=list(tree)), "dynexec", params={"tree": list(tree)})
         for tree in ctx.trees
         if len(tree) <= heads.num_heads
-    ]
-    exit_layer = ctx.early_exit_layer
-    variants += [
-        Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",
-                dynexec_run(ctx, "self_speculative", exit_layer=exit_layer, num_draft=k), "dynexec",
-                params={"k": k, "exit_layer": exit_layer})
-        for k in ctx.ks
     ]
     return variants
 
@@ -230,14 +248,17 @@ def _context(args: argparse.Namespace) -> BenchContext:
         draft.load_state_dict(target.state_dict(), strict=False)  # the target's first layer: agrees often
         prompts = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(1))
         return BenchContext(target, draft, prompts, 24, False, tuple(args.ks or (2, 4)), _trees(args.trees or ["2,2,1"]), 1)
-    from dynexec_compile.models import heldout_prompts, load_demo_lm
+    from dynexec_compile.models import demo_draft_heads_path, load_demo_lm
 
-    target, tokenizer = load_demo_lm("target")
-    draft, _ = load_demo_lm("draft")
-    prompts = heldout_prompts(args.prompts, args.prompt_tokens, tokenizer)
-    layers = target.config.num_hidden_layers
+    setup = lm_setup(args, args.prompts, args.prompt_tokens)
+    if args.draft_model:
+        draft, _ = load_causal_lm(args.draft_model, "--draft-model")
+    else:
+        draft = load_demo_lm("draft")[0] if setup.is_demo else None
+    heads = args.draft_heads or (str(demo_draft_heads_path()) if setup.is_demo else None)
+    layers = setup.model.config.get_text_config(decoder=True).num_hidden_layers
     ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])
-    return BenchContext(target, draft, prompts, args.new_tokens, True, ks, trees, layers // 2)
+    return BenchContext(setup.model, draft, setup.prompts, args.new_tokens, True, ks, trees, layers // 2, heads)
 
 
 def _trees(specs: list[str]) -> tuple[tuple[int, ...], ...]:
@@ -341,6 +362,10 @@ def run(args: argparse.Namespace) -> SuiteResult:
         f"EOS off; median of {repeats} interleaved rounds after a warm-up; {threads} thread(s); "
         "'vs' columns are speed-ups (higher is better)"
     )
+    if ctx.draft is None:
+        result.notes.append("no --draft-model: the draft-model rows (HF assisted, dynexec speculative) are skipped")
+    if ctx.compile and ctx.heads_path is None:
+        result.notes.append("no --draft-heads: the draft-heads rows are skipped (train heads with dx.train_draft_heads)")
     for batch in args.batch_sizes:
         _bench_batch(ctx, variants, batch, repeats, result)
     if args.md:
