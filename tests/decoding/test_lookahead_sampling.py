@@ -215,6 +215,25 @@ def test_sampling_without_guesses_and_near_zero_temperature(tiny):
     assert accepted_guesses(cold.stats) > 0
 
 
+def test_a_sampled_eos_stops_its_row_there_and_pads_the_rest(tiny):
+    model, prompts = tiny
+    ids, mask = batch_of(prompts, 8)
+    eos = 6
+    out = sample(model, ids, mask, PARAMS["temperature"], seed=10, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    generated = out.sequences[:, ids.shape[1] :]
+    stopped = 0
+    for r in range(ids.shape[0]):
+        row, n = generated[r].tolist(), out.stats.new_tokens[r]
+        hits = [i for i, t in enumerate(row[:n]) if t == eos]
+        if hits:
+            stopped += 1
+            assert hits == [n - 1], f"row {r}: generation must end at its first EOS"
+            assert all(t == 0 for t in row[n:]), f"row {r}: padding after EOS"
+        else:
+            assert n == 30
+    assert 0 < stopped < ids.shape[0], "some rows must stop at EOS and some not: the test could not fail"
+
+
 def test_200_sampled_tokens_compile_prefill_step_and_commit_once(tiny):
     model, _ = tiny
     counter = CompileCounterWithBackend("eager")
