@@ -10,6 +10,12 @@ dynexec lookahead at several ``(W, N, G)``. Every output is checked token-identi
 transformers' greedy decoding. Reported: tokens/s, tokens per forward (forwards counted, not
 inferred), ratios, and compile time apart (first call).
 
+Sampling rows: dynexec lookahead with ``do_sample=True`` (default ``(W, N, G)``) against
+dynexec ``strategy="sample"`` at the same temperature, in the same interleaved rounds. Sampled
+outputs cannot equal greedy ones (their losslessness is tested statistically in
+``tests/decoding/test_lookahead_sampling.py``); every call draws from a generator seeded
+alike, so repeats draw the same tokens.
+
 ``--quick`` runs a tiny random LLaMA eagerly in seconds: only the deterministic metrics
 (identical outputs, tokens per forward, forwards) are recorded, for the CI gate.
 """
@@ -45,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     group.add_argument("--lookahead-batches", dest="la_batches", default=None, help="batch sizes, e.g. 1,4 (default 1,4; quick 1,2)")
     group.add_argument("--lookahead-sweep", dest="la_sweep", default=None, help='(W,N,G) configs as "W,N,G;W,N,G"')
     group.add_argument("--lookahead-pld-tokens", dest="la_pld_tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens (default 10)")
+    group.add_argument("--lookahead-temperature", dest="la_temperature", type=float, default=0.8, help="temperature of the sampling rows (default 0.8)")
 
 
 def run(args: argparse.Namespace) -> SuiteResult:
@@ -72,8 +79,10 @@ def _run(args: argparse.Namespace) -> SuiteResult:
         f"time = median of {repeats} interleaved rounds over all prompts; 'first call s' includes compilation; "
         "ratios > 1 mean faster than the baseline"
     )
+    if args.la_temperature <= 0:
+        raise SystemExit(f"--lookahead-temperature must be > 0, got {args.la_temperature}")
     for batch in batches:
-        _run_batch(result, model, prompts, batch, max_new, configs, repeats, args.la_pld_tokens, quick)
+        _run_batch(result, model, prompts, batch, max_new, configs, repeats, args, quick)
     if not quick:
         _plot_sweep(result, Path(args.out or "runs/bench-lookahead.json").with_suffix(".png"))
     return result
@@ -180,6 +189,33 @@ def _variants(
     return variants
 
 
+def _sampling_variants(
+    model: torch.nn.Module, max_new: int, config: Config, temperature: float, quick: bool
+) -> dict[str, tuple[Config | None, bool, Callable[[torch.Tensor, torch.Tensor | None], Generation]]]:
+    """dynexec ``strategy="sample"`` and sampled lookahead at ``config``, each call drawing from
+    a generator with the same seed (so repeats draw the same tokens)."""
+    import dynexec_compile as dx
+
+    device = next(model.parameters()).device
+    common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0, "compile": not quick}
+
+    def ours(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
+        def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:
+            generator = torch.Generator(device=device).manual_seed(0)
+            out = dx.generate(
+                model, ids, mask, do_sample=True, temperature=temperature, generator=generator, **common, **extra
+            )
+            return out.sequences, out.stats.forward_passes
+
+        return fn
+
+    w, n, g = config
+    return {
+        "dx_sample": (None, False, ours(strategy="sample")),
+        f"dx_lookahead_{w}_{n}_{g}_sample": (config, True, ours(strategy="lookahead", window=w, ngram=n, guesses=g)),
+    }
+
+
 def _run_batch(
     result: SuiteResult,
     model: torch.nn.Module,
@@ -188,11 +224,13 @@ def _run_batch(
     max_new: int,
     configs: list[Config],
     repeats: int,
-    pld_tokens: int,
+    args: argparse.Namespace,
     quick: bool,
 ) -> None:
     groups = _batches(prompts, batch)
-    variants = _variants(model, max_new, batch, configs if batch == 1 else configs[:1], pld_tokens, quick)
+    variants = _variants(model, max_new, batch, configs if batch == 1 else configs[:1], args.la_pld_tokens, quick)
+    sampled = _sampling_variants(model, max_new, configs[0], args.la_temperature, quick)
+    variants.update(sampled)
     reference = [variants["hf_greedy"][2](ids, mask)[0] for ids, mask in groups]
     first_call: dict[str, float] = {}
     forwards: dict[str, int] = {}
@@ -202,7 +240,8 @@ def _run_batch(
         outs = [fn(ids, mask) for ids, mask in groups]  # cold: compiles
         first_call[name] = time.perf_counter() - start
         forwards[name] = sum(f for _, f in outs)
-        identical[name] = all(torch.equal(seq, ref) for (seq, _), ref in zip(outs, reference))
+        if name not in sampled:
+            identical[name] = all(torch.equal(seq, ref) for (seq, _), ref in zip(outs, reference))
 
     def all_groups(fn: Callable) -> Callable[[], None]:
         return lambda: [fn(ids, mask) for ids, mask in groups]
@@ -210,6 +249,9 @@ def _run_batch(
     times = interleaved_medians({name: all_groups(v[2]) for name, v in variants.items()}, repeats=repeats, warmup=0)
     new_tokens = sum(ids.shape[0] for ids, _ in groups) * max_new
     for name, (config, pl, _) in variants.items():
+        if name in sampled:
+            result.rows.append(_sampled_row(name, config, batch, max_new, len(groups), new_tokens, forwards, times, first_call, args))
+            continue
         tokens_per_forward = max_new * len(groups) / forwards[name]  # per row: each call gives every row max_new
         row = {
             "batch": batch,
@@ -234,8 +276,40 @@ def _run_batch(
         if not quick and name != "hf_greedy":
             result.metric(f"{key}/speedup_vs_hf_greedy", row["vs hf greedy"], "timing", "higher")
             result.metric(f"{key}/speedup_vs_dx_greedy", row["vs dx greedy"], "timing", "higher")
+    if not quick:
+        name = next(n for n in sampled if n != "dx_sample")
+        result.metric(f"b{batch}/{name}/speedup_vs_dx_sample", times["dx_sample"] / times[name], "timing", "higher")
     if batch > 1:
         result.notes.append(f"batch {batch}: transformers' prompt lookup does not support batches > 1 (not run)")
+
+
+def _sampled_row(
+    name: str,
+    config: Config | None,
+    batch: int,
+    max_new: int,
+    groups: int,
+    new_tokens: int,
+    forwards: dict[str, int],
+    times: dict[str, float],
+    first_call: dict[str, float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """A sampling row: the greedy baselines' columns stay empty, ``vs dx sample`` is filled."""
+    return {
+        "batch": batch,
+        "variant": name,
+        "W,N,G": ",".join(map(str, config)) if config else "",
+        "step tokens": 1 + (config[1] - 1) * (config[0] + config[2]) if config else "",
+        "prompt lookup": "yes" if config else "no",
+        "forwards": forwards[name],
+        "tokens/forward": max_new * groups / forwards[name],
+        "tokens/s": new_tokens / times[name],
+        "ms/forward": 1e3 * times[name] / forwards[name],
+        "vs dx sample": times["dx_sample"] / times[name],
+        "identical": f"n/a (sampled, T={args.la_temperature:g})",
+        "first call s": first_call[name],
+    }
 
 
 def _plot_sweep(result: SuiteResult, path: Path) -> None:
@@ -245,7 +319,7 @@ def _plot_sweep(result: SuiteResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.rows if r["batch"] == 1 and r["W,N,G"] and r["prompt lookup"] == "yes"]
+    rows = [r for r in result.rows if r["batch"] == 1 and r["W,N,G"] and r["prompt lookup"] == "yes" and "vs dx greedy" in r]
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -150,7 +150,7 @@ def generate(
         input_ids: ``[B, L]`` prompts; pad on the left as for ``model.generate``.
         attention_mask: ``[B, L]``, 0 on padding; ``None`` when there is none.
         strategy: ``"greedy"`` (argmax, token-identical to ``model.generate(do_sample=False)``
-            in fp32), ``"sample"``, ``"lookahead"`` (greedy; options ``window``, ``ngram``,
+            in fp32), ``"sample"``, ``"lookahead"`` (greedy or sampling; options ``window``, ``ngram``,
             ``guesses``, ``prompt_lookup``, see :mod:`dynexec_compile.decoding.lookahead`) or
             ``"speculative"`` (``draft_model=``, ``num_draft=`` or ``tree=``; see
             :mod:`dynexec_compile.decoding.speculative`), ``"draft_heads"``,

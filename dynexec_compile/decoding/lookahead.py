@@ -38,8 +38,13 @@ dynexec greedy; there a 16-token step costs ~2.5-3 one-token steps, so narrow wi
 Batches work row by row inside the same tensors: rows accept different counts, each row's
 cache length moves on its own (the :class:`SlotCache` keeps per-row lengths).
 
-Sampling is not supported: accepting guesses losslessly under sampling needs a rejection
-scheme over several candidates, which is not implemented (``NotImplementedError``).
+Sampling (``do_sample=True``) is lossless: the candidates are deterministic guesses, so they
+are merged into a trie and verified by multi-draft rejection sampling with point-mass
+proposals (:mod:`dynexec_compile.decoding.guess_trie`): every emitted token follows the
+target's own temperature / top-k / top-p distribution, and the draws come from the
+``generator`` (same generator state, same tokens). The step's layout, its one forward and
+the cache surgery are those of greedy decoding; the window keeps guessing with the argmax of
+its predictions (it only proposes, correctness never depends on it).
 """
 
 from __future__ import annotations
@@ -57,12 +62,14 @@ from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
+    _next_token,
     _synchronize,
     cache_length,
     compile_count,
     get_engine,
     register_strategy,
 )
+from dynexec_compile.decoding.guess_trie import merge_guesses, verify_guesses
 from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
@@ -262,12 +269,6 @@ def _lookahead(
     **options: Any,
 ) -> GenerateOutput:
     config = LookaheadConfig.from_options(options)
-    if settings.sampling is not None:
-        raise NotImplementedError(
-            "strategy='lookahead' with sampling: lossless verification of the guessed n-grams under "
-            "sampling (multi-candidate rejection sampling) is not implemented; use greedy lookahead "
-            "(do_sample=False) or strategy='sample'"
-        )
     if settings.cache != "static":
         raise ValueError("strategy='lookahead' needs cache='static' (per-row slots for the window and candidates)")
     _, lengths = pack_prompts(input_ids, attention_mask)
@@ -296,14 +297,13 @@ def lookahead_decode(
     settings: DecodeSettings,
     config: LookaheadConfig,
 ) -> GenerateOutput:
-    """Greedy lookahead decoding on ``engine`` (its cache must hold prompt + new tokens + ``T``).
+    """Lookahead decoding on ``engine`` (its cache must hold prompt + new tokens + ``T``):
+    greedy, or lossless sampling when ``settings.sampling`` is set.
 
     Returns what :func:`dynexec_compile.generate` returns; ``stats.extra`` holds the
     configuration, ``step_tokens`` (``T``) and ``guesses_per_step`` (candidates verified per
     step and row).
     """
-    if settings.sampling is not None:
-        raise NotImplementedError("lookahead_decode is greedy only (see strategy='lookahead')")
     device = engine.device
     packed, lengths = pack_prompts(input_ids.to(device), attention_mask)
     if int(lengths.max()) + settings.max_new_tokens + config.step_tokens > engine.max_len:
@@ -353,6 +353,7 @@ class _LookaheadState:
     ):
         device = engine.device
         self.engine, self.config = engine, config
+        self.settings = settings
         layout = step_layout(config.window, config.ngram, config.guesses)
         self.offsets = layout.offsets.to(device)  # [T]
         self.step_range = torch.arange(layout.width, device=device)  # [T]
@@ -363,6 +364,7 @@ class _LookaheadState:
         self.visible = layout.visible.to(device)  # [T, T]
         self.window_index = layout.window.to(device)  # [N-1, W]
         self.candidate_index = layout.candidates.to(device)  # [G, N-1]
+        self.candidate_columns = layout.candidates.tolist()  # the same, for building tries
         self.runs = TokenRuns(
             packed.shape[0], settings.max_new_tokens, config.ngram, settings.eos_token_ids, settings.pad_token_id, device
         )
@@ -378,7 +380,7 @@ class _LookaheadState:
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Prefill the prompts and keep each row's first token."""
-        self.token = self.engine.prefill(input_ids, attention_mask).argmax(dim=-1)  # [B]
+        self.token = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
         ones = torch.ones_like(self.token)
         self.runs.keep(self.token[:, None], ones)
         self._extend_texts(self.token[:, None], ones)
@@ -386,14 +388,19 @@ class _LookaheadState:
     def step(self) -> list[int]:
         """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
         engine = self.engine
-        candidates, valid = self._candidates()  # [B, G, N-1], [B, G]
+        guesses = self._guesses()
+        candidates, valid = self._candidate_tensors(guesses)  # [B, G, N-1], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
         slots = engine.lengths[:, None] + self.step_range  # [B, T]
         positions = (engine.lengths[:, None] + self.offsets).clamp(max=self.last_position)  # [B, T]
         mask = step_mask(engine.lengths, slots, self.visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
-        predicted = engine.step(tokens, positions, mask, slots).argmax(dim=-1)  # [B, T] greedy token after each
+        logits = engine.step(tokens, positions, mask, slots)  # [B, T, V]
+        predicted = logits.argmax(dim=-1)  # [B, T] greedy token after each: the window's next iterate
 
-        run, accepted, run_slots = self._verify(predicted, candidates, valid, slots)  # [B, A], [B], [B, A]
+        if self.settings.sampling is None:
+            run, accepted, run_slots = self._verify(predicted, candidates, valid, slots)  # [B, A], [B], [B, A]
+        else:
+            run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
         kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
         # cache surgery: keep the current token and the accepted candidate tokens, in order
         engine.commit(kept, run_slots)
@@ -430,18 +437,37 @@ class _LookaheadState:
         run_slots = torch.cat([slots[:, :1], slots.gather(1, self.candidate_index[best])], dim=1)  # [B, N]
         return run, matched[rows, best], run_slots
 
-    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, G, N-1] tokens, [B, G] valid)`` per row: prompt-lookup continuations of the last
-        bigram first (with ``prompt_lookup``), then the pool's continuations of the current token."""
+    def _verify_sampled(
+        self, logits: torch.Tensor, guesses: list[list[tuple[int, ...]]], slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lossless sampling: each row's guesses merged into a trie and verified by rejection
+        sampling (:mod:`~dynexec_compile.decoding.guess_trie`). Returns what :meth:`_verify` does,
+        the run ending in the sampled token instead of the greedy one."""
+        tries = [
+            merge_guesses(root, found, self.candidate_columns[: len(found)])
+            for root, found in zip(self.token.tolist(), guesses, strict=True)
+        ]
+        width = self.config.ngram if self.config.guesses else 1  # the greedy run's width: one commit graph
+        return verify_guesses(tries, logits, slots, self.settings.sampling, self.settings.generator, width)
+
+    def _guesses(self) -> list[list[tuple[int, ...]]]:
+        """Up to ``G`` distinct candidates per row: prompt-lookup continuations of the last bigram
+        first (with ``prompt_lookup``), then the pool's continuations of the current token."""
+        guesses = self.config.guesses
+        rows = []
+        for b, key in enumerate(self.token.tolist()):
+            found = self.contexts[b].candidates(guesses) if self.contexts else []
+            found += [c for c in self.pools[b].candidates(key) if c not in found][: guesses - len(found)]
+            rows.append(found)
+        return rows
+
+    def _candidate_tensors(self, guesses: list[list[tuple[int, ...]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, G, N-1] tokens, [B, G] valid)``: the guesses, padded to ``G`` per row."""
         cfg = self.config
         span = cfg.ngram - 1
         filler = (0,) * span
-        rows, valid = [], []
-        for b, key in enumerate(self.token.tolist()):
-            found = self.contexts[b].candidates(cfg.guesses) if self.contexts else []
-            found += [c for c in self.pools[b].candidates(key) if c not in found][: cfg.guesses - len(found)]
-            valid.append([True] * len(found) + [False] * (cfg.guesses - len(found)))
-            rows.append(found + [filler] * (cfg.guesses - len(found)))
+        rows = [found + [filler] * (cfg.guesses - len(found)) for found in guesses]
+        valid = [[True] * len(found) + [False] * (cfg.guesses - len(found)) for found in guesses]
         device = self.token.device
         candidates = torch.tensor(rows, dtype=torch.long, device=device).view(len(rows), cfg.guesses, span)
         return candidates, torch.tensor(valid, dtype=torch.bool, device=device).view(len(rows), cfg.guesses)

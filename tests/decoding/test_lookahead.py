@@ -329,7 +329,6 @@ def test_token_runs_cut_at_eos_and_max_new_tokens():
         ({"window": 2.5}, ValueError, "window must be an int"),
         ({"prompt_lookup": "yes"}, ValueError, "prompt_lookup must be True or False"),
         ({"beam": 2}, ValueError, r"unknown option\(s\) \['beam'\]; valid options are \['guesses', 'ngram', 'prompt_lookup', 'window'\]"),
-        ({"do_sample": True}, NotImplementedError, "lossless verification"),
         ({"cache": "dynamic"}, ValueError, "needs cache='static'"),
     ],
 )

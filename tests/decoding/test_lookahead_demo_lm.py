@@ -49,3 +49,21 @@ def test_compiled_lookahead_on_heldout_code_equals_transformers_without_recompil
     assert torch.equal(out.sequences, ref) and out.stats.tokens_per_forward > 1
     again = dx.generate(MODEL, ids, **kwargs)
     assert again.stats.compiles == 0 and torch.equal(again.sequences, ref)
+
+
+def test_sampled_lookahead_on_heldout_code_is_reproducible_and_cold_sampling_is_greedy():
+    """On the trained LM: the same seed draws the same tokens with guesses accepted, and at a
+    temperature near zero sampling keeps exactly the greedy tokens (and as many per forward)."""
+    ids = heldout_prompts(1, 48, TOKENIZER)
+    kwargs = {"strategy": "lookahead", "max_new_tokens": 48, "eos_token_id": [], "pad_token_id": 0, "compile": False}
+
+    def sample(temperature, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return dx.generate(MODEL, ids, do_sample=True, temperature=temperature, generator=gen, **kwargs)
+
+    warm, again = sample(0.6, 0), sample(0.6, 0)
+    assert torch.equal(warm.sequences, again.sequences)
+    assert warm.stats.forward_passes == warm.stats.steps + 1 and warm.stats.tokens_per_forward > 1
+    cold, greedy = sample(1e-3, 1), dx.generate(MODEL, ids, **kwargs)
+    assert torch.equal(cold.sequences, greedy.sequences)
+    assert cold.stats.forward_passes == greedy.stats.forward_passes
