@@ -448,14 +448,15 @@ Load: `AutoModelForCausalLM.from_pretrained("models/code-lm/target")` (weights a
 `.float()` for exactness tests) or `dynexec_compile.models.load_demo_lm("target")`.
 
 ## Regenerate
-From the repository root (needs `tokenizers`; about an hour on 2 CPU cores):
+From the repository root (needs `tokenizers`), with the committed runs' step counts:
 ```
-nohup nice -n 10 python examples/train_code_lm.py --out {args.out} > train.log 2>&1 &
+nohup python examples/train_code_lm.py --out {args.out} --target-steps {s["target"]["steps"]} --draft-steps {s["draft"]["steps"]} > train.log 2>&1 &
 ```
-Fixed seeds ({args.seed}); the cosine LR schedule is sized to a wall-clock budget
-(target {args.target_minutes} min, draft {args.draft_minutes} min, both at once, one thread each), so the
-step count depends on the machine's speed; pass `--target-steps {s["target"]["steps"]} --draft-steps
-{s["draft"]["steps"]}` for a step-based schedule of the same length.
+This prepares the corpus and tokenizer, then trains both models at once, one thread each.
+Fixed seeds ({args.seed}); the step-based cosine schedule reproduces the committed runs on
+any machine; the CPU time each took is in the table below. Without `--*-steps` the schedule
+is sized to a wall-clock budget (`--target-minutes`, `--draft-minutes`), so the step count
+then depends on the machine's speed.
 
 ## Data
 CPython {corpus["python"]} standard library (`{corpus["stdlib"]}`), `.py` files only, excluding
