@@ -1,0 +1,114 @@
+"""What a verification step of T tokens costs next to a 1-token step, on this machine.
+
+Why: every multi-token strategy (lookahead, speculative, draft heads) wins only if a step
+over ``T`` tokens costs much less than ``T`` one-token steps. On a GPU at batch 1 that holds
+(the step streams the weights once, whatever ``T``); on a CPU whose small model sits in cache
+the step can be bound by arithmetic already at ``T = 1``, and then each extra token costs
+almost a full step. This measures, side by side in one process (round-robin, medians):
+
+- ``DecodeEngine.step`` of the model (compiled as the strategies run it) for each ``T`` in
+  ``--widths``, as a ratio to the 1-token ``DecodeEngine.decode``;
+- the model's matmuls alone (one ``torch.mm`` per weight, ``T`` rows), the same ratios — so
+  you can tell the GEMM library's scaling from dynexec's overhead;
+
+and prints the break-even: a strategy needs more than ``cost(T) / cost(1)`` tokens per step
+at width ``T`` to beat plain decoding.
+
+Usage:
+    python benchmarks/bench_verify_width.py --threads 1 [--model models/code-lm/target] [--out f.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dynexec_compile.bench.common import load_causal_lm
+from dynexec_compile.decoding import DecodeEngine, chain_mask
+from dynexec_compile.models import heldout_prompts, load_demo_lm
+
+
+def round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every 2-D weight a step multiplies by, as row-major ``[in, out]`` (the frozen layout)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return [w.detach().t().contiguous() for w in weights]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="local causal LM folder (default: the demo target)")
+    parser.add_argument("--widths", default="1,2,3,4,5,8,16", help="step widths T")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON result path")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(args.model) if args.model else load_demo_lm("target")
+    widths = [int(w) for w in args.widths.split(",")]
+    prompt = heldout_prompts(1, 64, tokenizer)  # [1, 64]
+    engine = DecodeEngine(model, 1, 64 + max(widths) + 8)
+    engine.prefill(prompt)
+    length = int(engine.lengths[0])
+
+    def step_fn(width: int) -> Callable[[], object]:
+        positions = (length + torch.arange(width))[None]  # [1, T]
+        mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
+        ids = prompt[:, :width]
+        return lambda: engine.step(ids, positions, mask, positions)
+
+    def decode() -> None:
+        engine.decode(prompt[:, :1])
+        engine.cache.lengths.sub_(1)  # stay at the same length: nothing accumulates
+
+    weights = matmul_weights(model)
+
+    def mm_fn(width: int) -> Callable[[], object]:
+        xs = [torch.randn(width, w.shape[0]) for w in weights]
+        return lambda: [torch.mm(x, w) for x, w in zip(xs, weights, strict=True)]
+
+    fns: dict[str, Callable[[], object]] = {"decode": decode}
+    fns.update({f"step{w}": step_fn(w) for w in widths})
+    fns.update({f"mm{w}": mm_fn(w) for w in widths})
+    med = round_robin(fns, args.rounds)
+    rows = []
+    for w in widths:
+        rows.append({
+            "T": w,
+            "step ms": 1e3 * med[f"step{w}"],
+            "step / decode": med[f"step{w}"] / med["decode"],
+            "matmuls ms": 1e3 * med[f"mm{w}"],
+            "matmuls / matmuls(T=1)": med[f"mm{w}"] / med[f"mm{widths[0]}"],
+        })
+    print(f"decode (T=1): {1e3 * med['decode']:.3f} ms; {args.threads} thread(s); "
+          f"{sum(w.numel() for w in weights) / 1e6:.2f}M matmul weights")
+    print("| T | step ms | step / decode (break-even tokens per step) | matmuls ms | matmuls / matmuls(T=1) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['T']} | {r['step ms']:.3f} | {r['step / decode']:.2f} | {r['matmuls ms']:.3f} | "
+              f"{r['matmuls / matmuls(T=1)']:.2f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"decode_ms": 1e3 * med["decode"], "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
