@@ -13,7 +13,12 @@ from dynexec_compile.decoding import DraftHeads
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "options"),
-    [("draft_heads", {"heads": DraftHeads(64, 3, vocab_size=128)}), ("self_speculative", {"exit_layer": 1, "num_draft": 3})],
+    [
+        ("draft_heads", {"heads": DraftHeads(64, 3, vocab_size=128)}),
+        ("self_speculative", {"exit_layer": 1, "num_draft": 3}),
+        ("self_speculative", {"exit_layer": 1, "tree": [3, 2, 1]}),
+    ],
+    ids=["draft_heads", "self_speculative", "self_speculative_tree"],
 )
 def test_inductor_greedy_equals_transformers_without_recompiles(strategy, options):
     model = build_model("qwen2")

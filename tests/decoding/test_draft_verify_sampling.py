@@ -5,7 +5,8 @@ End to end through ``generate``: a tiny LLaMA over an 8-token vocabulary, one pr
 the second and third through drafts and the rejection rule. The joint distribution of the
 three tokens is computed exactly from the model (64 prefixes), and a chi-square test
 compares it with the samples — under temperature, top-k and top-p. The same test must
-reject the untempered distribution, so it can fail.
+reject the untempered distribution, so it can fail. Candidate trees (the drafter's top-k
+tokens as children, point-mass proposals) are tested the same way.
 """
 
 import pytest
@@ -84,7 +85,7 @@ def test_the_chi_square_test_tells_another_distribution_apart(strategy, tiny):
 # ---- candidate trees: children are the drafter's top-k tokens (point-mass proposals) ---------
 
 
-@pytest.mark.parametrize("strategy", ["draft_heads"])
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
 @pytest.mark.parametrize("warp", sorted(PARAMS))
 def test_tree_sampling_follows_the_target_distribution(strategy, warp, tiny):
     model, heads = tiny
@@ -95,7 +96,7 @@ def test_tree_sampling_follows_the_target_distribution(strategy, warp, tiny):
     assert chi_square_pvalue(samples, V, exact_joint(model, PARAMS[warp])) > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["draft_heads"])
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
 def test_tree_sampling_is_reproducible_and_tells_another_distribution_apart(strategy, tiny):
     model, heads = tiny
     a, _ = sample(model, heads, strategy, PARAMS["temperature"], seed=2, tree=[3, 2])
