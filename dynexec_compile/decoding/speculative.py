@@ -2,7 +2,8 @@
 proposes, the target verifies every candidate in one forward.
 
 Each step: the draft model, on its own :class:`DecodeEngine` (static cache, compiled), proposes
-a chain of ``k`` tokens or a candidate tree, one draft forward per tree depth; the target runs
+a chain of ``k`` tokens in ONE compiled call (its ``k`` forwards unrolled into one graph,
+:meth:`DecodeEngine.draft_chain`) or a candidate tree, one draft forward per tree depth; the target runs
 ONE ``DecodeEngine.step`` over the root and all candidates under the tree mask; the shared
 verification rule (:mod:`dynexec_compile.decoding.verify`) picks each row's accepted path and
 bonus token; both caches keep the accepted tokens by moving their keys/values (never
@@ -39,7 +40,7 @@ from dynexec_compile.decoding.generate import (
     get_engine,
     register_strategy,
 )
-from dynexec_compile.decoding.masks import chain_mask, step_mask
+from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
 from dynexec_compile.decoding.verify import (
@@ -133,12 +134,19 @@ class ModelDrafter:
         tokens = torch.zeros(batch, size, dtype=torch.long, device=device)  # [B, T]
         tokens[:, 0] = root
         probs = None
+        if tree.is_chain:  # all k draft forwards in one compiled call
+            feed, positions, slots, _ = self._level_inputs(tokens, base, 0)
+            drafts, draft_probs = engine.draft_chain(feed, positions, slots, tree.num_draft, sampling, generator)
+            tokens[:, 1:] = drafts
+            self.forwards += tree.num_draft
+            self.layer_evals += (feed.shape[1] + tree.num_draft - 1) * self._layers
+            if draft_probs is not None:
+                probs = torch.zeros(batch, size, draft_probs.shape[-1], device=device)  # [B, T, V]
+                probs[:, 1:] = draft_probs
+            return tokens, probs
         for depth, level in enumerate(self._levels):
             feed, positions, slots, visible = self._level_inputs(tokens, base, depth)
-            if tree.is_chain:  # every query sees the slots up to its own
-                mask = chain_mask(slots, engine.max_len, engine.cache.dtype)
-            else:
-                mask = node_mask(base, base, visible, engine.max_len, engine.cache.dtype)
+            mask = node_mask(base, base, visible, engine.max_len, engine.cache.dtype)
             logits = engine.step(feed, positions, mask, slots)  # [B, n, V]
             logits = logits[:, -len(level) :]  # the catch-up query's logits are not needed
             self.forwards += 1

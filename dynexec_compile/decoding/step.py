@@ -9,7 +9,10 @@ compiled entry points, each a fixed-shape graph:
   lengths inside the graph, which then advances them — one call, no host work per step;
 - ``step(tokens, positions, mask, slots)``: the generic fused forward of ``T`` tokens per row
   under a caller-built mask (lookahead windows, draft chains, trees); the caller then keeps
-  what it accepts with ``commit``.
+  what it accepts with ``commit``;
+- ``draft_chain(tokens, positions, slots, k)``: a drafter's ``k`` autoregressive 1-token
+  forwards (greedy or sampled) unrolled into ONE graph, so a draft model proposes a chain in
+  one call instead of ``k`` (each call costs far more than a small draft model's arithmetic).
 
 Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA the
 ``decode`` and ``step`` graphs are captured as CUDA graphs and replayed.
@@ -25,6 +28,7 @@ evaluation on shapes an engine has already run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -37,6 +41,7 @@ from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 
 Backend = str | Callable
 
@@ -180,6 +185,7 @@ class DecodeEngine:
         self._step_fn = compiler(_private_method(self, self._step_impl))
         self._step_hidden_fn = compiler(_private_method(self, self._step_hidden_impl))
         self._commit_fn = compiler(_private_method(self, self._commit_impl))
+        self._draft_chain_fns: dict[SamplingParams | None, Callable] = {}  # one graph family per warp
         if cuda_graphs is None:
             cuda_graphs = on_cuda and mode not in ("reduce-overhead", "max-autotune")
         if cuda_graphs and not on_cuda:
@@ -288,6 +294,64 @@ class DecodeEngine:
         self.forward_passes += 1
         return out
 
+    def draft_chain(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        num_draft: int,
+        sampling: SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft ``num_draft`` tokens per row autoregressively in ONE compiled call.
+
+        The first forward runs ``tokens`` (a chain at consecutive ``slots``, e.g. a catch-up
+        token and the root); each later forward runs the token the previous one proposed, at
+        the next slot and position. The ``k`` forwards are unrolled into one graph, their
+        keys/values written at ``slots[:, -1] + 1 ..`` (scratch until :meth:`commit`).
+
+        Args:
+            tokens, positions, slots: ``[B, n]`` the first forward's chain.
+            num_draft: ``k`` tokens to propose (``k`` forwards).
+            sampling: ``None`` proposes each row's argmax; otherwise each token is drawn from
+                ``sampling_probs(logits, sampling)`` with uniforms from ``generator`` (drawn
+                on the host, so a seeded generator reproduces the draws).
+        Returns:
+            ``(drafts [B, k], probs [B, k, V] | None)``: ``probs[:, i]`` is the distribution
+            draft ``i`` was drawn from (what speculative sampling needs).
+        """
+        if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+            raise ValueError(f"draft_chain: num_draft must be an int >= 1, got {num_draft!r}")
+        batch, width = tokens.shape if tokens.ndim == 2 else (None, None)
+        if batch != self.batch_size or positions.shape != tokens.shape or slots.shape != tokens.shape:
+            raise ValueError(
+                f"draft_chain: tokens, positions and slots must all be [B={self.batch_size}, n], got "
+                f"{tuple(tokens.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}"
+            )
+        if int(slots.min()) < 0 or int(slots[:, -1].max()) + num_draft - 1 >= self.max_len:
+            raise ValueError(
+                f"draft_chain: {num_draft} drafts after slots up to {int(slots.max())} overflow the "
+                f"{self.max_len}-slot cache; build the engine with a larger max_len"
+            )
+        if sampling is None:
+            noise = torch.zeros(batch, num_draft, device=self.device)  # only its shape (k) is read
+        else:  # uniforms in (0, 1]: inverse-CDF draws that never pick a zero-probability token
+            noise = 1.0 - torch.rand(batch, num_draft, generator=generator, device=self.device)
+        fn = self._draft_chain_fns.get(sampling)
+        if fn is None:
+            impl = functools.partial(
+                _private_method(self, self._draft_chain_impl, tag=f"_{len(self._draft_chain_fns)}"),
+                sampling=sampling,
+            )
+            fn = self._compiler(impl)
+            if self.cuda_graphs:
+                fn = CudaGraphRunner(fn)
+            self._draft_chain_fns[sampling] = fn
+        entry = f"draft_chain{list(self._draft_chain_fns).index(sampling)}"
+        drafts, probs = self._run(entry, fn, tokens, positions, slots, noise)
+        self.forward_passes += num_draft
+        return drafts, probs
+
     def frozen_weights_changed(self) -> bool:
         """Whether the model's weights changed since this engine froze them (``freeze=True``)."""
         return self._weights_at_freeze is not None and weights_fingerprint(self.model) != self._weights_at_freeze
@@ -394,6 +458,31 @@ class DecodeEngine:
         out = self._forward(tokens, positions, slots, mask, hidden=True)
         return out.logits, out.hidden_states[-1]
 
+    def _draft_chain_impl(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        noise: torch.Tensor,
+        sampling: SamplingParams | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # tokens/positions/slots: [B, n] the first forward; noise: [B, k] uniforms in (0, 1]
+        keep = 1 if self._accepts_logits_to_keep else None  # only the last query's logits are read
+        drafts, probs = [], []
+        for i in range(noise.shape[1]):
+            mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, n, S]
+            logits = self._forward(tokens, positions, slots, mask, keep=keep).logits[:, -1]  # [B, V]
+            if sampling is None:
+                token = logits.argmax(dim=-1)  # [B]
+            else:
+                p = sampling_probs(logits, sampling)  # [B, V]
+                cdf = p.cumsum(dim=-1)  # [B, V]
+                token = (cdf < noise[:, i : i + 1] * cdf[:, -1:]).sum(dim=-1).clamp(max=p.shape[-1] - 1)
+                probs.append(p)
+            drafts.append(token)
+            tokens, positions, slots = token[:, None], positions[:, -1:] + 1, slots[:, -1:] + 1  # [B, 1]
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
     # ---- checks -------------------------------------------------------------------------
 
     def _refresh_bound(self, width: int) -> None:
@@ -433,7 +522,7 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-def _private_method(owner: object, method: Callable) -> Callable:
+def _private_method(owner: object, method: Callable, tag: str = "") -> Callable:
     """``method`` bound to ``owner`` with a code object of its own.
 
     Dynamo keys compiled graphs by code object: private code objects keep each engine's graphs
@@ -444,7 +533,7 @@ def _private_method(owner: object, method: Callable) -> Callable:
     name = f"{func.__name__}_engine{id(owner):x}"
     renames = {"co_name": name}
     if hasattr(func.__code__, "co_qualname"):  # Python >= 3.11
-        renames["co_qualname"] = f"{func.__qualname__}_engine{id(owner):x}"
+        renames["co_qualname"] = f"{func.__qualname__}_engine{id(owner):x}{tag}"
     code = func.__code__.replace(**renames)
     private = types.FunctionType(code, func.__globals__, name, func.__defaults__, func.__closure__)
     return types.MethodType(private, owner)

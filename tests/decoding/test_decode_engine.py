@@ -6,6 +6,7 @@ from conftest import build_model, left_padded_batch
 from transformers import GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration
 
 from dynexec_compile.decoding import DecodeEngine, chain_mask
+from dynexec_compile.decoding.sampling import SamplingParams
 from dynexec_compile.decoding.step import pack_prompts, prefill_bucket
 
 
@@ -114,3 +115,41 @@ def test_step_can_return_the_final_hidden_states(lm):
     with torch.no_grad():
         torch.testing.assert_close(lm.get_output_embeddings()(hidden), logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(engine.step(tokens, positions, mask4), logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_draft_chain_equals_greedy_decoding_and_draws_reproducibly(kind):
+    """k drafts from one draft_chain call are what k greedy steps of the stock model produce,
+    from a first chain of one token or two (a catch-up token before the root)."""
+    model = build_model(kind)
+    ids, mask = left_padded_batch([5, 9])
+    prompts = [ids[r, mask[r] == 1] for r in range(2)]
+    engine = DecodeEngine(model, batch_size=2, max_len=48, compile=False)
+    for first in ([[11], [12]], [[3, 11], [4, 12]]):
+        engine.prefill(ids, mask)
+        feed = torch.tensor(first)  # [B, n]
+        positions = engine.lengths[:, None] + torch.arange(feed.shape[1])
+        drafts, probs = engine.draft_chain(feed, positions, positions.clone(), 4)
+        assert probs is None and drafts.shape == (2, 4) and engine.lengths.tolist() == [5, 9], "nothing committed"
+        for r in range(2):
+            text = torch.cat([prompts[r], feed[r]])
+            for i in range(4):
+                expect = int(full_logits(model, text)[-1].argmax())
+                assert int(drafts[r, i]) == expect
+                text = torch.cat([text, torch.tensor([expect])])
+
+    sampling = SamplingParams(temperature=0.8, top_k=20)
+    engine.prefill(ids, mask)
+    start = engine.lengths[:, None].clone()
+    draws = [engine.draft_chain(torch.tensor([[11], [12]]), start, start.clone(), 3, sampling, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(draws[0][0], draws[1][0]), "a seeded generator reproduces the draws"
+    probs = draws[0][1]
+    assert probs.shape == (2, 3, model.config.vocab_size)
+    chosen = probs.gather(2, draws[0][0][:, :, None])
+    assert (chosen > 0).all(), "a draft is never a token its distribution excludes"
+    assert ((probs > 0).sum(-1) <= 20).all(), "top-k is applied"
+    with pytest.raises(ValueError, match="num_draft"):
+        engine.draft_chain(torch.tensor([[11], [12]]), start, start.clone(), 0)
+    with pytest.raises(ValueError, match="overflow"):
+        far = torch.full((2, 1), 46)
+        engine.draft_chain(torch.tensor([[11], [12]]), far, far.clone(), 4)
