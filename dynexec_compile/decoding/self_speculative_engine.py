@@ -115,7 +115,10 @@ class SelfSpeculativeEngine(DecodeEngine):
         """Per depth: the level's node range (contiguous in breadth-first order) and, for the
         next level's nodes, their parent's index within this level and their rank among
         their siblings (which of the exit head's top tokens they take)."""
-        depth = tree.max_depth
+        depth, vocab = tree.max_depth, int(self.model.config.get_text_config(decoder=True).vocab_size)
+        widest = max(len(kids) for kids in tree.children)
+        if widest > vocab:
+            raise ValueError(f"a tree node has {widest} children but the vocabulary has {vocab} tokens; use fewer children")
         self._levels = [(min(tree.level(d)), max(tree.level(d)) + 1) for d in range(depth + 1)]
         self._child_parent, self._child_rank, self._top = [], [], []
         for d in range(depth):

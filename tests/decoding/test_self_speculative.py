@@ -302,6 +302,8 @@ def test_tree_arguments_are_checked(llama4):
         generate(llama4, ids, mask, tree="3,2")
     with pytest.raises(ValueError, match="tree branching"):
         generate(llama4, ids, mask, tree=[2, 0])
+    with pytest.raises(ValueError, match="200 children but the vocabulary has 128"):
+        generate(llama4, ids, mask, tree=[200])
 
 
 def test_tree_sampling_near_zero_temperature_is_greedy(llama4):
