@@ -1,7 +1,7 @@
 """Acceptance and work per token of the self-drafting strategies on the demo target (deterministic).
 
 For ``draft_heads`` (chain and trees, the committed heads) and ``self_speculative`` (shared
-exit head, a sweep of exit layers E and draft lengths k): acceptance rate, accepted drafts
+exit head, a sweep of exit layers E, draft lengths k and trees): acceptance rate, accepted drafts
 per step, tokens per target forward and token x layer evaluations per generated token
 (target + drafter; plain greedy decoding costs L = 8). Eager and greedy, so the figures do
 not depend on the machine; every output is checked equal to ``model.generate``. Timings are
@@ -41,6 +41,11 @@ def main() -> None:
     runs += [("draft_heads", f"tree {t}", {"heads": heads, "tree": [int(b) for b in t.split(",")]}) for t in args.trees]
     runs += [
         ("self_speculative", f"E={e}, k={k}", {"exit_layer": e, "num_draft": k}) for e in args.exit_layers for k in args.ks
+    ]
+    runs += [
+        ("self_speculative", f"E={e}, tree {t}", {"exit_layer": e, "tree": [int(b) for b in t.split(",")]})
+        for e in args.exit_layers
+        for t in args.trees
     ]
     rows = []
     for strategy, setting, options in runs:

@@ -191,7 +191,8 @@ def speculative_variants(ctx: BenchContext) -> list[Variant]:
 
 def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
     """dynexec draft_heads (the committed heads; untrained ones with --quick; a chain and each
-    tree at most k deep) and self_speculative (shared exit head at HF early exit's layer, per k)."""
+    tree at most k deep) and self_speculative (shared exit head at HF early exit's layer, per k
+    and each tree)."""
     from dynexec_compile.decoding.draft_heads import DraftHeads
 
     if ctx.compile and ctx.heads_path is None:
@@ -207,6 +208,12 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
                 dynexec_run(ctx, "self_speculative", exit_layer=exit_layer, num_draft=k), "dynexec",
                 params={"k": k, "exit_layer": exit_layer})
         for k in ctx.ks
+    ]
+    variants += [
+        Variant(f"dynexec_selfspec_E{exit_layer}_tree" + "x".join(map(str, tree)),
+                dynexec_run(ctx, "self_speculative", exit_layer=exit_layer, tree=list(tree)), "dynexec",
+                params={"tree": list(tree), "exit_layer": exit_layer})
+        for tree in ctx.trees
     ]
     return variants
 

@@ -6,8 +6,23 @@ draft heads inside its graph, proposes the next ``k``. Row ``b`` keeps the candi
 target agrees with plus the target's own next token, so greedy output is token-identical
 to greedy decoding; sampling uses speculative rejection sampling with each head's warped
 distribution as the proposal (:mod:`dynexec_compile.decoding.verify`), so the output follows
-the target's own sampling distribution. With ``tree=`` (greedy) the forward scores a Medusa
-candidate tree instead of a chain (:meth:`DraftHeadsEngine.verify_tree`).
+the target's own sampling distribution. With ``tree=`` the forward scores a Medusa candidate
+tree instead of a chain (:meth:`DraftHeadsEngine.verify_tree` when greedy).
+
+Sampling with a tree: the tree's node tokens are the heads' top-k tokens (the same tree as
+greedy), deterministic given the context, so each node's proposal is a point mass on its
+token (:func:`~dynexec_compile.decoding.verify.point_mass_probs`) and the shared multi-draft
+rejection rule accepts child ``x`` with the target's probability ``p(x)``, removes ``x`` from
+``p`` after a rejection and tries the next sibling — lossless. Why not draw the children
+from the heads' warped distributions (:func:`~dynexec_compile.decoding.verify.draw_children`):
+a head for offset ``d + 1`` predicts the target's distribution marginalised over the ``d``
+tokens in between, flatter than the target's conditional distribution at the node, so
+sampled children overlap it less than its top tokens do at the low temperatures where
+drafting pays; and deterministic children keep the next tree a function of the heads'
+logits, built inside the compiled graph with no host-side draws. Per step: one target
+forward (:meth:`DraftHeadsEngine.score_tree`), the rejection sampling, and a small graph
+without decoder layers that gathers the kept path and proposes the next tree
+(:meth:`DraftHeadsEngine.keep_path`).
 """
 
 from __future__ import annotations
@@ -34,7 +49,14 @@ from dynexec_compile.decoding.generate import (
 from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
-from dynexec_compile.decoding.verify import TreeSpec, Verdict, acceptance_stats, as_tree, verify
+from dynexec_compile.decoding.verify import (
+    TreeSpec,
+    Verdict,
+    acceptance_stats,
+    as_tree,
+    point_mass_probs,
+    verify,
+)
 
 
 def draft_heads_strategy(
@@ -51,7 +73,7 @@ def draft_heads_strategy(
 
     Options: ``heads`` (required); ``tree``: ``None`` for a chain of one candidate per head,
     or a candidate tree (children per depth, e.g. ``[4, 2, 1]``, or a ``TreeSpec``) at most
-    ``k`` deep whose depth-``d`` nodes take head ``d``'s top tokens — greedy only.
+    ``k`` deep whose depth-``d`` nodes take head ``d``'s top tokens — greedy or sampling.
     """
     if options:
         raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= and tree=")
@@ -61,11 +83,6 @@ def draft_heads_strategy(
         raise ValueError("strategy='draft_heads' runs on the static SlotCache; pass cache='static'")
     check_heads_fit(model, heads)
     spec = None if tree is None else as_tree(tree, None)
-    if spec is not None and settings.sampling is not None:
-        raise NotImplementedError(
-            "tree= with sampling is not implemented for strategy='draft_heads' (the tree's siblings would need "
-            "proposals drawn without replacement from each head); sample with a chain (tree=None)"
-        )
     width = heads.num_heads + 1 if spec is None else spec.size
     _, lengths = pack_prompts(input_ids, attention_mask)
     batch = input_ids.shape[0]
@@ -106,8 +123,14 @@ def _decode(
         tokens = engine.tree_tokens(pending, head_logits)  # [B, T]
     while not out.done:
         live = ~out.finished  # [B]
-        if engine.tree is not None:  # one graph: verify the tree, keep the best path, propose
+        if engine.tree is not None and sampling is None:  # one graph: verify the tree, keep the best path, propose
             emitted, accepted, _, tokens = engine.verify_tree(tokens, live)  # [B, D+1], [B], _, [B, T]
+        elif engine.tree is not None:
+            logits, hidden = engine.score_tree(tokens)  # [B, T, V], [B, T, D]: the one target forward
+            draft_probs = point_mass_probs(engine.tree, tokens, logits.shape[-1])  # [B, T, V]
+            verdict = verify(engine.tree, tokens, logits, draft_probs, sampling, settings.generator)
+            accepted, emitted = verdict.accepted, verdict.tokens  # [B], [B, D+1]
+            _, tokens = engine.keep_path(hidden, verdict, live)  # next tree [B, T]
         elif sampling is None:  # one graph: verify, accept, commit, propose
             emitted, accepted, _, tokens = engine.verify_greedy(tokens, live)  # [B, k+1], [B], _, [B, k+1]
         else:
@@ -135,12 +158,12 @@ def _decode(
         "tree": None if engine.tree is None else list(engine.tree.parents),
         **acceptance_stats(drafted, accepted_drafts),
         "target_forwards": stats.forward_passes,
-        "draft_forwards": 0,  # the heads run inside the target's forward
+        "draft_forwards": 0,  # the heads run inside the target's forward (tree sampling: in keep_path's graph)
         # token x layer evaluations per row in the decoding steps (prefill not counted):
         # every step runs all L layers on its k + 1 (chain) or T (tree) tokens; heads: one block each
         "target_layer_evals": stats.steps * engine.stack.num_layers * width,
         "draft_layer_evals": 0,
-        "draft_head_evals": stats.steps * k * (1 if sampling is None else k + 1),
+        "draft_head_evals": stats.steps * k * (1 if sampling is None or engine.tree is not None else k + 1),
     }
     return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
 

@@ -19,6 +19,11 @@ accepted* position, so their guesses continue the sequence the step keeps.
   all nodes are verified in the same single forward under the tree mask (positions by
   depth, slots by node), the deepest path the target agrees with is kept (its keys/values
   gathered in the cache, in the graph) and the heads read that path's last node.
+- Sampling with a candidate tree: the same tree, split where the random acceptance test
+  goes: ``score_tree`` (the one target forward: logits ``[B, T, V]`` and final hidden states
+  at every node, nothing committed), the caller's rejection sampling, then ``keep_path``
+  (gather the accepted path in the cache, the heads on its last node, the next tree) — a
+  small graph without any decoder layer.
 
 The prefill (``prefill_propose``) also ends in the heads, so the first step already has
 candidates. The model is run through :class:`DecoderStack` (its own modules, final norm and
@@ -44,7 +49,7 @@ from dynexec_compile.decoding.step import (
     pack_prompts,
     prefill_bucket,
 )
-from dynexec_compile.decoding.verify import TreeSpec, tree_positions, verify_greedy
+from dynexec_compile.decoding.verify import TreeSpec, Verdict, tree_positions, verify_greedy
 
 
 class DraftHeadsEngine(DecodeEngine):
@@ -89,8 +94,12 @@ class DraftHeadsEngine(DecodeEngine):
         self._verify_greedy_fn = self._compiler(_private_method(self, self._verify_greedy_impl))
         self._verify_all_fn = self._compiler(_private_method(self, self._verify_all_impl))
         self._verify_tree_fn = self._compiler(_private_method(self, self._verify_tree_impl))
+        self._score_tree_fn = self._compiler(_private_method(self, self._score_tree_impl))
+        self._keep_path_fn = self._compiler(_private_method(self, self._keep_path_impl))
         if self.cuda_graphs:
             self._verify_tree_fn = CudaGraphRunner(self._verify_tree_fn, state=[self.cache.lengths])
+            self._score_tree_fn = CudaGraphRunner(self._score_tree_fn)
+            self._keep_path_fn = CudaGraphRunner(self._keep_path_fn, state=[self.cache.lengths])
             self._verify_greedy_fn = CudaGraphRunner(self._verify_greedy_fn, state=[self.cache.lengths])
             self._verify_all_fn = CudaGraphRunner(self._verify_all_fn)
 
@@ -158,16 +167,44 @@ class DraftHeadsEngine(DecodeEngine):
             ``(emitted [B, D+1], accepted [B], heads' logits [B, k, V], next tree [B, T])``: row
             ``b`` emits ``emitted[b, :accepted[b] + 1]``.
         """
-        tree = self.tree
-        if tree is None:
-            raise ValueError("verify_tree needs an engine built with tree=TreeSpec")
-        if tokens.shape != (self.batch_size, tree.size):
-            raise ValueError(f"draft-heads tree step: tokens must be [B={self.batch_size}, T={tree.size}], got {tuple(tokens.shape)}")
-        if self._length_bound + tree.size > self.max_len:
-            self._refresh_bound(tree.size)
+        tree = self._check_tree(tokens)
         out = self._run("verify_tree", self._verify_tree_fn, tokens, live)
         self.forward_passes += 1
         self._length_bound += tree.max_depth + 1
+        return out
+
+    def score_tree(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target forward of a sampling tree step; nothing is committed.
+
+        Args:
+            tokens: ``[B, T]`` the tree's tokens (:meth:`tree_tokens`), root first; node ``i``'s
+                keys/values are written at slot ``lengths + i`` (scratch until :meth:`keep_path`).
+        Returns:
+            ``(logits [B, T, V], final hidden states [B, T, D])`` at every node.
+        """
+        self._check_tree(tokens)
+        out = self._run("score_tree", self._score_tree_fn, tokens)
+        self.forward_passes += 1
+        return out
+
+    def keep_path(
+        self, hidden: torch.Tensor, verdict: Verdict, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After :meth:`score_tree` and the caller's verification: commit each live row's root
+        and accepted path (keys/values gathered, not recomputed), run the heads on the path's
+        last node and build the next tree (no decoder layer runs).
+
+        Args:
+            hidden: ``[B, T, D]`` from :meth:`score_tree`.
+            verdict: the :class:`Verdict` of that step.
+            live: ``[B]`` bool, rows that commit.
+        Returns:
+            ``(heads' logits [B, k, V], next tree [B, T])`` rooted at ``verdict.next_token``.
+        """
+        out = self._run(
+            "keep_path", self._keep_path_fn, hidden, verdict.accepted, verdict.path, verdict.next_token, live
+        )
+        self._length_bound += self.tree.max_depth + 1
         return out
 
     def verify_all(
@@ -198,6 +235,16 @@ class DraftHeadsEngine(DecodeEngine):
         with torch.no_grad():
             fn(tokens, live)
         return graphs[0]
+
+    def _check_tree(self, tokens: torch.Tensor) -> TreeSpec:
+        tree = self.tree
+        if tree is None:
+            raise ValueError("tree steps need an engine built with tree=TreeSpec")
+        if tokens.shape != (self.batch_size, tree.size):
+            raise ValueError(f"draft-heads tree step: tokens must be [B={self.batch_size}, T={tree.size}], got {tuple(tokens.shape)}")
+        if self._length_bound + tree.size > self.max_len:
+            self._refresh_bound(tree.size)
+        return tree
 
     def _check_chain(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
         if tokens.ndim != 2 or tokens.shape[1] != self.num_heads + 1:
@@ -245,16 +292,29 @@ class DraftHeadsEngine(DecodeEngine):
         self, tokens: torch.Tensor, live: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # tokens: [B, T] root + tree nodes; live: [B]
+        logits, h = self._score_tree_impl(tokens)  # [B, T, V], [B, T, D]
+        verdict = verify_greedy(self.tree, tokens, logits)
+        head_logits, next_tree = self._keep_path_impl(h, verdict.accepted, verdict.path, verdict.next_token, live)
+        return verdict.tokens, verdict.accepted, head_logits, next_tree
+
+    def _score_tree_impl(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # tokens: [B, T] root + tree nodes, at positions lengths + depth, slots lengths + node
         tree, lengths = self.tree, self.cache.lengths
         positions, slots = tree_positions(tree, lengths)  # [B, T] each
         mask = step_mask(lengths, slots, tree.visible(tokens.device), self.cache.max_len, self.cache.dtype)
         h = self._hidden(tokens, positions, mask, slots)  # [B, T, D]
-        verdict = verify_greedy(tree, tokens, self.stack.lm_head(h))
-        counts = torch.where(live, verdict.accepted + 1, 0)  # [B]: root + accepted path
-        self.cache.apply_commit(counts, lengths[:, None] + verdict.path)  # gather the path, advance
-        last = verdict.path.gather(1, verdict.accepted[:, None])  # [B, 1] the path's last node
+        return self.stack.lm_head(h), h
+
+    def _keep_path_impl(
+        self, h: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor, next_token: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # h: [B, T, D]; accepted, next_token, live: [B]; path: [B, D+1]
+        lengths = self.cache.lengths
+        counts = torch.where(live, accepted + 1, 0)  # [B]: root + accepted path
+        self.cache.apply_commit(counts, lengths[:, None] + path)  # gather the path, advance
+        last = path.gather(1, accepted[:, None])  # [B, 1] the path's last node
         head_logits = self.heads(h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0], self.stack.lm_head)
-        return verdict.tokens, verdict.accepted, head_logits, self.tree_tokens(verdict.next_token, head_logits)
+        return head_logits, self.tree_tokens(next_token, head_logits)  # [B, k, V], [B, T]
 
     def _verify_all_impl(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor

@@ -153,8 +153,8 @@ def generate(
             in fp32), ``"sample"``, ``"lookahead"`` (greedy or sampling; options ``window``, ``ngram``,
             ``guesses``, ``prompt_lookup``, see :mod:`dynexec_compile.decoding.lookahead`) or
             ``"speculative"`` (``draft_model=``, ``num_draft=`` or ``tree=``; see
-            :mod:`dynexec_compile.decoding.speculative`), ``"draft_heads"``,
-            ``"self_speculative"``.
+            :mod:`dynexec_compile.decoding.speculative`), ``"draft_heads"`` (``heads=``, optional
+            ``tree=``), ``"self_speculative"`` (``exit_layer=``, ``num_draft=`` or ``tree=``).
         max_new_tokens: tokens to generate per row (>= 1).
         eos_token_id: stop a row at this token (or any of a list); ``None`` takes the model's
             ``generation_config.eos_token_id``.

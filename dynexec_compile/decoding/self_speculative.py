@@ -15,6 +15,21 @@ layers. Greedy output is token-identical to greedy decoding, and a greedy step i
 compiled graph (drafts, verification, acceptance, commit); sampling uses speculative
 rejection sampling (the shared verification core) with the exit head's warped distribution
 as the proposal, one graph per draft pass plus one for the verification.
+
+``tree=`` (branching per depth, e.g. ``[3, 2, 1]``, or a ``TreeSpec``): the draft grows a
+candidate tree level by level, a node's children being the exit head's top tokens there,
+and one pass of layers ``E..L`` verifies all nodes under the tree mask; the accepted path's
+keys/values are gathered in every layer's cache, never recomputed. Drafting and verifying
+are one graph per step (greedy: with the acceptance and the commit). Sampling with a tree
+uses the same deterministic top-k children, so each node's proposal is a point mass on its
+token (:func:`~dynexec_compile.decoding.verify.point_mass_probs`): child ``x`` is accepted
+with the target's probability ``p(x)``, a rejection removes ``x`` from ``p`` and the next
+sibling is tried, the bonus comes from what is left — lossless. Why not children drawn from
+the exit head's warped distribution (:func:`~dynexec_compile.decoding.verify.draw_children`):
+each level would need host-side random draws between the draft passes, splitting the step
+into ``D + 1`` graphs, where deterministic children keep drafting and verification in one
+graph; and at the low temperatures where drafting pays, the head's top tokens carry most of
+the target's mass.
 """
 
 from __future__ import annotations
@@ -46,7 +61,14 @@ from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
 from dynexec_compile.decoding.step import check_causal_lm, pack_prompts, weights_fingerprint
-from dynexec_compile.decoding.verify import TreeSpec, acceptance_stats, verify
+from dynexec_compile.decoding.verify import (
+    TreeSpec,
+    acceptance_stats,
+    as_tree,
+    commit_verdict,
+    point_mass_probs,
+    verify,
+)
 from dynexec_compile.exit_heads import ExitHeads
 
 EXIT_HEADS = ("shared", "trained")
@@ -62,7 +84,7 @@ def self_speculative_strategy(
     exit_layer: int | None = None,
     exit_head: str = "shared",
     exit_heads: ExitHeads | None = None,
-    num_draft: int = DEFAULT_NUM_DRAFT,
+    num_draft: int | None = None,
     tree: Any = None,
     **options: Any,
 ) -> GenerateOutput:
@@ -70,7 +92,9 @@ def self_speculative_strategy(
 
     Options: ``exit_layer`` (``E``, required), ``exit_head`` (``"shared"`` | ``"trained"``),
     ``exit_heads`` (the trained heads, for ``"trained"``), ``num_draft`` (``k`` drafted tokens
-    per step).
+    per step in a chain, default 4), ``tree`` (a candidate tree instead of a chain: children
+    per depth, e.g. ``[3, 2, 1]``, or a ``TreeSpec``; ``num_draft``, if given, must equal its
+    drafted-token count).
     """
     if options:
         raise TypeError(
@@ -79,25 +103,27 @@ def self_speculative_strategy(
         )
     if exit_layer is None:
         raise ValueError("strategy='self_speculative' needs exit_layer=E (the layers the draft runs)")
-    if tree is not None:
-        raise NotImplementedError("tree= with strategy='self_speculative' is not implemented yet: the draft is a chain")
     if settings.cache != "static":
         raise ValueError("strategy='self_speculative' runs on the static SlotCache; pass cache='static'")
-    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+    if tree is None and num_draft is None:
+        num_draft = DEFAULT_NUM_DRAFT
+    spec = None if tree is None else as_tree(tree, num_draft)
+    if spec is None and (isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1):
         raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
     head, head_key = _exit_head(model, exit_layer, exit_head, exit_heads)
     _, lengths = pack_prompts(input_ids, attention_mask)
     batch = input_ids.shape[0]
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=num_draft + 1)
+    width = num_draft + 1 if spec is None else spec.size
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=width)
     engine = cached_engine(
         model,
         batch,
         max_len,
         settings,
-        ("self_speculative", exit_layer, head_key),
-        lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, **engine_options(settings)),
+        ("self_speculative", exit_layer, head_key, None if spec is None else spec.parents),
+        lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, spec, **engine_options(settings)),
     )
-    return _decode(engine, input_ids, attention_mask, settings, num_draft)
+    return _decode(engine, input_ids, attention_mask, settings, width - 1)
 
 
 def _exit_head(
@@ -167,7 +193,9 @@ def _decode(
     offsets = torch.arange(k + 1, device=device)
     while not out.done:
         live = ~out.finished  # [B]
-        if settings.sampling is None:  # the whole step is one graph, commit included
+        if engine.tree is not None:
+            emitted, accepted, pending = _tree_step(engine, pending, live, settings)  # [B, D+1], [B], [B]
+        elif settings.sampling is None:  # the whole step is one graph, commit included
             emitted, accepted = engine.step_greedy(pending, live, k)  # [B, k+1], [B]
             pending = emitted.gather(1, accepted[:, None])[:, 0]
         else:
@@ -190,21 +218,40 @@ def _decode(
     stats.forward_passes = engine.forward_passes - forwards0
     stats.compiles = compile_count() - compiles0
     layer_tokens = [a - b for a, b in zip(engine.layer_tokens, layer_tokens0)]
-    exit_layer = engine.exit_layer
+    exit_layer, tree = engine.exit_layer, engine.tree
+    # the draft reads k tokens (a tree: the nodes above its deepest level) in D passes; the
+    # verification runs layers < E on the rest (the last draft / the deepest level) and
+    # layers >= E on all k + 1 — no token runs a layer twice
+    unread = 1 if tree is None else engine.tree_leaves
     stats.extra = {
         "num_draft": k,
+        "tree": None if tree is None else list(tree.parents),
         "exit_layer": exit_layer,
         **acceptance_stats(drafted, accepted_drafts),
         "target_forwards": stats.forward_passes,
-        "draft_forwards": stats.steps * k,
-        # token x layer evaluations per row in the decoding steps (prefill not counted): the
-        # draft runs layers < E on k tokens per step; the verification layers < E on the last
-        # draft only and layers >= E on all k + 1 tokens — no token runs a layer twice
-        "draft_layer_evals": stats.steps * exit_layer * k,
-        "target_layer_evals": stats.steps * (exit_layer + (engine.stack.num_layers - exit_layer) * (k + 1)),
+        "draft_forwards": stats.steps * (k if tree is None else tree.max_depth),
+        # token x layer evaluations per row in the decoding steps (prefill not counted)
+        "draft_layer_evals": stats.steps * exit_layer * (k + 1 - unread),
+        "target_layer_evals": stats.steps * (exit_layer * unread + (engine.stack.num_layers - exit_layer) * (k + 1)),
         "layer_tokens": layer_tokens,
     }
     return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+
+
+def _tree_step(
+    engine: SelfSpeculativeEngine, pending: torch.Tensor, live: torch.Tensor, settings: DecodeSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tree step: ``(tokens [B, D+1], accepted [B], next pending [B])``; row ``b`` emits
+    ``tokens[b, :accepted[b] + 1]``; live rows' root and accepted path are committed."""
+    tree = engine.tree
+    if settings.sampling is None:  # one graph: draft, verify, accept, gather the path
+        emitted, accepted = engine.step_tree_greedy(pending, live)
+        return emitted, accepted, emitted.gather(1, accepted[:, None])[:, 0]
+    tokens, logits = engine.draft_tree(pending)  # [B, T], [B, T, V]
+    draft_probs = point_mass_probs(tree, tokens, logits.shape[-1])  # deterministic top-k children
+    verdict = verify(tree, tokens, logits, draft_probs, settings.sampling, settings.generator)
+    commit_verdict(engine, tree, verdict, live)  # root + accepted path, gathered in every layer
+    return verdict.tokens, verdict.accepted, verdict.next_token
 
 
 def _draft_chain(

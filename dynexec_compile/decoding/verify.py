@@ -15,7 +15,10 @@ own. One implementation of that rule keeps "lossless" meaning the same thing eve
   is accepted (or at a leaf) the bonus token is drawn from the current ``p``. Each emitted
   token then follows the target's own sampling distribution exactly, for any proposals
   ``q_x`` as long as child ``x`` really was drawn from ``q_x`` given the earlier siblings
-  (:func:`draw_children` draws without replacement and reports those ``q_x``).
+  (:func:`draw_children` draws without replacement and reports those ``q_x``). A drafter
+  whose children are fixed by its state (its top-k tokens) proposes point masses
+  (:func:`point_mass_probs`): child ``x`` is accepted with probability ``p(x)``, a rejection
+  removes ``x`` from ``p``, and the bonus is drawn from what is left.
 
 Tree layout (:class:`TreeSpec`): node 0 is the *root*, the last emitted token, which is not
 yet in the KV cache; nodes ``1..N`` are drafted tokens in breadth-first order
@@ -55,6 +58,7 @@ __all__ = [
     "as_tree",
     "commit_verdict",
     "draw_children",
+    "point_mass_probs",
     "tree_positions",
     "verify",
     "verify_greedy",
@@ -422,6 +426,34 @@ def draw_children(
         child_probs.append(q)
         remaining = remaining.index_put((rows, token), torch.zeros((), device=probs.device))
     return torch.stack(tokens, dim=1), torch.stack(child_probs, dim=1)
+
+
+def point_mass_probs(tree: TreeSpec, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``draft_probs`` for a tree whose node tokens are deterministic given the drafter's state
+    (its top-k children): a point mass on each node's token.
+
+    With a point mass, :func:`verify_sampling` accepts child ``x`` with probability ``p(x)`` and
+    after a rejection tries the next sibling under ``p`` with ``x`` removed — multi-draft
+    rejection sampling for deterministic proposals, lossless. A sibling repeating an earlier
+    sibling's token gets an all-zero row (never accepted: its token is already out of ``p``).
+
+    Args:
+        tree: the candidate tree (``T`` nodes).
+        tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
+        vocab: ``V``.
+    Returns:
+        ``[B, T, V]`` float32; row 0 (the root) is all zero.
+    """
+    # tokens: [B, T]
+    device = tokens.device
+    parents = tree._parent_index.to(device)  # [T]
+    index = torch.arange(tree.size, device=device)
+    earlier_sibling = (parents[:, None] == parents[None, :]) & (index[None, :] < index[:, None])  # [T, T]
+    earlier_sibling[:, 0] = False  # the root is its own parent in _parent_index, no one's sibling
+    repeats = ((tokens[:, :, None] == tokens[:, None, :]) & earlier_sibling[None]).any(dim=-1)  # [B, T]
+    repeats[:, 0] = True  # the root is not drafted
+    probs = torch.nn.functional.one_hot(tokens, vocab).float()  # [B, T, V]
+    return probs * (~repeats)[:, :, None]
 
 
 def acceptance_stats(drafted: list[list[int]], accepted: list[list[int]]) -> dict[str, Any]:

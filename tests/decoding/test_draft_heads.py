@@ -239,10 +239,27 @@ def test_tree_options_are_checked(heads_for):
     ids, mask = left_padded_batch([5, 5])
     with pytest.raises(ValueError, match="4 deep but there are 3 draft heads"):
         dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1, 1, 1], max_new_tokens=4, compile=False)
-    with pytest.raises(NotImplementedError, match="tree= with sampling"):
-        dx.generate(
-            model, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1], do_sample=True, max_new_tokens=4, compile=False
+    with pytest.raises(TypeError, match="tree must be None"):
+        dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, tree="2,1", max_new_tokens=4, compile=False)
+
+
+def test_tree_sampling_is_one_target_forward_per_step_without_recompiles(heads_for):
+    """Sampling trees: batch of 3 rows of different lengths, one target forward per step, rows
+    accepting their own numbers of drafts, no compile after the first call."""
+    model, heads = heads_for("gpt2")
+    counter = CompileCounterWithBackend("eager")
+    for seed in (1, 2):
+        ids, mask = left_padded_batch([7, 12, 5], seed=seed)
+        out = dx.generate(
+            model, ids, mask, strategy="draft_heads", heads=heads, tree=[3, 2, 1], do_sample=True, temperature=0.5,
+            generator=torch.Generator().manual_seed(seed), max_new_tokens=30, eos_token_id=[], backend=counter,
         )
+        assert counter.frame_count == 3, "prefill (+ heads), the tree forward, the keep-path graph (no layers)"
+        assert out.stats.forward_passes == out.stats.steps + 1
+        assert out.stats.new_tokens == [30, 30, 30]
+        assert out.stats.steps < 29, "accepted drafts save forwards"
+        assert any(len(set(rows)) > 1 for rows in out.stats.extra["accepted_drafts_per_step"])
+    assert out.stats.compiles == 0
 
 
 def test_tree_step_is_one_graph_without_recompiles(heads_for):

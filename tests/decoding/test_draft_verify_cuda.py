@@ -16,7 +16,12 @@ pytestmark = [
 
 @pytest.mark.parametrize(
     ("strategy", "options"),
-    [("draft_heads", {"heads": DraftHeads(64, 3, vocab_size=128)}), ("self_speculative", {"exit_layer": 1, "num_draft": 3})],
+    [
+        ("draft_heads", {"heads": DraftHeads(64, 3, vocab_size=128)}),
+        ("self_speculative", {"exit_layer": 1, "num_draft": 3}),
+        ("self_speculative", {"exit_layer": 1, "tree": [3, 2, 1]}),
+    ],
+    ids=["draft_heads", "self_speculative", "self_speculative_tree"],
 )
 def test_cuda_graph_replay_equals_transformers(strategy, options):
     model = build_model("llama").cuda()

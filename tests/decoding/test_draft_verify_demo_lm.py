@@ -41,3 +41,14 @@ def test_greedy_on_heldout_code_equals_transformers(strategy, rows):
     rate = out.stats.extra["acceptance_rate"]
     assert rate > 0.1, f"acceptance {rate:.3f}: if the target was retrained, rerun examples/train_draft_heads.py"
     assert out.stats.forward_passes < sum(out.stats.new_tokens) / rows, "fewer target forwards than tokens"
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_self_speculative_tree_on_heldout_code_equals_transformers(rows):
+    ids, mask = padded_prompts(rows)
+    with torch.no_grad():
+        ref = MODEL.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=48)
+    out = dx.generate(MODEL, ids, mask, strategy="self_speculative", exit_layer=4, tree=[3, 2, 1], max_new_tokens=48, compile=False)
+    assert torch.equal(out.sequences, ref)
+    chain = dx.generate(MODEL, ids, mask, strategy="self_speculative", exit_layer=4, num_draft=3, max_new_tokens=48, compile=False)
+    assert out.stats.steps < chain.stats.steps, "the tree accepts more per step than its first branch"

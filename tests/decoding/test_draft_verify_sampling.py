@@ -5,7 +5,8 @@ End to end through ``generate``: a tiny LLaMA over an 8-token vocabulary, one pr
 the second and third through drafts and the rejection rule. The joint distribution of the
 three tokens is computed exactly from the model (64 prefixes), and a chi-square test
 compares it with the samples — under temperature, top-k and top-p. The same test must
-reject the untempered distribution, so it can fail.
+reject the untempered distribution, so it can fail. Candidate trees (the drafter's top-k
+tokens as children, point-mass proposals) are tested the same way.
 """
 
 import pytest
@@ -51,8 +52,12 @@ def exact_joint(model, params):
     return first[:, None, None] * second[:, :, None] * third.view(V, V, V)
 
 
-def sample(model, heads, strategy, params, seed):
-    options = {"heads": heads} if strategy == "draft_heads" else {"exit_layer": 1, "num_draft": 2}
+def sample(model, heads, strategy, params, seed, tree=None):
+    options = {"heads": heads} if strategy == "draft_heads" else {"exit_layer": 1}
+    if tree is not None:
+        options["tree"] = tree
+    elif strategy == "self_speculative":
+        options["num_draft"] = 2
     out = dx.generate(
         model, PROMPT.expand(ROWS, -1), strategy=strategy, do_sample=True, temperature=params.temperature,
         top_k=params.top_k, top_p=params.top_p, generator=torch.Generator().manual_seed(seed), max_new_tokens=N,
@@ -75,3 +80,26 @@ def test_the_chi_square_test_tells_another_distribution_apart(strategy, tiny):
     model, heads = tiny
     samples, _ = sample(model, heads, strategy, PARAMS["temperature"], seed=2)
     assert chi_square_pvalue(samples, V, exact_joint(model, SamplingParams(temperature=1.0))) < 1e-6
+
+
+# ---- candidate trees: children are the drafter's top-k tokens (point-mass proposals) ---------
+
+
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
+@pytest.mark.parametrize("warp", sorted(PARAMS))
+def test_tree_sampling_follows_the_target_distribution(strategy, warp, tiny):
+    model, heads = tiny
+    samples, stats = sample(model, heads, strategy, PARAMS[warp], seed=1, tree=[3, 2])
+    accepted = sum(map(sum, stats.extra["accepted_drafts_per_step"]))
+    assert accepted > 0.05 * ROWS, "drafts must be accepted for the test to mean something"
+    assert stats.extra["mean_accepted_per_step"] < 2, "and rejected"
+    assert chi_square_pvalue(samples, V, exact_joint(model, PARAMS[warp])) > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
+def test_tree_sampling_is_reproducible_and_tells_another_distribution_apart(strategy, tiny):
+    model, heads = tiny
+    a, _ = sample(model, heads, strategy, PARAMS["temperature"], seed=2, tree=[3, 2])
+    b, _ = sample(model, heads, strategy, PARAMS["temperature"], seed=2, tree=[3, 2])
+    assert torch.equal(a, b), "the same seed gives the same tokens"
+    assert chi_square_pvalue(a, V, exact_joint(model, SamplingParams(temperature=1.0))) < 1e-6

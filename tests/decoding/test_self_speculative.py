@@ -189,8 +189,129 @@ def test_the_users_model_and_heads_are_not_modified(llama4):
     head_state = {k: v.clone() for k, v in heads.state_dict().items()}
     ids, mask = left_padded_batch([5, 7])
     generate(llama4, ids, mask, exit_layer=2, max_new_tokens=8)
+    generate(llama4, ids, mask, exit_layer=2, tree=[2, 1], max_new_tokens=8)
+    generate(llama4, ids, mask, exit_layer=2, tree=[2, 1], max_new_tokens=8, do_sample=True)
     dx.generate(llama4, ids, mask, strategy="draft_heads", heads=heads, tree=[2, 1], max_new_tokens=8, compile=False)
     assert llama4.config._attn_implementation == attn
     assert all(torch.equal(v, state[k]) for k, v in llama4.state_dict().items())
     assert all(torch.equal(v, head_state[k]) for k, v in heads.state_dict().items())
     assert all(p.grad is None for p in llama4.parameters())
+
+
+# ---- candidate trees --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("tree", [[3, 2, 1], [2, 2]])
+def test_tree_greedy_equals_transformers(kind, tree):
+    model = build_model(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = generate(model, ids, mask, tree=tree)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.forward_passes == out.stats.steps + 1, "one graph per step: the tree's draft and verification"
+    assert out.stats.extra["acceptance_rate"] > 0
+    assert any(len(set(rows)) > 1 for rows in out.stats.extra["accepted_drafts_per_step"]), "rows accept their own"
+
+
+def test_tree_accepts_more_than_its_first_branch():
+    """The tree's first branch is the chain of the exit head's top tokens: from the same state
+    the tree accepts at least as much, and over a run it takes fewer steps."""
+    model = build_model("gpt2")
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    chain = generate(model, ids, mask, num_draft=3)
+    tree = generate(model, ids, mask, tree=[3, 2, 1])
+    first_branch = generate(model, ids, mask, tree=dx.decoding.TreeSpec.chain(3))
+    assert torch.equal(tree.sequences, chain.sequences) and torch.equal(first_branch.sequences, chain.sequences)
+    assert first_branch.stats.steps == chain.stats.steps
+    assert tree.stats.steps < chain.stats.steps
+
+
+def test_tree_with_a_trained_head_and_uneven_branching_equals_transformers(llama4):
+    """A TreeSpec whose nodes have different numbers of children (some none above the last
+    level), a trained exit head, E = 2 of 4 layers."""
+    text = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    heads = dx.train_exit_lm_head(llama4, text, exit_layer=2, steps=10, batch_size=4, seq_len=32, progress=False)
+    spec = dx.decoding.TreeSpec((-1, 0, 0, 0, 1, 1, 2, 4, 4, 6))  # node 3 and 5 have no children
+    ids, mask = left_padded_batch([6, 10, 3], seed=5)
+    out = generate(llama4, ids, mask, exit_layer=2, exit_head="trained", exit_heads=heads, tree=spec)
+    assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 40))
+    assert out.stats.extra["tree"] == list(spec.parents)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_tree_layers_below_the_exit_run_once_per_node(llama4, do_sample):
+    """Per step every layer processes each of the T nodes exactly once: layers < E level by
+    level while drafting (the deepest level in the verification), layers >= E in one pass."""
+    exit_layer, tree = 2, dx.decoding.TreeSpec.from_branching([2, 2, 1])  # levels of 1, 2, 4, 4 nodes
+    seen: dict[int, list[int]] = {i: [] for i in range(4)}
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args, kwargs, i=i: seen[i].append(args[0].shape[1]), with_kwargs=True)
+        for i, layer in enumerate(llama4.model.layers)
+    ]
+    try:
+        ids, mask = left_padded_batch([6, 10], seed=5)
+        sampling = {"do_sample": True, "generator": torch.Generator().manual_seed(0)} if do_sample else {}
+        out = generate(llama4, ids, mask, exit_layer=exit_layer, tree=tree, max_new_tokens=30, **sampling)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not do_sample:
+        assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 30))
+    steps, size = out.stats.steps, tree.size
+    assert out.stats.extra["acceptance_rate"] > 0
+    for layer in range(exit_layer):  # the draft: one call per level, the leaves in the verification
+        assert seen[layer][1:] == [1, 2, 4, 4] * steps, layer
+    for layer in range(exit_layer, 4):  # the verification: all nodes at once
+        assert seen[layer][1:] == [size] * steps, layer
+    assert out.stats.extra["layer_tokens"] == [steps * size] * 4
+    assert out.stats.extra["draft_layer_evals"] == steps * exit_layer * (1 + 2 + 4)
+    assert out.stats.extra["target_layer_evals"] == steps * (exit_layer * 4 + (4 - exit_layer) * size)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_tree_max_new_tokens_and_eos(max_new_tokens, llama4):
+    ids, mask = left_padded_batch([5, 9], seed=2)
+    out = generate(llama4, ids, mask, exit_layer=2, tree=[2, 2, 1], max_new_tokens=max_new_tokens)
+    assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, max_new_tokens))
+    free = hf_greedy(llama4, ids, mask, 30)
+    eos = int(free[1, ids.shape[1] + max_new_tokens])
+    out = generate(llama4, ids, mask, exit_layer=2, tree=[2, 2, 1], max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 30, eos=[eos]))
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_tree_no_recompiles_after_warmup(llama4, do_sample):
+    counter = CompileCounterWithBackend("eager")
+    sampling = {"do_sample": True, "temperature": 0.7} if do_sample else {}
+    for seed in (1, 8):
+        ids, mask = left_padded_batch([7, 12], seed=seed)
+        out = generate(llama4, ids, mask, exit_layer=2, tree=[3, 2, 1], compile=True, backend=counter,
+                       generator=torch.Generator().manual_seed(seed), **sampling)
+        if not do_sample:
+            assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 40))
+        # greedy: the prefill and the whole tree step; sampling: the prefill, draft + verification, the commit
+        assert counter.frame_count == (3 if do_sample else 2)
+    assert out.stats.compiles == 0
+
+
+def test_tree_arguments_are_checked(llama4):
+    ids, mask = left_padded_batch([5, 5])
+    with pytest.raises(ValueError, match="num_draft=3 but the tree has 6 drafted nodes"):
+        generate(llama4, ids, mask, tree=[2, 2], num_draft=3)
+    with pytest.raises(TypeError, match="tree must be None"):
+        generate(llama4, ids, mask, tree="3,2")
+    with pytest.raises(ValueError, match="tree branching"):
+        generate(llama4, ids, mask, tree=[2, 0])
+    with pytest.raises(ValueError, match="200 children but the vocabulary has 128"):
+        generate(llama4, ids, mask, tree=[200])
+
+
+def test_tree_sampling_near_zero_temperature_is_greedy(llama4):
+    """Sampling's own path (host verification, point-mass proposals, the commit graph that
+    gathers the accepted path) over many steps: at a temperature where the target's
+    distribution is a point mass on its argmax, the output is greedy's."""
+    ids, mask = left_padded_batch([6, 10, 3], seed=4)
+    out = generate(llama4, ids, mask, exit_layer=2, tree=[3, 2, 1], do_sample=True, temperature=1e-4,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.sequences, hf_greedy(llama4, ids, mask, 40))
+    assert out.stats.extra["mean_accepted_per_step"] > 0.3
