@@ -254,6 +254,8 @@ def train(args: argparse.Namespace, which: str) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + (0 if which == "target" else 1))
     work, dest = Path(args.out) / ".work", Path(args.out) / which
+    if args.samples and not (Path(args.out) / "heldout_files.txt").is_file():  # fail now, not after training
+        raise SystemExit(f"{Path(args.out) / 'heldout_files.txt'} is missing: run --stage prepare first (or --samples 0)")
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
     streams = load_file(work / "tokens.safetensors")
     train_ids, held = streams["train"].long(), streams["heldout"]
@@ -325,10 +327,11 @@ def train(args: argparse.Namespace, which: str) -> None:
         "heldout_ppl": round(math.exp(final), 3),
         "heldout_eval_tokens": windows[:, 1:].numel(),
         "seed": args.seed,
-        "samples": greedy_samples(model, tok, args),
     }
-    save_model(model, tok, dest)
+    save_model(model, tok, dest)  # the weights first: nothing after this can lose the run
     plot_losses(log, which, dest / "loss_curve.png")
+    (dest / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["samples"] = greedy_samples(model, tok, args)
     (dest / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for s in summary["samples"]:
         print(f"----- {s['file']}\n{s['prompt']}\033[1m{s['continuation']}\033[0m")
