@@ -22,30 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dynexec_compile.bench.common import load_causal_lm
+from dynexec_compile.bench.common import interleaved_medians, load_causal_lm
 from dynexec_compile.decoding import DecodeEngine, chain_mask
 from dynexec_compile.models import heldout_prompts, load_demo_lm
-
-
-def round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def matmul_weights(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -89,7 +73,7 @@ def main() -> None:
     fns: dict[str, Callable[[], object]] = {"decode": decode}
     fns.update({f"step{w}": step_fn(w) for w in widths})
     fns.update({f"mm{w}": mm_fn(w) for w in widths})
-    med = round_robin(fns, args.rounds)
+    med = interleaved_medians(fns, repeats=args.rounds, warmup=3)
     rows = []
     for w in widths:
         rows.append({

@@ -249,9 +249,6 @@ def _run_batch(
     times = interleaved_medians({name: all_groups(v[2]) for name, v in variants.items()}, repeats=repeats, warmup=0)
     new_tokens = sum(ids.shape[0] for ids, _ in groups) * max_new
     for name, (config, pl, _) in variants.items():
-        if name in sampled:
-            result.rows.append(_sampled_row(name, config, batch, max_new, len(groups), new_tokens, forwards, times, first_call, args))
-            continue
         tokens_per_forward = max_new * len(groups) / forwards[name]  # per row: each call gives every row max_new
         row = {
             "batch": batch,
@@ -263,12 +260,18 @@ def _run_batch(
             "tokens/forward": tokens_per_forward,
             "tokens/s": new_tokens / times[name],
             "ms/forward": 1e3 * times[name] / forwards[name],
-            "vs hf greedy": times["hf_greedy"] / times[name],
-            "vs hf prompt lookup": times["hf_prompt_lookup"] / times[name] if "hf_prompt_lookup" in times else None,
-            "vs dx greedy": times["dx_greedy"] / times[name],
-            "identical": "yes" if identical[name] else "NO",
-            "first call s": first_call[name],
         }
+        if name in sampled:  # the greedy baselines' columns stay empty, ``vs dx sample`` is filled
+            row["vs dx sample"] = times["dx_sample"] / times[name]
+            row["identical"] = f"n/a (sampled, T={args.la_temperature:g})"
+            row["first call s"] = first_call[name]
+            result.rows.append(row)
+            continue
+        row["vs hf greedy"] = times["hf_greedy"] / times[name]
+        row["vs hf prompt lookup"] = times["hf_prompt_lookup"] / times[name] if "hf_prompt_lookup" in times else None
+        row["vs dx greedy"] = times["dx_greedy"] / times[name]
+        row["identical"] = "yes" if identical[name] else "NO"
+        row["first call s"] = first_call[name]
         result.rows.append(row)
         key = f"b{batch}/{name}"
         result.metric(f"{key}/outputs_equal", float(identical[name]), "exact")
@@ -281,35 +284,6 @@ def _run_batch(
         result.metric(f"b{batch}/{name}/speedup_vs_dx_sample", times["dx_sample"] / times[name], "timing", "higher")
     if batch > 1:
         result.notes.append(f"batch {batch}: transformers' prompt lookup does not support batches > 1 (not run)")
-
-
-def _sampled_row(
-    name: str,
-    config: Config | None,
-    batch: int,
-    max_new: int,
-    groups: int,
-    new_tokens: int,
-    forwards: dict[str, int],
-    times: dict[str, float],
-    first_call: dict[str, float],
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """A sampling row: the greedy baselines' columns stay empty, ``vs dx sample`` is filled."""
-    return {
-        "batch": batch,
-        "variant": name,
-        "W,N,G": ",".join(map(str, config)) if config else "",
-        "step tokens": 1 + (config[1] - 1) * (config[0] + config[2]) if config else "",
-        "prompt lookup": "yes" if config else "no",
-        "forwards": forwards[name],
-        "tokens/forward": max_new * groups / forwards[name],
-        "tokens/s": new_tokens / times[name],
-        "ms/forward": 1e3 * times[name] / forwards[name],
-        "vs dx sample": times["dx_sample"] / times[name],
-        "identical": f"n/a (sampled, T={args.la_temperature:g})",
-        "first call s": first_call[name],
-    }
 
 
 def _plot_sweep(result: SuiteResult, path: Path) -> None:

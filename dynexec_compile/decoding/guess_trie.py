@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dynexec_compile.decoding.sampling import SamplingParams
-from dynexec_compile.decoding.verify import TreeSpec, verify_sampling
+from dynexec_compile.decoding.verify import TreeSpec, point_mass_probs, verify_sampling
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,8 @@ def verify_guesses(
         index = torch.tensor([tries[b].index for b in members], device=device)  # [b, n]
         tokens = torch.tensor([tries[b].tokens for b in members], device=device)  # [b, n]
         node_logits = logits[rows[:, None], index]  # [b, n, V]
-        point_mass = torch.nn.functional.one_hot(tokens, vocab).float()  # [b, n, V]
-        draft_probs = point_mass * torch.tensor(guessed, device=device)[None, :, None]
+        # the trie's siblings are distinct; the filler node (guessed False) is never accepted
+        draft_probs = point_mass_probs(tree, tokens, vocab) * torch.tensor(guessed, device=device)[None, :, None]
         verdict = verify_sampling(tree, tokens, node_logits, draft_probs, sampling, generator)
         run[rows] = _fit(verdict.tokens, width)
         accepted[rows] = verdict.accepted

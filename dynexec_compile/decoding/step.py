@@ -185,7 +185,8 @@ class DecodeEngine:
         self._step_fn = compiler(_private_method(self, self._step_impl))
         self._step_hidden_fn = compiler(_private_method(self, self._step_hidden_impl))
         self._commit_fn = compiler(_private_method(self, self._commit_impl))
-        self._draft_chain_fns: dict[SamplingParams | None, Callable] = {}  # one graph family per warp
+        # per sampling warp (None: greedy): the warm-key entry name and the compiled draft chain
+        self._draft_chain_fns: dict[SamplingParams | None, tuple[str, Callable]] = {}
         if cuda_graphs is None:
             cuda_graphs = on_cuda and mode not in ("reduce-overhead", "max-autotune")
         if cuda_graphs and not on_cuda:
@@ -337,17 +338,12 @@ class DecodeEngine:
             noise = torch.zeros(batch, num_draft, device=self.device)  # only its shape (k) is read
         else:  # uniforms in (0, 1]: inverse-CDF draws that never pick a zero-probability token
             noise = 1.0 - torch.rand(batch, num_draft, generator=generator, device=self.device)
-        fn = self._draft_chain_fns.get(sampling)
-        if fn is None:
-            impl = functools.partial(
-                _private_method(self, self._draft_chain_impl, tag=f"_{len(self._draft_chain_fns)}"),
-                sampling=sampling,
-            )
+        if sampling not in self._draft_chain_fns:
+            entry = f"draft_chain{len(self._draft_chain_fns)}"
+            impl = functools.partial(_private_method(self, self._draft_chain_impl, tag=entry), sampling=sampling)
             fn = self._compiler(impl)
-            if self.cuda_graphs:
-                fn = CudaGraphRunner(fn)
-            self._draft_chain_fns[sampling] = fn
-        entry = f"draft_chain{list(self._draft_chain_fns).index(sampling)}"
+            self._draft_chain_fns[sampling] = (entry, CudaGraphRunner(fn) if self.cuda_graphs else fn)
+        entry, fn = self._draft_chain_fns[sampling]
         drafts, probs = self._run(entry, fn, tokens, positions, slots, noise)
         self.forward_passes += num_draft
         return drafts, probs

@@ -16,6 +16,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from dynexec_compile.decoding import SamplingParams, sampling_probs
+
 VOCAB = 128
 
 
@@ -84,3 +86,37 @@ def chi_square_pvalue(samples: torch.Tensor, vocab: int, probs: torch.Tensor) ->
     stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
     dof = int(keep.sum()) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+# ---- lossless-sampling tests: a tiny vocabulary and the exact distribution of continuations ----
+
+SAMPLING_WARPS = {
+    "temperature": SamplingParams(temperature=1.5),
+    "top_k": SamplingParams(temperature=0.8, top_k=5),
+    "top_p": SamplingParams(top_p=0.85),
+}
+
+
+def tiny_sampling_lm(vocab: int, max_positions: int) -> LlamaForCausalLM:
+    """A 2-layer LLaMA over ``vocab`` tokens, init range 0.3 so its distributions are far from
+    uniform; seeded, so the same model in every run (later draws continue the seeded stream)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, max_position_embeddings=max_positions, initializer_range=0.3,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def exact_joint(model, prompt: list[int], params: SamplingParams, n: int) -> torch.Tensor:
+    """``[V] * n``: probability of each ``n``-token continuation of ``prompt`` under the warped model."""
+    vocab = model.config.vocab_size
+    joint = torch.ones(())
+    prefixes = torch.tensor([prompt])  # [V**k, L + k]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = sampling_probs(model(prefixes).logits[:, -1], params)  # [V**k, V]
+            joint = joint[..., None] * nxt.view(*joint.shape, vocab)
+            grown = torch.arange(vocab).repeat(prefixes.shape[0])[:, None]  # [V**(k+1), 1]
+            prefixes = torch.cat([prefixes.repeat_interleave(vocab, dim=0), grown], dim=1)
+    return joint

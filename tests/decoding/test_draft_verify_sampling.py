@@ -11,29 +11,20 @@ tokens as children, point-mass proposals) are tested the same way.
 
 import pytest
 import torch
-from conftest import chi_square_pvalue
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import SAMPLING_WARPS, chi_square_pvalue, tiny_sampling_lm
+from conftest import exact_joint as conftest_exact_joint
 
 import dynexec_compile as dx
-from dynexec_compile.decoding import DraftHeads, SamplingParams, sampling_probs
+from dynexec_compile.decoding import DraftHeads, SamplingParams
 
 V, ROWS, N = 8, 2000, 3
 PROMPT = torch.tensor([[1, 5, 2, 7]])
-PARAMS = {
-    "temperature": SamplingParams(temperature=1.5),
-    "top_k": SamplingParams(temperature=0.8, top_k=5),
-    "top_p": SamplingParams(top_p=0.85),
-}
+PARAMS = SAMPLING_WARPS
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, max_position_embeddings=64, initializer_range=0.3,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_sampling_lm(V, 64)
     heads = DraftHeads(32, 2, vocab_size=V)
     with torch.no_grad():
         for p in heads.parameters():
@@ -43,13 +34,7 @@ def tiny():
 
 def exact_joint(model, params):
     """``[V, V, V]``: probability of each 3-token continuation of PROMPT under the warped target."""
-    with torch.no_grad():
-        first = sampling_probs(model(PROMPT).logits[0, -1], params)  # [V]
-        x1 = torch.arange(V)[:, None]
-        second = sampling_probs(model(torch.cat([PROMPT.expand(V, -1), x1], 1)).logits[:, -1], params)  # [V, V]
-        x12 = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V*V, 2]
-        third = sampling_probs(model(torch.cat([PROMPT.expand(V * V, -1), x12], 1)).logits[:, -1], params)
-    return first[:, None, None] * second[:, :, None] * third.view(V, V, V)
+    return conftest_exact_joint(model, PROMPT[0].tolist(), params, N)
 
 
 def sample(model, heads, strategy, params, seed, tree=None):

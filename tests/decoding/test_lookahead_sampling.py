@@ -15,9 +15,9 @@ import importlib
 
 import pytest
 import torch
-from conftest import chi_square_pvalue, left_padded_batch
+from conftest import SAMPLING_WARPS, chi_square_pvalue, left_padded_batch, tiny_sampling_lm
+from conftest import exact_joint as conftest_exact_joint
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import dynexec_compile as dx
 from dynexec_compile.decoding import (
@@ -25,7 +25,6 @@ from dynexec_compile.decoding import (
     LookaheadConfig,
     SamplingParams,
     lookahead_decode,
-    sampling_probs,
 )
 from dynexec_compile.decoding.generate import DecodeSettings, cache_length
 from dynexec_compile.decoding.guess_trie import merge_guesses, verify_guesses
@@ -34,21 +33,12 @@ V, ROWS, N = 8, 2000, 3
 # the package re-exports the function verify under the submodule's name
 verify_module = importlib.import_module("dynexec_compile.decoding.verify")
 OPTIONS = {"window": 2, "ngram": 4, "guesses": 3}
-PARAMS = {
-    "temperature": SamplingParams(temperature=1.5),
-    "top_k": SamplingParams(temperature=0.8, top_k=5),
-    "top_p": SamplingParams(top_p=0.85),
-}
+PARAMS = SAMPLING_WARPS
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, max_position_embeddings=256, initializer_range=0.3,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_sampling_lm(V, 256)
     with torch.no_grad():  # prompts of lengths 9 and 7: greedy continuations of 1 and of 4
         prompts = [model.generate(torch.tensor([[t]]), do_sample=False, max_new_tokens=n - 1)[0].tolist() for t, n in ((1, 9), (4, 7))]
     return model, prompts
@@ -67,16 +57,7 @@ def batch_of(prompts, rows_each):
 
 
 def exact_joint(model, prompt, params, n=N):
-    """``[V] * n``: probability of each ``n``-token continuation of ``prompt`` under the warped model."""
-    joint = torch.ones(())
-    prefixes = torch.tensor([prompt])  # [V**k, L + k]
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = sampling_probs(model(prefixes).logits[:, -1], params)  # [V**k, V]
-            joint = joint[..., None] * nxt.view(*joint.shape, V)
-            grown = torch.arange(V).repeat(prefixes.shape[0])[:, None]  # [V**(k+1), 1]
-            prefixes = torch.cat([prefixes.repeat_interleave(V, dim=0), grown], dim=1)
-    return joint
+    return conftest_exact_joint(model, prompt, params, n)
 
 
 def sample(model, ids, mask, params, seed, max_new_tokens=N, **kwargs):
