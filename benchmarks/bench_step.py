@@ -9,8 +9,11 @@ prompt) of
   user would write it (shapes grow, so Dynamo goes dynamic after the first steps);
 - ``compile_static``: transformers' ``StaticCache`` with ``torch.compile(model.forward,
   fullgraph=True)`` — the set-up transformers documents for compiled decoding;
-- ``dynexec`` (+ variants with Inductor options): ``DecodeEngine.decode`` on dynexec's
-  ``SlotCache`` with a ``fullgraph``, ``dynamic=False`` compiled step;
+- ``compile_static_max_autotune``: the same with ``mode="max-autotune"`` (Inductor's GEMM
+  autotuning: on CPU its C++ GEMM template against MKL) — the best plain set-up we know;
+- ``dynexec`` (+ variants with Inductor options, ``dynexec[mode=max-autotune]`` among them):
+  ``DecodeEngine.decode`` on dynexec's ``SlotCache`` with a ``fullgraph``, ``dynamic=False``
+  compiled step;
 
 and the floors, measured in the same run: one pass over all the model's matmul weights as
 batch-1 GEMVs (the step's arithmetic with nothing else around it; at batch 1 it streams the
@@ -55,6 +58,7 @@ from dynexec_compile.models import heldout_prompts
 
 FLOOR = "floor: matmul pass"
 DEFAULT_VARIANTS = {
+    "dynexec[mode=max-autotune]": {"mode": "max-autotune"},
     "dynexec[attention=model]": {"attention": None},
     "dynexec[freeze=False]": {"freeze": False},
     "dynexec[skip_guards=False]": {"skip_guards": False},
@@ -113,6 +117,7 @@ def hf_methods(model, prompt: torch.Tensor, max_len: int) -> list[Method]:
     state: dict[str, object] = {}
     compiled_model = torch.compile(model)
     compiled_forward = torch.compile(model.forward, fullgraph=True)
+    autotuned_forward = torch.compile(model.forward, fullgraph=True, mode="max-autotune")
 
     def dynamic_start(fn):
         def start():
@@ -139,25 +144,29 @@ def hf_methods(model, prompt: torch.Tensor, max_len: int) -> list[Method]:
 
         return step
 
-    static = StaticCache(config=model.config, max_cache_len=max_len)
+    def static_method(name: str, forward: Callable) -> Method:
+        static = StaticCache(config=model.config, max_cache_len=max_len)
 
-    def static_start():
-        static.reset()
-        positions = torch.arange(prompt.shape[1], device=prompt.device)[None]
-        out = model(input_ids=prompt, position_ids=positions, past_key_values=static, use_cache=True)
-        state["static_pos"] = positions[:, -1:]
-        return out.logits[:, -1]
+        def start():
+            static.reset()
+            positions = torch.arange(prompt.shape[1], device=prompt.device)[None]
+            out = model(input_ids=prompt, position_ids=positions, past_key_values=static, use_cache=True)
+            state[name] = positions[:, -1:]
+            return out.logits[:, -1]
 
-    def static_step(token):
-        pos = state["static_pos"] + 1
-        state["static_pos"] = pos
-        out = compiled_forward(input_ids=token, position_ids=pos, past_key_values=static, use_cache=True)
-        return out.logits[:, -1]
+        def step(token):
+            pos = state[name] + 1
+            state[name] = pos
+            out = forward(input_ids=token, position_ids=pos, past_key_values=static, use_cache=True)
+            return out.logits[:, -1]
+
+        return Method(name, start, step)
 
     return [
         Method("hf_eager", dynamic_start(model), dynamic_step(model)),
         Method("compile_dynamic", dynamic_start(compiled_model), dynamic_step(compiled_model)),
-        Method("compile_static", static_start, static_step),
+        static_method("compile_static", compiled_forward),
+        static_method("compile_static_max_autotune", autotuned_forward),
     ]
 
 
@@ -241,7 +250,8 @@ def matmul_pass_method(model, device: str) -> Method:
 
 
 def generation_throughput(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str) -> dict:
-    """Tokens/s of greedy generation: HF eager, HF static cache + auto-compile, dynexec."""
+    """Tokens/s of greedy generation: HF eager, HF static cache + auto-compile, dynexec (default
+    and ``mode="max-autotune"``)."""
     compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     compile_config._compile_all_devices = True  # transformers auto-compiles on CUDA only otherwise
 
@@ -255,6 +265,9 @@ def generation_throughput(model, prompt: torch.Tensor, new_tokens: int, repeats:
         ),
         "dynexec_generate": lambda: dx.generate(
             model, prompt, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0
+        ).sequences,
+        "dynexec_generate_max_autotune": lambda: dx.generate(
+            model, prompt, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0, mode="max-autotune"
         ).sequences,
     }
     results, outputs = {}, {}
@@ -280,7 +293,7 @@ def generation_throughput(model, prompt: torch.Tensor, new_tokens: int, repeats:
 
 def markdown(report: dict) -> str:
     steps = report["step"]
-    plain = [n for n in ("compile_dynamic", "compile_static") if n in steps]
+    plain = [n for n in ("compile_dynamic", "compile_static", "compile_static_max_autotune") if n in steps]
     floor = report["floor"]
     lines = [
         f"threads={report['threads']} device={report['device']} dtype={report['dtype']} "

@@ -71,7 +71,7 @@ from dynexec_compile.decoding.generate import (
 )
 from dynexec_compile.decoding.guess_trie import merge_guesses, verify_guesses
 from dynexec_compile.decoding.masks import step_mask
-from dynexec_compile.decoding.runs import TokenRuns
+from dynexec_compile.decoding.runs import TokenRuns, stop_counts
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
 
 DEFAULTS = {"window": 1, "ngram": 6, "guesses": 2, "prompt_lookup": True}
@@ -361,6 +361,7 @@ class _LookaheadState:
         # generation) are only guesses beyond what can be kept: clamp them so that learned
         # position embeddings (GPT-2) stay in range
         self.last_position = _last_position(engine.model.config)
+        self.last_position_t = torch.tensor(self.last_position, device=device)
         self.visible = layout.visible.to(device)  # [T, T]
         self.window_index = layout.window.to(device)  # [N-1, W]
         self.candidate_index = layout.candidates.to(device)  # [G, N-1]
@@ -387,23 +388,20 @@ class _LookaheadState:
 
     def step(self) -> list[int]:
         """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
-        engine = self.engine
         guesses = self._guesses()
         candidates, valid = self._candidate_tensors(guesses)  # [B, G, N-1], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
-        slots = engine.lengths[:, None] + self.step_range  # [B, T]
-        positions = (engine.lengths[:, None] + self.offsets).clamp(max=self.last_position)  # [B, T]
-        mask = step_mask(engine.lengths, slots, self.visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
-        logits = engine.step(tokens, positions, mask, slots)  # [B, T, V]
-        predicted = logits.argmax(dim=-1)  # [B, T] greedy token after each: the window's next iterate
-
         if self.settings.sampling is None:
-            run, accepted, run_slots = self._verify(predicted, candidates, valid, slots)  # [B, A], [B], [B, A]
+            runs = self.runs
+            predicted, run, kept, hit = self.engine.run_graph(
+                "lookahead_greedy", _greedy_step_graph,
+                tokens, self.offsets, self.last_position_t, self.visible, self.candidate_index, valid,
+                runs.produced, runs.finished, runs.limit, runs.eos,
+                width=self.config.step_tokens,
+            )  # [B, T], [B, N], [B], [B]
+            runs.append(run, kept, hit)
         else:
-            run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
-        kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
-        # cache surgery: keep the current token and the accepted candidate tokens, in order
-        engine.commit(kept, run_slots)
+            predicted, run, kept = self._sampled_step(tokens, guesses)
         last = run.gather(1, (kept - 1).clamp(min=0)[:, None])[:, 0]  # [B]
         self.token = torch.where(kept > 0, last, self.token)
 
@@ -412,36 +410,27 @@ class _LookaheadState:
         self.guesses_per_step.append(valid.sum(dim=1).tolist())
         return kept.tolist()
 
-    def _verify(
-        self, predicted: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
+    def _sampled_step(
+        self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy verification: candidate ``g`` matches while its ``k``-th token is what the model
-        predicts after the current token and its first ``k`` tokens; the first longest match wins.
-
-        Returns:
-            ``run [B, N]``: the greedy tokens after the current token along the winning
-            candidate (all of them true greedy tokens up to ``accepted + 1``);
-            ``accepted [B]``: candidate tokens confirmed; ``run_slots [B, N]``: cache slots of
-            the current token and the winning candidate's tokens (the keys/values to keep).
-        """
-        after_current = predicted[:, :1]  # [B, 1]
-        if self.config.guesses == 0:
-            return after_current, torch.zeros_like(self.token), slots[:, :1]
-        batch, guesses = candidates.shape[:2]
-        after_candidate = predicted[:, self.candidate_index]  # [B, G, N-1]
-        expected = torch.cat([after_current[:, None].expand(batch, guesses, 1), after_candidate[:, :, :-1]], dim=2)
-        matched = ((candidates == expected) & valid[:, :, None]).long().cumprod(dim=2).sum(dim=2)  # [B, G]
-        best = matched.argmax(dim=1)  # [B]
-        rows = torch.arange(batch, device=predicted.device)
-        run = torch.cat([after_current, after_candidate[rows, best]], dim=1)  # [B, N]
-        run_slots = torch.cat([slots[:, :1], slots.gather(1, self.candidate_index[best])], dim=1)  # [B, N]
-        return run, matched[rows, best], run_slots
+        """The step with lossless sampling: the forward, then rejection sampling on the host
+        (random draws), then the commit. Returns ``(predicted [B, T], run [B, A], kept [B])``."""
+        engine = self.engine
+        slots = engine.lengths[:, None] + self.step_range  # [B, T]
+        positions = (engine.lengths[:, None] + self.offsets).clamp(max=self.last_position)  # [B, T]
+        mask = step_mask(engine.lengths, slots, self.visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
+        logits = engine.step(tokens, positions, mask, slots)  # [B, T, V]
+        run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
+        kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
+        # cache surgery: keep the current token and the accepted candidate tokens, in order
+        engine.commit(kept, run_slots)
+        return logits.argmax(dim=-1), run, kept
 
     def _verify_sampled(
         self, logits: torch.Tensor, guesses: list[list[tuple[int, ...]]], slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lossless sampling: each row's guesses merged into a trie and verified by rejection
-        sampling (:mod:`~dynexec_compile.decoding.guess_trie`). Returns what :meth:`_verify` does,
+        sampling (:mod:`~dynexec_compile.decoding.guess_trie`). Returns what :func:`verify_candidates` does,
         the run ending in the sampled token instead of the greedy one."""
         tries = [
             merge_guesses(root, found, self.candidate_columns[: len(found)])
@@ -498,6 +487,79 @@ class _LookaheadState:
             text = self.contexts[b].text
             self.contexts[b].extend(row[:n])
             self.pools[b].add_text(text, start=max(0, len(text) - n - self.config.ngram + 1))
+
+
+def _greedy_step_graph(
+    engine: DecodeEngine,
+    tokens: torch.Tensor,
+    offsets: torch.Tensor,
+    last_position: torch.Tensor,
+    visible: torch.Tensor,
+    candidate_index: torch.Tensor,
+    valid: torch.Tensor,
+    produced: torch.Tensor,
+    finished: torch.Tensor,
+    limit: torch.Tensor,
+    eos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole greedy step, compiled as one graph (:meth:`DecodeEngine.run_graph`): slots,
+    positions and mask from the committed lengths, the forward, greedy verification, the stop
+    rule (EOS, ``max_new_tokens``) and the cache surgery.
+
+    Args:
+        tokens: ``[B, T]`` current token, window, candidates (the layout's order).
+        offsets, visible, candidate_index: the :class:`StepLayout`'s tensors.
+        last_position: 0-d, the largest position id the model embeds (guesses past it are
+            clamped there).
+        valid: ``[B, G]`` candidates that are real guesses (the rest is padding).
+        produced, finished, limit, eos: the :class:`TokenRuns` state (read only).
+    Returns:
+        ``(predicted [B, T], run [B, N], kept [B], hit [B])``: the greedy token after every
+        step token, the greedy run along the winning candidate, the tokens kept (and
+        committed: the current token and the accepted candidate tokens), and rows whose run
+        ends in an EOS.
+    """
+    lengths = engine.cache.lengths
+    slots = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T]
+    positions = torch.minimum(lengths[:, None] + offsets, last_position)  # [B, T]
+    mask = step_mask(lengths, slots, visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
+    predicted = engine.forward_logits(tokens, positions, slots, mask).argmax(dim=-1)  # [B, T]
+    run, accepted, run_slots = verify_candidates(predicted, tokens, candidate_index, valid, slots)
+    kept, hit = stop_counts(run, accepted + 1, produced, finished, limit, eos)  # [B], [B]
+    engine.cache.apply_commit(kept, run_slots)
+    return predicted, run, kept, hit
+
+
+def verify_candidates(
+    predicted: torch.Tensor, tokens: torch.Tensor, candidate_index: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification: candidate ``g`` matches while its ``k``-th token is what the model
+    predicts after the current token and its first ``k`` tokens; the first longest match wins.
+
+    Args:
+        predicted: ``[B, T]`` the model's greedy token after each step token.
+        tokens: ``[B, T]`` the step's tokens (current token at index 0).
+        candidate_index: ``[G, N-1]`` step index of candidate ``g``'s ``k``-th token.
+        valid: ``[B, G]`` real candidates; slots: ``[B, T]`` the step tokens' cache slots.
+    Returns:
+        ``run [B, N]``: the greedy tokens after the current token along the winning candidate
+        (true greedy tokens up to ``accepted + 1``); ``accepted [B]``: candidate tokens
+        confirmed; ``run_slots [B, N]``: cache slots of the current token and the winning
+        candidate's tokens (the keys/values to keep).
+    """
+    after_current = predicted[:, :1]  # [B, 1]
+    batch, guesses = valid.shape
+    if guesses == 0:
+        return after_current, torch.zeros_like(after_current[:, 0]), slots[:, :1]
+    candidates = tokens[:, candidate_index]  # [B, G, N-1]
+    after_candidate = predicted[:, candidate_index]  # [B, G, N-1]
+    expected = torch.cat([after_current[:, None].expand(batch, guesses, 1), after_candidate[:, :, :-1]], dim=2)
+    matched = ((candidates == expected) & valid[:, :, None]).long().cumprod(dim=2).sum(dim=2)  # [B, G]
+    best = matched.argmax(dim=1)  # [B]
+    rows = torch.arange(batch, device=predicted.device)
+    run = torch.cat([after_current, after_candidate[rows, best]], dim=1)  # [B, N]
+    run_slots = torch.cat([slots[:, :1], slots.gather(1, candidate_index[best])], dim=1)  # [B, N]
+    return run, matched[rows, best], run_slots
 
 
 def _last_position(config: Any) -> int:

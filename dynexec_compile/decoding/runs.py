@@ -45,6 +45,7 @@ class TokenRuns:
         self.produced = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
         self.eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)  # [E]
+        self.limit = torch.tensor(max_new_tokens, dtype=torch.long, device=device)  # 0-d, for traced code
         self._offsets = torch.arange(width, device=device)  # [K]
 
     @property
@@ -64,23 +65,52 @@ class TokenRuns:
         Returns:
             ``[B]`` tokens actually kept: 0 for rows already done.
         """
-        width = run.shape[1]
-        offsets = self._offsets[:width]  # [K']
-        counts = torch.minimum(counts, self.max_new_tokens - self.produced)
-        counts = counts.masked_fill(self.done, 0)  # [B]
-        if self.eos.numel():
-            is_eos = torch.isin(run, self.eos) & (offsets < counts[:, None])  # [B, K']
-            hit = is_eos.any(dim=1)  # [B]
-            counts = torch.where(hit, is_eos.long().argmax(dim=1) + 1, counts)
-            self.finished |= hit
+        counts, hit = stop_counts(run, counts, self.produced, self.finished, self.limit, self.eos)
+        self.append(run, counts, hit)
+        return counts
+
+    def append(self, run: torch.Tensor, counts: torch.Tensor, hit: torch.Tensor) -> None:
+        """:meth:`keep` for counts already cut by :func:`stop_counts` (e.g. inside a compiled
+        step): append ``run[b, :counts[b]]``; rows with ``hit`` are finished."""
+        self.finished |= hit
+        offsets = self._offsets[: run.shape[1]]  # [K']
         index = self.produced[:, None] + offsets  # [B, K']
         kept = torch.where(offsets < counts[:, None], run, self.new.gather(1, index))
         self.new.scatter_(1, index, kept)
         self.produced += counts
-        return counts
 
     def sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L + n]``: the prompts as given, then the generated tokens; ``n`` is the longest
         row's count, shorter (finished) rows padded."""
         longest = int(self.produced.max())
         return torch.cat([input_ids.to(self.new.device), self.new[:, :longest]], dim=1)
+
+
+def stop_counts(
+    run: torch.Tensor,
+    counts: torch.Tensor,
+    produced: torch.Tensor,
+    finished: torch.Tensor,
+    limit: torch.Tensor,
+    eos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of ``run``'s first ``counts`` tokens each row keeps: none once the row is done,
+    at most ``limit - produced``, and up to and including its first EOS. Fixed-shape tensor
+    work only, so a compiled step can decide (and commit) exactly what :meth:`TokenRuns.keep`
+    will keep.
+
+    Args:
+        run: ``[B, K]`` tokens offered per row; counts: ``[B]`` accepted of them.
+        produced: ``[B]`` kept so far; finished: ``[B]`` EOS kept; limit: 0-d ``max_new_tokens``.
+        eos: ``[E]`` stop tokens (may be empty).
+    Returns:
+        ``(counts [B], hit [B])``: tokens kept, and whether an EOS is among them.
+    """
+    offsets = torch.arange(run.shape[1], device=run.device)  # [K]
+    counts = torch.minimum(counts, limit - produced)
+    counts = counts.masked_fill(finished | (produced >= limit), 0)  # [B]
+    if eos.numel() == 0:
+        return counts, torch.zeros_like(finished)
+    is_eos = torch.isin(run, eos) & (offsets < counts[:, None])  # [B, K]
+    hit = is_eos.any(dim=1)  # [B]
+    return torch.where(hit, is_eos.long().argmax(dim=1) + 1, counts), hit

@@ -132,3 +132,25 @@ def test_frozen_engine_refuses_changed_weights_and_generate_rebuilds():
     after = dx.generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(after.sequences, hf_greedy(model, ids, mask, 8))
     assert not torch.equal(after.sequences, before.sequences)
+
+
+def test_max_autotune_on_cpu_keeps_freezing_and_adds_the_gemm_autotuning(llama):
+    """mode="max-autotune" on CPU cannot go to torch.compile as a mode (freezing and the CPU
+    options would be lost): the engine turns it into Inductor options, freezing kept."""
+    engine = DecodeEngine(llama, batch_size=1, max_len=32, mode="max-autotune")
+    settings = engine.compile_settings
+    assert settings["mode"] is None and settings["freeze"] is True
+    assert settings["options"]["max_autotune"] is True
+    assert settings["options"]["max_autotune_gemm_backends"] == "CPP,ATEN"
+    assert settings["options"]["freezing"] is True
+    plain = DecodeEngine(llama, batch_size=1, max_len=32)
+    assert "max_autotune" not in plain.compile_settings["options"]
+
+
+@pytest.mark.slow
+def test_max_autotune_greedy_and_lookahead_equal_transformers(llama):
+    ids, mask = left_padded_batch([7, 12])
+    ref = hf_greedy(llama, ids, mask, 24)
+    for strategy in ("greedy", "lookahead"):
+        out = dx.generate(llama, ids, mask, strategy=strategy, max_new_tokens=24, eos_token_id=[], mode="max-autotune")
+        assert torch.equal(out.sequences, ref), strategy

@@ -117,13 +117,13 @@ def test_one_forward_per_step_with_the_layout_mask_and_positions(llama):
     settings = _settings(max_new_tokens=30)
     engine = DecodeEngine(llama, 2, cache_length(12, 30, config.step_tokens), compile=False)
     calls = []
-    step = engine.step
+    forward = engine.forward_logits  # every step forward goes through it (eager: compile=False)
 
-    def spy(tokens, positions, mask4, slots=None, **kwargs):
+    def spy(tokens, positions, slots, mask4):
         calls.append((tokens.shape, positions - engine.lengths[:, None], mask4 == 0, slots - engine.lengths[:, None], engine.lengths.clone()))
-        return step(tokens, positions, mask4, slots, **kwargs)
+        return forward(tokens, positions, slots, mask4)
 
-    engine.step = spy
+    engine.forward_logits = spy
     out = lookahead_decode(engine, ids, mask, settings, config)
     stats = out.stats
     assert stats.forward_passes == stats.steps + 1 == len(calls) + 1, "one forward per step (plus the prefill)"
@@ -249,16 +249,17 @@ def test_cache_after_lookahead_equals_a_fresh_prefill_of_the_kept_tokens(llama):
             torch.testing.assert_close(layer.values[r, :, :n], ref.values[0, :, :n], atol=1e-5, rtol=1e-5)
 
 
-def test_200_tokens_compile_prefill_step_and_commit_once(llama):
+def test_200_tokens_compile_the_prefill_and_the_whole_greedy_step_once(llama):
     counter = CompileCounterWithBackend("eager")
     ids, mask = left_padded_batch([7, 12])
     out = lookahead(llama, ids, mask, 200, backend=counter, compile=True)
-    assert counter.frame_count == 3, "one graph each for the prefill bucket, the fused step and the commit"
-    assert out.stats.compiles == 3 and out.stats.forward_passes == out.stats.steps + 1
+    # the greedy step (forward, verification, stop rule, cache surgery) is ONE graph
+    assert counter.frame_count == 2, "one graph each for the prefill bucket and the whole step"
+    assert out.stats.compiles == 2 and out.stats.forward_passes == out.stats.steps + 1
     assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 200))
     ids2, mask2 = left_padded_batch([9, 15], seed=8)  # same prefill bucket and cache length
     again = lookahead(llama, ids2, mask2, 200, backend=counter, compile=True)
-    assert counter.frame_count == 3 and again.stats.compiles == 0, "a warm engine recompiled"
+    assert counter.frame_count == 2 and again.stats.compiles == 0, "a warm engine recompiled"
     assert torch.equal(again.sequences, hf_greedy(llama, ids2, mask2, 200))
 
 
