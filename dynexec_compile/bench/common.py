@@ -219,9 +219,14 @@ def add_model_arguments(parser: Any) -> None:
         "--prompt-file", default=None,
         help="UTF-8 text file; prompts are consecutive windows of its tokens (default: held-out stdlib files)",
     )
+    group.add_argument(
+        "--compile-mode", default=None, choices=["max-autotune"],
+        help="compile dynexec's steps with this torch.compile mode (on CPU: Inductor's C++ GEMM template "
+        "autotuned against MKL; faster steps, minutes of compilation per engine); default: Inductor's default",
+    )
 
 
-MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file")
+MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file", "compile_mode")
 
 
 def load_causal_lm(path: str | Path, what: str = "--model") -> tuple[Any, Any]:

@@ -38,7 +38,7 @@ TAKES_USER_MODEL = True  # --model / --prompt-file (see bench.common.add_model_a
 
 Config = tuple[int, int, int]  # (window, ngram, guesses)
 DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
-FULL_SWEEP: list[Config] = [(1, 5, 1), (1, 6, 1), (1, 7, 2), (2, 5, 2), (2, 4, 2), (4, 4, 4), (3, 5, 3)]
+FULL_SWEEP: list[Config] = [(1, 3, 1), (1, 4, 1), (1, 5, 1), (1, 2, 1), (1, 3, 2), (2, 3, 1), (1, 6, 2)]
 QUICK_SWEEP: list[Config] = [(2, 3, 2), (2, 4, 3)]
 Generation = tuple[torch.Tensor, int]  # (sequences, forward passes)
 
@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> SuiteResult:
     result = SuiteResult("lookahead")
     result.notes.append(
         f"{label}; {prompts.shape[0]} prompts of {prompts.shape[1]} tokens, {max_new} new tokens, fp32, "
-        f"{torch.get_num_threads()} thread(s); dynexec {'eager (compile=False)' if quick else 'compiled (Inductor)'}; "
+        f"{torch.get_num_threads()} thread(s); dynexec {'eager (compile=False)' if quick else _compiled(args)}; "
         f"time = median of {repeats} interleaved rounds over all prompts; 'first call s' includes compilation; "
         "ratios > 1 mean faster than the baseline"
     )
@@ -89,6 +89,11 @@ def _run(args: argparse.Namespace) -> SuiteResult:
 
 
 # ---- set-ups ---------------------------------------------------------------------------
+
+
+def _compiled(args: argparse.Namespace) -> str:
+    mode = getattr(args, "compile_mode", None)
+    return f"compiled (Inductor, mode={mode})" if mode else "compiled (Inductor)"
 
 
 def _demo_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
@@ -155,13 +160,13 @@ def _counting_forwards(model: torch.nn.Module) -> Iterator[list[int]]:
 
 
 def _variants(
-    model: torch.nn.Module, max_new: int, batch: int, configs: list[Config], pld_tokens: int, quick: bool
+    model: torch.nn.Module, max_new: int, batch: int, configs: list[Config], pld_tokens: int, quick: bool, mode: str | None
 ) -> dict[str, tuple[Config | None, bool, Callable[[torch.Tensor, torch.Tensor | None], Generation]]]:
     """name -> (lookahead config, prompt lookup, fn(ids, mask) -> (sequences, forwards))."""
     import dynexec_compile as dx
 
     common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0}
-    dx_common = {**common, "compile": not quick}
+    dx_common = {**common, "compile": not quick, **({"mode": mode} if mode and not quick else {})}
 
     def hf(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
         def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:
@@ -190,7 +195,7 @@ def _variants(
 
 
 def _sampling_variants(
-    model: torch.nn.Module, max_new: int, config: Config, temperature: float, quick: bool
+    model: torch.nn.Module, max_new: int, config: Config, temperature: float, quick: bool, mode: str | None
 ) -> dict[str, tuple[Config | None, bool, Callable[[torch.Tensor, torch.Tensor | None], Generation]]]:
     """dynexec ``strategy="sample"`` and sampled lookahead at ``config``, each call drawing from
     a generator with the same seed (so repeats draw the same tokens)."""
@@ -198,6 +203,8 @@ def _sampling_variants(
 
     device = next(model.parameters()).device
     common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0, "compile": not quick}
+    if mode and not quick:
+        common["mode"] = mode
 
     def ours(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
         def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:
@@ -228,8 +235,9 @@ def _run_batch(
     quick: bool,
 ) -> None:
     groups = _batches(prompts, batch)
-    variants = _variants(model, max_new, batch, configs if batch == 1 else configs[:1], args.la_pld_tokens, quick)
-    sampled = _sampling_variants(model, max_new, configs[0], args.la_temperature, quick)
+    mode = getattr(args, "compile_mode", None)
+    variants = _variants(model, max_new, batch, configs if batch == 1 else configs[:1], args.la_pld_tokens, quick, mode)
+    sampled = _sampling_variants(model, max_new, configs[0], args.la_temperature, quick, mode)
     variants.update(sampled)
     reference = [variants["hf_greedy"][2](ids, mask)[0] for ids, mask in groups]
     first_call: dict[str, float] = {}

@@ -56,6 +56,7 @@ class BenchContext:
     trees: tuple[tuple[int, ...], ...]
     early_exit_layer: int
     heads_path: str | None = None  # draft heads to load (compiled runs); None: no draft-heads rows
+    mode: str | None = None  # torch.compile mode of dynexec's engines (compiled runs)
 
 
 @dataclass
@@ -142,7 +143,7 @@ def dynexec_run(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[t
     def run(ids: torch.Tensor) -> RunOutput:
         out: GenerateOutput = dx.generate(
             ctx.target, ids, strategy=strategy, max_new_tokens=ctx.max_new_tokens, eos_token_id=[], pad_token_id=0,
-            compile=ctx.compile, **options,
+            compile=ctx.compile, **({"mode": ctx.mode} if ctx.mode and ctx.compile else {}), **options,
         )
         extra = out.stats.extra
         drafted = sum(map(sum, extra["drafted_per_step"])) if "drafted_per_step" in extra else None
@@ -265,7 +266,10 @@ def _context(args: argparse.Namespace) -> BenchContext:
     heads = args.draft_heads or (str(demo_draft_heads_path()) if setup.is_demo else None)
     layers = setup.model.config.get_text_config(decoder=True).num_hidden_layers
     ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])
-    return BenchContext(setup.model, draft, setup.prompts, args.new_tokens, True, ks, trees, layers // 2, heads)
+    return BenchContext(
+        setup.model, draft, setup.prompts, args.new_tokens, True, ks, trees, layers // 2, heads,
+        getattr(args, "compile_mode", None),
+    )
 
 
 def _trees(specs: list[str]) -> tuple[tuple[int, ...], ...]:
@@ -364,7 +368,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
     variants = [v for factory in VARIANT_FACTORIES for v in factory(ctx)]
     result = SuiteResult("speculative")
     result.notes.append(
-        f"{'quick: tiny random LLaMA, eager' if args.quick else 'demo code LMs (fp32), compiled'}; "
+        f"{'quick: tiny random LLaMA, eager' if args.quick else 'fp32, compiled' + (f' (mode={ctx.mode})' if ctx.mode else '')}; "
         f"{ctx.prompts.shape[0]} prompts of {ctx.prompts.shape[1]} tokens, {ctx.max_new_tokens} new tokens each, "
         f"EOS off; median of {repeats} interleaved rounds after a warm-up; {threads} thread(s); "
         "'vs' columns are speed-ups (higher is better)"

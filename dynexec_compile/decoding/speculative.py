@@ -53,6 +53,7 @@ from dynexec_compile.decoding.verify import (
     node_mask,
     tree_positions,
     verify,
+    verify_step_greedy,
 )
 
 DEFAULT_NUM_DRAFT = 4
@@ -255,12 +256,15 @@ def draft_verify_loop(
         if not bool(keep.any()):
             break
         tokens, probs = drafter.propose(root, target.lengths, tree, settings.sampling, settings.generator)
-        positions, slots = tree_positions(tree, target.lengths)  # [B, T] each
-        mask = step_mask(target.lengths, slots, visible, target.max_len, target.cache.dtype)
-        logits = target.step(tokens, positions, mask, slots)  # [B, T, V]: the one target forward
-        verdict = verify(tree, tokens, logits, probs, settings.sampling, settings.generator)
+        if settings.sampling is None:  # the one target forward, verification and commit: one graph
+            verdict = verify_step_greedy(target, tree, tokens, keep)
+        else:  # rejection sampling draws on the host between the forward and the commit
+            positions, slots = tree_positions(tree, target.lengths)  # [B, T] each
+            mask = step_mask(target.lengths, slots, visible, target.max_len, target.cache.dtype)
+            logits = target.step(tokens, positions, mask, slots)  # [B, T, V]: the one target forward
+            verdict = verify(tree, tokens, logits, probs, settings.sampling, settings.generator)
+            commit_verdict(target, tree, verdict, keep)
         drafter.accept(verdict, keep)
-        commit_verdict(target, tree, verdict, keep)
 
         # tokens this step keeps: up to the first EOS and the max_new_tokens limit
         is_eos = torch.isin(verdict.tokens, eos) & (offsets < verdict.emitted[:, None])  # [B, D + 1]

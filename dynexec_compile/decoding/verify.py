@@ -40,6 +40,7 @@ Typical step (see :mod:`dynexec_compile.decoding.speculative`)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -57,6 +58,7 @@ __all__ = [
     "Verdict",
     "as_tree",
     "commit_verdict",
+    "verify_step_greedy",
     "draw_children",
     "point_mass_probs",
     "tree_positions",
@@ -295,6 +297,42 @@ def commit_verdict(engine: DecodeEngine, tree: TreeSpec, verdict: Verdict, keep:
         engine.commit(counts)
     else:
         engine.commit(counts, engine.lengths[:, None] + verdict.path)
+
+
+def verify_step_greedy(engine: DecodeEngine, tree: TreeSpec, tokens: torch.Tensor, keep: torch.Tensor) -> Verdict:
+    """The target's whole greedy verification step as ONE compiled graph of ``engine``
+    (:meth:`DecodeEngine.run_graph`): positions, slots and the tree mask from the committed
+    lengths, the forward over the root and every candidate, :func:`verify_greedy`, and the
+    commit of the root and the accepted drafts (:func:`commit_verdict`) — no host work
+    between them.
+
+    Args:
+        tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
+        keep: ``[B]`` bool, rows that commit (finished rows keep nothing).
+    """
+    accepted, path, emitted, next_token = engine.run_graph(
+        f"verify_greedy{tree.parents}", _verify_greedy_body(tree), tokens, keep, width=tree.size
+    )
+    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token)
+
+
+@functools.lru_cache(maxsize=32)
+def _verify_greedy_body(tree: TreeSpec) -> Any:
+    """The graph body of :func:`verify_step_greedy` for ``tree`` (one function per tree: the
+    tree's structure is baked into the graph, so each tree gets a graph of its own)."""
+
+    def body(engine: DecodeEngine, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from dynexec_compile.decoding.masks import step_mask
+
+        lengths = engine.cache.lengths
+        positions, slots = tree_positions(tree, lengths)  # [B, T] each
+        mask = step_mask(lengths, slots, tree.visible(tokens.device), engine.max_len, engine.cache.dtype)
+        verdict = verify_greedy(tree, tokens, engine.forward_logits(tokens, positions, slots, mask))
+        counts = torch.where(keep, verdict.accepted + 1, 0)  # [B]: root + accepted drafts
+        engine.cache.apply_commit(counts, None if tree.is_chain else lengths[:, None] + verdict.path)
+        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token
+
+    return body
 
 
 def verify(
