@@ -5,7 +5,7 @@ the committed SST-2 classifier and exit heads under ``models/minilm-sst2`` when 
 the committed code LMs under ``models/code-lm`` when present (each part says how to make its
 models if they are missing).
 
-    python examples/demo.py [--lowering inductor|eager] [--sentences 200]
+    python examples/demo.py [--lowering inductor|eager] [--sentences 200] [--compile-mode max-autotune]
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def elastic_demo(lowering: str, sentences: int) -> None:
             print(f"dynexec elastic level {level:<5} accuracy {acc:.3f}  {t:.2f} ms  speed-up {t_plain / t:.2f}x")
 
 
-def decoding_demo(new_tokens: int) -> None:
-    section("4. decoding strategies (trained code LM, greedy, held-out prompt)")
+def decoding_demo(new_tokens: int, compile_mode: str | None) -> None:
+    section(f"4. decoding strategies (trained code LM, greedy, held-out prompt; mode={compile_mode or 'default'})")
     from dynexec_compile.decoding.draft_heads import load_draft_heads
     from dynexec_compile.models import demo_draft_heads_path, heldout_prompts, load_demo_lm
 
@@ -147,6 +147,10 @@ def decoding_demo(new_tokens: int) -> None:
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)  # warm-up
     t_hf = median_ms(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False), repeats=3) / 1e3
     print(f"{'HF generate (greedy)':<34} {new_tokens / t_hf:6.0f} tok/s")
+    pld = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, prompt_lookup_num_tokens=10)
+    t_pld = median_ms(lambda: model.generate(ids, **pld), repeats=3) / 1e3
+    print(f"{'HF prompt lookup (10 tokens)':<34} {new_tokens / t_pld:6.0f} tok/s  {t_hf / t_pld:.2f}x HF")
+    mode = {"mode": compile_mode} if compile_mode else {}
     runs = [
         ("dynexec greedy", {"strategy": "greedy"}),
         ("dynexec lookahead", {"strategy": "lookahead"}),
@@ -155,6 +159,7 @@ def decoding_demo(new_tokens: int) -> None:
         ("dynexec self-speculative (E=4, k=2)", {"strategy": "self_speculative", "exit_layer": 4, "num_draft": 2}),
     ]
     for name, kwargs in runs:
+        kwargs = {**kwargs, **mode}
         out = dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)  # warm-up: compiles
         seconds = median_ms(lambda kw=kwargs: dx.generate(model, ids, max_new_tokens=new_tokens, **kw), repeats=3) / 1e3
         print(f"{name:<34} {new_tokens / seconds:6.0f} tok/s  {t_hf / seconds:.2f}x HF  "
@@ -166,12 +171,16 @@ def main() -> None:
     parser.add_argument("--lowering", default="eager", choices=("inductor", "eager"))
     parser.add_argument("--sentences", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--compile-mode", default=None, choices=["max-autotune"],
+        help="torch.compile mode of the decoding engines (max-autotune: faster steps on CPU, minutes of compilation)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     backend_demo(args.lowering)
     early_exit_demo(args.lowering, args.sentences)
     elastic_demo(args.lowering, args.sentences)
-    decoding_demo(args.new_tokens)
+    decoding_demo(args.new_tokens, args.compile_mode)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ one Jacobi iteration (drop the oldest level, append the predictions of the newes
 The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill the levels
 (level ``l+1`` = predictions of level ``l``) before n-grams are collected.
 
-Defaults ``(W, N, G) = (1, 6, 2)``: on the demo code LM at batch 1 on a 2-core CPU
-(``dynexec bench lookahead``, five runs) the steadiest of the fastest settings, 1.22-1.39x
-dynexec greedy; there a 16-token step costs ~2.5-3 one-token steps, so narrow windows win. On hardware with idle compute per weight load (GPUs) wider windows pay off.
+Defaults ``(W, N, G) = (1, 3, 1)``, a 5-token step: on this project's CPU the step is bound
+by arithmetic already at one token (the demo LM's weights sit in L3), so every extra token
+costs: with ``mode="max-autotune"`` a 5-token step costs ~1.4 one-token steps and a 16-token
+step ~4, and (1, 3, 1) was the fastest setting of the sweep (``dynexec bench lookahead``,
+``benchmarks/RESULTS.md``); with Inductor's default GEMMs it ties (1, 6, 2). On hardware
+with idle compute per weight load (GPUs, large models) wider windows and more guesses pay
+off: sweep them there.
 
 Batches work row by row inside the same tensors: rows accept different counts, each row's
 cache length moves on its own (the :class:`SlotCache` keeps per-row lengths).
@@ -74,7 +78,7 @@ from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import TokenRuns, stop_counts
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
 
-DEFAULTS = {"window": 1, "ngram": 6, "guesses": 2, "prompt_lookup": True}
+DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True}
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
 
 
