@@ -15,7 +15,7 @@ and prints the break-even: a strategy needs more than ``cost(T) / cost(1)`` toke
 at width ``T`` to beat plain decoding.
 
 Usage:
-    python benchmarks/bench_verify_width.py --threads 1 [--model models/code-lm/target] [--out f.json]
+    python benchmarks/bench_verify_width.py --threads 1 [--mode max-autotune] [--model models/code-lm/target] [--out f.json]
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ def main() -> None:
     parser.add_argument("--widths", default="1,2,3,4,5,8,16", help="step widths T")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", default=None, choices=["max-autotune"], help="torch.compile mode of the engine")
     parser.add_argument("--out", default=None, help="JSON result path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_demo_lm("target")
     widths = [int(w) for w in args.widths.split(",")]
     prompt = heldout_prompts(1, 64, tokenizer)  # [1, 64]
-    engine = DecodeEngine(model, 1, 64 + max(widths) + 8)
+    engine = DecodeEngine(model, 1, 64 + max(widths) + 8, mode=args.mode)
     engine.prefill(prompt)
     length = int(engine.lengths[0])
 
@@ -83,7 +84,7 @@ def main() -> None:
             "matmuls ms": 1e3 * med[f"mm{w}"],
             "matmuls / matmuls(T=1)": med[f"mm{w}"] / med[f"mm{widths[0]}"],
         })
-    print(f"decode (T=1): {1e3 * med['decode']:.3f} ms; {args.threads} thread(s); "
+    print(f"decode (T=1): {1e3 * med['decode']:.3f} ms; mode={args.mode}; {args.threads} thread(s); "
           f"{sum(w.numel() for w in weights) / 1e6:.2f}M matmul weights")
     print("| T | step ms | step / decode (break-even tokens per step) | matmuls ms | matmuls / matmuls(T=1) |")
     print("|---|---|---|---|---|")

@@ -38,7 +38,7 @@ TAKES_USER_MODEL = True  # --model / --prompt-file (see bench.common.add_model_a
 
 Config = tuple[int, int, int]  # (window, ngram, guesses)
 DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
-FULL_SWEEP: list[Config] = [(1, 3, 1), (1, 4, 1), (1, 5, 1), (1, 2, 1), (1, 3, 2), (2, 3, 1), (1, 6, 2)]
+FULL_SWEEP: list[Config] = [(1, 3, 1), (1, 2, 3), (2, 2, 2), (1, 2, 1), (1, 4, 1), (1, 5, 1), (1, 6, 2)]
 QUICK_SWEEP: list[Config] = [(2, 3, 2), (2, 4, 3)]
 Generation = tuple[torch.Tensor, int]  # (sequences, forward passes)
 
