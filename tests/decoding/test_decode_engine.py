@@ -153,3 +153,38 @@ def test_draft_chain_equals_greedy_decoding_and_draws_reproducibly(kind):
     with pytest.raises(ValueError, match="overflow"):
         far = torch.full((2, 1), 46)
         engine.draft_chain(torch.tensor([[11], [12]]), far, far.clone(), 4)
+
+
+def _chain_then_commit(engine, tokens, keep):
+    """A run_graph body: a chain forward at the committed lengths, its argmax, and a commit of
+    ``keep[b]`` of its tokens."""
+    slots = engine.cache.lengths[:, None] + torch.arange(tokens.shape[1])
+    logits = engine.forward_logits(tokens, slots, slots, chain_mask(slots, engine.max_len, engine.cache.dtype))
+    engine.cache.apply_commit(keep)
+    return logits.argmax(dim=-1)
+
+
+def test_run_graph_runs_a_body_as_one_compiled_graph_like_step_and_commit(llama):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    ids, mask = left_padded_batch([5, 9])
+    counter = CompileCounterWithBackend("eager")
+    fused = DecodeEngine(llama, batch_size=2, max_len=32, backend=counter)
+    plain = DecodeEngine(llama, batch_size=2, max_len=32, compile=False)
+    fused.prefill(ids, mask)
+    plain.prefill(ids, mask)
+    graphs = counter.frame_count
+    for chain, keep in [([[4, 5, 6], [7, 8, 9]], [3, 1]), ([[1, 2, 3], [9, 9, 9]], [0, 2])]:
+        chain, keep = torch.tensor(chain), torch.tensor(keep)
+        got = fused.run_graph("chain", _chain_then_commit, chain, keep, width=3)
+        slots = plain.lengths[:, None] + torch.arange(3)
+        want = plain.step(chain, slots, chain_mask(slots, plain.max_len, torch.float32)).argmax(dim=-1)
+        plain.commit(keep)
+        assert torch.equal(got, want) and torch.equal(fused.lengths, plain.lengths)
+    assert counter.frame_count == graphs + 1, "the body compiles once, then replays"
+    assert fused.forward_passes == plain.forward_passes == 3
+    for layer, ref in zip(fused.cache.layers, plain.cache.layers, strict=True):
+        n = int(plain.lengths.min())
+        torch.testing.assert_close(layer.keys[:, :, :n], ref.keys[:, :, :n], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        fused.run_graph("chain", _chain_then_commit, chain, keep, width=40)
