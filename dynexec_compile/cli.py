@@ -87,9 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a bad argument raises (``ValueError``, ``FileNotFoundError``, ...)."""
     args = build_parser().parse_args(argv)
     return args.func(args)
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``dynexec`` command: :func:`main`, with a user error (a bad option, a missing file,
+    a suite that has not landed) printed as one ``dynexec: error: ...`` line and exit status 2
+    instead of a traceback."""
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        print(f"dynexec: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -55,6 +55,15 @@ def test_bad_model_arguments_are_refused(user_lm, tmp_path):
         main(["bench", "lookahead", "--quick", "--model", str(user_lm)])
 
 
+def test_the_dynexec_command_prints_a_bad_option_as_one_error_line(capsys):
+    from dynexec_compile.cli import console_main
+
+    assert console_main(["bench", "overhead", "--compile-mode", "max-autotune"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynexec: error: dynexec bench overhead does not take --compile-mode")
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_speculative_suite_runs_on_the_users_models(user_lm, tmp_path):
     draft = _save_tiny_lm(tmp_path / "draft", layers=1)
