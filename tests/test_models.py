@@ -112,12 +112,6 @@ def test_trained_model_beats_random_init_on_heldout_code(which, max_loss, target
     assert trained_loss < max_loss, f"held-out loss {trained_loss:.3f}: weights untrained?"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the committed target was starved of CPU (4.0M tokens, ppl 52.5) and is still worse "
-    "than the draft (5.6M tokens, ppl 42.1); retrain on a quiet machine (models/code-lm/README.md), "
-    "then drop this mark",
-)
 def test_target_is_better_than_draft_on_heldout_code(target, draft):
     ids = heldout_prompts(4, 128, target[1])
     assert _heldout_loss(target[0], ids) < _heldout_loss(draft[0], ids)
