@@ -19,6 +19,12 @@ STRATEGIES = {
     "draft_heads": {"heads": HEADS},
     "self_speculative": {"exit_layer": 4, "num_draft": 3},
 }
+# acceptance that committed heads trained on the committed target reach (0.21 in the session-4
+# benchmark); stale heads fall far below it. Self-speculation has nothing trained: how often
+# the first E layers agree with the model is the model's property (on the session-4 target
+# 0.05 / 0.12 / 0.25 / 0.51 at E = 2 / 4 / 6 / 7 over four held-out prompts), so it is only
+# required to accept some drafts (fewer forwards than tokens, below).
+MIN_ACCEPTANCE = {"draft_heads": 0.1, "self_speculative": 0.0}
 
 
 def padded_prompts(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +45,9 @@ def test_greedy_on_heldout_code_equals_transformers(strategy, rows):
     out = dx.generate(MODEL, ids, mask, strategy=strategy, max_new_tokens=48, compile=False, **STRATEGIES[strategy])
     assert torch.equal(out.sequences, ref)
     rate = out.stats.extra["acceptance_rate"]
-    assert rate > 0.1, f"acceptance {rate:.3f}: if the target was retrained, rerun examples/train_draft_heads.py"
+    assert rate > MIN_ACCEPTANCE[strategy], (
+        f"acceptance {rate:.3f}: if the target was retrained, rerun examples/train_draft_heads.py"
+    )
     assert out.stats.forward_passes < sum(out.stats.new_tokens) / rows, "fewer target forwards than tokens"
 
 
