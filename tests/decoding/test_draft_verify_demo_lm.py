@@ -19,7 +19,7 @@ STRATEGIES = {
     "draft_heads": {"heads": HEADS},
     "self_speculative": {"exit_layer": 4, "num_draft": 3},
 }
-# acceptance that committed heads trained on the committed target reach (0.21 in the session-4
+# acceptance that committed heads trained on the committed target reach (0.15 in the session-4
 # benchmark); stale heads fall far below it. Self-speculation has nothing trained: how often
 # the first E layers agree with the model is the model's property (on the session-4 target
 # 0.05 / 0.12 / 0.25 / 0.51 at E = 2 / 4 / 6 / 7 over four held-out prompts), so it is only
