@@ -116,8 +116,11 @@ class DecodeEngine:
         mode: ``torch.compile`` mode (Inductor only); ``None`` for the default. On CPU,
             ``"max-autotune"`` keeps freezing and the CPU options and adds
             :data:`CPU_AUTOTUNE_OPTIONS`: Inductor's C++ GEMM template competes with MKL for
-            every matmul shape (measured on the demo LM: a 1-token step 2.7 -> 1.3 ms, a
-            6-token step 4.4 -> 2.0 ms), at the price of minutes of compilation per engine.
+            every matmul shape (measured on the demo LM: a 1-token step 1.7 -> 1.05 ms, a
+            5-token step about as cheap as a 1-token one), at the price of minutes of
+            compilation per engine. Its kernels sum in another order than MKL: logits equal
+            the default mode's up to fp32 rounding, so a greedy argmax can flip where two
+            logits tie within rounding.
         options: ``torch.compile`` options for the backend; with Inductor on CPU they extend
             :data:`CPU_INDUCTOR_OPTIONS`, with ``freeze`` :data:`FREEZING_OPTIONS`.
         cuda_graphs: capture ``decode``/``step`` as CUDA graphs; ``None`` = on when the model
