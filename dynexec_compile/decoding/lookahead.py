@@ -33,9 +33,9 @@ The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill 
 
 Defaults ``(W, N, G) = (1, 3, 1)``, a 5-token step: on this project's CPU the step is bound
 by arithmetic already at one token (the demo LM's weights sit in L3), so every extra token
-costs: with ``mode="max-autotune"`` a 5-token step costs ~1.4 one-token steps and a 16-token
-step ~4, and (1, 3, 1) was the fastest setting of the sweep (``dynexec bench lookahead``,
-``benchmarks/RESULTS.md``); with Inductor's default GEMMs it ties (1, 6, 2). On hardware
+costs: with ``mode="max-autotune"`` a 5-token step costs 1.0-1.4 one-token steps and a
+16-token step ~3, and (1, 3, 1) was the fastest setting of the sweep (``dynexec bench
+lookahead``, ``benchmarks/RESULTS.md``); with Inductor's default GEMMs it ties (1, 6, 2). On hardware
 with idle compute per weight load (GPUs, large models) wider windows and more guesses pay
 off: sweep them there.
 
