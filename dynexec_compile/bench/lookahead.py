@@ -91,6 +91,11 @@ def _run(args: argparse.Namespace) -> SuiteResult:
 # ---- set-ups ---------------------------------------------------------------------------
 
 
+def _compile_settings(quick: bool, mode: str | None) -> dict[str, Any]:
+    """dynexec's ``generate`` compile settings: eager for ``--quick``, else compiled (with ``mode``)."""
+    return {"compile": not quick, **({"mode": mode} if mode and not quick else {})}
+
+
 def _compiled(args: argparse.Namespace) -> str:
     mode = getattr(args, "compile_mode", None)
     return f"compiled (Inductor, mode={mode})" if mode else "compiled (Inductor)"
@@ -166,7 +171,7 @@ def _variants(
     import dynexec_compile as dx
 
     common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0}
-    dx_common = {**common, "compile": not quick, **({"mode": mode} if mode and not quick else {})}
+    dx_common = {**common, **_compile_settings(quick, mode)}
 
     def hf(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
         def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:
@@ -202,9 +207,7 @@ def _sampling_variants(
     import dynexec_compile as dx
 
     device = next(model.parameters()).device
-    common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0, "compile": not quick}
-    if mode and not quick:
-        common["mode"] = mode
+    common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0, **_compile_settings(quick, mode)}
 
     def ours(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
         def fn(ids: torch.Tensor, mask: torch.Tensor | None) -> Generation:

@@ -360,12 +360,10 @@ class _LookaheadState:
         self.settings = settings
         layout = step_layout(config.window, config.ngram, config.guesses)
         self.offsets = layout.offsets.to(device)  # [T]
-        self.step_range = torch.arange(layout.width, device=device)  # [T]
         # window and candidate tokens past the model's last position (near the end of a long
         # generation) are only guesses beyond what can be kept: clamp them so that learned
         # position embeddings (GPT-2) stay in range
-        self.last_position = _last_position(engine.model.config)
-        self.last_position_t = torch.tensor(self.last_position, device=device)
+        self.last_position = torch.tensor(_last_position(engine.model.config), device=device)  # 0-d
         self.visible = layout.visible.to(device)  # [T, T]
         self.window_index = layout.window.to(device)  # [N-1, W]
         self.candidate_index = layout.candidates.to(device)  # [G, N-1]
@@ -399,7 +397,7 @@ class _LookaheadState:
             runs = self.runs
             predicted, run, kept, hit = self.engine.run_graph(
                 "lookahead_greedy", _greedy_step_graph,
-                tokens, self.offsets, self.last_position_t, self.visible, self.candidate_index, valid,
+                tokens, self.offsets, self.last_position, self.visible, self.candidate_index, valid,
                 runs.produced, runs.finished, runs.limit, runs.eos,
                 width=self.config.step_tokens,
             )  # [B, T], [B, N], [B], [B]
@@ -420,9 +418,7 @@ class _LookaheadState:
         """The step with lossless sampling: the forward, then rejection sampling on the host
         (random draws), then the commit. Returns ``(predicted [B, T], run [B, A], kept [B])``."""
         engine = self.engine
-        slots = engine.lengths[:, None] + self.step_range  # [B, T]
-        positions = (engine.lengths[:, None] + self.offsets).clamp(max=self.last_position)  # [B, T]
-        mask = step_mask(engine.lengths, slots, self.visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
+        slots, positions, mask = _step_inputs(engine, self.offsets, self.last_position, self.visible)
         logits = engine.step(tokens, positions, mask, slots)  # [B, T, V]
         run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
         kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
@@ -523,15 +519,24 @@ def _greedy_step_graph(
         committed: the current token and the accepted candidate tokens), and rows whose run
         ends in an EOS.
     """
-    lengths = engine.cache.lengths
-    slots = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T]
-    positions = torch.minimum(lengths[:, None] + offsets, last_position)  # [B, T]
-    mask = step_mask(lengths, slots, visible, engine.max_len, engine.cache.dtype)  # [B, 1, T, S]
+    slots, positions, mask = _step_inputs(engine, offsets, last_position, visible)
     predicted = engine.forward_logits(tokens, positions, slots, mask).argmax(dim=-1)  # [B, T]
     run, accepted, run_slots = verify_candidates(predicted, tokens, candidate_index, valid, slots)
     kept, hit = stop_counts(run, accepted + 1, produced, finished, limit, eos)  # [B], [B]
     engine.cache.apply_commit(kept, run_slots)
     return predicted, run, kept, hit
+
+
+def _step_inputs(
+    engine: DecodeEngine, offsets: torch.Tensor, last_position: torch.Tensor, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(slots [B, T], positions [B, T], mask [B, 1, T, S])`` of a step at the committed
+    lengths: token ``t`` at slot ``lengths + t`` and position ``lengths + offsets[t]`` (clamped
+    to ``last_position``), seeing what ``visible`` allows. Tensor work only (traceable)."""
+    lengths = engine.cache.lengths
+    slots = lengths[:, None] + torch.arange(offsets.shape[0], device=lengths.device)  # [B, T]
+    positions = torch.minimum(lengths[:, None] + offsets, last_position)  # [B, T]
+    return slots, positions, step_mask(lengths, slots, visible, engine.max_len, engine.cache.dtype)
 
 
 def verify_candidates(

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ __all__ = [
     "Verdict",
     "as_tree",
     "commit_verdict",
+    "verdict_commit",
     "verify_step_greedy",
     "draw_children",
     "point_mass_probs",
@@ -290,13 +292,19 @@ def commit_verdict(engine: DecodeEngine, tree: TreeSpec, verdict: Verdict, keep:
     A chain's accepted tokens already sit in place (only the lengths move); a tree's path is
     gathered. ``keep``: ``[B]`` bool, rows that commit at all (finished rows keep nothing).
     """
+    engine.commit(*verdict_commit(tree, verdict, keep, engine.lengths))
+
+
+def verdict_commit(
+    tree: TreeSpec, verdict: Verdict, keep: torch.Tensor | None, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(counts [B], accepted_slots [B, D+1] | None)`` for ``commit``/``apply_commit``: the root
+    and the accepted drafts of rows with ``keep``; slots only for a tree (a chain sits in place).
+    Tensor work only (traceable)."""
     counts = verdict.accepted + 1  # [B]: root + accepted drafts
     if keep is not None:
-        counts = torch.where(keep, counts, torch.zeros_like(counts))
-    if tree.is_chain:
-        engine.commit(counts)
-    else:
-        engine.commit(counts, engine.lengths[:, None] + verdict.path)
+        counts = torch.where(keep, counts, 0)
+    return counts, None if tree.is_chain else lengths[:, None] + verdict.path
 
 
 def verify_step_greedy(engine: DecodeEngine, tree: TreeSpec, tokens: torch.Tensor, keep: torch.Tensor) -> Verdict:
@@ -322,14 +330,11 @@ def _verify_greedy_body(tree: TreeSpec) -> Any:
     tree's structure is baked into the graph, so each tree gets a graph of its own)."""
 
     def body(engine: DecodeEngine, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from dynexec_compile.decoding.masks import step_mask
-
         lengths = engine.cache.lengths
         positions, slots = tree_positions(tree, lengths)  # [B, T] each
         mask = step_mask(lengths, slots, tree.visible(tokens.device), engine.max_len, engine.cache.dtype)
         verdict = verify_greedy(tree, tokens, engine.forward_logits(tokens, positions, slots, mask))
-        counts = torch.where(keep, verdict.accepted + 1, 0)  # [B]: root + accepted drafts
-        engine.cache.apply_commit(counts, None if tree.is_chain else lengths[:, None] + verdict.path)
+        engine.cache.apply_commit(*verdict_commit(tree, verdict, keep, lengths))
         return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token
 
     return body
