@@ -109,6 +109,7 @@ class DecodeSettings:
     mode: str | None
     options: dict[str, Any] | None
     cuda_graphs: bool | None
+    regional: bool | None = None
 
 
 Strategy = Callable[..., GenerateOutput]
@@ -141,6 +142,7 @@ def generate(
     mode: str | None = None,
     compile_options: dict[str, Any] | None = None,
     cuda_graphs: bool | None = None,
+    regional: bool | None = None,
     **strategy_options: Any,
 ) -> GenerateOutput:
     """Decode ``max_new_tokens`` tokens per row with a compiled, static-cache step.
@@ -169,6 +171,9 @@ def generate(
         backend, mode, compile_options: passed to ``torch.compile``.
         cuda_graphs: capture the step as a CUDA graph (``None``: on when the model is on CUDA
             and the cache is static).
+        regional: compile one decoder layer and reuse it for all layers instead of each step
+            as one graph (``None``: on for CPU models of 128 MiB of weights or more; see
+            :class:`DecodeEngine`).
         **strategy_options: options of the chosen strategy (e.g. ``window=`` for lookahead).
 
     Returns:
@@ -201,6 +206,7 @@ def generate(
         mode=mode,
         options=compile_options,
         cuda_graphs=cuda_graphs,
+        regional=regional,
     )
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
 

@@ -41,6 +41,7 @@ from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.regional import RegionalLayers
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 
 Backend = str | Callable
@@ -138,6 +139,11 @@ class DecodeEngine:
         skip_guards: once a step shape has run, call it again without re-evaluating Dynamo's
             guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): nothing the
             guards check changes between an engine's own calls, since all state is in tensors.
+        regional: compile ONE decoder layer and reuse its code for every layer, the rest of
+            each step running eagerly (see :mod:`dynexec_compile.decoding.regional`): the
+            compile time of one layer whatever the depth, no freezing. ``None`` = on for
+            compiled CPU models of at least :data:`REGIONAL_MIN_BYTES` of weights, whose
+            step is bound by memory traffic (measured on SmolLM2-135M: see the README).
 
     Attributes:
         cache: the :class:`SlotCache`; ``cache.lengths`` holds each row's committed length.
@@ -158,15 +164,22 @@ class DecodeEngine:
         freeze: bool | None = None,
         attention: str | None = "auto",
         skip_guards: bool = True,
+        regional: bool | None = None,
     ):
         check_causal_lm(model)
         weight = next(model.parameters())
         on_cpu, on_cuda = weight.device.type == "cpu", weight.device.type == "cuda"
         inductor = compile and backend == "inductor"
+        if regional is None:
+            regional = compile and on_cpu and parameter_bytes(model) >= REGIONAL_MIN_BYTES
+        if regional and not compile:
+            raise ValueError("regional=True compiles the decoder layers: it needs compile=True")
+        if regional and freeze:
+            raise ValueError("regional compilation keeps the weights as graph inputs (one graph for all layers); freeze=True needs the whole-step graphs (regional=False)")
         if inductor and on_cpu and mode == "max-autotune":  # as options: freezing stays on
             mode, options = None, {**CPU_AUTOTUNE_OPTIONS, **(options or {})}
         if freeze is None:
-            freeze = inductor and on_cpu and mode is None
+            freeze = inductor and on_cpu and mode is None and not regional
         if freeze and not inductor:
             raise ValueError("freeze=True is Inductor freezing: it needs compile=True and backend='inductor'")
         if inductor and on_cpu and mode is None:
@@ -187,8 +200,14 @@ class DecodeEngine:
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._max_position = _learned_positions(model.config)
         self._weights_at_freeze = weights_fingerprint(model) if freeze else None
-        self.compile_settings = {"mode": mode, "options": options, "freeze": freeze}  # as resolved, for inspection
+        self.compile_settings = {"mode": mode, "options": options, "freeze": freeze, "regional": regional}  # as resolved
         compiler = _compiler(compile, backend, mode, options)
+        self._regional: RegionalLayers | None = None
+        if regional:  # the layers compile; every entry point runs eagerly around them
+            self._regional = RegionalLayers(
+                model, self.cache, lambda fn, dynamic: _compiler(True, backend, mode, options, dynamic)(fn)
+            )
+            compiler = _compiler(False, backend, None, None)
         self._compiler = compiler  # subclasses compile their own entry points the same way
         self._prefill_fn = compiler(_private_method(self, self._prefill_impl))
         self._decode_fn = compiler(_private_method(self, self._decode_impl))
@@ -434,8 +453,9 @@ class DecodeEngine:
         saved = config._attn_implementation_internal
         if self._attention is not None:
             config._attn_implementation_internal = self._attention
+        regional = self._regional.installed(dynamic=entry == "prefill") if self._regional else contextlib.nullcontext()
         try:
-            with torch.no_grad(), _freezing(self._freeze and not warm), _skip_guards(self._skip_guards and warm):
+            with torch.no_grad(), _freezing(self._freeze and not warm), _skip_guards(self._skip_guards and warm), regional:
                 out = fn(*args)
         finally:
             config._attn_implementation_internal = saved
@@ -568,6 +588,11 @@ def _learned_positions(config: Any) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters (shared ones counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
     """Identity and in-place-modification counter of every parameter: changes when weights are
     replaced or updated in place (optimizer steps, ``load_state_dict``)."""
@@ -591,6 +616,10 @@ def _private_method(owner: object, method: Callable, tag: str = "") -> Callable:
     return types.MethodType(private, owner)
 
 
+# Regional compilation by default from this size of weights on CPU: far beyond the caches, a
+# step is bound by streaming the weights, so whole-graph fusion and freezing gain little while
+# compiling every layer into one graph costs minutes (SmolLM2-135M: 538 MB in fp32).
+REGIONAL_MIN_BYTES = 128 * 2**20
 CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
     # one matmul for q/k/v and one for gate/up (with freezing): fewer, larger GEMVs
     "cpp.enable_concat_linear": True,
@@ -621,8 +650,10 @@ def _skip_guards(on: bool) -> contextlib.AbstractContextManager:
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if on else contextlib.nullcontext()
 
 
-def _compiler(enabled: bool, backend: Backend, mode: str | None, options: dict[str, Any] | None) -> Callable:
-    """``fn -> torch.compile(fn, fullgraph=True, dynamic=False, ...)``, or identity when disabled."""
+def _compiler(
+    enabled: bool, backend: Backend, mode: str | None, options: dict[str, Any] | None, dynamic: bool = False
+) -> Callable:
+    """``fn -> torch.compile(fn, fullgraph=True, dynamic=dynamic, ...)``, or identity when disabled."""
     if not enabled:
         if mode is not None or options:
             raise ValueError("mode/options are compile settings; they need compile=True")
@@ -631,6 +662,6 @@ def _compiler(enabled: bool, backend: Backend, mode: str | None, options: dict[s
         raise ValueError("torch.compile takes either mode or options, not both")
 
     def compile_fn(fn: Callable) -> Callable:
-        return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, mode=mode, options=options)
+        return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic, mode=mode, options=options)
 
     return compile_fn

@@ -1,0 +1,89 @@
+"""Regional compilation: one compiled decoder layer serves every layer, tokens unchanged.
+
+Dynamo's graph capture is what recompiles, whatever the backend, so the counts use the cheap
+``eager`` backend; the Inductor run is ``slow``.
+"""
+
+import pytest
+import torch
+from conftest import build_model, left_padded_batch
+from test_decode_compile import hf_greedy
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dynexec_compile as dx
+from dynexec_compile.decoding import DecodeEngine, step
+from dynexec_compile.decoding.regional import decoder_layers
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_regional_greedy_equals_hf_and_compiles_one_layer_per_shape(kind):
+    model = build_model(kind)
+    counter = CompileCounterWithBackend("eager")
+    ids, mask = left_padded_batch([7, 12])
+    out = dx.generate(model, ids, mask, max_new_tokens=40, eos_token_id=[], backend=counter, regional=True)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    # one graph for the prefill (dynamic lengths) and one for the 1-token step, whatever the depth
+    assert counter.frame_count == 2 and out.stats.compiles == 2
+    ids2, mask2 = left_padded_batch([20, 3], seed=5)  # another prefill bucket: no new graph
+    out2 = dx.generate(model, ids2, mask2, max_new_tokens=40, eos_token_id=[], backend=counter, regional=True)
+    assert out2.stats.compiles == 0
+    assert torch.equal(out2.sequences, hf_greedy(model, ids2, mask2, 40))
+
+
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        ("lookahead", {"window": 1, "ngram": 3, "guesses": 1}),
+        ("self_speculative", {"exit_layer": 1, "num_draft": 3}),
+    ],
+)
+def test_regional_multi_token_strategies_equal_hf(llama, strategy, options):
+    ids, mask = left_padded_batch([9, 4])
+    out = dx.generate(
+        llama, ids, mask, strategy=strategy, max_new_tokens=30, eos_token_id=[], backend="eager", regional=True, **options
+    )
+    assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 30))
+
+
+def test_regional_leaves_the_model_untouched_even_after_an_error(llama):
+    engine = DecodeEngine(llama, batch_size=2, max_len=64, backend="eager", regional=True)
+    ids, mask = left_padded_batch([5, 9])
+    engine.prefill(ids, mask)
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(llama))
+    with pytest.raises(ValueError, match="cache is full"):
+        for _ in range(100):
+            engine.decode(torch.zeros(2, 1, dtype=torch.long))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(llama))
+    logits = llama(input_ids=ids, attention_mask=mask).logits  # the model still runs as before
+    assert torch.isfinite(logits).all()
+
+
+def test_regional_is_automatic_from_the_size_threshold(llama, monkeypatch):
+    assert not DecodeEngine(llama, 1, 32, backend="eager").compile_settings["regional"]
+    monkeypatch.setattr(step, "REGIONAL_MIN_BYTES", 1)
+    resolved = DecodeEngine(llama, 1, 32).compile_settings
+    assert resolved["regional"] and not resolved["freeze"]
+    assert not DecodeEngine(llama, 1, 32, compile=False).compile_settings["regional"]
+
+
+def test_regional_refuses_what_it_cannot_do(llama):
+    with pytest.raises(ValueError, match="needs compile=True"):
+        DecodeEngine(llama, 1, 32, compile=False, regional=True)
+    with pytest.raises(ValueError, match="freeze=True needs the whole-step graphs"):
+        DecodeEngine(llama, 1, 32, regional=True, freeze=True)
+
+
+def test_decoder_layers_finds_the_stack(llama):
+    assert decoder_layers(llama) is llama.model.layers
+    gpt2 = build_model("gpt2")
+    assert decoder_layers(gpt2) is gpt2.transformer.h
+    with pytest.raises(ValueError, match="no list of repeated decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_regional_inductor_equals_hf(llama):
+    ids, mask = left_padded_batch([7, 12])
+    out = dx.generate(llama, ids, mask, max_new_tokens=30, eos_token_id=[], regional=True)
+    assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 30))
+    assert out.stats.compiles == 2
