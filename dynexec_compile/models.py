@@ -280,3 +280,96 @@ def heldout_prompts(n: int, tokens: int, tokenizer, from_code: bool = True) -> t
         f"only {len(prompts)} held-out files have {tokens} tokens"
         f"{' after their first def/class' if from_code else ''}; ask for fewer or shorter prompts"
     )
+
+
+# ---- chat prompts for instruction-tuned LMs ------------------------------------------------
+
+_FREE_FORM = (
+    "What are three good habits for writing maintainable Python code?",
+    "Explain the difference between a list and a tuple in Python.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Give me a short checklist for reviewing a pull request.",
+    "What is a hash table and when should I use one?",
+    "Write a haiku about debugging.",
+    "How do I reverse a string in Python?",
+    "What causes the seasons on Earth?",
+)
+_REVIEW_TASKS = (
+    "Rewrite this movie review in formal English, keeping its meaning: {text}",
+    "Correct the grammar and punctuation of this sentence and repeat it: {text}",
+    "Is this movie review positive or negative? Quote the words that show it: {text}",
+)
+_CODE_TASKS = (
+    "Add type hints to this Python function and return the whole function:\n```python\n{text}\n```",
+    "Add a docstring to this Python function and return the whole function:\n```python\n{text}\n```",
+)
+
+
+def chat_prompts(tokenizer, n: int, split: str = "bench") -> list[torch.Tensor]:
+    """``n`` chat-formatted prompts (``[L_i]`` int64 each, generation prompt appended).
+
+    Three kinds, interleaved: answers that copy from their input (rewrite a movie review from
+    SST-2, add type hints or a docstring to a standard-library function) and free-form
+    questions. ``split="bench"`` draws the reviews from SST-2's validation split and the
+    functions from the held-out stdlib files; ``"train"`` from SST-2's train split and the
+    other stdlib files, so prompts that train draft heads never reappear in a benchmark.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or ``split`` is unknown.
+    """
+    from dynexec_compile.data import load_sst2
+
+    if split not in ("bench", "train"):
+        raise ValueError(f"split must be 'bench' or 'train', got {split!r}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template: chat prompts need an instruction-tuned model")
+    reviews = [s for s, _ in load_sst2("validation" if split == "bench" else "train") if 60 <= len(s) <= 240]
+    functions = _stdlib_functions(held_out=split == "bench")
+    texts = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            texts.append(_REVIEW_TASKS[(i // 3) % len(_REVIEW_TASKS)].format(text=reviews[(i * 37) % len(reviews)]))
+        elif kind == 1:
+            texts.append(_CODE_TASKS[(i // 3) % len(_CODE_TASKS)].format(text=functions[(i * 13) % len(functions)]))
+        else:
+            texts.append(_FREE_FORM[(i // 3) % len(_FREE_FORM)] if split == "bench" else _free_form_train(i, reviews))
+    return [
+        torch.tensor(
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"],
+            dtype=torch.long,
+        )
+        for t in texts
+    ]
+
+
+def _free_form_train(i: int, reviews: list[str]) -> str:
+    """Training questions: not the benchmark's own (those stay unseen)."""
+    return f"Summarise this opinion in one short sentence, then say what a reader might ask next: {reviews[(i * 53) % len(reviews)]}"
+
+
+def _stdlib_functions(held_out: bool, max_lines: int = 12) -> list[str]:
+    """Short top-level functions (3..``max_lines`` lines, no decorators) of the held-out
+    stdlib files, or of the others."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    held = set(heldout_files())
+    if held_out:
+        files = sorted(held)
+    else:
+        files = sorted(p for p in stdlib.glob("*.py") if p not in held)
+    found = []
+    for path in files:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for start, line in enumerate(lines):
+            if not line.startswith("def "):
+                continue
+            end = start + 1
+            while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
+                end += 1
+            body = "\n".join(lines[start:end]).rstrip()
+            if 3 <= body.count("\n") + 1 <= max_lines and '"""' not in body:
+                found.append(body)
+    if not found:
+        raise ValueError("no short stdlib functions found for code prompts")
+    return found
