@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,13 +58,44 @@ def base_word_embeddings() -> torch.Tensor:
         return reader.get_tensor(BASE_WORD_EMBEDDINGS)
 
 
-def build_sst2_base(num_labels: int = 2) -> nn.Module:
-    """The pretrained MiniLM-L6 as ``BertForSequenceClassification`` with a new classifier."""
+def build_sst2_base(num_labels: int = 2, labels: Sequence[str] | None = None) -> nn.Module:
+    """The pretrained MiniLM-L6 as ``BertForSequenceClassification`` with a new classifier
+    of ``num_labels`` classes (the starting point of fine-tuning on any classification task).
+
+    Args:
+        num_labels: classes of the new classifier (>= 2).
+        labels: class names, ``labels[i]`` for class ``i`` (e.g. ``read_classification``'s
+            mapping); default SST-2's ``negative``/``positive`` for 2 classes and
+            ``LABEL_0 .. LABEL_{C-1}`` otherwise. Its length must be ``num_labels``.
+
+    Raises:
+        ValueError: ``num_labels < 2`` or ``labels`` of another length.
+    """
     from transformers import BertForSequenceClassification
 
-    return BertForSequenceClassification.from_pretrained(
-        base_model_dir(), num_labels=num_labels, id2label=SST2_LABELS, label2id=_label2id()
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"build_sst2_base: num_labels must be an int >= 2, got {num_labels!r}")
+    if labels is None:
+        names = SST2_LABELS if num_labels == 2 else {i: f"LABEL_{i}" for i in range(num_labels)}
+    else:
+        if isinstance(labels, str) or len(labels) != num_labels:
+            raise ValueError(
+                f"build_sst2_base: labels={labels!r} names {len(labels)} class(es) but num_labels="
+                f"{num_labels}; give one name per class, in class-id order"
+            )
+        names = {i: str(name) for i, name in enumerate(labels)}
+    model = BertForSequenceClassification.from_pretrained(
+        base_model_dir(),
+        num_labels=num_labels,
+        id2label=names,
+        label2id={name: i for i, name in names.items()},
     )
+    if model.config.num_labels != num_labels or model.classifier.out_features != num_labels:
+        raise ValueError(  # transformers derives num_labels from id2label; never a silent mismatch
+            f"build_sst2_base: asked for {num_labels} classes, got a model with "
+            f"{model.classifier.out_features}"
+        )
+    return model
 
 
 def load_sst2_tokenizer():
