@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from dynexec_compile.exit_heads import ExitHeads, load_exit_heads
 
@@ -96,6 +97,72 @@ def build_sst2_base(num_labels: int = 2, labels: Sequence[str] | None = None) ->
             f"{model.classifier.out_features}"
         )
     return model
+
+
+def fine_tune_classifier(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    epochs: int = 1,
+    lr: float = 5e-5,
+    warmup: float = 0.06,
+    weight_decay: float = 0.01,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Fine-tune a ``*ForSequenceClassification`` in place on labelled batches; eval mode after.
+
+    AdamW (no decay on biases and LayerNorms), linear warm-up over ``warmup`` of the steps then
+    linear decay to 0, gradient clipping at 1.0. Parameters with ``requires_grad=False`` (the
+    demo freezes the word embeddings) stay as they are. ``max_steps`` stops early (the schedule
+    is laid out for the steps actually run). Returns ``model``.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+    total = epochs * len(loader)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warm = max(1, int(warmup * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+    )
+    model.train()
+    running, step = None, 0
+    with tqdm(total=total, desc="fine-tune", unit="step", mininterval=30, disable=not progress) as bar:
+        while step < total:
+            for batch in loader:
+                loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+                if step == total:
+                    break
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Accuracy of ``model`` (eval mode) on labelled batches (``labels: [B]`` in each)."""
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        correct += int((model(**inputs).logits.argmax(-1) == batch["labels"]).sum())
+        total += batch["labels"].numel()
+    if total == 0:
+        raise ValueError("classifier_accuracy got no samples")
+    return correct / total
 
 
 def load_sst2_tokenizer():
