@@ -503,12 +503,17 @@ def _warn_if_degenerate(point: OperatingPoint, scores: ExitScores, keep: float) 
             f"ln({num_classes}) = {math.log(num_classes):.4f} nats" if point.rule == "entropy"
             else f"1/{num_classes} = {1 / num_classes:.4f}"
         )
+        where = (
+            f"is within {distance:.1%} of the uniform distribution's {point.rule} ({uniform}): samples "
+            "leave when their exit head is almost undecided"
+            if distance > 0 else
+            f"is past the uniform distribution's {point.rule} ({uniform}): it lets every sample leave at "
+            "its first exit, however undecided the head is there"
+        )
         warnings.warn(
-            f"{what}: the calibrated threshold {point.threshold:.4f} is within "
-            f"{max(distance, 0.0):.1%} of the uniform distribution's {point.rule} ({uniform}): "
-            "samples leave when their exit head is almost undecided, so the point's accuracy rests "
-            "on exits that are right by chance on this validation set and may not hold on other "
-            "data. "
+            f"{what}: the calibrated threshold {point.threshold:.4f} {where}, so the point holds the "
+            "accuracy only as far as those exits happen to be right on this validation set; it may not "
+            "hold on other data. "
             + ("Train exit heads (dynexec_compile.train_exit_heads + attach_exit_heads) — the "
                "shared head was never trained on early hidden states — " if scores.heads == "shared"
                else "Train the exit heads longer, ")

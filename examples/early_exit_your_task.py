@@ -39,7 +39,7 @@ import torch
 import transformers
 
 from dynexec_compile.bench.common import markdown_table
-from dynexec_compile.bench.early_exit import RULES, time_interleaved
+from dynexec_compile.bench.early_exit import RULES, mark, time_interleaved
 from dynexec_compile.calibrate import choose_threshold, record_exit_scores
 from dynexec_compile.data import classification_dataloader, load_classification
 from dynexec_compile.demo_models import (
@@ -49,7 +49,7 @@ from dynexec_compile.demo_models import (
     load_sst2_tokenizer,
 )
 from dynexec_compile.exit_heads import attach_exit_heads, evaluate_exit_heads, train_exit_heads
-from dynexec_compile.runtime.stats import last_stats
+from dynexec_compile.runtime.stats import last_stats, record_stats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,13 +124,17 @@ def operating_point(model, calibration_batches: list[dict], keep: float):
 
 
 def early_exit_accuracy(compiled, batches: list[dict]) -> tuple[float, float]:
-    """Accuracy and mean layers per sample of the early-exit model on labelled batches."""
+    """Accuracy and mean layers per sample of the early-exit model on labelled batches
+    (batch and sequence dimensions dynamic, as in the timing: exited samples leave the batch)."""
     correct, layers = 0, []
     with torch.no_grad():
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            correct += int((compiled(**inputs).logits.argmax(-1) == batch["labels"]).sum())
-            layers += last_stats()["layers_executed"]
+            record_stats({})  # a call that did not run the early-exit runtime must not reuse old stats
+            correct += int((compiled(**mark(batch, True)).logits.argmax(-1) == batch["labels"]).sum())
+            stats = last_stats()
+            if "layers_executed" not in stats:
+                raise RuntimeError("dynexec did not run its early-exit runtime for this call; see the warnings above")
+            layers += stats["layers_executed"]
     return correct / len(layers), sum(layers) / len(layers)
 
 
@@ -156,10 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     full_accuracy = classifier_accuracy(model, test32)
 
     best, points = operating_point(model, batches(calibration, 32), args.keep)
-    options = {"lowering": args.lowering, "early_exit": best.early_exit_options()}
+    # strict: a pass that cannot apply raises instead of compiling the stock graph
+    options = {"lowering": args.lowering, "strict": True, "early_exit": best.early_exit_options()}
     torch._dynamo.reset()
-    dx = torch.compile(model, backend="dynexec", options=options, dynamic=True)
-    accuracy, mean_layers = early_exit_accuracy(dx, test32)
+    accuracy, mean_layers = early_exit_accuracy(torch.compile(model, backend="dynexec", options=options), test32)
 
     timing = {}
     for batch in (1, 32):
