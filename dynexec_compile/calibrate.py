@@ -17,6 +17,7 @@ patience counted over consecutive exits exactly as ``runtime.exit_rules`` counts
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 from dynexec_compile.backends.kernels.exit_decision import exit_decision_reference
 from dynexec_compile.config import EXIT_HEADS, EXIT_RULES
 from dynexec_compile.runtime.exit_recording import RecordedCall, record_exit_logits
+
+UNIFORM_MARGIN = 0.05  # a threshold this close to the uniform distribution's score is a warning
 
 
 @dataclass(frozen=True)
@@ -272,11 +275,7 @@ def _batches(val_data: Any) -> list[Mapping[str, Any]]:
     return batches
 
 
-def _compile_for_recording(model: torch.nn.Module, heads: str | None, layers: Any, lowering: str):
-    from dynexec_compile.exit_heads import get_exit_heads
-
-    if heads is None:
-        heads = "trained" if get_exit_heads(model) is not None else "shared"
+def _compile_for_recording(model: torch.nn.Module, heads: str, layers: Any, lowering: str):
     if heads not in EXIT_HEADS:
         raise ValueError(f"calibrate_threshold: heads={heads!r} is not valid; use one of {list(EXIT_HEADS)}")
     options = {
@@ -291,7 +290,7 @@ def record_exit_scores(
     compiled_or_model: Any,
     val_data: Any,
     *,
-    heads: str | None = None,
+    heads: str = "auto",
     layers: str | list[int] = "all",
     lowering: str = "eager",
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -305,8 +304,9 @@ def record_exit_scores(
             ``heads``, ``layers`` and ``lowering``; the model is not modified).
         val_data: a batch or an iterable of batches, dicts for ``model(**batch)`` with
             ``labels: [B]`` in every batch or in none.
-        heads: for an uncompiled model, ``"shared"`` or ``"trained"``; default ``"trained"``
-            when exit heads are attached (``attach_exit_heads``), else ``"shared"``.
+        heads: for an uncompiled model, ``"auto"`` (the default, as in the compile options:
+            the trained heads when attached with ``attach_exit_heads``, else the shared
+            head), ``"shared"`` or ``"trained"``.
         layers: for an uncompiled model, ``"all"`` or the blocks followed by an exit.
         lowering: for an uncompiled model, the stage lowering used to record (``"eager"``:
             the scores are the same up to fp32 rounding and nothing has to be compiled).
@@ -343,7 +343,7 @@ def record_exit_scores(
     )
 
 
-def _as_early_exit_model(obj: Any, heads: str | None, layers: Any, lowering: str):
+def _as_early_exit_model(obj: Any, heads: str, layers: Any, lowering: str):
     if isinstance(obj, torch._dynamo.eval_frame.OptimizedModule):
         return obj
     if not isinstance(obj, torch.nn.Module):
@@ -388,7 +388,7 @@ def calibrate_threshold(
     keep: float = 0.99,
     rule: str | None = None,
     *,
-    heads: str | None = None,
+    heads: str = "auto",
     layers: str | list[int] = "all",
     lowering: str = "eager",
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -451,6 +451,7 @@ def choose_threshold(scores: ExitScores, keep: float, rule: str) -> Calibration:
             f"({scores.full_accuracy:.4f}): some exits give a top probability of exactly 1.0, which every "
             "max_prob threshold in (0, 1] lets leave; use rule='entropy'"
         )
+    _warn_if_degenerate(chosen, scores, keep)
     return Calibration(
         point=chosen,
         keep=keep,
@@ -461,3 +462,62 @@ def choose_threshold(scores: ExitScores, keep: float, rule: str) -> Calibration:
         heads=scores.heads,
         exit_layers=tuple(scores.exit_blocks),
     )
+
+
+def uniform_distance(rule: str, threshold: float, num_classes: int) -> float:
+    """How far a threshold is from the uniform distribution over ``num_classes``, as a
+    fraction of its scale: ``(ln C - t) / ln C`` for entropy, ``(t - 1/C) / (1 - 1/C)`` for
+    max_prob. 0 means "exit when the head is no better than a coin with C sides"; <= 0
+    lets every sample leave, however undecided."""
+    if rule == "entropy":
+        return (math.log(num_classes) - threshold) / math.log(num_classes)
+    if rule == "max_prob":
+        return (threshold - 1 / num_classes) / (1 - 1 / num_classes)
+    raise ValueError(f"uniform_distance: rule {rule!r} has no threshold on a distribution")
+
+
+def _warn_if_degenerate(point: OperatingPoint, scores: ExitScores, keep: float) -> None:
+    """Warn about calibrated points that are legal but almost certainly not what the user wants:
+    one where no sample ever exits (the compiled model runs every block, with the runtime's
+    overhead on top), and one whose threshold sits on almost flat distributions."""
+    num_classes = scores.exit_logits.shape[-1]
+    what = f"calibrate_threshold({point.rule}, keep={keep:g}, heads={scores.heads!r})"
+    if point.mean_layers >= point.num_blocks:
+        warnings.warn(
+            f"{what}: no sample exits early at the calibrated point; every one of the "
+            f"{scores.num_samples} validation samples runs all {point.num_blocks} blocks, so early exit "
+            f"only adds overhead. The exits are not accurate enough to keep {keep:.1%} of the full "
+            f"model's {scores.metric}: "
+            + ("train exit heads (dynexec_compile.train_exit_heads + attach_exit_heads) and calibrate "
+               "again, " if scores.heads == "shared" else "train the exit heads longer or on more data, ")
+            + "lower keep, or try another rule.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if point.rule == "patience":
+        return
+    distance = uniform_distance(point.rule, point.threshold, num_classes)
+    if distance < UNIFORM_MARGIN:
+        uniform = (
+            f"ln({num_classes}) = {math.log(num_classes):.4f} nats" if point.rule == "entropy"
+            else f"1/{num_classes} = {1 / num_classes:.4f}"
+        )
+        where = (
+            f"is within {distance:.1%} of the uniform distribution's {point.rule} ({uniform}): samples "
+            "leave when their exit head is almost undecided"
+            if distance > 0 else
+            f"is past the uniform distribution's {point.rule} ({uniform}): it lets every sample leave at "
+            "its first exit, however undecided the head is there"
+        )
+        warnings.warn(
+            f"{what}: the calibrated threshold {point.threshold:.4f} {where}, so the point holds the "
+            "accuracy only as far as those exits happen to be right on this validation set; it may not "
+            "hold on other data. "
+            + ("Train exit heads (dynexec_compile.train_exit_heads + attach_exit_heads) — the "
+               "shared head was never trained on early hidden states — " if scores.heads == "shared"
+               else "Train the exit heads longer, ")
+            + "use rule='patience', or check the point on held-out data before relying on it.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -17,7 +17,7 @@ from typing import Any
 LOWERINGS = ("inductor", "eager", "tensorrt")
 PARTITIONS = ("auto", "blocks", "none")
 EXIT_RULES = ("entropy", "max_prob", "patience")
-EXIT_HEADS = ("shared", "trained")
+EXIT_HEADS = ("auto", "shared", "trained")
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,18 @@ class EarlyExitConfig:
         patience: consecutive agreeing exits needed by ``"patience"`` (>= 1).
         layers: ``"all"`` (an exit after every block but the last) or block indices
             (0-based) after which an exit is placed.
-        heads: ``"shared"`` (the model's own head applied to the intermediate hidden state)
-            or ``"trained"`` (off-ramps attached with ``attach_exit_heads``).
+        heads: ``"auto"`` (the default: the trained off-ramps when the model has them
+            attached with ``attach_exit_heads``, else the shared head; resolved when the
+            model is compiled, by ``exit_heads.resolve_heads``), ``"shared"`` (the model's own
+            head applied to the intermediate hidden state) or ``"trained"`` (the attached
+            off-ramps; an error without them).
     """
 
     rule: str = "entropy"
     threshold: float = 0.1
     patience: int = 2
     layers: str | tuple[int, ...] = "all"
-    heads: str = "shared"
+    heads: str = "auto"
 
 
 @dataclass(frozen=True)

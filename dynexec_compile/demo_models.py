@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from dynexec_compile.exit_heads import ExitHeads, load_exit_heads
 
@@ -57,13 +59,110 @@ def base_word_embeddings() -> torch.Tensor:
         return reader.get_tensor(BASE_WORD_EMBEDDINGS)
 
 
-def build_sst2_base(num_labels: int = 2) -> nn.Module:
-    """The pretrained MiniLM-L6 as ``BertForSequenceClassification`` with a new classifier."""
+def build_sst2_base(num_labels: int = 2, labels: Sequence[str] | None = None) -> nn.Module:
+    """The pretrained MiniLM-L6 as ``BertForSequenceClassification`` with a new classifier
+    of ``num_labels`` classes (the starting point of fine-tuning on any classification task).
+
+    Args:
+        num_labels: classes of the new classifier (>= 2).
+        labels: class names, ``labels[i]`` for class ``i`` (e.g. ``read_classification``'s
+            mapping); default SST-2's ``negative``/``positive`` for 2 classes and
+            ``LABEL_0 .. LABEL_{C-1}`` otherwise. Its length must be ``num_labels``.
+
+    Raises:
+        ValueError: ``num_labels < 2`` or ``labels`` of another length.
+    """
     from transformers import BertForSequenceClassification
 
-    return BertForSequenceClassification.from_pretrained(
-        base_model_dir(), num_labels=num_labels, id2label=SST2_LABELS, label2id=_label2id()
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"build_sst2_base: num_labels must be an int >= 2, got {num_labels!r}")
+    if labels is None:
+        names = SST2_LABELS if num_labels == 2 else {i: f"LABEL_{i}" for i in range(num_labels)}
+    else:
+        if isinstance(labels, str) or len(labels) != num_labels:
+            raise ValueError(
+                f"build_sst2_base: labels={labels!r} names {len(labels)} class(es) but num_labels="
+                f"{num_labels}; give one name per class, in class-id order"
+            )
+        names = {i: str(name) for i, name in enumerate(labels)}
+    model = BertForSequenceClassification.from_pretrained(
+        base_model_dir(),
+        num_labels=num_labels,
+        id2label=names,
+        label2id={name: i for i, name in names.items()},
     )
+    if model.config.num_labels != num_labels or model.classifier.out_features != num_labels:
+        raise ValueError(  # transformers derives num_labels from id2label; never a silent mismatch
+            f"build_sst2_base: asked for {num_labels} classes, got a model with "
+            f"{model.classifier.out_features}"
+        )
+    return model
+
+
+def fine_tune_classifier(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    epochs: int = 1,
+    lr: float = 5e-5,
+    warmup: float = 0.06,
+    weight_decay: float = 0.01,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Fine-tune a ``*ForSequenceClassification`` in place on labelled batches; eval mode after.
+
+    AdamW (no decay on biases and LayerNorms), linear warm-up over ``warmup`` of the steps then
+    linear decay to 0, gradient clipping at 1.0. Parameters with ``requires_grad=False`` (the
+    demo freezes the word embeddings) stay as they are. ``max_steps`` stops early (the schedule
+    is laid out for the steps actually run). Returns ``model``.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+    total = epochs * len(loader)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warm = max(1, int(warmup * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+    )
+    model.train()
+    running, step = None, 0
+    with tqdm(total=total, desc="fine-tune", unit="step", mininterval=30, disable=not progress) as bar:
+        while step < total:
+            for batch in loader:
+                loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+                if step == total:
+                    break
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Accuracy of ``model`` (eval mode) on labelled batches (``labels: [B]`` in each)."""
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        correct += int((model(**inputs).logits.argmax(-1) == batch["labels"]).sum())
+        total += batch["labels"].numel()
+    if total == 0:
+        raise ValueError("classifier_accuracy got no samples")
+    return correct / total
 
 
 def load_sst2_tokenizer():

@@ -585,6 +585,24 @@ def find_exit_heads(tensors: Iterable[torch.Tensor]) -> ExitHeads | None:
     return None
 
 
+def resolve_heads(heads: str, attached: ExitHeads | None) -> str:
+    """The exit heads an ``early_exit.heads`` setting means for a model: ``"auto"`` is
+    ``"trained"`` when off-ramps are attached (``attached`` is what ``get_exit_heads`` or
+    ``find_exit_heads`` found), else ``"shared"``; ``"shared"`` and ``"trained"`` are kept.
+
+    The one place ``"auto"`` is decided, used by the compiler and by calibration alike, so
+    options written by hand and a calibrated point run the same heads. ``"trained"`` without
+    attached heads is left to the runtime, whose error says how to attach them.
+    """
+    from dynexec_compile.config import EXIT_HEADS
+
+    if heads not in EXIT_HEADS:
+        raise ValueError(f"dynexec: early_exit.heads={heads!r} is not valid; use one of {list(EXIT_HEADS)}")
+    if heads == "auto":
+        return "trained" if attached is not None else "shared"
+    return heads
+
+
 def _check_heads_fit(model: nn.Module, heads: ExitHeads) -> None:
     num_layers, hidden_size = model_dims(model)
     resolve_exit_layers(model, heads.layers)
@@ -614,6 +632,7 @@ __all__ = [
     "load_exit_heads",
     "model_dims",
     "resolve_exit_layers",
+    "resolve_heads",
     "save_exit_heads",
     "train_exit_heads",
 ]

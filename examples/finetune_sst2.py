@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from dynexec_compile.data import load_sst2, sst2_dataloader
 from dynexec_compile.demo_models import (
@@ -51,6 +50,8 @@ from dynexec_compile.demo_models import (
     METRICS_FILE,
     SST2_ARTIFACT_DIR,
     build_sst2_base,
+    classifier_accuracy,
+    fine_tune_classifier,
     load_sst2_classifier,
     load_sst2_exit_heads,
     load_sst2_tokenizer,
@@ -136,11 +137,13 @@ def main() -> None:
 
     timings: dict[str, float] = {}
     phase = time.perf_counter()
-    fine_tune(model, train_loader, args)
+    fine_tune_classifier(
+        model, train_loader, args.epochs, args.lr, args.warmup, args.weight_decay
+    )
     timings["fine_tune_s"] = time.perf_counter() - phase
     eval_loader = sst2_dataloader(tokenizer, validation, 64, args.max_length, group_by_length=True)
     first_loader = sst2_dataloader(tokenizer, validation[:FIRST_N], 64, args.max_length)
-    accuracy_fp32_trained = accuracy(model, eval_loader)
+    accuracy_fp32_trained = classifier_accuracy(model, eval_loader)
     print(
         f"validation accuracy after fine-tuning (fp32 weights): {accuracy_fp32_trained:.4f}",
         flush=True,
@@ -150,8 +153,8 @@ def main() -> None:
     save_sst2_classifier(model, out)
     del model
     model, _ = load_sst2_classifier(torch.float32, out)
-    accuracy_artifact = accuracy(model, eval_loader)
-    accuracy_artifact_first = accuracy(model, first_loader)
+    accuracy_artifact = classifier_accuracy(model, eval_loader)
+    accuracy_artifact_first = classifier_accuracy(model, first_loader)
     print(
         f"validation accuracy of the reloaded bf16 artifact, run in fp32: {accuracy_artifact:.4f}",
         flush=True,
@@ -215,55 +218,6 @@ def main() -> None:
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "README.md").write_text(model_card(metrics))
     print(json.dumps(metrics, indent=2), flush=True)
-
-
-def fine_tune(
-    model: torch.nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace
-) -> None:
-    """AdamW, linear warm-up then linear decay, gradient clipping at 1.0; word embeddings frozen."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-    )
-    total = args.epochs * len(loader)
-    warmup = max(1, int(args.warmup * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup))),
-    )
-    model.train()
-    running = None
-    with tqdm(total=total, desc="fine-tune", unit="step", mininterval=30) as bar:
-        for _ in range(args.epochs):
-            for batch in loader:
-                loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-        total += labels.numel()
-    return correct / total
 
 
 def measure(

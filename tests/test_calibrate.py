@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,70 @@ def test_demo_model_keeps_99_percent_with_fewer_layers():
     assert cal.heads == "trained" and cal.num_samples == 128
     assert cal.accuracy >= 0.99 * cal.full_accuracy and cal.full_accuracy > 0.8
     assert cal.layer_reduction > 1.2
+
+
+def confident_trained_heads(model, layers=(0, 1, 2)):
+    """Off-ramps trained on nothing but scaled up: confident, and often wrong."""
+    from dynexec_compile import ExitHeads
+
+    heads = ExitHeads(list(layers), hidden_size=32, num_labels=3, kind="mean_tanh").eval()
+    with torch.no_grad():
+        for layer in heads.layers:
+            heads.head(layer).out.weight.mul_(30.0)
+    return heads
+
+
+def test_default_heads_follow_what_is_attached_in_calibration_and_in_options(model):
+    """The 4-class trap's second half: options written from a calibration without "heads"
+    must run the heads the calibration measured (trained when attached)."""
+    from dynexec_compile import attach_exit_heads, detach_exit_heads
+
+    batches = labelled_batches(labels=False)
+    assert calibrate_threshold(model, batches, keep=0.9, progress=False).heads == "shared"
+    attach_exit_heads(model, confident_trained_heads(model))
+    try:
+        cal = calibrate_threshold(model, batches, keep=0.5, progress=False)
+        assert cal.heads == "trained" and cal.mean_layers < 4.0
+        options = {k: v for k, v in cal.early_exit_options().items() if k != "heads"}
+        exits, _ = run_compiled(model, [{**b, "labels": torch.zeros(8, dtype=torch.long)} for b in batches], **options)
+        assert sum(e + 1 for e in exits) / len(exits) == pytest.approx(cal.mean_layers)
+        explicit, _ = run_compiled(model, [{**b, "labels": torch.zeros(8, dtype=torch.long)} for b in batches],
+                                   **cal.early_exit_options())
+        assert exits == explicit
+    finally:
+        detach_exit_heads(model)
+
+
+def scores_of(exit_logits, labels, num_blocks=3, heads="shared"):
+    """ExitScores whose final model predicts every label right: [N, E, C] exit logits."""
+    final = torch.nn.functional.one_hot(labels, exit_logits.shape[-1]).float() * 10
+    return ExitScores(exit_logits, final, labels, list(range(exit_logits.shape[1])), num_blocks, heads)
+
+
+def test_a_point_where_no_sample_exits_is_a_warning():
+    labels = torch.arange(8) % 4
+    wrong = torch.nn.functional.one_hot((labels + 1) % 4, 4).float()[:, None].repeat(1, 2, 1) * 10
+    with pytest.warns(UserWarning, match=r"no sample exits early.*all 3 blocks.*train exit heads"):
+        cal = choose_threshold(scores_of(wrong, labels), 0.99, "entropy")
+    assert cal.mean_layers == 3.0
+    with pytest.warns(UserWarning, match=r"no sample exits early.*train the exit heads longer"):
+        choose_threshold(scores_of(wrong, labels, heads="trained"), 0.99, "patience")
+
+
+@pytest.mark.parametrize("rule, uniform", [("entropy", r"ln\(4\) = 1.3863 nats"), ("max_prob", r"1/4 = 0.2500")])
+def test_thresholds_near_the_uniform_distribution_are_a_warning(rule, uniform):
+    labels = torch.arange(8) % 4
+    nearly_flat = torch.nn.functional.one_hot(labels, 4).float()[:, None].repeat(1, 2, 1) * 0.05  # right, barely
+    with pytest.warns(UserWarning, match=rf"(within .*% of|past) the uniform distribution's {rule} \({uniform}\).*Train exit heads"):
+        cal = choose_threshold(scores_of(nearly_flat, labels), 0.99, rule)
+    assert cal.mean_layers == 1.0  # it does exit, on almost flat distributions
+    confident = nearly_flat * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a confident point warns of nothing
+        assert choose_threshold(scores_of(confident, labels), 0.99, rule).mean_layers == 1.0
+
+
+def test_calibrate_threshold_itself_warns_on_the_shared_head_of_an_untrained_classifier(model):
+    """The random 3-class classifier's shared head is near uniform: calibrating it must say so."""
+    with pytest.warns(UserWarning, match="uniform distribution|no sample exits"):
+        calibrate_threshold(model, labelled_batches(), keep=0.5, rule="entropy", progress=False)

@@ -1,4 +1,5 @@
-"""SST-2 reading and batching: parsing, where the data is looked for, dynamic padding."""
+"""Reading classification data (any CSV/TSV or dataset, SST-2) and batching it: parsing, label
+mapping, where the data is looked for, dynamic padding."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from dynexec_compile import data
 from dynexec_compile.data import (
     DATA_DIR_ENV,
     LengthGroupedBatchSampler,
+    classification_dataloader,
     default_data_root,
+    load_classification,
     load_sst2,
     sst2_dataloader,
     sst2_path,
@@ -109,3 +112,92 @@ def test_length_grouping_visits_every_sentence_once_in_fewer_padded_tokens():
     assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in plain)
     labels = torch.cat([b["labels"] for b in grouped])
     assert sorted(labels.tolist()) == sorted(label for _, label in PAIRS)
+
+
+# --- any classification data ---------------------------------------------------------------
+
+
+def test_csv_and_tsv_with_string_labels_map_to_ids_and_return_the_mapping(tmp_path):
+    (tmp_path / "news.csv").write_text(
+        'headline,topic,source\n"Stocks fall, again",business,a\nGoal!,sport,b\n'
+        'New chip,tech,c\n"He said ""no""",business,d\n',
+        encoding="utf-8",
+    )
+    pairs, names = load_classification(tmp_path / "news.csv", "headline", "topic")
+    assert names == ["business", "sport", "tech"]
+    assert pairs == [("Stocks fall, again", 0), ("Goal!", 1), ("New chip", 2), ('He said "no"', 0)]
+    # the same mapping for another split, even when a class is absent there
+    (tmp_path / "dev.tsv").write_text('topic\theadline\ntech\ta "quoted" chip\n', encoding="utf-8")
+    assert load_classification(tmp_path / "dev.tsv", "headline", "topic", label_names=names) == (
+        [('a "quoted" chip', 2)], names,
+    )
+    (tmp_path / "bad.tsv").write_text("topic\theadline\nweather\train\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.tsv:2: label 'weather' is not one of"):
+        load_classification(tmp_path / "bad.tsv", "headline", "topic", label_names=names)
+
+
+def test_integer_labels_keep_their_order(tmp_path):
+    (tmp_path / "d.tsv").write_text("text\tlabel\na\t10\nb\t2\nc\t1\n", encoding="utf-8")
+    pairs, names = load_classification(tmp_path / "d.tsv")
+    assert names == ["1", "2", "10"] and [label for _, label in pairs] == [2, 1, 0]
+
+
+def test_bad_files_say_what_is_wrong(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("text\tlabel\na\t0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no column 'sentence'.*columns are \['text', 'label'\]"):
+        load_classification(path, "sentence", "label")
+    with pytest.raises(ValueError, match="at least 2 distinct classes"):
+        load_classification(path)
+    (tmp_path / "d.txt").write_text("text,label\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="delimiter"):
+        load_classification(tmp_path / "d.txt")
+    assert load_classification(tmp_path / "d.txt", delimiter=",", label_names=["0", "1"]) == ([], ["0", "1"])
+    path.write_text("text\tlabel\na\t0\tx\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.tsv:2: 3 fields, the header has 2"):
+        load_classification(path)
+    path.write_text("text\tlabel\n \t0\nb\t1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.tsv:2: empty text"):
+        load_classification(path)
+    with pytest.raises(FileNotFoundError, match="no data file"):
+        load_classification(tmp_path / "none.csv")
+
+
+class FakeClassLabel:
+    names = ["neg", "neu", "pos"]
+
+
+class FakeDataset:
+    """Duck-typed like a ``datasets.Dataset``: column_names, features, dataset[column]."""
+
+    column_names = ["sentence", "label", "idx"]
+    features = {"label": FakeClassLabel(), "sentence": object()}
+
+    def __getitem__(self, column):
+        return {"sentence": ["meh", "great", "awful"], "label": [1, 2, 0], "idx": [0, 1, 2]}[column]
+
+
+class FakeDatasetDict:
+    column_names = {"train": ["sentence", "label"]}
+
+
+def test_datasets_objects_and_dicts_are_read_by_column():
+    pairs, names = load_classification(FakeDataset(), "sentence", "label")
+    assert names == ["neg", "neu", "pos"] and pairs == [("meh", 1), ("great", 2), ("awful", 0)]
+    assert load_classification({"text": ["x", "y"], "label": ["b", "a"]}) == ([("x", 1), ("y", 0)], ["a", "b"])
+    with pytest.raises(TypeError, match=r"pass one split, e.g. dataset\['train'\]"):
+        load_classification(FakeDatasetDict(), "sentence")
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['sentence', 'label', 'idx'\]"):
+        load_classification(FakeDataset())
+
+
+def test_generic_dataloader_serves_any_number_of_classes():
+    pairs = [("a" * n, n % 5) for n in range(1, 12)]
+    labels = torch.cat([b["labels"] for b in classification_dataloader(CharTokenizer(), pairs, batch_size=4)])
+    assert labels.tolist() == [label for _, label in pairs]
+
+
+def test_sst2_dataloader_reads_a_split_by_name(tmp_path):
+    write_sst2(tmp_path)
+    batch = next(iter(sst2_dataloader(CharTokenizer(), "validation", batch_size=2, root=tmp_path)))
+    assert batch["labels"].tolist() == [1, 0]

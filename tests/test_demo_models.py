@@ -95,3 +95,28 @@ def test_missing_artifact_names_the_regeneration_command(tmp_path):
         load_sst2_classifier(directory=tmp_path)
     with pytest.raises(FileNotFoundError, match=REGENERATE_COMMAND):
         load_sst2_exit_heads(directory=tmp_path)
+
+
+@pytest.mark.parametrize("num_labels", [3, 4])
+def test_the_base_model_honours_num_labels(num_labels):
+    """The 4-class trap: SST-2's 2 label names must not turn a 4-class model into a 2-class one."""
+    from dynexec_compile.demo_models import build_sst2_base
+
+    model = build_sst2_base(num_labels=num_labels)
+    assert model.config.num_labels == num_labels and model.classifier.out_features == num_labels
+    assert model.config.id2label == {i: f"LABEL_{i}" for i in range(num_labels)}
+    inputs = {"input_ids": torch.tensor([[101, 2204, 102]]), "labels": torch.tensor([num_labels - 1])}
+    model(**inputs).loss.backward()  # the last class is a valid target
+    named = build_sst2_base(num_labels=3, labels=["sport", "tech", "world"])
+    assert named.config.id2label == {0: "sport", 1: "tech", 2: "world"}
+    assert named.config.label2id == {"sport": 0, "tech": 1, "world": 2}
+    assert build_sst2_base().config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_the_base_model_refuses_bad_label_counts():
+    from dynexec_compile.demo_models import build_sst2_base
+
+    with pytest.raises(ValueError, match="num_labels must be an int >= 2"):
+        build_sst2_base(num_labels=1)
+    with pytest.raises(ValueError, match=r"names 2 class\(es\) but num_labels=4"):
+        build_sst2_base(num_labels=4, labels=["a", "b"])

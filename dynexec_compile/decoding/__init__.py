@@ -6,6 +6,7 @@ strategies share one acceptance rule, :mod:`dynexec_compile.decoding.verify`.
 """
 
 from dynexec_compile.decoding.cache import SlotCache
+from dynexec_compile.decoding.calm import calm_strategy
 from dynexec_compile.decoding.draft_heads import (
     DraftHeads,
     load_draft_heads,
@@ -55,6 +56,7 @@ from dynexec_compile.decoding.verify import (
     verify_sampling,
 )
 
+register_strategy("calm", calm_strategy)
 register_strategy("draft_heads", draft_heads_strategy)
 register_strategy("self_speculative", self_speculative_strategy)
 

@@ -5,7 +5,9 @@ suffix stage, one of them a logits tensor ``[B, C]`` (or ``[B, S, C]``, decided 
 position) with the batch first. Afterwards (invariant): the graph is unchanged; the pass
 leaves for the runtime the exit blocks, the env slot of the hidden state after each, and the
 slot of the suffix's hidden-state input, so a "shared" exit head is the suffix stage itself
-applied to an earlier hidden state. Not in place.
+applied to an earlier hidden state. The runtime decides per call which heads exit
+(``"auto"``: the trained off-ramps while the model has them attached); the pass's note says
+which ones it found at compile time. Not in place.
 
 Exit layers that do not exist are a ``ValueError`` (a user error, raised whatever ``strict``
 says); a graph the runtime cannot serve (a KV cache among the outputs) is a ``PassError``.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from dynexec_compile.exit_heads import find_exit_heads, resolve_heads
 from dynexec_compile.passes import PassContext, PassError, PassResult
 from dynexec_compile.passes.partition_stages import stages_of
 
@@ -92,5 +95,6 @@ def insert_early_exit(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     from dynexec_compile.runtime.early_exit import early_exit_runtime_factory
 
     ctx.artifacts["runtime"] = early_exit_runtime_factory(ctx, plan)
-    notes = [f"exits after blocks {layers} ({cfg.rule}, threshold {cfg.threshold}, heads {cfg.heads})"]
+    heads = resolve_heads(cfg.heads, find_exit_heads(ctx.artifacts.get("example_inputs", [])))
+    notes = [f"exits after blocks {layers} ({cfg.rule}, threshold {cfg.threshold}, heads {heads})"]
     return PassResult(gm, False, notes)

@@ -11,6 +11,7 @@ at its exit), but the batch runs on whole until every sample has left; it says s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from dynexec_compile.config import EarlyExitConfig
+from dynexec_compile.exit_heads import ExitHeads, find_exit_heads, resolve_heads
 from dynexec_compile.passes import PassContext
 from dynexec_compile.runtime.exit_recording import ExitRecording, RecordedCall, active_recording
 from dynexec_compile.runtime.exit_rules import ExitRule, make_exit_rule
@@ -26,6 +28,7 @@ from dynexec_compile.runtime.staged import StagePlan, make_plan
 from dynexec_compile.runtime.stats import record_stats
 
 log = logging.getLogger("dynexec")
+_UNRESOLVED = object()  # no heads resolved yet (None means "none attached")
 
 
 def _example(node: fx.Node):
@@ -72,11 +75,13 @@ class EarlyExitRuntime:
         plan: StagePlan,
         ee_plan,
         cfg: EarlyExitConfig,
-        head_fns: dict[int, Callable] | None,
+        make_head_fns: Callable[[ExitHeads | None], dict[int, Callable]],
         lowering: str = "eager",
+        example_inputs: list | None = None,
     ):
         self.plan = plan
-        self.cfg = cfg
+        self.requested_heads = cfg.heads  # "auto", "shared" or "trained", as the options said
+        self.cfg = cfg  # with heads resolved (by _resolve_heads) for the heads attached now
         self.num_blocks = ee_plan.num_blocks
         self.rule: ExitRule = make_exit_rule(cfg, lowering)
         self.exit_hidden = {site.block: plan.value_slot[site.hidden] for site in ee_plan.sites}
@@ -88,7 +93,15 @@ class EarlyExitRuntime:
         self.outputs = plan.outputs if isinstance(plan.outputs, (tuple, list)) else (plan.outputs,)
         self.out_position = {slot: self.suffix.writes.index(slot) for slot in self.outputs}  # graph output -> suffix output
         self.logits_output = ee_plan.logits_output
-        self.head_fns = head_fns  # trained heads by block, or None for the shared head
+        self._make_head_fns = make_head_fns
+        self.head_fns: dict[int, Callable] | None = None  # trained heads by block; None: shared
+        # one parameter of the model among the graph inputs: the key attached heads are found by
+        self.param_slot = next(
+            (i for i, n in enumerate(n for n in top.graph.nodes if n.op == "placeholder") if "_parameters_" in n.name),
+            None,
+        )
+        self._attached: object = _UNRESOLVED
+        self._resolve_heads(find_exit_heads(example_inputs or []))
         examples = _slot_examples(top, plan)
         symbols = _batch_symbols(top)
         self.compaction = symbols is not None
@@ -107,6 +120,22 @@ class EarlyExitRuntime:
         self._warned = False
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _resolve_heads(self, attached: ExitHeads | None) -> None:
+        """Point the exits at the heads attached now: Dynamo reuses this compiled graph for a
+        later ``torch.compile`` of the same model with the same options, and attaching heads
+        does not change the graph, so ``"auto"`` (and which trained heads) is decided per call,
+        not once at compile time. A no-op while the attached heads stay the same."""
+        if attached is self._attached:
+            return
+        heads = resolve_heads(self.requested_heads, attached)
+        self.head_fns = self._make_head_fns(attached) if heads == "trained" else None
+        self.cfg = dataclasses.replace(self.cfg, heads=heads)
+        self._attached = attached
+
+    def _follow_attached_heads(self, args) -> None:
+        if self.param_slot is not None:
+            self._resolve_heads(find_exit_heads((args[self.param_slot],)))
 
     def _head(self, block: int, env: list) -> tuple:
         """All graph outputs as the head computes them from the hidden state after ``block``."""
@@ -135,6 +164,7 @@ class EarlyExitRuntime:
     # --- the loop ----------------------------------------------------------------------------
 
     def __call__(self, *args):
+        self._follow_attached_heads(args)
         recording = active_recording()
         if recording is not None:
             return self._run_recording(args, recording)
@@ -243,12 +273,16 @@ def early_exit_runtime_factory(ctx: PassContext, ee_plan) -> Callable:
     """What the backend calls once the stages are lowered."""
 
     def factory(top: fx.GraphModule, compiled: dict[str, Callable]):
-        plan = make_plan(top, compiled)
-        head_fns = None
-        if ctx.cfg.early_exit.heads == "trained":
-            from dynexec_compile.runtime.trained_heads import trained_head_fns
+        from dynexec_compile.runtime.trained_heads import trained_head_fns
 
-            head_fns = trained_head_fns(ctx, ee_plan, plan, top)
-        return EarlyExitRuntime(top, plan, ee_plan, ctx.cfg.early_exit, head_fns, ctx.cfg.lowering)
+        plan = make_plan(top, compiled)
+
+        def make_head_fns(heads: ExitHeads | None) -> dict[int, Callable]:
+            return trained_head_fns(ctx, ee_plan, plan, top, heads)
+
+        return EarlyExitRuntime(
+            top, plan, ee_plan, ctx.cfg.early_exit, make_head_fns, ctx.cfg.lowering,
+            ctx.artifacts.get("example_inputs", []),
+        )
 
     return factory

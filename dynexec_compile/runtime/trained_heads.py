@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from dynexec_compile.backends import StageLowerer
-from dynexec_compile.exit_heads import ExitHead
+from dynexec_compile.exit_heads import ExitHead, ExitHeads
 from dynexec_compile.passes import PassContext, PassError
 from dynexec_compile.runtime.staged import StagePlan
 
@@ -64,12 +64,11 @@ def head_graph(head: ExitHead, hidden, mask) -> tuple[fx.GraphModule, list, list
     return gm, examples, tensors
 
 
-def trained_head_fns(ctx: PassContext, ee_plan, plan: StagePlan, top: fx.GraphModule) -> dict[int, Callable]:
-    """``{block: fn(hidden [A, S, D], env) -> logits [A, C]}`` from the heads attached to the
-    model whose parameters this graph reads, each lowered with the stages' lowering."""
-    from dynexec_compile.exit_heads import find_exit_heads
-
-    heads = find_exit_heads(ctx.artifacts.get("example_inputs", []))
+def trained_head_fns(
+    ctx: PassContext, ee_plan, plan: StagePlan, top: fx.GraphModule, heads: ExitHeads | None
+) -> dict[int, Callable]:
+    """``{block: fn(hidden [A, S, D], env) -> logits [A, C]}`` from ``heads``, the heads attached
+    to the model whose parameters this graph reads, each lowered with the stages' lowering."""
     if heads is None:
         raise ValueError(
             "dynexec: early_exit.heads='trained' but no exit heads are attached to this model: "

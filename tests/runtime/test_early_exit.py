@@ -189,3 +189,38 @@ def test_trained_heads_missing_is_a_clear_error():
     model = H.classifier("bert")
     with pytest.raises(Exception, match="no exit heads are attached.*attach_exit_heads"):
         run(compiled(model, heads="trained"), "bert", H.encoder_inputs())
+
+
+@pytest.mark.parametrize("family, kind", [("bert", "mean_tanh"), ("llama", "last_token_rmsnorm")])
+def test_options_without_heads_use_the_attached_trained_heads(family, kind):
+    """The default heads="auto": a user who writes options by hand after attaching trained heads
+    gets those heads (and their early exits), not the shared head running every block."""
+    from dynexec_compile import ExitHeads, attach_exit_heads, detach_exit_heads
+
+    model = H.classifier(family, num_labels=3)
+    heads = ExitHeads([0, 1], hidden_size=32, num_labels=3, kind=kind).eval()
+    with torch.no_grad():
+        heads.head(0).out.weight.mul_(200.0)  # a confident first exit
+    inputs = H.encoder_inputs(batch=3, pad_last=2)
+    with torch.no_grad():
+        stock = model(**call_kwargs(family, inputs), output_hidden_states=True)
+        ref = heads.exit_logits(0, stock.hidden_states[1], inputs["attention_mask"])
+    assert ref.softmax(-1).amax(-1).min() > 0.8
+    torch._dynamo.reset()
+    c = compiled(model, rule="max_prob", threshold=0.8)
+    shared = run(c, family, inputs)  # nothing attached
+    assert last_stats()["mean_layers"] == 3 and torch.equal(shared, stock.logits)
+    attach_exit_heads(model, heads)
+    torch._dynamo.reset()
+    out = run(compiled(model, rule="max_prob", threshold=0.8), family, inputs)
+    assert last_stats()["exit_layer"] == [0, 0, 0] and last_stats()["mean_layers"] == 1 < 3
+    assert (out - ref).abs().max().item() <= 1e-5
+    # a graph compiled before the heads were attached follows them too (Dynamo reuses it for an
+    # identical torch.compile call, and attaching does not change the graph)
+    assert torch.equal(run(c, family, inputs), out) and last_stats()["mean_layers"] == 1
+    detach_exit_heads(model)
+    assert torch.equal(run(c, family, inputs), stock.logits) and last_stats()["mean_layers"] == 3
+    attach_exit_heads(model, heads)
+    torch._dynamo.reset()
+    run(compiled(model, rule="max_prob", threshold=0.8, heads="shared"), family, inputs)
+    assert last_stats()["mean_layers"] == 3  # "shared" still means the shared head
