@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import dynexec_compile as dx
+from dynexec_compile.bench.common import left_padded
 from dynexec_compile.decoding.draft_heads import DraftHeads
 from dynexec_compile.models import chat_prompts, load_lm
 
@@ -28,23 +29,13 @@ OUT = ROOT / "models" / "smollm2-135m-instruct" / "draft-heads"
 NAME = "smollm2-135m-instruct"
 
 
-def left_pad(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` left-padded ids and mask of variable-length prompts."""
-    width = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - p.numel() :], mask[i, width - p.numel() :] = p, 1
-    return ids, mask
-
-
 def answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, batch: int) -> list[torch.Tensor]:
     """Prompt + the model's own greedy answer (up to EOS) per prompt, ``[L_i]`` each."""
     eos = model.generation_config.eos_token_id
     out = []
     for i in range(0, len(prompts), batch):
         group = prompts[i : i + batch]
-        ids, mask = left_pad(group, tokenizer.pad_token_id)
+        ids, mask = left_padded(group, tokenizer.pad_token_id)
         seqs = dx.generate(model, ids, mask, max_new_tokens=new_tokens).sequences
         for row, p in enumerate(group):
             new = seqs[row, ids.shape[1] :]

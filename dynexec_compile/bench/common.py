@@ -197,16 +197,32 @@ class LMSetup:
 
     model: Any  # transformers PreTrainedModel, fp32, eval mode
     tokenizer: Any
-    prompts: torch.Tensor  # [N, L]
+    prompts: torch.Tensor | list[torch.Tensor]  # [N, L] windows, or chat prompts of their own lengths
     label: str
     is_demo: bool
+    eos_token_id: list[int] = field(default_factory=list)  # [] = generate max_new_tokens (code windows)
+    pad_token_id: int = 0
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
 
 
 def add_model_arguments(parser: Any) -> None:
     """``--model``, ``--draft-model``, ``--draft-heads``, ``--prompt-file``: benchmark your own
     checkpoint (suites that decode: lookahead, speculative)."""
     group = parser.add_argument_group("your own model (lookahead, speculative)")
-    group.add_argument("--model", default=None, help="local folder of a transformers causal LM (default: the demo target)")
+    group.add_argument(
+        "--model", default=None,
+        help="local folder of a transformers causal LM, or a name load_lm knows (smollm2-135m-instruct); "
+        "default: the demo target",
+    )
+    group.add_argument(
+        "--prompt-set", default=None, choices=["code", "chat"],
+        help="chat: instruction prompts (rewrite a review, annotate a function, free-form questions) in the "
+        "model's chat template, each at its own length, stopping at EOS; code: windows of held-out stdlib "
+        "files, EOS off; default: chat when the model has a chat template and no --prompt-file is given",
+    )
     group.add_argument(
         "--draft-model", default=None,
         help="local folder of a draft LM with the same tokenizer (speculative; default: the demo draft with the demo target)",
@@ -226,7 +242,7 @@ def add_model_arguments(parser: Any) -> None:
     )
 
 
-MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file", "compile_mode")
+MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file", "compile_mode", "prompt_set")
 
 
 def load_causal_lm(path: str | Path, what: str = "--model") -> tuple[Any, Any]:
@@ -264,16 +280,54 @@ def file_prompts(path: str | Path, n: int, tokens: int, tokenizer: Any) -> torch
 
 def lm_setup(args: Any, n: int, tokens: int) -> LMSetup:
     """The model and prompts a decoding suite runs on: ``--model``/``--prompt-file`` or the demo's."""
-    from dynexec_compile.models import heldout_prompts, load_demo_lm
+    from dynexec_compile.models import (
+        KNOWN_LMS,
+        chat_prompts,
+        heldout_prompts,
+        lm_folder,
+        load_demo_lm,
+    )
 
     if getattr(args, "model", None):
-        model, tokenizer = load_causal_lm(args.model)
+        folder = lm_folder(args.model) if args.model in KNOWN_LMS else args.model
+        model, tokenizer = load_causal_lm(folder)
         label, is_demo = f"model {args.model}", False
     else:
         model, tokenizer = load_demo_lm("target")
         label, is_demo = "demo code LM (models/code-lm/target)", True
+    prompt_set = getattr(args, "prompt_set", None)
+    if prompt_set is None:
+        prompt_set = "chat" if getattr(tokenizer, "chat_template", None) and not getattr(args, "prompt_file", None) else "code"
+    if prompt_set == "chat":
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        source = "chat prompts (rewrite / annotate / free-form; SST-2 validation, held-out stdlib), stop at EOS"
+        return LMSetup(model, tokenizer, chat_prompts(tokenizer, n), f"{label}, {source}", is_demo, eos, pad)
     if getattr(args, "prompt_file", None):
         prompts, source = file_prompts(args.prompt_file, n, tokens, tokenizer), f"prompts from {args.prompt_file}"
     else:
         prompts, source = heldout_prompts(n, tokens, tokenizer), "held-out stdlib prompts"
     return LMSetup(model, tokenizer, prompts, f"{label}, {source}", is_demo)
+
+
+def left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, L] ids, [B, L] mask)`` of prompts of their own lengths, padded on the left (as
+    ``model.generate`` wants)."""
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.numel() :], mask[i, width - p.numel() :] = p, 1
+    return ids, mask
+
+
+def generated_tokens(sequences: torch.Tensor, prompt_width: int, eos: list[int]) -> int:
+    """New tokens in ``sequences`` ``[B, L + n]``: per row up to and including its first EOS
+    (all ``n`` without EOS ids)."""
+    new = sequences[:, prompt_width:]  # [B, n]
+    if not eos or new.shape[1] == 0:
+        return new.numel()
+    is_eos = torch.isin(new, torch.tensor(eos))
+    first = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, new.shape[1])
+    return int(first.sum())

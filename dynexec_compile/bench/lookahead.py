@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from dynexec_compile.bench.common import SuiteResult, interleaved_medians, lm_setup
+from dynexec_compile.bench.common import (
+    LMSetup,
+    SuiteResult,
+    generated_tokens,
+    interleaved_medians,
+    left_padded,
+    lm_setup,
+)
 from dynexec_compile.decoding.lookahead import DEFAULTS
 
 TAKES_USER_MODEL = True  # --model / --prompt-file (see bench.common.add_model_arguments)
@@ -66,7 +73,8 @@ def run(args: argparse.Namespace) -> SuiteResult:
 
 def _run(args: argparse.Namespace) -> SuiteResult:
     quick = args.quick
-    model, prompts, label = _quick_setup(args) if quick else _demo_setup(args)
+    setup = _quick_setup(args) if quick else lm_setup(args, args.la_prompts or 4, args.la_prompt_tokens or 100)
+    prompts, label = setup.prompts, setup.label
     max_new = args.la_new_tokens or (32 if quick else 128)
     batches = [int(b) for b in (args.la_batches or ("1,2" if quick else "1,4")).split(",")]
     sweep = _parse_sweep(args.la_sweep) if args.la_sweep else (QUICK_SWEEP if quick else FULL_SWEEP)
@@ -74,7 +82,7 @@ def _run(args: argparse.Namespace) -> SuiteResult:
     repeats = args.repeats or (1 if quick else 3)
     result = SuiteResult("lookahead")
     result.notes.append(
-        f"{label}; {prompts.shape[0]} prompts of {prompts.shape[1]} tokens, {max_new} new tokens, fp32, "
+        f"{label}; {_describe(prompts)}, up to {max_new} new tokens, fp32, "
         f"{torch.get_num_threads()} thread(s); dynexec {'eager (compile=False)' if quick else _compiled(args)}; "
         f"time = median of {repeats} interleaved rounds over all prompts; 'first call s' includes compilation; "
         "ratios > 1 mean faster than the baseline"
@@ -82,7 +90,7 @@ def _run(args: argparse.Namespace) -> SuiteResult:
     if args.la_temperature <= 0:
         raise SystemExit(f"--lookahead-temperature must be > 0, got {args.la_temperature}")
     for batch in batches:
-        _run_batch(result, model, prompts, batch, max_new, configs, repeats, args, quick)
+        _run_batch(result, setup, batch, max_new, configs, repeats, args, quick)
     if not quick:
         _plot_sweep(result, Path(args.out or "runs/bench-lookahead.json").with_suffix(".png"))
     return result
@@ -101,13 +109,13 @@ def _compiled(args: argparse.Namespace) -> str:
     return f"compiled (Inductor, mode={mode})" if mode else "compiled (Inductor)"
 
 
-def _demo_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
-    """The demo target (or ``--model``) and held-out stdlib (or ``--prompt-file``) prompts."""
-    setup = lm_setup(args, args.la_prompts or 4, args.la_prompt_tokens or 100)
-    return setup.model, setup.prompts, setup.label
+def _describe(prompts: torch.Tensor | list[torch.Tensor]) -> str:
+    if isinstance(prompts, torch.Tensor):
+        return f"{prompts.shape[0]} prompts of {prompts.shape[1]} tokens"
+    return f"{len(prompts)} prompts of {min(p.numel() for p in prompts)}-{max(p.numel() for p in prompts)} tokens"
 
 
-def _quick_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
+def _quick_setup(args: argparse.Namespace) -> LMSetup:
     import transformers as T
 
     torch.manual_seed(0)
@@ -118,7 +126,7 @@ def _quick_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tenso
     model = T.LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 128, (args.la_prompts or 4, args.la_prompt_tokens or 24), generator=gen)
-    return model, prompts, "tiny random LLaMA (GQA), random prompts"
+    return LMSetup(model, None, prompts, "tiny random LLaMA (GQA), random prompts", False)
 
 
 def _parse_sweep(text: str) -> list[Config]:
@@ -131,9 +139,17 @@ def _parse_sweep(text: str) -> list[Config]:
     return configs  # type: ignore[return-value]
 
 
-def _batches(prompts: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Groups of ``batch`` prompts; in a group row ``i`` loses its first ``10 * i`` tokens
-    (left padding, as for ``model.generate``), so the rows have different lengths."""
+def _batches(prompts: torch.Tensor | list[torch.Tensor], batch: int, pad: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Groups of ``batch`` prompts; in a group of windows row ``i`` loses its first ``10 * i``
+    tokens (left padding, as for ``model.generate``), so the rows have different lengths;
+    prompts of their own lengths (chat) are left-padded together."""
+    if isinstance(prompts, list):
+        if len(prompts) < batch:
+            raise SystemExit(f"batch {batch} needs at least {batch} prompts; pass --lookahead-prompts {batch}")
+        return [
+            (p[0], None if batch == 1 else p[1])
+            for p in (left_padded(prompts[i : i + batch], pad) for i in range(0, len(prompts) - batch + 1, batch))
+        ]
     if batch == 1:
         return [(prompts[i : i + 1], None) for i in range(prompts.shape[0])]
     if prompts.shape[0] < batch:
@@ -165,12 +181,13 @@ def _counting_forwards(model: torch.nn.Module) -> Iterator[list[int]]:
 
 
 def _variants(
-    model: torch.nn.Module, max_new: int, batch: int, configs: list[Config], pld_tokens: int, quick: bool, mode: str | None
+    setup: LMSetup, max_new: int, batch: int, configs: list[Config], pld_tokens: int, quick: bool, mode: str | None
 ) -> dict[str, tuple[Config | None, bool, Callable[[torch.Tensor, torch.Tensor | None], Generation]]]:
     """name -> (lookahead config, prompt lookup, fn(ids, mask) -> (sequences, forwards))."""
     import dynexec_compile as dx
 
-    common = {"max_new_tokens": max_new, "eos_token_id": [], "pad_token_id": 0}
+    model = setup.model
+    common = {"max_new_tokens": max_new, "eos_token_id": setup.eos_token_id, "pad_token_id": setup.pad_token_id}
     dx_common = {**common, **_compile_settings(quick, mode)}
 
     def hf(**extra: Any) -> Callable[[torch.Tensor, torch.Tensor | None], Generation]:
@@ -228,8 +245,7 @@ def _sampling_variants(
 
 def _run_batch(
     result: SuiteResult,
-    model: torch.nn.Module,
-    prompts: torch.Tensor,
+    setup: LMSetup,
     batch: int,
     max_new: int,
     configs: list[Config],
@@ -237,9 +253,10 @@ def _run_batch(
     args: argparse.Namespace,
     quick: bool,
 ) -> None:
-    groups = _batches(prompts, batch)
+    model = setup.model
+    groups = _batches(setup.prompts, batch, setup.pad_token_id)
     mode = getattr(args, "compile_mode", None)
-    variants = _variants(model, max_new, batch, configs if batch == 1 else configs[:1], args.la_pld_tokens, quick, mode)
+    variants = _variants(setup, max_new, batch, configs if batch == 1 else configs[:1], args.la_pld_tokens, quick, mode)
     sampled = _sampling_variants(model, max_new, configs[0], args.la_temperature, quick, mode)
     variants.update(sampled)
     reference = [variants["hf_greedy"][2](ids, mask)[0] for ids, mask in groups]
@@ -258,9 +275,11 @@ def _run_batch(
         return lambda: [fn(ids, mask) for ids, mask in groups]
 
     times = interleaved_medians({name: all_groups(v[2]) for name, v in variants.items()}, repeats=repeats, warmup=0)
-    new_tokens = sum(ids.shape[0] for ids, _ in groups) * max_new
+    sampled_tokens = sum(ids.shape[0] for ids, _ in groups) * max_new  # sampled rows: EOS off
+    new_tokens = sum(generated_tokens(ref, ids.shape[1], setup.eos_token_id) for ref, (ids, _) in zip(reference, groups))
     for name, (config, pl, _) in variants.items():
-        tokens_per_forward = max_new * len(groups) / forwards[name]  # per row: each call gives every row max_new
+        made = sampled_tokens if name in sampled else new_tokens
+        tokens_per_forward = made / batch / forwards[name]  # per row
         row = {
             "batch": batch,
             "variant": name,
@@ -269,7 +288,7 @@ def _run_batch(
             "prompt lookup": "yes" if pl else "no",
             "forwards": forwards[name],
             "tokens/forward": tokens_per_forward,
-            "tokens/s": new_tokens / times[name],
+            "tokens/s": made / times[name],
             "ms/forward": 1e3 * times[name] / forwards[name],
         }
         if name in sampled:  # the greedy baselines' columns stay empty, ``vs dx sample`` is filled

@@ -33,13 +33,16 @@ from tqdm import tqdm
 import dynexec_compile as dx
 from dynexec_compile.bench.common import (
     SuiteResult,
+    generated_tokens,
     interleaved_medians,
+    left_padded,
     lm_setup,
     load_causal_lm,
     sync,
 )
 from dynexec_compile.decoding.generate import GenerateOutput
 
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]  # (ids [B, L], mask [B, L] or None)
 TAKES_USER_MODEL = True  # --model / --draft-model / --draft-heads / --prompt-file (bench.common)
 
 
@@ -49,7 +52,7 @@ class BenchContext:
 
     target: T.PreTrainedModel
     draft: T.PreTrainedModel | None  # None: no draft model given, the draft-model rows are skipped
-    prompts: torch.Tensor  # [N, L]
+    prompts: torch.Tensor | list[torch.Tensor]  # [N, L] windows, or chat prompts of their own lengths
     max_new_tokens: int
     compile: bool
     ks: tuple[int, ...]
@@ -57,6 +60,8 @@ class BenchContext:
     early_exit_layer: int
     heads_path: str | None = None  # draft heads to load (compiled runs); None: no draft-heads rows
     mode: str | None = None  # torch.compile mode of dynexec's engines (compiled runs)
+    eos_token_id: list[int] = field(default_factory=list)  # []: every row generates max_new_tokens
+    pad_token_id: int = 0
 
 
 @dataclass
@@ -71,7 +76,8 @@ class RunOutput:
 
 @dataclass
 class Variant:
-    """A row of the table: ``run(ids) -> RunOutput`` for ``ids`` ``[B, L]`` (no padding).
+    """A row of the table: ``run((ids, mask)) -> RunOutput`` for ``ids`` ``[B, L]`` (``mask``
+    ``None`` without padding, else 0 on the left padding).
 
     ``batch_sizes``: batch sizes it supports (``None``: all); ``why_not``: shown for others.
     """
@@ -104,19 +110,20 @@ class _ForwardCounter:
         self._handle.remove()
 
 
-def _hf_generate(ctx: BenchContext, ids: torch.Tensor, count: bool = True, **kwargs: Any) -> RunOutput:
+def _hf_generate(ctx: BenchContext, batch: Batch, count: bool = True, **kwargs: Any) -> RunOutput:
     """``model.generate``; ``count``: count the target's forwards (not when the target also
     drafts, as with early exit, where its draft and verify calls cannot be told apart)."""
+    ids, mask = batch
     with torch.no_grad(), _ForwardCounter(ctx.target) as counter:
         out = ctx.target.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=ctx.max_new_tokens,
-            eos_token_id=[], pad_token_id=0, **kwargs,
+            ids, attention_mask=torch.ones_like(ids) if mask is None else mask, do_sample=False,
+            max_new_tokens=ctx.max_new_tokens, eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id, **kwargs,
         )
     return RunOutput(out, target_forwards=counter.calls if count else None)
 
 
 def _hf_assisted(ctx: BenchContext, k: int) -> Callable[[torch.Tensor], RunOutput]:
-    def run(ids: torch.Tensor) -> RunOutput:
+    def run(ids: Batch) -> RunOutput:
         config = ctx.draft.generation_config
         config.num_assistant_tokens, config.num_assistant_tokens_schedule = k, "constant"
         return _hf_generate(ctx, ids, assistant_model=ctx.draft)
@@ -125,7 +132,7 @@ def _hf_assisted(ctx: BenchContext, k: int) -> Callable[[torch.Tensor], RunOutpu
 
 
 def _hf_early_exit(ctx: BenchContext, k: int) -> Callable[[torch.Tensor], RunOutput]:
-    def run(ids: torch.Tensor) -> RunOutput:
+    def run(ids: Batch) -> RunOutput:
         config = ctx.target.generation_config  # the assistant is the target itself
         saved = config.num_assistant_tokens, config.num_assistant_tokens_schedule
         config.num_assistant_tokens, config.num_assistant_tokens_schedule = k, "constant"
@@ -140,9 +147,10 @@ def _hf_early_exit(ctx: BenchContext, k: int) -> Callable[[torch.Tensor], RunOut
 def dynexec_run(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[torch.Tensor], RunOutput]:
     """A variant's ``run``: ``dx.generate(ctx.target, ids, strategy=strategy, **options)`` with
     the suite's settings; drafted/accepted counts from ``stats.extra`` when it has them."""
-    def run(ids: torch.Tensor) -> RunOutput:
+    def run(batch: Batch) -> RunOutput:
         out: GenerateOutput = dx.generate(
-            ctx.target, ids, strategy=strategy, max_new_tokens=ctx.max_new_tokens, eos_token_id=[], pad_token_id=0,
+            ctx.target, *batch, strategy=strategy, max_new_tokens=ctx.max_new_tokens, eos_token_id=ctx.eos_token_id,
+            pad_token_id=ctx.pad_token_id,
             compile=ctx.compile, **({"mode": ctx.mode} if ctx.mode and ctx.compile else {}), **options,
         )
         extra = out.stats.extra
@@ -268,8 +276,15 @@ def _context(args: argparse.Namespace) -> BenchContext:
     ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])
     return BenchContext(
         setup.model, draft, setup.prompts, args.new_tokens, True, ks, trees, layers // 2, heads,
-        getattr(args, "compile_mode", None),
+        getattr(args, "compile_mode", None), setup.eos_token_id, setup.pad_token_id,
     )
+
+
+def _describe(ctx: BenchContext) -> str:
+    if isinstance(ctx.prompts, torch.Tensor):
+        return f"{ctx.prompts.shape[0]} prompts of {ctx.prompts.shape[1]} tokens"
+    sizes = [p.numel() for p in ctx.prompts]
+    return f"{len(sizes)} prompts of {min(sizes)}-{max(sizes)} tokens"
 
 
 def _trees(specs: list[str]) -> tuple[tuple[int, ...], ...]:
@@ -277,8 +292,13 @@ def _trees(specs: list[str]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(b) for b in spec.split(",")) for spec in specs)
 
 
-def _batches(prompts: torch.Tensor, batch: int) -> list[torch.Tensor]:
-    return [prompts[i : i + batch] for i in range(0, prompts.shape[0] - batch + 1, batch)]
+def _batches(ctx: BenchContext, batch: int) -> list[Batch]:
+    """Groups of ``batch`` prompts: windows as they are, chat prompts left-padded together."""
+    prompts = ctx.prompts
+    groups = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
+    if isinstance(prompts, torch.Tensor):
+        return [(g, None) for g in groups]
+    return [(ids, None if batch == 1 else mask) for ids, mask in (left_padded(g, ctx.pad_token_id) for g in groups)]
 
 
 def _run_over(variant: Variant, batches: list[torch.Tensor]) -> tuple[list[RunOutput], float]:
@@ -304,7 +324,7 @@ def _measure(
 
 
 def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats: int, result: SuiteResult) -> None:
-    batches = _batches(ctx.prompts, batch)
+    batches = _batches(ctx, batch)
     runnable = []
     for v in variants:
         if v.batch_sizes is None or batch in v.batch_sizes:
@@ -320,7 +340,9 @@ def _bench_batch(ctx: BenchContext, variants: list[Variant], batch: int, repeats
             runnable.remove(v)
     measured = _measure(runnable, batches, repeats)
     reference = measured["hf_greedy"][0]
-    new_tokens = ctx.max_new_tokens * ctx.prompts.shape[0] // batch * batch
+    new_tokens = sum(
+        generated_tokens(r.sequences, ids.shape[1], ctx.eos_token_id) for r, (ids, _) in zip(reference, batches)
+    )
     base_s = measured["hf_greedy"][1]
     assisted = [m[1] for name, m in measured.items() if name.startswith("hf_assisted")]
     best_assisted = min(assisted) if assisted else None
@@ -369,8 +391,8 @@ def run(args: argparse.Namespace) -> SuiteResult:
     result = SuiteResult("speculative")
     result.notes.append(
         f"{'quick: tiny random LLaMA, eager' if args.quick else 'fp32, compiled' + (f' (mode={ctx.mode})' if ctx.mode else '')}; "
-        f"{ctx.prompts.shape[0]} prompts of {ctx.prompts.shape[1]} tokens, {ctx.max_new_tokens} new tokens each, "
-        f"EOS off; median of {repeats} interleaved rounds after a warm-up; {threads} thread(s); "
+        f"{_describe(ctx)}, up to {ctx.max_new_tokens} new tokens each, "
+        f"{'stopping at EOS' if ctx.eos_token_id else 'EOS off'}; median of {repeats} interleaved rounds after a warm-up; {threads} thread(s); "
         "'vs' columns are speed-ups (higher is better)"
     )
     if ctx.draft is None:
