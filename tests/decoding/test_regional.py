@@ -35,9 +35,18 @@ def test_regional_greedy_equals_hf_and_compiles_one_layer_per_shape(kind):
     [
         ("lookahead", {"window": 1, "ngram": 3, "guesses": 1}),
         ("self_speculative", {"exit_layer": 1, "num_draft": 3}),
+        ("draft_heads", {"tree": [2, 1]}),
     ],
 )
 def test_regional_multi_token_strategies_equal_hf(llama, strategy, options):
+    if strategy == "draft_heads":
+        from dynexec_compile.decoding.draft_heads import DraftHeads
+
+        torch.manual_seed(0)
+        heads = DraftHeads(llama.config.hidden_size, 2, vocab_size=llama.config.vocab_size)
+        for p in heads.parameters():
+            torch.nn.init.normal_(p, std=0.5)  # guesses that are sometimes right, sometimes not
+        options = {**options, "heads": heads}
     ids, mask = left_padded_batch([9, 4])
     out = dx.generate(
         llama, ids, mask, strategy=strategy, max_new_tokens=30, eos_token_id=[], backend="eager", regional=True, **options
