@@ -81,11 +81,12 @@ def fit_router_classifier(
     g = torch.Generator().manual_seed(seed)
     x, y = x.float(), y.float()
     model.train()
-    for _ in tqdm(range(epochs), desc="training the router", disable=not progress):
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
-            opt.zero_grad()
-            loss_fn(model.logits(x[idx]), y[idx]).backward()
-            opt.step()
+    with torch.enable_grad():  # callers often run under no_grad (inference code around it)
+        for _ in tqdm(range(epochs), desc="training the router", disable=not progress):
+            for idx in torch.randperm(len(y), generator=g).split(batch_size):
+                opt.zero_grad()
+                loss_fn(model.logits(x[idx]), y[idx]).backward()
+                opt.step()
     return model.eval()
 
 
