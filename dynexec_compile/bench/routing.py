@@ -279,7 +279,7 @@ def _run_classification(args: argparse.Namespace, result: SuiteResult, quick: bo
                 costs = {"cheap": float(cheap_params), "strong": float(_params(stock)), "router": float(_params(embedder.model))}
                 kind = "parameters used"
             else:
-                costs = _measure({"cheap": lambda: cheap(timing), "strong": lambda: strong(timing),
+                costs = _measure({"cheap": lambda c=cheap: c(timing), "strong": lambda: strong(timing),
                                   "router": lambda: embedder(timing)}, len(timing), args.repeats or 15)
                 kind = f"measured s, batch {len(timing)} x 64 tokens, {lowering}"
             result.notes.append(
@@ -348,7 +348,7 @@ def _run_generation(args: argparse.Namespace, result: SuiteResult, quick: bool) 
         if quick:
             costs, kind = params, "parameters"
         else:
-            costs = _measure({"cheap": lambda: cheap(timing), "strong": lambda: strong(timing),
+            costs = _measure({"cheap": lambda c=cheap: c(timing), "strong": lambda: strong(timing),
                               "router": lambda: embedder(timing)}, len(timing), args.repeats or 7)
             kind = f"measured s, HF generate greedy, batch {len(timing)}, {args.routing_prompt_tokens}+{new} tokens, eager"
         result.notes.append(
