@@ -226,3 +226,44 @@ def test_bad_input_errors():
     for bad in (0.0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             router.calibrate(data, quality=bad)
+
+
+def test_classifier_candidate_answers_with_the_model_argmax_and_its_confidence():
+    import transformers as T
+
+    from dynexec_compile.routing import ClassifierCandidate
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = T.BertForSequenceClassification(cfg).eval()
+
+    class Tok:  # sentences are space-separated token ids
+        def __call__(self, texts, padding, truncation, max_length, return_tensors):
+            ids = [[int(t) for t in s.split()][:max_length] for s in texts]
+            width = max_length if padding == "max_length" else max(len(i) for i in ids)
+            pad = [i + [0] * (width - len(i)) for i in ids]
+            return {"input_ids": torch.tensor(pad), "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
+
+    sentences = ["1 2 3", "4 5", "6 7 8 9", "10"]
+    for pad in (False, True):
+        ans = ClassifierCandidate(model, Tok(), batch_size=3, max_length=8, pad_to_max_length=pad)(sentences)
+        with torch.no_grad():
+            want = torch.cat([model(**Tok()([s], True, True, 8, "pt")).logits for s in sentences]).softmax(-1)
+        assert ans.outputs == want.argmax(-1).tolist()
+        torch.testing.assert_close(ans.confidence["max_prob"], want.max(-1).values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_routing_quick_runs_every_router(tmp_path):
+    import json
+
+    from dynexec_compile.cli import main
+
+    out = tmp_path / "routing.json"
+    assert main(["bench", "routing", "--quick", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    routers = {(r["task"], r["cheap"], r["router"]) for r in result["rows"]}
+    assert len(routers) == 15  # 3 settings x (3 cascades, classifier, random)
+    assert (tmp_path / "routing.png").is_file()
+    for r in result["rows"]:
+        assert 0.0 <= r["eval strong share"] <= 1.0
