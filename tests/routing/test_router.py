@@ -98,6 +98,7 @@ def test_random_router_strong_share_matches_its_rate():
     cal = Router([cheap2, strong2], router="random").calibrate(data, quality=0.85)
     assert cal.threshold == pytest.approx(0.5)  # cheap 0.7, strong 1.0: half the gap is needed
     assert "with probability 0.5" in cal.description
+    assert Router([cheap2, strong2], router="random").calibrate(data, quality=0.7).threshold == 0.0  # cheap suffices
 
 
 def test_save_load_round_trips(tmp_path):
@@ -263,7 +264,21 @@ def test_bench_routing_quick_runs_every_router(tmp_path):
     assert main(["bench", "routing", "--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     routers = {(r["task"], r["cheap"], r["router"]) for r in result["rows"]}
-    assert len(routers) == 15  # 3 settings x (3 cascades, classifier, random)
+    assert len(routers) == 18  # 3 settings x (3 cascades, 2 classifiers, random)
     assert (tmp_path / "routing.png").is_file()
     for r in result["rows"]:
         assert 0.0 <= r["eval strong share"] <= 1.0
+
+
+def test_sentence_embedder_layers():
+    from dynexec_compile.routing import SentenceEmbedder
+
+    full, two = SentenceEmbedder(), SentenceEmbedder(layers=2)
+    texts = ["a fine film", "def f(x):\n    return x"]
+    a, b = full(texts), two(texts)
+    assert a.shape == b.shape == (2, 384) and len(two.model.encoder.layer) == 2
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(a, b)
+    assert two.config()["layers"] == 2
+    with pytest.raises(ValueError, match="layers must be in 1..6"):
+        SentenceEmbedder(layers=7)
