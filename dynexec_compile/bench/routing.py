@@ -429,7 +429,7 @@ def plot(path: Path, plots: list[dict]) -> None:
         row[1].axhline(p["qs"], color="black", linewidth=0.8)
         row[1].axhline(p["quality"] * p["qs"], color="gray", linewidth=0.8, linestyle="--")
         row[1].axhline(p["qc"], color="gray", linewidth=0.8)
-        row[1].set_xlabel("mean cost per prompt / strong model's")
+        row[1].set_xlabel("mean model cost per prompt / strong model's (router overhead apart)")
         row[1].set_ylabel("quality")
         row[1].set_title(f"{p['title']}: quality vs cost (dashed: {p['quality']:.0%} of strong)", fontsize=9)
         for ax in row:
