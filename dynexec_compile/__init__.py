@@ -41,6 +41,7 @@ from dynexec_compile.exit_heads import (
 )
 from dynexec_compile.explain import explain
 from dynexec_compile.models import demo_lm_path, heldout_prompts, load_demo_lm
+from dynexec_compile.routing import Router, train_router
 from dynexec_compile.runtime.stats import last_stats
 
 __all__ = [
@@ -78,6 +79,8 @@ __all__ = [
     "load_exit_heads",
     "parse_options",
     "reorder_by_importance",
+    "Router",
+    "train_router",
     "save_exit_heads",
     "set_elastic_level",
     "train_exit_heads",

@@ -27,6 +27,7 @@ SUITES = {
     "early_exit": "dynexec_compile.bench.early_exit",
     "elastic": "dynexec_compile.bench.elastic",
     "speculative": "dynexec_compile.bench.speculative",
+    "routing": "dynexec_compile.bench.routing",
     "lookahead": "dynexec_compile.bench.lookahead",
 }
 PLANNED: dict[str, str] = {}

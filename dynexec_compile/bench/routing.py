@@ -1,0 +1,458 @@
+"""``dynexec bench routing``: routers against random, measured RouteLLM's way.
+
+Two tasks, each with a cheap and a strong candidate, every router trained and calibrated on
+data the evaluation never sees:
+
+(a) classification: the committed MiniLM-L6 SST-2 classifier (strong = the full model) and a
+    cheap variant of the same weights — its elastic level 0.25 (importance-reordered,
+    ``options={"elastic": ...}``) and/or an exit after block 1 with the committed trained exit
+    head (``options={"early_exit": ...}`` with an always-true rule at that one exit). Quality =
+    accuracy against the gold label. The router is trained on SST-2 *training* sentences the
+    classifier was not fine-tuned on, calibrated on others, evaluated on the 872 validation
+    sentences.
+(b) generation: code completion on the held-out standard-library files (never trained on):
+    cheap = the demo draft LM, strong = the demo target; quality = token accuracy of the next
+    16 greedy tokens against the file's true continuation. Files are split into router-train,
+    calibration and evaluation files.
+
+Per task and router (cascade on max probability / entropy / mean token log-probability, the
+MiniLM classifier router, random): the quality-vs-strong-share curve on the evaluation set
+(PGR, APGR, CPT(50%), CPT(80%)), and the threshold ``Router.calibrate(quality=0.95)`` picks on
+the calibration set applied to the evaluation set (realised quality, strong share, cost saved).
+Costs are *measured*: median seconds per prompt of each candidate on one batch (interleaved
+rounds, same process); the classifier router's own embedding cost is reported apart (RouteLLM
+leaves router overhead out; here the router's encoder is no smaller than the models it routes).
+PNG: PGR against strong-call share, and quality against measured cost.
+
+``--quick``: the same pipeline on a few hundred prompts with the committed models (no timing:
+parameter-count costs), seconds to a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynexec_compile.bench.common import SuiteResult, interleaved_medians
+from dynexec_compile.routing import (
+    CONFIDENCES,
+    Answers,
+    ClassifierCandidate,
+    GeneratorCandidate,
+    Router,
+    SentenceEmbedder,
+    curve,
+    fit_router_classifier,
+    label_prompts,
+    random_curve,
+    token_accuracy,
+)
+
+GOALS = {"classification": 0.5, "generation": 0.3}  # cost saved at 95% of the strong model's quality
+CHEAP_CHOICES = ("elastic-0.25", "exit-1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("routing suite")
+    g.add_argument("--routing-tasks", nargs="+", choices=("classification", "generation"), default=None,
+                   help="tasks to run (default both)")
+    g.add_argument("--routing-cheap", nargs="+", default=None,
+                   help=f"cheap SST-2 variants: elastic-LEVEL and/or exit-BLOCK (default {' '.join(CHEAP_CHOICES)})")
+    g.add_argument("--routing-lowering", choices=("eager", "inductor"), default="eager",
+                   help="lowering of every candidate (the strong model: torch.compile with it, or eager)")
+    g.add_argument("--routing-data", default=None, help="folder holding sst2/ (default $DYNEXEC_DATA_DIR or ../shared/data)")
+    g.add_argument("--routing-train-size", type=int, default=4000, help="SST-2 sentences to train the router on")
+    g.add_argument("--routing-calib-size", type=int, default=1500, help="SST-2 sentences to calibrate the threshold on")
+    g.add_argument("--routing-windows", type=int, default=100,
+                   help="code-completion prompts per held-out file (twice as many in the router-training files)")
+    g.add_argument("--routing-embedder-layers", type=int, nargs="+", default=[6, 2],
+                   help="one classifier router per MiniLM depth (its embedding is paid on every prompt)")
+    g.add_argument("--routing-prompt-tokens", type=int, default=128, help="tokens per code prompt")
+    g.add_argument("--routing-new-tokens", type=int, default=16, help="greedy tokens compared with the file")
+    g.add_argument("--routing-quality", type=float, default=0.95, help="fraction of the strong model's quality to keep")
+
+
+class Memo:
+    """A candidate (or embedder) that answers each distinct prompt once: the benchmark asks the
+    same prompts for labels, calibration, routing and curves."""
+
+    def __init__(self, fn: Callable[[Sequence[Any]], Any], embedder: bool = False):
+        self.fn, self.embedder, self.cache = fn, embedder, {}
+
+    def __call__(self, prompts: Sequence[Any], progress: bool = False) -> Any:
+        todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if todo:
+            got = self.fn(todo, progress=progress) if self.embedder else self.fn(todo)
+            for i, p in enumerate(todo):
+                self.cache[p] = got[i] if self.embedder else (got.outputs[i], {k: got.confidence[k][i] for k in CONFIDENCES})
+        if self.embedder:
+            return torch.stack([self.cache[p] for p in prompts]) if prompts else torch.zeros(0)
+        return Answers(
+            [self.cache[p][0] for p in prompts],
+            {k: torch.stack([self.cache[p][1][k] for p in prompts]) if prompts else torch.zeros(0) for k in CONFIDENCES},
+        )
+
+
+def _say(what: str) -> None:
+    print(f"[bench routing {time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
+def _params(model: torch.nn.Module) -> int:
+    """Parameters a forward multiplies with: all but the input word embeddings (a lookup),
+    which count once more when the output head shares them (a tied LM head)."""
+    total = sum(p.numel() for p in model.parameters())
+    if not hasattr(model, "get_input_embeddings"):
+        return total
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = out is not None and out.weight is emb
+    return total - (0 if tied else emb.numel())
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+def _evaluate(
+    result: SuiteResult, task: str, setting: str, cheap: Callable, strong: Callable,
+    embedders: dict[str, tuple[Callable, float]], train: tuple[list, list], calib: list[tuple],
+    evaluation: list[tuple], metric: Callable, costs: list[float], quality: float, cost_kind: str,
+) -> dict[str, Any]:
+    """Train, calibrate and evaluate every router on one (cheap, strong) pair (``Memo``-wrapped:
+    each model answers each prompt once); ``embedders``: name -> (embedder, its cost per prompt),
+    one classifier router each; rows + metrics."""
+    _say(f"{setting}: labelling {len(train[0])} training prompts by running both models")
+    labels = label_prompts(cheap, strong, train[0], metric, train[1])
+    routers = {f"cascade ({c})": Router([cheap, strong], costs, "cascade", confidence=c) for c in CONFIDENCES}
+    overheads = {}
+    for label, (embedder, overhead) in embedders.items():
+        _say(f"{setting}: embedding them ({label}) and training the classifier router")
+        clf = fit_router_classifier(embedder(train[0], progress=True), labels.needs_strong)
+        routers[f"classifier ({label})"] = Router([cheap, strong], costs, "classifier", classifier=clf, embedder=embedder)
+        overheads[f"classifier ({label})"] = overhead
+    routers["random"] = Router([cheap, strong], costs, "random", seed=0)
+    prompts = [p for p, _ in evaluation]
+    refs = [r for _, r in evaluation]
+    _say(f"{setting}: calibrating on {len(calib)} prompts, evaluating on {len(prompts)}")
+    a_cheap, a_strong = cheap(prompts), strong(prompts)
+    q_cheap = torch.tensor([metric(o, r) for o, r in zip(a_cheap.outputs, refs)], dtype=torch.float64)
+    q_strong = torch.tensor([metric(o, r) for o, r in zip(a_strong.outputs, refs)], dtype=torch.float64)
+    qc, qs = float(q_cheap.mean()), float(q_strong.mean())
+    curves = {}
+    key = f"{task}/{setting}"
+    for name, router in routers.items():
+        cal = router.calibrate(calib, quality=quality, metric=metric)
+        routed = router(prompts)
+        q_routed = sum(metric(o, r) for o, r in zip(routed.outputs, refs)) / len(refs)
+        share = routed.strong_share(1)
+        is_cascade = router.router == "cascade"
+        extra = overheads.get(name, 0.0)
+        saved = 1 - routed.cost / len(prompts) / costs[1]
+        if router.router == "random":
+            c = random_curve(q_cheap, q_strong)
+        elif is_cascade:
+            c = curve(router.need_from_answers(a_cheap), q_cheap, q_strong)
+        else:
+            c = curve(router.need_from_prompts(prompts), q_cheap, q_strong)
+        curve_costs = c.cost(costs[0], costs[1], is_cascade)
+        best = c.cheapest_at(quality * qs, curve_costs)
+        best_saved = 1 - float(curve_costs[best]) / costs[1] if best is not None else 0.0
+        curves[name] = (c, curve_costs / costs[1], is_cascade)
+        result.rows.append({
+            "task": task, "cheap": setting, "router": name, "APGR": round(c.apgr, 4),
+            "CPT(50%)": round(c.cpt(0.5), 4), "CPT(80%)": round(c.cpt(0.8), 4),
+            "calibrated rule": router.describe(), "eval strong share": round(share, 4),
+            "eval quality / strong": round(q_routed / qs, 4), "eval cost saved": round(saved, 4),
+            "eval cost saved incl. router": round(saved - extra / costs[1], 4),
+            "best cost saved at target (eval curve)": round(best_saved, 4),
+        })
+        slug = name.split(" ")[0] + ("_" + router.confidence if is_cascade else "")
+        if router.router == "classifier":
+            slug += f"_{router.embedder.fn.layers}layers"
+        result.metric(f"{key}/{slug}/apgr", c.apgr, "tolerance", "higher", tol=0.02)
+        result.metric(f"{key}/{slug}/cpt50", c.cpt(0.5), "tolerance", "lower", tol=0.03)
+        result.metric(f"{key}/{slug}/cpt80", c.cpt(0.8), "tolerance", "lower", tol=0.03)
+        result.metric(f"{key}/{slug}/eval_cost_saved", saved, "tolerance", "higher", tol=0.03)
+        result.metric(f"{key}/{slug}/eval_quality_ratio", q_routed / qs, "tolerance", "higher", tol=0.01)
+        result.notes.append(f"{key} {name}: calibrated: {cal.description}")
+    mine = [r for r in result.rows if r["cheap"] == setting and r["task"] == task]
+    learned = [r for r in mine if r["router"] != "random"]
+    on_curve = max(learned, key=lambda r: r["best cost saved at target (eval curve)"])
+    met = [r for r in learned if r["eval quality / strong"] >= quality - 1e-9]
+    calibrated = max(met, key=lambda r: r["eval cost saved"]) if met else None
+    rnd_apgr = curves["random"][0].apgr
+    above = all(v[0].apgr > rnd_apgr for k, v in curves.items() if k != "random")
+    goal = GOALS[task]
+    result.notes.append(
+        f"goal {'met' if on_curve['best cost saved at target (eval curve)'] >= goal else 'NOT met'} on {key} "
+        f"(>= {goal:.0%} of the cost saved at {quality:.0%} of the strong model's quality, model costs only): "
+        f"best point on the evaluation curve {on_curve['best cost saved at target (eval curve)']:.0%} ({on_curve['router']}); "
+        + (f"with the threshold calibrated on the calibration set, best router that kept the target on the evaluation set "
+           f"{calibrated['eval cost saved']:.0%} ({calibrated['router']})" if calibrated else
+           "no calibrated threshold kept the target on the evaluation set")
+        + f"; every learned router above random in APGR: {'yes' if above else 'NO'}"
+    )
+    result.metric(f"{key}/q_cheap", qc, "tolerance", "equal", tol=0.005)
+    result.metric(f"{key}/q_strong", qs, "tolerance", "equal", tol=0.005)
+    return {"curves": curves, "qc": qc, "qs": qs, "quality": quality, "title": f"{task}: {setting}"}
+
+
+def _embedders(args: argparse.Namespace, max_length: int) -> dict[str, SentenceEmbedder]:
+    return {
+        f"MiniLM, {n} layers": SentenceEmbedder(max_length=max_length, layers=n) for n in args.routing_embedder_layers
+    }
+
+
+def _measure(fns: dict[str, Callable[[], Any]], per: int, repeats: int) -> dict[str, float]:
+    return {k: v / per for k, v in interleaved_medians(fns, repeats=repeats, warmup=2, progress="timing").items()}
+
+
+# ----------------------------------------------------------------------------- (a) SST-2
+
+
+def _sst2_splits(args: argparse.Namespace, quick: bool) -> tuple[list, list, list]:
+    """(router-train, calibration, evaluation) ``(sentence, label)`` lists: training sentences
+    the classifier was not fine-tuned on (examples/finetune_sst2.py drew 40,000 with seed 0),
+    of at least 6 words (the validation set is whole sentences, the training set also phrases)."""
+    from dynexec_compile.data import load_sst2
+
+    train = load_sst2("train", args.routing_data)
+    used = set(random.Random(0).sample(range(len(train)), 40000))
+    seen = {train[i][0] for i in used}
+    rest = [row for i, row in enumerate(train) if i not in used and row[0] not in seen and len(row[0].split()) >= 6]
+    rest = list(dict.fromkeys(rest))
+    random.Random(1).shuffle(rest)
+    n_train, n_cal = (300, 200) if quick else (args.routing_train_size, args.routing_calib_size)
+    if n_train + n_cal > len(rest):
+        raise ValueError(f"only {len(rest)} unused SST-2 training sentences; ask for fewer (--routing-train-size/--routing-calib-size)")
+    val = load_sst2("validation", args.routing_data)
+    return rest[:n_train], rest[n_train : n_train + n_cal], val[:200] if quick else val
+
+
+def _sst2_candidates(spec: str, stock: torch.nn.Module, tokenizer: Any, lowering: str, calib_rows: list) -> tuple[Any, int]:
+    """The cheap SST-2 candidate named ``spec`` and its parameter count actually used."""
+    from dynexec_compile.bench.elastic import _calibration, _compile, _sub_model_mb
+    from dynexec_compile.demo_models import load_sst2_exit_heads
+    from dynexec_compile.elastic import reorder_by_importance
+    from dynexec_compile.exit_heads import attach_exit_heads
+
+    kind, _, value = spec.partition("-")
+    model = copy.deepcopy(stock)
+    if kind == "elastic":
+        level = float(value)
+        reorder_by_importance(model, _calibration(tokenizer, calib_rows, 32, 64), method="taylor", progress=False)
+        compiled = _compile(model, [1.0, level], 0, lowering)
+        cand = ClassifierCandidate(compiled, tokenizer, level=level, batch_size=16, pad_to_max_length=True, name=spec)
+        from dynexec_compile.elastic import lookup_plan
+
+        plan = lookup_plan(model)
+        sub = _sub_model_mb_params(model, plan, level, _sub_model_mb)
+        return cand, sub
+    if kind == "exit":
+        block = int(value)
+        heads = load_sst2_exit_heads()
+        attach_exit_heads(model, heads)
+        options = {"lowering": lowering, "strict": True,
+                   "early_exit": {"rule": "max_prob", "threshold": 1e-9, "layers": [block], "heads": "trained"}}
+        compiled = torch.compile(model, backend="dynexec", options=options)
+        cand = ClassifierCandidate(compiled, tokenizer, batch_size=16, pad_to_max_length=True, name=spec)
+        layers = stock.config.num_hidden_layers
+        per_layer = _params(stock.bert.encoder.layer[0])
+        used = _params(stock) - (layers - block - 1) * per_layer - _params(stock.bert.pooler) - _params(stock.classifier)
+        return cand, used + _params(heads)
+    raise ValueError(f"--routing-cheap {spec!r}: expected elastic-LEVEL (e.g. elastic-0.25) or exit-BLOCK (e.g. exit-1)")
+
+
+def _sub_model_mb_params(model: torch.nn.Module, plan: Any, level: float, sub_mb: Callable) -> int:
+    from dynexec_compile.elastic import level_param_slices
+
+    every = int(sub_mb(model, level_param_slices(model, plan, level, 0)) * 2**20 / 4)  # fp32 parameters kept
+    return every - model.get_input_embeddings().weight.numel()
+
+
+def _run_classification(args: argparse.Namespace, result: SuiteResult, quick: bool) -> list[dict]:
+    from dynexec_compile.demo_models import load_sst2_classifier
+
+    train, calib, val = _sst2_splits(args, quick)
+    stock, tokenizer = load_sst2_classifier()
+    lowering = args.routing_lowering
+    strong_model = stock if lowering == "eager" else torch.compile(stock, backend=lowering)
+    strong = ClassifierCandidate(strong_model, tokenizer, batch_size=16, pad_to_max_length=True, name="full")
+    embedders = _embedders(args, 64)
+    strong_memo = Memo(strong)
+    memos = {k: Memo(e, embedder=True) for k, e in embedders.items()}
+    timing = [s for s, _ in val[:16]]
+    plots = []
+    for spec in args.routing_cheap or CHEAP_CHOICES:
+        _say(f"classification: building the cheap candidate {spec} ({lowering})")
+        cheap, cheap_params = _sst2_candidates(spec, stock, tokenizer, lowering, train[:256])
+        with torch.no_grad():
+            if quick:
+                costs = {"cheap": float(cheap_params), "strong": float(_params(stock))}
+                costs.update({k: float(_params(e.model)) for k, e in embedders.items()})
+                kind = "parameters used"
+            else:
+                fns = {"cheap": lambda c=cheap: c(timing), "strong": lambda: strong(timing)}
+                fns.update({k: lambda e=e: e(timing) for k, e in embedders.items()})
+                costs = _measure(fns, len(timing), args.repeats or 15)
+                kind = f"measured s, batch {len(timing)} x 64 tokens, {lowering}"
+            result.notes.append(
+                f"classification/{spec}: parameters used cheap {cheap_params / 1e6:.2f}M vs full {_params(stock) / 1e6:.2f}M "
+                f"(ratio {cheap_params / _params(stock):.3f}); router embedders "
+                + ", ".join(f"{k} {_params(e.model) / 1e6:.2f}M" for k, e in embedders.items())
+            )
+            plots.append(_evaluate(
+                result, "classification", spec, Memo(cheap), strong_memo, {k: (m, costs[k]) for k, m in memos.items()},
+                ([s for s, _ in train], [y for _, y in train]), calib, val, lambda o, r: float(o == r),
+                [costs["cheap"], costs["strong"]], args.routing_quality, kind,
+            ))
+    return plots
+
+
+# ----------------------------------------------------------------------------- (b) code
+
+
+def _code_windows(tokenizer: Any, files: list[Path], per_file: int, prompt: int, new: int) -> tuple[list[tuple[str, list[int]]], int]:
+    """``(prompt text, true next-token ids)`` windows evenly spread over each file's code (from
+    its first def/class); windows whose text does not re-tokenise to the same ids are dropped
+    (quality compares token ids). Returns the windows and how many were dropped."""
+    from dynexec_compile.models import _code_start
+
+    out, dropped = [], 0
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        start = _code_start(text)
+        if start is None:
+            continue
+        ids = tokenizer(text[start:], add_special_tokens=False)["input_ids"]
+        room = len(ids) - prompt - new
+        if room < 0:
+            continue
+        count = min(per_file, room // new + 1)
+        for k in range(count):
+            a = (room * k) // max(count - 1, 1) if count > 1 else 0
+            p_ids = ids[a : a + prompt]
+            p_text = tokenizer.decode(p_ids)
+            if tokenizer(p_text, add_special_tokens=False)["input_ids"] != p_ids:
+                dropped += 1
+                continue
+            out.append((p_text, ids[a + prompt : a + prompt + new]))
+    return out, dropped
+
+
+def _run_generation(args: argparse.Namespace, result: SuiteResult, quick: bool) -> list[dict]:
+    from dynexec_compile.models import heldout_files, load_demo_lm
+
+    strong_model, tokenizer = load_demo_lm("target")
+    cheap_model, _ = load_demo_lm("draft")
+    files = heldout_files()
+    split = {name: [f for i, f in enumerate(files) if i % 3 == k] for k, name in enumerate(("train", "calib", "eval"))}
+    per_file = 6 if quick else args.routing_windows
+    windows, dropped = {}, 0
+    for name, fs in split.items():  # the router trains on twice as many windows per file
+        n = 2 * per_file if name == "train" else per_file
+        windows[name], d = _code_windows(tokenizer, fs, n, args.routing_prompt_tokens, args.routing_new_tokens)
+        dropped += d
+    new = args.routing_new_tokens
+    cheap = GeneratorCandidate(cheap_model, tokenizer, max_new_tokens=new, batch_size=16, name="draft")
+    strong = GeneratorCandidate(strong_model, tokenizer, max_new_tokens=new, batch_size=16, name="target")
+    embedders = _embedders(args, 128)
+    timing = [p for p, _ in windows["eval"][:16]]
+    params = {"cheap": float(_params(cheap_model)), "strong": float(_params(strong_model))}
+    params.update({k: float(_params(e.model)) for k, e in embedders.items()})
+    with torch.no_grad():
+        if quick:
+            costs, kind = params, "parameters"
+        else:
+            fns = {"cheap": lambda: cheap(timing), "strong": lambda: strong(timing)}
+            fns.update({k: lambda e=e: e(timing) for k, e in embedders.items()})
+            costs = _measure(fns, len(timing), args.repeats or 7)
+            kind = f"measured s, HF generate greedy, batch {len(timing)}, {args.routing_prompt_tokens}+{new} tokens, eager"
+        result.notes.append(
+            f"generation: {len(split['train'])}/{len(split['calib'])}/{len(split['eval'])} held-out files for router training/"
+            f"calibration/evaluation: {len(windows['train'])}/{len(windows['calib'])}/{len(windows['eval'])} prompts of "
+            f"{args.routing_prompt_tokens} tokens ({dropped} windows dropped: their text re-tokenises differently); "
+            f"parameters draft {params['cheap'] / 1e6:.2f}M, target {params['strong'] / 1e6:.2f}M "
+            f"(ratio {params['cheap'] / params['strong']:.3f}), router embedders "
+            + ", ".join(f"{k} {params[k] / 1e6:.2f}M" for k in embedders)
+        )
+        plots = [_evaluate(
+            result, "generation", "draft LM", Memo(cheap), Memo(strong),
+            {k: (Memo(e, embedder=True), costs[k]) for k, e in embedders.items()},
+            ([p for p, _ in windows["train"]], [r for _, r in windows["train"]]), windows["calib"], windows["eval"],
+            token_accuracy, [costs["cheap"], costs["strong"]], args.routing_quality, kind,
+        )]
+        if not quick:  # the same curves priced by parameter count
+            ratio = params["cheap"] / params["strong"]
+            result.notes.append(
+                f"generation with parameter-count costs (ratio {ratio:.3f}): "
+                + _param_cost_note(plots[0], ratio)
+            )
+    return plots
+
+
+def _param_cost_note(plot: dict, ratio: float) -> str:
+    parts = []
+    for name, (c, _, is_cascade) in plot["curves"].items():
+        costs = c.cost(ratio, 1.0, is_cascade)
+        best = c.cheapest_at(plot["quality"] * plot["qs"], costs)
+        parts.append(f"{name} {1 - float(costs[best]) if best is not None else 0.0:.0%}")
+    return "best cost saved at the target on the evaluation curve: " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- plot + run
+
+
+def plot(path: Path, plots: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(plots), 2, figsize=(12, 4.2 * len(plots)), squeeze=False)
+    for row, p in zip(axes, plots):
+        for name, (c, rel_cost, _) in p["curves"].items():
+            style = "--" if name == "random" else "-"
+            row[0].plot(c.share.numpy(), c.pgr.numpy(), style, label=f"{name} (APGR {c.apgr:.3f})", linewidth=1.2)
+            row[1].plot(rel_cost.numpy(), c.quality.numpy(), style, label=name, linewidth=1.2)
+        row[0].set_xlabel("share of calls to the strong model")
+        row[0].set_ylabel("performance gap recovered")
+        row[0].axhline(0.5, color="gray", linewidth=0.6, linestyle=":")
+        row[0].axhline(0.8, color="gray", linewidth=0.6, linestyle=":")
+        row[0].set_title(f"{p['title']}: PGR (RouteLLM)", fontsize=9)
+        row[1].axhline(p["qs"], color="black", linewidth=0.8)
+        row[1].axhline(p["quality"] * p["qs"], color="gray", linewidth=0.8, linestyle="--")
+        row[1].axhline(p["qc"], color="gray", linewidth=0.8)
+        row[1].set_xlabel("mean model cost per prompt / strong model's (router overhead apart)")
+        row[1].set_ylabel("quality")
+        row[1].set_title(f"{p['title']}: quality vs cost (dashed: {p['quality']:.0%} of strong)", fontsize=9)
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> SuiteResult:
+    result = SuiteResult("routing")
+    if not 0 < args.routing_quality <= 1:
+        raise ValueError(f"--routing-quality must be in (0, 1], got {args.routing_quality}")
+    torch.manual_seed(0)
+    tasks = args.routing_tasks or ("classification", "generation")
+    plots = []
+    if "classification" in tasks:
+        plots += _run_classification(args, result, args.quick)
+    if "generation" in tasks:
+        plots += _run_generation(args, result, args.quick)
+    path = Path(args.out or "runs/bench-routing.json").with_suffix(".png")
+    plot(path, plots)
+    result.notes.append(f"plot written to {path}")
+    return result

@@ -1,0 +1,50 @@
+"""Routing and cascades: per request, the cheapest candidate model or variant that will do.
+
+See ``router.py`` for the routers, ``train.py`` for training a classifier router on your own
+pair of models, ``metrics.py`` for RouteLLM's measures (PGR, APGR, CPT).
+"""
+
+from dynexec_compile.routing.candidates import (
+    CONFIDENCES,
+    Answers,
+    ClassifierCandidate,
+    GeneratorCandidate,
+    confidence_from_logits,
+)
+from dynexec_compile.routing.embed import SentenceEmbedder
+from dynexec_compile.routing.metrics import Curve, curve, random_curve, token_accuracy
+from dynexec_compile.routing.router import (
+    ROUTERS,
+    Routed,
+    Router,
+    RouterCalibration,
+    RouterClassifier,
+)
+from dynexec_compile.routing.train import (
+    RouterLabels,
+    fit_router_classifier,
+    label_prompts,
+    train_router,
+)
+
+__all__ = [
+    "CONFIDENCES",
+    "ROUTERS",
+    "Answers",
+    "ClassifierCandidate",
+    "Curve",
+    "GeneratorCandidate",
+    "Routed",
+    "Router",
+    "RouterCalibration",
+    "RouterClassifier",
+    "RouterLabels",
+    "SentenceEmbedder",
+    "confidence_from_logits",
+    "curve",
+    "fit_router_classifier",
+    "label_prompts",
+    "random_curve",
+    "token_accuracy",
+    "train_router",
+]
