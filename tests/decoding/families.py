@@ -16,62 +16,60 @@ VOCAB = 128
 WINDOW = 8  # sliding windows: shorter than prompt + generation in every test
 
 _ATTN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-# a wide init: with the default 0.02 most random models repeat one token, and a test could not fail
-_COMMON = dict(vocab_size=VOCAB, initializer_range=0.2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-# Gemma scales its (tied) embeddings by sqrt(hidden): it varies with the default init
-_SMALL_INIT = {**_COMMON, "initializer_range": 0.02}
 
 
-def _configs() -> dict[str, tuple[type, object]]:
+def _configs(vocab: int, window: int) -> dict[str, tuple[type, object]]:
+    # a wide init: with the default 0.02 most random models repeat one token, and a test could not fail
+    common = dict(vocab_size=vocab, initializer_range=0.2, max_position_embeddings=256, bos_token_id=1,
+                   eos_token_id=2, pad_token_id=0)
+    # Gemma scales its (tied) embeddings by sqrt(hidden): it varies with the default init
+    small_init = {**common, "initializer_range": 0.02}
     return {
-        "llama": (T.LlamaForCausalLM, T.LlamaConfig(**_ATTN, **_COMMON)),
-        "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**_ATTN, **_COMMON)),
-        "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(**_ATTN, head_dim=16, **_COMMON)),
-        "mistral": (T.MistralForCausalLM, T.MistralConfig(**_ATTN, sliding_window=WINDOW, **_COMMON)),
-        "mixtral": (T.MixtralForCausalLM, T.MixtralConfig(**_ATTN, num_local_experts=4, num_experts_per_tok=2, **_COMMON)),
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig(**_ATTN, **common)),
+        "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**_ATTN, **common)),
+        "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(**_ATTN, head_dim=16, **common)),
+        "mistral": (T.MistralForCausalLM, T.MistralConfig(**_ATTN, sliding_window=window, **common)),
+        "mixtral": (T.MixtralForCausalLM, T.MixtralConfig(**_ATTN, num_local_experts=4, num_experts_per_tok=2, **common)),
         "qwen2_moe": (T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
             **_ATTN, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
-            num_experts_per_tok=2, **_COMMON)),
-        "phi3": (T.Phi3ForCausalLM, T.Phi3Config(**_ATTN, **_COMMON)),
+            num_experts_per_tok=2, **common)),
+        "phi3": (T.Phi3ForCausalLM, T.Phi3Config(**_ATTN, **common)),
         "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config(
-            **{**_ATTN, "num_hidden_layers": 4}, head_dim=16, sliding_window=WINDOW,
-            final_logit_softcapping=3.0, attn_logit_softcapping=5.0, **_SMALL_INIT)),
+            **{**_ATTN, "num_hidden_layers": 4}, head_dim=16, sliding_window=window,
+            final_logit_softcapping=3.0, attn_logit_softcapping=5.0, **small_init)),
         "gemma3": (T.Gemma3ForCausalLM, T.Gemma3TextConfig(
-            **{**_ATTN, "num_hidden_layers": 4}, head_dim=16, sliding_window=WINDOW, sliding_window_pattern=2,
-            final_logit_softcapping=3.0, **_SMALL_INIT)),
+            **{**_ATTN, "num_hidden_layers": 4}, head_dim=16, sliding_window=window, sliding_window_pattern=2,
+            final_logit_softcapping=3.0, **small_init)),
         "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, initializer_range=0.2, pad_token_id=0,
+            n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=256, initializer_range=0.2, pad_token_id=0,
             bos_token_id=1, eos_token_id=2)),
         "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            use_parallel_residual=True, **_COMMON)),
+            use_parallel_residual=True, **common)),
         "opt": (T.OPTForCausalLM, T.OPTConfig(
             hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-            init_std=0.2, **_COMMON)),
+            init_std=0.2, **common)),
         "falcon": (T.FalconForCausalLM, T.FalconConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
-            num_kv_heads=2, **_COMMON)),
-        "stablelm": (T.StableLmForCausalLM, T.StableLmConfig(**_ATTN, **_COMMON)),
-        "starcoder2": (T.Starcoder2ForCausalLM, T.Starcoder2Config(**_ATTN, sliding_window=WINDOW, **_COMMON)),
-        "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**_ATTN, **_COMMON)),
+            num_kv_heads=2, **common)),
+        "stablelm": (T.StableLmForCausalLM, T.StableLmConfig(**_ATTN, **common)),
+        "starcoder2": (T.Starcoder2ForCausalLM, T.Starcoder2Config(**_ATTN, sliding_window=window, **common)),
+        "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**_ATTN, **common)),
         "granite": (T.GraniteForCausalLM, T.GraniteConfig(
             **_ATTN, embedding_multiplier=2.0, logits_scaling=2.0, residual_multiplier=0.5,
-            attention_multiplier=0.2, **_COMMON)),
-        "cohere": (T.CohereForCausalLM, T.CohereConfig(**_ATTN, logit_scale=0.5, **_COMMON)),
-        "smollm3": (T.SmolLM3ForCausalLM, T.SmolLM3Config(**_ATTN, **_COMMON)),
+            attention_multiplier=0.2, **common)),
+        "cohere": (T.CohereForCausalLM, T.CohereConfig(**_ATTN, logit_scale=0.5, **common)),
+        "smollm3": (T.SmolLM3ForCausalLM, T.SmolLM3Config(**_ATTN, **common)),
     }
 
 
-FAMILIES = tuple(_configs())
+FAMILIES = tuple(_configs(VOCAB, WINDOW))
 
 
-def family_model(family: str, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
-    """The family's tiny LM in fp32, eval mode (``layers`` overrides the depth)."""
-    cls, config = _configs()[family]
-    if layers is not None:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = None
-            config.__post_init__() if hasattr(config, "__post_init__") else None
+def family_model(family: str, seed: int = 0, vocab: int = VOCAB, window: int = WINDOW, **overrides) -> torch.nn.Module:
+    """The family's tiny LM in fp32, eval mode; ``overrides`` set config attributes."""
+    cls, config = _configs(vocab, window)[family]
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(seed)
     return cls(config).eval()
