@@ -110,10 +110,13 @@ def layer_types(config: PreTrainedConfig) -> list[str]:
     """Attention type of every decoder layer; raise for types the cache cannot serve exactly.
 
     ``config.layer_types`` when the config has it (Gemma-2/3, Qwen2/3, SmolLM3, ...); else
-    every layer slides when ``config.sliding_window`` is set (Mistral, Starcoder2, Mixtral,
-    Phi-3: their forward then builds a sliding-window mask for all layers), else full.
-    Raises ``NotImplementedError`` for ALiBi position biases and for layer types other than
-    full and sliding-window attention (linear attention, convolutions, recurrent, chunked).
+    every layer slides when ``config.sliding_window`` is set and the config class declares it
+    (Mistral, Starcoder2, Mixtral, Phi-3: their forward then builds a sliding-window mask for
+    all layers; a stray ``sliding_window`` key in another family's config is ignored, as that
+    family's forward ignores it), else full.
+    Raises ``NotImplementedError`` for ALiBi position biases, per-layer heterogeneous configs,
+    keys/values shared between layers, and layer types other than full and sliding-window
+    attention (linear attention, convolutions, recurrent, chunked).
     A sliding layer keeps every key in the :class:`SlotCache` and the mask hides the keys
     outside its window (:func:`~dynexec_compile.decoding.masks.sliding_window`).
     """
@@ -123,9 +126,23 @@ def layer_types(config: PreTrainedConfig) -> list[str]:
             "this model adds ALiBi position biases to its attention, which dynexec's decoding masks "
             "do not compute (Falcon with alibi=True); use a rotary or learned-position model"
         )
+    if getattr(config, "is_heterogeneous", False):
+        raise NotImplementedError(
+            "this model's config sets per-layer overrides (per_layer_config: layers with their own head "
+            "counts or windows), which dynexec's decoding cache and masks do not serve"
+        )
+    if getattr(config, "kv_sharing_modes", None) is not None:
+        raise NotImplementedError(
+            "this model shares keys/values between layers (kv_sharing_modes, Gemma-3n/4), which "
+            "dynexec's decoding cache does not serve"
+        )
     types = getattr(config, "layer_types", None)
     if types is None:
-        slides = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+        slides = (
+            _declares(config, "sliding_window")
+            and getattr(config, "sliding_window", None) is not None
+            and getattr(config, "use_sliding_window", True)
+        )
         types = ["sliding_attention" if slides else "full_attention"] * config.num_hidden_layers
     unserved = sorted(set(types) - set(SERVED_LAYER_TYPES))
     if unserved:
@@ -136,6 +153,11 @@ def layer_types(config: PreTrainedConfig) -> list[str]:
     if "sliding_attention" in types and not getattr(config, "sliding_window", None):
         raise ValueError("the config has sliding_attention layers but no sliding_window size")
     return list(types)
+
+
+def _declares(config: PreTrainedConfig, name: str) -> bool:
+    """Whether ``name`` is a field of the config's class, not an extra key it merely stores."""
+    return any(name in vars(k).get("__annotations__", {}) for k in type(config).__mro__)
 
 
 def attention_windows(config: PreTrainedConfig) -> dict[str, int | None]:

@@ -63,11 +63,45 @@ def _configs(vocab: int, window: int) -> dict[str, tuple[type, object]]:
     }
 
 
+# More families, built through the Auto classes from the same small settings. The ones with a
+# feature of their own run by default, the rest are marked slow in the tests.
+_AUTO: dict[str, tuple[str, dict]] = {
+    "qwen2_window": ("qwen2", dict(use_sliding_window=True, max_window_layers=1, sliding=True)),  # full, then sliding
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding=True)),  # sinks, alternating
+    "cohere2": ("cohere2", dict(num_hidden_layers=4, sliding=True)),  # 3 sliding : 1 full
+    "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding=True)),
+    "exaone4": ("exaone4", dict(num_hidden_layers=4, sliding=True)),
+    "phi": ("phi", {}),
+    "gemma": ("gemma", dict(initializer_range=0.1, head_dim=16, tie_word_embeddings=False)),  # untied: varied
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+    "granitemoe": ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "glm": ("glm", {}),
+    "glm4": ("glm4", {}),
+    "nemotron": ("nemotron", {}),
+    "jetmoe": ("jetmoe", {}),
+    "arcee": ("arcee", {}),
+    "seed_oss": ("seed_oss", {}),
+    "ernie4_5": ("ernie4_5", {}),
+}
+AUTO_DEFAULT = ("qwen2_window", "gpt_oss", "cohere2")
+
 FAMILIES = tuple(_configs(VOCAB, WINDOW))
+AUTO_FAMILIES = tuple(_AUTO)
 
 
 def family_model(family: str, seed: int = 0, vocab: int = VOCAB, window: int = WINDOW, **overrides) -> torch.nn.Module:
     """The family's tiny LM in fp32, eval mode; ``overrides`` set config attributes."""
+    if family in _AUTO:
+        model_type, settings = _AUTO[family]
+        settings = dict(settings)
+        kwargs = {**_ATTN, "vocab_size": vocab, "initializer_range": 0.2, "max_position_embeddings": 256,
+                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        if settings.pop("sliding", False):  # only where the family declares a window: a stray
+            kwargs["sliding_window"] = window  # key makes HF's generate disagree with its forward
+        config = T.AutoConfig.for_model(model_type, **{**kwargs, **settings, **overrides})
+        torch.manual_seed(seed)
+        return T.AutoModelForCausalLM.from_config(config).eval()
     cls, config = _configs(vocab, window)[family]
     for name, value in overrides.items():
         setattr(config, name, value)

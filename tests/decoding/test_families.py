@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as T
 from conftest import chi_square_pvalue, exact_joint, left_padded_batch
-from families import FAMILIES, VOCAB, WINDOW, family_model
+from families import AUTO_DEFAULT, AUTO_FAMILIES, FAMILIES, VOCAB, WINDOW, family_model
 from transformers.masking_utils import sliding_window_causal_mask_function
 
 import dynexec_compile as dx
@@ -24,7 +24,10 @@ from dynexec_compile.decoding.masks import chain_mask, sliding_window, step_mask
 NEW = 24
 LENGTHS = [5, 11]
 STRATEGIES = ("greedy", "lookahead", "speculative", "draft_heads", "self_speculative")
-SLIDING = ("mistral", "starcoder2", "gemma2", "gemma3")
+SLIDING = ("mistral", "starcoder2", "gemma2", "gemma3", "qwen2_window", "gpt_oss", "cohere2")
+ALL_FAMILIES = FAMILIES + tuple(
+    f if f in AUTO_DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in AUTO_FAMILIES
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def strategy_options(strategy: str, model) -> dict:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ALL_FAMILIES)
 def test_every_strategy_equals_transformers_greedy(name, strategy, family):
     model, ids, mask, ref = family(name)
     out = dx.generate(
@@ -106,7 +109,7 @@ def test_sliding_window_mask_is_transformers_convention(window):
     assert seen == [k for k in range(10) if k > 10 - window] + [11]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ALL_FAMILIES)
 def test_the_layer_stack_is_the_models_forward(name):
     """Embeddings, every layer range in order and the head equal ``model(...)`` (fp32 logits)."""
     model = family_model(name)
@@ -170,6 +173,19 @@ def test_what_the_core_cannot_serve_raises_before_generating(build, error, match
     options = {"exit_layer": 1} if strategy == "self_speculative" else {}
     with pytest.raises(error, match=match):
         dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=4, compile=False, **options)
+
+
+def test_configs_the_cache_cannot_serve_raise():
+    """Per-layer heterogeneous configs and keys/values shared between layers (Gemma-3n/4)."""
+    mixed = T.LlamaConfig(**{k: v for k, v in family_model("llama").config.to_dict().items() if k in (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        num_hidden_layers=2, per_layer_config={0: {"num_key_value_heads": 1}})
+    with pytest.raises(NotImplementedError, match="per_layer_config"):
+        SlotCache(mixed, batch_size=1, max_len=8)
+    shared = family_model("llama").config
+    shared.kv_sharing_modes = ["store", "reuse"]
+    with pytest.raises(NotImplementedError, match="kv_sharing_modes"):
+        SlotCache(shared, batch_size=1, max_len=8)
 
 
 def test_layer_stack_refuses_what_it_cannot_reproduce():
