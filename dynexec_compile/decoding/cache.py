@@ -103,20 +103,79 @@ def _slot_index(slots: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Te
     return batch, head, slots[:, None, :]  # slots: [B, 1, T]
 
 
+SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_types(config: PreTrainedConfig) -> list[str]:
+    """Attention type of every decoder layer; raise for types the cache cannot serve exactly.
+
+    ``config.layer_types`` when the config has it (Gemma-2/3, Qwen2/3, SmolLM3, ...); else
+    every layer slides when ``config.sliding_window`` is set and the config class declares it
+    (Mistral, Starcoder2, Mixtral, Phi-3: their forward then builds a sliding-window mask for
+    all layers; a stray ``sliding_window`` key in another family's config is ignored, as that
+    family's forward ignores it), else full.
+    Raises ``NotImplementedError`` for ALiBi position biases, per-layer heterogeneous configs,
+    keys/values shared between layers, and layer types other than full and sliding-window
+    attention (linear attention, convolutions, recurrent, chunked).
+    A sliding layer keeps every key in the :class:`SlotCache` and the mask hides the keys
+    outside its window (:func:`~dynexec_compile.decoding.masks.sliding_window`).
+    """
+    config = config.get_text_config(decoder=True)
+    if getattr(config, "alibi", False) or getattr(config, "use_alibi", False):
+        raise NotImplementedError(
+            "this model adds ALiBi position biases to its attention, which dynexec's decoding masks "
+            "do not compute (Falcon with alibi=True); use a rotary or learned-position model"
+        )
+    if getattr(config, "is_heterogeneous", False):
+        raise NotImplementedError(
+            "this model's config sets per-layer overrides (per_layer_config: layers with their own head "
+            "counts or windows), which dynexec's decoding cache and masks do not serve"
+        )
+    if getattr(config, "kv_sharing_modes", None) is not None:
+        raise NotImplementedError(
+            "this model shares keys/values between layers (kv_sharing_modes, Gemma-3n/4), which "
+            "dynexec's decoding cache does not serve"
+        )
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        slides = (
+            _declares(config, "sliding_window")
+            and getattr(config, "sliding_window", None) is not None
+            and getattr(config, "use_sliding_window", True)
+        )
+        types = ["sliding_attention" if slides else "full_attention"] * config.num_hidden_layers
+    unserved = sorted(set(types) - set(SERVED_LAYER_TYPES))
+    if unserved:
+        raise NotImplementedError(
+            f"dynexec's decoding cache serves {list(SERVED_LAYER_TYPES)} layers; this model has {unserved} "
+            "layers (linear-attention / recurrent / chunked layers need a cache and mask of their own)"
+        )
+    if "sliding_attention" in types and not getattr(config, "sliding_window", None):
+        raise ValueError("the config has sliding_attention layers but no sliding_window size")
+    return list(types)
+
+
+def _declares(config: PreTrainedConfig, name: str) -> bool:
+    """Whether ``name`` is a field of the config's class, not an extra key it merely stores."""
+    return any(name in vars(k).get("__annotations__", {}) for k in type(config).__mro__)
+
+
+def attention_windows(config: PreTrainedConfig) -> dict[str, int | None]:
+    """Layer type -> sliding window (``None`` for full attention), for the types the model has."""
+    config = config.get_text_config(decoder=True)
+    kinds = dict.fromkeys(layer_types(config))
+    return {k: (int(config.sliding_window) if k == "sliding_attention" else None) for k in kinds}
+
+
 def attention_geometry(config: PreTrainedConfig) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder config; raise for unsupported layouts.
 
     GPT-2's names (``n_layer``, ``n_head``, ``n_embd``) are mapped by its config's
     ``attribute_map``; models without ``num_key_value_heads`` use plain multi-head attention.
+    Layer types other than full and sliding-window attention raise (:func:`layer_types`).
     """
     config = config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        kinds = sorted(set(layer_types) - {"full_attention"})
-        raise NotImplementedError(
-            f"SlotCache supports full-attention layers only; this model has {kinds} layers "
-            "(sliding-window / linear attention need their own mask and cache layout)"
-        )
+    layer_types(config)
     num_layers = config.num_hidden_layers
     num_heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or num_heads

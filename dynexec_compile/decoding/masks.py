@@ -69,3 +69,53 @@ def step_mask(
     own = torch.zeros(batch, width, max_len, dtype=torch.bool, device=slots.device)  # [B, T, S]
     own.scatter_(2, slots[:, None, :].expand(batch, width, width), visible)
     return additive((prefix | own)[:, None], dtype)
+
+
+def key_positions(positions: torch.Tensor, slots: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Position of the key in every cache slot: ``[B, S_max]``.
+
+    Committed slot ``j`` holds position ``j`` (the :class:`SlotCache` layout invariant); the
+    step's own tokens sit at ``slots`` with ``positions`` (a tree node's slot is past its
+    depth). Other scratch slots get their index, and the full mask hides them anyway.
+    """
+    batch = slots.shape[0]
+    keys = torch.arange(max_len, device=slots.device).expand(batch, max_len)  # [B, S]
+    return keys.scatter(1, slots, positions)
+
+
+def sliding_window(mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int) -> torch.Tensor:
+    """``mask`` narrowed to a sliding window: query at position ``p`` sees keys at ``p - window < k``.
+
+    transformers' convention (``masking_utils.sliding_window_overlay``: ``kv_idx > q_idx -
+    sliding_window``), so a token sees itself and the ``window - 1`` positions before it.
+
+    Args:
+        mask: ``[B, 1, T, S_max]`` additive full-attention mask.
+        positions: ``[B, T]`` positions of the step's tokens; slots: ``[B, T]`` their slots.
+    """
+    keys = key_positions(positions, slots, mask.shape[-1])  # [B, S]
+    near = keys[:, None, :] > positions[:, :, None] - window  # [B, T, S]
+    hidden = torch.full((), torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+    return torch.where(near[:, None], mask, hidden)
+
+
+def layer_masks(
+    mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, windows: dict[str, int | None]
+) -> dict[str, torch.Tensor]:
+    """The mask of each attention layer type, keyed as transformers keys them.
+
+    Args:
+        mask: ``[B, 1, T, S_max]`` additive full-attention mask of a step.
+        windows: layer type -> sliding window (``None``: full attention), from
+            :func:`~dynexec_compile.decoding.cache.attention_windows`.
+    Returns:
+        ``{"full_attention": mask, "sliding_attention": narrowed, ...}`` for the types present.
+    """
+    return {kind: mask if w is None else sliding_window(mask, positions, slots, w) for kind, w in windows.items()}
+
+
+def model_mask(masks: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What a model's ``forward`` takes as ``attention_mask``: the one mask when every layer has
+    the same type (Mistral, Starcoder2: their forward takes no dict), else the dict keyed by
+    layer type (Gemma-2/3, Qwen2 with ``max_window_layers``: their forward takes one)."""
+    return next(iter(masks.values())) if len(masks) == 1 else masks

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.cache import SlotCache
+from dynexec_compile.decoding.cache import SlotCache, attention_windows
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
-from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
 from dynexec_compile.decoding.regional import RegionalLayers
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 
@@ -473,15 +473,21 @@ class DecodeEngine:
         keep: torch.Tensor | None = None,
         hidden: bool = False,
     ) -> Any:
-        """The model's forward with the cache writing at ``slots``; its output object."""
+        """The model's forward with the cache writing at ``slots``; its output object.
+
+        ``mask`` is the step's full-attention mask; sliding-window layers get it narrowed to
+        their window (one mask when every layer slides, a dict keyed by layer type when the
+        types alternate), so the model's own sliding window is kept exactly.
+        """
         kwargs: dict[str, Any] = {} if keep is None else {"logits_to_keep": keep}
         if hidden:
             kwargs["output_hidden_states"] = True
+        masks = layer_masks(mask, positions, slots, attention_windows(self.model.config))
         self.cache.set_write_slots(slots)
         try:
             out = self.model(
                 input_ids=ids,
-                attention_mask=mask,
+                attention_mask=model_mask(masks),
                 position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, build_model, left_padded_batch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import dynexec_compile as dx
 from dynexec_compile.decoding.layers import DecoderStack
@@ -171,12 +171,11 @@ def test_bad_arguments_raise_clear_errors(llama4):
     with pytest.raises(TypeError, match="unknown options"):
         generate(llama4, ids, mask, window=3)
     torch.manual_seed(0)
-    mistral = MistralForCausalLM(
-        MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB)
+    falcon = FalconForCausalLM(
+        FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True, vocab_size=VOCAB)
     ).eval()
-    with pytest.raises(NotImplementedError, match="mistral"):
-        generate(mistral, ids, mask)
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        generate(falcon, ids, mask)
 
 
 def test_the_users_model_and_heads_are_not_modified(llama4):

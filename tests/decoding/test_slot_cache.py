@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import build_model, left_padded_batch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, Qwen2Config
 
 from dynexec_compile.decoding import DecodeEngine, SlotCache, step_mask
 from dynexec_compile.decoding.cache import SlotLayer
@@ -135,12 +135,13 @@ def test_commit_rejects_bad_arguments(llama, counts, accepted, message):
         engine.commit(torch.tensor(counts), None if accepted is None else torch.tensor(accepted))
 
 
-def test_sliding_window_layers_are_refused():
+def test_sliding_window_layers_are_served_and_linear_attention_refused():
     config = Qwen2Config(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, vocab_size=64, use_sliding_window=True, sliding_window=8, max_window_layers=1,
     )
-    model = Qwen2ForCausalLM(config).eval()
-    assert "sliding_attention" in model.config.layer_types
-    with pytest.raises(NotImplementedError, match="sliding_attention"):
-        SlotCache(model.config, batch_size=1, max_len=16)
+    assert "sliding_attention" in config.layer_types
+    assert SlotCache(config, batch_size=1, max_len=16).max_len == 16  # the mask narrows sliding layers
+    config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(NotImplementedError, match="linear_attention"):
+        SlotCache(config, batch_size=1, max_len=16)
