@@ -63,7 +63,6 @@ from dynexec_compile.decoding.verify import (
     TreeSpec,
     acceptance_stats,
     as_tree,
-    commit_verdict,
     point_mass_probs,
     verify,
 )
@@ -237,7 +236,7 @@ def _tree_step(
     tokens, logits = engine.draft_tree(pending)  # [B, T], [B, T, V]
     draft_probs = point_mass_probs(tree, tokens, logits.shape[-1])  # deterministic top-k children
     verdict = verify(tree, tokens, logits, draft_probs, settings.sampling, settings.generator)
-    commit_verdict(engine, tree, verdict, live)  # root + accepted path, gathered in every layer
+    engine.commit(torch.where(live, verdict.emitted, 0), engine.lengths[:, None] + verdict.path)  # gathered in every layer
     return verdict.tokens, verdict.accepted, verdict.next_token
 
 

@@ -38,21 +38,19 @@ from dynexec_compile.decoding.generate import (
     get_engine,
     register_strategy,
 )
-from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
 from dynexec_compile.decoding.verify import (
+    StepShape,
     TreeSpec,
     Verdict,
     acceptance_stats,
     as_tree,
-    commit_verdict,
     draw_children,
+    greedy_step,
     node_mask,
-    tree_positions,
-    verify,
-    verify_step_greedy,
+    sampled_step,
 )
 
 DEFAULT_NUM_DRAFT = 4
@@ -85,8 +83,9 @@ class Drafter(Protocol):
         """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) and, when sampling,
         ``draft_probs [B, T, V]`` (see :func:`~dynexec_compile.decoding.verify.verify_sampling`)."""
 
-    def accept(self, verdict: Verdict, keep: torch.Tensor) -> None:
-        """Keep the verdict's path in the drafter's state for rows with ``keep`` (``[B]`` bool)."""
+    def accept(self, verdict: Verdict, kept: torch.Tensor) -> None:
+        """Keep the first ``kept[b]`` tokens of the verdict's path (the root and the drafts the
+        target kept, ``[B]``; 0 for rows that had finished) in the drafter's state."""
 
 
 class ModelDrafter:
@@ -196,10 +195,10 @@ class ModelDrafter:
             torch.cat([none, visible], dim=0),
         )
 
-    def accept(self, verdict: Verdict, keep: torch.Tensor) -> None:
+    def accept(self, verdict: Verdict, kept: torch.Tensor) -> None:
         depth = self.tree.max_depth
-        base, lag = self._base, self._lag
-        fed = torch.clamp(verdict.accepted + 1, max=depth)  # [B] path nodes the draft has seen
+        base, lag, keep = self._base, self._lag, kept > 0
+        fed = torch.clamp(kept, max=depth)  # [B] kept path nodes the draft has seen
         counts = torch.where(keep, lag + fed, 0)  # [B]
         if self.tree.is_chain:
             self.engine.commit(counts)  # catch-up at L_d, then the path at L_d + lag .. : in place
@@ -208,7 +207,7 @@ class ModelDrafter:
             with_lag = torch.cat([(base - 1)[:, None], path_slots], dim=1)  # [B, D + 1]
             without = torch.cat([path_slots, path_slots[:, -1:]], dim=1)
             self.engine.commit(counts, torch.where(lag.bool()[:, None], with_lag, without))
-        full = keep & (verdict.accepted == depth)
+        full = kept == depth + 1  # every draft kept: the draft never saw the last one
         self._catch_up = torch.where(full, verdict.tokens[:, depth - 1], self._catch_up)
         self._lag = torch.where(keep, full.long(), lag)
 
@@ -233,8 +232,8 @@ def draft_verify_loop(
 
 class DraftVerify:
     """The :class:`~dynexec_compile.decoding.generate.Proposer` of a :class:`Drafter`: it
-    proposes a candidate tree, the target verifies it in one forward (greedy: one graph with
-    the verification and the commit, :func:`verify_step_greedy`)."""
+    proposes a candidate tree, the shared step verifies it in one target forward
+    (:func:`~dynexec_compile.decoding.verify.greedy_step` / ``sampled_step``)."""
 
     def __init__(self, target: DecodeEngine, drafter: Drafter, tree: TreeSpec, settings: DecodeSettings, name: str):
         self.engine, self.drafter, self.tree, self.settings, self.name = target, drafter, tree, settings, name
@@ -250,21 +249,18 @@ class DraftVerify:
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
         target, tree, settings = self.engine, self.tree, self.settings
-        keep = ~runs.done  # [B] rows still generating
+        live = ~runs.done  # [B] rows still generating
         tokens, probs = self.drafter.propose(self.root, target.lengths, tree, settings.sampling, settings.generator)
+        shape = StepShape.of_tree(tree)
         if settings.sampling is None:  # the one target forward, verification and commit: one graph
-            verdict = verify_step_greedy(target, tree, tokens, keep)
+            verdict, kept, _ = greedy_step(target, shape, tokens, runs)
         else:  # rejection sampling draws on the host between the forward and the commit
-            positions, slots = tree_positions(tree, target.lengths)  # [B, T] each
-            mask = step_mask(target.lengths, slots, tree.visible(target.device), target.max_len, target.cache.dtype)
-            logits = target.step(tokens, positions, mask, slots)  # [B, T, V]: the one target forward
-            verdict = verify(tree, tokens, logits, probs, settings.sampling, settings.generator)
-            commit_verdict(target, tree, verdict, keep)
-        self.drafter.accept(verdict, keep)
-        self.root = torch.where(keep, verdict.next_token, self.root)
-        self.drafted.append(keep.long() * tree.num_draft)
-        self.accepted.append(torch.where(keep, verdict.accepted, 0))
-        return runs.keep(verdict.tokens, verdict.emitted)
+            verdict, kept = sampled_step(target, shape, tokens, probs, runs, settings.sampling, settings.generator)
+        self.drafter.accept(verdict, kept)
+        self.root = torch.where(live, verdict.next_token, self.root)
+        self.drafted.append(live.long() * tree.num_draft)
+        self.accepted.append(torch.where(live, verdict.accepted, 0))
+        return kept
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         target_layers = self.engine.model.config.get_text_config(decoder=True).num_hidden_layers

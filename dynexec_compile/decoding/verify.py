@@ -49,18 +49,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dynexec_compile.decoding.masks import step_mask
+from dynexec_compile.decoding.runs import stop_counts
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 
 if TYPE_CHECKING:
+    from dynexec_compile.decoding.runs import TokenRuns
     from dynexec_compile.decoding.step import DecodeEngine
 
 __all__ = [
+    "StepShape",
     "TreeSpec",
     "Verdict",
     "as_tree",
-    "commit_verdict",
-    "verdict_commit",
-    "verify_step_greedy",
+    "greedy_step",
+    "greedy_verdict",
+    "sampled_step",
+    "score_step",
     "draw_children",
     "point_mass_probs",
     "tree_positions",
@@ -285,59 +289,150 @@ def tree_positions(tree: TreeSpec, lengths: torch.Tensor) -> tuple[torch.Tensor,
     return positions, slots
 
 
-def commit_verdict(engine: DecodeEngine, tree: TreeSpec, verdict: Verdict, keep: torch.Tensor | None = None) -> None:
-    """Commit the root and the accepted drafts of each row to ``engine``'s cache.
+@dataclass(frozen=True, eq=False)
+class StepShape:
+    """The tokens of one verification step: a candidate tree, and scratch tokens beside it.
 
-    The step must have written node ``i`` at slot ``engine.lengths + i`` (:func:`tree_positions`).
-    A chain's accepted tokens already sit in place (only the lengths move); a tree's path is
-    gathered. ``keep``: ``[B]`` bool, rows that commit at all (finished rows keep nothing).
+    Every strategy's step is this shape: ``T`` step tokens written at slots ``lengths + t``,
+    at positions ``lengths + offsets[t]``, query ``t`` seeing step token ``u`` iff
+    ``visible[t, u]``; the tree's node ``i`` is step token ``nodes[i]`` (node 0, the root, is
+    step token 0). A draft tree is the step itself (:meth:`of_tree`); lookahead adds its
+    Jacobi window as scratch tokens that are scored but never accepted.
+
+    Attributes:
+        name: the step's graph name (one compiled graph per shape).
+        tree: the candidate tree.
+        offsets: ``[T]`` int64 position offsets; visible: ``[T, T]`` bool; nodes: ``[N]`` int64.
     """
-    engine.commit(*verdict_commit(tree, verdict, keep, engine.lengths))
+
+    name: str
+    tree: TreeSpec
+    offsets: torch.Tensor
+    visible: torch.Tensor
+    nodes: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        """``T``: step tokens (the cache slots past the committed length one step writes)."""
+        return self.offsets.numel()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of_tree(tree: TreeSpec) -> StepShape:
+        """The step of a draft tree: node ``i`` is step token ``i``, at its depth."""
+        return StepShape(f"tree{tree.parents}", tree, tree.depth_tensor(), tree.visible(), torch.arange(tree.size))
 
 
-def verdict_commit(
-    tree: TreeSpec, verdict: Verdict, keep: torch.Tensor | None, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(counts [B], accepted_slots [B, D+1] | None)`` for ``commit``/``apply_commit``: the root
-    and the accepted drafts of rows with ``keep``; slots only for a tree (a chain sits in place).
-    Tensor work only (traceable)."""
-    counts = verdict.accepted + 1  # [B]: root + accepted drafts
-    if keep is not None:
-        counts = torch.where(keep, counts, 0)
-    return counts, None if tree.is_chain else lengths[:, None] + verdict.path
-
-
-def verify_step_greedy(engine: DecodeEngine, tree: TreeSpec, tokens: torch.Tensor, keep: torch.Tensor) -> Verdict:
-    """The target's whole greedy verification step as ONE compiled graph of ``engine``
-    (:meth:`DecodeEngine.run_graph`): positions, slots and the tree mask from the committed
-    lengths, the forward over the root and every candidate, :func:`verify_greedy`, and the
-    commit of the root and the accepted drafts (:func:`commit_verdict`) — no host work
-    between them.
+def greedy_step(
+    engine: DecodeEngine,
+    shape: StepShape,
+    tokens: torch.Tensor,
+    runs: TokenRuns,
+    valid: torch.Tensor | None = None,
+) -> tuple[Verdict, torch.Tensor, torch.Tensor]:
+    """The shared greedy step, ONE compiled graph of ``engine`` (:meth:`DecodeEngine.run_graph`):
+    positions, slots and mask at the committed lengths, the forward over every step token,
+    :func:`verify_greedy`, the stop rule (EOS, ``max_new_tokens``: :func:`stop_counts`) and
+    the commit of exactly the tokens the output keeps (a tree's path gathered in the cache) —
+    no host work between them. The kept tokens go to ``runs``.
 
     Args:
-        tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
-        keep: ``[B]`` bool, rows that commit (finished rows keep nothing).
+        tokens: ``[B, T]`` step tokens (``tokens[:, 0]`` the root).
+        valid: ``[B, N]`` bool, tree nodes that are real guesses (the rest is never accepted);
+            ``None``: all.
+    Returns:
+        ``(verdict, kept [B], argmax [B, T])``: the verdict, the tokens each row kept, and
+        the model's greedy token after every step token.
     """
-    accepted, path, emitted, next_token = engine.run_graph(
-        f"verify_greedy{tree.parents}", _verify_greedy_body(tree), tokens, keep, width=tree.size
+    if valid is None:
+        valid = _all_valid(tokens.shape[0], shape.tree.size, tokens.device)
+    accepted, path, emitted, next_token, kept, hit, argmax = engine.run_graph(
+        f"greedy_{shape.name}", _greedy_body(shape), tokens, valid, _last_position(engine),
+        runs.produced, runs.finished, runs.limit, runs.eos, width=shape.width,
     )
-    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token)
+    runs.append(emitted, kept, hit)
+    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token), kept, argmax
 
 
-@functools.lru_cache(maxsize=32)
-def _verify_greedy_body(tree: TreeSpec) -> Any:
-    """The graph body of :func:`verify_step_greedy` for ``tree`` (one function per tree: the
-    tree's structure is baked into the graph, so each tree gets a graph of its own)."""
+def score_step(engine: DecodeEngine, shape: StepShape, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of a step whose verification draws on the host (sampling), as one graph;
+    nothing is committed. Returns ``(logits [B, T, V], slots [B, T])``."""
+    logits = engine.run_graph(f"score_{shape.name}", _score_body(shape), tokens, _last_position(engine), width=shape.width)
+    slots = engine.lengths[:, None] + torch.arange(shape.width, device=tokens.device)  # [B, T]
+    return logits, slots
 
-    def body(engine: DecodeEngine, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        lengths = engine.cache.lengths
-        positions, slots = tree_positions(tree, lengths)  # [B, T] each
-        mask = step_mask(lengths, slots, tree.visible(tokens.device), engine.max_len, engine.cache.dtype)
-        verdict = verify_greedy(tree, tokens, engine.forward_logits(tokens, positions, slots, mask))
-        engine.cache.apply_commit(*verdict_commit(tree, verdict, keep, lengths))
-        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token
+
+def sampled_step(
+    engine: DecodeEngine,
+    shape: StepShape,
+    tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    runs: TokenRuns,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[Verdict, torch.Tensor]:
+    """The shared sampled step: :func:`score_step`, :func:`verify_sampling` of the tree, the
+    stop rule and the commit of the kept tokens. Returns ``(verdict, kept [B])``."""
+    logits, slots = score_step(engine, shape, tokens)
+    nodes = shape.nodes.to(tokens.device)
+    verdict = verify_sampling(shape.tree, tokens[:, nodes], logits[:, nodes], draft_probs, sampling, generator)
+    kept = runs.keep(verdict.tokens, verdict.emitted)
+    engine.commit(kept, None if shape.tree.is_chain else slots.gather(1, nodes[verdict.path]))
+    return verdict, kept
+
+
+def _step_inputs(
+    engine: DecodeEngine, shape: StepShape, last_position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions, slots [B, T], mask [B, 1, T, S])`` of a step at the committed lengths;
+    positions past the model's last one (guesses only) are clamped there. Traceable."""
+    lengths, device = engine.cache.lengths, engine.cache.lengths.device
+    slots = lengths[:, None] + torch.arange(shape.width, device=device)  # [B, T]
+    positions = torch.minimum(lengths[:, None] + shape.offsets.to(device), last_position)  # [B, T]
+    mask = step_mask(lengths, slots, shape.visible.to(device), engine.max_len, engine.cache.dtype)
+    return positions, slots, mask
+
+
+@functools.lru_cache(maxsize=64)
+def _greedy_body(shape: StepShape) -> Any:
+    """The graph body of :func:`greedy_step` (one per shape: its structure is baked in)."""
+
+    def body(engine: DecodeEngine, tokens: torch.Tensor, valid: torch.Tensor, last_position: torch.Tensor,
+             produced: torch.Tensor, finished: torch.Tensor, limit: torch.Tensor, eos: torch.Tensor) -> tuple:
+        positions, slots, mask = _step_inputs(engine, shape, last_position)
+        argmax = engine.forward_logits(tokens, positions, slots, mask).argmax(dim=-1)  # [B, T]
+        nodes = shape.nodes.to(tokens.device)
+        verdict = greedy_verdict(shape.tree, tokens[:, nodes], argmax[:, nodes], valid)
+        kept, hit = stop_counts(verdict.tokens, verdict.emitted, produced, finished, limit, eos)  # [B], [B]
+        engine.cache.apply_commit(kept, None if shape.tree.is_chain else slots.gather(1, nodes[verdict.path]))
+        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax
 
     return body
+
+
+@functools.lru_cache(maxsize=64)
+def _score_body(shape: StepShape) -> Any:
+    def body(engine: DecodeEngine, tokens: torch.Tensor, last_position: torch.Tensor) -> torch.Tensor:
+        positions, slots, mask = _step_inputs(engine, shape, last_position)
+        return engine.forward_logits(tokens, positions, slots, mask)
+
+    return body
+
+
+@functools.lru_cache(maxsize=16)
+def _all_valid(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(batch, size, dtype=torch.bool, device=device)
+
+
+def _last_position(engine: DecodeEngine) -> torch.Tensor:
+    """0-d: the largest position id the model embeds (a huge number when no limit is known)."""
+    limit = getattr(engine.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return _position_tensor(limit - 1 if isinstance(limit, int) and limit > 0 else 2**62, engine.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _position_tensor(value: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, device=device)
 
 
 def verify(
@@ -367,12 +462,23 @@ def verify_greedy(tree: TreeSpec, tokens: torch.Tensor, target_logits: torch.Ten
         :class:`Verdict`; among equally deep accepted nodes (duplicate siblings) the first wins.
     """
     _check(tree, tokens, target_logits)
+    return greedy_verdict(tree, tokens, target_logits.argmax(dim=-1))
+
+
+def greedy_verdict(
+    tree: TreeSpec, tokens: torch.Tensor, argmax: torch.Tensor, valid: torch.Tensor | None = None
+) -> Verdict:
+    """Greedy acceptance, the one copy every strategy uses: :func:`verify_greedy` from the
+    target's argmax ``[B, T]`` at every node; ``valid`` ``[B, T]`` marks the nodes that are
+    real guesses (others are never accepted)."""
     device = tokens.device
-    argmax = target_logits.argmax(dim=-1)  # [B, T]
     if tree.is_chain:  # node i has depth i: the accepted length is the matching prefix
-        best = (tokens[:, 1:] == argmax[:, :-1]).cumprod(dim=1).sum(dim=1)  # [B]
+        match = tokens[:, 1:] == argmax[:, :-1]  # [B, T-1]
+        best = (match if valid is None else match & valid[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # [B]
     else:
         correct = tokens == argmax[:, tree._parent_index.to(device)]  # [B, T]
+        if valid is not None:
+            correct &= valid
         correct[:, 0] = True
         # a node is accepted iff it and all its ancestors are correct
         wrong_on_path = tree.visible(device)[None] & ~correct[:, None, :]  # [B, T, T]
