@@ -311,6 +311,12 @@ class StepShape:
     visible: torch.Tensor
     nodes: torch.Tensor
 
+    @functools.cached_property
+    def in_place(self) -> bool:
+        """Whether every accepted path already sits at ``lengths ..`` (a chain whose nodes are
+        the first step tokens): the commit then only moves the lengths."""
+        return self.tree.is_chain and torch.equal(self.nodes, torch.arange(self.tree.size))
+
     @property
     def width(self) -> int:
         """``T``: step tokens (the cache slots past the committed length one step writes)."""
@@ -377,7 +383,7 @@ def sampled_step(
     nodes = shape.nodes.to(tokens.device)
     verdict = verify_sampling(shape.tree, tokens[:, nodes], logits[:, nodes], draft_probs, sampling, generator)
     kept = runs.keep(verdict.tokens, verdict.emitted)
-    engine.commit(kept, None if shape.tree.is_chain else slots.gather(1, nodes[verdict.path]))
+    engine.commit(kept, None if shape.in_place else slots.gather(1, nodes[verdict.path]))
     return verdict, kept
 
 
@@ -396,6 +402,7 @@ def _step_inputs(
 @functools.lru_cache(maxsize=64)
 def _greedy_body(shape: StepShape) -> Any:
     """The graph body of :func:`greedy_step` (one per shape: its structure is baked in)."""
+    in_place = shape.in_place  # read here: Dynamo cannot trace a first cached_property access
 
     def body(engine: DecodeEngine, tokens: torch.Tensor, valid: torch.Tensor, last_position: torch.Tensor,
              produced: torch.Tensor, finished: torch.Tensor, limit: torch.Tensor, eos: torch.Tensor) -> tuple:
@@ -404,7 +411,7 @@ def _greedy_body(shape: StepShape) -> Any:
         nodes = shape.nodes.to(tokens.device)
         verdict = greedy_verdict(shape.tree, tokens[:, nodes], argmax[:, nodes], valid)
         kept, hit = stop_counts(verdict.tokens, verdict.emitted, produced, finished, limit, eos)  # [B], [B]
-        engine.cache.apply_commit(kept, None if shape.tree.is_chain else slots.gather(1, nodes[verdict.path]))
+        engine.cache.apply_commit(kept, None if in_place else slots.gather(1, nodes[verdict.path]))
         return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax
 
     return body
