@@ -12,8 +12,7 @@ from dynexec_compile.decoding.draft_heads import (
     save_draft_heads,
     train_draft_heads,
 )
-from dynexec_compile.decoding.draft_heads_decode import draft_heads_strategy
-from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
+from dynexec_compile.decoding.draft_heads_decode import DraftHeadsEngine, draft_heads_strategy
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,

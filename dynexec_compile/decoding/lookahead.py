@@ -378,7 +378,7 @@ class _LookaheadState:
             root = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)  # [B, 1]
             guessed = valid.repeat(1, self.config.ngram - 1) if self.config.guesses else ~root  # [B, N_tree - 1]
             node_valid = torch.cat([root, guessed], dim=1)  # the tree's nodes, breadth-first
-            verdict, kept, predicted = greedy_step(self.engine, self.layout, tokens, runs, node_valid)
+            verdict, kept, predicted, _ = greedy_step(self.engine, self.layout, tokens, runs, node_valid)
             run = verdict.tokens  # [B, N]
         else:
             predicted, run, kept = self._sampled_step(tokens, guesses, runs)
@@ -396,7 +396,8 @@ class _LookaheadState:
         """The step with lossless sampling: the forward, then rejection sampling on the host
         (random draws), then the commit. Returns ``(predicted [B, T], run [B, A], kept [B])``."""
         engine = self.engine
-        logits, slots = score_step(engine, self.layout, tokens)  # [B, T, V], [B, T]
+        _, logits, _ = score_step(engine, self.layout, tokens)  # [B, T, V]
+        slots = engine.lengths[:, None] + torch.arange(self.layout.width, device=engine.device)  # [B, T]
         run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
         kept = runs.keep(run, accepted + 1)  # [B], 0 for finished rows
         # cache surgery: keep the current token and the accepted candidate tokens, in order

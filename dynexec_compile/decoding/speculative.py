@@ -253,9 +253,9 @@ class DraftVerify:
         tokens, probs = self.drafter.propose(self.root, target.lengths, tree, settings.sampling, settings.generator)
         shape = StepShape.of_tree(tree)
         if settings.sampling is None:  # the one target forward, verification and commit: one graph
-            verdict, kept, _ = greedy_step(target, shape, tokens, runs)
+            verdict, kept, _, _ = greedy_step(target, shape, tokens, runs)
         else:  # rejection sampling draws on the host between the forward and the commit
-            verdict, kept = sampled_step(target, shape, tokens, probs, runs, settings.sampling, settings.generator)
+            verdict, kept, _ = sampled_step(target, shape, tokens, runs, settings.sampling, settings.generator, probs)
         self.drafter.accept(verdict, kept)
         self.root = torch.where(live, verdict.next_token, self.root)
         self.drafted.append(live.long() * tree.num_draft)

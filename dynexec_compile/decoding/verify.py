@@ -61,6 +61,8 @@ __all__ = [
     "TreeSpec",
     "Verdict",
     "as_tree",
+    "PLAIN",
+    "StepModel",
     "greedy_step",
     "greedy_verdict",
     "sampled_step",
@@ -329,62 +331,115 @@ class StepShape:
         return StepShape(f"tree{tree.parents}", tree, tree.depth_tensor(), tree.visible(), torch.arange(tree.size))
 
 
+class StepModel:
+    """What runs on a step's tokens inside its graph; by default the model's own forward.
+
+    A strategy whose drafting or proposing lives in the target's graph subclasses it:
+    :meth:`forward` may draft the step's tokens itself (self-speculation: the first ``E``
+    layers) and return extra tensors; :meth:`after` runs on the verdict in the same graph
+    (draft heads: propose the next candidates from the accepted path's hidden state).
+    Instances are module-level singletons: their identity keys the compiled graphs, and
+    per-engine state (heads, an exit layer) is read from the engine.
+    """
+
+    def forward(
+        self, engine: DecodeEngine, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(tokens [B, T], logits [B, T, V], extras)`` of the step; traceable."""
+        return tokens, engine.forward_logits(tokens, positions, slots, mask), ()
+
+    def after(self, engine: DecodeEngine, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Tensors to return after the verdict and the commit; traceable."""
+        return ()
+
+
+PLAIN = StepModel()
+
+
 def greedy_step(
     engine: DecodeEngine,
     shape: StepShape,
     tokens: torch.Tensor,
     runs: TokenRuns,
     valid: torch.Tensor | None = None,
-) -> tuple[Verdict, torch.Tensor, torch.Tensor]:
+    model: StepModel = PLAIN,
+) -> tuple[Verdict, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """The shared greedy step, ONE compiled graph of ``engine`` (:meth:`DecodeEngine.run_graph`):
-    positions, slots and mask at the committed lengths, the forward over every step token,
-    :func:`verify_greedy`, the stop rule (EOS, ``max_new_tokens``: :func:`stop_counts`) and
-    the commit of exactly the tokens the output keeps (a tree's path gathered in the cache) —
-    no host work between them. The kept tokens go to ``runs``.
+    positions, slots and mask at the committed lengths, the forward over every step token
+    (``model``), :func:`greedy_verdict`, the stop rule (EOS, ``max_new_tokens``:
+    :func:`stop_counts`), the commit of exactly the tokens the output keeps (a tree's path
+    gathered in the cache) and ``model.after`` — no host work between them. The kept tokens
+    go to ``runs``.
 
     Args:
         tokens: ``[B, T]`` step tokens (``tokens[:, 0]`` the root).
         valid: ``[B, N]`` bool, tree nodes that are real guesses (the rest is never accepted);
             ``None``: all.
     Returns:
-        ``(verdict, kept [B], argmax [B, T])``: the verdict, the tokens each row kept, and
-        the model's greedy token after every step token.
+        ``(verdict, kept [B], argmax [B, T], after)``: the verdict, the tokens each row kept,
+        the model's greedy token after every step token, and ``model.after``'s tensors.
     """
     if valid is None:
         valid = _all_valid(tokens.shape[0], shape.tree.size, tokens.device)
-    accepted, path, emitted, next_token, kept, hit, argmax = engine.run_graph(
-        f"greedy_{shape.name}", _greedy_body(shape), tokens, valid, _last_position(engine),
+    accepted, path, emitted, next_token, kept, hit, argmax, *after = engine.run_graph(
+        f"greedy_{shape.name}{_model_tag(model)}", _greedy_body(shape, model), tokens, valid, _last_position(engine),
         runs.produced, runs.finished, runs.limit, runs.eos, width=shape.width,
     )
     runs.append(emitted, kept, hit)
-    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token), kept, argmax
+    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token), kept, argmax, tuple(after)
 
 
-def score_step(engine: DecodeEngine, shape: StepShape, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_step(
+    engine: DecodeEngine, shape: StepShape, tokens: torch.Tensor, model: StepModel = PLAIN
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """The forward of a step whose verification draws on the host (sampling), as one graph;
-    nothing is committed. Returns ``(logits [B, T, V], slots [B, T])``."""
-    logits = engine.run_graph(f"score_{shape.name}", _score_body(shape), tokens, _last_position(engine), width=shape.width)
-    slots = engine.lengths[:, None] + torch.arange(shape.width, device=tokens.device)  # [B, T]
-    return logits, slots
+    nothing is committed. Returns ``model.forward``'s ``(tokens [B, T], logits [B, T, V], extras)``."""
+    tokens, logits, *extras = engine.run_graph(
+        f"score_{shape.name}{_model_tag(model)}", _score_body(shape, model), tokens, _last_position(engine),
+        width=shape.width,
+    )
+    return tokens, logits, tuple(extras)
 
 
 def sampled_step(
     engine: DecodeEngine,
     shape: StepShape,
     tokens: torch.Tensor,
-    draft_probs: torch.Tensor,
     runs: TokenRuns,
     sampling: SamplingParams,
     generator: torch.Generator | None,
-) -> tuple[Verdict, torch.Tensor]:
+    draft_probs: torch.Tensor | None = None,
+    model: StepModel = PLAIN,
+) -> tuple[Verdict, torch.Tensor, tuple[torch.Tensor, ...]]:
     """The shared sampled step: :func:`score_step`, :func:`verify_sampling` of the tree, the
-    stop rule and the commit of the kept tokens. Returns ``(verdict, kept [B])``."""
-    logits, slots = score_step(engine, shape, tokens)
+    stop rule, then the commit of the kept tokens (with ``model.after``, one small graph).
+
+    Args:
+        draft_probs: ``[B, N, V]`` what each node was drawn from; ``None``: the node tokens
+            are deterministic guesses (:func:`point_mass_probs`).
+    Returns:
+        ``(verdict, kept [B], after)``.
+    """
+    tokens, logits, extras = score_step(engine, shape, tokens, model)
     nodes = shape.nodes.to(tokens.device)
-    verdict = verify_sampling(shape.tree, tokens[:, nodes], logits[:, nodes], draft_probs, sampling, generator)
+    node_tokens = tokens[:, nodes]  # [B, N]
+    if draft_probs is None:
+        draft_probs = point_mass_probs(shape.tree, node_tokens, logits.shape[-1])
+    verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
     kept = runs.keep(verdict.tokens, verdict.emitted)
-    engine.commit(kept, None if shape.in_place else slots.gather(1, nodes[verdict.path]))
-    return verdict, kept
+    if type(model).after is StepModel.after:  # nothing to run after: the commit alone
+        slots = engine.lengths[:, None] + nodes[verdict.path]
+        engine.commit(kept, None if shape.in_place else slots)
+        return verdict, kept, ()
+    after = engine.run_graph(
+        f"after_{shape.name}{_model_tag(model)}", _after_body(shape, model),
+        kept, verdict.accepted, verdict.path, verdict.next_token, *extras, width=0, forwards=0,
+    )
+    return verdict, kept, tuple(after)
+
+
+def _model_tag(model: StepModel) -> str:
+    return "" if model is PLAIN else f"_{type(model).__name__}"
 
 
 def _step_inputs(
@@ -399,29 +454,51 @@ def _step_inputs(
     return positions, slots, mask
 
 
+def _commit_path(engine: DecodeEngine, shape: StepShape, in_place: bool, kept: torch.Tensor, path: torch.Tensor) -> None:
+    """Keep ``kept[b]`` tokens of each row's path (traceable): in place, or gathered."""
+    lengths = engine.cache.lengths
+    slots = None if in_place else lengths[:, None] + shape.nodes.to(lengths.device)[path]  # [B, D + 1]
+    engine.cache.apply_commit(kept, slots)
+
+
 @functools.lru_cache(maxsize=64)
-def _greedy_body(shape: StepShape) -> Any:
-    """The graph body of :func:`greedy_step` (one per shape: its structure is baked in)."""
+def _greedy_body(shape: StepShape, model: StepModel) -> Any:
+    """The graph body of :func:`greedy_step` (one per shape and model: both are baked in)."""
     in_place = shape.in_place  # read here: Dynamo cannot trace a first cached_property access
 
     def body(engine: DecodeEngine, tokens: torch.Tensor, valid: torch.Tensor, last_position: torch.Tensor,
              produced: torch.Tensor, finished: torch.Tensor, limit: torch.Tensor, eos: torch.Tensor) -> tuple:
         positions, slots, mask = _step_inputs(engine, shape, last_position)
-        argmax = engine.forward_logits(tokens, positions, slots, mask).argmax(dim=-1)  # [B, T]
+        tokens, logits, extras = model.forward(engine, tokens, positions, slots, mask)
+        argmax = logits.argmax(dim=-1)  # [B, T]
         nodes = shape.nodes.to(tokens.device)
         verdict = greedy_verdict(shape.tree, tokens[:, nodes], argmax[:, nodes], valid)
         kept, hit = stop_counts(verdict.tokens, verdict.emitted, produced, finished, limit, eos)  # [B], [B]
-        engine.cache.apply_commit(kept, None if in_place else slots.gather(1, nodes[verdict.path]))
-        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax
+        _commit_path(engine, shape, in_place, kept, verdict.path)
+        after = model.after(engine, verdict, extras)
+        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax, *after
 
     return body
 
 
 @functools.lru_cache(maxsize=64)
-def _score_body(shape: StepShape) -> Any:
-    def body(engine: DecodeEngine, tokens: torch.Tensor, last_position: torch.Tensor) -> torch.Tensor:
+def _score_body(shape: StepShape, model: StepModel) -> Any:
+    def body(engine: DecodeEngine, tokens: torch.Tensor, last_position: torch.Tensor) -> tuple:
         positions, slots, mask = _step_inputs(engine, shape, last_position)
-        return engine.forward_logits(tokens, positions, slots, mask)
+        tokens, logits, extras = model.forward(engine, tokens, positions, slots, mask)
+        return tokens, logits, *extras
+
+    return body
+
+
+@functools.lru_cache(maxsize=64)
+def _after_body(shape: StepShape, model: StepModel) -> Any:
+    in_place = shape.in_place
+
+    def body(engine: DecodeEngine, kept: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor,
+             next_token: torch.Tensor, *extras: torch.Tensor) -> tuple:
+        _commit_path(engine, shape, in_place, kept, path)
+        return model.after(engine, Verdict(accepted, path, next_token[:, None], next_token), extras)
 
     return body
 
