@@ -31,8 +31,11 @@ from dynexec_compile.decoding.lookahead import (
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
-from dynexec_compile.decoding.self_speculative import self_speculative_strategy, train_exit_lm_head
-from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
+from dynexec_compile.decoding.self_speculative import (
+    SelfSpeculativeEngine,
+    self_speculative_strategy,
+    train_exit_lm_head,
+)
 from dynexec_compile.decoding.speculative import (
     Drafter,
     ModelDrafter,
