@@ -1,8 +1,9 @@
 """Decoding on a compiled, static-shape step: the KV cache, masks, sampling and ``generate``.
 
-Lookahead and speculative strategies are loops of :meth:`DecodeEngine.step` +
-:meth:`DecodeEngine.commit`, registered with :func:`register_strategy`; draft-and-verify
-strategies share one acceptance rule, :mod:`dynexec_compile.decoding.verify`.
+Every strategy is a proposer run by one loop (:func:`~dynexec_compile.decoding.generate.decode_loop`:
+output, stop rule, streamer, statistics) over one verification step
+(:mod:`dynexec_compile.decoding.verify`: forward, greedy or lossless-sampling acceptance,
+cache commit); a strategy is registered with :func:`register_strategy`.
 """
 
 from dynexec_compile.decoding.cache import SlotCache

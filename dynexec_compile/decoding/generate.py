@@ -2,10 +2,14 @@
 
 The arguments every strategy shares are checked once into :class:`DecodeSettings`; a
 strategy is a function ``(model, input_ids, attention_mask, settings, **options) ->
-GenerateOutput`` registered under its name, so lookahead and speculative decoding plug in
-beside greedy and sampling without touching this dispatch. Output follows
-``model.generate``: prompt (as given, padding included) followed by the new tokens, rows
-that stopped early filled with ``pad_token_id``.
+GenerateOutput`` registered under its name (:func:`register_strategy`). It builds its
+engine and a :class:`Proposer` (what to guess each step) and hands both to
+:func:`decode_loop`, the one loop every strategy shares: the prefill, the steps until every
+row stopped, the output, the streamer and the statistics. A step's forward, verification
+and cache commit are shared too (:mod:`dynexec_compile.decoding.verify`), so a new strategy
+is one proposer file and one registry line. Output follows ``model.generate``: prompt (as
+given, padding included) followed by the new tokens, rows that stopped early filled with
+``pad_token_id``.
 
 Engines (cache + compiled graphs) are kept in a small LRU keyed by model, batch size and
 compile settings; a later call reuses an engine whose cache is long enough, so prompts in

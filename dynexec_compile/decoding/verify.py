@@ -28,14 +28,15 @@ accepted path's slots are gathered to ``lengths[b] ..`` by ``DecodeEngine.commit
 values moved, never recomputed). A chain of ``k`` drafts is the tree ``parents = (-1, 0, 1,
 .., k-1)``, whose accepted slots are already in place.
 
-Typical step (see :mod:`dynexec_compile.decoding.speculative`)::
+The shared step (every strategy's): a :class:`StepShape` says where the step's tokens sit
+(the tree, plus scratch tokens such as lookahead's Jacobi window), a :class:`StepModel` what
+runs on them inside the graph (the model's forward by default; draft heads and
+self-speculation add their drafting), and :func:`greedy_step` (one compiled graph: forward,
+:func:`greedy_verdict`, the stop rule, the commit) or :func:`sampled_step` (forward graph,
+:func:`verify_sampling` on the host, commit) does the rest::
 
-    positions, slots = tree_positions(tree, engine.lengths)              # [B, T] each
-    mask = step_mask(engine.lengths, slots, tree.visible(), engine.max_len, dtype)
-    logits = engine.step(tokens, positions, mask, slots)                 # [B, T, V]
-    verdict = verify(tree, tokens, logits, draft_probs, sampling, generator)
-    commit_verdict(engine, tree, verdict)       # keep root + accepted drafts in the cache
-    # emit verdict.tokens[b, : verdict.accepted[b] + 1]; next root = verdict.next_token
+    verdict, kept, argmax, _ = greedy_step(engine, StepShape.of_tree(tree), tokens, runs)
+    # runs (TokenRuns) now holds each row's kept tokens; next root = verdict.next_token
 """
 
 from __future__ import annotations
