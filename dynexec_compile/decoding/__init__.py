@@ -38,7 +38,6 @@ from dynexec_compile.decoding.self_speculative import (
     train_exit_lm_head,
 )
 from dynexec_compile.decoding.speculative import (
-    Drafter,
     ModelDrafter,
     check_same_vocabulary,
     draft_verify_loop,
@@ -69,7 +68,6 @@ __all__ = [
     "DecodeSettings",
     "DraftHeads",
     "DraftHeadsEngine",
-    "Drafter",
     "ModelDrafter",
     "check_same_vocabulary",
     "draft_verify_loop",

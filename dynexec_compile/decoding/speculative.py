@@ -10,8 +10,9 @@ bonus token; both caches keep the accepted tokens by moving their keys/values (n
 recomputed). Rows accept different numbers of tokens; finished rows commit nothing. Every
 forward has a fixed shape per configuration, so nothing recompiles after warm-up.
 
-The loop (:func:`draft_verify_loop`) takes any :class:`Drafter`; other drafters (draft heads,
-self-speculation) can reuse it or the verification core directly.
+The target's step is the shared one (:func:`~dynexec_compile.decoding.verify.greedy_step`,
+``sampled_step``); draft heads and self-speculation draft inside that step's graph instead
+(a :class:`~dynexec_compile.decoding.verify.StepModel`), as they need no second model.
 
 Draft cache bookkeeping: the draft feeds tree nodes of depths ``0 .. D-1`` (a node of depth
 ``D`` has no children to propose), writing node ``i`` at slot ``L + i`` like the target (``L``
@@ -23,7 +24,7 @@ of a depth-``D`` node that no draft query of that step reads).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -56,36 +57,6 @@ from dynexec_compile.decoding.verify import (
 DEFAULT_NUM_DRAFT = 4
 # config fields that must agree for two models to share token ids
 TOKEN_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-class Drafter(Protocol):
-    """What :func:`draft_verify_loop` needs from a drafter.
-
-    Attributes:
-        forwards: drafter forwards run so far.
-        layer_evals: token x layer evaluations per row so far (decoding steps).
-    """
-
-    forwards: int
-    layer_evals: int
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Take the prompts (the target has prefilled the same ones)."""
-
-    def propose(
-        self,
-        root: torch.Tensor,
-        target_lengths: torch.Tensor,
-        tree: TreeSpec,
-        sampling: SamplingParams | None,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) and, when sampling,
-        ``draft_probs [B, T, V]`` (see :func:`~dynexec_compile.decoding.verify.verify_sampling`)."""
-
-    def accept(self, verdict: Verdict, kept: torch.Tensor) -> None:
-        """Keep the first ``kept[b]`` tokens of the verdict's path (the root and the drafts the
-        target kept, ``[B]``; 0 for rows that had finished) in the drafter's state."""
 
 
 class ModelDrafter:
@@ -124,6 +95,8 @@ class ModelDrafter:
         sampling: SamplingParams | None,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) and, when sampling,
+        ``draft_probs [B, T, V]`` (see :func:`~dynexec_compile.decoding.verify.verify_sampling`)."""
         if tree != self.tree:
             raise ValueError("ModelDrafter.propose: the tree differs from the one it was built for")
         engine, device = self.engine, self.engine.device
@@ -196,6 +169,8 @@ class ModelDrafter:
         )
 
     def accept(self, verdict: Verdict, kept: torch.Tensor) -> None:
+        """Keep the first ``kept[b]`` tokens of the verdict's path (the root and the drafts the
+        target kept, ``[B]``; 0 for rows that had finished) in the draft's cache."""
         depth = self.tree.max_depth
         base, lag, keep = self._base, self._lag, kept > 0
         fed = torch.clamp(kept, max=depth)  # [B] kept path nodes the draft has seen
@@ -214,7 +189,7 @@ class ModelDrafter:
 
 def draft_verify_loop(
     target: DecodeEngine,
-    drafter: Drafter,
+    drafter: ModelDrafter,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     settings: DecodeSettings,
@@ -231,11 +206,12 @@ def draft_verify_loop(
 
 
 class DraftVerify:
-    """The :class:`~dynexec_compile.decoding.generate.Proposer` of a :class:`Drafter`: it
+    """Speculative decoding's :class:`~dynexec_compile.decoding.generate.Proposer`: the
+    :class:`ModelDrafter` (its own engine and cache) proposes a candidate tree, it
     proposes a candidate tree, the shared step verifies it in one target forward
     (:func:`~dynexec_compile.decoding.verify.greedy_step` / ``sampled_step``)."""
 
-    def __init__(self, target: DecodeEngine, drafter: Drafter, tree: TreeSpec, settings: DecodeSettings, name: str):
+    def __init__(self, target: DecodeEngine, drafter: ModelDrafter, tree: TreeSpec, settings: DecodeSettings, name: str):
         self.engine, self.drafter, self.tree, self.settings, self.name = target, drafter, tree, settings, name
         self.width = tree.max_depth + 1
         self.drafted: list[torch.Tensor] = []
