@@ -1,8 +1,9 @@
 """Decoding on a compiled, static-shape step: the KV cache, masks, sampling and ``generate``.
 
-Lookahead and speculative strategies are loops of :meth:`DecodeEngine.step` +
-:meth:`DecodeEngine.commit`, registered with :func:`register_strategy`; draft-and-verify
-strategies share one acceptance rule, :mod:`dynexec_compile.decoding.verify`.
+Every strategy is a proposer run by one loop (:func:`~dynexec_compile.decoding.generate.decode_loop`:
+output, stop rule, streamer, statistics) over one verification step
+(:mod:`dynexec_compile.decoding.verify`: forward, greedy or lossless-sampling acceptance,
+cache commit); a strategy is registered with :func:`register_strategy`.
 """
 
 from dynexec_compile.decoding.cache import SlotCache
@@ -13,8 +14,7 @@ from dynexec_compile.decoding.draft_heads import (
     save_draft_heads,
     train_draft_heads,
 )
-from dynexec_compile.decoding.draft_heads_decode import draft_heads_strategy
-from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
+from dynexec_compile.decoding.draft_heads_decode import DraftHeadsEngine, draft_heads_strategy
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
@@ -33,23 +33,27 @@ from dynexec_compile.decoding.lookahead import (
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
-from dynexec_compile.decoding.self_speculative import self_speculative_strategy, train_exit_lm_head
-from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
+from dynexec_compile.decoding.self_speculative import (
+    SelfSpeculativeEngine,
+    self_speculative_strategy,
+    train_exit_lm_head,
+)
 from dynexec_compile.decoding.speculative import (
-    Drafter,
     ModelDrafter,
     check_same_vocabulary,
     draft_verify_loop,
 )
 from dynexec_compile.decoding.step import DecodeEngine
 from dynexec_compile.decoding.verify import (
+    StepShape,
     TreeSpec,
     Verdict,
     as_tree,
-    commit_verdict,
     draw_children,
+    greedy_step,
     node_mask,
     point_mass_probs,
+    sampled_step,
     tree_positions,
     verify,
     verify_greedy,
@@ -66,7 +70,6 @@ __all__ = [
     "DecodeSettings",
     "DraftHeads",
     "DraftHeadsEngine",
-    "Drafter",
     "ModelDrafter",
     "check_same_vocabulary",
     "draft_verify_loop",
@@ -77,11 +80,13 @@ __all__ = [
     "SamplingParams",
     "SelfSpeculativeEngine",
     "SlotCache",
+    "StepShape",
     "TokenRuns",
     "TreeSpec",
     "Verdict",
     "as_tree",
-    "commit_verdict",
+    "greedy_step",
+    "sampled_step",
     "draw_children",
     "node_mask",
     "point_mass_probs",

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,16 +66,15 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
     get_engine,
     register_strategy,
 )
 from dynexec_compile.decoding.guess_trie import merge_guesses, verify_guesses
-from dynexec_compile.decoding.masks import step_mask
-from dynexec_compile.decoding.runs import TokenRuns, stop_counts
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
+from dynexec_compile.decoding.verify import StepShape, TreeSpec, greedy_step, score_step
 
 DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True}
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
@@ -125,9 +123,11 @@ class LookaheadConfig:
 # ---- the fused step's layout -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StepLayout:
-    """Where each token of the fused step sits, and what it sees.
+@dataclass(frozen=True, eq=False)
+class StepLayout(StepShape):
+    """Where each token of the fused step sits, and what it sees: a :class:`StepShape` whose
+    tree is the root and the ``G`` candidates (chains of ``N-1``, breadth-first), and whose
+    scratch tokens are the Jacobi window.
 
     Token order: ``[current, window level 0 (W), ..., level N-2 (W), candidate 0 (N-1), ...]``.
 
@@ -138,14 +138,8 @@ class StepLayout:
         candidates: ``[G, N-1]`` token index of candidate ``g``'s ``k``-th token.
     """
 
-    offsets: torch.Tensor
-    visible: torch.Tensor
     window: torch.Tensor
     candidates: torch.Tensor
-
-    @property
-    def width(self) -> int:
-        return self.offsets.numel()
 
 
 @functools.lru_cache(maxsize=16)
@@ -167,12 +161,22 @@ def step_layout(window: int, ngram: int, guesses: int) -> StepLayout:
     visible[first_window:first_candidate, first_window:first_candidate] = sees_first_level | sees_own_column
     visible[first_candidate:, first_candidate:] = own_prefix
 
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), 1 + lev + col, 1 + depth])  # [T]
+    candidates = torch.arange(first_candidate, width).view(guesses, span)
+    # the tree, breadth-first: node 1 + k*G + g is candidate g's k-th token, its parent the
+    # (k-1)-th; without candidates one filler node (the current token, never valid)
+    if guesses:
+        parents = (-1, *[0 if k == 0 else 1 + (k - 1) * guesses + g for k in range(span) for g in range(guesses)])
+        nodes = torch.cat([torch.zeros(1, dtype=torch.long), candidates.t().reshape(-1)])
+    else:
+        parents, nodes = (-1, 0), torch.zeros(2, dtype=torch.long)
     return StepLayout(
-        offsets=offsets,
+        name=f"lookahead{(window, ngram, guesses)}",
+        tree=TreeSpec(parents),
+        offsets=torch.cat([torch.zeros(1, dtype=torch.long), 1 + lev + col, 1 + depth]),  # [T]
         visible=visible,
+        nodes=nodes,
         window=torch.arange(first_window, first_candidate).view(levels, window),
-        candidates=torch.arange(first_candidate, width).view(guesses, span),
+        candidates=candidates,
     )
 
 
@@ -315,37 +319,13 @@ def lookahead_decode(
             f"lookahead: the engine's cache ({engine.max_len} slots) cannot hold prompt + max_new_tokens + "
             f"{config.step_tokens} step tokens; build it with cache_length(..., reserve={config.step_tokens})"
         )
-    stats = GenerateStats(strategy="lookahead")
-    compiles0, forwards0 = compile_count(), engine.forward_passes
-    decoder = _LookaheadState(engine, config, settings, packed, lengths)
-
-    start = time.perf_counter()
-    decoder.start(input_ids, attention_mask)
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
-    start = time.perf_counter()
-    while not decoder.runs.all_done():
-        stats.accepted_per_step.append(decoder.step())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
-
-    stats.steps = len(stats.accepted_per_step)
-    stats.new_tokens = decoder.runs.produced.tolist()
-    stats.forward_passes = engine.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    stats.extra = {
-        "window": config.window,
-        "ngram": config.ngram,
-        "guesses": config.guesses,
-        "prompt_lookup": config.prompt_lookup,
-        "step_tokens": config.step_tokens,
-        "guesses_per_step": decoder.guesses_per_step,
-    }
-    return GenerateOutput(sequences=decoder.runs.sequences(input_ids), stats=stats)
+    return decode_loop(_LookaheadState(engine, config, settings, packed, lengths), input_ids, attention_mask, settings)
 
 
 class _LookaheadState:
-    """The loop's state between steps: current tokens, Jacobi window, pools, output runs."""
+    """Lookahead's proposer: current tokens, Jacobi window and n-gram pools between steps."""
+
+    name = "lookahead"
 
     def __init__(
         self,
@@ -358,19 +338,10 @@ class _LookaheadState:
         device = engine.device
         self.engine, self.config = engine, config
         self.settings = settings
-        layout = step_layout(config.window, config.ngram, config.guesses)
-        self.offsets = layout.offsets.to(device)  # [T]
-        # window and candidate tokens past the model's last position (near the end of a long
-        # generation) are only guesses beyond what can be kept: clamp them so that learned
-        # position embeddings (GPT-2) stay in range
-        self.last_position = torch.tensor(_last_position(engine.model.config), device=device)  # 0-d
-        self.visible = layout.visible.to(device)  # [T, T]
+        self.layout = layout = step_layout(config.window, config.ngram, config.guesses)
         self.window_index = layout.window.to(device)  # [N-1, W]
-        self.candidate_index = layout.candidates.to(device)  # [G, N-1]
         self.candidate_columns = layout.candidates.tolist()  # the same, for building tries
-        self.runs = TokenRuns(
-            packed.shape[0], settings.max_new_tokens, config.ngram, settings.eos_token_ids, settings.pad_token_id, device
-        )
+        self.width = config.ngram
         self.window = _initial_window(packed, lengths, config)  # [B, N-1, W]
         self.filled = 1  # window levels that hold Jacobi iterates (the rest: prompt tokens)
         prompts = [row[:n] for row, n in zip(packed.tolist(), lengths.tolist(), strict=True)]
@@ -381,47 +352,54 @@ class _LookaheadState:
         self.token = torch.zeros(packed.shape[0], dtype=torch.long, device=device)  # [B] current token
         self.guesses_per_step: list[list[int]] = []
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Prefill the prompts and keep each row's first token."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Prefill the prompts; each row's first token."""
         self.token = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
-        ones = torch.ones_like(self.token)
-        self.runs.keep(self.token[:, None], ones)
-        self._extend_texts(self.token[:, None], ones)
+        self._extend_texts(self.token[:, None], torch.ones_like(self.token))
+        return self.token
 
-    def step(self) -> list[int]:
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        config = self.config
+        return {
+            "window": config.window,
+            "ngram": config.ngram,
+            "guesses": config.guesses,
+            "prompt_lookup": config.prompt_lookup,
+            "step_tokens": config.step_tokens,
+            "guesses_per_step": self.guesses_per_step,
+        }
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
         """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
         guesses = self._guesses()
         candidates, valid = self._candidate_tensors(guesses)  # [B, G, N-1], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
-        if self.settings.sampling is None:
-            runs = self.runs
-            predicted, run, kept, hit = self.engine.run_graph(
-                "lookahead_greedy", _greedy_step_graph,
-                tokens, self.offsets, self.last_position, self.visible, self.candidate_index, valid,
-                runs.produced, runs.finished, runs.limit, runs.eos,
-                width=self.config.step_tokens,
-            )  # [B, T], [B, N], [B], [B]
-            runs.append(run, kept, hit)
+        if self.settings.sampling is None:  # the shared step: one graph, commit and stop rule included
+            root = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)  # [B, 1]
+            guessed = valid.repeat(1, self.config.ngram - 1) if self.config.guesses else ~root  # [B, N_tree - 1]
+            node_valid = torch.cat([root, guessed], dim=1)  # the tree's nodes, breadth-first
+            verdict, kept, predicted, _ = greedy_step(self.engine, self.layout, tokens, runs, node_valid)
+            run = verdict.tokens  # [B, N]
         else:
-            predicted, run, kept = self._sampled_step(tokens, guesses)
+            predicted, run, kept = self._sampled_step(tokens, guesses, runs)
         last = run.gather(1, (kept - 1).clamp(min=0)[:, None])[:, 0]  # [B]
         self.token = torch.where(kept > 0, last, self.token)
 
         self._advance_window(predicted)
         self._extend_texts(run, kept)
         self.guesses_per_step.append(valid.sum(dim=1).tolist())
-        return kept.tolist()
+        return kept
 
     def _sampled_step(
-        self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]]
+        self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]], runs: TokenRuns
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step with lossless sampling: the forward, then rejection sampling on the host
         (random draws), then the commit. Returns ``(predicted [B, T], run [B, A], kept [B])``."""
         engine = self.engine
-        slots, positions, mask = _step_inputs(engine, self.offsets, self.last_position, self.visible)
-        logits = engine.step(tokens, positions, mask, slots)  # [B, T, V]
+        _, logits, _ = score_step(engine, self.layout, tokens)  # [B, T, V]
+        slots = engine.lengths[:, None] + torch.arange(self.layout.width, device=engine.device)  # [B, T]
         run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
-        kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
+        kept = runs.keep(run, accepted + 1)  # [B], 0 for finished rows
         # cache surgery: keep the current token and the accepted candidate tokens, in order
         engine.commit(kept, run_slots)
         return logits.argmax(dim=-1), run, kept
@@ -430,8 +408,8 @@ class _LookaheadState:
         self, logits: torch.Tensor, guesses: list[list[tuple[int, ...]]], slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lossless sampling: each row's guesses merged into a trie and verified by rejection
-        sampling (:mod:`~dynexec_compile.decoding.guess_trie`). Returns what :func:`verify_candidates` does,
-        the run ending in the sampled token instead of the greedy one."""
+        sampling (:mod:`~dynexec_compile.decoding.guess_trie`). Returns ``(run [B, K], accepted [B],
+        run_slots [B, K])``, the run ending in the sampled token."""
         tries = [
             merge_guesses(root, found, self.candidate_columns[: len(found)])
             for root, found in zip(self.token.tolist(), guesses, strict=True)
@@ -487,94 +465,6 @@ class _LookaheadState:
             text = self.contexts[b].text
             self.contexts[b].extend(row[:n])
             self.pools[b].add_text(text, start=max(0, len(text) - n - self.config.ngram + 1))
-
-
-def _greedy_step_graph(
-    engine: DecodeEngine,
-    tokens: torch.Tensor,
-    offsets: torch.Tensor,
-    last_position: torch.Tensor,
-    visible: torch.Tensor,
-    candidate_index: torch.Tensor,
-    valid: torch.Tensor,
-    produced: torch.Tensor,
-    finished: torch.Tensor,
-    limit: torch.Tensor,
-    eos: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole greedy step, compiled as one graph (:meth:`DecodeEngine.run_graph`): slots,
-    positions and mask from the committed lengths, the forward, greedy verification, the stop
-    rule (EOS, ``max_new_tokens``) and the cache surgery.
-
-    Args:
-        tokens: ``[B, T]`` current token, window, candidates (the layout's order).
-        offsets, visible, candidate_index: the :class:`StepLayout`'s tensors.
-        last_position: 0-d, the largest position id the model embeds (guesses past it are
-            clamped there).
-        valid: ``[B, G]`` candidates that are real guesses (the rest is padding).
-        produced, finished, limit, eos: the :class:`TokenRuns` state (read only).
-    Returns:
-        ``(predicted [B, T], run [B, N], kept [B], hit [B])``: the greedy token after every
-        step token, the greedy run along the winning candidate, the tokens kept (and
-        committed: the current token and the accepted candidate tokens), and rows whose run
-        ends in an EOS.
-    """
-    slots, positions, mask = _step_inputs(engine, offsets, last_position, visible)
-    predicted = engine.forward_logits(tokens, positions, slots, mask).argmax(dim=-1)  # [B, T]
-    run, accepted, run_slots = verify_candidates(predicted, tokens, candidate_index, valid, slots)
-    kept, hit = stop_counts(run, accepted + 1, produced, finished, limit, eos)  # [B], [B]
-    engine.cache.apply_commit(kept, run_slots)
-    return predicted, run, kept, hit
-
-
-def _step_inputs(
-    engine: DecodeEngine, offsets: torch.Tensor, last_position: torch.Tensor, visible: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(slots [B, T], positions [B, T], mask [B, 1, T, S])`` of a step at the committed
-    lengths: token ``t`` at slot ``lengths + t`` and position ``lengths + offsets[t]`` (clamped
-    to ``last_position``), seeing what ``visible`` allows. Tensor work only (traceable)."""
-    lengths = engine.cache.lengths
-    slots = lengths[:, None] + torch.arange(offsets.shape[0], device=lengths.device)  # [B, T]
-    positions = torch.minimum(lengths[:, None] + offsets, last_position)  # [B, T]
-    return slots, positions, step_mask(lengths, slots, visible, engine.max_len, engine.cache.dtype)
-
-
-def verify_candidates(
-    predicted: torch.Tensor, tokens: torch.Tensor, candidate_index: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy verification: candidate ``g`` matches while its ``k``-th token is what the model
-    predicts after the current token and its first ``k`` tokens; the first longest match wins.
-
-    Args:
-        predicted: ``[B, T]`` the model's greedy token after each step token.
-        tokens: ``[B, T]`` the step's tokens (current token at index 0).
-        candidate_index: ``[G, N-1]`` step index of candidate ``g``'s ``k``-th token.
-        valid: ``[B, G]`` real candidates; slots: ``[B, T]`` the step tokens' cache slots.
-    Returns:
-        ``run [B, N]``: the greedy tokens after the current token along the winning candidate
-        (true greedy tokens up to ``accepted + 1``); ``accepted [B]``: candidate tokens
-        confirmed; ``run_slots [B, N]``: cache slots of the current token and the winning
-        candidate's tokens (the keys/values to keep).
-    """
-    after_current = predicted[:, :1]  # [B, 1]
-    batch, guesses = valid.shape
-    if guesses == 0:
-        return after_current, torch.zeros_like(after_current[:, 0]), slots[:, :1]
-    candidates = tokens[:, candidate_index]  # [B, G, N-1]
-    after_candidate = predicted[:, candidate_index]  # [B, G, N-1]
-    expected = torch.cat([after_current[:, None].expand(batch, guesses, 1), after_candidate[:, :, :-1]], dim=2)
-    matched = ((candidates == expected) & valid[:, :, None]).long().cumprod(dim=2).sum(dim=2)  # [B, G]
-    best = matched.argmax(dim=1)  # [B]
-    rows = torch.arange(batch, device=predicted.device)
-    run = torch.cat([after_current, after_candidate[rows, best]], dim=1)  # [B, N]
-    run_slots = torch.cat([slots[:, :1], slots.gather(1, candidate_index[best])], dim=1)  # [B, N]
-    return run, matched[rows, best], run_slots
-
-
-def _last_position(config: Any) -> int:
-    """The largest position id the model embeds (a huge number when no limit is known)."""
-    limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-    return limit - 1 if isinstance(limit, int) and limit > 0 else 2**62
 
 
 def _initial_window(packed: torch.Tensor, lengths: torch.Tensor, config: LookaheadConfig) -> torch.Tensor:

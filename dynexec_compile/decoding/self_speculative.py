@@ -8,7 +8,7 @@ The drafter is the model's first ``E`` layers plus an exit head:
   (self-distillation on the model's own next-token distribution, backbone frozen), passed as
   ``exit_heads=ExitHeads`` whose layer ``E - 1`` (the block whose output it reads) is used.
 
-Work sharing (see :mod:`~dynexec_compile.decoding.self_speculative_engine`): drafted tokens
+Work sharing (:class:`SelfDraftModel`, the step's own forward): drafted tokens
 never go through layers ``0..E-1`` twice — verification continues from the layer-``E``
 hidden states kept while drafting and reuses the keys/values drafting wrote for those
 layers. Greedy output is token-identical to greedy decoding, and a greedy step is one
@@ -35,7 +35,6 @@ the target's mass.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.chain_output import ChainOutput
 from dynexec_compile.decoding.draft_heads import _batches, fit_heads
 from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.generate import (
@@ -52,21 +50,27 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
 )
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import draw, sampling_probs
-from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
-from dynexec_compile.decoding.step import check_causal_lm, pack_prompts, weights_fingerprint
+from dynexec_compile.decoding.step import (
+    DecodeEngine,
+    check_causal_lm,
+    pack_prompts,
+    weights_fingerprint,
+)
 from dynexec_compile.decoding.verify import (
+    StepModel,
+    StepShape,
     TreeSpec,
     acceptance_stats,
     as_tree,
-    commit_verdict,
-    point_mass_probs,
+    greedy_step,
+    sampled_step,
     verify,
 )
 from dynexec_compile.exit_heads import ExitHeads
@@ -123,7 +127,7 @@ def self_speculative_strategy(
         ("self_speculative", exit_layer, head_key, None if spec is None else spec.parents),
         lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, spec, **engine_options(settings)),
     )
-    return _decode(engine, input_ids, attention_mask, settings, width - 1)
+    return decode_loop(_SelfProposer(engine, settings, width - 1), input_ids, attention_mask, settings)
 
 
 def _exit_head(
@@ -169,89 +173,203 @@ class _TokenwiseHead(nn.Module):
         return self.head.classify(h)
 
 
-def _decode(
-    engine: SelfSpeculativeEngine,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: DecodeSettings,
-    k: int,
-) -> GenerateOutput:
-    stats = GenerateStats(strategy="self_speculative")
-    compiles0, forwards0 = compile_count(), engine.forward_passes
-    layer_tokens0 = list(engine.layer_tokens)
-    device = engine.device
-    out = ChainOutput(input_ids.shape[0], settings, device)
-    drafted, accepted_drafts = [], []
+class SelfSpeculativeEngine(DecodeEngine):
+    """A :class:`DecodeEngine` that carries an exit layer and head: the draft is layers
+    ``[0, E)`` + the exit head, the verification layers ``[E, L)`` on the same hidden states.
 
-    start = time.perf_counter()
-    pending = _next_token(engine.prefill(input_ids, attention_mask), settings)  # [B]
-    out.emit(pending[:, None], torch.ones_like(pending))
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
+    Args:
+        model: a llama / qwen2 / gpt2 causal LM in eval mode (not modified).
+        batch_size, max_len: as for :class:`DecodeEngine`.
+        exit_layer: ``E``, layers the draft runs (``1 <= E < L``).
+        exit_head: ``[..., D] -> [..., V]`` logits from the layer-``E`` hidden state; ``None``
+            shares the model's own final norm + LM head.
+        tree: the candidate tree (fixed per engine: its shape is baked into the step's
+            graph); ``None`` for chains.
+        **engine_options: the rest of :class:`DecodeEngine`'s options.
 
-    start = time.perf_counter()
-    offsets = torch.arange(k + 1, device=device)
-    while not out.done:
-        live = ~out.finished  # [B]
-        if engine.tree is not None:
-            emitted, accepted, pending = _tree_step(engine, pending, live, settings)  # [B, D+1], [B], [B]
-        elif settings.sampling is None:  # the whole step is one graph, commit included
-            emitted, accepted = engine.step_greedy(pending, live, k)  # [B, k+1], [B]
-            pending = emitted.gather(1, accepted[:, None])[:, 0]
-        else:
-            tokens, hidden, proposal = _draft_chain(engine, pending, k, settings)  # [B, k+1], [B, k, D]
-            positions = engine.lengths[:, None] + offsets  # [B, k+1]
-            mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
-            logits = engine.verify(hidden, tokens[:, -1:], positions, mask)  # [B, k+1, V]
-            verdict = verify(TreeSpec.chain(k), tokens, logits, proposal, settings.sampling, settings.generator)
-            accepted, emitted, pending = verdict.accepted, verdict.tokens, verdict.next_token
-            engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
-        kept = out.emit(emitted, accepted + 1)
-        drafted.append(torch.where(live, k, 0).tolist())
-        accepted_drafts.append(torch.where(live, accepted, 0).tolist())
-        stats.accepted_per_step.append(kept.tolist())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
+    Attributes:
+        layer_tokens: ``[L]`` tokens each decoder layer has processed in decoding steps (host
+            counters, per row), for the stats.
+    """
 
-    stats.steps = len(drafted)
-    stats.new_tokens = out.count.tolist()
-    stats.forward_passes = engine.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    layer_tokens = [a - b for a, b in zip(engine.layer_tokens, layer_tokens0)]
-    exit_layer, tree = engine.exit_layer, engine.tree
-    # the draft reads k tokens (a tree: the nodes above its deepest level) in D passes; the
-    # verification runs layers < E on the rest (the last draft / the deepest level) and
-    # layers >= E on all k + 1 — no token runs a layer twice
-    unread = 1 if tree is None else engine.tree_leaves
-    stats.extra = {
-        "num_draft": k,
-        "tree": None if tree is None else list(tree.parents),
-        "exit_layer": exit_layer,
-        **acceptance_stats(drafted, accepted_drafts),
-        "target_forwards": stats.forward_passes,
-        "draft_forwards": stats.steps * (k if tree is None else tree.max_depth),
-        # token x layer evaluations per row in the decoding steps (prefill not counted)
-        "draft_layer_evals": stats.steps * exit_layer * (k + 1 - unread),
-        "target_layer_evals": stats.steps * (exit_layer * unread + (engine.stack.num_layers - exit_layer) * (k + 1)),
-        "layer_tokens": layer_tokens,
-    }
-    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        batch_size: int,
+        max_len: int,
+        exit_layer: int,
+        exit_head: nn.Module | None = None,
+        tree: TreeSpec | None = None,
+        **engine_options: Any,
+    ):
+        super().__init__(model, batch_size, max_len, **engine_options)
+        self.stack = DecoderStack(model)
+        layers = self.stack.num_layers
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < layers:
+            raise ValueError(
+                f"exit_layer must be an int in [1, {layers - 1}] for a model with {layers} layers, got {exit_layer!r}"
+            )
+        self.exit_layer, self.exit_head, self.tree = exit_layer, exit_head, tree
+        self.layer_tokens = [0] * layers
+        if tree is not None:
+            self._tree_tables(tree)
+
+    def _tree_tables(self, tree: TreeSpec) -> None:
+        """Per depth: the level's node range (contiguous in breadth-first order) and, for the
+        next level's nodes, their parent's index within this level and their rank among
+        their siblings (which of the exit head's top tokens they take)."""
+        vocab = int(self.model.config.get_text_config(decoder=True).vocab_size)
+        widest = max(len(kids) for kids in tree.children)
+        if widest > vocab:
+            raise ValueError(f"a tree node has {widest} children but the vocabulary has {vocab} tokens; use fewer children")
+        self._levels = [(min(tree.level(d)), max(tree.level(d)) + 1) for d in range(tree.max_depth + 1)]
+        self._child_parent, self._child_rank, self._top = [], [], []
+        for d in range(tree.max_depth):
+            kids = tree.level(d + 1)
+            ranks = [tree.children[tree.parents[c]].index(c) for c in kids]
+            self._child_parent.append(torch.tensor([tree.parents[c] - self._levels[d][0] for c in kids], device=self.device))
+            self._child_rank.append(torch.tensor(ranks, device=self.device))
+            self._top.append(max(ranks) + 1)
+
+    @property
+    def tree_leaves(self) -> int:
+        """Nodes of the tree's deepest level (their layers ``< E`` run in the verification)."""
+        start, stop = self._levels[-1]
+        return stop - start
+
+    def count(self, layers: range, tokens: int) -> None:
+        """Add ``tokens`` to :attr:`layer_tokens` of ``layers``."""
+        for i in layers:
+            self.layer_tokens[i] += tokens
+
+    def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The draft's logits ``[B, T, V]`` from the layer-``E`` output ``[B, T, D]`` (traceable)."""
+        return self.stack.logits(h) if self.exit_head is None else self.exit_head(h)
+
+    def draft(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers ``[0, E)`` + exit head on one token per row (``[B, 1]`` token and position,
+        slot == position): ``(h_E [B, 1, D], draft logits [B, V])``. Not a model forward."""
+        out = self.run_graph("draft", _draft_one, token, position, width=0, forwards=0)
+        self.count(range(self.exit_layer), 1)
+        return out
+
+    def verify(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Target logits ``[B, k+1, V]`` of a chain drafted with :meth:`draft` from its first
+        ``k`` tokens' layer-``E`` hidden states ``[B, k, D]`` (their layers-``< E`` keys/values
+        are in the cache) and its last token ``[B, 1]`` (through no layer yet)."""
+        width = hidden.shape[1] + 1
+        logits = self.run_graph("verify", _verify_chain, hidden, last, width=width)
+        self.count(range(self.exit_layer), 1)
+        self.count(range(self.exit_layer, self.stack.num_layers), width)
+        return logits
 
 
-def _tree_step(
-    engine: SelfSpeculativeEngine, pending: torch.Tensor, live: torch.Tensor, settings: DecodeSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One tree step: ``(tokens [B, D+1], accepted [B], next pending [B])``; row ``b`` emits
-    ``tokens[b, :accepted[b] + 1]``; live rows' root and accepted path are committed."""
-    tree = engine.tree
-    if settings.sampling is None:  # one graph: draft, verify, accept, gather the path
-        emitted, accepted = engine.step_tree_greedy(pending, live)
-        return emitted, accepted, emitted.gather(1, accepted[:, None])[:, 0]
-    tokens, logits = engine.draft_tree(pending)  # [B, T], [B, T, V]
-    draft_probs = point_mass_probs(tree, tokens, logits.shape[-1])  # deterministic top-k children
-    verdict = verify(tree, tokens, logits, draft_probs, settings.sampling, settings.generator)
-    commit_verdict(engine, tree, verdict, live)  # root + accepted path, gathered in every layer
-    return verdict.tokens, verdict.accepted, verdict.next_token
+def _draft_one(engine: SelfSpeculativeEngine, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    mask = chain_mask(position, engine.cache.max_len, engine.cache.dtype)  # [B, 1, 1, S]
+    h = engine.stack.embed(token, position)  # [B, 1, D]
+    h = engine.stack.run(h, 0, engine.exit_layer, mask, position, engine.cache, position)
+    return h, engine.exit_logits(h)[:, -1]
+
+
+def _verify_chain(engine: SelfSpeculativeEngine, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    # hidden: [B, k, D]; last: [B, 1]
+    stack, exit_layer = engine.stack, engine.exit_layer
+    positions = engine.cache.lengths[:, None] + torch.arange(hidden.shape[1] + 1, device=last.device)  # [B, k+1]
+    mask = chain_mask(positions, engine.cache.max_len, engine.cache.dtype)  # [B, 1, k+1, S]
+    tail = positions[:, -1:]  # [B, 1]
+    h_last = stack.run(stack.embed(last, tail), 0, exit_layer, mask[:, :, -1:], tail, engine.cache, tail)
+    h = stack.run(torch.cat([hidden, h_last], dim=1), exit_layer, stack.num_layers, mask, positions, engine.cache, positions)
+    return stack.logits(h)  # [B, k+1, V]
+
+
+class SelfDraftModel(StepModel):
+    """The step's forward drafts its own tokens: from the root, layers ``[0, E)`` + the exit
+    head propose each next token (a chain) or each level's children (a tree, the head's top
+    tokens by rank); then layers ``[E, L)`` score every node from the kept layer-``E``
+    hidden states. No token runs a layer twice; only ``tokens[:, 0]`` (the root) is read."""
+
+    def forward(self, engine, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see StepModel
+        stack, exit_layer, tree = engine.stack, engine.exit_layer, engine.tree
+        levels = [(i, i + 1) for i in range(tokens.shape[1])] if tree is None else engine._levels
+        drafted, hidden = [tokens[:, :1]], []
+        for depth, (start, stop) in enumerate(levels):  # a chain's depth d is its token d
+            at, where = positions[:, start:stop], slots[:, start:stop]  # [B, n_d]
+            h = stack.run(stack.embed(drafted[-1], at), 0, exit_layer, mask[:, :, start:stop], at, engine.cache, where)
+            hidden.append(h)  # [B, n_d, D]
+            if depth == len(levels) - 1:
+                break
+            if tree is None:
+                drafted.append(engine.exit_logits(h).argmax(dim=-1))  # [B, 1]
+            else:
+                top = engine.exit_logits(h).topk(engine._top[depth], dim=-1).indices  # [B, n_d, top]
+                drafted.append(top[:, engine._child_parent[depth], engine._child_rank[depth]])  # [B, n_{d+1}]
+        h = stack.run(torch.cat(hidden, dim=1), exit_layer, stack.num_layers, mask, positions, engine.cache, slots)
+        return torch.cat(drafted, dim=1), stack.logits(h), ()  # [B, T], [B, T, V]
+
+
+SELF_DRAFT = SelfDraftModel()
+
+
+class _SelfProposer:
+    """Self-speculation's proposer: the model's first ``E`` layers draft, the rest verify."""
+
+    name = "self_speculative"
+
+    def __init__(self, engine: SelfSpeculativeEngine, settings: DecodeSettings, k: int):
+        self.engine, self.settings, self.k = engine, settings, k
+        self.shape = StepShape.of_tree(TreeSpec.chain(k) if engine.tree is None else engine.tree)
+        self.width = self.shape.width
+        self.tokens = torch.zeros(engine.batch_size, self.width, dtype=torch.long, device=engine.device)  # root first
+        self.layer_tokens0 = list(engine.layer_tokens)
+        self.drafted: list[torch.Tensor] = []
+        self.accepted: list[torch.Tensor] = []
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self.pending = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        return self.pending
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        engine, settings, k = self.engine, self.settings, self.k
+        live = ~runs.done  # [B]
+        self.tokens[:, 0] = self.pending
+        if settings.sampling is None:  # the whole step is one graph: drafts, verification, commit
+            verdict, kept, _, _ = greedy_step(engine, self.shape, self.tokens, runs, model=SELF_DRAFT)
+            engine.count(range(engine.stack.num_layers), self.width)
+        elif engine.tree is not None:  # the draft tree and its scores in one graph; point-mass proposals
+            verdict, kept, _ = sampled_step(engine, self.shape, self.tokens, runs, settings.sampling, settings.generator,
+                                            model=SELF_DRAFT)
+            engine.count(range(engine.stack.num_layers), self.width)
+        else:  # draws between the drafts: one graph per draft, then the verification
+            tokens, hidden, proposal = _draft_chain(engine, self.pending, k, settings)  # [B, k+1], [B, k, D], [B, k+1, V]
+            logits = engine.verify(hidden, tokens[:, -1:])  # [B, k+1, V]
+            verdict = verify(self.shape.tree, tokens, logits, proposal, settings.sampling, settings.generator)
+            kept = runs.keep(verdict.tokens, verdict.emitted)
+            engine.commit(kept)  # pending + kept drafts, in place
+        self.pending = verdict.next_token
+        self.drafted.append(torch.where(live, k, 0))
+        self.accepted.append(torch.where(live, verdict.accepted, 0))
+        return kept
+
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        engine, k = self.engine, self.k
+        layer_tokens = [a - b for a, b in zip(engine.layer_tokens, self.layer_tokens0)]
+        exit_layer, tree = engine.exit_layer, engine.tree
+        # the draft reads k tokens (a tree: the nodes above its deepest level) in D passes; the
+        # verification runs layers < E on the rest (the last draft / the deepest level) and
+        # layers >= E on all k + 1 — no token runs a layer twice
+        unread = 1 if tree is None else engine.tree_leaves
+        return {
+            "num_draft": k,
+            "tree": None if tree is None else list(tree.parents),
+            "exit_layer": exit_layer,
+            **acceptance_stats(self.drafted, self.accepted),
+            "target_forwards": stats.forward_passes,
+            "draft_forwards": stats.steps * (k if tree is None else tree.max_depth),
+            # token x layer evaluations per row in the decoding steps (prefill not counted)
+            "draft_layer_evals": stats.steps * exit_layer * (k + 1 - unread),
+            "target_layer_evals": stats.steps * (exit_layer * unread + (engine.stack.num_layers - exit_layer) * (k + 1)),
+            "layer_tokens": layer_tokens,
+        }
 
 
 def _draft_chain(
@@ -261,9 +379,7 @@ def _draft_chain(
     layer-E hidden states [B, k, D] of ``pending, d_1..d_{k-1}``, proposals [B, k+1, V])``."""
     tokens, hidden, probs = [pending], [], []
     for i in range(k):
-        positions = engine.lengths[:, None] + i  # [B, 1]
-        mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
-        h, logits = engine.draft(tokens[-1][:, None], positions, mask)  # [B, 1, D], [B, V]
+        h, logits = engine.draft(tokens[-1][:, None], engine.lengths[:, None] + i)  # [B, 1, D], [B, V]
         hidden.append(h)
         q = sampling_probs(logits, settings.sampling)  # [B, V]
         probs.append(q)

@@ -10,8 +10,9 @@ bonus token; both caches keep the accepted tokens by moving their keys/values (n
 recomputed). Rows accept different numbers of tokens; finished rows commit nothing. Every
 forward has a fixed shape per configuration, so nothing recompiles after warm-up.
 
-The loop (:func:`draft_verify_loop`) takes any :class:`Drafter`; other drafters (draft heads,
-self-speculation) can reuse it or the verification core directly.
+The target's step is the shared one (:func:`~dynexec_compile.decoding.verify.greedy_step`,
+``sampled_step``); draft heads and self-speculation draft inside that step's graph instead
+(a :class:`~dynexec_compile.decoding.verify.StepModel`), as they need no second model.
 
 Draft cache bookkeeping: the draft feeds tree nodes of depths ``0 .. D-1`` (a node of depth
 ``D`` has no children to propose), writing node ``i`` at slot ``L + i`` like the target (``L``
@@ -23,8 +24,7 @@ of a depth-``D`` node that no draft query of that step reads).
 
 from __future__ import annotations
 
-import time
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -34,60 +34,29 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
     get_engine,
     register_strategy,
 )
-from dynexec_compile.decoding.masks import step_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
 from dynexec_compile.decoding.verify import (
+    StepShape,
     TreeSpec,
     Verdict,
     acceptance_stats,
     as_tree,
-    commit_verdict,
     draw_children,
+    greedy_step,
     node_mask,
-    tree_positions,
-    verify,
-    verify_step_greedy,
+    sampled_step,
 )
 
 DEFAULT_NUM_DRAFT = 4
 # config fields that must agree for two models to share token ids
 TOKEN_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-class Drafter(Protocol):
-    """What :func:`draft_verify_loop` needs from a drafter.
-
-    Attributes:
-        forwards: drafter forwards run so far.
-        layer_evals: token x layer evaluations per row so far (decoding steps).
-    """
-
-    forwards: int
-    layer_evals: int
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Take the prompts (the target has prefilled the same ones)."""
-
-    def propose(
-        self,
-        root: torch.Tensor,
-        target_lengths: torch.Tensor,
-        tree: TreeSpec,
-        sampling: SamplingParams | None,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) and, when sampling,
-        ``draft_probs [B, T, V]`` (see :func:`~dynexec_compile.decoding.verify.verify_sampling`)."""
-
-    def accept(self, verdict: Verdict, keep: torch.Tensor) -> None:
-        """Keep the verdict's path in the drafter's state for rows with ``keep`` (``[B]`` bool)."""
 
 
 class ModelDrafter:
@@ -126,6 +95,8 @@ class ModelDrafter:
         sampling: SamplingParams | None,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) and, when sampling,
+        ``draft_probs [B, T, V]`` (see :func:`~dynexec_compile.decoding.verify.verify_sampling`)."""
         if tree != self.tree:
             raise ValueError("ModelDrafter.propose: the tree differs from the one it was built for")
         engine, device = self.engine, self.engine.device
@@ -197,10 +168,12 @@ class ModelDrafter:
             torch.cat([none, visible], dim=0),
         )
 
-    def accept(self, verdict: Verdict, keep: torch.Tensor) -> None:
+    def accept(self, verdict: Verdict, kept: torch.Tensor) -> None:
+        """Keep the first ``kept[b]`` tokens of the verdict's path (the root and the drafts the
+        target kept, ``[B]``; 0 for rows that had finished) in the draft's cache."""
         depth = self.tree.max_depth
-        base, lag = self._base, self._lag
-        fed = torch.clamp(verdict.accepted + 1, max=depth)  # [B] path nodes the draft has seen
+        base, lag, keep = self._base, self._lag, kept > 0
+        fed = torch.clamp(kept, max=depth)  # [B] kept path nodes the draft has seen
         counts = torch.where(keep, lag + fed, 0)  # [B]
         if self.tree.is_chain:
             self.engine.commit(counts)  # catch-up at L_d, then the path at L_d + lag .. : in place
@@ -209,14 +182,14 @@ class ModelDrafter:
             with_lag = torch.cat([(base - 1)[:, None], path_slots], dim=1)  # [B, D + 1]
             without = torch.cat([path_slots, path_slots[:, -1:]], dim=1)
             self.engine.commit(counts, torch.where(lag.bool()[:, None], with_lag, without))
-        full = keep & (verdict.accepted == depth)
+        full = kept == depth + 1  # every draft kept: the draft never saw the last one
         self._catch_up = torch.where(full, verdict.tokens[:, depth - 1], self._catch_up)
         self._lag = torch.where(keep, full.long(), lag)
 
 
 def draft_verify_loop(
     target: DecodeEngine,
-    drafter: Drafter,
+    drafter: ModelDrafter,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     settings: DecodeSettings,
@@ -229,90 +202,54 @@ def draft_verify_loop(
     or after ``max_new_tokens``; stopped rows keep running in the fixed-shape batch but
     commit nothing.
     """
-    stats = GenerateStats(strategy=strategy)
-    compiles0, forwards0 = compile_count(), target.forward_passes
-    draft_forwards0, draft_evals0 = drafter.forwards, drafter.layer_evals
-    batch, device = input_ids.shape[0], target.device
-    limit, width = settings.max_new_tokens, tree.max_depth + 1
-    pad = 0 if settings.pad_token_id is None else settings.pad_token_id
-    new = torch.full((batch, limit + width + 1), pad, dtype=torch.long, device=device)  # last column: dump
-    eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)  # [E]
-    visible = tree.visible(device)  # [T, T]
-    offsets = torch.arange(width, device=device)[None, :]  # [1, D + 1]
+    return decode_loop(DraftVerify(target, drafter, tree, settings, strategy), input_ids, attention_mask, settings)
 
-    start = time.perf_counter()
-    root = _next_token(target.prefill(input_ids, attention_mask), settings)  # [B]
-    drafter.prefill(input_ids, attention_mask)
-    new[:, 0] = root
-    emitted = torch.ones(batch, dtype=torch.long, device=device)  # [B] tokens written per row
-    finished = torch.isin(root, eos)  # [B]
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    drafted, accepted, kept_per_step = [], [], []
-    while True:
-        keep = ~finished & (emitted < limit)  # [B] rows still generating
-        if not bool(keep.any()):
-            break
-        tokens, probs = drafter.propose(root, target.lengths, tree, settings.sampling, settings.generator)
+class DraftVerify:
+    """Speculative decoding's :class:`~dynexec_compile.decoding.generate.Proposer`: the
+    :class:`ModelDrafter` (its own engine and cache) proposes a candidate tree, it
+    proposes a candidate tree, the shared step verifies it in one target forward
+    (:func:`~dynexec_compile.decoding.verify.greedy_step` / ``sampled_step``)."""
+
+    def __init__(self, target: DecodeEngine, drafter: ModelDrafter, tree: TreeSpec, settings: DecodeSettings, name: str):
+        self.engine, self.drafter, self.tree, self.settings, self.name = target, drafter, tree, settings, name
+        self.width = tree.max_depth + 1
+        self.drafted: list[torch.Tensor] = []
+        self.accepted: list[torch.Tensor] = []
+        self._forwards0, self._evals0 = drafter.forwards, drafter.layer_evals
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self.root = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        self.drafter.prefill(input_ids, attention_mask)
+        return self.root
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        target, tree, settings = self.engine, self.tree, self.settings
+        live = ~runs.done  # [B] rows still generating
+        tokens, probs = self.drafter.propose(self.root, target.lengths, tree, settings.sampling, settings.generator)
+        shape = StepShape.of_tree(tree)
         if settings.sampling is None:  # the one target forward, verification and commit: one graph
-            verdict = verify_step_greedy(target, tree, tokens, keep)
+            verdict, kept, _, _ = greedy_step(target, shape, tokens, runs)
         else:  # rejection sampling draws on the host between the forward and the commit
-            positions, slots = tree_positions(tree, target.lengths)  # [B, T] each
-            mask = step_mask(target.lengths, slots, visible, target.max_len, target.cache.dtype)
-            logits = target.step(tokens, positions, mask, slots)  # [B, T, V]: the one target forward
-            verdict = verify(tree, tokens, logits, probs, settings.sampling, settings.generator)
-            commit_verdict(target, tree, verdict, keep)
-        drafter.accept(verdict, keep)
+            verdict, kept, _ = sampled_step(target, shape, tokens, runs, settings.sampling, settings.generator, probs)
+        self.drafter.accept(verdict, kept)
+        self.root = torch.where(live, verdict.next_token, self.root)
+        self.drafted.append(live.long() * tree.num_draft)
+        self.accepted.append(torch.where(live, verdict.accepted, 0))
+        return kept
 
-        # tokens this step keeps: up to the first EOS and the max_new_tokens limit
-        is_eos = torch.isin(verdict.tokens, eos) & (offsets < verdict.emitted[:, None])  # [B, D + 1]
-        upto_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, verdict.emitted)
-        kept = torch.where(keep, torch.minimum(upto_eos, limit - emitted), 0)  # [B]
-        columns = torch.where(offsets < kept[:, None], emitted[:, None] + offsets, new.shape[1] - 1)
-        new.scatter_(1, columns, verdict.tokens)
-        finished |= keep & is_eos.any(dim=1) & (upto_eos <= kept)
-        emitted += kept
-        root = torch.where(keep, verdict.next_token, root)
-        drafted.append((keep.long() * tree.num_draft).tolist())
-        accepted.append(torch.where(keep, verdict.accepted, 0).tolist())
-        kept_per_step.append(kept.tolist())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
-
-    count = int(emitted.max())
-    stats.steps = len(kept_per_step)
-    stats.accepted_per_step = kept_per_step
-    stats.new_tokens = emitted.tolist()
-    stats.forward_passes = target.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    stats.extra = _extra_stats(stats, target, drafter, tree, drafted, accepted, draft_forwards0, draft_evals0)
-    sequences = torch.cat([input_ids.to(device), new[:, :count]], dim=1)
-    return GenerateOutput(sequences=sequences, stats=stats)
-
-
-def _extra_stats(
-    stats: GenerateStats,
-    target: DecodeEngine,
-    drafter: Drafter,
-    tree: TreeSpec,
-    drafted: list[list[int]],
-    accepted: list[list[int]],
-    draft_forwards0: int,
-    draft_evals0: int,
-) -> dict[str, Any]:
-    target_layers = target.model.config.get_text_config(decoder=True).num_hidden_layers
-    return {
-        "tree": list(tree.parents),
-        "num_draft": tree.num_draft,
-        **acceptance_stats(drafted, accepted),
-        "target_forwards": stats.forward_passes,
-        "draft_forwards": drafter.forwards - draft_forwards0,
-        # token x layer evaluations per row in the decoding steps (prefill not counted)
-        "target_layer_evals": stats.steps * tree.size * target_layers,
-        "draft_layer_evals": drafter.layer_evals - draft_evals0,
-    }
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        target_layers = self.engine.model.config.get_text_config(decoder=True).num_hidden_layers
+        return {
+            "tree": list(self.tree.parents),
+            "num_draft": self.tree.num_draft,
+            **acceptance_stats(self.drafted, self.accepted),
+            "target_forwards": stats.forward_passes,
+            "draft_forwards": self.drafter.forwards - self._forwards0,
+            # token x layer evaluations per row in the decoding steps (prefill not counted)
+            "target_layer_evals": stats.steps * self.tree.size * target_layers,
+            "draft_layer_evals": self.drafter.layer_evals - self._evals0,
+        }
 
 
 def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> None:

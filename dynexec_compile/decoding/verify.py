@@ -28,14 +28,15 @@ accepted path's slots are gathered to ``lengths[b] ..`` by ``DecodeEngine.commit
 values moved, never recomputed). A chain of ``k`` drafts is the tree ``parents = (-1, 0, 1,
 .., k-1)``, whose accepted slots are already in place.
 
-Typical step (see :mod:`dynexec_compile.decoding.speculative`)::
+The shared step (every strategy's): a :class:`StepShape` says where the step's tokens sit
+(the tree, plus scratch tokens such as lookahead's Jacobi window), a :class:`StepModel` what
+runs on them inside the graph (the model's forward by default; draft heads and
+self-speculation add their drafting), and :func:`greedy_step` (one compiled graph: forward,
+:func:`greedy_verdict`, the stop rule, the commit) or :func:`sampled_step` (forward graph,
+:func:`verify_sampling` on the host, commit) does the rest::
 
-    positions, slots = tree_positions(tree, engine.lengths)              # [B, T] each
-    mask = step_mask(engine.lengths, slots, tree.visible(), engine.max_len, dtype)
-    logits = engine.step(tokens, positions, mask, slots)                 # [B, T, V]
-    verdict = verify(tree, tokens, logits, draft_probs, sampling, generator)
-    commit_verdict(engine, tree, verdict)       # keep root + accepted drafts in the cache
-    # emit verdict.tokens[b, : verdict.accepted[b] + 1]; next root = verdict.next_token
+    verdict, kept, argmax, _ = greedy_step(engine, StepShape.of_tree(tree), tokens, runs)
+    # runs (TokenRuns) now holds each row's kept tokens; next root = verdict.next_token
 """
 
 from __future__ import annotations
@@ -49,18 +50,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dynexec_compile.decoding.masks import step_mask
+from dynexec_compile.decoding.runs import stop_counts
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 
 if TYPE_CHECKING:
+    from dynexec_compile.decoding.runs import TokenRuns
     from dynexec_compile.decoding.step import DecodeEngine
 
 __all__ = [
+    "StepShape",
     "TreeSpec",
     "Verdict",
     "as_tree",
-    "commit_verdict",
-    "verdict_commit",
-    "verify_step_greedy",
+    "PLAIN",
+    "StepModel",
+    "greedy_step",
+    "greedy_verdict",
+    "sampled_step",
+    "score_step",
     "draw_children",
     "point_mass_probs",
     "tree_positions",
@@ -285,59 +292,232 @@ def tree_positions(tree: TreeSpec, lengths: torch.Tensor) -> tuple[torch.Tensor,
     return positions, slots
 
 
-def commit_verdict(engine: DecodeEngine, tree: TreeSpec, verdict: Verdict, keep: torch.Tensor | None = None) -> None:
-    """Commit the root and the accepted drafts of each row to ``engine``'s cache.
+@dataclass(frozen=True, eq=False)
+class StepShape:
+    """The tokens of one verification step: a candidate tree, and scratch tokens beside it.
 
-    The step must have written node ``i`` at slot ``engine.lengths + i`` (:func:`tree_positions`).
-    A chain's accepted tokens already sit in place (only the lengths move); a tree's path is
-    gathered. ``keep``: ``[B]`` bool, rows that commit at all (finished rows keep nothing).
+    Every strategy's step is this shape: ``T`` step tokens written at slots ``lengths + t``,
+    at positions ``lengths + offsets[t]``, query ``t`` seeing step token ``u`` iff
+    ``visible[t, u]``; the tree's node ``i`` is step token ``nodes[i]`` (node 0, the root, is
+    step token 0). A draft tree is the step itself (:meth:`of_tree`); lookahead adds its
+    Jacobi window as scratch tokens that are scored but never accepted.
+
+    Attributes:
+        name: the step's graph name (one compiled graph per shape).
+        tree: the candidate tree.
+        offsets: ``[T]`` int64 position offsets; visible: ``[T, T]`` bool; nodes: ``[N]`` int64.
     """
-    engine.commit(*verdict_commit(tree, verdict, keep, engine.lengths))
+
+    name: str
+    tree: TreeSpec
+    offsets: torch.Tensor
+    visible: torch.Tensor
+    nodes: torch.Tensor
+
+    @functools.cached_property
+    def in_place(self) -> bool:
+        """Whether every accepted path already sits at ``lengths ..`` (a chain whose nodes are
+        the first step tokens): the commit then only moves the lengths."""
+        return self.tree.is_chain and torch.equal(self.nodes, torch.arange(self.tree.size))
+
+    @property
+    def width(self) -> int:
+        """``T``: step tokens (the cache slots past the committed length one step writes)."""
+        return self.offsets.numel()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of_tree(tree: TreeSpec) -> StepShape:
+        """The step of a draft tree: node ``i`` is step token ``i``, at its depth."""
+        return StepShape(f"tree{tree.parents}", tree, tree.depth_tensor(), tree.visible(), torch.arange(tree.size))
 
 
-def verdict_commit(
-    tree: TreeSpec, verdict: Verdict, keep: torch.Tensor | None, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(counts [B], accepted_slots [B, D+1] | None)`` for ``commit``/``apply_commit``: the root
-    and the accepted drafts of rows with ``keep``; slots only for a tree (a chain sits in place).
-    Tensor work only (traceable)."""
-    counts = verdict.accepted + 1  # [B]: root + accepted drafts
-    if keep is not None:
-        counts = torch.where(keep, counts, 0)
-    return counts, None if tree.is_chain else lengths[:, None] + verdict.path
+class StepModel:
+    """What runs on a step's tokens inside its graph; by default the model's own forward.
+
+    A strategy whose drafting or proposing lives in the target's graph subclasses it:
+    :meth:`forward` may draft the step's tokens itself (self-speculation: the first ``E``
+    layers) and return extra tensors; :meth:`after` runs on the verdict in the same graph
+    (draft heads: propose the next candidates from the accepted path's hidden state).
+    Instances are module-level singletons: their identity keys the compiled graphs, and
+    per-engine state (heads, an exit layer) is read from the engine.
+    """
+
+    def forward(
+        self, engine: DecodeEngine, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(tokens [B, T], logits [B, T, V], extras)`` of the step; traceable."""
+        return tokens, engine.forward_logits(tokens, positions, slots, mask), ()
+
+    def after(self, engine: DecodeEngine, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Tensors to return after the verdict and the commit; traceable."""
+        return ()
 
 
-def verify_step_greedy(engine: DecodeEngine, tree: TreeSpec, tokens: torch.Tensor, keep: torch.Tensor) -> Verdict:
-    """The target's whole greedy verification step as ONE compiled graph of ``engine``
-    (:meth:`DecodeEngine.run_graph`): positions, slots and the tree mask from the committed
-    lengths, the forward over the root and every candidate, :func:`verify_greedy`, and the
-    commit of the root and the accepted drafts (:func:`commit_verdict`) — no host work
-    between them.
+PLAIN = StepModel()
+
+
+def greedy_step(
+    engine: DecodeEngine,
+    shape: StepShape,
+    tokens: torch.Tensor,
+    runs: TokenRuns,
+    valid: torch.Tensor | None = None,
+    model: StepModel = PLAIN,
+) -> tuple[Verdict, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The shared greedy step, ONE compiled graph of ``engine`` (:meth:`DecodeEngine.run_graph`):
+    positions, slots and mask at the committed lengths, the forward over every step token
+    (``model``), :func:`greedy_verdict`, the stop rule (EOS, ``max_new_tokens``:
+    :func:`stop_counts`), the commit of exactly the tokens the output keeps (a tree's path
+    gathered in the cache) and ``model.after`` — no host work between them. The kept tokens
+    go to ``runs``.
 
     Args:
-        tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
-        keep: ``[B]`` bool, rows that commit (finished rows keep nothing).
+        tokens: ``[B, T]`` step tokens (``tokens[:, 0]`` the root).
+        valid: ``[B, N]`` bool, tree nodes that are real guesses (the rest is never accepted);
+            ``None``: all.
+    Returns:
+        ``(verdict, kept [B], argmax [B, T], after)``: the verdict, the tokens each row kept,
+        the model's greedy token after every step token, and ``model.after``'s tensors.
     """
-    accepted, path, emitted, next_token = engine.run_graph(
-        f"verify_greedy{tree.parents}", _verify_greedy_body(tree), tokens, keep, width=tree.size
+    if valid is None:
+        valid = _all_valid(tokens.shape[0], shape.tree.size, tokens.device)
+    accepted, path, emitted, next_token, kept, hit, argmax, *after = engine.run_graph(
+        f"greedy_{shape.name}{_model_tag(model)}", _greedy_body(shape, model), tokens, valid, _last_position(engine),
+        runs.produced, runs.finished, runs.limit, runs.eos, width=shape.width,
     )
-    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token)
+    runs.append(emitted, kept, hit)
+    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token), kept, argmax, tuple(after)
 
 
-@functools.lru_cache(maxsize=32)
-def _verify_greedy_body(tree: TreeSpec) -> Any:
-    """The graph body of :func:`verify_step_greedy` for ``tree`` (one function per tree: the
-    tree's structure is baked into the graph, so each tree gets a graph of its own)."""
+def score_step(
+    engine: DecodeEngine, shape: StepShape, tokens: torch.Tensor, model: StepModel = PLAIN
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The forward of a step whose verification draws on the host (sampling), as one graph;
+    nothing is committed. Returns ``model.forward``'s ``(tokens [B, T], logits [B, T, V], extras)``."""
+    tokens, logits, *extras = engine.run_graph(
+        f"score_{shape.name}{_model_tag(model)}", _score_body(shape, model), tokens, _last_position(engine),
+        width=shape.width,
+    )
+    return tokens, logits, tuple(extras)
 
-    def body(engine: DecodeEngine, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        lengths = engine.cache.lengths
-        positions, slots = tree_positions(tree, lengths)  # [B, T] each
-        mask = step_mask(lengths, slots, tree.visible(tokens.device), engine.max_len, engine.cache.dtype)
-        verdict = verify_greedy(tree, tokens, engine.forward_logits(tokens, positions, slots, mask))
-        engine.cache.apply_commit(*verdict_commit(tree, verdict, keep, lengths))
-        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token
+
+def sampled_step(
+    engine: DecodeEngine,
+    shape: StepShape,
+    tokens: torch.Tensor,
+    runs: TokenRuns,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+    draft_probs: torch.Tensor | None = None,
+    model: StepModel = PLAIN,
+) -> tuple[Verdict, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The shared sampled step: :func:`score_step`, :func:`verify_sampling` of the tree, the
+    stop rule, then the commit of the kept tokens (with ``model.after``, one small graph).
+
+    Args:
+        draft_probs: ``[B, N, V]`` what each node was drawn from; ``None``: the node tokens
+            are deterministic guesses (:func:`point_mass_probs`).
+    Returns:
+        ``(verdict, kept [B], after)``.
+    """
+    tokens, logits, extras = score_step(engine, shape, tokens, model)
+    nodes = shape.nodes.to(tokens.device)
+    node_tokens = tokens[:, nodes]  # [B, N]
+    if draft_probs is None:
+        draft_probs = point_mass_probs(shape.tree, node_tokens, logits.shape[-1])
+    verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
+    kept = runs.keep(verdict.tokens, verdict.emitted)
+    if type(model).after is StepModel.after:  # nothing to run after: the commit alone
+        slots = engine.lengths[:, None] + nodes[verdict.path]
+        engine.commit(kept, None if shape.in_place else slots)
+        return verdict, kept, ()
+    after = engine.run_graph(
+        f"after_{shape.name}{_model_tag(model)}", _after_body(shape, model),
+        kept, verdict.accepted, verdict.path, verdict.next_token, *extras, width=0, forwards=0,
+    )
+    return verdict, kept, tuple(after)
+
+
+def _model_tag(model: StepModel) -> str:
+    return "" if model is PLAIN else f"_{type(model).__name__}"
+
+
+def _step_inputs(
+    engine: DecodeEngine, shape: StepShape, last_position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions, slots [B, T], mask [B, 1, T, S])`` of a step at the committed lengths;
+    positions past the model's last one (guesses only) are clamped there. Traceable."""
+    lengths, device = engine.cache.lengths, engine.cache.lengths.device
+    slots = lengths[:, None] + torch.arange(shape.width, device=device)  # [B, T]
+    positions = torch.minimum(lengths[:, None] + shape.offsets.to(device), last_position)  # [B, T]
+    mask = step_mask(lengths, slots, shape.visible.to(device), engine.max_len, engine.cache.dtype)
+    return positions, slots, mask
+
+
+def _commit_path(engine: DecodeEngine, shape: StepShape, in_place: bool, kept: torch.Tensor, path: torch.Tensor) -> None:
+    """Keep ``kept[b]`` tokens of each row's path (traceable): in place, or gathered."""
+    lengths = engine.cache.lengths
+    slots = None if in_place else lengths[:, None] + shape.nodes.to(lengths.device)[path]  # [B, D + 1]
+    engine.cache.apply_commit(kept, slots)
+
+
+@functools.lru_cache(maxsize=64)
+def _greedy_body(shape: StepShape, model: StepModel) -> Any:
+    """The graph body of :func:`greedy_step` (one per shape and model: both are baked in)."""
+    in_place = shape.in_place  # read here: Dynamo cannot trace a first cached_property access
+
+    def body(engine: DecodeEngine, tokens: torch.Tensor, valid: torch.Tensor, last_position: torch.Tensor,
+             produced: torch.Tensor, finished: torch.Tensor, limit: torch.Tensor, eos: torch.Tensor) -> tuple:
+        positions, slots, mask = _step_inputs(engine, shape, last_position)
+        tokens, logits, extras = model.forward(engine, tokens, positions, slots, mask)
+        argmax = logits.argmax(dim=-1)  # [B, T]
+        nodes = shape.nodes.to(tokens.device)
+        verdict = greedy_verdict(shape.tree, tokens[:, nodes], argmax[:, nodes], valid)
+        kept, hit = stop_counts(verdict.tokens, verdict.emitted, produced, finished, limit, eos)  # [B], [B]
+        _commit_path(engine, shape, in_place, kept, verdict.path)
+        after = model.after(engine, verdict, extras)
+        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax, *after
 
     return body
+
+
+@functools.lru_cache(maxsize=64)
+def _score_body(shape: StepShape, model: StepModel) -> Any:
+    def body(engine: DecodeEngine, tokens: torch.Tensor, last_position: torch.Tensor) -> tuple:
+        positions, slots, mask = _step_inputs(engine, shape, last_position)
+        tokens, logits, extras = model.forward(engine, tokens, positions, slots, mask)
+        return tokens, logits, *extras
+
+    return body
+
+
+@functools.lru_cache(maxsize=64)
+def _after_body(shape: StepShape, model: StepModel) -> Any:
+    in_place = shape.in_place
+
+    def body(engine: DecodeEngine, kept: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor,
+             next_token: torch.Tensor, *extras: torch.Tensor) -> tuple:
+        _commit_path(engine, shape, in_place, kept, path)
+        return model.after(engine, Verdict(accepted, path, next_token[:, None], next_token), extras)
+
+    return body
+
+
+@functools.lru_cache(maxsize=16)
+def _all_valid(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(batch, size, dtype=torch.bool, device=device)
+
+
+def _last_position(engine: DecodeEngine) -> torch.Tensor:
+    """0-d: the largest position id the model embeds (a huge number when no limit is known)."""
+    limit = getattr(engine.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return _position_tensor(limit - 1 if isinstance(limit, int) and limit > 0 else 2**62, engine.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _position_tensor(value: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, device=device)
 
 
 def verify(
@@ -367,12 +547,23 @@ def verify_greedy(tree: TreeSpec, tokens: torch.Tensor, target_logits: torch.Ten
         :class:`Verdict`; among equally deep accepted nodes (duplicate siblings) the first wins.
     """
     _check(tree, tokens, target_logits)
+    return greedy_verdict(tree, tokens, target_logits.argmax(dim=-1))
+
+
+def greedy_verdict(
+    tree: TreeSpec, tokens: torch.Tensor, argmax: torch.Tensor, valid: torch.Tensor | None = None
+) -> Verdict:
+    """Greedy acceptance, the one copy every strategy uses: :func:`verify_greedy` from the
+    target's argmax ``[B, T]`` at every node; ``valid`` ``[B, T]`` marks the nodes that are
+    real guesses (others are never accepted)."""
     device = tokens.device
-    argmax = target_logits.argmax(dim=-1)  # [B, T]
     if tree.is_chain:  # node i has depth i: the accepted length is the matching prefix
-        best = (tokens[:, 1:] == argmax[:, :-1]).cumprod(dim=1).sum(dim=1)  # [B]
+        match = tokens[:, 1:] == argmax[:, :-1]  # [B, T-1]
+        best = (match if valid is None else match & valid[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # [B]
     else:
         correct = tokens == argmax[:, tree._parent_index.to(device)]  # [B, T]
+        if valid is not None:
+            correct &= valid
         correct[:, 0] = True
         # a node is accepted iff it and all its ancestors are correct
         wrong_on_path = tree.visible(device)[None] & ~correct[:, None, :]  # [B, T, T]
@@ -499,15 +690,17 @@ def point_mass_probs(tree: TreeSpec, tokens: torch.Tensor, vocab: int) -> torch.
     return probs * (~repeats)[:, :, None]
 
 
-def acceptance_stats(drafted: list[list[int]], accepted: list[list[int]]) -> dict[str, Any]:
+def acceptance_stats(drafted: list[torch.Tensor], accepted: list[torch.Tensor]) -> dict[str, Any]:
     """The ``stats.extra`` entries every draft-and-verify strategy reports, from per-step,
-    per-row counts of drafted and accepted tokens (0 for rows that had finished)."""
-    total_drafted = sum(map(sum, drafted))
-    total_accepted = sum(map(sum, accepted))
-    live_steps = sum(n > 0 for step in drafted for n in step)
+    per-row counts ``[B]`` of drafted and accepted tokens (0 for rows that had finished)."""
+    drafted_rows = torch.stack(drafted).tolist() if drafted else []
+    accepted_rows = torch.stack(accepted).tolist() if accepted else []
+    total_drafted = sum(map(sum, drafted_rows))
+    total_accepted = sum(map(sum, accepted_rows))
+    live_steps = sum(n > 0 for step in drafted_rows for n in step)
     return {
-        "drafted_per_step": drafted,
-        "accepted_drafts_per_step": accepted,
+        "drafted_per_step": drafted_rows,
+        "accepted_drafts_per_step": accepted_rows,
         "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
         "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
     }

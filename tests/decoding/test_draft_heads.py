@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import dynexec_compile as dx
-from dynexec_compile.decoding import DraftHeads, DraftHeadsEngine
+from dynexec_compile.decoding import DraftHeads, DraftHeadsEngine, TokenRuns, greedy_step
+from dynexec_compile.decoding.draft_heads_decode import HEADS
 
 K = 3
 
@@ -79,7 +80,10 @@ def test_fused_step_accepts_exactly_the_greedy_prefix(heads_for):
     tokens[2, 1] = (tokens[2, 1] + 1) % VOCAB  # row 2: first candidate wrong
     lengths = engine.lengths.clone()
     live = torch.tensor([True, True, False])
-    target, accepted, head_logits, chain = engine.verify_greedy(tokens, live)
+    runs = TokenRuns(3, 64, K + 1, (), 0, torch.device("cpu"))
+    runs.finished.copy_(~live)  # the finished row runs but keeps nothing
+    verdict, _, _, (head_logits, chain) = greedy_step(engine, engine.shape, tokens, runs, model=HEADS)
+    target, accepted = verdict.tokens, verdict.accepted
     assert accepted.tolist() == [K, 1, 0]
     assert torch.equal(target[0, :K], greedy[0, 1:]) and torch.equal(target[1, :2], greedy[1, 1:3])
     assert torch.equal(engine.lengths, lengths + torch.tensor([K + 1, 2, 0])), "live rows commit pending + accepted"
@@ -159,16 +163,16 @@ def test_no_recompiles_after_warmup_and_heads_are_graph_outputs(heads_for):
     engine = DraftHeadsEngine(model, 2, 64, heads, compile=False)
     graph = engine.step_graph()
     outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
-    assert len(outputs) == 4, "argmax tokens, accepted counts, draft heads' logits, next chain"
+    assert len(outputs) == 9, "the shared step's 7 outputs, then the draft heads' logits and the next chain"
     head_params = {n for n in graph.graph.nodes if n.op in ("placeholder", "get_attr") and "heads" in n.name}
     assert head_params, "the draft heads' weights are inputs of the step graph"
-    ancestors, frontier = set(), [outputs[2]]
+    ancestors, frontier = set(), [outputs[7]]
     while frontier:
         node = frontier.pop()
         if node not in ancestors:
             ancestors.add(node)
             frontier.extend(node.all_input_nodes)
-    assert head_params <= ancestors, "the third output is computed by the draft heads"
+    assert head_params <= ancestors, "the heads' logits are computed by the draft heads"
 
 
 def test_save_load_roundtrip_and_errors(tmp_path, heads_for):
@@ -215,7 +219,6 @@ def test_tree_accepts_at_least_the_chain_from_the_same_state(heads_for):
     model, heads = heads_for("gpt2")
     chain_engine = DraftHeadsEngine(model, 6, 64, heads, compile=False)
     tree_engine = DraftHeadsEngine(model, 6, 64, heads, dx.decoding.TreeSpec.from_branching([3, 2, 1]), compile=False)
-    live = torch.ones(6, dtype=torch.bool)
     gains = []
     for seed in range(4):
         ids, mask = left_padded_batch([5, 11, 8, 6, 9, 4], seed=seed)
@@ -223,8 +226,12 @@ def test_tree_accepts_at_least_the_chain_from_the_same_state(heads_for):
         tree_engine.prefill_propose(ids, mask)
         pending = logits.argmax(-1)
         chain = torch.cat([pending[:, None], head_logits.argmax(-1)], dim=1)
-        _, chain_accepted, _, _ = chain_engine.verify_greedy(chain, live)
-        emitted, tree_accepted, _, _ = tree_engine.verify_tree(tree_engine.tree_tokens(pending, head_logits), live)
+        runs = [TokenRuns(6, 64, 8, (), 0, torch.device("cpu")) for _ in range(2)]
+        chain_accepted = greedy_step(chain_engine, chain_engine.shape, chain, runs[0], model=HEADS)[0].accepted
+        tree_verdict = greedy_step(
+            tree_engine, tree_engine.shape, tree_engine.tree_tokens(pending, head_logits), runs[1], model=HEADS
+        )[0]
+        emitted, tree_accepted = tree_verdict.tokens, tree_verdict.accepted
         assert (tree_accepted >= chain_accepted).all()
         gains.append(int((tree_accepted - chain_accepted).sum()))
         greedy = hf_greedy(model, ids, mask, 2 + K)[:, ids.shape[1] + 1 :]  # the tokens after pending

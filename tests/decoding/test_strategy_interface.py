@@ -1,0 +1,80 @@
+"""A new strategy is one proposer and one registry line: the shared loop and step do the rest.
+
+The proposer here guesses that the last token repeats ``k`` times (a chain); the shared
+step verifies it (greedy: one graph; sampling: point-mass proposals, lossless), the shared
+loop stops rows at EOS / ``max_new_tokens``. Greedy output must equal transformers'.
+"""
+
+import pytest
+import torch
+from conftest import build_model, left_padded_batch
+
+import dynexec_compile as dx
+from dynexec_compile.decoding import (
+    StepShape,
+    TokenRuns,
+    TreeSpec,
+    greedy_step,
+    register_strategy,
+    sampled_step,
+)
+from dynexec_compile.decoding.generate import _next_token, cache_length, decode_loop, get_engine
+from dynexec_compile.decoding.step import pack_prompts
+
+
+class RepeatProposer:
+    name = "repeat"
+
+    def __init__(self, engine, settings, k):
+        self.engine, self.settings, self.shape, self.width = engine, settings, StepShape.of_tree(TreeSpec.chain(k)), k + 1
+
+    def prefill(self, input_ids, attention_mask):
+        self.root = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)
+        return self.root
+
+    def step(self, runs: TokenRuns):
+        tokens = self.root[:, None].expand(-1, self.width)  # [B, k+1]: the root, then k guesses of it
+        if self.settings.sampling is None:
+            verdict, kept, _, _ = greedy_step(self.engine, self.shape, tokens, runs)
+        else:
+            verdict, kept, _ = sampled_step(self.engine, self.shape, tokens, runs, self.settings.sampling,
+                                            self.settings.generator)
+        self.root = verdict.next_token
+        return kept
+
+    def extra(self, stats):
+        return {}
+
+
+def repeat_strategy(model, input_ids, attention_mask, settings, k=3):
+    _, lengths = pack_prompts(input_ids, attention_mask)
+    engine = get_engine(model, input_ids.shape[0], cache_length(int(lengths.max()), settings.max_new_tokens, k + 1), settings)
+    return decode_loop(RepeatProposer(engine, settings, k), input_ids, attention_mask, settings)
+
+
+register_strategy("repeat", repeat_strategy)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_registered_proposer_is_greedy_exact_with_one_forward_per_step(kind):
+    model = build_model(kind)
+    ids, mask = left_padded_batch([5, 9, 7], seed=4)
+    eos = 5
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    out = dx.generate(model, ids, mask, strategy="repeat", max_new_tokens=30, eos_token_id=eos, pad_token_id=0,
+                      compile=False, k=2)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.strategy == "repeat" and out.stats.forward_passes == out.stats.steps + 1
+    assert sum(map(sum, out.stats.accepted_per_step)) + 3 == sum(out.stats.new_tokens)
+
+
+def test_a_registered_proposer_samples_reproducibly():
+    model = build_model("llama")
+    ids, mask = left_padded_batch([5, 9], seed=4)
+    runs = [
+        dx.generate(model, ids, mask, strategy="repeat", max_new_tokens=20, do_sample=True, temperature=0.7,
+                    generator=torch.Generator().manual_seed(1), eos_token_id=[], compile=False).sequences
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (2, ids.shape[1] + 20)
