@@ -38,7 +38,6 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half
 
 from dynexec_compile.decoding.cache import SlotCache
-from dynexec_compile.decoding.chain_output import ChainOutput
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
@@ -47,6 +46,7 @@ from dynexec_compile.decoding.generate import (
 )
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import check_causal_lm, pack_prompts
 from dynexec_compile.exit_heads import ExitHeads
 
@@ -211,22 +211,26 @@ def calm_strategy(
     prompt = _prompt(input_ids, attention_mask)
     decoder = CalmDecoder(model, cache_length(prompt.shape[1], settings.max_new_tokens), threshold, exit_heads)
     stats = GenerateStats(strategy="calm")
-    out = ChainOutput(1, settings, decoder.device)
+    out = TokenRuns(1, settings.max_new_tokens, 1, settings.eos_token_ids, settings.pad_token_id, decoder.device, settings.streamer)
+    if settings.streamer is not None:
+        settings.streamer.put(input_ids.cpu())
     trace = CalmTrace()
     start = time.perf_counter()
     token = decoder.prefill(prompt.to(decoder.device)).argmax(-1)  # [1]
     stats.prefill_time_s = time.perf_counter() - start
-    out.emit(token[:, None], torch.ones(1, dtype=torch.long, device=decoder.device))
+    out.keep(token[:, None], torch.ones(1, dtype=torch.long, device=decoder.device))
     start = time.perf_counter()
-    while not out.done:
+    while not out.all_done():
         logits, layers = decoder.step(token)
         token = logits.argmax(-1)  # [1]
         trace.layers.append(layers)
-        stats.accepted_per_step.append(out.emit(token[:, None], torch.ones_like(token)).tolist())
+        stats.accepted_per_step.append(out.keep(token[:, None], torch.ones_like(token)).tolist())
     stats.decode_time_s = time.perf_counter() - start
     stats.steps = len(trace.layers)
     stats.forward_passes = stats.steps + 1
-    stats.new_tokens = out.count.tolist()
+    stats.new_tokens = out.produced.tolist()
+    if settings.streamer is not None:
+        settings.streamer.end()
     stats.extra = {"threshold": decoder.threshold, "lossy": True,
                    "exit_heads": "shared" if exit_heads is None else "trained", **trace.summary(decoder.num_layers)}
     return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
