@@ -27,13 +27,11 @@ without decoder layers that gathers the kept path and proposes the next tree
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.chain_output import ChainOutput
 from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
 from dynexec_compile.decoding.draft_heads_engine import DraftHeadsEngine
 from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
@@ -42,11 +40,11 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
 )
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.step import pack_prompts, weights_fingerprint
 from dynexec_compile.decoding.verify import (
@@ -95,34 +93,35 @@ def draft_heads_strategy(
         ("draft_heads", id(heads), weights_fingerprint(heads), None if spec is None else spec.parents),
         lambda n: DraftHeadsEngine(model, batch, n, heads, spec, **engine_options(settings)),
     )
-    return _decode(engine, input_ids, attention_mask, settings)
+    return decode_loop(_HeadsProposer(engine, settings), input_ids, attention_mask, settings)
 
 
-def _decode(
-    engine: DraftHeadsEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: DecodeSettings
-) -> GenerateOutput:
-    stats = GenerateStats(strategy="draft_heads")
-    compiles0, forwards0 = compile_count(), engine.forward_passes
-    k, device, sampling = engine.num_heads, engine.device, settings.sampling
-    width = k + 1 if engine.tree is None else engine.tree.size  # tokens per verification forward
-    out = ChainOutput(input_ids.shape[0], settings, device)
-    drafted, accepted_drafts = [], []
+class _HeadsProposer:
+    """Draft heads' proposer: the heads run inside the target's verification forward."""
 
-    start = time.perf_counter()
-    logits, head_logits = engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
-    pending = _next_token(logits, settings)  # [B]
-    candidates, proposal = _propose(head_logits, settings)  # [B, k], [B, k, V] or None
-    out.emit(pending[:, None], torch.ones_like(pending))
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
+    name = "draft_heads"
 
-    start = time.perf_counter()
-    offsets = torch.arange(k + 1, device=device)
-    tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
-    if engine.tree is not None:
-        tokens = engine.tree_tokens(pending, head_logits)  # [B, T]
-    while not out.done:
-        live = ~out.finished  # [B]
+    def __init__(self, engine: DraftHeadsEngine, settings: DecodeSettings):
+        self.engine, self.settings = engine, settings
+        k = engine.num_heads
+        self.width = k + 1 if engine.tree is None else engine.tree.size  # tokens per verification forward
+        self.offsets = torch.arange(k + 1, device=engine.device)
+        self.drafted: list[torch.Tensor] = []
+        self.accepted: list[torch.Tensor] = []
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        engine = self.engine
+        logits, head_logits = engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
+        pending = _next_token(logits, self.settings)  # [B]
+        candidates, self.proposal = _propose(head_logits, self.settings)  # [B, k], [B, k, V] or None
+        self.tokens = torch.cat([pending[:, None], candidates], dim=1)  # [B, k+1]
+        if engine.tree is not None:
+            self.tokens = engine.tree_tokens(pending, head_logits)  # [B, T]
+        return pending
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        engine, settings, sampling, tokens = self.engine, self.settings, self.settings.sampling, self.tokens
+        live = ~runs.done  # [B]
         if engine.tree is not None and sampling is None:  # one graph: verify the tree, keep the best path, propose
             emitted, accepted, _, tokens = engine.verify_tree(tokens, live)  # [B, D+1], [B], _, [B, T]
         elif engine.tree is not None:
@@ -134,38 +133,33 @@ def _decode(
         elif sampling is None:  # one graph: verify, accept, commit, propose
             emitted, accepted, _, tokens = engine.verify_greedy(tokens, live)  # [B, k+1], [B], _, [B, k+1]
         else:
-            positions = engine.lengths[:, None] + offsets  # [B, k+1]
+            positions = engine.lengths[:, None] + self.offsets  # [B, k+1]
             mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
-            verdict, head_all = _verify_sampled(engine, tokens, positions, mask, proposal, settings)
+            verdict, head_all = _verify_sampled(engine, tokens, positions, mask, self.proposal, settings)
             accepted, emitted = verdict.accepted, verdict.tokens
             engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted candidates, in place
-            rows = torch.arange(tokens.shape[0], device=device)
-            candidates, proposal = _propose(head_all[rows, accepted], settings)  # the heads at the last kept position
+            rows = torch.arange(tokens.shape[0], device=engine.device)
+            candidates, self.proposal = _propose(head_all[rows, accepted], settings)  # the heads at the last kept position
             tokens = torch.cat([verdict.next_token[:, None], candidates], dim=1)
-        kept = out.emit(emitted, accepted + 1)
-        drafted.append(torch.where(live, width - 1, 0).tolist())
-        accepted_drafts.append(torch.where(live, accepted, 0).tolist())
-        stats.accepted_per_step.append(kept.tolist())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
+        self.tokens = tokens
+        self.drafted.append(torch.where(live, self.width - 1, 0))
+        self.accepted.append(torch.where(live, accepted, 0))
+        return runs.keep(emitted, accepted + 1)
 
-    stats.steps = len(drafted)
-    stats.new_tokens = out.count.tolist()
-    stats.forward_passes = engine.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    stats.extra = {
-        "num_draft": width - 1,
-        "tree": None if engine.tree is None else list(engine.tree.parents),
-        **acceptance_stats(drafted, accepted_drafts),
-        "target_forwards": stats.forward_passes,
-        "draft_forwards": 0,  # the heads run inside the target's forward (tree sampling: in keep_path's graph)
-        # token x layer evaluations per row in the decoding steps (prefill not counted):
-        # every step runs all L layers on its k + 1 (chain) or T (tree) tokens; heads: one block each
-        "target_layer_evals": stats.steps * engine.stack.num_layers * width,
-        "draft_layer_evals": 0,
-        "draft_head_evals": stats.steps * k * (1 if sampling is None or engine.tree is not None else k + 1),
-    }
-    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        engine, width, k = self.engine, self.width, self.engine.num_heads
+        return {
+            "num_draft": width - 1,
+            "tree": None if engine.tree is None else list(engine.tree.parents),
+            **acceptance_stats(self.drafted, self.accepted),
+            "target_forwards": stats.forward_passes,
+            "draft_forwards": 0,  # the heads run inside the target's forward (tree sampling: in keep_path's graph)
+            # token x layer evaluations per row in the decoding steps (prefill not counted):
+            # every step runs all L layers on its k + 1 (chain) or T (tree) tokens; heads: one block each
+            "target_layer_evals": stats.steps * engine.stack.num_layers * width,
+            "draft_layer_evals": 0,
+            "draft_head_evals": stats.steps * k * (1 if self.settings.sampling is None or engine.tree is not None else k + 1),
+        }
 
 
 def _propose(head_logits: torch.Tensor, settings: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 from dynexec_compile.decoding.step import (
     Backend,
@@ -109,6 +110,7 @@ class DecodeSettings:
     mode: str | None
     options: dict[str, Any] | None
     cuda_graphs: bool | None
+    streamer: Any = None
 
 
 Strategy = Callable[..., GenerateOutput]
@@ -141,6 +143,7 @@ def generate(
     mode: str | None = None,
     compile_options: dict[str, Any] | None = None,
     cuda_graphs: bool | None = None,
+    streamer: Any = None,
     **strategy_options: Any,
 ) -> GenerateOutput:
     """Decode ``max_new_tokens`` tokens per row with a compiled, static-cache step.
@@ -169,6 +172,10 @@ def generate(
         backend, mode, compile_options: passed to ``torch.compile``.
         cuda_graphs: capture the step as a CUDA graph (``None``: on when the model is on CUDA
             and the cache is static).
+        streamer: an object with transformers' ``BaseStreamer`` protocol (``TextStreamer``,
+            ``TextIteratorStreamer``, ...), batch 1 only: ``put(input_ids)`` once, then
+            ``put(tokens)`` (1-D) with the tokens each step keeps, in order (several per step
+            for multi-token strategies; nothing after EOS, no padding), then ``end()``.
         **strategy_options: options of the chosen strategy (e.g. ``window=`` for lookahead).
 
     Returns:
@@ -188,6 +195,14 @@ def generate(
         if do_sample is False:
             raise ValueError("strategy='sample' with do_sample=False: use strategy='greedy' for argmax decoding")
         do_sample = True
+    if streamer is not None:
+        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise TypeError(f"streamer must have put() and end() (transformers' BaseStreamer), got {type(streamer).__name__}")
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise ValueError(
+                f"streamer= streams one sequence: input_ids must be [1, L], got shape {tuple(input_ids.shape)}; "
+                "generate the batch without a streamer"
+            )
     eos_ids = _eos_ids(model, eos_token_id)
     settings = DecodeSettings(
         max_new_tokens=_check_max_new_tokens(max_new_tokens),
@@ -201,6 +216,7 @@ def generate(
         mode=mode,
         options=compile_options,
         cuda_graphs=cuda_graphs,
+        streamer=streamer,
     )
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
 
@@ -236,74 +252,72 @@ def compile_count() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-# ---- plain decoding (greedy / sample) --------------------------------------------------
+# ---- the shared loop -------------------------------------------------------------------
 
 
-def _plain(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: DecodeSettings,
-    **options: Any,
+class Proposer(Protocol):
+    """One decoding strategy as :func:`decode_loop` runs it.
+
+    Attributes:
+        name: the strategy's name (``stats.strategy``).
+        engine: the target's engine; its ``forward_passes`` are the ones counted.
+        width: the most tokens one step keeps per row.
+    """
+
+    name: str
+    engine: Any
+    width: int
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Fill the caches with the prompts; each row's first generated token ``[B]``."""
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        """One decoding step: guess, verify, commit, keep the accepted tokens in ``runs``
+        (rows ``runs.done`` keep nothing). Returns the tokens kept per row ``[B]``."""
+
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        """The strategy's own figures for ``stats.extra``."""
+
+
+def decode_loop(
+    proposer: Proposer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: DecodeSettings
 ) -> GenerateOutput:
-    if options:
-        raise TypeError(f"greedy/sample decoding takes no options {sorted(options)}")
-    strategy = "greedy" if settings.sampling is None else "sample"
-    if settings.cache == "dynamic":
-        decoder = _DynamicDecoder(model, settings)
-    else:
-        _, lengths = pack_prompts(input_ids, attention_mask)
-        max_len = cache_length(int(lengths.max()), settings.max_new_tokens)
-        decoder = get_engine(model, input_ids.shape[0], max_len, settings)
-    return _plain_loop(decoder, input_ids, attention_mask, settings, strategy)
+    """Prefill, then step until every row stopped (EOS or ``max_new_tokens``); one output type.
 
-
-def _plain_loop(
-    decoder: DecodeEngine | _DynamicDecoder,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: DecodeSettings,
-    strategy: str,
-) -> GenerateOutput:
-    """One token per row per forward, stopping rows at EOS the way ``model.generate`` does."""
-    stats = GenerateStats(strategy=strategy)
-    compiles0, forwards0 = compile_count(), decoder.forward_passes
-    batch, device = input_ids.shape[0], decoder.device
-    new = torch.empty(batch, settings.max_new_tokens, dtype=torch.long, device=device)  # [B, N]
-    live = torch.ones(settings.max_new_tokens, batch, dtype=torch.bool, device=device)  # [N, B] before each token
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)  # [E]
-    stop_on_eos = eos.numel() > 0
-
-    def emit(logits: torch.Tensor, count: int) -> torch.Tensor:
-        # logits: [B, V] -> token: [B], written as new token number `count`
-        token = _next_token(logits, settings)
-        if stop_on_eos:
-            token = torch.where(finished, settings.pad_token_id, token)
-            finished.logical_or_(torch.isin(token, eos))
-        new[:, count] = token
-        return token
+    Every strategy runs this loop: the stop rule, the streamer (the prompt first, then each
+    step's kept tokens, then ``end()``), the timings and the shared statistics live here.
+    """
+    engine, streamer = proposer.engine, settings.streamer
+    stats = GenerateStats(strategy=proposer.name)
+    compiles0, forwards0 = compile_count(), engine.forward_passes
+    batch, device = input_ids.shape[0], engine.device
+    runs = TokenRuns(
+        batch, settings.max_new_tokens, proposer.width, settings.eos_token_ids, settings.pad_token_id, device, streamer
+    )
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
 
     start = time.perf_counter()
-    token = emit(decoder.prefill(input_ids, attention_mask), 0)
+    first = proposer.prefill(input_ids, attention_mask)  # [B]
+    runs.keep(first[:, None], torch.ones_like(first))
     _synchronize(device)
     stats.prefill_time_s = time.perf_counter() - start
     start = time.perf_counter()
-    count = 1
-    while count < settings.max_new_tokens and not (stop_on_eos and bool(finished.all())):
-        live[count] = ~finished
-        token = emit(decoder.decode(token), count)
-        count += 1
+    kept = []
+    while not runs.all_done():
+        kept.append(proposer.step(runs))  # [B] each, read once at the end
     _synchronize(device)
     stats.decode_time_s = time.perf_counter() - start
 
-    stats.steps = count - 1
-    stats.accepted_per_step = live[1:count].long().tolist()
-    stats.new_tokens = _generated_per_row(new[:, :count], eos)
-    stats.forward_passes = decoder.forward_passes - forwards0
+    stats.steps = len(kept)
+    stats.accepted_per_step = torch.stack(kept).tolist() if kept else []
+    stats.new_tokens = runs.produced.tolist()
+    stats.forward_passes = engine.forward_passes - forwards0
     stats.compiles = compile_count() - compiles0
-    sequences = torch.cat([input_ids.to(device), new[:, :count]], dim=1)
-    return GenerateOutput(sequences=sequences, stats=stats)
+    stats.extra = proposer.extra(stats)
+    if streamer is not None:
+        streamer.end()
+    return GenerateOutput(sequences=runs.sequences(input_ids), stats=stats)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -318,13 +332,46 @@ def _next_token(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
     return draw(sampling_probs(logits, settings.sampling), settings.generator)
 
 
-def _generated_per_row(new: torch.Tensor, eos: torch.Tensor) -> list[int]:
-    """Tokens each row generated: up to and including its first EOS, else all."""
-    if eos.numel() == 0 or new.shape[1] == 0:
-        return [new.shape[1]] * new.shape[0]
-    is_eos = torch.isin(new, eos)  # [B, n]
-    first = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, new.shape[1])
-    return first.tolist()
+# ---- plain decoding (greedy / sample) --------------------------------------------------
+
+
+def _plain(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    **options: Any,
+) -> GenerateOutput:
+    if options:
+        raise TypeError(f"greedy/sample decoding takes no options {sorted(options)}")
+    if settings.cache == "dynamic":
+        decoder = _DynamicDecoder(model, settings)
+    else:
+        _, lengths = pack_prompts(input_ids, attention_mask)
+        max_len = cache_length(int(lengths.max()), settings.max_new_tokens)
+        decoder = get_engine(model, input_ids.shape[0], max_len, settings)
+    return decode_loop(_PlainProposer(decoder, settings), input_ids, attention_mask, settings)
+
+
+class _PlainProposer:
+    """One token per row per forward: nothing guessed, nothing to verify."""
+
+    width = 1
+
+    def __init__(self, engine: DecodeEngine | _DynamicDecoder, settings: DecodeSettings):
+        self.engine, self.settings = engine, settings
+        self.name = "greedy" if settings.sampling is None else "sample"
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self.token = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        return self.token
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        self.token = _next_token(self.engine.decode(self.token), self.settings)  # [B]
+        return runs.keep(self.token[:, None], torch.ones_like(self.token))
+
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        return {}
 
 
 class _DynamicDecoder:

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +66,8 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
     get_engine,
     register_strategy,
 )
@@ -315,37 +313,13 @@ def lookahead_decode(
             f"lookahead: the engine's cache ({engine.max_len} slots) cannot hold prompt + max_new_tokens + "
             f"{config.step_tokens} step tokens; build it with cache_length(..., reserve={config.step_tokens})"
         )
-    stats = GenerateStats(strategy="lookahead")
-    compiles0, forwards0 = compile_count(), engine.forward_passes
-    decoder = _LookaheadState(engine, config, settings, packed, lengths)
-
-    start = time.perf_counter()
-    decoder.start(input_ids, attention_mask)
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
-    start = time.perf_counter()
-    while not decoder.runs.all_done():
-        stats.accepted_per_step.append(decoder.step())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
-
-    stats.steps = len(stats.accepted_per_step)
-    stats.new_tokens = decoder.runs.produced.tolist()
-    stats.forward_passes = engine.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    stats.extra = {
-        "window": config.window,
-        "ngram": config.ngram,
-        "guesses": config.guesses,
-        "prompt_lookup": config.prompt_lookup,
-        "step_tokens": config.step_tokens,
-        "guesses_per_step": decoder.guesses_per_step,
-    }
-    return GenerateOutput(sequences=decoder.runs.sequences(input_ids), stats=stats)
+    return decode_loop(_LookaheadState(engine, config, settings, packed, lengths), input_ids, attention_mask, settings)
 
 
 class _LookaheadState:
-    """The loop's state between steps: current tokens, Jacobi window, pools, output runs."""
+    """Lookahead's proposer: current tokens, Jacobi window and n-gram pools between steps."""
+
+    name = "lookahead"
 
     def __init__(
         self,
@@ -368,9 +342,7 @@ class _LookaheadState:
         self.window_index = layout.window.to(device)  # [N-1, W]
         self.candidate_index = layout.candidates.to(device)  # [G, N-1]
         self.candidate_columns = layout.candidates.tolist()  # the same, for building tries
-        self.runs = TokenRuns(
-            packed.shape[0], settings.max_new_tokens, config.ngram, settings.eos_token_ids, settings.pad_token_id, device
-        )
+        self.width = config.ngram
         self.window = _initial_window(packed, lengths, config)  # [B, N-1, W]
         self.filled = 1  # window levels that hold Jacobi iterates (the rest: prompt tokens)
         prompts = [row[:n] for row, n in zip(packed.tolist(), lengths.tolist(), strict=True)]
@@ -381,20 +353,29 @@ class _LookaheadState:
         self.token = torch.zeros(packed.shape[0], dtype=torch.long, device=device)  # [B] current token
         self.guesses_per_step: list[list[int]] = []
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Prefill the prompts and keep each row's first token."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Prefill the prompts; each row's first token."""
         self.token = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
-        ones = torch.ones_like(self.token)
-        self.runs.keep(self.token[:, None], ones)
-        self._extend_texts(self.token[:, None], ones)
+        self._extend_texts(self.token[:, None], torch.ones_like(self.token))
+        return self.token
 
-    def step(self) -> list[int]:
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        config = self.config
+        return {
+            "window": config.window,
+            "ngram": config.ngram,
+            "guesses": config.guesses,
+            "prompt_lookup": config.prompt_lookup,
+            "step_tokens": config.step_tokens,
+            "guesses_per_step": self.guesses_per_step,
+        }
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
         """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
         guesses = self._guesses()
         candidates, valid = self._candidate_tensors(guesses)  # [B, G, N-1], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
         if self.settings.sampling is None:
-            runs = self.runs
             predicted, run, kept, hit = self.engine.run_graph(
                 "lookahead_greedy", _greedy_step_graph,
                 tokens, self.offsets, self.last_position, self.visible, self.candidate_index, valid,
@@ -403,17 +384,17 @@ class _LookaheadState:
             )  # [B, T], [B, N], [B], [B]
             runs.append(run, kept, hit)
         else:
-            predicted, run, kept = self._sampled_step(tokens, guesses)
+            predicted, run, kept = self._sampled_step(tokens, guesses, runs)
         last = run.gather(1, (kept - 1).clamp(min=0)[:, None])[:, 0]  # [B]
         self.token = torch.where(kept > 0, last, self.token)
 
         self._advance_window(predicted)
         self._extend_texts(run, kept)
         self.guesses_per_step.append(valid.sum(dim=1).tolist())
-        return kept.tolist()
+        return kept
 
     def _sampled_step(
-        self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]]
+        self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]], runs: TokenRuns
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step with lossless sampling: the forward, then rejection sampling on the host
         (random draws), then the commit. Returns ``(predicted [B, T], run [B, A], kept [B])``."""
@@ -421,7 +402,7 @@ class _LookaheadState:
         slots, positions, mask = _step_inputs(engine, self.offsets, self.last_position, self.visible)
         logits = engine.step(tokens, positions, mask, slots)  # [B, T, V]
         run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
-        kept = self.runs.keep(run, accepted + 1)  # [B], 0 for finished rows
+        kept = runs.keep(run, accepted + 1)  # [B], 0 for finished rows
         # cache surgery: keep the current token and the accepted candidate tokens, in order
         engine.commit(kept, run_slots)
         return logits.argmax(dim=-1), run, kept

@@ -1,13 +1,17 @@
-"""Generated tokens when a step keeps a run of several tokens per row.
+"""The generated tokens of every strategy: one output buffer, one stop rule, one stream.
 
-Why a class of its own: lookahead and draft-and-verify steps accept a different number of
-tokens per row, and the run a row keeps must still stop exactly where ``model.generate``
-would: at the row's first EOS (EOS included, ``pad_token_id`` after it) and at
-``max_new_tokens``, never past them. The plain one-token loop in ``generate.py`` keeps its own
-leaner bookkeeping; the semantics are the same.
+Why one class: a step keeps a different number of tokens per row (one for plain decoding,
+``1 .. k + 1`` for lookahead and draft-and-verify), and the run a row keeps must still stop
+exactly where ``model.generate`` would: at the row's first EOS (EOS included,
+``pad_token_id`` after it) and at ``max_new_tokens``, never past them. Every strategy's
+tokens go through :meth:`TokenRuns.keep` (or :meth:`TokenRuns.append` for counts a compiled
+step already cut with :func:`stop_counts`), so the stop rule and the streamer see the same
+tokens for all of them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -22,6 +26,9 @@ class TokenRuns:
         eos_token_ids: a row stops after the first of these it keeps; empty: never.
         pad_token_id: fills a row after its EOS (``None`` only when there is no EOS).
         device: where the buffers live.
+        streamer: an object with transformers' ``BaseStreamer`` protocol (``put``, ``end``);
+            batch 1 only. Each :meth:`append` puts the tokens the row kept (1-D, never past
+            its EOS, never padding); the caller puts the prompt first and calls ``end``.
 
     Attributes:
         produced: ``[B]`` tokens kept so far per row (EOS included).
@@ -36,7 +43,10 @@ class TokenRuns:
         eos_token_ids: tuple[int, ...],
         pad_token_id: int | None,
         device: torch.device,
+        streamer: Any = None,
     ):
+        if streamer is not None and batch_size != 1:
+            raise ValueError(f"streamer= streams one sequence (batch size 1), got a batch of {batch_size} rows")
         if eos_token_ids and pad_token_id is None:
             raise ValueError("TokenRuns: rows that stop at EOS need a pad_token_id to fill them")
         fill = 0 if pad_token_id is None else pad_token_id
@@ -47,6 +57,7 @@ class TokenRuns:
         self.eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)  # [E]
         self.limit = torch.tensor(max_new_tokens, dtype=torch.long, device=device)  # 0-d, for traced code
         self._offsets = torch.arange(width, device=device)  # [K]
+        self.streamer = streamer
 
     @property
     def done(self) -> torch.Tensor:
@@ -78,6 +89,10 @@ class TokenRuns:
         kept = torch.where(offsets < counts[:, None], run, self.new.gather(1, index))
         self.new.scatter_(1, index, kept)
         self.produced += counts
+        if self.streamer is not None:
+            count = int(counts[0])
+            if count:
+                self.streamer.put(run[0, :count].cpu())
 
     def sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L + n]``: the prompts as given, then the generated tokens; ``n`` is the longest

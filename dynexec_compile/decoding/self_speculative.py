@@ -35,7 +35,6 @@ the target's mass.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.chain_output import ChainOutput
 from dynexec_compile.decoding.draft_heads import _batches, fit_heads
 from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.generate import (
@@ -52,12 +50,12 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
 )
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.self_speculative_engine import SelfSpeculativeEngine
 from dynexec_compile.decoding.step import check_causal_lm, pack_prompts, weights_fingerprint
@@ -123,7 +121,7 @@ def self_speculative_strategy(
         ("self_speculative", exit_layer, head_key, None if spec is None else spec.parents),
         lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, spec, **engine_options(settings)),
     )
-    return _decode(engine, input_ids, attention_mask, settings, width - 1)
+    return decode_loop(_SelfProposer(engine, settings, width - 1), input_ids, attention_mask, settings)
 
 
 def _exit_head(
@@ -169,73 +167,62 @@ class _TokenwiseHead(nn.Module):
         return self.head.classify(h)
 
 
-def _decode(
-    engine: SelfSpeculativeEngine,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: DecodeSettings,
-    k: int,
-) -> GenerateOutput:
-    stats = GenerateStats(strategy="self_speculative")
-    compiles0, forwards0 = compile_count(), engine.forward_passes
-    layer_tokens0 = list(engine.layer_tokens)
-    device = engine.device
-    out = ChainOutput(input_ids.shape[0], settings, device)
-    drafted, accepted_drafts = [], []
+class _SelfProposer:
+    """Self-speculation's proposer: the model's first ``E`` layers draft, the rest verify."""
 
-    start = time.perf_counter()
-    pending = _next_token(engine.prefill(input_ids, attention_mask), settings)  # [B]
-    out.emit(pending[:, None], torch.ones_like(pending))
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
+    name = "self_speculative"
 
-    start = time.perf_counter()
-    offsets = torch.arange(k + 1, device=device)
-    while not out.done:
-        live = ~out.finished  # [B]
+    def __init__(self, engine: SelfSpeculativeEngine, settings: DecodeSettings, k: int):
+        self.engine, self.settings, self.k, self.width = engine, settings, k, k + 1
+        self.offsets = torch.arange(k + 1, device=engine.device)
+        self.layer_tokens0 = list(engine.layer_tokens)
+        self.drafted: list[torch.Tensor] = []
+        self.accepted: list[torch.Tensor] = []
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self.pending = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        return self.pending
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        engine, settings, k = self.engine, self.settings, self.k
+        live = ~runs.done  # [B]
         if engine.tree is not None:
-            emitted, accepted, pending = _tree_step(engine, pending, live, settings)  # [B, D+1], [B], [B]
+            emitted, accepted, self.pending = _tree_step(engine, self.pending, live, settings)  # [B, D+1], [B], [B]
         elif settings.sampling is None:  # the whole step is one graph, commit included
-            emitted, accepted = engine.step_greedy(pending, live, k)  # [B, k+1], [B]
-            pending = emitted.gather(1, accepted[:, None])[:, 0]
+            emitted, accepted = engine.step_greedy(self.pending, live, k)  # [B, k+1], [B]
+            self.pending = emitted.gather(1, accepted[:, None])[:, 0]
         else:
-            tokens, hidden, proposal = _draft_chain(engine, pending, k, settings)  # [B, k+1], [B, k, D]
-            positions = engine.lengths[:, None] + offsets  # [B, k+1]
+            tokens, hidden, proposal = _draft_chain(engine, self.pending, k, settings)  # [B, k+1], [B, k, D]
+            positions = engine.lengths[:, None] + self.offsets  # [B, k+1]
             mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
             logits = engine.verify(hidden, tokens[:, -1:], positions, mask)  # [B, k+1, V]
             verdict = verify(TreeSpec.chain(k), tokens, logits, proposal, settings.sampling, settings.generator)
-            accepted, emitted, pending = verdict.accepted, verdict.tokens, verdict.next_token
+            accepted, emitted, self.pending = verdict.accepted, verdict.tokens, verdict.next_token
             engine.commit(torch.where(live, accepted + 1, 0))  # pending + accepted drafts, in place
-        kept = out.emit(emitted, accepted + 1)
-        drafted.append(torch.where(live, k, 0).tolist())
-        accepted_drafts.append(torch.where(live, accepted, 0).tolist())
-        stats.accepted_per_step.append(kept.tolist())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
+        self.drafted.append(torch.where(live, k, 0))
+        self.accepted.append(torch.where(live, accepted, 0))
+        return runs.keep(emitted, accepted + 1)
 
-    stats.steps = len(drafted)
-    stats.new_tokens = out.count.tolist()
-    stats.forward_passes = engine.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    layer_tokens = [a - b for a, b in zip(engine.layer_tokens, layer_tokens0)]
-    exit_layer, tree = engine.exit_layer, engine.tree
-    # the draft reads k tokens (a tree: the nodes above its deepest level) in D passes; the
-    # verification runs layers < E on the rest (the last draft / the deepest level) and
-    # layers >= E on all k + 1 — no token runs a layer twice
-    unread = 1 if tree is None else engine.tree_leaves
-    stats.extra = {
-        "num_draft": k,
-        "tree": None if tree is None else list(tree.parents),
-        "exit_layer": exit_layer,
-        **acceptance_stats(drafted, accepted_drafts),
-        "target_forwards": stats.forward_passes,
-        "draft_forwards": stats.steps * (k if tree is None else tree.max_depth),
-        # token x layer evaluations per row in the decoding steps (prefill not counted)
-        "draft_layer_evals": stats.steps * exit_layer * (k + 1 - unread),
-        "target_layer_evals": stats.steps * (exit_layer * unread + (engine.stack.num_layers - exit_layer) * (k + 1)),
-        "layer_tokens": layer_tokens,
-    }
-    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        engine, k = self.engine, self.k
+        layer_tokens = [a - b for a, b in zip(engine.layer_tokens, self.layer_tokens0)]
+        exit_layer, tree = engine.exit_layer, engine.tree
+        # the draft reads k tokens (a tree: the nodes above its deepest level) in D passes; the
+        # verification runs layers < E on the rest (the last draft / the deepest level) and
+        # layers >= E on all k + 1 — no token runs a layer twice
+        unread = 1 if tree is None else engine.tree_leaves
+        return {
+            "num_draft": k,
+            "tree": None if tree is None else list(tree.parents),
+            "exit_layer": exit_layer,
+            **acceptance_stats(self.drafted, self.accepted),
+            "target_forwards": stats.forward_passes,
+            "draft_forwards": stats.steps * (k if tree is None else tree.max_depth),
+            # token x layer evaluations per row in the decoding steps (prefill not counted)
+            "draft_layer_evals": stats.steps * exit_layer * (k + 1 - unread),
+            "target_layer_evals": stats.steps * (exit_layer * unread + (engine.stack.num_layers - exit_layer) * (k + 1)),
+            "layer_tokens": layer_tokens,
+        }
 
 
 def _tree_step(

@@ -23,7 +23,6 @@ of a depth-``D`` node that no draft query of that step reads).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Protocol
 
 import torch
@@ -34,13 +33,13 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _next_token,
-    _synchronize,
     cache_length,
-    compile_count,
+    decode_loop,
     get_engine,
     register_strategy,
 )
 from dynexec_compile.decoding.masks import step_mask
+from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
 from dynexec_compile.decoding.verify import (
@@ -229,90 +228,56 @@ def draft_verify_loop(
     or after ``max_new_tokens``; stopped rows keep running in the fixed-shape batch but
     commit nothing.
     """
-    stats = GenerateStats(strategy=strategy)
-    compiles0, forwards0 = compile_count(), target.forward_passes
-    draft_forwards0, draft_evals0 = drafter.forwards, drafter.layer_evals
-    batch, device = input_ids.shape[0], target.device
-    limit, width = settings.max_new_tokens, tree.max_depth + 1
-    pad = 0 if settings.pad_token_id is None else settings.pad_token_id
-    new = torch.full((batch, limit + width + 1), pad, dtype=torch.long, device=device)  # last column: dump
-    eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)  # [E]
-    visible = tree.visible(device)  # [T, T]
-    offsets = torch.arange(width, device=device)[None, :]  # [1, D + 1]
+    return decode_loop(DraftVerify(target, drafter, tree, settings, strategy), input_ids, attention_mask, settings)
 
-    start = time.perf_counter()
-    root = _next_token(target.prefill(input_ids, attention_mask), settings)  # [B]
-    drafter.prefill(input_ids, attention_mask)
-    new[:, 0] = root
-    emitted = torch.ones(batch, dtype=torch.long, device=device)  # [B] tokens written per row
-    finished = torch.isin(root, eos)  # [B]
-    _synchronize(device)
-    stats.prefill_time_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    drafted, accepted, kept_per_step = [], [], []
-    while True:
-        keep = ~finished & (emitted < limit)  # [B] rows still generating
-        if not bool(keep.any()):
-            break
-        tokens, probs = drafter.propose(root, target.lengths, tree, settings.sampling, settings.generator)
+class DraftVerify:
+    """The :class:`~dynexec_compile.decoding.generate.Proposer` of a :class:`Drafter`: it
+    proposes a candidate tree, the target verifies it in one forward (greedy: one graph with
+    the verification and the commit, :func:`verify_step_greedy`)."""
+
+    def __init__(self, target: DecodeEngine, drafter: Drafter, tree: TreeSpec, settings: DecodeSettings, name: str):
+        self.engine, self.drafter, self.tree, self.settings, self.name = target, drafter, tree, settings, name
+        self.width = tree.max_depth + 1
+        self.drafted: list[torch.Tensor] = []
+        self.accepted: list[torch.Tensor] = []
+        self._forwards0, self._evals0 = drafter.forwards, drafter.layer_evals
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self.root = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        self.drafter.prefill(input_ids, attention_mask)
+        return self.root
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        target, tree, settings = self.engine, self.tree, self.settings
+        keep = ~runs.done  # [B] rows still generating
+        tokens, probs = self.drafter.propose(self.root, target.lengths, tree, settings.sampling, settings.generator)
         if settings.sampling is None:  # the one target forward, verification and commit: one graph
             verdict = verify_step_greedy(target, tree, tokens, keep)
         else:  # rejection sampling draws on the host between the forward and the commit
             positions, slots = tree_positions(tree, target.lengths)  # [B, T] each
-            mask = step_mask(target.lengths, slots, visible, target.max_len, target.cache.dtype)
+            mask = step_mask(target.lengths, slots, tree.visible(target.device), target.max_len, target.cache.dtype)
             logits = target.step(tokens, positions, mask, slots)  # [B, T, V]: the one target forward
             verdict = verify(tree, tokens, logits, probs, settings.sampling, settings.generator)
             commit_verdict(target, tree, verdict, keep)
-        drafter.accept(verdict, keep)
+        self.drafter.accept(verdict, keep)
+        self.root = torch.where(keep, verdict.next_token, self.root)
+        self.drafted.append(keep.long() * tree.num_draft)
+        self.accepted.append(torch.where(keep, verdict.accepted, 0))
+        return runs.keep(verdict.tokens, verdict.emitted)
 
-        # tokens this step keeps: up to the first EOS and the max_new_tokens limit
-        is_eos = torch.isin(verdict.tokens, eos) & (offsets < verdict.emitted[:, None])  # [B, D + 1]
-        upto_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, verdict.emitted)
-        kept = torch.where(keep, torch.minimum(upto_eos, limit - emitted), 0)  # [B]
-        columns = torch.where(offsets < kept[:, None], emitted[:, None] + offsets, new.shape[1] - 1)
-        new.scatter_(1, columns, verdict.tokens)
-        finished |= keep & is_eos.any(dim=1) & (upto_eos <= kept)
-        emitted += kept
-        root = torch.where(keep, verdict.next_token, root)
-        drafted.append((keep.long() * tree.num_draft).tolist())
-        accepted.append(torch.where(keep, verdict.accepted, 0).tolist())
-        kept_per_step.append(kept.tolist())
-    _synchronize(device)
-    stats.decode_time_s = time.perf_counter() - start
-
-    count = int(emitted.max())
-    stats.steps = len(kept_per_step)
-    stats.accepted_per_step = kept_per_step
-    stats.new_tokens = emitted.tolist()
-    stats.forward_passes = target.forward_passes - forwards0
-    stats.compiles = compile_count() - compiles0
-    stats.extra = _extra_stats(stats, target, drafter, tree, drafted, accepted, draft_forwards0, draft_evals0)
-    sequences = torch.cat([input_ids.to(device), new[:, :count]], dim=1)
-    return GenerateOutput(sequences=sequences, stats=stats)
-
-
-def _extra_stats(
-    stats: GenerateStats,
-    target: DecodeEngine,
-    drafter: Drafter,
-    tree: TreeSpec,
-    drafted: list[list[int]],
-    accepted: list[list[int]],
-    draft_forwards0: int,
-    draft_evals0: int,
-) -> dict[str, Any]:
-    target_layers = target.model.config.get_text_config(decoder=True).num_hidden_layers
-    return {
-        "tree": list(tree.parents),
-        "num_draft": tree.num_draft,
-        **acceptance_stats(drafted, accepted),
-        "target_forwards": stats.forward_passes,
-        "draft_forwards": drafter.forwards - draft_forwards0,
-        # token x layer evaluations per row in the decoding steps (prefill not counted)
-        "target_layer_evals": stats.steps * tree.size * target_layers,
-        "draft_layer_evals": drafter.layer_evals - draft_evals0,
-    }
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        target_layers = self.engine.model.config.get_text_config(decoder=True).num_hidden_layers
+        return {
+            "tree": list(self.tree.parents),
+            "num_draft": self.tree.num_draft,
+            **acceptance_stats(self.drafted, self.accepted),
+            "target_forwards": stats.forward_passes,
+            "draft_forwards": self.drafter.forwards - self._forwards0,
+            # token x layer evaluations per row in the decoding steps (prefill not counted)
+            "target_layer_evals": stats.steps * self.tree.size * target_layers,
+            "draft_layer_evals": self.drafter.layer_evals - self._evals0,
+        }
 
 
 def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> None:

@@ -499,15 +499,17 @@ def point_mass_probs(tree: TreeSpec, tokens: torch.Tensor, vocab: int) -> torch.
     return probs * (~repeats)[:, :, None]
 
 
-def acceptance_stats(drafted: list[list[int]], accepted: list[list[int]]) -> dict[str, Any]:
+def acceptance_stats(drafted: list[torch.Tensor], accepted: list[torch.Tensor]) -> dict[str, Any]:
     """The ``stats.extra`` entries every draft-and-verify strategy reports, from per-step,
-    per-row counts of drafted and accepted tokens (0 for rows that had finished)."""
-    total_drafted = sum(map(sum, drafted))
-    total_accepted = sum(map(sum, accepted))
-    live_steps = sum(n > 0 for step in drafted for n in step)
+    per-row counts ``[B]`` of drafted and accepted tokens (0 for rows that had finished)."""
+    drafted_rows = torch.stack(drafted).tolist() if drafted else []
+    accepted_rows = torch.stack(accepted).tolist() if accepted else []
+    total_drafted = sum(map(sum, drafted_rows))
+    total_accepted = sum(map(sum, accepted_rows))
+    live_steps = sum(n > 0 for step in drafted_rows for n in step)
     return {
-        "drafted_per_step": drafted,
-        "accepted_drafts_per_step": accepted,
+        "drafted_per_step": drafted_rows,
+        "accepted_drafts_per_step": accepted_rows,
         "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
         "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
     }
