@@ -284,7 +284,6 @@ def _decode(
     sampling = {"temperature": gc.temperature, "top_k": gc.top_k or None, "top_p": gc.top_p} if gc.do_sample else {}
     if stop is not None and streamer is not None:
         streamer = _StopStringStreamer(streamer, stop)
-    stream = {"streamer": streamer} if streamer is not None else {}
     out = dx_generate(
         model,
         input_ids,
@@ -299,7 +298,7 @@ def _decode(
         compile=decoding.compile,
         backend=lowering,
         mode=decoding.mode,
-        **stream,
+        streamer=streamer,
         **options,
     )
     sequences = out.sequences
