@@ -6,7 +6,13 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.calibrate import Calibration, calibrate_threshold
-from dynexec_compile.config import DecodingConfig, DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
+from dynexec_compile.config import (
+    DecodingConfig,
+    DynexecConfig,
+    EarlyExitConfig,
+    ElasticConfig,
+    parse_options,
+)
 from dynexec_compile.decoding import (
     DecodeEngine,
     DraftHeads,

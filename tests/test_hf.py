@@ -383,3 +383,40 @@ def test_compile_refuses_forward_only_options(lm):
     compiled = torch.compile(lm, backend="dynexec", options={"early_exit": {}, "decoding": {}})
     with pytest.raises(NotImplementedError, match="early_exit"):
         dx.wrap_generate(compiled)
+
+
+# ---- dynexec generate ----------------------------------------------------------------------------
+
+
+def test_cli_generate_streams_the_answer_and_prints_its_speed(demo, capsys):
+    from dynexec_compile.cli import console_main
+    from dynexec_compile.models import demo_lm_path
+
+    model, tok = demo
+    text = "def parse_args(argv):\n"
+    argv = ["generate", str(demo_lm_path()), "--prompt", text, "--strategy", "lookahead", "--ngram", "4",
+            "--max-new-tokens", "24", "--no-compile"]
+    assert console_main(argv) == 0
+    printed = capsys.readouterr().out
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    ref = model.generate(input_ids=ids, max_new_tokens=24)
+    answer = tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+    streamed, _, summary = printed.rpartition("\n[lookahead] ")
+    assert streamed.rstrip("\n") == answer.rstrip("\n")
+    assert "24 tokens" in summary and "tokens per forward" in summary and "tokens/s" in summary
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--chat"], "has no chat template"),
+        (["--strategy", "greedy", "--window", "2"], "--window is not an option of strategy 'greedy'"),
+        (["--strategy", "lookahead", "--draft", "x"], "--draft is the draft model of --strategy speculative"),
+    ],
+)
+def test_cli_generate_errors(demo, capsys, extra, message):
+    from dynexec_compile.cli import console_main
+    from dynexec_compile.models import demo_lm_path
+
+    assert console_main(["generate", str(demo_lm_path()), "--prompt", "x", "--no-compile", *extra]) == 2
+    assert message in capsys.readouterr().err
