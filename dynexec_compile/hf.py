@@ -189,10 +189,11 @@ def wrap_generate(model: Any, **decoding: Any) -> Callable[..., Any]:
             generation_config = copy.deepcopy(generation_config)  # the user's object stays as it is
             stop_strings = stop_strings if stop_strings is not None else generation_config.stop_strings
             generation_config.stop_strings = None
-        if stop_strings is None and getattr(base.generation_config, "stop_strings", None) is not None:
-            raise ValueError(
-                "the model's generation_config.stop_strings is set; transformers refills it and then needs a tokenizer "
-                "that it drops before custom_generate: pass stop_strings= (and tokenizer=) to this call"
+        if getattr(base.generation_config, "stop_strings", None) is not None:
+            raise NotImplementedError(
+                "the model's generation_config.stop_strings is set: transformers fills it into every call and then needs "
+                "the tokenizer it drops before custom_generate; pass a copy of the model without it, or stop_strings= "
+                "to this call on a model whose generation_config has none"
             )
         stop, draft, user_streamer = None, assistant_model, streamer
         if stop_strings is not None:
@@ -248,8 +249,8 @@ def compile(model: torch.nn.Module, options: dict[str, Any] | None = None, **com
     if "backend" in compile_kwargs:
         raise ValueError("dynexec_compile.compile: backend is 'dynexec'; use torch.compile for another backend")
     cfg = parse_options(options)
-    if cfg.decoding is None:
-        options = {**dict(options or {}), "decoding": {}}
+    if cfg.decoding is None:  # .generate decodes with the defaults: say so in the options it reads back
+        options = dataclasses.replace(cfg, decoding=DecodingConfig())
     compiled = torch.compile(model, backend="dynexec", options=options, **compile_kwargs)
     # OptimizedModule.__setattr__ forwards names to the wrapped model; this one is its own.
     object.__setattr__(compiled, "generate", wrap_generate(compiled))
@@ -304,7 +305,7 @@ def _decode(
     sequences = out.sequences
     if stop is not None:
         pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else None)
-        sequences = _cut_at_stop_strings(sequences, prompt_len, stop, pad)
+        sequences = _cut_at_stop_strings(sequences, prompt_len, out.stats.new_tokens, stop, pad)
     if gc.return_dict_in_generate:
         return DynexecGenerateOutput(sequences=sequences, stats=out.stats)
     return sequences
@@ -333,7 +334,7 @@ def _strategy(gc: GenerationConfig, decoding: DecodingConfig, assistant_model: A
     drafts = "speculative" in chosen or "self_speculative" in chosen
     if drafts:
         options = next(iter(chosen.values()))
-        if gc.num_assistant_tokens != 20:  # transformers' default: dynexec's own default applies
+        if gc.num_assistant_tokens not in (None, 20):  # transformers' default: dynexec's own default applies
             options["num_draft"] = gc.num_assistant_tokens
         if gc.num_assistant_tokens_schedule not in (None, "constant"):
             raise ValueError(
@@ -525,34 +526,33 @@ def _compiled_options(compiled: Any) -> DynexecConfig:
 
 
 def _cut_at_stop_strings(
-    sequences: torch.Tensor, prompt_len: int, stop: StopStringCriteria, pad: int | None
+    sequences: torch.Tensor, prompt_len: int, new_tokens: list[int], stop: StopStringCriteria, pad: int | None
 ) -> torch.Tensor:
     """Apply transformers' stop-string rule to decoded rows: a row ends after the token that
-    completes a stop string (the rule is transformers' own ``StopStringCriteria``, evaluated on
-    each prefix as its loop does); later tokens become ``pad``; the batch ends when every row has.
+    completes a stop string (transformers' own ``StopStringCriteria``, evaluated on each prefix as
+    its loop does) or at its EOS, whichever comes first; later tokens become ``pad``; the batch
+    ends when its last row does.
 
-    Greedy rows depend only on their own prefix, so cutting after decoding gives what stopping
-    would have; the cost is that decoding ran on past the stop string.
+    Rows depend only on their own prefix, so cutting after decoding gives what stopping would
+    have; the cost is that decoding ran on past the stop string.
     """
-    # sequences: [B, L + n]; rows that met EOS already end with pad
-    batch, total = sequences.shape
-    ends = torch.full((batch,), total, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
-    for end in range(prompt_len + 1, total + 1):
-        hit = stop(sequences[:, :end], None).cpu() & ~done  # [B]
+    # sequences: [B, L + n]; row r generated new_tokens[r] tokens (EOS included), then pad
+    ends = torch.tensor(new_tokens, dtype=torch.long) + prompt_len  # [B] one past each row's last token
+    done = torch.zeros(len(new_tokens), dtype=torch.bool)  # [B] met a stop string
+    for end in range(prompt_len + 1, int(ends.max()) + 1):
+        hit = stop(sequences[:, :end], None).cpu() & ~done & (end <= ends)  # [B]
         ends[hit] = end
         done |= hit
-        if bool(done.all()):
+        if bool((done | (ends <= end)).all()):
             break
     if not bool(done.any()):
         return sequences
+    if pad is None:
+        raise ValueError("stop_strings needs a pad_token_id (or an EOS id) to fill the rows that stopped")
     out = sequences.clone()
     for row in torch.nonzero(done).flatten().tolist():
-        if pad is None and ends[row] < total:
-            raise ValueError("stop_strings in a batch needs a pad_token_id (or an EOS id) to fill the rows that stopped")
-        out[row, ends[row] :] = pad if pad is not None else 0
-    keep = total if not bool(done.all()) else int(ends.max())
-    return out[:, :keep]
+        out[row, ends[row] :] = pad
+    return out[:, : int(ends.max())]
 
 
 class _StopStringStreamer(BaseStreamer):

@@ -201,6 +201,21 @@ def test_stop_strings_match_model_generate(demo, hf_args):
     assert ref.shape[1] < ids["input_ids"].shape[1] + 40  # the stop string was met
 
 
+def test_stop_strings_in_a_padded_batch_match_model_generate(demo):
+    model, tok = demo
+    texts = ["def add(a, b):\n    return a + b\n\n\ndef sub(a, b):", "import os\n"]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        inputs = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    kwargs = dict(max_new_tokens=30, stop_strings=["\n\n"], **inputs)
+    ref = model.generate(**kwargs, tokenizer=tok)
+    out = dx.wrap_generate(model, **EAGER)(**kwargs, tokenizer=tok)
+    assert torch.equal(out, ref)
+    assert not torch.equal(ref, model.generate(**inputs, max_new_tokens=30))  # a row met the stop string
+
+
 def test_stop_strings_need_the_wrapper_and_a_tokenizer(demo):
     model, tok = demo
     ids = tok("x = 1\n", return_tensors="pt")
