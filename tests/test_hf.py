@@ -318,6 +318,18 @@ def test_dropped_arguments_raise_and_point_to_the_wrapper(lm, draft):
             ours(lm, input_ids=prompt(), max_new_tokens=5, **kwargs)
 
 
+def test_wrapper_and_direct_call_errors(lm, draft):
+    gen = dx.wrap_generate(lm, **EAGER)
+    with pytest.raises(ValueError, match="custom_generate= is dynexec's own"):
+        gen(input_ids=prompt(), max_new_tokens=5, custom_generate=dx.hf_generate)
+    with pytest.raises(ValueError, match="assistant_tokenizer"):
+        gen(input_ids=prompt(), max_new_tokens=5, assistant_model=draft, assistant_tokenizer=object())
+    with pytest.raises(ValueError, match="runs inside model.generate"):
+        dx.hf_generate(lm, prompt())
+    with pytest.raises(ValueError, match="backend is 'dynexec'"):
+        dx.compile(lm, backend="inductor")
+
+
 def test_decoding_settings_are_checked(lm):
     with pytest.raises(ValueError, match="valid keys are"):
         ours(lm, input_ids=prompt(), max_new_tokens=5, decoding={"compile": False, "windw": 2})
