@@ -12,8 +12,14 @@ import threading
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, TextIteratorStreamer, TextStreamer
+from transformers import (
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 from transformers.generation.logits_process import TopKLogitsWarper
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 import dynexec_compile as dx
 from dynexec_compile.config import parse_options
@@ -305,6 +311,8 @@ def test_stream_stops_at_stop_string(demo):
         (dict(prompt_lookup_num_tokens=3, assistant_early_exit=1), "prompt_lookup_num_tokens and assistant_early_exit"),
         (dict(logits_processor=LogitsProcessorList([TopKLogitsWarper(3)])), "logits_processor"),
         (dict(position_ids=torch.arange(10)[None]), "position_ids"),
+        (dict(stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(12)])), "stopping_criteria"),
+        (dict(prefix_allowed_tokens_fn=lambda batch, ids: [5]), "prefix_allowed_tokens_fn"),
     ],
 )
 def test_unsupported_arguments_raise_naming_them(lm, kwargs, name):
