@@ -6,7 +6,13 @@ them, lowers each stage with a real compiler and runs them with a small runtime.
 """
 
 from dynexec_compile.calibrate import Calibration, calibrate_threshold
-from dynexec_compile.config import DynexecConfig, EarlyExitConfig, ElasticConfig, parse_options
+from dynexec_compile.config import (
+    DecodingConfig,
+    DynexecConfig,
+    EarlyExitConfig,
+    ElasticConfig,
+    parse_options,
+)
 from dynexec_compile.decoding import (
     DecodeEngine,
     DraftHeads,
@@ -40,6 +46,7 @@ from dynexec_compile.exit_heads import (
     train_exit_heads,
 )
 from dynexec_compile.explain import explain
+from dynexec_compile.hf import DynexecGenerateOutput, compile, hf_generate, wrap_generate
 from dynexec_compile.models import demo_lm_path, heldout_prompts, load_demo_lm
 from dynexec_compile.routing import Router, train_router
 from dynexec_compile.runtime.stats import last_stats
@@ -59,6 +66,11 @@ __all__ = [
     "TreeSpec",
     "generate",
     "Calibration",
+    "DecodingConfig",
+    "DynexecGenerateOutput",
+    "compile",
+    "hf_generate",
+    "wrap_generate",
     "DynexecConfig",
     "EarlyExitConfig",
     "ElasticConfig",

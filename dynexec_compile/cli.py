@@ -1,4 +1,4 @@
-"""The ``dynexec`` command line: ``dynexec inspect`` and ``dynexec bench``."""
+"""The ``dynexec`` command line: ``dynexec inspect``, ``dynexec bench`` and ``dynexec generate``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,108 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_suite(args)
 
 
+# --flag -> (strategy option, how to read it); passed only when given, to strategies that take it
+GENERATE_OPTIONS = {
+    "window": ("window", int),
+    "ngram": ("ngram", int),
+    "guesses": ("guesses", int),
+    "no_prompt_lookup": ("prompt_lookup", None),
+    "num_draft": ("num_draft", int),
+    "tree": ("tree", lambda text: [int(x) for x in text.split(",")]),
+    "exit_layer": ("exit_layer", int),
+}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one answer with a dynexec strategy, then print its speed and tokens per forward."""
+    from transformers import TextStreamer
+
+    from dynexec_compile.decoding.generate import generate
+    from dynexec_compile.hf import strategy_options
+    from dynexec_compile.models import load_lm
+
+    options = {}
+    for flag, (name, _) in GENERATE_OPTIONS.items():
+        value = getattr(args, flag)
+        if value is None or value is False:
+            continue
+        if name not in strategy_options(args.strategy):
+            raise ValueError(f"--{flag.replace('_', '-')} is not an option of strategy {args.strategy!r}; "
+                             f"its options are {strategy_options(args.strategy)}")
+        options[name] = False if flag == "no_prompt_lookup" else value
+    model, tokenizer = load_lm(args.model)
+    if args.draft is not None:
+        if args.strategy != "speculative":
+            raise ValueError("--draft is the draft model of --strategy speculative")
+        options["draft_model"], _ = load_lm(args.draft)
+    if args.heads is not None:
+        if args.strategy != "draft_heads":
+            raise ValueError("--heads is for --strategy draft_heads")
+        from dynexec_compile.decoding.draft_heads import load_draft_heads
+
+        options["heads"] = load_draft_heads(args.heads, dtype=next(model.parameters()).dtype)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template; drop --chat to send the raw prompt")
+        input_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    generator = torch.Generator().manual_seed(args.seed) if args.do_sample else None
+    out = generate(
+        model,
+        input_ids,
+        strategy=args.strategy,
+        max_new_tokens=args.max_new_tokens,
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        compile=not args.no_compile,
+        mode=args.mode,
+        generator=generator,
+        **(sampling if args.do_sample else {}),
+        **options,
+    )
+    stats = out.stats
+    decoded = max(stats.new_tokens[0] - 1, 0)  # the prefill emits the first token
+    decode_rate = decoded / stats.decode_time_s if stats.decode_time_s > 0 else 0.0
+    print(
+        f"\n[{stats.strategy}] {stats.new_tokens[0]} tokens, {stats.forward_passes} forwards: "
+        f"{stats.tokens_per_forward:.2f} tokens per forward; {stats.tokens_per_second:.1f} tokens/s overall "
+        f"(prefill {stats.prefill_time_s:.2f} s, compilation included on a first call), {decode_rate:.1f} tokens/s decoding"
+    )
+    return 0
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from dynexec_compile.hf import strategy_names
+
+    p.add_argument("model", help="a local model folder or a name dynexec_compile.models.load_lm knows (e.g. smollm2-135m-instruct)")
+    p.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user's message)")
+    p.add_argument("--strategy", choices=strategy_names(), default="greedy")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    g = p.add_argument_group("strategy options (passed to strategies that take them)")
+    g.add_argument("--window", type=int, help="lookahead: Jacobi window columns W")
+    g.add_argument("--ngram", type=int, help="lookahead: n-gram length N")
+    g.add_argument("--guesses", type=int, help="lookahead: candidate n-grams verified per step G")
+    g.add_argument("--no-prompt-lookup", action="store_true", help="lookahead: no candidates from the prompt")
+    g.add_argument("--draft", help="speculative: the draft model (folder or load_lm name; same vocabulary)")
+    g.add_argument("--num-draft", type=int, help="speculative / self_speculative: drafted tokens per step")
+    g.add_argument("--tree", type=GENERATE_OPTIONS["tree"][1], help="draft tree: children per depth, e.g. 2,2,1")
+    g.add_argument("--exit-layer", type=int, help="self_speculative: the layers the draft runs")
+    g.add_argument("--heads", help="draft_heads: a heads.safetensors file (dynexec_compile.save_draft_heads)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--do-sample", action="store_true")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("compilation")
+    c.add_argument("--no-compile", action="store_true", help="run the decoding step eagerly (no Inductor)")
+    c.add_argument("--mode", help="torch.compile mode of the step, e.g. max-autotune")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynexec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="side-by-side benchmarks against the baselines, with a regression gate")
     add_bench_arguments(b)
     b.set_defaults(func=_cmd_bench)
+
+    gen = sub.add_parser("generate", help="stream an answer with a dynexec decoding strategy; print tokens/s and tokens per forward")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 

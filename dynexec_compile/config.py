@@ -18,6 +18,8 @@ LOWERINGS = ("inductor", "eager", "tensorrt")
 PARTITIONS = ("auto", "blocks", "none")
 EXIT_RULES = ("entropy", "max_prob", "patience")
 EXIT_HEADS = ("auto", "shared", "trained")
+DECODING_CACHES = ("static", "dynamic")
+DECODING_LOWERINGS = ("inductor", "eager")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,32 @@ class ElasticConfig:
 
 
 @dataclass(frozen=True)
+class DecodingConfig:
+    """How ``.generate`` decodes: ``options={"decoding": {...}}`` of :func:`dynexec_compile.compile`
+    (or of ``torch.compile(backend="dynexec")`` read by :func:`dynexec_compile.wrap_generate`),
+    and the ``decoding=`` argument of :func:`dynexec_compile.hf_generate`.
+
+    Args:
+        strategy: a strategy of :func:`dynexec_compile.generate` (``"greedy"``, ``"sample"``,
+            ``"lookahead"``, ``"speculative"``, ``"self_speculative"``, ``"draft_heads"``), or
+            ``None``: chosen per call from the Hugging Face arguments (``assistant_model`` ->
+            speculative, ``prompt_lookup_num_tokens`` -> lookahead, ``assistant_early_exit`` ->
+            self_speculative, else greedy or sample by ``do_sample``).
+        compile: compile the decoding step (``False`` runs it eagerly: tests, debugging).
+        mode: ``torch.compile`` mode of the step (e.g. ``"max-autotune"``).
+        cache: ``"static"`` (dynexec's slot cache) or ``"dynamic"`` (greedy/sample only).
+        options: the strategy's own options (lookahead's ``window``, ``ngram``, ...; speculative's
+            ``num_draft``, ``tree``, ...), written flat beside the keys above in the options dict.
+    """
+
+    strategy: str | None = None
+    compile: bool = True
+    mode: str | None = None
+    cache: str = "static"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DynexecConfig:
     """Top-level settings of one ``torch.compile(..., backend="dynexec")`` call.
 
@@ -77,6 +105,8 @@ class DynexecConfig:
             ``"none"`` never does (features that need stages then raise).
         early_exit: early-exit settings, or ``None`` for no early exit.
         elastic: elastic sub-model settings, or ``None``.
+        decoding: how ``.generate`` decodes (:class:`DecodingConfig`), or ``None``. It does not
+            change the compiled forward; ``lowering`` picks the compiler of the decoding step.
         debug_dir: directory where every graph before and after every pass is written as
             text; defaults to the ``DYNEXEC_DEBUG_DIR`` environment variable.
     """
@@ -86,6 +116,7 @@ class DynexecConfig:
     partition: str = "auto"
     early_exit: EarlyExitConfig | None = None
     elastic: ElasticConfig | None = None
+    decoding: DecodingConfig | None = None
     debug_dir: str | None = field(default_factory=lambda: os.environ.get("DYNEXEC_DEBUG_DIR"))
 
     @property
@@ -169,6 +200,41 @@ def _parse_elastic(raw: Any) -> ElasticConfig | None:
     return dataclasses.replace(cfg, levels=tuple(sorted(set(levels), reverse=True)))
 
 
+def _parse_decoding(raw: Any) -> DecodingConfig | None:
+    """Own keys of :class:`DecodingConfig` plus the strategy's options, written flat; every key
+    must be one of them (the strategies' option names come from the strategies themselves)."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if isinstance(raw, DecodingConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"dynexec: option decoding must be a dict, got {type(raw).__name__}")
+    from dynexec_compile.hf import strategy_names, strategy_options
+
+    own = [f.name for f in dataclasses.fields(DecodingConfig) if f.name != "options"]
+    strategy = raw.get("strategy")
+    strategies = strategy_names()
+    if strategy is not None and strategy not in strategies:
+        raise ValueError(f"dynexec: option decoding.strategy={strategy!r} is not valid; use one of {strategies} or None")
+    allowed = strategy_options(strategy) if strategy is not None else sorted({o for s in strategies for o in strategy_options(s)})
+    unknown = sorted(set(raw) - set(own) - set(allowed))
+    if unknown:
+        where = f"strategy {strategy!r}" if strategy is not None else "any strategy"
+        raise ValueError(
+            f"dynexec: unknown option{'s' if len(unknown) > 1 else ''} {unknown} in decoding; valid keys are "
+            f"{own} and the options of {where}: {list(allowed)}"
+        )
+    cfg = DecodingConfig(**{k: raw[k] for k in own if k in raw}, options={k: v for k, v in raw.items() if k not in own})
+    if not isinstance(cfg.compile, bool):
+        raise ValueError(f"dynexec: option decoding.compile must be True or False, got {cfg.compile!r}")
+    if cfg.mode is not None and not isinstance(cfg.mode, str):
+        raise ValueError(f"dynexec: option decoding.mode must be a torch.compile mode string or None, got {cfg.mode!r}")
+    _check_choice("decoding.cache", cfg.cache, DECODING_CACHES)
+    return cfg
+
+
 def parse_options(options: dict[str, Any] | DynexecConfig | None) -> DynexecConfig:
     """Parse ``torch.compile`` options into a :class:`DynexecConfig`.
 
@@ -181,11 +247,17 @@ def parse_options(options: dict[str, Any] | DynexecConfig | None) -> DynexecConf
     _check_keys("options", options, DynexecConfig)
     early_exit = _parse_early_exit(options.pop("early_exit", None))
     elastic = _parse_elastic(options.pop("elastic", None))
-    cfg = DynexecConfig(early_exit=early_exit, elastic=elastic, **options)
+    decoding = _parse_decoding(options.pop("decoding", None))
+    cfg = DynexecConfig(early_exit=early_exit, elastic=elastic, decoding=decoding, **options)
     _check_choice("lowering", cfg.lowering, LOWERINGS)
     _check_choice("partition", cfg.partition, PARTITIONS)
     if not isinstance(cfg.strict, bool):
         raise ValueError(f"dynexec: option strict must be True or False, got {cfg.strict!r}")
     if cfg.partition == "none" and cfg.early_exit is not None:
         raise ValueError("dynexec: early_exit needs stages between blocks; it cannot run with partition='none'")
+    if cfg.decoding is not None and cfg.lowering not in DECODING_LOWERINGS:
+        raise ValueError(
+            f"dynexec: decoding runs its step on lowering {list(DECODING_LOWERINGS)}; lowering={cfg.lowering!r} "
+            "is for the staged forward only"
+        )
     return cfg
