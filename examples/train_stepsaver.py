@@ -31,8 +31,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynexec_compile.stepsaver.pipeline import DigitsPipeline, build_unet, training_scheduler
+from dynexec_compile.stepsaver.pipeline import (
+    DigitPrompt,
+    DigitsPipeline,
+    build_unet,
+    training_scheduler,
+)
+from dynexec_compile.stepsaver.predictor import (
+    STEP_GRID,
+    TRAIN_GUIDANCE,
+    StepLabels,
+    induce_labels,
+    save_predictor,
+    train_predictor,
+)
 from dynexec_compile.stepsaver.quality import (
+    DigitQuality,
     classifier_split,
     real_digits,
     save_classifier,
@@ -107,6 +121,99 @@ def stage_unet(out: Path, summary: dict, args: argparse.Namespace) -> None:
     print(f"unet: {params:,} parameters, final loss {summary['unet']['final_loss_last_500']:.4f}")
 
 
+def stage_labels(out: Path, summary: dict, args: argparse.Namespace) -> None:
+    pipeline = DigitsPipeline.from_pretrained(out)
+    quality = DigitQuality.from_file(out / "classifier.safetensors")
+    prompts = [DigitPrompt(d, g) for d in range(10) for g in TRAIN_GUIDANCE]
+    seeds = list(range(args.label_seeds))
+    start = cpu_seconds()
+    labels = induce_labels(pipeline, quality, prompts, seeds, STEP_GRID)
+    labels.save(out / "labels.safetensors")
+    needed = labels.needed.float()
+    per_guidance = {f"{g:g}": float(needed[labels.guidance == g].mean()) for g in TRAIN_GUIDANCE}
+    summary["labels"] = {
+        "prompts": len(prompts), "seeds": len(seeds), "grid": list(STEP_GRID), "guidance": list(TRAIN_GUIDANCE),
+        "prob_tol": labels.prob_tol, "feature_tol": labels.feature_tol, "feature_scale": labels.feature_scale,
+        "mean_needed": float(needed.mean()), "mean_needed_per_guidance": per_guidance,
+        "set_accuracy": labels.set_accuracy.tolist(), "set_frechet": labels.set_frechet.tolist(),
+        "safe_steps": labels.safe_steps(), "cpu_seconds": cpu_seconds() - start,
+    }
+    print(f"labels: mean needed {needed.mean():.1f} steps; per guidance {per_guidance}; safe static count {labels.safe_steps()}")
+
+
+def stage_predictor(out: Path, summary: dict) -> None:
+    pipeline = DigitsPipeline.from_pretrained(out)
+    labels = StepLabels.load(out / "labels.safetensors")
+    start = cpu_seconds()
+    predictor = train_predictor(pipeline, labels)
+    save_predictor(predictor, out / "predictor.safetensors")
+    table = {f"{g:g}": predictor.predict([DigitPrompt(d, g) for d in range(10)]) for g in TRAIN_GUIDANCE}
+    summary["predictor"] = {**predictor.config(), "predicted_per_guidance_digits_0_to_9": table, "cpu_seconds": cpu_seconds() - start}
+    print(f"predictor: {table}")
+
+
+def write_card(out: Path, summary: dict) -> None:
+    c, u = summary["classifier"], summary["unet"]
+    lab, pr = summary.get("labels"), summary.get("predictor")
+    lines = [
+        "# stepsaver-digits: a class-conditional diffusion model of 8x8 digits, its quality classifier and step predictor",
+        "",
+        "Trained on CPU by `examples/train_stepsaver.py` from scikit-learn's digits set (1,797 images, 8x8,",
+        "scaled to [-1, 1]); used by `dynexec_compile.stepsaver` and `dynexec bench stepsaver`.",
+        "",
+        f"Command: `{summary['command']}` (torch threads: {summary['threads']}).",
+        "",
+        "## Files",
+        "- `unet/` (diffusers `UNet2DModel`, safetensors) and `scheduler/` (`DDIMScheduler`, trailing timesteps):",
+        "  load with `DigitsPipeline.from_pretrained(\"models/stepsaver-digits\")`.",
+        "- `classifier.safetensors`: the digit CNN of the quality metric.",
+        "- `labels.safetensors`: the self-induced step labels; `predictor.safetensors`: the step predictor.",
+        "- `training_summary.json`: every figure below, machine-readable.",
+        "",
+        "## UNet",
+        f"- {u['params']:,} parameters; 8x8 -> 4x4 -> 8x8, channels (32, 64), one ResNet block per level, class embedding",
+        "  of 10 digits + a null class (classifier-free guidance).",
+        f"- {u['steps']} AdamW steps, batch {u['batch_size']}, lr {u['lr']} (cosine, 200 warm-up), EMA {u['ema_decay']},",
+        f"  labels dropped to the null class with p={u['label_dropout']}; diffusers `DDPMScheduler` (1000 steps, squaredcos_cap_v2).",
+        f"- Final loss (mean of the last 500 steps): {u['final_loss_last_500']:.4f}.",
+        f"- CPU time {u['cpu_seconds'] / 60:.1f} min (wall {u['wall_seconds'] / 60:.1f} min on a shared 2-core machine).",
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+        "## Classifier (the quality metric)",
+        f"- Trained on {c['train_images']} real images, held-out accuracy {c['heldout_accuracy']:.4f} on {c['heldout_images']};",
+        f"  CPU time {c['cpu_seconds']:.0f} s.",
+    ]
+    if lab:
+        lines += [
+            "",
+            "## Self-induced step labels",
+            f"- {lab['prompts']} prompts (digits 0-9 x guidance {lab['guidance']}) x {lab['seeds']} seeds, each sampled at",
+            f"  {lab['grid']} DDIM steps.",
+            f"- An image is good at n steps when the classifier's probability of its digit is at most {lab['prob_tol']} below",
+            f"  the same seed's 100-step image and its features lie within {lab['feature_tol']} x {lab['feature_scale']:.3f}",
+            "  (the median feature distance of two real images of the same digit) of that image; its label is the",
+            "  fewest steps from which every larger grid count is good.",
+            f"- Mean label {lab['mean_needed']:.1f} steps; per guidance: {lab['mean_needed_per_guidance']}.",
+            f"- Safe static count (smallest whose set accuracy and Fréchet distance match 100 steps): {lab['safe_steps']}.",
+            f"- CPU time {lab['cpu_seconds'] / 60:.1f} min.",
+        ]
+    if pr:
+        lines += [
+            "",
+            "## Step predictor",
+            f"- MLP (hidden {pr['hidden']}) over the UNet's class embedding of the digit and the guidance scale; pinball loss",
+            f"  at quantile {pr['quantile']} of log2(label); trained over guidance {pr['guidance_range']}; falls back to",
+            f"  {pr['safe_steps']} steps outside it.",
+            "- Predicted counts, digits 0-9, per guidance scale:",
+            "",
+            "| guidance | " + " | ".join(str(d) for d in range(10)) + " |",
+            "|---|" + "---|" * 10,
+        ]
+        lines += [f"| {g} | " + " | ".join(str(n) for n in ns) + " |" for g, ns in pr["predicted_per_guidance_digits_0_to_9"].items()]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def plot_loss(path: Path, smoothed: list[float], window: int) -> None:
     import matplotlib
 
@@ -136,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--label-seeds", type=int, default=20, help="seeds per training prompt for the step labels")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(ALL_STAGES))
@@ -155,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             stage_classifier(out, summary)
         elif stage == "unet":
             stage_unet(out, summary, args)
+        elif stage == "labels":
+            stage_labels(out, summary, args)
+        elif stage == "predictor":
+            stage_predictor(out, summary)
+        elif stage == "card":
+            write_card(out, summary)
         summary_path.write_text(json.dumps(summary, indent=2))
     return 0
 

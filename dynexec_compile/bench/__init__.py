@@ -28,6 +28,7 @@ SUITES = {
     "elastic": "dynexec_compile.bench.elastic",
     "speculative": "dynexec_compile.bench.speculative",
     "lookahead": "dynexec_compile.bench.lookahead",
+    "stepsaver": "dynexec_compile.bench.stepsaver",
 }
 PLANNED: dict[str, str] = {}
 

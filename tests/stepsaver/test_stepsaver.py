@@ -271,3 +271,17 @@ def test_committed_pipeline_draws_the_asked_digits():
     prompts = [DigitPrompt(d, 2.0) for d in range(10)] * 2
     images = pipeline.sample(prompts, 20, list(range(20)))
     assert quality.report(images, torch.tensor([p.digit for p in prompts])).accuracy >= 0.85
+
+
+def test_package_exports_stepsaver_and_the_quick_bench_passes():
+    import argparse
+
+    import dynexec_compile as dx
+    from dynexec_compile.bench.stepsaver import run
+
+    assert dx.StepSaver is StepSaver
+    result = run(argparse.Namespace(quick=True))
+    assert result.metrics["stepsaver.pipeline_calls_minus_distinct_counts"].value == 0
+    assert result.metrics["stepsaver.reassembled_equals_alone"].value == 1.0
+    assert result.metrics["stepsaver.fallback_is_safe_count"].value == 1.0
+    assert result.metrics["stepsaver.fallback_warned"].value == 1.0
