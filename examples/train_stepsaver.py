@@ -7,7 +7,7 @@ UNet2DModel, DDPMScheduler for training, DDIMScheduler for sampling).
 
 Stages (``--stages``, default all, in this order; each reads what the earlier ones wrote):
 - ``classifier``: the digit CNN of the quality metric, on a fixed 80% of the real images;
-- ``unet``: the diffusion UNet (epsilon loss, 10% of labels dropped to the null class for
+- ``unet``: the diffusion UNet (v-prediction loss, 10% of labels dropped to the null class for
   classifier-free guidance, EMA weights saved), its loss curve as ``loss_curve.png``;
 - ``labels``: self-induced step labels (``induce_labels``: every training prompt and seed
   sampled at every count of the step grid, the fewest steps that stay within tolerance of the
@@ -95,7 +95,8 @@ def stage_unet(out: Path, summary: dict, args: argparse.Namespace) -> None:
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         xt = noise_scheduler.add_noise(x0, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=labels).sample, noise)
+        target = noise_scheduler.get_velocity(x0, noise, t)  # v-prediction: see the pipeline's docstring
+        loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=labels).sample, target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -174,7 +175,8 @@ def write_card(out: Path, summary: dict) -> None:
         f"- {u['params']:,} parameters; 8x8 -> 4x4 -> 8x8, channels (32, 64), one ResNet block per level, class embedding",
         "  of 10 digits + a null class (classifier-free guidance).",
         f"- {u['steps']} AdamW steps, batch {u['batch_size']}, lr {u['lr']} (cosine, 200 warm-up), EMA {u['ema_decay']},",
-        f"  labels dropped to the null class with p={u['label_dropout']}; diffusers `DDPMScheduler` (1000 steps, squaredcos_cap_v2).",
+        f"  labels dropped to the null class with p={u['label_dropout']}; diffusers `DDPMScheduler` (1000 steps, squaredcos_cap_v2,",
+        "  v-prediction: why in `dynexec_compile/stepsaver/pipeline.py`).",
         f"- Final loss (mean of the last 500 steps): {u['final_loss_last_500']:.4f}.",
         f"- CPU time {u['cpu_seconds'] / 60:.1f} min (wall {u['wall_seconds'] / 60:.1f} min on a shared 2-core machine).",
         "",
@@ -223,7 +225,7 @@ def plot_loss(path: Path, smoothed: list[float], window: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([window * (i + 1) for i in range(len(smoothed))], smoothed)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"epsilon MSE (mean of {window} steps)")
+    ax.set_ylabel(f"v-prediction MSE (mean of {window} steps)")
     ax.set_yscale("log")
     ax.set_title("digits UNet training loss")
     ax.grid(alpha=0.3)

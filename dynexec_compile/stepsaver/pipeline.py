@@ -5,7 +5,15 @@ denoising steps, and no pretrained diffusion model can be had offline. scikit-le
 8x8 digits set, so a small diffusers ``UNet2DModel`` (class-conditional through its
 ``num_class_embeds`` embedding; the last class is the "no digit" class for classifier-free
 guidance) is trained here with diffusers' ``DDPMScheduler`` (``examples/train_stepsaver.py``),
-and sampled with diffusers' ``DDIMScheduler`` (eta 0, deterministic) at any step count.
+and sampled with diffusers' ``DDIMScheduler`` (eta 0, deterministic, "trailing" timesteps so
+even 2 steps start from pure noise) at any step count.
+
+The UNet predicts v (``prediction_type="v_prediction"``), not the noise. Why, measured on a first
+epsilon-prediction model trained the same way: with the cosine schedule, ᾱ at t=999 is ~0, so the
+epsilon model's x0 estimate ``(x - sqrt(1-ᾱ) eps) / sqrt(ᾱ)`` explodes (Fréchet distances of 1e9)
+unless DDIM clips it, and clipping x0 while stepping with the guided eps made images *worse* with
+more steps (guidance 2: 100% of digits recognized at 10 steps, 33% at 100). v-prediction gives
+x0 = sqrt(ᾱ) x - sqrt(1-ᾱ) v without a division, so no clipping is needed.
 
 A prompt is a :class:`DigitPrompt`: the digit and the classifier-free guidance scale. The
 guidance scale is part of the prompt because it is what makes the step count a property of the
@@ -31,7 +39,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 IMAGE_SIZE = 8
 NUM_DIGITS = 10
 NUM_TRAIN_TIMESTEPS = 1000
-SCHEDULE = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
+SCHEDULE = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class DigitsPipeline:
         if unet.config.num_class_embeds != NUM_DIGITS + 1:
             raise ValueError(f"the digits UNet needs num_class_embeds={NUM_DIGITS + 1} (10 digits + the null class), got {unet.config.num_class_embeds}")
         self.unet = unet.eval()
-        self.scheduler = scheduler or DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=True)
+        self.scheduler = scheduler or DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=False)
         self.denoiser = self.unet  # what each step calls; ``compile()`` swaps in the compiled UNet
 
     @property
@@ -151,7 +159,7 @@ class DigitsPipeline:
         labels = torch.cat([digits, torch.full_like(digits, self.null_class)])  # [2B]: conditional, then unconditional
         w = torch.tensor([float(p.guidance) for p in prompts], device=device).view(b, 1, 1, 1)
         for t in scheduler.timesteps:
-            eps = self.denoiser(torch.cat([x, x]), t, class_labels=labels).sample  # eps: [2B, 1, 8, 8]
-            eps_c, eps_u = eps[:b], eps[b:]
-            x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x).prev_sample
+            v = self.denoiser(torch.cat([x, x]), t, class_labels=labels).sample  # v: [2B, 1, 8, 8]
+            v_c, v_u = v[:b], v[b:]
+            x = scheduler.step(v_u + w * (v_c - v_u), t, x).prev_sample
         return x.cpu()
