@@ -96,4 +96,19 @@ __all__ = [
     "save_exit_heads",
     "set_elastic_level",
     "train_exit_heads",
+    "DigitPrompt",
+    "DigitsPipeline",
+    "StepPredictor",
+    "StepSaver",
 ]
+
+# StepSaver needs the optional ``stepsaver`` extra (diffusers, scikit-learn): imported on first use
+_STEPSAVER = ("DigitPrompt", "DigitsPipeline", "StepPredictor", "StepSaver")
+
+
+def __getattr__(name: str):
+    if name in _STEPSAVER:
+        from dynexec_compile import stepsaver
+
+        return getattr(stepsaver, name)
+    raise AttributeError(f"module 'dynexec_compile' has no attribute {name!r}")

@@ -29,6 +29,7 @@ SUITES = {
     "speculative": "dynexec_compile.bench.speculative",
     "routing": "dynexec_compile.bench.routing",
     "lookahead": "dynexec_compile.bench.lookahead",
+    "stepsaver": "dynexec_compile.bench.stepsaver",
 }
 PLANNED: dict[str, str] = {}
 

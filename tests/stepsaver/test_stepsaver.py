@@ -1,0 +1,287 @@
+"""StepSaver: the digits pipeline, grouping by predicted count, the fallback, the quality metric.
+
+Tiny random UNets serve the exactness tests (sampling, grouping and reassembly do not need
+trained weights); the committed weights serve the quality sanity checks.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from dynexec_compile.stepsaver import (
+    MODEL_DIR,
+    STEP_GRID,
+    DigitPrompt,
+    DigitQuality,
+    DigitsPipeline,
+    OutOfDomainWarning,
+    QualityReport,
+    StepLabels,
+    StepPredictor,
+    StepSaver,
+    frechet_distance,
+    load_predictor,
+    matches,
+    real_digits,
+    save_predictor,
+)
+from dynexec_compile.stepsaver.pipeline import build_unet
+from dynexec_compile.stepsaver.predictor import needed_steps
+
+HAVE_WEIGHTS = (MODEL_DIR / "predictor.safetensors").is_file()
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="models/stepsaver-digits not trained")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DigitsPipeline:
+    torch.manual_seed(0)
+    return DigitsPipeline(build_unet(block_out_channels=(8, 16)))
+
+
+def prompts_and_seeds():
+    prompts = [DigitPrompt(3, 1.0), DigitPrompt(7, 2.5), DigitPrompt(0, 1.0), DigitPrompt(3, 4.0), DigitPrompt(9, 1.5)]
+    return prompts, [11, 5, 42, 11, 3]
+
+
+class TablePredictor:
+    """Step counts from a fixed table, to test grouping independently of any model."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def predict(self, prompts):
+        return [self.table[p] for p in prompts]
+
+
+class SpyPipeline:
+    def __init__(self, pipeline):
+        self.pipeline, self.calls = pipeline, []
+
+    def sample(self, prompts, steps, seeds, batch_size=None):
+        self.calls.append((list(prompts), steps, list(seeds)))
+        return self.pipeline.sample(prompts, steps, seeds, batch_size=batch_size)
+
+
+# ---- the pipeline -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 50])
+def test_sampling_is_deterministic_for_a_seed_at_any_step_count(tiny, steps):
+    prompts, seeds = prompts_and_seeds()
+    a = tiny.sample(prompts, steps, seeds)
+    b = tiny.sample(prompts, steps, seeds)
+    assert a.shape == (5, 1, 8, 8)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a[0], a[3])  # same seed, other guidance: another image
+    assert not torch.allclose(tiny.sample(prompts, steps, [s + 1 for s in seeds]), a)
+
+
+def test_step_count_changes_the_image(tiny):
+    prompts, seeds = prompts_and_seeds()
+    assert not torch.allclose(tiny.sample(prompts, 2, seeds), tiny.sample(prompts, 20, seeds))
+
+
+def test_an_image_does_not_depend_on_its_batch(tiny):
+    prompts, seeds = prompts_and_seeds()
+    batched = tiny.sample(prompts, 4, seeds)
+    chunked = tiny.sample(prompts, 4, seeds, batch_size=2)
+    alone = torch.cat([tiny.sample([p], 4, [s]) for p, s in zip(prompts, seeds)])
+    torch.testing.assert_close(chunked, batched, rtol=0, atol=1e-5)  # fp32 rounding of batched convs
+    torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+
+
+def test_pipeline_save_and_load_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    loaded = DigitsPipeline.from_pretrained(tmp_path)
+    prompts, seeds = prompts_and_seeds()
+    assert torch.equal(loaded.sample(prompts, 3, seeds), tiny.sample(prompts, 3, seeds))
+    with pytest.raises(FileNotFoundError, match="train one with examples/train_stepsaver.py"):
+        DigitsPipeline.from_pretrained(tmp_path / "missing")
+
+
+# ---- grouping by predicted count ----------------------------------------------------------
+
+
+def test_grouping_calls_the_pipeline_once_per_count_and_keeps_the_order(tiny):
+    prompts, seeds = prompts_and_seeds()
+    table = {prompts[0]: 5, prompts[1]: 20, prompts[2]: 5, prompts[3]: 8, prompts[4]: 20}
+    spy = SpyPipeline(tiny)
+    out = StepSaver(spy, TablePredictor(table))(prompts, seeds)
+    assert [(steps, ps, ss) for ps, steps, ss in spy.calls] == [
+        (5, [prompts[0], prompts[2]], [11, 42]),
+        (8, [prompts[3]], [11]),
+        (20, [prompts[1], prompts[4]], [5, 3]),
+    ]
+    assert out.steps == [5, 20, 5, 8, 20]
+    assert out.mean_steps == pytest.approx(58 / 5)
+    alone = torch.cat([tiny.sample([p], table[p], [s]) for p, s in zip(prompts, seeds)])
+    torch.testing.assert_close(out.images, alone, rtol=0, atol=1e-5)
+
+
+def test_stepsaver_with_a_trained_style_predictor_uses_its_counts(tiny):
+    predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=20)
+    prompts, seeds = prompts_and_seeds()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every prompt is in the domain: no warning
+        planned = predictor.predict(prompts)
+        out = StepSaver(tiny, predictor)(prompts, seeds)
+    assert out.steps == planned and set(planned) <= set(STEP_GRID)
+
+
+def test_out_of_domain_prompts_fall_back_to_the_safe_count_and_say_so(tiny):
+    predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=20)
+    prompts = [DigitPrompt(1, 2.0), DigitPrompt(4, 7.5), DigitPrompt(2, 0.5)]
+    spy = SpyPipeline(tiny)
+    with pytest.warns(OutOfDomainWarning, match=r"2 prompt\(s\) outside .*guidance scales 1\.\.4.*safe for the whole training set, 20 steps"):
+        out = StepSaver(spy, predictor)(prompts, [0, 1, 2])
+    assert out.steps[1:] == [20, 20]
+    in_domain = predictor.predict(prompts[:1])[0]
+    assert out.steps[0] == in_domain
+    assert any(steps == 20 and DigitPrompt(4, 7.5) in ps for ps, steps, _ in spy.calls)
+
+
+def test_to_grid_rounds_up_to_the_grid(tiny):
+    predictor = StepPredictor.from_unet(tiny, grid=(2, 5, 10, 100), guidance_range=(1.0, 4.0), safe_steps=10)
+    log2 = torch.log2(torch.tensor([1.0, 2.0, 2.01, 5.0, 9.0, 11.0, 500.0]))
+    assert predictor.to_grid(log2) == [2, 2, 5, 5, 10, 100, 100]
+
+
+def test_predictor_save_and_load_round_trip(tiny, tmp_path):
+    torch.manual_seed(1)
+    predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=15)
+    with torch.no_grad():
+        predictor.mlp[-1].bias.fill_(3.0)  # ~8 steps, so the round trip is not trivially the smallest count
+    save_predictor(predictor, tmp_path / "p.safetensors")
+    loaded = load_predictor(tmp_path / "p.safetensors")
+    prompts, _ = prompts_and_seeds()
+    assert loaded.predict(prompts) == predictor.predict(prompts)
+    assert (loaded.safe_steps, loaded.grid, loaded.guidance_range) == (15, STEP_GRID, (1.0, 4.0))
+    with pytest.raises(ValueError, match="not a dynexec step predictor file"):
+        from dynexec_compile.stepsaver.quality import load_classifier
+        from dynexec_compile.weights_io import save_with_config
+
+        save_with_config(torch.nn.Linear(2, 2), tmp_path / "x.safetensors", "other", {})
+        load_predictor(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="not a dynexec digit classifier"):
+        load_classifier(tmp_path / "p.safetensors")
+
+
+# ---- labels -------------------------------------------------------------------------------
+
+
+def test_needed_steps_is_the_fewest_count_from_which_quality_stays():
+    grid = (2, 4, 8, 100)
+    prob = torch.tensor([
+        [0.99, 0.99, 0.99, 0.99],  # good everywhere -> 2
+        [0.50, 0.99, 0.60, 0.99],  # good at 4, bad at 8 again -> 100
+        [0.10, 0.50, 0.96, 1.00],  # within 0.05 from 8 on -> 8
+        [0.99, 0.99, 0.99, 0.99],  # probability fine but features far until 8 -> 8
+    ])
+    dist = torch.zeros(4, 4)
+    dist[3, :2] = 5.0
+    assert needed_steps(prob, dist, grid, prob_tol=0.05, max_distance=1.0).tolist() == [2, 100, 8, 8]
+
+
+def test_labels_round_trip_and_safe_steps(tmp_path):
+    grid = (2, 5, 10, 100)
+    labels = StepLabels(
+        digits=torch.tensor([0, 1]), guidance=torch.tensor([1.0, 2.0]), seeds=torch.tensor([0, 0]), grid=grid,
+        prob=torch.rand(2, 4), distance=torch.rand(2, 4), needed=torch.tensor([5, 10]),
+        set_accuracy=torch.tensor([0.5, 0.985, 1.0, 0.99]), set_frechet=torch.tensor([9.0, 1.0, 1.05, 1.0]),
+        feature_scale=3.0, prob_tol=0.05, feature_tol=0.25,
+    )
+    # 5 steps: accuracy 0.985 >= 0.99 - 0.01 and Fréchet 1.0 <= 1.1: matches the 100-step set
+    assert labels.safe_steps() == 5
+    labels.save(tmp_path / "l.safetensors")
+    back = StepLabels.load(tmp_path / "l.safetensors")
+    assert back.grid == grid and back.safe_steps() == 5 and torch.equal(back.needed, labels.needed)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"digit": 10}, "digit must be an int in 0..9"),
+    ({"digit": -1}, "digit must be an int in 0..9"),
+    ({"digit": 2.0}, "digit must be an int"),
+    ({"digit": 2, "guidance": float("nan")}, "guidance must be a finite number >= 0"),
+    ({"digit": 2, "guidance": -1.0}, "guidance must be a finite number >= 0"),
+])
+def test_bad_prompts_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DigitPrompt(**kwargs)
+
+
+def test_bad_sampling_arguments_raise(tiny):
+    with pytest.raises(ValueError, match=r"steps must be an int in 1\.\.1000"):
+        tiny.sample([1], 0, [0])
+    with pytest.raises(ValueError, match=r"steps must be an int in 1\.\.1000"):
+        tiny.sample([1], 1001, [0])
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        tiny.sample([1, 2], 3, [0])
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        tiny.sample(DigitPrompt(1), 3, [0])
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        StepSaver(tiny, TablePredictor({}))([DigitPrompt(1)], [])
+    with pytest.raises(TypeError, match="needs a pipeline with sample"):
+        StepSaver(object(), TablePredictor({}))
+    with pytest.raises(TypeError, match="needs a predictor with predict"):
+        StepSaver(tiny, object())
+    with pytest.raises(ValueError, match="num_class_embeds=11"):
+        from diffusers import UNet2DModel
+
+        DigitsPipeline(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                                   down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
+
+
+# ---- the quality metric -------------------------------------------------------------------
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g).double().numpy()
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # |mean shift|^2, same covariance
+
+
+def test_matches_uses_both_tolerances():
+    ref = QualityReport(0.95, 10.0, 100)
+    assert matches(QualityReport(0.945, 10.9, 100), ref)
+    assert not matches(QualityReport(0.93, 10.0, 100), ref)
+    assert not matches(QualityReport(0.99, 11.5, 100), ref)
+
+
+@needs_weights
+def test_real_images_score_high_and_noise_scores_low():
+    quality = DigitQuality.from_file(MODEL_DIR / "classifier.safetensors")
+    images, digits = real_digits()
+    real = quality.report(images[::2], digits[::2])
+    assert real.accuracy > 0.98 and quality.heldout_accuracy > 0.97
+    noise = torch.rand(images[::2].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fake = quality.report(noise, digits[::2])
+    assert fake.accuracy < 0.3
+    assert real.frechet < 0.1 * fake.frechet
+
+
+@needs_weights
+def test_committed_pipeline_draws_the_asked_digits():
+    pipeline = DigitsPipeline.from_pretrained(MODEL_DIR)
+    quality = DigitQuality.from_file(MODEL_DIR / "classifier.safetensors")
+    prompts = [DigitPrompt(d, 2.0) for d in range(10)] * 2
+    images = pipeline.sample(prompts, 20, list(range(20)))
+    assert quality.report(images, torch.tensor([p.digit for p in prompts])).accuracy >= 0.85
+
+
+def test_package_exports_stepsaver_and_the_quick_bench_passes():
+    import argparse
+
+    import dynexec_compile as dx
+    from dynexec_compile.bench.stepsaver import run
+
+    assert dx.StepSaver is StepSaver
+    result = run(argparse.Namespace(quick=True))
+    assert result.metrics["stepsaver.pipeline_calls_minus_distinct_counts"].value == 0
+    assert result.metrics["stepsaver.reassembled_equals_alone"].value == 1.0
+    assert result.metrics["stepsaver.fallback_is_safe_count"].value == 1.0
+    assert result.metrics["stepsaver.fallback_warned"].value == 1.0
