@@ -189,6 +189,13 @@ class LogitHead(nn.Module):
         return logits
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's one list of decoder layers, found through its own ``get_decoder()``."""
+    if not (hasattr(model, "get_decoder") and hasattr(model, "config")):
+        raise ValueError(f"{type(model).__name__} has no list of repeated decoder layers (not a transformers decoder model)")
+    return _find_layers(model.get_decoder(), model.config.get_text_config(decoder=True))
+
+
 def _find_layers(decoder: nn.Module, config) -> nn.ModuleList:
     lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == config.num_hidden_layers]
     if len(lists) != 1:

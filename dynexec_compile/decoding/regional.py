@@ -35,24 +35,7 @@ import torch
 from torch import nn
 
 from dynexec_compile.decoding.cache import SlotCache, _slot_index
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers: the ``nn.ModuleList`` of same-class modules that
-    holds the most parameters (``model.model.layers``, ``transformer.h``, ...).
-
-    Raises:
-        ValueError: the model has no such list.
-    """
-    best, best_size = None, 0
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = module, size
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of repeated decoder layers to compile one by one")
-    return best
+from dynexec_compile.decoding.layers import decoder_layers
 
 
 class _LayerCache:
