@@ -2,8 +2,8 @@
 
 Every strategy is a proposer run by one loop (:func:`~dynexec_compile.decoding.generate.decode_loop`:
 output, stop rule, streamer, statistics) over one verification step
-(:mod:`dynexec_compile.decoding.verify`: forward, greedy or lossless-sampling acceptance,
-cache commit); a strategy is registered with :func:`register_strategy`.
+(:func:`~dynexec_compile.decoding.verify.verify_step`: forward, greedy or lossless-sampling
+acceptance, cache commit); a strategy is registered with :func:`register_strategy`.
 """
 
 from dynexec_compile.decoding.cache import SlotCache
@@ -50,14 +50,11 @@ from dynexec_compile.decoding.verify import (
     Verdict,
     as_tree,
     draw_children,
-    greedy_step,
-    node_mask,
     point_mass_probs,
-    sampled_step,
-    tree_positions,
+    propose_children,
     verify,
-    verify_greedy,
     verify_sampling,
+    verify_step,
 )
 
 register_strategy("calm", calm_strategy)
@@ -85,14 +82,11 @@ __all__ = [
     "TreeSpec",
     "Verdict",
     "as_tree",
-    "greedy_step",
-    "sampled_step",
     "draw_children",
-    "node_mask",
     "point_mass_probs",
-    "tree_positions",
+    "propose_children",
     "verify",
-    "verify_greedy",
+    "verify_step",
     "verify_sampling",
     "chain_mask",
     "draw",

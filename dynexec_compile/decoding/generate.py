@@ -335,7 +335,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _next_token(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+def next_token(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
     # logits: [B, V] -> token: [B]
     if settings.sampling is None:
         return logits.argmax(dim=-1)
@@ -373,11 +373,11 @@ class _PlainProposer:
         self.name = "greedy" if settings.sampling is None else "sample"
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self.token = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        self.token = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
         return self.token
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
-        self.token = _next_token(self.engine.decode(self.token), self.settings)  # [B]
+        self.token = next_token(self.engine.decode(self.token), self.settings)  # [B]
         return runs.keep(self.token[:, None], torch.ones_like(self.token))
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:

@@ -65,16 +65,16 @@ from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    _next_token,
     cache_length,
     decode_loop,
     get_engine,
+    next_token,
     register_strategy,
 )
 from dynexec_compile.decoding.guess_trie import merge_guesses, verify_guesses
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
-from dynexec_compile.decoding.verify import StepShape, TreeSpec, greedy_step, score_step
+from dynexec_compile.decoding.verify import StepShape, TreeSpec, score_step, verify_step
 
 DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True}
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
@@ -354,7 +354,7 @@ class _LookaheadState:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Prefill the prompts; each row's first token."""
-        self.token = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        self.token = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
         self._extend_texts(self.token[:, None], torch.ones_like(self.token))
         return self.token
 
@@ -378,7 +378,7 @@ class _LookaheadState:
             root = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)  # [B, 1]
             guessed = valid.repeat(1, self.config.ngram - 1) if self.config.guesses else ~root  # [B, N_tree - 1]
             node_valid = torch.cat([root, guessed], dim=1)  # the tree's nodes, breadth-first
-            verdict, kept, predicted, _ = greedy_step(self.engine, self.layout, tokens, runs, node_valid)
+            verdict, kept, predicted, _ = verify_step(self.engine, self.layout, tokens, runs, valid=node_valid)
             run = verdict.tokens  # [B, N]
         else:
             predicted, run, kept = self._sampled_step(tokens, guesses, runs)

@@ -46,28 +46,30 @@ def step_mask(
     max_len: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Mask of a step whose ``T`` tokens see the committed prefix plus chosen step tokens.
+    """Mask of queries that see the committed prefix plus chosen step tokens.
 
     Query ``t`` of row ``b`` sees slot ``j`` iff ``j < lengths[b]`` (committed prefix) or
     ``j = slots[b, u]`` for a step token ``u`` with ``visible[b, t, u]``. Lookahead (Jacobi
     window + n-gram candidates) and tree verification are this mask with their own
-    ``visible``; a chain is ``visible = tril(ones)``.
+    ``visible``; a chain is ``visible = tril(ones)``; a drafter that grows a tree level by
+    level queries one level (``Tq`` rows of ``visible``) against every node written so far.
 
     Args:
-        lengths: ``[B]`` committed lengths.
+        lengths: ``[B]`` committed lengths (the prefix every query sees).
         slots: ``[B, T]`` slots of the step's tokens, distinct within a row, ``>= lengths[b]``.
-        visible: ``[T, T]`` or ``[B, T, T]`` bool, ``visible[.., t, u]``: query ``t`` sees token
-            ``u`` (include the diagonal: a token sees itself).
+        visible: ``[Tq, T]`` or ``[B, Tq, T]`` bool, ``visible[.., t, u]``: query ``t`` sees token
+            ``u`` (include a query's own token: a token sees itself).
         max_len: ``S_max``.
     Returns:
-        ``[B, 1, T, S_max]`` additive mask.
+        ``[B, 1, Tq, S_max]`` additive mask.
     """
     batch, width = slots.shape
+    queries = visible.shape[-2]
     keys = torch.arange(max_len, device=slots.device)  # [S]
     prefix = keys[None, None, :] < lengths[:, None, None]  # [B, 1, S]
-    visible = visible.to(device=slots.device, dtype=torch.bool).expand(batch, width, width)
-    own = torch.zeros(batch, width, max_len, dtype=torch.bool, device=slots.device)  # [B, T, S]
-    own.scatter_(2, slots[:, None, :].expand(batch, width, width), visible)
+    visible = visible.to(device=slots.device, dtype=torch.bool).expand(batch, queries, width)
+    own = torch.zeros(batch, queries, max_len, dtype=torch.bool, device=slots.device)  # [B, Tq, S]
+    own.scatter_(2, slots[:, None, :].expand(batch, queries, width), visible)
     return additive((prefix | own)[:, None], dtype)
 
 

@@ -8,28 +8,25 @@ The drafter is the model's first ``E`` layers plus an exit head:
   (self-distillation on the model's own next-token distribution, backbone frozen), passed as
   ``exit_heads=ExitHeads`` whose layer ``E - 1`` (the block whose output it reads) is used.
 
-Work sharing (:class:`SelfDraftModel`, the step's own forward): drafted tokens
-never go through layers ``0..E-1`` twice — verification continues from the layer-``E``
-hidden states kept while drafting and reuses the keys/values drafting wrote for those
-layers. Greedy output is token-identical to greedy decoding, and a greedy step is one
-compiled graph (drafts, verification, acceptance, commit); sampling uses speculative
-rejection sampling (the shared verification core) with the exit head's warped distribution
-as the proposal, one graph per draft pass plus one for the verification.
+Work sharing (:meth:`SelfSpeculativeEngine.step_forward`, the step's own forward): drafted
+tokens never go through layers ``0..E-1`` twice — the draft grows the candidate tree level
+by level through layers ``[0, E)`` + the exit head (a chain: one token per level), then one
+pass of layers ``[E, L)`` scores every node from the kept layer-``E`` hidden states, reusing
+the keys/values drafting wrote for the lower layers; the accepted path's keys/values are
+gathered in every layer's cache, never recomputed. A node's children are the exit head's
+top tokens (:func:`~dynexec_compile.decoding.verify.propose_children`; a chain: its argmax).
+Greedy output is token-identical to greedy decoding, and a greedy step is one compiled graph
+(drafts, verification, acceptance, commit).
 
-``tree=`` (branching per depth, e.g. ``[3, 2, 1]``, or a ``TreeSpec``): the draft grows a
-candidate tree level by level, a node's children being the exit head's top tokens there,
-and one pass of layers ``E..L`` verifies all nodes under the tree mask; the accepted path's
-keys/values are gathered in every layer's cache, never recomputed. Drafting and verifying
-are one graph per step (greedy: with the acceptance and the commit). Sampling with a tree
-uses the same deterministic top-k children, so each node's proposal is a point mass on its
-token (:func:`~dynexec_compile.decoding.verify.point_mass_probs`): child ``x`` is accepted
-with the target's probability ``p(x)``, a rejection removes ``x`` from ``p`` and the next
-sibling is tried, the bonus comes from what is left — lossless. Why not children drawn from
-the exit head's warped distribution (:func:`~dynexec_compile.decoding.verify.draw_children`):
-each level would need host-side random draws between the draft passes, splitting the step
-into ``D + 1`` graphs, where deterministic children keep drafting and verification in one
-graph; and at the low temperatures where drafting pays, the head's top tokens carry most of
-the target's mass.
+Sampling drafts the same top tokens, deterministic given the context, so each node's
+proposal is a point mass on its token
+(:func:`~dynexec_compile.decoding.verify.point_mass_probs`): child ``x`` is accepted with
+the target's probability ``p(x)``, a rejection removes ``x`` from ``p`` and the next sibling
+is tried, the bonus comes from what is left — lossless. Why not tokens drawn from the exit
+head's warped distribution: the draws would need random numbers inside the step graph (or
+host draws between the draft passes, splitting the step into ``D + 1`` graphs), while top
+tokens keep drafting and scoring in one graph; and at the low temperatures where drafting
+pays, the head's top tokens carry most of the target's mass.
 """
 
 from __future__ import annotations
@@ -49,14 +46,12 @@ from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    _next_token,
     cache_length,
     decode_loop,
+    next_token,
 )
 from dynexec_compile.decoding.layers import DecoderStack
-from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.runs import TokenRuns
-from dynexec_compile.decoding.sampling import draw, sampling_probs
 from dynexec_compile.decoding.step import (
     DecodeEngine,
     check_causal_lm,
@@ -64,14 +59,12 @@ from dynexec_compile.decoding.step import (
     weights_fingerprint,
 )
 from dynexec_compile.decoding.verify import (
-    StepModel,
+    DraftStats,
     StepShape,
     TreeSpec,
-    acceptance_stats,
     as_tree,
-    greedy_step,
-    sampled_step,
-    verify,
+    propose_children,
+    verify_step,
 )
 from dynexec_compile.exit_heads import ExitHeads
 
@@ -109,25 +102,20 @@ def self_speculative_strategy(
         raise ValueError("strategy='self_speculative' needs exit_layer=E (the layers the draft runs)")
     if settings.cache != "static":
         raise ValueError("strategy='self_speculative' runs on the static SlotCache; pass cache='static'")
-    if tree is None and num_draft is None:
-        num_draft = DEFAULT_NUM_DRAFT
-    spec = None if tree is None else as_tree(tree, num_draft)
-    if spec is None and (isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1):
-        raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
+    spec = as_tree(tree, DEFAULT_NUM_DRAFT if tree is None and num_draft is None else num_draft)
     head, head_key = _exit_head(model, exit_layer, exit_head, exit_heads)
     _, lengths = pack_prompts(input_ids, attention_mask)
     batch = input_ids.shape[0]
-    width = num_draft + 1 if spec is None else spec.size
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=width)
+    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=spec.size)
     engine = cached_engine(
         model,
         batch,
         max_len,
         settings,
-        ("self_speculative", exit_layer, head_key, None if spec is None else spec.parents),
+        ("self_speculative", exit_layer, head_key, spec.parents),
         lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, spec, **engine_options(settings)),
     )
-    return decode_loop(_SelfProposer(engine, settings, width - 1), input_ids, attention_mask, settings)
+    return decode_loop(_SelfProposer(engine, settings), input_ids, attention_mask, settings)
 
 
 def _exit_head(
@@ -174,22 +162,17 @@ class _TokenwiseHead(nn.Module):
 
 
 class SelfSpeculativeEngine(DecodeEngine):
-    """A :class:`DecodeEngine` that carries an exit layer and head: the draft is layers
-    ``[0, E)`` + the exit head, the verification layers ``[E, L)`` on the same hidden states.
+    """A :class:`DecodeEngine` whose step drafts its own tokens: layers ``[0, E)`` + the exit
+    head propose the candidate tree, layers ``[E, L)`` verify it on the same hidden states.
 
     Args:
-        model: a llama / qwen2 / gpt2 causal LM in eval mode (not modified).
+        model: a causal LM in eval mode whose layers transformers exposes (not modified).
         batch_size, max_len: as for :class:`DecodeEngine`.
         exit_layer: ``E``, layers the draft runs (``1 <= E < L``).
         exit_head: ``[..., D] -> [..., V]`` logits from the layer-``E`` hidden state; ``None``
             shares the model's own final norm + LM head.
-        tree: the candidate tree (fixed per engine: its shape is baked into the step's
-            graph); ``None`` for chains.
+        tree: the candidate tree (fixed per engine: its shape is baked into the step's graph).
         **engine_options: the rest of :class:`DecodeEngine`'s options.
-
-    Attributes:
-        layer_tokens: ``[L]`` tokens each decoder layer has processed in decoding steps (host
-            counters, per row), for the stats.
     """
 
     def __init__(
@@ -198,8 +181,8 @@ class SelfSpeculativeEngine(DecodeEngine):
         batch_size: int,
         max_len: int,
         exit_layer: int,
-        exit_head: nn.Module | None = None,
-        tree: TreeSpec | None = None,
+        exit_head: nn.Module | None,
+        tree: TreeSpec,
         **engine_options: Any,
     ):
         super().__init__(model, batch_size, max_len, **engine_options)
@@ -209,183 +192,67 @@ class SelfSpeculativeEngine(DecodeEngine):
             raise ValueError(
                 f"exit_layer must be an int in [1, {layers - 1}] for a model with {layers} layers, got {exit_layer!r}"
             )
+        tree.check_vocabulary(int(model.config.get_text_config(decoder=True).vocab_size))
         self.exit_layer, self.exit_head, self.tree = exit_layer, exit_head, tree
-        self.layer_tokens = [0] * layers
-        if tree is not None:
-            self._tree_tables(tree)
-
-    def _tree_tables(self, tree: TreeSpec) -> None:
-        """Per depth: the level's node range (contiguous in breadth-first order) and, for the
-        next level's nodes, their parent's index within this level and their rank among
-        their siblings (which of the exit head's top tokens they take)."""
-        vocab = int(self.model.config.get_text_config(decoder=True).vocab_size)
-        widest = max(len(kids) for kids in tree.children)
-        if widest > vocab:
-            raise ValueError(f"a tree node has {widest} children but the vocabulary has {vocab} tokens; use fewer children")
-        self._levels = [(min(tree.level(d)), max(tree.level(d)) + 1) for d in range(tree.max_depth + 1)]
-        self._child_parent, self._child_rank, self._top = [], [], []
-        for d in range(tree.max_depth):
-            kids = tree.level(d + 1)
-            ranks = [tree.children[tree.parents[c]].index(c) for c in kids]
-            self._child_parent.append(torch.tensor([tree.parents[c] - self._levels[d][0] for c in kids], device=self.device))
-            self._child_rank.append(torch.tensor(ranks, device=self.device))
-            self._top.append(max(ranks) + 1)
-
-    @property
-    def tree_leaves(self) -> int:
-        """Nodes of the tree's deepest level (their layers ``< E`` run in the verification)."""
-        start, stop = self._levels[-1]
-        return stop - start
-
-    def count(self, layers: range, tokens: int) -> None:
-        """Add ``tokens`` to :attr:`layer_tokens` of ``layers``."""
-        for i in layers:
-            self.layer_tokens[i] += tokens
+        self.shape = StepShape.of_tree(tree)
 
     def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The draft's logits ``[B, T, V]`` from the layer-``E`` output ``[B, T, D]`` (traceable)."""
         return self.stack.logits(h) if self.exit_head is None else self.exit_head(h)
 
-    def draft(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layers ``[0, E)`` + exit head on one token per row (``[B, 1]`` token and position,
-        slot == position): ``(h_E [B, 1, D], draft logits [B, V])``. Not a model forward."""
-        out = self.run_graph("draft", _draft_one, token, position, width=0, forwards=0)
-        self.count(range(self.exit_layer), 1)
-        return out
-
-    def verify(self, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Target logits ``[B, k+1, V]`` of a chain drafted with :meth:`draft` from its first
-        ``k`` tokens' layer-``E`` hidden states ``[B, k, D]`` (their layers-``< E`` keys/values
-        are in the cache) and its last token ``[B, 1]`` (through no layer yet)."""
-        width = hidden.shape[1] + 1
-        logits = self.run_graph("verify", _verify_chain, hidden, last, width=width)
-        self.count(range(self.exit_layer), 1)
-        self.count(range(self.exit_layer, self.stack.num_layers), width)
-        return logits
-
-
-def _draft_one(engine: SelfSpeculativeEngine, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    mask = chain_mask(position, engine.cache.max_len, engine.cache.dtype)  # [B, 1, 1, S]
-    h = engine.stack.embed(token, position)  # [B, 1, D]
-    h = engine.stack.run(h, 0, engine.exit_layer, mask, position, engine.cache, position)
-    return h, engine.exit_logits(h)[:, -1]
-
-
-def _verify_chain(engine: SelfSpeculativeEngine, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    # hidden: [B, k, D]; last: [B, 1]
-    stack, exit_layer = engine.stack, engine.exit_layer
-    positions = engine.cache.lengths[:, None] + torch.arange(hidden.shape[1] + 1, device=last.device)  # [B, k+1]
-    mask = chain_mask(positions, engine.cache.max_len, engine.cache.dtype)  # [B, 1, k+1, S]
-    tail = positions[:, -1:]  # [B, 1]
-    h_last = stack.run(stack.embed(last, tail), 0, exit_layer, mask[:, :, -1:], tail, engine.cache, tail)
-    h = stack.run(torch.cat([hidden, h_last], dim=1), exit_layer, stack.num_layers, mask, positions, engine.cache, positions)
-    return stack.logits(h)  # [B, k+1, V]
-
-
-class SelfDraftModel(StepModel):
-    """The step's forward drafts its own tokens: from the root, layers ``[0, E)`` + the exit
-    head propose each next token (a chain) or each level's children (a tree, the head's top
-    tokens by rank); then layers ``[E, L)`` score every node from the kept layer-``E``
-    hidden states. No token runs a layer twice; only ``tokens[:, 0]`` (the root) is read."""
-
-    def forward(self, engine, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see StepModel
-        stack, exit_layer, tree = engine.stack, engine.exit_layer, engine.tree
-        levels = [(i, i + 1) for i in range(tokens.shape[1])] if tree is None else engine._levels
+    def step_forward(self, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see DecodeEngine
+        """Draft the tree from the root ``tokens[:, 0]`` level by level through layers
+        ``[0, E)`` and the exit head, then score every node with layers ``[E, L)``."""
+        stack, exit_layer, tree = self.stack, self.exit_layer, self.tree
         drafted, hidden = [tokens[:, :1]], []
-        for depth, (start, stop) in enumerate(levels):  # a chain's depth d is its token d
+        for depth, (start, stop) in enumerate(tree.levels):
             at, where = positions[:, start:stop], slots[:, start:stop]  # [B, n_d]
-            h = stack.run(stack.embed(drafted[-1], at), 0, exit_layer, mask[:, :, start:stop], at, engine.cache, where)
+            h = stack.run(stack.embed(drafted[-1], at), 0, exit_layer, mask[:, :, start:stop], at, self.cache, where)
             hidden.append(h)  # [B, n_d, D]
-            if depth == len(levels) - 1:
-                break
-            if tree is None:
-                drafted.append(engine.exit_logits(h).argmax(dim=-1))  # [B, 1]
-            else:
-                top = engine.exit_logits(h).topk(engine._top[depth], dim=-1).indices  # [B, n_d, top]
-                drafted.append(top[:, engine._child_parent[depth], engine._child_rank[depth]])  # [B, n_{d+1}]
-        h = stack.run(torch.cat(hidden, dim=1), exit_layer, stack.num_layers, mask, positions, engine.cache, slots)
+            if depth < tree.max_depth:
+                drafted.append(propose_children(tree, depth, self.exit_logits(h))[0])  # [B, n_{d+1}]
+        h = stack.run(torch.cat(hidden, dim=1), exit_layer, stack.num_layers, mask, positions, self.cache, slots)
         return torch.cat(drafted, dim=1), stack.logits(h), ()  # [B, T], [B, T, V]
 
 
-SELF_DRAFT = SelfDraftModel()
-
-
 class _SelfProposer:
-    """Self-speculation's proposer: the model's first ``E`` layers draft, the rest verify."""
+    """Self-speculation's proposer: the engine's step drafts and verifies; it keeps the root."""
 
     name = "self_speculative"
 
-    def __init__(self, engine: SelfSpeculativeEngine, settings: DecodeSettings, k: int):
-        self.engine, self.settings, self.k = engine, settings, k
-        self.shape = StepShape.of_tree(TreeSpec.chain(k) if engine.tree is None else engine.tree)
-        self.width = self.shape.width
-        self.tokens = torch.zeros(engine.batch_size, self.width, dtype=torch.long, device=engine.device)  # root first
-        self.layer_tokens0 = list(engine.layer_tokens)
-        self.drafted: list[torch.Tensor] = []
-        self.accepted: list[torch.Tensor] = []
+    def __init__(self, engine: SelfSpeculativeEngine, settings: DecodeSettings):
+        self.engine, self.settings, self.tree = engine, settings, engine.tree
+        self.width = self.tree.max_depth + 1
+        self.tokens = torch.zeros(engine.batch_size, self.tree.size, dtype=torch.long, device=engine.device)  # root first
+        self.stats = DraftStats(self.tree)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self.pending = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
-        return self.pending
+        self.tokens[:, 0] = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        return self.tokens[:, 0].clone()
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
-        engine, settings, k = self.engine, self.settings, self.k
         live = ~runs.done  # [B]
-        self.tokens[:, 0] = self.pending
-        if settings.sampling is None:  # the whole step is one graph: drafts, verification, commit
-            verdict, kept, _, _ = greedy_step(engine, self.shape, self.tokens, runs, model=SELF_DRAFT)
-            engine.count(range(engine.stack.num_layers), self.width)
-        elif engine.tree is not None:  # the draft tree and its scores in one graph; point-mass proposals
-            verdict, kept, _ = sampled_step(engine, self.shape, self.tokens, runs, settings.sampling, settings.generator,
-                                            model=SELF_DRAFT)
-            engine.count(range(engine.stack.num_layers), self.width)
-        else:  # draws between the drafts: one graph per draft, then the verification
-            tokens, hidden, proposal = _draft_chain(engine, self.pending, k, settings)  # [B, k+1], [B, k, D], [B, k+1, V]
-            logits = engine.verify(hidden, tokens[:, -1:])  # [B, k+1, V]
-            verdict = verify(self.shape.tree, tokens, logits, proposal, settings.sampling, settings.generator)
-            kept = runs.keep(verdict.tokens, verdict.emitted)
-            engine.commit(kept)  # pending + kept drafts, in place
-        self.pending = verdict.next_token
-        self.drafted.append(torch.where(live, k, 0))
-        self.accepted.append(torch.where(live, verdict.accepted, 0))
+        verdict, kept, _, _ = verify_step(
+            self.engine, self.engine.shape, self.tokens, runs, self.settings.sampling, self.settings.generator
+        )
+        self.tokens[:, 0] = verdict.next_token
+        self.stats.record(live, verdict)
         return kept
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
-        engine, k = self.engine, self.k
-        layer_tokens = [a - b for a, b in zip(engine.layer_tokens, self.layer_tokens0)]
-        exit_layer, tree = engine.exit_layer, engine.tree
-        # the draft reads k tokens (a tree: the nodes above its deepest level) in D passes; the
-        # verification runs layers < E on the rest (the last draft / the deepest level) and
-        # layers >= E on all k + 1 — no token runs a layer twice
-        unread = 1 if tree is None else engine.tree_leaves
+        engine, tree, exit_layer = self.engine, self.tree, self.engine.exit_layer
+        layers, leaves = engine.stack.num_layers, len(tree.level(tree.max_depth))
+        # every layer runs each of the T nodes once per step: layers < E while drafting (the
+        # deepest level, which proposes nothing, in the verification), layers >= E verifying
         return {
-            "num_draft": k,
-            "tree": None if tree is None else list(tree.parents),
+            **self.stats.extra(stats.forward_passes),
             "exit_layer": exit_layer,
-            **acceptance_stats(self.drafted, self.accepted),
-            "target_forwards": stats.forward_passes,
-            "draft_forwards": stats.steps * (k if tree is None else tree.max_depth),
+            "draft_forwards": stats.steps * tree.max_depth,
             # token x layer evaluations per row in the decoding steps (prefill not counted)
-            "draft_layer_evals": stats.steps * exit_layer * (k + 1 - unread),
-            "target_layer_evals": stats.steps * (exit_layer * unread + (engine.stack.num_layers - exit_layer) * (k + 1)),
-            "layer_tokens": layer_tokens,
+            "draft_layer_evals": stats.steps * exit_layer * (tree.size - leaves),
+            "target_layer_evals": stats.steps * (exit_layer * leaves + (layers - exit_layer) * tree.size),
+            "layer_tokens": [stats.steps * tree.size] * layers,
         }
-
-
-def _draft_chain(
-    engine: SelfSpeculativeEngine, pending: torch.Tensor, k: int, settings: DecodeSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``k`` sampling draft calls from the pending token: ``(chain [B, k+1] = [pending, d_1..d_k],
-    layer-E hidden states [B, k, D] of ``pending, d_1..d_{k-1}``, proposals [B, k+1, V])``."""
-    tokens, hidden, probs = [pending], [], []
-    for i in range(k):
-        h, logits = engine.draft(tokens[-1][:, None], engine.lengths[:, None] + i)  # [B, 1, D], [B, V]
-        hidden.append(h)
-        q = sampling_probs(logits, settings.sampling)  # [B, V]
-        probs.append(q)
-        tokens.append(draw(q, settings.generator))
-    proposal = torch.stack([torch.zeros_like(probs[0]), *probs], dim=1)  # [B, k+1, V], row 0 unused
-    return torch.stack(tokens, dim=1), torch.cat(hidden, dim=1), proposal
 
 
 # ---- training a trained exit head -----------------------------------------------------------

@@ -1,18 +1,17 @@
 """``generate(strategy="speculative", draft_model=..., num_draft=k, tree=None)``: a draft model
 proposes, the target verifies every candidate in one forward.
 
-Each step: the draft model, on its own :class:`DecodeEngine` (static cache, compiled), proposes
-a chain of ``k`` tokens in ONE compiled call (its ``k`` forwards unrolled into one graph,
-:meth:`DecodeEngine.draft_chain`) or a candidate tree, one draft forward per tree depth; the target runs
-ONE ``DecodeEngine.step`` over the root and all candidates under the tree mask; the shared
-verification rule (:mod:`dynexec_compile.decoding.verify`) picks each row's accepted path and
-bonus token; both caches keep the accepted tokens by moving their keys/values (never
-recomputed). Rows accept different numbers of tokens; finished rows commit nothing. Every
-forward has a fixed shape per configuration, so nothing recompiles after warm-up.
-
-The target's step is the shared one (:func:`~dynexec_compile.decoding.verify.greedy_step`,
-``sampled_step``); draft heads and self-speculation draft inside that step's graph instead
-(a :class:`~dynexec_compile.decoding.verify.StepModel`), as they need no second model.
+Each step: the draft model, on its own :class:`DecodeEngine` (static cache, compiled),
+proposes a candidate tree (a chain of ``k`` tokens is the tree of one node per depth) in ONE
+compiled call: its forwards, one per tree depth, are unrolled into one graph (each call
+costs far more than a small draft model's arithmetic), a node's children being the draft's
+top tokens or, when sampling, draws from its warped distribution
+(:func:`~dynexec_compile.decoding.verify.propose_children`, with uniforms drawn on the host).
+The target then runs the shared step (:func:`~dynexec_compile.decoding.verify.verify_step`:
+one forward over the root and all candidates under the tree mask, verification, commit);
+both caches keep the accepted tokens by moving their keys/values (never recomputed). Rows
+accept different numbers of tokens; finished rows commit nothing. Every forward has a fixed
+shape per configuration, so nothing recompiles after warm-up.
 
 Draft cache bookkeeping: the draft feeds tree nodes of depths ``0 .. D-1`` (a node of depth
 ``D`` has no children to propose), writing node ``i`` at slot ``L + i`` like the target (``L``
@@ -24,6 +23,7 @@ of a depth-``D`` node that no draft query of that step reads).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,25 +33,24 @@ from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    _next_token,
     cache_length,
     decode_loop,
     get_engine,
+    next_token,
     register_strategy,
 )
+from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import TokenRuns
-from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
+from dynexec_compile.decoding.sampling import SamplingParams
 from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
 from dynexec_compile.decoding.verify import (
+    DraftStats,
     StepShape,
     TreeSpec,
     Verdict,
-    acceptance_stats,
     as_tree,
-    draw_children,
-    greedy_step,
-    node_mask,
-    sampled_step,
+    propose_children,
+    verify_step,
 )
 
 DEFAULT_NUM_DRAFT = 4
@@ -68,6 +67,7 @@ class ModelDrafter:
     """
 
     def __init__(self, engine: DecodeEngine, tree: TreeSpec):
+        tree.check_vocabulary(int(engine.model.config.get_text_config(decoder=True).vocab_size))
         self.engine = engine
         self.tree = tree
         self.forwards = 0
@@ -77,10 +77,6 @@ class ModelDrafter:
         self._lag = torch.zeros(batch, dtype=torch.long, device=device)  # [B] 1: draft misses one token
         self._catch_up = torch.zeros(batch, dtype=torch.long, device=device)  # [B] that token
         self._base = torch.zeros(batch, dtype=torch.long, device=device)  # [B] target length at propose
-        # per depth: the nodes fed, as a list and a tensor, and the nodes each of them sees
-        self._levels = [list(tree.level(depth)) for depth in range(tree.max_depth)]
-        self._level_nodes = [torch.tensor(level, device=device) for level in self._levels]
-        self._level_visible = [tree.visible(device)[level] for level in self._levels]  # [n, T] each
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         self.engine.prefill(input_ids, attention_mask)
@@ -88,85 +84,29 @@ class ModelDrafter:
         self._lag.zero_()
 
     def propose(
-        self,
-        root: torch.Tensor,
-        target_lengths: torch.Tensor,
-        tree: TreeSpec,
-        sampling: SamplingParams | None,
+        self, root: torch.Tensor, target_lengths: torch.Tensor, sampling: SamplingParams | None,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) and, when sampling,
-        ``draft_probs [B, T, V]`` (see :func:`~dynexec_compile.decoding.verify.verify_sampling`)."""
-        if tree != self.tree:
-            raise ValueError("ModelDrafter.propose: the tree differs from the one it was built for")
-        engine, device = self.engine, self.engine.device
-        batch, size = root.shape[0], tree.size
-        base = target_lengths.clone()  # [B] slot of node 0, in both caches
-        self._base = base
-        tokens = torch.zeros(batch, size, dtype=torch.long, device=device)  # [B, T]
-        tokens[:, 0] = root
-        probs = None
-        if tree.is_chain:  # all k draft forwards in one compiled call
-            feed, positions, slots, _ = self._level_inputs(tokens, base, 0)
-            drafts, draft_probs = engine.draft_chain(feed, positions, slots, tree.num_draft, sampling, generator)
-            tokens[:, 1:] = drafts
-            self.forwards += tree.num_draft
-            self.layer_evals += (feed.shape[1] + tree.num_draft - 1) * self._layers
-            if draft_probs is not None:
-                probs = torch.zeros(batch, size, draft_probs.shape[-1], device=device)  # [B, T, V]
-                probs[:, 1:] = draft_probs
-            return tokens, probs
-        for depth, level in enumerate(self._levels):
-            feed, positions, slots, visible = self._level_inputs(tokens, base, depth)
-            mask = node_mask(base, base, visible, engine.max_len, engine.cache.dtype)
-            logits = engine.step(feed, positions, mask, slots)  # [B, n, V]
-            logits = logits[:, -len(level) :]  # the catch-up query's logits are not needed
-            self.forwards += 1
-            self.layer_evals += feed.shape[1] * self._layers
-            counts = {len(tree.children[node]) for node in level}
-            if sampling is None and len(counts) == 1 and 0 not in counts:  # one top-k for the level
-                kids = [kid for node in level for kid in tree.children[node]]
-                tokens[:, kids] = logits.topk(counts.pop(), dim=-1).indices.reshape(batch, len(kids))
-                continue
-            for j, node in enumerate(level):
-                kids = list(tree.children[node])
-                if not kids:
-                    continue
-                if sampling is None:
-                    tokens[:, kids] = logits[:, j].topk(len(kids), dim=-1).indices
-                    continue
-                if probs is None:
-                    probs = torch.zeros(batch, size, logits.shape[-1], device=device)  # [B, T, V]
-                kid_tokens, kid_probs = draw_children(sampling_probs(logits[:, j], sampling), len(kids), generator)
-                tokens[:, kids], probs[:, kids] = kid_tokens, kid_probs
-        return tokens, probs
-
-    def _level_inputs(
-        self, tokens: torch.Tensor, base: torch.Tensor, depth: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens, positions, slots ``[B, n]`` and visible nodes ``[n, T]`` of one draft forward.
-
-        When a row lags, the first forward also carries the catch-up token in front (rows
-        without lag feed a dummy there); without lag anywhere it has the level's shape alone.
-        """
-        level, visible = self._levels[depth], self._level_visible[depth]
-        feed = tokens[:, level]  # [B, n]
-        positions = (base[:, None] + depth).repeat(1, len(level))  # [B, n]
-        slots = base[:, None] + self._level_nodes[depth][None, :]  # [B, n]
-        if depth > 0 or not bool(self._lag.any()):
-            return feed, positions, slots, visible
-        lag = self._lag.bool()
-        spare = base + self.tree.size - 1  # a depth-D node's slot: never read while drafting
-        first_tok = torch.where(lag, self._catch_up, feed[:, 0])[:, None]  # [B, 1]
-        first_pos = torch.where(lag, base - 1, base)[:, None]
-        first_slot = torch.where(lag, base - 1, spare)[:, None]
-        none = torch.zeros(1, visible.shape[1], dtype=torch.bool, device=base.device)
-        return (
-            torch.cat([first_tok, feed], dim=1),
-            torch.cat([first_pos, positions], dim=1),
-            torch.cat([first_slot, slots], dim=1),
-            torch.cat([none, visible], dim=0),
+        """Candidate tree ``tokens [B, T]`` (``tokens[:, 0] == root``) rooted at the target's
+        committed lengths and, when sampling, ``draft_probs [B, T, V]`` (see
+        :func:`~dynexec_compile.decoding.verify.verify_sampling`). Nothing is committed."""
+        engine, tree = self.engine, self.tree
+        self._base = target_lengths.clone()  # [B] slot of node 0, in both caches
+        if int(self._base.max()) + tree.size > engine.max_len:
+            raise ValueError(
+                f"draft: a {tree.size}-node tree after {int(self._base.max())} tokens would overflow the "
+                f"{engine.max_len}-slot cache; build the engine with a larger max_len"
+            )
+        lagging = bool(self._lag.any())  # then the first forward also carries the catch-up token
+        noise = () if sampling is None else (1.0 - torch.rand(root.shape[0], tree.num_draft, generator=generator, device=engine.device),)
+        out = engine.run_graph(
+            f"draft{tree.parents}{'_lag' if lagging else ''}{'' if sampling is None else sampling}",
+            _draft_body(tree, sampling, lagging), root, self._base, self._lag, self._catch_up, *noise,
+            width=0, forwards=tree.max_depth,
         )
+        self.forwards += tree.max_depth
+        self.layer_evals += (tree.size - len(tree.level(tree.max_depth)) + lagging) * self._layers
+        return out if sampling is not None else (out, None)
 
     def accept(self, verdict: Verdict, kept: torch.Tensor) -> None:
         """Keep the first ``kept[b]`` tokens of the verdict's path (the root and the drafts the
@@ -185,6 +125,41 @@ class ModelDrafter:
         full = kept == depth + 1  # every draft kept: the draft never saw the last one
         self._catch_up = torch.where(full, verdict.tokens[:, depth - 1], self._catch_up)
         self._lag = torch.where(keep, full.long(), lag)
+
+
+@functools.lru_cache(maxsize=64)
+def _draft_body(tree: TreeSpec, sampling: SamplingParams | None, lagging: bool) -> Any:
+    """The draft model's tree as one graph: one forward per depth over that level's nodes
+    (after a catch-up token when ``lagging``), each node's children from its logits."""
+
+    def body(engine: DecodeEngine, root: torch.Tensor, base: torch.Tensor, lag: torch.Tensor, catch_up: torch.Tensor,
+             *noise: torch.Tensor) -> Any:
+        # root, base, lag, catch_up: [B]; noise: [B, N] uniforms when sampling
+        device = root.device
+        node_slots = base[:, None] + torch.arange(tree.size, device=device)  # [B, T]
+        visible = tree.visible(device)  # [T, T]
+        tokens, probs = [root[:, None]], []
+        for depth in range(tree.max_depth):
+            start, stop = tree.levels[depth]
+            feed, slots, seen = tokens[-1], node_slots[:, start:stop], visible[start:stop]  # [B, n], [B, n], [n, T]
+            positions = (base[:, None] + depth).expand_as(feed)
+            if depth == 0 and lagging:  # the catch-up token at L - 1 (prefix: seen by all); others a dummy
+                lags = lag.bool()
+                feed = torch.cat([torch.where(lags, catch_up, root)[:, None], feed], dim=1)
+                positions = torch.cat([torch.where(lags, base - 1, base)[:, None], positions], dim=1)
+                slots = torch.cat([torch.where(lags, base - 1, base + tree.size - 1)[:, None], slots], dim=1)
+                seen = torch.cat([torch.zeros_like(seen[:1]), seen], dim=0)
+            mask = step_mask(base, node_slots, seen, engine.max_len, engine.cache.dtype)  # [B, 1, n, S]
+            logits = engine.forward_logits(feed, positions, slots, mask)[:, -(stop - start) :]  # [B, n, V]
+            kids, kid_probs = propose_children(tree, depth, logits, sampling, *noise)
+            tokens.append(kids)
+            probs.append(kid_probs)
+        tokens = torch.cat(tokens, dim=1)  # [B, T]
+        if sampling is None:
+            return tokens
+        return tokens, torch.cat([torch.zeros_like(probs[0][:, :1]), *probs], dim=1)  # [B, T, V], row 0 unused
+
+    return body
 
 
 def draft_verify_loop(
@@ -207,44 +182,34 @@ def draft_verify_loop(
 
 class DraftVerify:
     """Speculative decoding's :class:`~dynexec_compile.decoding.generate.Proposer`: the
-    :class:`ModelDrafter` (its own engine and cache) proposes a candidate tree, it
-    proposes a candidate tree, the shared step verifies it in one target forward
-    (:func:`~dynexec_compile.decoding.verify.greedy_step` / ``sampled_step``)."""
+    :class:`ModelDrafter` (its own engine and cache) proposes a candidate tree, the shared
+    step verifies it in one target forward."""
 
     def __init__(self, target: DecodeEngine, drafter: ModelDrafter, tree: TreeSpec, settings: DecodeSettings, name: str):
         self.engine, self.drafter, self.tree, self.settings, self.name = target, drafter, tree, settings, name
+        self.shape = StepShape.of_tree(tree)
         self.width = tree.max_depth + 1
-        self.drafted: list[torch.Tensor] = []
-        self.accepted: list[torch.Tensor] = []
+        self.stats = DraftStats(tree)
         self._forwards0, self._evals0 = drafter.forwards, drafter.layer_evals
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self.root = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
+        self.root = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
         self.drafter.prefill(input_ids, attention_mask)
         return self.root
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
-        target, tree, settings = self.engine, self.tree, self.settings
-        live = ~runs.done  # [B] rows still generating
-        tokens, probs = self.drafter.propose(self.root, target.lengths, tree, settings.sampling, settings.generator)
-        shape = StepShape.of_tree(tree)
-        if settings.sampling is None:  # the one target forward, verification and commit: one graph
-            verdict, kept, _, _ = greedy_step(target, shape, tokens, runs)
-        else:  # rejection sampling draws on the host between the forward and the commit
-            verdict, kept, _ = sampled_step(target, shape, tokens, runs, settings.sampling, settings.generator, probs)
+        live, sampling, generator = ~runs.done, self.settings.sampling, self.settings.generator  # [B] rows still generating
+        tokens, probs = self.drafter.propose(self.root, self.engine.lengths, sampling, generator)
+        verdict, kept, _, _ = verify_step(self.engine, self.shape, tokens, runs, sampling, generator, draft_probs=probs)
         self.drafter.accept(verdict, kept)
         self.root = torch.where(live, verdict.next_token, self.root)
-        self.drafted.append(live.long() * tree.num_draft)
-        self.accepted.append(torch.where(live, verdict.accepted, 0))
+        self.stats.record(live, verdict)
         return kept
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         target_layers = self.engine.model.config.get_text_config(decoder=True).num_hidden_layers
         return {
-            "tree": list(self.tree.parents),
-            "num_draft": self.tree.num_draft,
-            **acceptance_stats(self.drafted, self.accepted),
-            "target_forwards": stats.forward_passes,
+            **self.stats.extra(stats.forward_passes),
             "draft_forwards": self.drafter.forwards - self._forwards0,
             # token x layer evaluations per row in the decoding steps (prefill not counted)
             "target_layer_evals": stats.steps * self.tree.size * target_layers,

@@ -1,18 +1,18 @@
 """The compiled decoding step every strategy is a loop of.
 
 A ``DecodeEngine`` owns a :class:`SlotCache` for one model, batch size and cache length, and
-compiled entry points, each a fixed-shape graph:
+runs fixed-shape compiled graphs on it, all through one mechanism (:meth:`DecodeEngine.run_graph`:
+one graph per name and input shapes):
 
 - ``prefill(input_ids, attention_mask)``: prompts packed to the front of each row (slot ==
   position), right-padded to a length bucket so nearby prompt lengths share one graph;
 - ``decode(tokens)``: the 1-token step; positions, slots and mask come from the cache's
   lengths inside the graph, which then advances them — one call, no host work per step;
 - ``step(tokens, positions, mask, slots)``: the generic fused forward of ``T`` tokens per row
-  under a caller-built mask (lookahead windows, draft chains, trees); the caller then keeps
-  what it accepts with ``commit``;
-- ``draft_chain(tokens, positions, slots, k)``: a drafter's ``k`` autoregressive 1-token
-  forwards (greedy or sampled) unrolled into ONE graph, so a draft model proposes a chain in
-  one call instead of ``k`` (each call costs far more than a small draft model's arithmetic).
+  under a caller-built mask; the caller then keeps what it accepts with ``commit``;
+- a strategy's whole step (forward, verification, commit: :mod:`dynexec_compile.decoding.verify`)
+  as one graph, whose forward is :meth:`DecodeEngine.step_forward` — the model's, or a
+  subclass's that drafts inside the graph (draft heads, self-speculation).
 
 Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA the
 ``decode`` and ``step`` graphs are captured as CUDA graphs and replayed.
@@ -28,7 +28,6 @@ evaluation on shapes an engine has already run.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -42,7 +41,6 @@ from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
 from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
 from dynexec_compile.decoding.regional import RegionalLayers
-from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 
 Backend = str | Callable
 
@@ -201,21 +199,13 @@ class DecodeEngine:
         self._max_position = _learned_positions(model.config)
         self._weights_at_freeze = weights_fingerprint(model) if freeze else None
         self.compile_settings = {"mode": mode, "options": options, "freeze": freeze, "regional": regional}  # as resolved
-        compiler = _compiler(compile, backend, mode, options)
+        self._compiler = _compiler(compile, backend, mode, options)
         self._regional: RegionalLayers | None = None
-        if regional:  # the layers compile; every entry point runs eagerly around them
+        if regional:  # the layers compile; every graph runs eagerly around them
             self._regional = RegionalLayers(
                 model, self.cache, lambda fn, dynamic: _compiler(True, backend, mode, options, dynamic)(fn)
             )
-            compiler = _compiler(False, backend, None, None)
-        self._compiler = compiler  # subclasses compile their own entry points the same way
-        self._prefill_fn = compiler(_private_method(self, self._prefill_impl))
-        self._decode_fn = compiler(_private_method(self, self._decode_impl))
-        self._step_fn = compiler(_private_method(self, self._step_impl))
-        self._step_hidden_fn = compiler(_private_method(self, self._step_hidden_impl))
-        self._commit_fn = compiler(_private_method(self, self._commit_impl))
-        # per sampling warp (None: greedy): the warm-key entry name and the compiled draft chain
-        self._draft_chain_fns: dict[SamplingParams | None, tuple[str, Callable]] = {}
+            self._compiler = _compiler(False, backend, None, None)
         # run_graph: name -> (the body, its compiled graph)
         self._graphs: dict[str, tuple[Callable, Callable]] = {}
         if cuda_graphs is None:
@@ -223,10 +213,6 @@ class DecodeEngine:
         if cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
-        if cuda_graphs:
-            self._decode_fn = CudaGraphRunner(self._decode_fn, state=[self.cache.lengths])
-            self._step_fn = CudaGraphRunner(self._step_fn)
-            self._step_hidden_fn = CudaGraphRunner(self._step_hidden_fn)
 
     @property
     def batch_size(self) -> int:
@@ -254,6 +240,10 @@ class DecodeEngine:
             input_ids: ``[B, L]`` prompts, left- or right-padded.
             attention_mask: ``[B, L]``, 1 for prompt tokens, 0 for padding; ``None`` = all 1.
         """
+        return self.prefill_outputs(input_ids, attention_mask)[0]
+
+    def prefill_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
+        """:meth:`prefill`, returning everything :meth:`prefill_forward` returns (logits first)."""
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(f"prefill: batch of {input_ids.shape[0]} rows, engine built for {self.batch_size}")
         if self.frozen_weights_changed():
@@ -263,7 +253,6 @@ class DecodeEngine:
             )
         packed, lengths = pack_prompts(input_ids.to(self.device), attention_mask)
         longest = int(lengths.max())
-        packed = packed[:, :longest]
         bucket = prefill_bucket(longest)
         if bucket > self.max_len:
             raise ValueError(
@@ -271,12 +260,12 @@ class DecodeEngine:
             )
         # ids: [B, bucket], prompt first; the padded tail is scratch that later steps overwrite
         ids = torch.zeros(self.batch_size, bucket, dtype=torch.long, device=self.device)
-        ids[:, : packed.shape[1]] = packed
+        ids[:, :longest] = packed[:, :longest]
         self.cache.reset()
-        logits = self._run("prefill", self._prefill_fn, ids, lengths.to(self.device))
-        self.forward_passes += 1
+        self._length_bound = 0
+        out = self.run_graph("prefill", DecodeEngine._prefill_body, ids, lengths.to(self.device), width=0)
         self._length_bound = longest
-        return logits
+        return out
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row at position ``lengths[b]``; commits it and returns logits ``[B, V]``.
@@ -284,13 +273,7 @@ class DecodeEngine:
         Args:
             tokens: ``[B, 1]`` (or ``[B]``) the last sampled token of each row.
         """
-        tokens = tokens.reshape(self.batch_size, 1)
-        if self._length_bound + 1 > self.max_len:
-            self._refresh_bound(1)
-        logits = self._run("decode", self._decode_fn, tokens)
-        self.forward_passes += 1
-        self._length_bound += 1
-        return logits
+        return self.run_graph("decode", DecodeEngine._decode_body, tokens.reshape(self.batch_size, 1), width=1)
 
     def step(
         self,
@@ -312,72 +295,15 @@ class DecodeEngine:
                 dtype (see :mod:`dynexec_compile.decoding.masks`).
             slots: ``[B, T]`` distinct slots ``>= lengths[b]``; defaults to ``positions``
                 (right for a chain).
-            return_hidden: also return the final hidden states (the LM head's input), e.g.
-                for draft heads; a graph of its own.
+            return_hidden: also return the final hidden states (the LM head's input); a
+                graph of its own.
         Returns:
             ``[B, T, V]`` logits, or ``(logits, hidden [B, T, D])``.
         """
         slots = positions if slots is None else slots
         self._check_step(tokens, positions, mask, slots)
-        if return_hidden:
-            out = self._run("step_hidden", self._step_hidden_fn, tokens, positions, slots, mask)
-        else:
-            out = self._run("step", self._step_fn, tokens, positions, slots, mask)
-        self.forward_passes += 1
-        return out
-
-    def draft_chain(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        num_draft: int,
-        sampling: SamplingParams | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft ``num_draft`` tokens per row autoregressively in ONE compiled call.
-
-        The first forward runs ``tokens`` (a chain at consecutive ``slots``, e.g. a catch-up
-        token and the root); each later forward runs the token the previous one proposed, at
-        the next slot and position. The ``k`` forwards are unrolled into one graph, their
-        keys/values written at ``slots[:, -1] + 1 ..`` (scratch until :meth:`commit`).
-
-        Args:
-            tokens, positions, slots: ``[B, n]`` the first forward's chain.
-            num_draft: ``k`` tokens to propose (``k`` forwards).
-            sampling: ``None`` proposes each row's argmax; otherwise each token is drawn from
-                ``sampling_probs(logits, sampling)`` with uniforms from ``generator`` (drawn
-                on the host, so a seeded generator reproduces the draws).
-        Returns:
-            ``(drafts [B, k], probs [B, k, V] | None)``: ``probs[:, i]`` is the distribution
-            draft ``i`` was drawn from (what speculative sampling needs).
-        """
-        if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-            raise ValueError(f"draft_chain: num_draft must be an int >= 1, got {num_draft!r}")
-        batch, width = tokens.shape if tokens.ndim == 2 else (None, None)
-        if batch != self.batch_size or positions.shape != tokens.shape or slots.shape != tokens.shape:
-            raise ValueError(
-                f"draft_chain: tokens, positions and slots must all be [B={self.batch_size}, n], got "
-                f"{tuple(tokens.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}"
-            )
-        if int(slots.min()) < 0 or int(slots[:, -1].max()) + num_draft - 1 >= self.max_len:
-            raise ValueError(
-                f"draft_chain: {num_draft} drafts after slots up to {int(slots.max())} overflow the "
-                f"{self.max_len}-slot cache; build the engine with a larger max_len"
-            )
-        if sampling is None:
-            noise = torch.zeros(batch, num_draft, device=self.device)  # only its shape (k) is read
-        else:  # uniforms in (0, 1]: inverse-CDF draws that never pick a zero-probability token
-            noise = 1.0 - torch.rand(batch, num_draft, generator=generator, device=self.device)
-        if sampling not in self._draft_chain_fns:
-            entry = f"draft_chain{len(self._draft_chain_fns)}"
-            impl = functools.partial(_private_method(self, self._draft_chain_impl, tag=entry), sampling=sampling)
-            fn = self._compiler(impl)
-            self._draft_chain_fns[sampling] = (entry, CudaGraphRunner(fn) if self.cuda_graphs else fn)
-        entry, fn = self._draft_chain_fns[sampling]
-        drafts, probs = self._run(entry, fn, tokens, positions, slots, noise)
-        self.forward_passes += num_draft
-        return drafts, probs
+        name, body = ("step_hidden", DecodeEngine._step_hidden_body) if return_hidden else ("step", DecodeEngine._step_body)
+        return self.run_graph(name, body, tokens, positions, slots, mask, width=0)
 
     def run_graph(self, name: str, body: Callable[..., Any], *tensors: torch.Tensor, width: int, forwards: int = 1) -> Any:
         """Run ``body(engine, *tensors)`` as ONE compiled graph of this engine.
@@ -396,7 +322,8 @@ class DecodeEngine:
         between calls would be silently baked in. Pass everything that varies as a tensor.
 
         Args:
-            name: the graph's name in this engine (one graph per name and input shapes).
+            name: the graph's name in this engine (one graph per name and input shapes);
+                ``"prefill"`` is the prompt's graph (shapes vary with the prompt bucket).
             body: ``body(engine, *tensors) -> tensors``.
             tensors: its tensor arguments.
             width: the most cache slots past the committed length the body writes (checked
@@ -408,10 +335,10 @@ class DecodeEngine:
         known = self._graphs.get(name)
         if known is None or known[0] is not body:
             fn = self._compiler(_private_method(self, types.MethodType(body, self), tag=name))
-            if self.cuda_graphs:  # the graph's bookkeeping is the cache's lengths (and its buffers)
+            if self.cuda_graphs and name != "prefill":  # bookkeeping: the cache's lengths (and its buffers)
                 fn = CudaGraphRunner(fn, state=[self.cache.lengths])
             known = self._graphs[name] = (body, fn)
-        out = self._run(f"graph:{name}", known[1], *tensors)
+        out = self._run(name, known[1], *tensors)
         self.forward_passes += forwards
         self._length_bound += width
         return out
@@ -423,6 +350,34 @@ class DecodeEngine:
         :meth:`run_graph` bodies; see :meth:`step` for the arguments). Nothing committed."""
         return self._forward(tokens, positions, slots, mask).logits
 
+    def step_forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """What a verification step runs on its tokens, inside its graph (traceable):
+        ``(tokens [B, T], logits [B, T, V], extras)``. Here the model's forward; an engine that
+        drafts inside the step (self-speculation) overrides it and fills ``tokens`` from the
+        root ``tokens[:, 0]`` with its deterministic guesses."""
+        return tokens, self.forward_logits(tokens, positions, slots, mask), ()
+
+    def step_after(self, verdict: Any, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Tensors a step returns after its verdict and commit, in the same graph (draft heads:
+        the next candidates); traceable. ``extras`` are :meth:`step_forward`'s."""
+        return ()
+
+    @property
+    def has_step_after(self) -> bool:
+        return type(self).step_after is not DecodeEngine.step_after
+
+    def prefill_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, last: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The prefill's forward (traceable): ``ids [B, L]`` at slots == positions, ``last
+        [B, 1]`` each row's last prompt token; returns ``(logits at last [B, V], *extras)``."""
+        if self._accepts_logits_to_keep:
+            return (self._forward(ids, positions, positions, mask, keep=last).logits[:, 0],)  # [B, V]
+        logits = self._forward(ids, positions, positions, mask).logits  # [B, L, V]
+        return (logits.gather(1, last[:, :, None].expand(-1, 1, logits.shape[-1]))[:, 0],)
+
     def frozen_weights_changed(self) -> bool:
         """Whether the model's weights changed since this engine froze them (``freeze=True``)."""
         return self._weights_at_freeze is not None and weights_fingerprint(self.model) != self._weights_at_freeze
@@ -431,29 +386,29 @@ class DecodeEngine:
         """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`); the
         key/value moves run as a compiled graph per ``A``."""
         counts = counts.to(device=self.device, dtype=torch.long)
+        if accepted_slots is not None:
+            accepted_slots = accepted_slots.to(device=self.device, dtype=torch.long)
+        self.cache.check_commit(counts, accepted_slots)
         if accepted_slots is None:
-            self.cache.check_commit(counts, None)
             self.cache.lengths.add_(counts)
         else:
-            accepted_slots = accepted_slots.to(device=self.device, dtype=torch.long)
-            self.cache.check_commit(counts, accepted_slots)
-            self._run("commit", self._commit_fn, counts, accepted_slots)
+            self.run_graph("commit", DecodeEngine._commit_body, counts, accepted_slots, width=0, forwards=0)
         self._length_bound = int(self.cache.lengths.max())
 
     # ---- calling the compiled graphs -----------------------------------------------------
 
-    def _run(self, entry: str, fn: Callable, *args: torch.Tensor) -> Any:
-        """Call a compiled entry point: no grad, the engine's attention implementation on the
+    def _run(self, name: str, fn: Callable, *args: torch.Tensor) -> Any:
+        """Call a compiled graph: no grad, the engine's attention implementation on the
         model's config for the call only, freezing on while it compiles, guards skipped once
         this shape has run."""
         # shapes, strides and dtypes: what the skipped guards would have checked on tensors
-        key = (entry, *((tuple(a.shape), a.stride(), a.dtype) for a in args))
+        key = (name, *((tuple(a.shape), a.stride(), a.dtype) for a in args))
         warm = key in self._warm
         config = self.model.config
         saved = config._attn_implementation_internal
         if self._attention is not None:
             config._attn_implementation_internal = self._attention
-        regional = self._regional.installed(dynamic=entry == "prefill") if self._regional else contextlib.nullcontext()
+        regional = self._regional.installed(dynamic=name == "prefill") if self._regional else contextlib.nullcontext()
         try:
             with torch.no_grad(), _freezing(self._freeze and not warm), _skip_guards(self._skip_guards and warm), regional:
                 out = fn(*args)
@@ -497,7 +452,7 @@ class DecodeEngine:
             self.cache.set_write_slots(None)
         return out
 
-    def _prefill_impl(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _prefill_body(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # ids: [B, L]; lengths: [B]
         batch, width = ids.shape
         slots = torch.arange(width, device=ids.device)[None, :].expand(batch, width)  # [B, L]
@@ -505,16 +460,11 @@ class DecodeEngine:
         # The bucket's padded tail is scratch; clamp its positions so a model with learned
         # positions (GPT-2's n_positions) never indexes past its table.
         positions = slots.clamp(max=self._max_position - 1) if self._max_position else slots
-        last = (lengths - 1)[:, None]  # [B, 1]
-        if self._accepts_logits_to_keep:
-            logits = self._forward(ids, positions, slots, mask, keep=last).logits  # [B, 1, V]
-        else:
-            logits = self._forward(ids, positions, slots, mask).logits  # [B, L, V]
-            logits = logits.gather(1, last[:, :, None].expand(batch, 1, logits.shape[-1]))
+        out = self.prefill_forward(ids, positions, mask, (lengths - 1)[:, None])
         self.cache.lengths.copy_(lengths)
-        return logits[:, 0]
+        return out
 
-    def _decode_impl(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _decode_body(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: [B, 1]; slot == position == committed length
         slots = self.cache.lengths[:, None].clone()  # [B, 1]
         mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, 1, S]
@@ -522,44 +472,17 @@ class DecodeEngine:
         self.cache.lengths.add_(1)
         return logits[:, 0]
 
-    def _step_impl(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
+    def _step_body(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.forward_logits(tokens, positions, slots, mask)
 
-    def _commit_impl(self, counts: torch.Tensor, accepted_slots: torch.Tensor) -> None:
-        self.cache.apply_commit(counts, accepted_slots)
-
-    def _step_hidden_impl(
+    def _step_hidden_body(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._forward(tokens, positions, slots, mask, hidden=True)
         return out.logits, out.hidden_states[-1]
 
-    def _draft_chain_impl(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        noise: torch.Tensor,
-        sampling: SamplingParams | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # tokens/positions/slots: [B, n] the first forward; noise: [B, k] uniforms in (0, 1]
-        keep = 1 if self._accepts_logits_to_keep else None  # only the last query's logits are read
-        drafts, probs = [], []
-        for i in range(noise.shape[1]):
-            mask = chain_mask(slots, self.cache.max_len, self.cache.dtype)  # [B, 1, n, S]
-            logits = self._forward(tokens, positions, slots, mask, keep=keep).logits[:, -1]  # [B, V]
-            if sampling is None:
-                token = logits.argmax(dim=-1)  # [B]
-            else:
-                p = sampling_probs(logits, sampling)  # [B, V]
-                cdf = p.cumsum(dim=-1)  # [B, V]
-                token = (cdf < noise[:, i : i + 1] * cdf[:, -1:]).sum(dim=-1).clamp(max=p.shape[-1] - 1)
-                probs.append(p)
-            drafts.append(token)
-            tokens, positions, slots = token[:, None], positions[:, -1:] + 1, slots[:, -1:] + 1  # [B, 1]
-        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
+    def _commit_body(self, counts: torch.Tensor, accepted_slots: torch.Tensor) -> None:
+        self.cache.apply_commit(counts, accepted_slots)
 
     # ---- checks -------------------------------------------------------------------------
 
@@ -568,7 +491,7 @@ class DecodeEngine:
         if self._length_bound + width > self.max_len:
             raise ValueError(
                 f"the KV cache is full: a row holds {self._length_bound} of {self.max_len} slots and the "
-                f"step adds {width}; build the engine with a larger max_len"
+                f"step adds {width}, which would overflow it; build the engine with a larger max_len"
             )
 
     def _check_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> None:

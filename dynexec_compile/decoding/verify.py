@@ -1,9 +1,10 @@
-"""Verification of drafted tokens: which of a chain or tree of guesses the target keeps.
+"""The one decoding step: a tree of guesses scored in one forward, verified, committed.
 
-Every draft-and-verify strategy (a draft model, fused draft heads, self-speculation) ends a
-step the same way: the target has scored a *candidate tree* of drafted tokens in one forward,
-and a rule decides, per row, the longest path the target agrees with plus one token of its
-own. One implementation of that rule keeps "lossless" meaning the same thing everywhere:
+Every strategy guesses something each step (a draft model's chain or tree, draft heads' top
+tokens, the first ``E`` layers' drafts, lookahead's n-grams) and ends the step the same way:
+the target scores a *candidate tree* in one forward, and one rule decides, per row, the
+longest path the target agrees with plus one token of its own. One implementation of that
+rule keeps "lossless" meaning the same thing everywhere:
 
 - greedy: the longest root-to-node path whose every token is the target's argmax after its
   parent, then the target's argmax after the path's last node (the *bonus* token) — exactly
@@ -24,19 +25,21 @@ Tree layout (:class:`TreeSpec`): node 0 is the *root*, the last emitted token, w
 yet in the KV cache; nodes ``1..N`` are drafted tokens in breadth-first order
 (``parents[i] < i``, depths non-decreasing). A step writes node ``i`` of row ``b`` at cache
 slot ``lengths[b] + i`` with position ``lengths[b] + depth[i]``; after verification the
-accepted path's slots are gathered to ``lengths[b] ..`` by ``DecodeEngine.commit`` (keys and
-values moved, never recomputed). A chain of ``k`` drafts is the tree ``parents = (-1, 0, 1,
-.., k-1)``, whose accepted slots are already in place.
+accepted path's slots are gathered to ``lengths[b] ..`` (keys and values moved, never
+recomputed). A chain of ``k`` drafts is the tree ``parents = (-1, 0, 1, .., k-1)``, whose
+accepted slots are already in place. :func:`propose_children` fills a tree level by level
+from a drafter's logits, the same way for every drafter.
 
-The shared step (every strategy's): a :class:`StepShape` says where the step's tokens sit
-(the tree, plus scratch tokens such as lookahead's Jacobi window), a :class:`StepModel` what
-runs on them inside the graph (the model's forward by default; draft heads and
-self-speculation add their drafting), and :func:`greedy_step` (one compiled graph: forward,
-:func:`greedy_verdict`, the stop rule, the commit) or :func:`sampled_step` (forward graph,
-:func:`verify_sampling` on the host, commit) does the rest::
+The step (:func:`verify_step`): a :class:`StepShape` says where the step's tokens sit (the
+tree, plus scratch tokens such as lookahead's Jacobi window); the engine's
+``step_forward`` says what runs on them inside the graph (the model's forward; draft heads
+and self-speculation engines add their drafting) and ``step_after`` what runs after the
+verdict. Greedy, the whole step is ONE compiled graph (forward, :func:`greedy_verdict`, the
+stop rule, the commit); sampling draws on the host between the forward graph and the
+commit::
 
-    verdict, kept, argmax, _ = greedy_step(engine, StepShape.of_tree(tree), tokens, runs)
-    # runs (TokenRuns) now holds each row's kept tokens; next root = verdict.next_token
+    out = verify_step(engine, StepShape.of_tree(tree), tokens, runs, sampling, generator)
+    # runs (TokenRuns) now holds each row's kept tokens; next root = out.verdict.next_token
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -57,33 +60,15 @@ if TYPE_CHECKING:
     from dynexec_compile.decoding.runs import TokenRuns
     from dynexec_compile.decoding.step import DecodeEngine
 
-__all__ = [
-    "StepShape",
-    "TreeSpec",
-    "Verdict",
-    "as_tree",
-    "PLAIN",
-    "StepModel",
-    "greedy_step",
-    "greedy_verdict",
-    "sampled_step",
-    "score_step",
-    "draw_children",
-    "point_mass_probs",
-    "tree_positions",
-    "verify",
-    "verify_greedy",
-    "verify_sampling",
-]
-
 
 @dataclass(frozen=True)
 class TreeSpec:
     """A candidate tree: ``parents[i]`` is the parent node of node ``i``.
 
     Node 0 is the root (``parents[0] == -1``); the others are drafted tokens in breadth-first
-    order: ``0 <= parents[i] < i`` and ``depth`` non-decreasing with the index. The order of a
-    node's children is the order they are tried in when sampling.
+    order: ``0 <= parents[i] < i`` and ``depth`` non-decreasing with the index, so every
+    depth is a contiguous range of nodes (a *level*). The order of a node's children is the
+    order they are tried in when sampling, and their rank among the drafter's tokens.
 
     Build one with :meth:`chain`, :meth:`from_branching` or from explicit parents.
     """
@@ -168,9 +153,14 @@ class TreeSpec:
             kids[parent].append(i)
         return tuple(tuple(k) for k in kids)
 
+    @cached_property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` node range of every depth ``0 .. D``."""
+        return tuple((self.depths.index(d), len(self.depths) - self.depths[::-1].index(d)) for d in range(self.max_depth + 1))
+
     def level(self, depth: int) -> tuple[int, ...]:
         """Nodes at ``depth``."""
-        return tuple(i for i, d in enumerate(self.depths) if d == depth)
+        return tuple(range(*self.levels[depth]))
 
     def visible(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[T, T]`` bool: ``visible[i, j]`` iff ``j`` is ``i`` or an ancestor of ``i`` — the
@@ -188,6 +178,12 @@ class TreeSpec:
     def child_table(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[T, C]`` int64 children of every node in try order, padded with -1 (``C`` = most children)."""
         return self._child_table.to(device)
+
+    def check_vocabulary(self, vocab: int) -> None:
+        """Raise ``ValueError`` when a node has more children than the vocabulary has tokens."""
+        widest = max(len(kids) for kids in self.children)
+        if widest > vocab:
+            raise ValueError(f"a tree node has {widest} children but the vocabulary has {vocab} tokens; use fewer children")
 
     @cached_property
     def _depth_tensor(self) -> torch.Tensor:
@@ -231,8 +227,23 @@ class TreeSpec:
             table[i, : len(kids)] = torch.tensor(kids, dtype=torch.long)
         return table
 
+    @cached_property
+    def _kids(self) -> tuple[tuple[torch.Tensor, torch.Tensor, int], ...]:
+        """Per depth ``d < D``, for the nodes of depth ``d + 1``: their parent's index within
+        level ``d``, their rank among their siblings, and the most children a node of level
+        ``d`` has (what :func:`propose_children` reads)."""
+        tables = []
+        for d in range(self.max_depth):
+            start = self.levels[d][0]
+            kids = self.level(d + 1)
+            ranks = [self.children[self.parents[c]].index(c) for c in kids]
+            parent = torch.tensor([self.parents[c] - start for c in kids], dtype=torch.long)
+            tables.append((parent, torch.tensor(ranks, dtype=torch.long), max(ranks) + 1))
+        return tuple(tables)
 
-_DERIVED = ("depths", "children", "_depth_tensor", "_parent_index", "_preference", "_ancestors", "_paths", "_child_table")
+
+_DERIVED = ("depths", "children", "levels", "_depth_tensor", "_parent_index", "_preference", "_ancestors", "_paths",
+            "_child_table", "_kids")
 
 
 def as_tree(tree: TreeSpec | Sequence[int] | None, num_draft: int | None) -> TreeSpec:
@@ -255,6 +266,107 @@ def as_tree(tree: TreeSpec | Sequence[int] | None, num_draft: int | None) -> Tre
     if num_draft is not None and num_draft != spec.num_draft:
         raise ValueError(f"num_draft={num_draft} but the tree has {spec.num_draft} drafted nodes; give one of them")
     return spec
+
+
+# ---- proposing a tree ------------------------------------------------------------------------
+
+
+def propose_children(
+    tree: TreeSpec,
+    depth: int,
+    logits: torch.Tensor,
+    sampling: SamplingParams | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens of the nodes at ``depth + 1`` from the drafter's logits at level ``depth``.
+
+    Greedy (``sampling`` None), a node's children are its drafter's top tokens by rank (a
+    chain: the argmax): deterministic, so as proposals they are point masses. Sampling, they
+    are drawn without replacement from the drafter's warped distribution
+    (:func:`draw_children`). Traceable: every drafter fills its tree with it, inside its graph.
+
+    Args:
+        logits: ``[B, n_depth, V]`` one distribution per node of the level, or ``[B, V]`` one
+            for all of them (draft heads: the head of that depth).
+        noise: ``[B, N]`` uniforms in ``(0, 1]``, one per drafted node (node ``i`` uses column
+            ``i - 1``), needed when sampling.
+    Returns:
+        ``(tokens [B, n_{depth+1}], probs [B, n_{depth+1}, V] | None)``: when drawn, the
+        distribution each child was drawn from.
+    """
+    parent, rank, top = tree._kids[depth]
+    parent, rank = parent.to(logits.device), rank.to(logits.device)
+    if logits.ndim == 2:
+        logits, parent = logits[:, None], torch.zeros_like(parent)
+    if sampling is None:
+        return logits.topk(top, dim=-1).indices[:, parent, rank], None  # [B, n']
+    start, stop = tree.levels[depth + 1]
+    uniforms = torch.ones(*logits.shape[:2], top, dtype=noise.dtype, device=noise.device)  # [B, n, top]
+    uniforms[:, parent, rank] = noise[:, start - 1 : stop - 1]
+    tokens, probs = draw_children(sampling_probs(logits, sampling), top, noise=uniforms)  # [B, n, top], [B, n, top, V]
+    return tokens[:, parent, rank], probs[:, parent, rank]
+
+
+def draw_children(
+    probs: torch.Tensor, n: int, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``n`` distinct children from ``probs`` (without replacement) for sampling trees.
+
+    Inverse-CDF draws from uniforms (``noise``, or drawn from ``generator``), so a compiled
+    graph can draw with uniforms drawn on the host (a seeded generator reproduces them).
+
+    Args:
+        probs: ``[..., V]`` the drafter's (warped) distribution at a node.
+        n: children to draw.
+        noise: ``[..., n]`` uniforms in ``(0, 1]``; ``None`` draws them from ``generator``.
+    Returns:
+        ``(tokens [..., n], child_probs [..., n, V])``: child ``c`` was drawn from
+        ``child_probs[..., c, :]`` (``probs`` with the earlier children removed, renormalised)
+        — the ``draft_probs`` rows :func:`verify_sampling` needs. When the support runs out
+        the remaining children get an all-zero distribution (never accepted).
+    """
+    if noise is None:
+        noise = 1.0 - torch.rand(*probs.shape[:-1], n, generator=generator, device=probs.device)
+    remaining = probs.float()
+    tokens, child_probs = [], []
+    for c in range(n):
+        mass = remaining.sum(dim=-1, keepdim=True)  # [..., 1]
+        q = remaining if c == 0 else torch.where(mass > 0, remaining / mass.clamp(min=1e-30), 0.0)  # [..., V]
+        cdf = q.cumsum(dim=-1)
+        token = (cdf < noise[..., c : c + 1] * cdf[..., -1:]).sum(dim=-1).clamp(max=q.shape[-1] - 1)  # [...]
+        tokens.append(token)
+        child_probs.append(q)
+        remaining = remaining.scatter(-1, token[..., None], 0.0)
+    return torch.stack(tokens, dim=-1), torch.stack(child_probs, dim=-2)
+
+
+def point_mass_probs(tree: TreeSpec, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``draft_probs`` for a tree whose node tokens are deterministic given the drafter's state
+    (its top-k children): a point mass on each node's token.
+
+    With a point mass, :func:`verify_sampling` accepts child ``x`` with probability ``p(x)`` and
+    after a rejection tries the next sibling under ``p`` with ``x`` removed — multi-draft
+    rejection sampling for deterministic proposals, lossless. A sibling repeating an earlier
+    sibling's token gets an all-zero row (never accepted: its token is already out of ``p``).
+
+    Args:
+        tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
+    Returns:
+        ``[B, T, V]`` float32; row 0 (the root) is all zero.
+    """
+    # tokens: [B, T]
+    device = tokens.device
+    parents = tree._parent_index.to(device)  # [T]
+    index = torch.arange(tree.size, device=device)
+    earlier_sibling = (parents[:, None] == parents[None, :]) & (index[None, :] < index[:, None])  # [T, T]
+    earlier_sibling[:, 0] = False  # the root is its own parent in _parent_index, no one's sibling
+    repeats = ((tokens[:, :, None] == tokens[:, None, :]) & earlier_sibling[None]).any(dim=-1)  # [B, T]
+    repeats[:, 0] = True  # the root is not drafted
+    probs = torch.nn.functional.one_hot(tokens, vocab).float()  # [B, T, V]
+    return probs * (~repeats)[:, :, None]
+
+
+# ---- verification ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -282,244 +394,6 @@ class Verdict:
         return self.accepted + 1
 
 
-def tree_positions(tree: TreeSpec, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(positions, slots)``, both ``[B, T]``: node ``i`` at position ``lengths + depth[i]``,
-    written at slot ``lengths + i``."""
-    # lengths: [B]
-    base = lengths[:, None]  # [B, 1]
-    positions = base + tree.depth_tensor(lengths.device)[None, :]  # [B, T]
-    slots = base + torch.arange(tree.size, device=lengths.device)[None, :]  # [B, T]
-    return positions, slots
-
-
-@dataclass(frozen=True, eq=False)
-class StepShape:
-    """The tokens of one verification step: a candidate tree, and scratch tokens beside it.
-
-    Every strategy's step is this shape: ``T`` step tokens written at slots ``lengths + t``,
-    at positions ``lengths + offsets[t]``, query ``t`` seeing step token ``u`` iff
-    ``visible[t, u]``; the tree's node ``i`` is step token ``nodes[i]`` (node 0, the root, is
-    step token 0). A draft tree is the step itself (:meth:`of_tree`); lookahead adds its
-    Jacobi window as scratch tokens that are scored but never accepted.
-
-    Attributes:
-        name: the step's graph name (one compiled graph per shape).
-        tree: the candidate tree.
-        offsets: ``[T]`` int64 position offsets; visible: ``[T, T]`` bool; nodes: ``[N]`` int64.
-    """
-
-    name: str
-    tree: TreeSpec
-    offsets: torch.Tensor
-    visible: torch.Tensor
-    nodes: torch.Tensor
-
-    @functools.cached_property
-    def in_place(self) -> bool:
-        """Whether every accepted path already sits at ``lengths ..`` (a chain whose nodes are
-        the first step tokens): the commit then only moves the lengths."""
-        return self.tree.is_chain and torch.equal(self.nodes, torch.arange(self.tree.size))
-
-    @property
-    def width(self) -> int:
-        """``T``: step tokens (the cache slots past the committed length one step writes)."""
-        return self.offsets.numel()
-
-    @staticmethod
-    @functools.lru_cache(maxsize=64)
-    def of_tree(tree: TreeSpec) -> StepShape:
-        """The step of a draft tree: node ``i`` is step token ``i``, at its depth."""
-        return StepShape(f"tree{tree.parents}", tree, tree.depth_tensor(), tree.visible(), torch.arange(tree.size))
-
-
-class StepModel:
-    """What runs on a step's tokens inside its graph; by default the model's own forward.
-
-    A strategy whose drafting or proposing lives in the target's graph subclasses it:
-    :meth:`forward` may draft the step's tokens itself (self-speculation: the first ``E``
-    layers) and return extra tensors; :meth:`after` runs on the verdict in the same graph
-    (draft heads: propose the next candidates from the accepted path's hidden state).
-    Instances are module-level singletons: their identity keys the compiled graphs, and
-    per-engine state (heads, an exit layer) is read from the engine.
-    """
-
-    def forward(
-        self, engine: DecodeEngine, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """``(tokens [B, T], logits [B, T, V], extras)`` of the step; traceable."""
-        return tokens, engine.forward_logits(tokens, positions, slots, mask), ()
-
-    def after(self, engine: DecodeEngine, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Tensors to return after the verdict and the commit; traceable."""
-        return ()
-
-
-PLAIN = StepModel()
-
-
-def greedy_step(
-    engine: DecodeEngine,
-    shape: StepShape,
-    tokens: torch.Tensor,
-    runs: TokenRuns,
-    valid: torch.Tensor | None = None,
-    model: StepModel = PLAIN,
-) -> tuple[Verdict, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The shared greedy step, ONE compiled graph of ``engine`` (:meth:`DecodeEngine.run_graph`):
-    positions, slots and mask at the committed lengths, the forward over every step token
-    (``model``), :func:`greedy_verdict`, the stop rule (EOS, ``max_new_tokens``:
-    :func:`stop_counts`), the commit of exactly the tokens the output keeps (a tree's path
-    gathered in the cache) and ``model.after`` — no host work between them. The kept tokens
-    go to ``runs``.
-
-    Args:
-        tokens: ``[B, T]`` step tokens (``tokens[:, 0]`` the root).
-        valid: ``[B, N]`` bool, tree nodes that are real guesses (the rest is never accepted);
-            ``None``: all.
-    Returns:
-        ``(verdict, kept [B], argmax [B, T], after)``: the verdict, the tokens each row kept,
-        the model's greedy token after every step token, and ``model.after``'s tensors.
-    """
-    if valid is None:
-        valid = _all_valid(tokens.shape[0], shape.tree.size, tokens.device)
-    accepted, path, emitted, next_token, kept, hit, argmax, *after = engine.run_graph(
-        f"greedy_{shape.name}{_model_tag(model)}", _greedy_body(shape, model), tokens, valid, _last_position(engine),
-        runs.produced, runs.finished, runs.limit, runs.eos, width=shape.width,
-    )
-    runs.append(emitted, kept, hit)
-    return Verdict(accepted=accepted, path=path, tokens=emitted, next_token=next_token), kept, argmax, tuple(after)
-
-
-def score_step(
-    engine: DecodeEngine, shape: StepShape, tokens: torch.Tensor, model: StepModel = PLAIN
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The forward of a step whose verification draws on the host (sampling), as one graph;
-    nothing is committed. Returns ``model.forward``'s ``(tokens [B, T], logits [B, T, V], extras)``."""
-    tokens, logits, *extras = engine.run_graph(
-        f"score_{shape.name}{_model_tag(model)}", _score_body(shape, model), tokens, _last_position(engine),
-        width=shape.width,
-    )
-    return tokens, logits, tuple(extras)
-
-
-def sampled_step(
-    engine: DecodeEngine,
-    shape: StepShape,
-    tokens: torch.Tensor,
-    runs: TokenRuns,
-    sampling: SamplingParams,
-    generator: torch.Generator | None,
-    draft_probs: torch.Tensor | None = None,
-    model: StepModel = PLAIN,
-) -> tuple[Verdict, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The shared sampled step: :func:`score_step`, :func:`verify_sampling` of the tree, the
-    stop rule, then the commit of the kept tokens (with ``model.after``, one small graph).
-
-    Args:
-        draft_probs: ``[B, N, V]`` what each node was drawn from; ``None``: the node tokens
-            are deterministic guesses (:func:`point_mass_probs`).
-    Returns:
-        ``(verdict, kept [B], after)``.
-    """
-    tokens, logits, extras = score_step(engine, shape, tokens, model)
-    nodes = shape.nodes.to(tokens.device)
-    node_tokens = tokens[:, nodes]  # [B, N]
-    if draft_probs is None:
-        draft_probs = point_mass_probs(shape.tree, node_tokens, logits.shape[-1])
-    verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
-    kept = runs.keep(verdict.tokens, verdict.emitted)
-    if type(model).after is StepModel.after:  # nothing to run after: the commit alone
-        slots = engine.lengths[:, None] + nodes[verdict.path]
-        engine.commit(kept, None if shape.in_place else slots)
-        return verdict, kept, ()
-    after = engine.run_graph(
-        f"after_{shape.name}{_model_tag(model)}", _after_body(shape, model),
-        kept, verdict.accepted, verdict.path, verdict.next_token, *extras, width=0, forwards=0,
-    )
-    return verdict, kept, tuple(after)
-
-
-def _model_tag(model: StepModel) -> str:
-    return "" if model is PLAIN else f"_{type(model).__name__}"
-
-
-def _step_inputs(
-    engine: DecodeEngine, shape: StepShape, last_position: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(positions, slots [B, T], mask [B, 1, T, S])`` of a step at the committed lengths;
-    positions past the model's last one (guesses only) are clamped there. Traceable."""
-    lengths, device = engine.cache.lengths, engine.cache.lengths.device
-    slots = lengths[:, None] + torch.arange(shape.width, device=device)  # [B, T]
-    positions = torch.minimum(lengths[:, None] + shape.offsets.to(device), last_position)  # [B, T]
-    mask = step_mask(lengths, slots, shape.visible.to(device), engine.max_len, engine.cache.dtype)
-    return positions, slots, mask
-
-
-def _commit_path(engine: DecodeEngine, shape: StepShape, in_place: bool, kept: torch.Tensor, path: torch.Tensor) -> None:
-    """Keep ``kept[b]`` tokens of each row's path (traceable): in place, or gathered."""
-    lengths = engine.cache.lengths
-    slots = None if in_place else lengths[:, None] + shape.nodes.to(lengths.device)[path]  # [B, D + 1]
-    engine.cache.apply_commit(kept, slots)
-
-
-@functools.lru_cache(maxsize=64)
-def _greedy_body(shape: StepShape, model: StepModel) -> Any:
-    """The graph body of :func:`greedy_step` (one per shape and model: both are baked in)."""
-    in_place = shape.in_place  # read here: Dynamo cannot trace a first cached_property access
-
-    def body(engine: DecodeEngine, tokens: torch.Tensor, valid: torch.Tensor, last_position: torch.Tensor,
-             produced: torch.Tensor, finished: torch.Tensor, limit: torch.Tensor, eos: torch.Tensor) -> tuple:
-        positions, slots, mask = _step_inputs(engine, shape, last_position)
-        tokens, logits, extras = model.forward(engine, tokens, positions, slots, mask)
-        argmax = logits.argmax(dim=-1)  # [B, T]
-        nodes = shape.nodes.to(tokens.device)
-        verdict = greedy_verdict(shape.tree, tokens[:, nodes], argmax[:, nodes], valid)
-        kept, hit = stop_counts(verdict.tokens, verdict.emitted, produced, finished, limit, eos)  # [B], [B]
-        _commit_path(engine, shape, in_place, kept, verdict.path)
-        after = model.after(engine, verdict, extras)
-        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax, *after
-
-    return body
-
-
-@functools.lru_cache(maxsize=64)
-def _score_body(shape: StepShape, model: StepModel) -> Any:
-    def body(engine: DecodeEngine, tokens: torch.Tensor, last_position: torch.Tensor) -> tuple:
-        positions, slots, mask = _step_inputs(engine, shape, last_position)
-        tokens, logits, extras = model.forward(engine, tokens, positions, slots, mask)
-        return tokens, logits, *extras
-
-    return body
-
-
-@functools.lru_cache(maxsize=64)
-def _after_body(shape: StepShape, model: StepModel) -> Any:
-    in_place = shape.in_place
-
-    def body(engine: DecodeEngine, kept: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor,
-             next_token: torch.Tensor, *extras: torch.Tensor) -> tuple:
-        _commit_path(engine, shape, in_place, kept, path)
-        return model.after(engine, Verdict(accepted, path, next_token[:, None], next_token), extras)
-
-    return body
-
-
-@functools.lru_cache(maxsize=16)
-def _all_valid(batch: int, size: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(batch, size, dtype=torch.bool, device=device)
-
-
-def _last_position(engine: DecodeEngine) -> torch.Tensor:
-    """0-d: the largest position id the model embeds (a huge number when no limit is known)."""
-    limit = getattr(engine.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    return _position_tensor(limit - 1 if isinstance(limit, int) and limit > 0 else 2**62, engine.device)
-
-
-@functools.lru_cache(maxsize=16)
-def _position_tensor(value: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, device=device)
-
-
 def verify(
     tree: TreeSpec,
     tokens: torch.Tensor,
@@ -528,34 +402,30 @@ def verify(
     sampling: SamplingParams | None = None,
     generator: torch.Generator | None = None,
 ) -> Verdict:
-    """:func:`verify_greedy` when ``sampling`` is ``None``, else :func:`verify_sampling`."""
-    if sampling is None:
-        return verify_greedy(tree, tokens, target_logits)
-    if draft_probs is None:
-        raise ValueError("sampling verification needs draft_probs: the distribution each drafted token was drawn from")
-    return verify_sampling(tree, tokens, target_logits, draft_probs, sampling, generator)
-
-
-def verify_greedy(tree: TreeSpec, tokens: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
-    """The deepest path whose every drafted token is the target's argmax after its parent.
+    """Which of the tree's drafted tokens the target keeps (see the module docstring).
 
     Args:
         tree: the candidate tree (``T`` nodes).
         tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
         target_logits: ``[B, T, V]`` the target's logits at every node.
-    Returns:
-        :class:`Verdict`; among equally deep accepted nodes (duplicate siblings) the first wins.
+        draft_probs, sampling, generator: sampling verification (:func:`verify_sampling`);
+            ``sampling=None`` is greedy (:func:`greedy_verdict`: among equally deep accepted
+            nodes, duplicate siblings, the first wins).
     """
-    _check(tree, tokens, target_logits)
-    return greedy_verdict(tree, tokens, target_logits.argmax(dim=-1))
+    if sampling is None:
+        _check(tree, tokens, target_logits)
+        return greedy_verdict(tree, tokens, target_logits.argmax(dim=-1))
+    if draft_probs is None:
+        raise ValueError("sampling verification needs draft_probs: the distribution each drafted token was drawn from")
+    return verify_sampling(tree, tokens, target_logits, draft_probs, sampling, generator)
 
 
 def greedy_verdict(
     tree: TreeSpec, tokens: torch.Tensor, argmax: torch.Tensor, valid: torch.Tensor | None = None
 ) -> Verdict:
-    """Greedy acceptance, the one copy every strategy uses: :func:`verify_greedy` from the
-    target's argmax ``[B, T]`` at every node; ``valid`` ``[B, T]`` marks the nodes that are
-    real guesses (others are never accepted)."""
+    """Greedy acceptance, the one copy every strategy uses, from the target's argmax ``[B, T]``
+    at every node; ``valid`` ``[B, T]`` marks the nodes that are real guesses (others are never
+    accepted). Traceable."""
     device = tokens.device
     if tree.is_chain:  # node i has depth i: the accepted length is the matching prefix
         match = tokens[:, 1:] == argmax[:, :-1]  # [B, T-1]
@@ -584,17 +454,13 @@ def verify_sampling(
     """Recursive rejection sampling down the tree; emitted tokens follow the target exactly.
 
     Args:
-        tree: the candidate tree (``T`` nodes).
         tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
         target_logits: ``[B, T, V]`` the target's raw logits at every node; warped with
             ``sampling`` (the same warps the drafter's ``draft_probs`` must have used).
         draft_probs: ``[B, T, V]``: ``draft_probs[b, i]`` is the distribution node ``i``'s token
             was drawn from (given its earlier siblings); row 0 is unused. An all-zero row marks
             a node that was not drawn (never accepted).
-        sampling: temperature / top-k / top-p of the target distribution.
         generator: random generator for the acceptance tests and the bonus draw.
-    Returns:
-        :class:`Verdict`.
     """
     _check(tree, tokens, target_logits)
     if draft_probs.shape != target_logits.shape:
@@ -632,80 +498,6 @@ def verify_sampling(
     return _verdict(tree, tokens, node, bonus)
 
 
-def draw_children(
-    probs: torch.Tensor, n: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``n`` distinct children from ``probs`` (without replacement) for sampling trees.
-
-    Args:
-        probs: ``[B, V]`` the drafter's (warped) distribution at a node.
-        n: children to draw.
-    Returns:
-        ``(tokens [B, n], child_probs [B, n, V])``: child ``c`` was drawn from
-        ``child_probs[:, c]`` (``probs`` with the earlier children removed, renormalised) —
-        the ``draft_probs`` rows :func:`verify_sampling` needs. When the support runs out the
-        remaining children repeat a token with an all-zero distribution (never accepted).
-    """
-    # probs: [B, V]
-    rows = torch.arange(probs.shape[0], device=probs.device)
-    remaining = probs.float()
-    tokens, child_probs = [], []
-    for _ in range(n):
-        mass = remaining.sum(dim=-1, keepdim=True)  # [B, 1]
-        empty = mass[:, 0] <= 0
-        q = torch.where(empty[:, None], 0.0, remaining / mass.clamp(min=1e-30))  # [B, V]
-        safe = torch.where(empty[:, None], probs.float(), q)  # something to draw from; discarded if empty
-        token = draw(safe, generator)  # [B]
-        tokens.append(token)
-        child_probs.append(q)
-        remaining = remaining.index_put((rows, token), torch.zeros((), device=probs.device))
-    return torch.stack(tokens, dim=1), torch.stack(child_probs, dim=1)
-
-
-def point_mass_probs(tree: TreeSpec, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``draft_probs`` for a tree whose node tokens are deterministic given the drafter's state
-    (its top-k children): a point mass on each node's token.
-
-    With a point mass, :func:`verify_sampling` accepts child ``x`` with probability ``p(x)`` and
-    after a rejection tries the next sibling under ``p`` with ``x`` removed — multi-draft
-    rejection sampling for deterministic proposals, lossless. A sibling repeating an earlier
-    sibling's token gets an all-zero row (never accepted: its token is already out of ``p``).
-
-    Args:
-        tree: the candidate tree (``T`` nodes).
-        tokens: ``[B, T]`` node tokens (``tokens[:, 0]`` the root).
-        vocab: ``V``.
-    Returns:
-        ``[B, T, V]`` float32; row 0 (the root) is all zero.
-    """
-    # tokens: [B, T]
-    device = tokens.device
-    parents = tree._parent_index.to(device)  # [T]
-    index = torch.arange(tree.size, device=device)
-    earlier_sibling = (parents[:, None] == parents[None, :]) & (index[None, :] < index[:, None])  # [T, T]
-    earlier_sibling[:, 0] = False  # the root is its own parent in _parent_index, no one's sibling
-    repeats = ((tokens[:, :, None] == tokens[:, None, :]) & earlier_sibling[None]).any(dim=-1)  # [B, T]
-    repeats[:, 0] = True  # the root is not drafted
-    probs = torch.nn.functional.one_hot(tokens, vocab).float()  # [B, T, V]
-    return probs * (~repeats)[:, :, None]
-
-
-def acceptance_stats(drafted: list[torch.Tensor], accepted: list[torch.Tensor]) -> dict[str, Any]:
-    """The ``stats.extra`` entries every draft-and-verify strategy reports, from per-step,
-    per-row counts ``[B]`` of drafted and accepted tokens (0 for rows that had finished)."""
-    drafted_rows = torch.stack(drafted).tolist() if drafted else []
-    accepted_rows = torch.stack(accepted).tolist() if accepted else []
-    total_drafted = sum(map(sum, drafted_rows))
-    total_accepted = sum(map(sum, accepted_rows))
-    live_steps = sum(n > 0 for step in drafted_rows for n in step)
-    return {
-        "drafted_per_step": drafted_rows,
-        "accepted_drafts_per_step": accepted_rows,
-        "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
-        "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
-    }
-
-
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``norm(max(0, p - q))`` per row; a row with (numerically) no mass left keeps ``p``."""
     # p, q: [B, V]
@@ -734,35 +526,236 @@ def _check(tree: TreeSpec, tokens: torch.Tensor, target_logits: torch.Tensor) ->
         raise ValueError(f"target_logits must be [B, T, V] with [B, T]={tuple(tokens.shape)}, got {tuple(target_logits.shape)}")
 
 
-def node_mask(
-    prefix_lengths: torch.Tensor,
-    base: torch.Tensor,
-    visible: torch.Tensor,
-    max_len: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Mask of queries that see a cache prefix plus chosen tree nodes written in earlier steps.
+# ---- the step ---------------------------------------------------------------------------------
 
-    A drafter that grows a tree depth by depth feeds only one level per forward, while the
-    ancestors it must see were written (uncommitted) by earlier forwards at ``base + node``.
-    Query ``t`` of row ``b`` sees slot ``s`` iff ``s < prefix_lengths[b]`` or ``s == base[b] + j``
-    for a node ``j`` with ``visible[t, j]``.
+
+@dataclass(frozen=True, eq=False)
+class StepShape:
+    """The tokens of one verification step: a candidate tree, and scratch tokens beside it.
+
+    Every strategy's step is this shape: ``T`` step tokens written at slots ``lengths + t``,
+    at positions ``lengths + offsets[t]``, query ``t`` seeing step token ``u`` iff
+    ``visible[t, u]``; the tree's node ``i`` is step token ``nodes[i]`` (node 0, the root, is
+    step token 0). A draft tree is the step itself (:meth:`of_tree`); lookahead adds its
+    Jacobi window as scratch tokens that are scored but never accepted.
+
+    Attributes:
+        name: the step's graph name (one compiled graph per shape).
+        tree: the candidate tree.
+        offsets: ``[T]`` int64 position offsets; visible: ``[T, T]`` bool; nodes: ``[N]`` int64.
+    """
+
+    name: str
+    tree: TreeSpec
+    offsets: torch.Tensor
+    visible: torch.Tensor
+    nodes: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.in_place  # noqa: B018 - filled now: Dynamo cannot trace a first cached_property access
+
+    @functools.cached_property
+    def in_place(self) -> bool:
+        """Whether every accepted path already sits at ``lengths ..`` (a chain whose nodes are
+        the first step tokens): the commit then only moves the lengths."""
+        return self.tree.is_chain and torch.equal(self.nodes, torch.arange(self.tree.size))
+
+    @property
+    def width(self) -> int:
+        """``T``: step tokens (the cache slots past the committed length one step writes)."""
+        return self.offsets.numel()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of_tree(tree: TreeSpec) -> StepShape:
+        """The step of a draft tree: node ``i`` is step token ``i``, at its depth."""
+        return StepShape(f"tree{tree.parents}", tree, tree.depth_tensor(), tree.visible(), torch.arange(tree.size))
+
+    def place(self, lengths: torch.Tensor, last_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, slots)``, both ``[B, T]``, of the step at committed ``lengths [B]``:
+        token ``t`` at position ``lengths + offsets[t]`` (clamped to ``last_position``, a
+        model's last learned position: guesses only), written at slot ``lengths + t``."""
+        base = lengths[:, None]  # [B, 1]
+        positions = base + self.offsets.to(lengths.device)  # [B, T]
+        if last_position is not None:
+            positions = torch.minimum(positions, last_position)
+        return positions, base + torch.arange(self.width, device=lengths.device)
+
+
+class StepOut(NamedTuple):
+    """What :func:`verify_step` returns: the :class:`Verdict`, ``kept [B]`` (tokens each row
+    kept, cut by the stop rule), ``argmax [B, T]`` (the model's greedy token after every step
+    token) and ``after`` (the engine's ``step_after`` tensors)."""
+
+    verdict: Verdict
+    kept: torch.Tensor
+    argmax: torch.Tensor
+    after: tuple[torch.Tensor, ...]
+
+
+def verify_step(
+    engine: DecodeEngine,
+    shape: StepShape,
+    tokens: torch.Tensor,
+    runs: TokenRuns,
+    sampling: SamplingParams | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    draft_probs: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> StepOut:
+    """The shared step: the forward over every step token (``engine.step_forward``), the
+    verification, the stop rule (EOS, ``max_new_tokens``: :func:`stop_counts`), the commit of
+    exactly the tokens the output keeps (a tree's path gathered in the cache) and
+    ``engine.step_after``; the kept tokens go to ``runs``.
+
+    Greedy (``sampling`` None) it is ONE compiled graph of ``engine``
+    (:meth:`DecodeEngine.run_graph`), no host work between its parts. Sampling, the forward is
+    one graph, :func:`verify_sampling` draws on the host, and the commit (with
+    ``step_after``) is a second, small graph.
 
     Args:
-        prefix_lengths: ``[B]`` slots every query sees.
-        base: ``[B]`` slot of node 0.
-        visible: ``[Tq, T]`` bool, query ``t`` sees node ``j`` (include the query's own node).
-        max_len: ``S_max``.
-    Returns:
-        ``[B, 1, Tq, S_max]`` additive mask.
+        tokens: ``[B, T]`` step tokens (``tokens[:, 0]`` the root; an engine that drafts in
+            its forward reads only the root).
+        draft_probs: ``[B, N, V]`` what each tree node was drawn from; ``None``: the node
+            tokens are deterministic guesses (:func:`point_mass_probs`).
+        valid: ``[B, N]`` bool, tree nodes that are real guesses (greedy; the rest is never
+            accepted); ``None``: all.
     """
-    from dynexec_compile.decoding.masks import additive
+    if sampling is None:
+        if valid is None:
+            valid = _all_valid(tokens.shape[0], shape.tree.size, tokens.device)
+        accepted, path, emitted, next_token, kept, hit, argmax, *after = engine.run_graph(
+            f"greedy_{shape.name}", _greedy_body(shape), tokens, valid, _last_position(engine),
+            runs.produced, runs.finished, runs.limit, runs.eos, width=shape.width,
+        )
+        runs.append(emitted, kept, hit)
+        return StepOut(Verdict(accepted, path, emitted, next_token), kept, argmax, tuple(after))
+    tokens, logits, extras = score_step(engine, shape, tokens)
+    nodes = shape.nodes.to(tokens.device)
+    node_tokens = tokens[:, nodes]  # [B, N]
+    if draft_probs is None:
+        draft_probs = point_mass_probs(shape.tree, node_tokens, logits.shape[-1])
+    verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
+    kept = runs.keep(verdict.tokens, verdict.emitted)
+    if not engine.has_step_after:  # nothing to run after: the commit alone
+        engine.commit(kept, None if shape.in_place else engine.lengths[:, None] + nodes[verdict.path])
+        return StepOut(verdict, kept, logits.argmax(dim=-1), ())
+    after = engine.run_graph(
+        f"after_{shape.name}", _after_body(shape), kept, verdict.accepted, verdict.path, verdict.next_token, *extras,
+        width=0, forwards=0,
+    )
+    return StepOut(verdict, kept, logits.argmax(dim=-1), tuple(after))
 
-    batch, (queries, nodes) = base.shape[0], visible.shape
-    keys = torch.arange(max_len, device=base.device)  # [S]
-    prefix = keys[None, None, :] < prefix_lengths[:, None, None]  # [B, 1, S]
-    node_slots = base[:, None] + torch.arange(nodes, device=base.device)[None, :]  # [B, T]
-    own = torch.zeros(batch, queries, max_len, dtype=torch.bool, device=base.device)  # [B, Tq, S]
-    vis = visible.to(device=base.device, dtype=torch.bool)[None].expand(batch, queries, nodes)
-    own.scatter_(2, node_slots[:, None, :].expand(batch, queries, nodes), vis)
-    return additive((prefix | own)[:, None], dtype)
+
+def score_step(
+    engine: DecodeEngine, shape: StepShape, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The forward of a step whose verification draws on the host, as one graph; nothing is
+    committed. Returns ``engine.step_forward``'s ``(tokens [B, T], logits [B, T, V], extras)``."""
+    tokens, logits, *extras = engine.run_graph(
+        f"score_{shape.name}", _score_body(shape), tokens, _last_position(engine), width=shape.width
+    )
+    return tokens, logits, tuple(extras)
+
+
+def _step_inputs(
+    engine: DecodeEngine, shape: StepShape, last_position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions, slots [B, T], mask [B, 1, T, S])`` of a step at the committed lengths. Traceable."""
+    lengths = engine.cache.lengths
+    positions, slots = shape.place(lengths, last_position)
+    mask = step_mask(lengths, slots, shape.visible.to(lengths.device), engine.max_len, engine.cache.dtype)
+    return positions, slots, mask
+
+
+def _commit_path(engine: DecodeEngine, shape: StepShape, kept: torch.Tensor, path: torch.Tensor) -> None:
+    """Keep ``kept[b]`` tokens of each row's path (traceable): in place, or gathered."""
+    lengths = engine.cache.lengths
+    slots = None if shape.in_place else lengths[:, None] + shape.nodes.to(lengths.device)[path]  # [B, D + 1]
+    engine.cache.apply_commit(kept, slots)
+
+
+@functools.lru_cache(maxsize=64)
+def _greedy_body(shape: StepShape) -> Any:
+    """The graph body of the greedy :func:`verify_step` (one per shape: it is baked in)."""
+
+    def body(engine: DecodeEngine, tokens: torch.Tensor, valid: torch.Tensor, last_position: torch.Tensor,
+             produced: torch.Tensor, finished: torch.Tensor, limit: torch.Tensor, eos: torch.Tensor) -> tuple:
+        positions, slots, mask = _step_inputs(engine, shape, last_position)
+        tokens, logits, extras = engine.step_forward(tokens, positions, slots, mask)
+        argmax = logits.argmax(dim=-1)  # [B, T]
+        nodes = shape.nodes.to(tokens.device)
+        verdict = greedy_verdict(shape.tree, tokens[:, nodes], argmax[:, nodes], valid)
+        kept, hit = stop_counts(verdict.tokens, verdict.emitted, produced, finished, limit, eos)  # [B], [B]
+        _commit_path(engine, shape, kept, verdict.path)
+        after = engine.step_after(verdict, extras)
+        return verdict.accepted, verdict.path, verdict.tokens, verdict.next_token, kept, hit, argmax, *after
+
+    return body
+
+
+@functools.lru_cache(maxsize=64)
+def _score_body(shape: StepShape) -> Any:
+    def body(engine: DecodeEngine, tokens: torch.Tensor, last_position: torch.Tensor) -> tuple:
+        positions, slots, mask = _step_inputs(engine, shape, last_position)
+        tokens, logits, extras = engine.step_forward(tokens, positions, slots, mask)
+        return tokens, logits, *extras
+
+    return body
+
+
+@functools.lru_cache(maxsize=64)
+def _after_body(shape: StepShape) -> Any:
+    def body(engine: DecodeEngine, kept: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor,
+             next_token: torch.Tensor, *extras: torch.Tensor) -> tuple:
+        _commit_path(engine, shape, kept, path)
+        return engine.step_after(Verdict(accepted, path, next_token[:, None], next_token), extras)
+
+    return body
+
+
+@functools.lru_cache(maxsize=16)
+def _all_valid(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(batch, size, dtype=torch.bool, device=device)
+
+
+def _last_position(engine: DecodeEngine) -> torch.Tensor:
+    """0-d: the largest position id the model embeds (a huge number when no limit is known)."""
+    limit = getattr(engine.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return _position_tensor(limit - 1 if isinstance(limit, int) and limit > 0 else 2**62, engine.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _position_tensor(value: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, device=device)
+
+
+class DraftStats:
+    """The ``stats.extra`` entries every draft-and-verify proposer reports: per step and row,
+    the tokens drafted and the drafts accepted (0 for rows that had finished)."""
+
+    def __init__(self, tree: TreeSpec):
+        self.tree = tree
+        self.drafted: list[torch.Tensor] = []
+        self.accepted: list[torch.Tensor] = []
+
+    def record(self, live: torch.Tensor, verdict: Verdict) -> None:
+        """One step: ``live [B]`` rows that were still generating, and their verdict."""
+        self.drafted.append(live.long() * self.tree.num_draft)
+        self.accepted.append(torch.where(live, verdict.accepted, 0))
+
+    def extra(self, forward_passes: int) -> dict[str, Any]:
+        drafted = torch.stack(self.drafted).tolist() if self.drafted else []
+        accepted = torch.stack(self.accepted).tolist() if self.accepted else []
+        total_drafted, total_accepted = sum(map(sum, drafted)), sum(map(sum, accepted))
+        live_steps = sum(n > 0 for step in drafted for n in step)
+        return {
+            "tree": list(self.tree.parents),
+            "num_draft": self.tree.num_draft,
+            "drafted_per_step": drafted,
+            "accepted_drafts_per_step": accepted,
+            "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
+            "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
+            "target_forwards": forward_passes,
+        }

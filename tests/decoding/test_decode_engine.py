@@ -5,7 +5,7 @@ import torch
 from conftest import build_model, left_padded_batch
 from transformers import GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration
 
-from dynexec_compile.decoding import DecodeEngine, chain_mask
+from dynexec_compile.decoding import DecodeEngine, ModelDrafter, TreeSpec, chain_mask
 from dynexec_compile.decoding.sampling import SamplingParams
 from dynexec_compile.decoding.step import pack_prompts, prefill_bucket
 
@@ -117,9 +117,22 @@ def test_step_can_return_the_final_hidden_states(lm):
     torch.testing.assert_close(engine.step(tokens, positions, mask4), logits, atol=1e-5, rtol=1e-5)
 
 
+def draft_chain(engine, first, k, sampling=None, generator=None, at=None):
+    """A draft model's ``k`` drafts in one call (``ModelDrafter.propose`` on a chain) after
+    ``first``: the root ``[B, 1]``, or a catch-up token and the root ``[B, 2]``."""
+    drafter = ModelDrafter(engine, TreeSpec.chain(k))
+    lengths = engine.lengths.clone() if at is None else at
+    if first.shape[1] == 2:  # the catch-up token at the draft's length, the root after it
+        drafter._lag.fill_(1)
+        drafter._catch_up.copy_(first[:, 0])
+        lengths = lengths + 1
+    tokens, probs = drafter.propose(first[:, -1], lengths, sampling, generator)
+    return tokens[:, 1:], None if probs is None else probs[:, 1:]
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_draft_chain_equals_greedy_decoding_and_draws_reproducibly(kind):
-    """k drafts from one draft_chain call are what k greedy steps of the stock model produce,
+    """k drafts from one drafting call are what k greedy steps of the stock model produce,
     from a first chain of one token or two (a catch-up token before the root)."""
     model = build_model(kind)
     ids, mask = left_padded_batch([5, 9])
@@ -128,8 +141,7 @@ def test_draft_chain_equals_greedy_decoding_and_draws_reproducibly(kind):
     for first in ([[11], [12]], [[3, 11], [4, 12]]):
         engine.prefill(ids, mask)
         feed = torch.tensor(first)  # [B, n]
-        positions = engine.lengths[:, None] + torch.arange(feed.shape[1])
-        drafts, probs = engine.draft_chain(feed, positions, positions.clone(), 4)
+        drafts, probs = draft_chain(engine, feed, 4)
         assert probs is None and drafts.shape == (2, 4) and engine.lengths.tolist() == [5, 9], "nothing committed"
         for r in range(2):
             text = torch.cat([prompts[r], feed[r]])
@@ -140,8 +152,7 @@ def test_draft_chain_equals_greedy_decoding_and_draws_reproducibly(kind):
 
     sampling = SamplingParams(temperature=0.8, top_k=20)
     engine.prefill(ids, mask)
-    start = engine.lengths[:, None].clone()
-    draws = [engine.draft_chain(torch.tensor([[11], [12]]), start, start.clone(), 3, sampling, torch.Generator().manual_seed(5)) for _ in range(2)]
+    draws = [draft_chain(engine, torch.tensor([[11], [12]]), 3, sampling, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(draws[0][0], draws[1][0]), "a seeded generator reproduces the draws"
     probs = draws[0][1]
     assert probs.shape == (2, 3, model.config.vocab_size)
@@ -149,10 +160,9 @@ def test_draft_chain_equals_greedy_decoding_and_draws_reproducibly(kind):
     assert (chosen > 0).all(), "a draft is never a token its distribution excludes"
     assert ((probs > 0).sum(-1) <= 20).all(), "top-k is applied"
     with pytest.raises(ValueError, match="num_draft"):
-        engine.draft_chain(torch.tensor([[11], [12]]), start, start.clone(), 0)
+        draft_chain(engine, torch.tensor([[11], [12]]), 0)
     with pytest.raises(ValueError, match="overflow"):
-        far = torch.full((2, 1), 46)
-        engine.draft_chain(torch.tensor([[11], [12]]), far, far.clone(), 4)
+        draft_chain(engine, torch.tensor([[11], [12]]), 4, at=torch.full((2,), 46))
 
 
 def _chain_then_commit(engine, tokens, keep):

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import dynexec_compile as dx
-from dynexec_compile.decoding import DraftHeads, DraftHeadsEngine, TokenRuns, greedy_step
-from dynexec_compile.decoding.draft_heads_decode import HEADS
+from dynexec_compile.decoding import DraftHeads, DraftHeadsEngine, TokenRuns, verify_step
+from dynexec_compile.decoding.verify import _greedy_body
 
 K = 3
 
@@ -82,7 +82,7 @@ def test_fused_step_accepts_exactly_the_greedy_prefix(heads_for):
     live = torch.tensor([True, True, False])
     runs = TokenRuns(3, 64, K + 1, (), 0, torch.device("cpu"))
     runs.finished.copy_(~live)  # the finished row runs but keeps nothing
-    verdict, _, _, (head_logits, chain) = greedy_step(engine, engine.shape, tokens, runs, model=HEADS)
+    verdict, _, _, (head_logits, chain) = verify_step(engine, engine.shape, tokens, runs)
     target, accepted = verdict.tokens, verdict.accepted
     assert accepted.tolist() == [K, 1, 0]
     assert torch.equal(target[0, :K], greedy[0, 1:]) and torch.equal(target[1, :2], greedy[1, 1:3])
@@ -160,8 +160,7 @@ def test_no_recompiles_after_warmup_and_heads_are_graph_outputs(heads_for):
     assert counter.frame_count == 2 and out2.stats.compiles == 0
     assert torch.equal(out2.sequences, hf_greedy(model, ids2, mask2, 40))
 
-    engine = DraftHeadsEngine(model, 2, 64, heads, compile=False)
-    graph = engine.step_graph()
+    graph = greedy_step_graph(DraftHeadsEngine(model, 2, 64, heads, compile=False))
     outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
     assert len(outputs) == 9, "the shared step's 7 outputs, then the draft heads' logits and the next chain"
     head_params = {n for n in graph.graph.nodes if n.op in ("placeholder", "get_attr") and "heads" in n.name}
@@ -173,6 +172,26 @@ def test_no_recompiles_after_warmup_and_heads_are_graph_outputs(heads_for):
             ancestors.add(node)
             frontier.extend(node.all_input_nodes)
     assert head_params <= ancestors, "the heads' logits are computed by the draft heads"
+
+
+def greedy_step_graph(engine):
+    """The FX graph Dynamo captures for the greedy step (what the backend compiles): the
+    shared step's outputs, then the draft heads' logits and the next candidates. Captured at
+    each row's committed length with every row finished (nothing is committed)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    runs = TokenRuns(engine.batch_size, 1, engine.tree.max_depth + 1, (), 0, engine.device)
+    runs.finished.fill_(True)  # commits nothing
+    tokens = torch.zeros(engine.batch_size, engine.shape.width, dtype=torch.long)
+    valid = torch.ones(engine.batch_size, engine.tree.size, dtype=torch.bool)
+    fn = torch.compile(_greedy_body(engine.shape).__get__(engine), backend=capture, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        fn(tokens, valid, torch.tensor(2**62), runs.produced, runs.finished, runs.limit, runs.eos)
+    return graphs[0]
 
 
 def test_save_load_roundtrip_and_errors(tmp_path, heads_for):
@@ -227,10 +246,8 @@ def test_tree_accepts_at_least_the_chain_from_the_same_state(heads_for):
         pending = logits.argmax(-1)
         chain = torch.cat([pending[:, None], head_logits.argmax(-1)], dim=1)
         runs = [TokenRuns(6, 64, 8, (), 0, torch.device("cpu")) for _ in range(2)]
-        chain_accepted = greedy_step(chain_engine, chain_engine.shape, chain, runs[0], model=HEADS)[0].accepted
-        tree_verdict = greedy_step(
-            tree_engine, tree_engine.shape, tree_engine.tree_tokens(pending, head_logits), runs[1], model=HEADS
-        )[0]
+        chain_accepted = verify_step(chain_engine, chain_engine.shape, chain, runs[0])[0].accepted
+        tree_verdict = verify_step(tree_engine, tree_engine.shape, tree_engine.tree_tokens(pending, head_logits), runs[1])[0]
         emitted, tree_accepted = tree_verdict.tokens, tree_verdict.accepted
         assert (tree_accepted >= chain_accepted).all()
         gains.append(int((tree_accepted - chain_accepted).sum()))

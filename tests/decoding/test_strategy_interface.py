@@ -14,11 +14,10 @@ from dynexec_compile.decoding import (
     StepShape,
     TokenRuns,
     TreeSpec,
-    greedy_step,
     register_strategy,
-    sampled_step,
+    verify_step,
 )
-from dynexec_compile.decoding.generate import _next_token, cache_length, decode_loop, get_engine
+from dynexec_compile.decoding.generate import cache_length, decode_loop, get_engine, next_token
 from dynexec_compile.decoding.step import pack_prompts
 
 
@@ -29,16 +28,13 @@ class RepeatProposer:
         self.engine, self.settings, self.shape, self.width = engine, settings, StepShape.of_tree(TreeSpec.chain(k)), k + 1
 
     def prefill(self, input_ids, attention_mask):
-        self.root = _next_token(self.engine.prefill(input_ids, attention_mask), self.settings)
+        self.root = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)
         return self.root
 
     def step(self, runs: TokenRuns):
         tokens = self.root[:, None].expand(-1, self.width)  # [B, k+1]: the root, then k guesses of it
-        if self.settings.sampling is None:
-            verdict, kept, _, _ = greedy_step(self.engine, self.shape, tokens, runs)
-        else:
-            verdict, kept, _ = sampled_step(self.engine, self.shape, tokens, runs, self.settings.sampling,
-                                            self.settings.generator)
+        verdict, kept, _, _ = verify_step(self.engine, self.shape, tokens, runs, self.settings.sampling,
+                                          self.settings.generator)
         self.root = verdict.next_token
         return kept
 

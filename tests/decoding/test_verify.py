@@ -16,14 +16,12 @@ from conftest import chi_square_pvalue
 from dynexec_compile.decoding import SamplingParams, sampling_probs
 from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.verify import (
+    StepShape,
     TreeSpec,
     as_tree,
     draw_children,
-    node_mask,
     point_mass_probs,
-    tree_positions,
     verify,
-    verify_greedy,
     verify_sampling,
 )
 
@@ -74,7 +72,7 @@ def test_bad_tree_arguments_are_refused():
 def test_tree_step_mask_sees_prefix_and_ancestors_only():
     tree = TreeSpec.from_branching([2, 1])
     lengths = torch.tensor([3, 5])
-    positions, slots = tree_positions(tree, lengths)
+    positions, slots = StepShape.of_tree(tree).place(lengths)
     assert positions.tolist() == [[3, 4, 4, 5, 5], [5, 6, 6, 7, 7]]
     assert slots.tolist() == [[3, 4, 5, 6, 7], [5, 6, 7, 8, 9]]
     mask = step_mask(lengths, slots, tree.visible(), 12, torch.float32)  # [B, 1, T, S]
@@ -82,9 +80,9 @@ def test_tree_step_mask_sees_prefix_and_ancestors_only():
     # node 4 (parent 2, grandparent 0) of row 1: prefix 0..4, root slot 5, node 2 at 7, itself at 9
     assert seen[1, 4].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 7, 9]
     assert seen[0, 3].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4, 6]
-    # node_mask: queries of a later level that see nodes written by earlier forwards
+    # queries of a later level that see nodes written by earlier forwards
     level = torch.tensor([[True, True, False, True, False], [True, False, True, False, True]])  # nodes 3, 4
-    m = node_mask(lengths, lengths, level, 12, torch.float32)[:, 0] == 0
+    m = step_mask(lengths, lengths[:, None] + torch.arange(5), level, 12, torch.float32)[:, 0] == 0
     assert m[1, 1].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 7, 9]
 
 
@@ -95,7 +93,7 @@ def test_greedy_accepts_the_deepest_agreeing_path():
     # row 2 with nothing
     argmax = torch.tensor([[5, 7, 6, 0, 0, 0, 0], [4, 3, 0, 0, 0, 0, 0], [7, 3, 0, 0, 0, 0, 0]])
     logits = torch.nn.functional.one_hot(argmax, 10).float()
-    verdict = verify_greedy(tree, tokens, logits)
+    verdict = verify(tree, tokens, logits)
     assert verdict.accepted.tolist() == [2, 1, 0]
     assert verdict.path.tolist() == [[0, 2, 6], [0, 1, 1], [0, 0, 0]]
     assert verdict.next_token.tolist() == [0, 3, 7]
@@ -267,7 +265,7 @@ def test_greedy_verification_traces_into_one_graph(tree):
     tokens[:, 1] = logits[:, 0].argmax(-1)  # some rows accept something
 
     def fn(tokens, logits):
-        verdict = verify_greedy(tree, tokens, logits)
+        verdict = verify(tree, tokens, logits)
         return verdict.accepted, verdict.path, verdict.tokens
 
     compiled = torch.compile(fn, backend="eager", fullgraph=True)
