@@ -22,9 +22,8 @@ from dynexec_compile.decoding import (
     generate,
     load_draft_heads,
     save_draft_heads,
-    train_draft_heads,
-    train_exit_lm_head,
 )
+from dynexec_compile.distill import train_draft_heads, train_exit_lm_head
 from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,

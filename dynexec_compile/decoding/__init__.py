@@ -8,12 +8,7 @@ acceptance, cache commit); a strategy is registered with :func:`register_strateg
 
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.calm import calm_strategy
-from dynexec_compile.decoding.draft_heads import (
-    DraftHeads,
-    load_draft_heads,
-    save_draft_heads,
-    train_draft_heads,
-)
+from dynexec_compile.decoding.draft_heads import DraftHeads, load_draft_heads, save_draft_heads
 from dynexec_compile.decoding.draft_heads_decode import DraftHeadsEngine, draft_heads_strategy
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
@@ -33,11 +28,7 @@ from dynexec_compile.decoding.lookahead import (
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
-from dynexec_compile.decoding.self_speculative import (
-    SelfSpeculativeEngine,
-    self_speculative_strategy,
-    train_exit_lm_head,
-)
+from dynexec_compile.decoding.self_speculative import SelfSpeculativeEngine, self_speculative_strategy
 from dynexec_compile.decoding.speculative import (
     ModelDrafter,
     check_same_vocabulary,
@@ -99,7 +90,5 @@ __all__ = [
     "step_layout",
     "save_draft_heads",
     "step_mask",
-    "train_draft_heads",
-    "train_exit_lm_head",
     "warp_logits",
 ]

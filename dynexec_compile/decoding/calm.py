@@ -17,7 +17,7 @@ output and against held-out perplexity, next to self-speculative decoding (exact
 
 Exit heads: the model's own final norm + LM head after every block (``exit_heads=None``), or
 trained ones — ``ExitHeads`` of kind ``last_token_rmsnorm`` over the vocabulary, e.g. from
-:func:`~dynexec_compile.decoding.self_speculative.train_exit_lm_head` (one per exit layer),
+:func:`~dynexec_compile.distill.train_exit_lm_head` (one per exit layer),
 exits then only after the blocks that have a head. The prompt runs through the full model
 (prefill), so the first generated token is the full model's.
 
@@ -29,7 +29,6 @@ Padding in ``attention_mask`` is dropped (batch 1).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,7 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     cache_length,
+    decode_loop,
 )
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.masks import chain_mask
@@ -97,6 +97,7 @@ class CalmDecoder:
         weight = next(model.parameters())
         self.cache = SlotCache(model.config, 1, max_len, weight.dtype, weight.device)
         self.device = weight.device
+        self.forward_passes = 0  # prefill + one per token (however many layers it ran)
 
     def _exit_heads(self, model: PreTrainedModel, heads: ExitHeads | None) -> dict[int, Any]:
         if heads is None:
@@ -125,6 +126,7 @@ class CalmDecoder:
         h = self.stack.embed(prompt, positions)  # [1, n, D]
         h = self.stack.run(h, 0, self.num_layers, mask, positions, self.cache, slots)
         self.cache.lengths.fill_(prompt.shape[1])
+        self.forward_passes += 1
         return self.stack.logits(h[:, -1])
 
     @torch.no_grad()
@@ -136,6 +138,7 @@ class CalmDecoder:
         """
         position = int(self.cache.lengths[0])
         positions, slots, mask = self._args(position)
+        self.forward_passes += 1
         h = self.stack.embed(token[:, None], positions)  # [1, 1, D]
         for block in range(self.num_layers):
             h = self.stack.run(h, block, block + 1, mask, positions, self.cache, slots)
@@ -210,30 +213,30 @@ def calm_strategy(
         raise NotImplementedError("strategy='calm' is greedy only; pass do_sample=False")
     prompt = _prompt(input_ids, attention_mask)
     decoder = CalmDecoder(model, cache_length(prompt.shape[1], settings.max_new_tokens), threshold, exit_heads)
-    stats = GenerateStats(strategy="calm")
-    out = TokenRuns(1, settings.max_new_tokens, 1, settings.eos_token_ids, settings.pad_token_id, decoder.device, settings.streamer)
-    if settings.streamer is not None:
-        settings.streamer.put(input_ids.cpu())
-    trace = CalmTrace()
-    start = time.perf_counter()
-    token = decoder.prefill(prompt.to(decoder.device)).argmax(-1)  # [1]
-    stats.prefill_time_s = time.perf_counter() - start
-    out.keep(token[:, None], torch.ones(1, dtype=torch.long, device=decoder.device))
-    start = time.perf_counter()
-    while not out.all_done():
-        logits, layers = decoder.step(token)
-        token = logits.argmax(-1)  # [1]
-        trace.layers.append(layers)
-        stats.accepted_per_step.append(out.keep(token[:, None], torch.ones_like(token)).tolist())
-    stats.decode_time_s = time.perf_counter() - start
-    stats.steps = len(trace.layers)
-    stats.forward_passes = stats.steps + 1
-    stats.new_tokens = out.produced.tolist()
-    if settings.streamer is not None:
-        settings.streamer.end()
-    stats.extra = {"threshold": decoder.threshold, "lossy": True,
-                   "exit_heads": "shared" if exit_heads is None else "trained", **trace.summary(decoder.num_layers)}
-    return GenerateOutput(sequences=out.sequences(input_ids), stats=stats)
+    return decode_loop(_CalmProposer(decoder, exit_heads is None), input_ids, attention_mask, settings)
+
+
+class _CalmProposer:
+    """CALM as the shared loop runs it: one token per step, from the exit it left at."""
+
+    name, width = "calm", 1
+
+    def __init__(self, decoder: CalmDecoder, shared: bool):
+        self.engine, self.shared, self.trace = decoder, shared, CalmTrace()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self.token = self.engine.prefill(_prompt(input_ids, attention_mask).to(self.engine.device)).argmax(-1)  # [1]
+        return self.token
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        logits, layers = self.engine.step(self.token)
+        self.token = logits.argmax(-1)  # [1]
+        self.trace.layers.append(layers)
+        return runs.keep(self.token[:, None], torch.ones_like(self.token))
+
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        return {"threshold": self.engine.threshold, "lossy": True, "exit_heads": "shared" if self.shared else "trained",
+                **self.trace.summary(self.engine.num_layers)}
 
 
 @torch.no_grad()

@@ -14,27 +14,22 @@ head to ``D^2 + D`` parameters and, with the residual weights initialised to zer
 head starts out as the model's own next-token prediction — a sensible first guess for the
 token after. The LM head is applied once to all heads' features together.
 
-Training (:func:`train_draft_heads`) is self-distillation with the backbone frozen: head
-``i`` at position ``t`` learns the model's own next-token distribution at position
-``t + i`` (KL divergence), on teacher-forced text — no labels, and the heads learn what the
-target will say, which is what verification accepts. Heads are saved as safetensors with
-their configuration in the file's metadata.
+Training (:func:`~dynexec_compile.distill.train_draft_heads`) is self-distillation with the
+backbone frozen: head ``i`` at position ``t`` learns the model's own next-token distribution
+at position ``t + i``. Heads are saved as safetensors with their configuration in the file's
+metadata.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.step import check_causal_lm
 from dynexec_compile.weights_io import read_with_config, save_with_config
 
 METADATA_KEY = "dynexec_draft_heads"
@@ -110,152 +105,6 @@ def check_heads_fit(model: PreTrainedModel, heads: Any) -> DraftHeads:
     return heads
 
 
-# ---- training --------------------------------------------------------------------------------
-
-
-def train_draft_heads(
-    model: PreTrainedModel,
-    data: torch.Tensor | Iterable[torch.Tensor],
-    offsets: int = 3,
-    *,
-    heads: DraftHeads | None = None,
-    num_layers: int = 1,
-    steps: int | None = None,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    lr: float = 3e-3,
-    temperature: float = 1.0,
-    weight_decay: float = 0.0,
-    progress: bool = True,
-) -> DraftHeads:
-    """Train ``offsets`` draft heads on a frozen causal LM by self-distillation; fp32, eval mode.
-
-    Head ``i`` (``1 <= i <= offsets``) at position ``t`` is fitted to the model's own
-    next-token distribution at position ``t + i`` (KL divergence, teacher-forced), i.e. the
-    token ``t + 1 + i`` the model would predict. The model is never modified: it runs under
-    ``torch.no_grad()`` and only the heads are optimised (AdamW, linear decay to 0).
-
-    Args:
-        model: a transformers causal LM in eval mode with a ``base_model`` returning the final
-            (post-norm) hidden state, and an output projection.
-        data: token ids: a 1-D stream (cut into ``seq_len`` windows, ``batch_size`` per step),
-            a 2-D ``[N, S]`` tensor of sequences (``batch_size`` rows per step), or an
-            iterable of ``[B, S]`` tensors (one step each).
-        offsets: ``k``, heads to train (ignored when ``heads`` is given).
-        heads: heads to train further (a trained copy is returned; the given ones are unchanged).
-        num_layers: residual blocks per new head.
-        steps: optimiser steps; ``None`` = one pass over ``data`` (needs a tensor or a sized iterable).
-        batch_size, seq_len: batching of tensor ``data``.
-        lr, weight_decay: AdamW settings.
-        temperature: softens teacher and student alike.
-        progress: show a tqdm progress bar.
-    """
-    check_causal_lm(model)
-    if temperature <= 0 or lr <= 0:
-        raise ValueError(f"need lr > 0 and temperature > 0, got lr={lr}, temperature={temperature}")
-    if heads is None:
-        heads = DraftHeads(int(model.config.hidden_size), offsets, num_layers, int(model.config.vocab_size))
-    else:
-        heads = copy.deepcopy(check_heads_fit(model, heads))
-    device = next(model.parameters()).device
-    heads = heads.to(device=device, dtype=torch.float32).train()
-    lm_head = model.get_output_embeddings()
-    fit_heads(
-        heads,
-        _batches(data, batch_size, seq_len, steps),
-        lambda ids: _distill_loss(model, heads, lm_head, ids.to(device), temperature),
-        lr=lr,
-        weight_decay=weight_decay,
-        desc="draft heads",
-        progress=progress,
-    )
-    return heads.eval()
-
-
-def fit_heads(
-    heads: nn.Module,
-    batches: tuple[Iterator[torch.Tensor], int],
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    lr: float,
-    weight_decay: float,
-    desc: str,
-    progress: bool,
-) -> None:
-    """The self-distillation loop heads on a frozen model share: AdamW, linear decay to 0 over
-    the ``(iterator, total)`` of :func:`_batches`, ``loss_fn(ids)`` per step, a progress bar."""
-    steps, total = batches
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
-    with tqdm(total=total, desc=desc, disable=not progress, unit="step") as bar:
-        for ids in steps:
-            loss = loss_fn(ids)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-
-
-def _distill_loss(
-    model: PreTrainedModel, heads: DraftHeads, lm_head: nn.Module, ids: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Mean over heads of KL(model's distribution at ``t + i`` || head ``i`` at ``t``)."""
-    with torch.no_grad():
-        h = model.base_model(input_ids=ids).last_hidden_state.float()  # [B, S, D], after the final norm
-        teacher = F.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float() / temperature, dim=-1)  # [B, S, V]
-    k, seq = heads.num_heads, ids.shape[1]
-    if seq <= k:
-        raise ValueError(f"training sequences need more than offsets={k} tokens, got {seq}")
-    student = heads.features(h[:, : seq - 1])  # [B, S-1, k, D]
-    weight = lm_head.weight.detach().float()  # [V, D], frozen: no gradient reaches the model
-    losses = []
-    for i in range(1, k + 1):
-        logits = F.linear(student[:, : seq - i, i - 1], weight)  # [B, S-i, V]: head i at t
-        target = teacher[:, i:]  # [B, S-i, V]: the model at t + i
-        log_q = F.log_softmax(logits / temperature, dim=-1)
-        losses.append(F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean() * temperature**2)
-    return torch.stack(losses).mean()
-
-
-def _batches(
-    data: torch.Tensor | Iterable[torch.Tensor], batch_size: int, seq_len: int, steps: int | None
-) -> tuple[Iterator[torch.Tensor], int]:
-    """``(iterator of [B, S] id batches, number of steps)`` for :func:`train_draft_heads`."""
-    if torch.is_tensor(data):
-        if data.dtype not in (torch.int64, torch.int32) or data.ndim not in (1, 2):
-            raise TypeError(f"data must be int token ids, 1-D or [N, S]; got {data.dtype} {tuple(data.shape)}")
-        rows = data.long()
-        if rows.ndim == 1:
-            n = rows.numel() // seq_len
-            if n == 0:
-                raise ValueError(f"data holds {rows.numel()} tokens, fewer than seq_len={seq_len}")
-            rows = rows[: n * seq_len].view(n, seq_len)
-        per_pass = -(-rows.shape[0] // batch_size)
-        total = steps or per_pass
-
-        def cycle() -> Iterator[torch.Tensor]:
-            for step in range(total):
-                start = (step % per_pass) * batch_size
-                yield rows[start : start + batch_size]
-
-        return cycle(), total
-    if steps is None and not hasattr(data, "__len__"):
-        raise ValueError("data is an iterable without a length: pass steps=")
-    total = steps or len(data)  # type: ignore[arg-type]
-
-    def take() -> Iterator[torch.Tensor]:
-        for step, ids in enumerate(data):
-            if step == total:
-                return
-            if not torch.is_tensor(ids) or ids.ndim != 2:
-                raise TypeError(f"each batch must be a [B, S] tensor of token ids, got {type(ids).__name__}")
-            yield ids
-
-    return take(), total
-
-
 # ---- saving and loading ------------------------------------------------------------------------
 
 
@@ -277,4 +126,4 @@ def load_draft_heads(
     return heads.to(device=device, dtype=dtype).eval()
 
 
-__all__ = ["DraftHeads", "ResidualBlock", "load_draft_heads", "save_draft_heads", "train_draft_heads"]
+__all__ = ["DraftHeads", "ResidualBlock", "check_heads_fit", "load_draft_heads", "save_draft_heads"]

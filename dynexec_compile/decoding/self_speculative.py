@@ -4,7 +4,7 @@ The drafter is the model's first ``E`` layers plus an exit head:
 
 - ``exit_head="shared"``: the model's own final norm + LM head on the layer-``E`` hidden state;
 - ``exit_head="trained"``: a ``last_token_rmsnorm`` head from :mod:`dynexec_compile.exit_heads`
-  (RMSNorm + a ``D x V`` projection) trained for layer ``E`` by :func:`train_exit_lm_head`
+  (RMSNorm + a ``D x V`` projection) trained for layer ``E`` by :func:`~dynexec_compile.distill.train_exit_lm_head`
   (self-distillation on the model's own next-token distribution, backbone frozen), passed as
   ``exit_heads=ExitHeads`` whose layer ``E - 1`` (the block whose output it reads) is used.
 
@@ -32,15 +32,12 @@ pays, the head's top tokens carry most of the target's mass.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.draft_heads import _batches, fit_heads
 from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
@@ -54,7 +51,6 @@ from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import (
     DecodeEngine,
-    check_causal_lm,
     pack_prompts,
     weights_fingerprint,
 )
@@ -255,70 +251,4 @@ class _SelfProposer:
         }
 
 
-# ---- training a trained exit head -----------------------------------------------------------
-
-
-def train_exit_lm_head(
-    model: PreTrainedModel,
-    data: torch.Tensor | Iterable[torch.Tensor],
-    exit_layer: int,
-    *,
-    steps: int | None = None,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    lr: float = 1e-3,
-    temperature: float = 1.0,
-    progress: bool = True,
-) -> ExitHeads:
-    """Train a ``last_token_rmsnorm`` exit head over the vocabulary for ``exit_head="trained"``.
-
-    The head (RMSNorm -> Linear(D, V)) reads block ``exit_layer - 1``'s output, starts from
-    the model's own LM head (and, for RMSNorm models, its final norm's scale) and is fitted
-    to the model's final next-token distribution at every position (KL divergence,
-    teacher-forced). The model is never modified.
-
-    Args:
-        model: a llama / qwen2 / gpt2 causal LM in eval mode.
-        data: token ids, as for :func:`~dynexec_compile.decoding.draft_heads.train_draft_heads`.
-        exit_layer: ``E``, the layers the draft runs.
-        steps, batch_size, seq_len, lr, temperature, progress: as for ``train_draft_heads``.
-    Returns:
-        :class:`ExitHeads` with one head at block ``exit_layer - 1`` (fp32, eval mode); save it
-        with ``save_exit_heads``.
-    """
-    check_causal_lm(model)
-    stack = DecoderStack(model)
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < stack.num_layers:
-        raise ValueError(f"exit_layer must be an int in [1, {stack.num_layers - 1}], got {exit_layer!r}")
-    vocab = int(model.config.vocab_size)
-    eps = float(getattr(stack.norm, "variance_epsilon", getattr(stack.norm, "eps", 1e-6)))
-    heads = ExitHeads([exit_layer - 1], stack.hidden_size, vocab, "last_token_rmsnorm", dropout=0.0, eps=eps)
-    head = heads.head(exit_layer - 1)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        head.out.weight.copy_(stack.lm_head.weight)
-        if stack.family == "llama":
-            head.norm.weight.copy_(stack.norm.weight)
-    heads = heads.to(device=device, dtype=torch.float32).train()
-
-    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = model(input_ids=ids.to(device), output_hidden_states=True)
-            teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S, V]
-            h = out.hidden_states[exit_layer].float()  # [B, S, D], block E-1's output
-        student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
-        return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
-
-    fit_heads(
-        heads,
-        _batches(data, batch_size, seq_len, steps),
-        loss_fn,
-        lr=lr,
-        weight_decay=0.0,
-        desc=f"exit head (layer {exit_layer})",
-        progress=progress,
-    )
-    return heads.eval()
-
-
-__all__ = ["self_speculative_strategy", "train_exit_lm_head"]
+__all__ = ["SelfSpeculativeEngine", "self_speculative_strategy"]

@@ -93,7 +93,7 @@ def test_fused_step_accepts_exactly_the_greedy_prefix(heads_for):
 
 
 def test_training_lowers_the_distillation_loss():
-    from dynexec_compile.decoding.draft_heads import _distill_loss
+    from dynexec_compile.distill import _distill_loss
 
     model = build_model("llama")
     text = own_text(model)

@@ -1,0 +1,211 @@
+"""Self-distillation of small heads on a frozen causal LM: draft heads and LM exit heads.
+
+Both are trained the same way: the backbone runs under ``torch.no_grad()`` on teacher-forced
+text, a head is fitted to the model's own next-token distribution (KL divergence) — no
+labels, and the head learns what the model will say, which is what verification accepts —
+through the one loop heads on a frozen model share
+(:func:`~dynexec_compile.exit_heads.fit_heads`). The model is never modified.
+
+- :func:`train_draft_heads`: Medusa-style heads for ``strategy="draft_heads"``; head ``i`` at
+  position ``t`` learns the model's distribution at ``t + i``;
+- :func:`train_exit_lm_head`: an exit head over the vocabulary after layer ``E`` for
+  ``strategy="self_speculative", exit_head="trained"`` (and CALM).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
+from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.step import check_causal_lm
+from dynexec_compile.exit_heads import ExitHeads, fit_heads
+
+
+def train_draft_heads(
+    model: PreTrainedModel,
+    data: torch.Tensor | Iterable[torch.Tensor],
+    offsets: int = 3,
+    *,
+    heads: DraftHeads | None = None,
+    num_layers: int = 1,
+    steps: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 3e-3,
+    temperature: float = 1.0,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> DraftHeads:
+    """Train ``offsets`` draft heads on a frozen causal LM by self-distillation; fp32, eval mode.
+
+    Head ``i`` (``1 <= i <= offsets``) at position ``t`` is fitted to the model's own
+    next-token distribution at position ``t + i`` (KL divergence, teacher-forced), i.e. the
+    token ``t + 1 + i`` the model would predict. The model is never modified: it runs under
+    ``torch.no_grad()`` and only the heads are optimised (AdamW, linear decay to 0).
+
+    Args:
+        model: a transformers causal LM in eval mode with a ``base_model`` returning the final
+            (post-norm) hidden state, and an output projection.
+        data: token ids: a 1-D stream (cut into ``seq_len`` windows, ``batch_size`` per step),
+            a 2-D ``[N, S]`` tensor of sequences (``batch_size`` rows per step), or an
+            iterable of ``[B, S]`` tensors (one step each).
+        offsets: ``k``, heads to train (ignored when ``heads`` is given).
+        heads: heads to train further (a trained copy is returned; the given ones are unchanged).
+        num_layers: residual blocks per new head.
+        steps: optimiser steps; ``None`` = one pass over ``data`` (needs a tensor or a sized iterable).
+        batch_size, seq_len: batching of tensor ``data``.
+        lr, weight_decay: AdamW settings.
+        temperature: softens teacher and student alike.
+        progress: show a tqdm progress bar.
+    """
+    check_causal_lm(model)
+    if temperature <= 0 or lr <= 0:
+        raise ValueError(f"need lr > 0 and temperature > 0, got lr={lr}, temperature={temperature}")
+    if heads is None:
+        heads = DraftHeads(int(model.config.hidden_size), offsets, num_layers, int(model.config.vocab_size))
+    else:
+        heads = copy.deepcopy(check_heads_fit(model, heads))
+    device = next(model.parameters()).device
+    heads = heads.to(device=device, dtype=torch.float32).train()
+    lm_head = model.get_output_embeddings()
+    fit_heads(
+        heads,
+        token_batches(data, batch_size, seq_len, steps),
+        lambda ids: _distill_loss(model, heads, lm_head, ids.to(device), temperature),
+        lr=lr,
+        weight_decay=weight_decay,
+        desc="draft heads",
+        progress=progress,
+    )
+    return heads.eval()
+
+
+def _distill_loss(
+    model: PreTrainedModel, heads: DraftHeads, lm_head: nn.Module, ids: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Mean over heads of KL(model's distribution at ``t + i`` || head ``i`` at ``t``)."""
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids).last_hidden_state.float()  # [B, S, D], after the final norm
+        teacher = F.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float() / temperature, dim=-1)  # [B, S, V]
+    k, seq = heads.num_heads, ids.shape[1]
+    if seq <= k:
+        raise ValueError(f"training sequences need more than offsets={k} tokens, got {seq}")
+    student = heads.features(h[:, : seq - 1])  # [B, S-1, k, D]
+    weight = lm_head.weight.detach().float()  # [V, D], frozen: no gradient reaches the model
+    losses = []
+    for i in range(1, k + 1):
+        logits = F.linear(student[:, : seq - i, i - 1], weight)  # [B, S-i, V]: head i at t
+        target = teacher[:, i:]  # [B, S-i, V]: the model at t + i
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        losses.append(F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean() * temperature**2)
+    return torch.stack(losses).mean()
+
+
+def train_exit_lm_head(
+    model: PreTrainedModel,
+    data: torch.Tensor | Iterable[torch.Tensor],
+    exit_layer: int,
+    *,
+    steps: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> ExitHeads:
+    """Train a ``last_token_rmsnorm`` exit head over the vocabulary for ``exit_head="trained"``.
+
+    The head (RMSNorm -> Linear(D, V)) reads block ``exit_layer - 1``'s output, starts from
+    the model's own LM head (and, for RMSNorm models, its final norm's scale) and is fitted
+    to the model's final next-token distribution at every position (KL divergence,
+    teacher-forced). The model is never modified.
+
+    Args:
+        model: a causal LM in eval mode whose layers transformers exposes.
+        data: token ids, as for :func:`train_draft_heads`.
+        exit_layer: ``E``, the layers the draft runs.
+        steps, batch_size, seq_len, lr, temperature, progress: as for ``train_draft_heads``.
+    Returns:
+        :class:`ExitHeads` with one head at block ``exit_layer - 1`` (fp32, eval mode); save it
+        with ``save_exit_heads``.
+    """
+    check_causal_lm(model)
+    stack = DecoderStack(model)
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < stack.num_layers:
+        raise ValueError(f"exit_layer must be an int in [1, {stack.num_layers - 1}], got {exit_layer!r}")
+    vocab = int(model.config.vocab_size)
+    eps = float(getattr(stack.norm, "variance_epsilon", getattr(stack.norm, "eps", 1e-6)))
+    heads = ExitHeads([exit_layer - 1], stack.hidden_size, vocab, "last_token_rmsnorm", dropout=0.0, eps=eps)
+    head = heads.head(exit_layer - 1)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        head.out.weight.copy_(stack.lm_head.weight)
+        if stack.family == "llama":
+            head.norm.weight.copy_(stack.norm.weight)
+    heads = heads.to(device=device, dtype=torch.float32).train()
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device), output_hidden_states=True)
+            teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S, V]
+            h = out.hidden_states[exit_layer].float()  # [B, S, D], block E-1's output
+        student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
+        return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+
+    fit_heads(
+        heads,
+        token_batches(data, batch_size, seq_len, steps),
+        loss_fn,
+        lr=lr,
+        weight_decay=0.0,
+        desc=f"exit head (layer {exit_layer})",
+        progress=progress,
+    )
+    return heads.eval()
+
+
+def token_batches(
+    data: torch.Tensor | Iterable[torch.Tensor], batch_size: int, seq_len: int, steps: int | None
+) -> tuple[Iterator[torch.Tensor], int]:
+    """``(iterator of [B, S] id batches, number of steps)`` for :func:`~dynexec_compile.exit_heads.fit_heads`."""
+    if torch.is_tensor(data):
+        if data.dtype not in (torch.int64, torch.int32) or data.ndim not in (1, 2):
+            raise TypeError(f"data must be int token ids, 1-D or [N, S]; got {data.dtype} {tuple(data.shape)}")
+        rows = data.long()
+        if rows.ndim == 1:
+            n = rows.numel() // seq_len
+            if n == 0:
+                raise ValueError(f"data holds {rows.numel()} tokens, fewer than seq_len={seq_len}")
+            rows = rows[: n * seq_len].view(n, seq_len)
+        per_pass = -(-rows.shape[0] // batch_size)
+        total = steps or per_pass
+
+        def cycle() -> Iterator[torch.Tensor]:
+            for step in range(total):
+                start = (step % per_pass) * batch_size
+                yield rows[start : start + batch_size]
+
+        return cycle(), total
+    if steps is None and not hasattr(data, "__len__"):
+        raise ValueError("data is an iterable without a length: pass steps=")
+    total = steps or len(data)  # type: ignore[arg-type]
+
+    def take() -> Iterator[torch.Tensor]:
+        for step, ids in enumerate(data):
+            if step == total:
+                return
+            if not torch.is_tensor(ids) or ids.ndim != 2:
+                raise TypeError(f"each batch must be a [B, S] tensor of token ids, got {type(ids).__name__}")
+            yield ids
+
+    return take(), total
+
+
+__all__ = ["token_batches", "train_draft_heads", "train_exit_lm_head"]
