@@ -15,8 +15,8 @@ from dynexec_compile.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     generate,
-    get_engine,
     register_strategy,
+    strategy_engine,
 )
 from dynexec_compile.decoding.lookahead import (
     ContextLookup,
@@ -28,7 +28,10 @@ from dynexec_compile.decoding.lookahead import (
 from dynexec_compile.decoding.masks import chain_mask, step_mask
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs, warp_logits
-from dynexec_compile.decoding.self_speculative import SelfSpeculativeEngine, self_speculative_strategy
+from dynexec_compile.decoding.self_speculative import (
+    SelfSpeculativeEngine,
+    self_speculative_strategy,
+)
 from dynexec_compile.decoding.speculative import (
     ModelDrafter,
     check_same_vocabulary,
@@ -83,7 +86,7 @@ __all__ = [
     "draw",
     "generate",
     "load_draft_heads",
-    "get_engine",
+    "strategy_engine",
     "lookahead_decode",
     "register_strategy",
     "sampling_probs",

@@ -9,7 +9,7 @@ the caller sets before the forward, and keeps a per-row committed length.
 Layout invariant: the committed token at position ``i`` of row ``b`` lives in slot ``i`` of
 row ``b`` (``0 <= i < lengths[b]``). Slots at or beyond ``lengths[b]`` hold scratch (rejected
 candidates, prefill padding) that attention masks hide. A verification step writes its
-candidates at slots ``>= lengths[b]``; :meth:`SlotCache.commit` then gathers the accepted ones
+candidates at slots ``>= lengths[b]``; :meth:`SlotCache.apply_commit` then gathers the accepted ones
 to ``lengths[b] ..`` and advances ``lengths`` — keys/values are moved, never recomputed.
 
 The buffers are allocated once at construction, so every forward sees the same tensor
@@ -264,27 +264,20 @@ class SlotCache(Cache):
         super().reset()
         self.lengths.zero_()
 
-    def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
+    def apply_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
         """Keep the accepted tokens of a verification step and advance each row's length.
 
         Row ``b`` keeps ``counts[b]`` tokens; the ``i``-th kept token's keys/values are gathered
         from slot ``accepted_slots[b, i]`` to slot ``lengths[b] + i``. Without
         ``accepted_slots`` the accepted tokens already sit at ``lengths[b] ..`` (a chain
-        accepted up to a point) and only the lengths move.
+        accepted up to a point) and only the lengths move. Fixed-shape tensor work only,
+        traceable; :meth:`check_commit` checks the arguments.
 
         Args:
-            counts: ``[B]`` int, tokens kept per row, ``0 <= counts[b] <= A``.
-            accepted_slots: ``[B, A]`` int, slots of the kept tokens in order; entries past
+            counts: ``[B]`` int64, tokens kept per row, ``0 <= counts[b] <= A``.
+            accepted_slots: ``[B, A]`` int64, slots of the kept tokens in order; entries past
                 ``counts[b]`` are ignored.
         """
-        counts = counts.to(device=self.lengths.device, dtype=torch.long)
-        if accepted_slots is not None:
-            accepted_slots = accepted_slots.to(device=self.lengths.device, dtype=torch.long)
-        self.check_commit(counts, accepted_slots)
-        self.apply_commit(counts, accepted_slots)
-
-    def apply_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
-        """:meth:`commit` without argument checks: fixed-shape tensor work only, traceable."""
         if accepted_slots is not None:
             src, dest = commit_indices(self.lengths, counts, accepted_slots, self.max_len)
             for layer in self.layers:
@@ -314,7 +307,7 @@ class SlotCache(Cache):
 def commit_indices(
     lengths: torch.Tensor, counts: torch.Tensor, accepted_slots: torch.Tensor, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and destination slots ``[B, A]`` for :meth:`SlotCache.commit`, fixed shape.
+    """Source and destination slots ``[B, A]`` for :meth:`SlotCache.apply_commit`, fixed shape.
 
     Entries past a row's count repeat its last kept move (same source, same destination), so
     duplicate destinations always receive identical values; a row keeping nothing copies one

@@ -27,32 +27,31 @@ modules, final norm and LM head), so the logits are the model's.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
-from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    cache_length,
     decode_loop,
     next_token,
+    strategy_engine,
 )
 from dynexec_compile.decoding.layers import DecoderStack
-from dynexec_compile.decoding.runs import TokenRuns
-from dynexec_compile.decoding.step import DecodeEngine, pack_prompts, weights_fingerprint
+from dynexec_compile.decoding.step import DecodeEngine, weights_fingerprint
 from dynexec_compile.decoding.verify import (
-    DraftStats,
+    DraftProposer,
+    StepOut,
     StepShape,
     TreeSpec,
     Verdict,
     as_tree,
     propose_children,
-    verify_step,
 )
 
 
@@ -146,52 +145,35 @@ def draft_heads_strategy(
         raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= and tree=")
     if heads is None:
         raise ValueError("strategy='draft_heads' needs heads=DraftHeads (dynexec_compile.train_draft_heads / load_draft_heads)")
-    if settings.cache != "static":
-        raise ValueError("strategy='draft_heads' runs on the static SlotCache; pass cache='static'")
     check_heads_fit(model, heads)
     spec = TreeSpec.chain(heads.num_heads) if tree is None else as_tree(tree, None)
-    _, lengths = pack_prompts(input_ids, attention_mask)
-    batch = input_ids.shape[0]
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=spec.size)
-    engine = cached_engine(
-        model,
-        batch,
-        max_len,
-        settings,
-        ("draft_heads", id(heads), weights_fingerprint(heads), spec.parents),
-        lambda n: DraftHeadsEngine(model, batch, n, heads, spec, **engine_options(settings)),
+    engine = strategy_engine(
+        model, input_ids, attention_mask, settings, "draft_heads", reserve=spec.size,
+        key=("draft_heads", id(heads), weights_fingerprint(heads), spec.parents),
+        build=functools.partial(DraftHeadsEngine, heads=heads, tree=spec),
     )
-    return decode_loop(_HeadsProposer(engine, settings), input_ids, attention_mask, settings)
+    return decode_loop(_HeadsProposer("draft_heads", engine, settings, spec), input_ids, attention_mask, settings)
 
 
-class _HeadsProposer:
+class _HeadsProposer(DraftProposer):
     """Draft heads' proposer: the candidates come out of the previous step's graph."""
-
-    name = "draft_heads"
-
-    def __init__(self, engine: DraftHeadsEngine, settings: DecodeSettings):
-        self.engine, self.settings = engine, settings
-        self.width = engine.tree.max_depth + 1
-        self.stats = DraftStats(engine.tree)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         logits, head_logits = self.engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
-        pending = next_token(logits, self.settings)  # [B]
-        self.tokens = self.engine.tree_tokens(pending, head_logits)  # [B, T]
-        return pending
+        self.root = next_token(logits, self.settings)  # [B]
+        self.tokens = self.engine.tree_tokens(self.root, head_logits)  # [B, T]
+        return self.root
 
-    def step(self, runs: TokenRuns) -> torch.Tensor:
-        live = ~runs.done  # [B]
-        verdict, kept, _, (_, self.tokens) = verify_step(
-            self.engine, self.engine.shape, self.tokens, runs, self.settings.sampling, self.settings.generator
-        )
-        self.stats.record(live, verdict)
-        return kept
+    def guess(self) -> tuple[torch.Tensor, None]:
+        return self.tokens, None
+
+    def accept(self, out: StepOut) -> None:
+        _, self.tokens = out.after  # the heads' next candidates, from the step's graph
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
         return {
-            **self.stats.extra(stats.forward_passes),
+            **super().extra(stats),
             "draft_forwards": 0,  # the heads run inside the target's step graphs
             # token x layer evaluations per row in the decoding steps (prefill not counted):
             # every step runs all L layers on its T tokens; heads: one block each

@@ -11,22 +11,22 @@ is one proposer file and one registry line. Output follows ``model.generate``: p
 given, padding included) followed by the new tokens, rows that stopped early filled with
 ``pad_token_id``.
 
-Engines (cache + compiled graphs) are kept in a small LRU keyed by model, batch size and
-compile settings; a later call reuses an engine whose cache is long enough, so prompts in
-the same length bucket and shorter generations run on the graphs already compiled.
+Engines (cache + compiled graphs) are kept in a small LRU (:func:`strategy_engine`); a later
+call reuses an engine whose cache is long enough, so prompts in the same length bucket and
+shorter generations run on the graphs already compiled.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 from dynexec_compile.decoding.step import (
@@ -40,6 +40,8 @@ from dynexec_compile.decoding.step import (
 CACHES = ("static", "dynamic")
 PENDING_STRATEGIES: dict[str, str] = {}
 CACHE_LEN_MULTIPLE = 128
+MAX_ENGINES = 8
+_ENGINES: OrderedDict[tuple, DecodeEngine] = OrderedDict()  # see strategy_engine
 
 
 @dataclass
@@ -231,23 +233,49 @@ def generate(
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
 
 
-def get_engine(
-    model: PreTrainedModel, batch_size: int, max_len: int, settings: DecodeSettings, role: str = "target"
+def strategy_engine(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    strategy: str,
+    *,
+    reserve: int = 0,
+    key: Hashable = ("plain", "target"),
+    build: Callable[..., DecodeEngine] = DecodeEngine,
 ) -> DecodeEngine:
-    """A :class:`DecodeEngine` with at least ``max_len`` slots for these settings, reused across calls.
+    """The engine a strategy's steps run on: dynexec's static :class:`SlotCache` with room for
+    the longest prompt, ``max_new_tokens`` and ``reserve`` (the widest step), reused across calls.
 
-    An engine with a longer cache is reused rather than compiling new graphs for a shorter
-    one: a recompile costs far more than attending over the extra (masked) slots. ``role``
-    keeps engines of one model apart when it plays two parts at once (e.g. its own draft).
+    Engines (cache + compiled graphs) are kept in a small LRU keyed by model, batch size,
+    compile settings and ``key`` (what else an engine carries: draft heads, an exit layer; a
+    role such as ``("plain", "draft")`` keeps engines of one model apart when it plays two
+    parts at once). An engine with a longer cache is reused rather than compiling new graphs
+    for a shorter one: a recompile costs far more than attending over the extra (masked)
+    slots. Engines whose frozen weights went stale are dropped. ``build(model, batch_size,
+    max_len, **engine options)`` makes one when none fits.
     """
-    return cached_engine(
-        model,
-        batch_size,
-        max_len,
-        settings,
-        ("plain", role),
-        lambda slots: DecodeEngine(model, batch_size, slots, **engine_options(settings)),
-    )
+    if settings.cache != "static":
+        raise ValueError(f"strategy={strategy!r} needs cache='static' (its steps write per-row slots of dynexec's SlotCache)")
+    _, lengths = pack_prompts(input_ids, attention_mask)
+    batch, max_len = input_ids.shape[0], cache_length(int(lengths.max()), settings.max_new_tokens, reserve)
+    for stale in [k for k, e in _ENGINES.items() if e.model is model and e.frozen_weights_changed()]:
+        del _ENGINES[stale]  # its graphs hold the old weights
+    backend = id(settings.backend) if callable(settings.backend) else settings.backend
+    options = tuple(sorted((settings.options or {}).items()))
+    wanted = (id(model), batch, settings.compile, backend, settings.mode, options, settings.cuda_graphs, settings.regional, key)
+    fitting = [(k, e) for k, e in _ENGINES.items() if k[0] == wanted and e.model is model and e.max_len >= max_len]
+    if fitting:
+        found, engine = min(fitting, key=lambda item: item[1].max_len)
+    else:
+        engine = build(model, batch, max_len, compile=settings.compile, backend=settings.backend, mode=settings.mode,
+                       options=settings.options, cuda_graphs=settings.cuda_graphs, regional=settings.regional)
+        found = (wanted, max_len)
+        _ENGINES[found] = engine
+        while len(_ENGINES) > MAX_ENGINES:
+            _ENGINES.popitem(last=False)
+    _ENGINES.move_to_end(found)
+    return engine
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, reserve: int = 0) -> int:
@@ -357,9 +385,7 @@ def _plain(
     if settings.cache == "dynamic":
         decoder = _DynamicDecoder(model, settings)
     else:
-        _, lengths = pack_prompts(input_ids, attention_mask)
-        max_len = cache_length(int(lengths.max()), settings.max_new_tokens)
-        decoder = get_engine(model, input_ids.shape[0], max_len, settings)
+        decoder = strategy_engine(model, input_ids, attention_mask, settings, "greedy")
     return decode_loop(_PlainProposer(decoder, settings), input_ids, attention_mask, settings)
 
 

@@ -65,11 +65,10 @@ from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    cache_length,
     decode_loop,
-    get_engine,
     next_token,
     register_strategy,
+    strategy_engine,
 )
 from dynexec_compile.decoding.guess_trie import merge_guesses, verify_guesses
 from dynexec_compile.decoding.runs import TokenRuns
@@ -277,11 +276,8 @@ def _lookahead(
     **options: Any,
 ) -> GenerateOutput:
     config = LookaheadConfig.from_options(options)
-    if settings.cache != "static":
-        raise ValueError("strategy='lookahead' needs cache='static' (per-row slots for the window and candidates)")
-    _, lengths = pack_prompts(input_ids, attention_mask)
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=config.step_tokens)
-    engine = get_engine(model, input_ids.shape[0], max_len, _wide_step_settings(model, settings))
+    settings = _wide_step_settings(model, settings)
+    engine = strategy_engine(model, input_ids, attention_mask, settings, "lookahead", reserve=config.step_tokens)
     return lookahead_decode(engine, input_ids, attention_mask, settings, config)
 
 

@@ -32,35 +32,31 @@ pays, the head's top tokens carry most of the target's mass.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from dynexec_compile.decoding.engine_cache import cached_engine, engine_options
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    cache_length,
     decode_loop,
-    next_token,
+    strategy_engine,
 )
 from dynexec_compile.decoding.layers import DecoderStack
-from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import (
     DecodeEngine,
-    pack_prompts,
     weights_fingerprint,
 )
 from dynexec_compile.decoding.verify import (
-    DraftStats,
+    DraftProposer,
     StepShape,
     TreeSpec,
     as_tree,
     propose_children,
-    verify_step,
 )
 from dynexec_compile.exit_heads import ExitHeads
 
@@ -96,22 +92,14 @@ def self_speculative_strategy(
         )
     if exit_layer is None:
         raise ValueError("strategy='self_speculative' needs exit_layer=E (the layers the draft runs)")
-    if settings.cache != "static":
-        raise ValueError("strategy='self_speculative' runs on the static SlotCache; pass cache='static'")
     spec = as_tree(tree, DEFAULT_NUM_DRAFT if tree is None and num_draft is None else num_draft)
     head, head_key = _exit_head(model, exit_layer, exit_head, exit_heads)
-    _, lengths = pack_prompts(input_ids, attention_mask)
-    batch = input_ids.shape[0]
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=spec.size)
-    engine = cached_engine(
-        model,
-        batch,
-        max_len,
-        settings,
-        ("self_speculative", exit_layer, head_key, spec.parents),
-        lambda n: SelfSpeculativeEngine(model, batch, n, exit_layer, head, spec, **engine_options(settings)),
+    engine = strategy_engine(
+        model, input_ids, attention_mask, settings, "self_speculative", reserve=spec.size,
+        key=("self_speculative", exit_layer, head_key, spec.parents),
+        build=functools.partial(SelfSpeculativeEngine, exit_layer=exit_layer, exit_head=head, tree=spec),
     )
-    return decode_loop(_SelfProposer(engine, settings), input_ids, attention_mask, settings)
+    return decode_loop(_SelfProposer("self_speculative", engine, settings, spec), input_ids, attention_mask, settings)
 
 
 def _exit_head(
@@ -211,29 +199,11 @@ class SelfSpeculativeEngine(DecodeEngine):
         return torch.cat(drafted, dim=1), stack.logits(h), ()  # [B, T], [B, T, V]
 
 
-class _SelfProposer:
-    """Self-speculation's proposer: the engine's step drafts and verifies; it keeps the root."""
+class _SelfProposer(DraftProposer):
+    """Self-speculation's proposer: the engine's step drafts from the root and verifies."""
 
-    name = "self_speculative"
-
-    def __init__(self, engine: SelfSpeculativeEngine, settings: DecodeSettings):
-        self.engine, self.settings, self.tree = engine, settings, engine.tree
-        self.width = self.tree.max_depth + 1
-        self.tokens = torch.zeros(engine.batch_size, self.tree.size, dtype=torch.long, device=engine.device)  # root first
-        self.stats = DraftStats(self.tree)
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self.tokens[:, 0] = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
-        return self.tokens[:, 0].clone()
-
-    def step(self, runs: TokenRuns) -> torch.Tensor:
-        live = ~runs.done  # [B]
-        verdict, kept, _, _ = verify_step(
-            self.engine, self.engine.shape, self.tokens, runs, self.settings.sampling, self.settings.generator
-        )
-        self.tokens[:, 0] = verdict.next_token
-        self.stats.record(live, verdict)
-        return kept
+    def guess(self) -> tuple[torch.Tensor, None]:
+        return self.root[:, None].expand(-1, self.tree.size), None  # only the root is read
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine, tree, exit_layer = self.engine, self.tree, self.engine.exit_layer
@@ -241,7 +211,7 @@ class _SelfProposer:
         # every layer runs each of the T nodes once per step: layers < E while drafting (the
         # deepest level, which proposes nothing, in the verification), layers >= E verifying
         return {
-            **self.stats.extra(stats.forward_passes),
+            **super().extra(stats),
             "exit_layer": exit_layer,
             "draft_forwards": stats.steps * tree.max_depth,
             # token x layer evaluations per row in the decoding steps (prefill not counted)

@@ -33,24 +33,20 @@ from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
     GenerateStats,
-    cache_length,
     decode_loop,
-    get_engine,
-    next_token,
     register_strategy,
+    strategy_engine,
 )
 from dynexec_compile.decoding.masks import step_mask
-from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.sampling import SamplingParams
-from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm, pack_prompts
+from dynexec_compile.decoding.step import DecodeEngine, check_causal_lm
 from dynexec_compile.decoding.verify import (
-    DraftStats,
-    StepShape,
+    DraftProposer,
+    StepOut,
     TreeSpec,
     Verdict,
     as_tree,
     propose_children,
-    verify_step,
 )
 
 DEFAULT_NUM_DRAFT = 4
@@ -177,39 +173,32 @@ def draft_verify_loop(
     or after ``max_new_tokens``; stopped rows keep running in the fixed-shape batch but
     commit nothing.
     """
-    return decode_loop(DraftVerify(target, drafter, tree, settings, strategy), input_ids, attention_mask, settings)
+    return decode_loop(_ModelDraftProposer(strategy, target, settings, tree, drafter), input_ids, attention_mask, settings)
 
 
-class DraftVerify:
-    """Speculative decoding's :class:`~dynexec_compile.decoding.generate.Proposer`: the
-    :class:`ModelDrafter` (its own engine and cache) proposes a candidate tree, the shared
-    step verifies it in one target forward."""
+class _ModelDraftProposer(DraftProposer):
+    """Speculative decoding's proposer: the :class:`ModelDrafter` (its own engine and cache)
+    guesses the tree; the shared step verifies it in one target forward."""
 
-    def __init__(self, target: DecodeEngine, drafter: ModelDrafter, tree: TreeSpec, settings: DecodeSettings, name: str):
-        self.engine, self.drafter, self.tree, self.settings, self.name = target, drafter, tree, settings, name
-        self.shape = StepShape.of_tree(tree)
-        self.width = tree.max_depth + 1
-        self.stats = DraftStats(tree)
+    def __init__(self, name: str, target: DecodeEngine, settings: DecodeSettings, tree: TreeSpec, drafter: ModelDrafter):
+        super().__init__(name, target, settings, tree)
+        self.drafter = drafter
         self._forwards0, self._evals0 = drafter.forwards, drafter.layer_evals
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self.root = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)  # [B]
         self.drafter.prefill(input_ids, attention_mask)
-        return self.root
+        return super().prefill(input_ids, attention_mask)
 
-    def step(self, runs: TokenRuns) -> torch.Tensor:
-        live, sampling, generator = ~runs.done, self.settings.sampling, self.settings.generator  # [B] rows still generating
-        tokens, probs = self.drafter.propose(self.root, self.engine.lengths, sampling, generator)
-        verdict, kept, _, _ = verify_step(self.engine, self.shape, tokens, runs, sampling, generator, draft_probs=probs)
-        self.drafter.accept(verdict, kept)
-        self.root = torch.where(live, verdict.next_token, self.root)
-        self.stats.record(live, verdict)
-        return kept
+    def guess(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.drafter.propose(self.root, self.engine.lengths, self.settings.sampling, self.settings.generator)
+
+    def accept(self, out: StepOut) -> None:
+        self.drafter.accept(out.verdict, out.kept)
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         target_layers = self.engine.model.config.get_text_config(decoder=True).num_hidden_layers
         return {
-            **self.stats.extra(stats.forward_passes),
+            **super().extra(stats),
             "draft_forwards": self.drafter.forwards - self._forwards0,
             # token x layer evaluations per row in the decoding steps (prefill not counted)
             "target_layer_evals": stats.steps * self.tree.size * target_layers,
@@ -262,18 +251,16 @@ def _speculative(
     except (TypeError, ValueError) as err:
         raise type(err)(f"draft_model: {err}") from None
     check_same_vocabulary(model, draft_model)
-    if settings.cache != "static":
-        raise ValueError("strategy='speculative' runs on the static cache; use cache='static'")
     target_device, draft_device = next(model.parameters()).device, next(draft_model.parameters()).device
     if target_device != draft_device:
         raise ValueError(f"the draft model is on {draft_device}, the target on {target_device}; put both on one device")
     if tree is None and num_draft is None:
         num_draft = DEFAULT_NUM_DRAFT
     spec = as_tree(tree, num_draft)
-    _, lengths = pack_prompts(input_ids, attention_mask)
-    max_len = cache_length(int(lengths.max()), settings.max_new_tokens, reserve=2 * spec.size)
-    target = get_engine(model, input_ids.shape[0], max_len, settings)
-    drafter = ModelDrafter(get_engine(draft_model, input_ids.shape[0], max_len, settings, role="draft"), spec)
+    target = strategy_engine(model, input_ids, attention_mask, settings, "speculative", reserve=2 * spec.size)
+    draft = strategy_engine(draft_model, input_ids, attention_mask, settings, "speculative", reserve=2 * spec.size,
+                            key=("plain", "draft"))
+    drafter = ModelDrafter(draft, spec)
     return draft_verify_loop(target, drafter, input_ids, attention_mask, settings, spec, "speculative")
 
 

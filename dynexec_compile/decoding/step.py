@@ -383,7 +383,7 @@ class DecodeEngine:
         return self._weights_at_freeze is not None and weights_fingerprint(self.model) != self._weights_at_freeze
 
     def commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None = None) -> None:
-        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.commit`); the
+        """Keep ``counts[b]`` accepted tokens per row (see :meth:`SlotCache.apply_commit`); the
         key/value moves run as a compiled graph per ``A``."""
         counts = counts.to(device=self.device, dtype=torch.long)
         if accepted_slots is not None:

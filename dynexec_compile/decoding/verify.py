@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from dynexec_compile.decoding.generate import next_token
 from dynexec_compile.decoding.masks import step_mask
 from dynexec_compile.decoding.runs import stop_counts
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
@@ -731,21 +732,49 @@ def _position_tensor(value: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(value, device=device)
 
 
-class DraftStats:
-    """The ``stats.extra`` entries every draft-and-verify proposer reports: per step and row,
-    the tokens drafted and the drafts accepted (0 for rows that had finished)."""
+class DraftProposer:
+    """A draft-and-verify strategy as :func:`~dynexec_compile.decoding.generate.decode_loop`
+    runs it: each step, :meth:`guess` a candidate tree rooted at the last token; the shared
+    :func:`verify_step` verifies and commits it; :meth:`accept` hands the outcome back to the
+    drafter. Subclasses (speculative, draft heads, self-speculation) say only what to guess.
 
-    def __init__(self, tree: TreeSpec):
-        self.tree = tree
+    Attributes:
+        root: ``[B]`` each row's last emitted token (the next tree's root).
+        drafted, accepted: per step and row, the tokens drafted and the drafts accepted (0 for
+            rows that had finished), for ``stats.extra``.
+    """
+
+    def __init__(self, name: str, engine: DecodeEngine, settings: Any, tree: TreeSpec):
+        self.name, self.engine, self.settings, self.tree = name, engine, settings, tree
+        self.shape = StepShape.of_tree(tree)
+        self.width = tree.max_depth + 1  # the most tokens one step keeps per row
         self.drafted: list[torch.Tensor] = []
         self.accepted: list[torch.Tensor] = []
 
-    def record(self, live: torch.Tensor, verdict: Verdict) -> None:
-        """One step: ``live [B]`` rows that were still generating, and their verdict."""
-        self.drafted.append(live.long() * self.tree.num_draft)
-        self.accepted.append(torch.where(live, verdict.accepted, 0))
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Fill the caches with the prompts; each row's first token ``[B]``."""
+        self.root = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)
+        return self.root
 
-    def extra(self, forward_passes: int) -> dict[str, Any]:
+    def guess(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tokens [B, T], draft_probs [B, T, V] | None)``: this step's tree, ``tokens[:, 0]``
+        the root; ``None`` probabilities: deterministic guesses (point masses)."""
+        raise NotImplementedError
+
+    def accept(self, out: StepOut) -> None:
+        """What the drafter keeps of a verified step (its cache, its next candidates)."""
+
+    def step(self, runs: TokenRuns) -> torch.Tensor:
+        live, sampling = ~runs.done, self.settings.sampling  # [B] rows still generating
+        tokens, probs = self.guess()
+        out = verify_step(self.engine, self.shape, tokens, runs, sampling, self.settings.generator, draft_probs=probs)
+        self.accept(out)
+        self.root = torch.where(live, out.verdict.next_token, self.root)
+        self.drafted.append(live.long() * self.tree.num_draft)
+        self.accepted.append(torch.where(live, out.verdict.accepted, 0))
+        return out.kept
+
+    def extra(self, stats: Any) -> dict[str, Any]:
         drafted = torch.stack(self.drafted).tolist() if self.drafted else []
         accepted = torch.stack(self.accepted).tolist() if self.accepted else []
         total_drafted, total_accepted = sum(map(sum, drafted)), sum(map(sum, accepted))
@@ -757,5 +786,5 @@ class DraftStats:
             "accepted_drafts_per_step": accepted,
             "acceptance_rate": total_accepted / total_drafted if total_drafted else 0.0,
             "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
-            "target_forwards": forward_passes,
+            "target_forwards": stats.forward_passes,
         }

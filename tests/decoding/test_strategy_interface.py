@@ -10,42 +10,19 @@ import torch
 from conftest import build_model, left_padded_batch
 
 import dynexec_compile as dx
-from dynexec_compile.decoding import (
-    StepShape,
-    TokenRuns,
-    TreeSpec,
-    register_strategy,
-    verify_step,
-)
-from dynexec_compile.decoding.generate import cache_length, decode_loop, get_engine, next_token
-from dynexec_compile.decoding.step import pack_prompts
+from dynexec_compile.decoding import TreeSpec, register_strategy, strategy_engine
+from dynexec_compile.decoding.generate import decode_loop
+from dynexec_compile.decoding.verify import DraftProposer
 
 
-class RepeatProposer:
-    name = "repeat"
-
-    def __init__(self, engine, settings, k):
-        self.engine, self.settings, self.shape, self.width = engine, settings, StepShape.of_tree(TreeSpec.chain(k)), k + 1
-
-    def prefill(self, input_ids, attention_mask):
-        self.root = next_token(self.engine.prefill(input_ids, attention_mask), self.settings)
-        return self.root
-
-    def step(self, runs: TokenRuns):
-        tokens = self.root[:, None].expand(-1, self.width)  # [B, k+1]: the root, then k guesses of it
-        verdict, kept, _, _ = verify_step(self.engine, self.shape, tokens, runs, self.settings.sampling,
-                                          self.settings.generator)
-        self.root = verdict.next_token
-        return kept
-
-    def extra(self, stats):
-        return {}
+class RepeatProposer(DraftProposer):
+    def guess(self):
+        return self.root[:, None].expand(-1, self.tree.size), None  # [B, k+1]: the root, then k guesses of it
 
 
 def repeat_strategy(model, input_ids, attention_mask, settings, k=3):
-    _, lengths = pack_prompts(input_ids, attention_mask)
-    engine = get_engine(model, input_ids.shape[0], cache_length(int(lengths.max()), settings.max_new_tokens, k + 1), settings)
-    return decode_loop(RepeatProposer(engine, settings, k), input_ids, attention_mask, settings)
+    engine = strategy_engine(model, input_ids, attention_mask, settings, "repeat", reserve=k + 1)
+    return decode_loop(RepeatProposer("repeat", engine, settings, TreeSpec.chain(k)), input_ids, attention_mask, settings)
 
 
 register_strategy("repeat", repeat_strategy)
