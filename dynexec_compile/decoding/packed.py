@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 # oneDNN chooses the packed layout for this many rows; measured on SmolLM2's weights, a layout
 # chosen for 16 rows serves 1-row steps as well as one chosen for 1 row, and wide steps far better.
@@ -68,7 +69,10 @@ def available() -> bool:
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """A 2-D fp32/bf16 CPU weight that oneDNN can pack."""
+    """A plain 2-D fp32/bf16 CPU weight that oneDNN can pack; a tensor subclass (a torchao
+    quantized weight, say) keeps its own kernels."""
+    if is_traceable_wrapper_subclass(weight):
+        return False
     return weight.ndim == 2 and weight.device.type == "cpu" and weight.dtype in _DTYPES
 
 
