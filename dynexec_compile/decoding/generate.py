@@ -117,6 +117,7 @@ class DecodeSettings:
     options: dict[str, Any] | None
     cuda_graphs: bool | None
     regional: bool | None = None
+    packed: bool | None = None
     streamer: Any = None
 
 
@@ -151,6 +152,7 @@ def generate(
     compile_options: dict[str, Any] | None = None,
     cuda_graphs: bool | None = None,
     regional: bool | None = None,
+    packed: bool | None = None,
     streamer: Any = None,
     **strategy_options: Any,
 ) -> GenerateOutput:
@@ -183,6 +185,8 @@ def generate(
         regional: compile one decoder layer and reuse it for all layers instead of each step
             as one graph (``None``: on for CPU models of 128 MiB of weights or more; see
             :class:`DecodeEngine`).
+        packed: run the compiled graphs' linear layers on weights pre-packed once for oneDNN
+            (``None``: on with regional compilation; see :mod:`dynexec_compile.decoding.packed`).
         streamer: an object with transformers' ``BaseStreamer`` protocol (``TextStreamer``,
             ``TextIteratorStreamer``, ...), batch 1 only: ``put(input_ids)`` once, then
             ``put(tokens)`` (1-D) with the tokens each step keeps, in order (several per step
@@ -228,6 +232,7 @@ def generate(
         options=compile_options,
         cuda_graphs=cuda_graphs,
         regional=regional,
+        packed=packed,
         streamer=streamer,
     )
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)
@@ -263,13 +268,15 @@ def strategy_engine(
         del _ENGINES[stale]  # its graphs hold the old weights
     backend = id(settings.backend) if callable(settings.backend) else settings.backend
     options = tuple(sorted((settings.options or {}).items()))
-    wanted = (id(model), batch, settings.compile, backend, settings.mode, options, settings.cuda_graphs, settings.regional, key)
+    wanted = (id(model), batch, settings.compile, backend, settings.mode, options, settings.cuda_graphs, settings.regional,
+              settings.packed, key)
     fitting = [(k, e) for k, e in _ENGINES.items() if k[0] == wanted and e.model is model and e.max_len >= max_len]
     if fitting:
         found, engine = min(fitting, key=lambda item: item[1].max_len)
     else:
         engine = build(model, batch, max_len, compile=settings.compile, backend=settings.backend, mode=settings.mode,
-                       options=settings.options, cuda_graphs=settings.cuda_graphs, regional=settings.regional)
+                       options=settings.options, cuda_graphs=settings.cuda_graphs, regional=settings.regional,
+                       packed=settings.packed)
         found = (wanted, max_len)
         _ENGINES[found] = engine
         while len(_ENGINES) > MAX_ENGINES:
