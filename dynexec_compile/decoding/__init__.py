@@ -8,8 +8,13 @@ acceptance, cache commit); a strategy is registered with :func:`register_strateg
 
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.calm import calm_strategy
-from dynexec_compile.decoding.draft_heads import DraftHeads, load_draft_heads, save_draft_heads
-from dynexec_compile.decoding.draft_heads_decode import DraftHeadsEngine, draft_heads_strategy
+from dynexec_compile.decoding.draft_heads import (
+    DraftHeads,
+    DraftHeadsEngine,
+    draft_heads_strategy,
+    load_draft_heads,
+    save_draft_heads,
+)
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,

@@ -29,7 +29,6 @@ Padding in ``attention_mask`` is dropped (batch 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,19 +50,6 @@ from dynexec_compile.decoding.step import check_causal_lm, pack_prompts
 from dynexec_compile.exit_heads import ExitHeads
 
 KV_FAMILIES = ("llama", "qwen2")  # decoder layers with input_layernorm + self_attn.{k,v}_proj + RoPE
-
-
-@dataclass
-class CalmTrace:
-    """Per generated token (after the first): the layers it ran, and the exit it left at."""
-
-    layers: list[int] = field(default_factory=list)
-
-    def summary(self, num_layers: int) -> dict[str, Any]:
-        counts = {n: self.layers.count(n) for n in sorted(set(self.layers))}
-        mean = sum(self.layers) / len(self.layers) if self.layers else float(num_layers)
-        return {"layers_per_token": list(self.layers), "mean_layers": mean, "num_layers": num_layers,
-                "tokens_by_layers_run": counts}
 
 
 class CalmDecoder:
@@ -222,7 +208,8 @@ class _CalmProposer:
     name, width = "calm", 1
 
     def __init__(self, decoder: CalmDecoder, shared: bool):
-        self.engine, self.shared, self.trace = decoder, shared, CalmTrace()
+        self.engine, self.shared = decoder, shared
+        self.layers: list[int] = []  # per generated token after the first: the layers it ran
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         self.token = self.engine.prefill(_prompt(input_ids, attention_mask).to(self.engine.device)).argmax(-1)  # [1]
@@ -231,12 +218,15 @@ class _CalmProposer:
     def step(self, runs: TokenRuns) -> torch.Tensor:
         logits, layers = self.engine.step(self.token)
         self.token = logits.argmax(-1)  # [1]
-        self.trace.layers.append(layers)
+        self.layers.append(layers)
         return runs.keep(self.token[:, None], torch.ones_like(self.token))
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        layers, num_layers = self.layers, self.engine.num_layers
         return {"threshold": self.engine.threshold, "lossy": True, "exit_heads": "shared" if self.shared else "trained",
-                **self.trace.summary(self.engine.num_layers)}
+                "layers_per_token": list(layers), "num_layers": num_layers,
+                "mean_layers": sum(layers) / len(layers) if layers else float(num_layers),
+                "tokens_by_layers_run": {n: layers.count(n) for n in sorted(set(layers))}}
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@ GenerateOutput`` registered under its name (:func:`register_strategy`). It build
 engine and a :class:`Proposer` (what to guess each step) and hands both to
 :func:`decode_loop`, the one loop every strategy shares: the prefill, the steps until every
 row stopped, the output, the streamer and the statistics. A step's forward, verification
-and cache commit are shared too (:mod:`dynexec_compile.decoding.verify`), so a new strategy
-is one proposer file and one registry line. Output follows ``model.generate``: prompt (as
+and cache commit are shared too (:func:`~dynexec_compile.decoding.verify.verify_step`; a
+draft-and-verify proposer only says what to guess:
+:class:`~dynexec_compile.decoding.verify.DraftProposer`), so a new strategy is one proposer
+file and one registry line. Output follows ``model.generate``: prompt (as
 given, padding included) followed by the new tokens, rows that stopped early filled with
 ``pad_token_id``.
 

@@ -389,29 +389,22 @@ class _LookaheadState:
     def _sampled_step(
         self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]], runs: TokenRuns
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step with lossless sampling: the forward, then rejection sampling on the host
-        (random draws), then the commit. Returns ``(predicted [B, T], run [B, A], kept [B])``."""
+        """The step with lossless sampling: the forward; each row's guesses merged into a trie
+        and verified by rejection sampling on the host (:mod:`~dynexec_compile.decoding.guess_trie`);
+        the commit of the current token and the accepted guesses, in order. Returns
+        ``(predicted [B, T], run [B, A], kept [B])``, the run ending in the sampled token."""
         engine = self.engine
         _, logits, _ = score_step(engine, self.layout, tokens)  # [B, T, V]
         slots = engine.lengths[:, None] + torch.arange(self.layout.width, device=engine.device)  # [B, T]
-        run, accepted, run_slots = self._verify_sampled(logits, guesses, slots)
-        kept = runs.keep(run, accepted + 1)  # [B], 0 for finished rows
-        # cache surgery: keep the current token and the accepted candidate tokens, in order
-        engine.commit(kept, run_slots)
-        return logits.argmax(dim=-1), run, kept
-
-    def _verify_sampled(
-        self, logits: torch.Tensor, guesses: list[list[tuple[int, ...]]], slots: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Lossless sampling: each row's guesses merged into a trie and verified by rejection
-        sampling (:mod:`~dynexec_compile.decoding.guess_trie`). Returns ``(run [B, K], accepted [B],
-        run_slots [B, K])``, the run ending in the sampled token."""
         tries = [
             merge_guesses(root, found, self.candidate_columns[: len(found)])
             for root, found in zip(self.token.tolist(), guesses, strict=True)
         ]
         width = self.config.ngram if self.config.guesses else 1  # the greedy run's width: one commit graph
-        return verify_guesses(tries, logits, slots, self.settings.sampling, self.settings.generator, width)
+        run, accepted, run_slots = verify_guesses(tries, logits, slots, self.settings.sampling, self.settings.generator, width)
+        kept = runs.keep(run, accepted + 1)  # [B], 0 for finished rows
+        engine.commit(kept, run_slots)
+        return logits.argmax(dim=-1), run, kept
 
     def _guesses(self) -> list[list[tuple[int, ...]]]:
         """Up to ``G`` distinct candidates per row: prompt-lookup continuations of the last bigram

@@ -14,8 +14,8 @@ one graph per name and input shapes):
   as one graph, whose forward is :meth:`DecodeEngine.step_forward` — the model's, or a
   subclass's that drafts inside the graph (draft heads, self-speculation).
 
-Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA the
-``decode`` and ``step`` graphs are captured as CUDA graphs and replayed.
+Shapes are static (``dynamic=False``), so after warm-up nothing recompiles; on CUDA every
+graph but the prefill is captured as a CUDA graph and replayed.
 
 At batch 1 on a CPU the step is a chain of matrix-vector products that stream the weights
 from memory, plus overhead. What was measured to shorten it (``benchmarks/bench_step.py``):
@@ -124,8 +124,8 @@ class DecodeEngine:
             logits tie within rounding.
         options: ``torch.compile`` options for the backend; with Inductor on CPU they extend
             :data:`CPU_INDUCTOR_OPTIONS`, with ``freeze`` :data:`FREEZING_OPTIONS`.
-        cuda_graphs: capture ``decode``/``step`` as CUDA graphs; ``None`` = on when the model
-            is on CUDA.
+        cuda_graphs: capture the graphs (all but the prefill) as CUDA graphs; ``None`` = on when
+            the model is on CUDA.
         freeze: Inductor freezing — the weights become constants of the compiled graphs, so
             Inductor folds their layout (pre-transposed, fused QKV / gate-up matmuls) once.
             The engine then holds its own copy of the folded weights; if the model's weights
@@ -376,10 +376,6 @@ class DecodeEngine:
         """Tensors a step returns after its verdict and commit, in the same graph (draft heads:
         the next candidates); traceable. ``extras`` are :meth:`step_forward`'s."""
         return ()
-
-    @property
-    def has_step_after(self) -> bool:
-        return type(self).step_after is not DecodeEngine.step_after
 
     def prefill_forward(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, last: torch.Tensor

@@ -613,7 +613,7 @@ def verify_step(
     Greedy (``sampling`` None) it is ONE compiled graph of ``engine``
     (:meth:`DecodeEngine.run_graph`), no host work between its parts. Sampling, the forward is
     one graph, :func:`verify_sampling` draws on the host, and the commit (with
-    ``step_after``) is a second, small graph.
+    ``step_after``) is a second, small graph without decoder layers.
 
     Args:
         tokens: ``[B, T]`` step tokens (``tokens[:, 0]`` the root; an engine that drafts in
@@ -639,9 +639,6 @@ def verify_step(
         draft_probs = point_mass_probs(shape.tree, node_tokens, logits.shape[-1])
     verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
     kept = runs.keep(verdict.tokens, verdict.emitted)
-    if not engine.has_step_after:  # nothing to run after: the commit alone
-        engine.commit(kept, None if shape.in_place else engine.lengths[:, None] + nodes[verdict.path])
-        return StepOut(verdict, kept, logits.argmax(dim=-1), ())
     after = engine.run_graph(
         f"after_{shape.name}", _after_body(shape), kept, verdict.accepted, verdict.path, verdict.next_token, *extras,
         width=0, forwards=0,
