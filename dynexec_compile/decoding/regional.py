@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,10 +69,19 @@ def _layer_call(
     return layer._call_impl(*args, **kwargs, past_key_values=view)
 
 
-def _private_copy(fn: Callable, tag: str) -> Callable:
-    """``fn`` with a code object of its own: Dynamo keeps compiled graphs (and counts its
-    recompile limit) per code object, so each engine's layer graphs stay apart."""
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}", co_qualname=f"{fn.__qualname__}_{tag}")
+def private_copy(fn: Callable, tag: str) -> Callable:
+    """``fn`` with a code object of its own, named after ``tag``.
+
+    Dynamo keeps compiled graphs, and counts its recompile limit, per code object: a private
+    code object keeps one engine's graphs (and frozen weights) apart from other engines', so
+    skipping guards can only pick among the engine's own graphs, and a new engine always
+    compiles against the model as it is now.
+    """
+    tag = re.sub(r"\W", "_", tag)
+    renames = {"co_name": f"{fn.__name__}_{tag}"}
+    if hasattr(fn.__code__, "co_qualname"):  # Python >= 3.11
+        renames["co_qualname"] = f"{fn.__qualname__}_{tag}"
+    code = fn.__code__.replace(**renames)
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
@@ -105,8 +115,8 @@ class RegionalLayers:
             )
         self._cache_at = params.index("past_key_values")  # where a positional cache argument sits
         tag = f"engine{id(cache):x}"
-        self._static = compile_fn(_private_copy(_layer_call, tag), False)
-        self._dynamic = compile_fn(_private_copy(_layer_call, tag + "_prefill"), True)
+        self._static = compile_fn(private_copy(_layer_call, tag), False)
+        self._dynamic = compile_fn(private_copy(_layer_call, tag + "_prefill"), True)
         self._compiled = self._static
 
     def _call(self, index: int, *args: Any, **kwargs: Any) -> Any:
@@ -140,4 +150,4 @@ class RegionalLayers:
                 layer._compiled_call_impl = impl
 
 
-__all__ = ["RegionalLayers", "decoder_layers"]
+__all__ = ["RegionalLayers", "decoder_layers", "private_copy"]

@@ -42,7 +42,7 @@ from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezin
 from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
 from dynexec_compile.decoding.packed import PackedWeights, packing_backend
 from dynexec_compile.decoding.packed import available as packing_available
-from dynexec_compile.decoding.regional import RegionalLayers
+from dynexec_compile.decoding.regional import RegionalLayers, private_copy
 
 Backend = str | Callable
 
@@ -347,7 +347,7 @@ class DecodeEngine:
             self._refresh_bound(width)
         known = self._graphs.get(name)
         if known is None or known[0] is not body:
-            fn = self._compiler(_private_method(self, types.MethodType(body, self), tag=name))
+            fn = self._compiler(types.MethodType(private_copy(body, f"engine{id(self):x}_{name}"), self))
             if self.cuda_graphs and name != "prefill":  # bookkeeping: the cache's lengths (and its buffers)
                 fn = CudaGraphRunner(fn, state=[self.cache.lengths])
             known = self._graphs[name] = (body, fn)
@@ -548,23 +548,6 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
     """Identity and in-place-modification counter of every parameter: changes when weights are
     replaced or updated in place (optimizer steps, ``load_state_dict``)."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def _private_method(owner: object, method: Callable, tag: str = "") -> Callable:
-    """``method`` bound to ``owner`` with a code object of its own.
-
-    Dynamo keys compiled graphs by code object: private code objects keep each engine's graphs
-    (and frozen weights) apart from other engines', so skipping guards can only pick among the
-    engine's own graphs, and a new engine always compiles against the model as it is now.
-    """
-    func = method.__func__
-    name = f"{func.__name__}_engine{id(owner):x}"
-    renames = {"co_name": name}
-    if hasattr(func.__code__, "co_qualname"):  # Python >= 3.11
-        renames["co_qualname"] = f"{func.__qualname__}_engine{id(owner):x}{tag}"
-    code = func.__code__.replace(**renames)
-    private = types.FunctionType(code, func.__globals__, name, func.__defaults__, func.__closure__)
-    return types.MethodType(private, owner)
 
 
 # Regional compilation by default from this size of weights on CPU: far beyond the caches, a
