@@ -785,3 +785,21 @@ class DraftProposer:
             "mean_accepted_per_step": total_accepted / live_steps if live_steps else 0.0,
             "target_forwards": stats.forward_passes,
         }
+
+
+__all__ = [
+    "DraftProposer",
+    "StepOut",
+    "StepShape",
+    "TreeSpec",
+    "Verdict",
+    "as_tree",
+    "draw_children",
+    "greedy_verdict",
+    "point_mass_probs",
+    "propose_children",
+    "score_step",
+    "verify",
+    "verify_sampling",
+    "verify_step",
+]
