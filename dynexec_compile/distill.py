@@ -100,25 +100,28 @@ def _distill_loss(
     positions ``t`` the batch's mask marks (all when it has none)."""
     ids, mask = batch if isinstance(batch, tuple) else (batch, None)
     ids = ids.to(lm_head.weight.device)
-    with torch.no_grad():
-        h = model.base_model(input_ids=ids).last_hidden_state.float()  # [B, S, D], after the final norm
-        teacher = F.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float() / temperature, dim=-1)  # [B, S, V]
     k, seq = heads.num_heads, ids.shape[1]
     if seq <= k:
         raise ValueError(f"training sequences need more than offsets={k} tokens, got {seq}")
-    student = heads.features(h[:, : seq - 1])  # [B, S-1, k, D]
+    # positions before the first marked one feed the context only: no LM head runs on them (it is
+    # most of the cost), so everything below is offset by `start`
+    marked_any = None if mask is None else mask.any(dim=0).nonzero()
+    start = 0 if marked_any is None or marked_any.numel() == 0 else min(int(marked_any[0]), seq - 1)
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids).last_hidden_state[:, start:].float()  # [B, S', D], after the final norm
+        teacher = F.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float() / temperature, dim=-1)  # [B, S', V]
+    student = heads.features(h[:, :-1])  # [B, S'-1, k, D]
     weight = lm_head.weight.detach().float()  # [V, D], frozen: no gradient reaches the model
     losses = []
     for i in range(1, k + 1):
-        logits = F.linear(student[:, : seq - i, i - 1], weight)  # [B, S-i, V]: head i at t
-        target = teacher[:, i:]  # [B, S-i, V]: the model at t + i
-        log_q = F.log_softmax(logits / temperature, dim=-1)
-        kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1)  # [B, S-i]
-        if mask is None:
-            losses.append(kl.mean() * temperature**2)
-        else:
-            marked = mask[:, : seq - i].to(device=kl.device, dtype=kl.dtype)  # [B, S-i]
-            losses.append((kl * marked).sum() / marked.sum().clamp(min=1) * temperature**2)
+        span = seq - start - i  # positions t in [start, seq - i)
+        features, target = student[:, :span, i - 1], teacher[:, i:]  # head i at t; the model at t + i
+        if mask is not None:  # only the marked positions: [N, D], [N, V]
+            marked = mask[:, start : start + span].to(features.device)
+            features, target = features[marked], target[marked]
+        log_q = F.log_softmax(F.linear(features, weight) / temperature, dim=-1)
+        kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1)  # per position
+        losses.append((kl.mean() if kl.numel() else kl.sum()) * temperature**2)
     return torch.stack(losses).mean()
 
 
