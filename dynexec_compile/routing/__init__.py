@@ -8,6 +8,7 @@ from dynexec_compile.routing.candidates import (
     CONFIDENCES,
     Answers,
     ClassifierCandidate,
+    ExitCandidates,
     GeneratorCandidate,
     confidence_from_logits,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Answers",
     "ClassifierCandidate",
     "Curve",
+    "ExitCandidates",
     "GeneratorCandidate",
     "Routed",
     "Router",

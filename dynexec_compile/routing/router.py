@@ -7,6 +7,9 @@ prompt:
 - ``"cascade"``: run the cheapest candidate; escalate to the next while its confidence
   (``max_prob``, ``entropy`` or ``logprob``, see ``candidates.py``) is on the wrong side of
   the threshold. It pays the cheap model on every prompt and knows the answer's confidence.
+  Over a *nested* chain (``ExitCandidates``: exits of one model, then the full model) an
+  escalated prompt continues where the previous exit stopped, so it pays only the deepest
+  candidate it reached.
 - ``"classifier"``: a small MLP over the prompt's sentence embedding (MiniLM, ``embed.py``)
   predicts the probability that the cheap answer will *not* be good enough; above the
   threshold the prompt goes to the strong candidate, else to the cheap one. Only one model
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynexec_compile.routing.candidates import CONFIDENCES, Answers, check_candidate
+from dynexec_compile.routing.candidates import CONFIDENCES, Answers, check_candidate, nested_chain
 from dynexec_compile.weights_io import read_with_config, save_with_config
 
 ROUTERS = ("cascade", "classifier", "random")
@@ -63,7 +66,8 @@ class RouterClassifier(nn.Module):
 @dataclass
 class Routed:
     """A router's answers: ``outputs[i]`` from candidate ``chosen[i]``; ``cost`` the summed cost
-    of every candidate run (a cascade pays each model it tried; None without ``costs``)."""
+    of every candidate run (a cascade pays each model it tried, a nested chain the deepest it
+    reached; None without ``costs``)."""
 
     outputs: list[Any]
     chosen: list[int]
@@ -161,6 +165,12 @@ class Router:
             )
         if router == "random" and threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"the random router's threshold is its rate, a probability in [0, 1]; got {threshold}")
+        self.chain = nested_chain(candidates) if router == "cascade" else None
+        if self.chain is not None and confidence == "logprob":
+            raise ValueError(
+                "a cascade over a nested chain (ExitCandidates) exits by the early-exit rules: confidence='max_prob' "
+                "or 'entropy' (for a classifier, logprob ranks answers exactly like max_prob)"
+            )
         self.candidates = candidates
         self.costs = _check_costs(costs, len(candidates))
         self.router, self.confidence, self.threshold = router, confidence, threshold
@@ -211,6 +221,10 @@ class Router:
         outputs: list[Any] = [None] * n
         chosen = [0] * n
         cost = 0.0
+        if self.chain is not None:
+            answers, chosen = self.chain.cascade(prompts, [c.chain_index for c in self.candidates], self.confidence, self.threshold)
+            cost = sum(self.costs[k] for k in chosen) if self.costs else 0.0
+            return Routed(answers.outputs, chosen, cost if self.costs else None)
         if self.router == "cascade":
             pending = list(range(n))
             for m, candidate in enumerate(self.candidates):
@@ -320,7 +334,8 @@ class Router:
             stop = torch.cat([~escalate, torch.ones(len(thresholds), n, 1, dtype=torch.bool)], dim=2)  # [T, N, M]
             pick = stop.double().argmax(dim=2)  # [T, N] first candidate not escalated from
             mean_q = q.gather(1, pick.T).T.mean(1)  # [T]
-            per_call = unit.cumsum(0) if self.router == "cascade" else unit  # a cascade pays every model it ran
+            # a cascade pays every model it ran; over a nested chain only the deepest (the others are its prefix)
+            per_call = unit.cumsum(0) if self.router == "cascade" and self.chain is None else unit
             mean_cost = per_call[pick].mean(1)  # [T]
             share = (pick == m - 1).double().mean(1)  # [T]
         ok = (mean_q >= target - 1e-12).nonzero().flatten()

@@ -282,3 +282,107 @@ def test_sentence_embedder_layers():
     assert two.config()["layers"] == 2
     with pytest.raises(ValueError, match="layers must be in 1..6"):
         SentenceEmbedder(layers=7)
+
+
+# ---- nested chains: exits of one model, escalation resumes ------------------------------------
+
+
+class FakeChain:
+    """A nested chain of Table candidates whose cascade replays the tables (what ExitCandidates'
+    early-exit run must equal), to test the router's bookkeeping without compiling anything."""
+
+    def __init__(self, tables):
+        self.blocks = list(range(len(tables) - 1))
+        self.tables, self.calls = tables, []
+        for i, t in enumerate(tables):
+            t.chain, t.chain_index = self, i
+
+    def cascade(self, prompts, indices, confidence, threshold):
+        self.calls.append((list(prompts), list(indices), confidence, threshold))
+        stops = []
+        for p in prompts:
+            k = next((j for j, i in enumerate(indices[:-1]) if self.tables[i].confidence[p] >= threshold), len(indices) - 1)
+            stops.append(k)
+        outputs = [self.tables[indices[k]].answers[p] for p, k in zip(prompts, stops)]
+        return Answers(outputs, {c: torch.zeros(len(prompts)) for c in ("max_prob", "entropy", "logprob")}), stops
+
+
+def test_a_nested_chain_pays_only_the_deepest_candidate_it_reached():
+    cheap, strong, data = pair()
+    chain = FakeChain([cheap, strong])
+    router = Router([cheap, strong], costs=[1.0, 10.0], router="cascade")
+    assert router.chain is chain
+    cal = router.calibrate(data, quality=1.0)
+    assert router.threshold == pytest.approx(0.30) and cal.strong_share == pytest.approx(0.30)
+    # independent: 1 + 10 x 0.3 = 4 per prompt; nested: 0.7 x 1 + 0.3 x 10 = 3.7
+    assert cal.cost_saved == pytest.approx(1 - 3.7 / 10)
+    prompts = [p for p, _ in data]
+    out = router(prompts)
+    assert chain.calls == [(prompts, [0, 1], "max_prob", router.threshold)]  # one run of the chain
+    assert cheap.calls == [prompts] and strong.calls == [prompts]  # only calibration called them alone
+    assert out.chosen == [int(i < 30) for i in prompts]
+    assert out.cost == pytest.approx(70 * 1.0 + 30 * 10.0)
+    # candidates of a chain taken out of order, or without its full model, are independent
+    assert Router([strong, cheap], router="cascade").chain is None
+    with pytest.raises(ValueError, match="confidence='max_prob'"):
+        Router([cheap, strong], router="cascade", confidence="logprob")
+    assert Router([cheap, strong], router="random").chain is None  # only a cascade resumes
+
+
+def _tiny_chain_model():
+    import transformers as T
+
+    from dynexec_compile import ExitHeads, attach_exit_heads
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    model = T.BertForSequenceClassification(cfg).eval()
+    heads = ExitHeads([0, 1], hidden_size=32, num_labels=2, kind="cls_tanh").eval()
+    with torch.no_grad():  # spread the heads' confidences so a mid threshold splits the prompts
+        for p in heads.parameters():
+            p.mul_(4.0)
+    attach_exit_heads(model, heads)
+    return model
+
+
+class SpaceTok:
+    """Sentences are space-separated token ids."""
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        ids = [[int(t) for t in s.split()][:max_length] for s in texts]
+        width = max_length if padding == "max_length" else max(len(i) for i in ids)
+        return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
+
+
+@pytest.mark.parametrize("confidence", ["max_prob", "entropy"])
+def test_exit_candidates_cascade_equals_running_each_candidate_alone(confidence):
+    from dynexec_compile.routing import ExitCandidates
+
+    model = _tiny_chain_model()
+    g = torch.Generator().manual_seed(1)
+    sentences = [" ".join(str(int(t)) for t in torch.randint(1, 64, (int(n),), generator=g)) for n in torch.randint(2, 8, (20,), generator=g)]
+    chain = ExitCandidates(model, SpaceTok(), blocks=[0, 1], batch_size=5, max_length=8)
+    alone = [c(sentences) for c in chain.candidates]
+    with torch.no_grad():
+        stock = torch.cat([model(**SpaceTok()([s], "max_length", True, 8, "pt")).logits for s in sentences])
+    assert alone[-1].outputs == stock.argmax(-1).tolist()  # the full candidate is the model
+    conf = torch.stack([a.confidence[confidence] for a in alone[:-1]], 1)  # [N, 2]
+    threshold = float(conf[:, 0].median())  # a threshold exactly at an observed value: ties must stop
+    router = Router(chain.candidates, costs=[1.0, 2.0, 3.0], router="cascade", confidence=confidence, threshold=threshold)
+    out = router(sentences)
+    stop = (conf >= threshold) if confidence == "max_prob" else (conf <= threshold)  # [N, 2] stop here
+    want = [next((k for k in range(2) if stop[i, k]), 2) for i in range(len(sentences))]
+    assert out.chosen == want and 0 < sum(c == 0 for c in want) < len(want)
+    assert out.outputs == [alone[k].outputs[i] for i, k in enumerate(want)]
+    assert out.cost == pytest.approx(sum([1.0, 2.0, 3.0][k] for k in want))
+    from dynexec_compile import last_stats
+
+    assert last_stats()["compaction"]  # samples that stopped left the batch: escalation resumed on the rest
+    # two of the chain's candidates: the cheapest exit and the full model
+    pair_router = Router([chain.candidates[0], chain.candidates[2]], costs=[1.0, 3.0], router="cascade",
+                         confidence=confidence, threshold=threshold)
+    out2 = pair_router(sentences)
+    assert out2.chosen == [0 if stop[i, 0] else 1 for i in range(len(sentences))]
+    with pytest.raises(ValueError, match="increasing block indices in 0..1"):
+        ExitCandidates(model, SpaceTok(), blocks=[2])
