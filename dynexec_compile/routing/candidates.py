@@ -17,6 +17,12 @@ Confidences (higher = more confident, except ``entropy``), per prompt:
 ``max_prob`` (the top probability; for generation the mean over the generated tokens),
 ``entropy`` (nats; mean over tokens), ``logprob`` (the log-probability of the chosen answer;
 for generation the mean token log-probability of the greedy continuation).
+
+Answers also carry ``features``, a small vector per answer of the candidate's own uncertainty
+(:func:`uncertainty_features`: quantiles of its token log-probabilities, mean entropy, answer
+length), which a *learned* cascade (``Router(..., confidence="learned")``) maps to a deferral
+decision: one mean over tokens loses what matters (Gupta et al. 2024, "Language model cascades:
+token-level uncertainty and beyond").
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ class Answers:
 
     outputs: one answer per prompt (a class index, a list of generated token ids, ...).
     confidence: each of :data:`CONFIDENCES` -> ``[N]`` float tensor.
+    features: ``[N, F]`` uncertainty features of each answer (for a learned cascade), or None.
     """
 
     outputs: list[Any]
     confidence: dict[str, torch.Tensor]
+    features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.outputs)
@@ -55,6 +63,8 @@ class Answers:
                 raise ValueError(
                     f"Answers.confidence[{name!r}] has shape {tuple(self.confidence[name].shape)}; expected ({n},), one per output"
                 )
+        if self.features is not None and (self.features.dim() != 2 or self.features.shape[0] != n):
+            raise ValueError(f"Answers.features has shape {tuple(self.features.shape)}; expected ({n}, F), one row per output")
 
 
 class Candidate(Protocol):
@@ -81,10 +91,33 @@ def confidence_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = Non
     return {"max_prob": mean(top.exp()), "entropy": mean(entropy), "logprob": mean(top)}
 
 
+FEATURE_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def uncertainty_features(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """What a learned cascade reads about each answer: ``[N, 8]`` = the quantiles
+    :data:`FEATURE_QUANTILES` of the chosen tokens' log-probabilities, their mean, the mean
+    entropy and log(1 + answered tokens), from ``logits: [N, V]`` or ``[N, T, V]`` (tokens
+    where ``mask: [N, T]`` is true)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if logp.dim() == 2:
+        logp = logp.unsqueeze(1)  # [N, 1, V]
+    top = logp.max(dim=-1).values  # [N, T]
+    entropy = -(logp.exp() * logp).sum(dim=-1)  # [N, T]
+    mask = torch.ones_like(top, dtype=torch.bool) if mask is None else mask.reshape(top.shape)
+    count = mask.sum(1).clamp(min=1)  # [N]
+    held = torch.where(mask, top, torch.full_like(top, float("nan")))
+    quantiles = torch.nanquantile(held, torch.tensor(FEATURE_QUANTILES), dim=1).T.nan_to_num(0.0)  # [N, Q]
+    mean = lambda t: (t * mask).sum(1) / count  # noqa: E731
+    return torch.cat([quantiles, mean(top)[:, None], mean(entropy)[:, None], torch.log1p(count.float())[:, None]], 1)
+
+
 def concat_answers(parts: Sequence[Answers]) -> Answers:
+    with_features = all(p.features is not None for p in parts)
     return Answers(
         [o for p in parts for o in p.outputs],
         {k: torch.cat([p.confidence[k] for p in parts]) for k in CONFIDENCES},
+        torch.cat([p.features for p in parts]) if with_features and parts else None,
     )
 
 
@@ -139,7 +172,7 @@ class ClassifierCandidate:
         if not len(sentences):
             return Answers([], {k: torch.zeros(0) for k in CONFIDENCES})
         logits = self.logits(sentences)  # [N, C]
-        return Answers(logits.argmax(-1).tolist(), confidence_from_logits(logits))
+        return Answers(logits.argmax(-1).tolist(), confidence_from_logits(logits), uncertainty_features(logits))
 
 
 class GeneratorCandidate:
@@ -196,11 +229,11 @@ class GeneratorCandidate:
             tokens = out.sequences[:, width:]  # [B, T]
             logits = torch.stack(out.logits, dim=1)  # [B, T, V]
             if self.stop is None:
-                parts.append(Answers(tokens.tolist(), confidence_from_logits(logits)))
+                parts.append(Answers(tokens.tolist(), confidence_from_logits(logits), uncertainty_features(logits)))
                 continue
             texts, kept = zip(*(self.cut(row) for row in tokens.tolist()))
             answered = torch.arange(tokens.shape[1]).unsqueeze(0) < torch.tensor(kept).unsqueeze(1)  # [B, T]
-            parts.append(Answers(list(texts), confidence_from_logits(logits, answered)))
+            parts.append(Answers(list(texts), confidence_from_logits(logits, answered), uncertainty_features(logits, answered)))
         return concat_answers(parts)
 
 
@@ -297,7 +330,7 @@ class ExitCandidates:
             exits = last_stats()["exit_layer"][: len(chunk)]  # block after which each sample left
             stops += [position.get(b, len(blocks)) for b in exits]
         logits = torch.cat(logits)  # [N, C]
-        return Answers(logits.argmax(-1).tolist(), confidence_from_logits(logits)), stops
+        return Answers(logits.argmax(-1).tolist(), confidence_from_logits(logits), uncertainty_features(logits)), stops
 
 
 _ALWAYS = 1e-9  # a max_prob exit threshold every answer meets: the exit is always taken

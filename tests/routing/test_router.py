@@ -386,3 +386,111 @@ def test_exit_candidates_cascade_equals_running_each_candidate_alone(confidence)
     assert out2.chosen == [0 if stop[i, 0] else 1 for i in range(len(sentences))]
     with pytest.raises(ValueError, match="increasing block indices in 0..1"):
         ExitCandidates(model, SpaceTok(), blocks=[2])
+
+
+# ---- learned cascades, line completion ------------------------------------------------------
+
+
+class FeatureTable(Table):
+    """A Table whose answers carry uncertainty features."""
+
+    def __init__(self, answers, confidence, features):
+        super().__init__(answers, confidence)
+        self.features = features
+
+    def __call__(self, prompts):
+        a = super().__call__(prompts)
+        return Answers(a.outputs, a.confidence, self.features[torch.tensor(prompts, dtype=torch.long)])
+
+
+def test_a_learned_cascade_escalates_where_its_features_say_the_strong_model_wins():
+    """The cheap model's max probability says nothing here (constant); feature 1 of its answers
+    marks the prompts where it is wrong and the strong model right; feature 0 is noise."""
+    torch.manual_seed(0)
+    n = 400
+    wins = torch.rand(n) < 0.3  # the strong model is right, the cheap one wrong
+    feats = torch.stack([torch.randn(n), wins.double() + 0.15 * torch.randn(n)], 1)
+    cheap = FeatureTable([0 if w else 1 for w in wins.tolist()], [0.7] * n, feats)
+    strong = Table([1] * n, [0.9] * n)
+    metric = lambda o, r: float(o == r)  # noqa: E731
+    router = train_router(cheap, strong, list(range(n)), metric, references=[1] * n, router="cascade",
+                          costs=[1, 5], progress=False)
+    assert (router.router, router.confidence, router.embedder) == ("cascade", "learned", None)
+    need = router.need_from_answers(cheap(list(range(n))))
+    assert ((need > 0.5) == wins).double().mean() > 0.95
+    cal = router.calibrate(list(zip(range(n), [1] * n)), quality=1.0, metric=metric)
+    assert cal.quality == 1.0 and abs(cal.strong_share - float(wins.double().mean())) < 0.05
+    assert "learned deferral rule's P(cheap answer not good enough) >" in cal.description
+    out = router(list(range(n)))
+    assert out.chosen == [int(v) for v in (need > router.threshold).tolist()]
+    with pytest.raises(ValueError, match="needs its trained deferral classifier"):
+        Router([cheap, strong], router="cascade", confidence="learned")
+    with pytest.raises(ValueError, match="answers have none"):
+        Router([cheap, strong], router="cascade", confidence="learned", classifier=router.classifier).need_from_answers(strong(list(range(3))))
+
+
+def test_learned_cascade_save_load_round_trips(tmp_path):
+    torch.manual_seed(0)
+    n = 50
+    cheap = FeatureTable([0] * n, [0.5] * n, torch.randn(n, 8))
+    strong = Table([1] * n, [0.9] * n)
+    router = Router([cheap, strong], [1, 3], "cascade", confidence="learned", classifier=RouterClassifier(8, 4).eval(), threshold=0.5)
+    router.save(tmp_path / "r.safetensors")
+    back = Router.load(tmp_path / "r.safetensors", [cheap, strong])  # no embedder to rebuild
+    prompts = list(range(n))
+    assert back.confidence == "learned" and torch.equal(back.need_from_answers(cheap(prompts)), router.need_from_answers(cheap(prompts)))
+    assert back(prompts).chosen == router(prompts).chosen
+
+
+def test_uncertainty_features_read_the_answered_tokens_only():
+    from dynexec_compile.routing import uncertainty_features
+
+    logits = torch.zeros(2, 3, 4)
+    logits[:, 0, 0] = 10.0  # token 0: sure; tokens 1, 2: uniform over 4
+    f = uncertainty_features(logits, torch.tensor([[True, False, False], [True, True, True]]))
+    sure, unsure = float(torch.log_softmax(logits[0, 0], -1).max()), -math.log(4)
+    assert f.shape == (2, 8)
+    torch.testing.assert_close(f[0, :5], torch.full((5,), sure))  # quantiles of one token
+    assert f[1, 0].item() == pytest.approx(unsure) and f[1, 4].item() == pytest.approx(sure)
+    assert f[0, 7].item() == pytest.approx(math.log(2)) and f[1, 7].item() == pytest.approx(math.log(4))
+    assert f[1, 6].item() > f[0, 6].item()  # more entropy where the answer held uniform tokens
+
+
+def test_line_metrics():
+    from dynexec_compile.routing import edit_similarity, exact_match
+
+    assert edit_similarity(" return x", "return x ") == 1.0 and exact_match(" return x", "return x ") == 1.0
+    assert edit_similarity("abc", "abd") == pytest.approx(2 / 3) and exact_match("abc", "abd") == 0.0
+    assert edit_similarity("", "") == 1.0 and edit_similarity("abc", "") == 0.0
+    assert edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+
+
+def test_generator_candidate_cuts_at_the_stop_string():
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, intermediate_size=64)
+    model = T.LlamaForCausalLM(cfg).eval()
+
+    class Tok:  # token t decodes to the letter 'a' + t; token 3 decodes to a newline
+        pad_token_id, eos_token_id = 0, None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(t) for t in text.split()]}
+
+        def decode(self, ids):
+            return "".join("\n" if i == 3 else chr(ord("a") + i) for i in ids)
+
+    prompts = ["5 6 7 8", "9 10", "11 12 13", "1 2"]
+    plain = GeneratorCandidate(model, Tok(), max_new_tokens=6, batch_size=2)(prompts)
+    cut = GeneratorCandidate(model, Tok(), max_new_tokens=6, batch_size=2, stop="\n")(prompts)
+    assert any(3 in ids for ids in plain.outputs), "the test needs a generated newline"
+    for ids, text, lp, lp_all in zip(plain.outputs, cut.outputs, cut.confidence["logprob"], plain.confidence["logprob"]):
+        k = ids.index(3) + 1 if 3 in ids else len(ids)
+        assert text == Tok().decode(ids[: k]).split("\n")[0]
+        if k == len(ids):
+            assert lp.item() == pytest.approx(lp_all.item())  # no stop: every token counts
+    assert cut.features.shape == (4, 8) and plain.features.shape == (4, 8)
+    with pytest.raises(ValueError, match="stop must be a non-empty string"):
+        GeneratorCandidate(model, Tok(), stop="")
