@@ -473,24 +473,26 @@ def test_generator_candidate_cuts_at_the_stop_string():
                         num_key_value_heads=1, intermediate_size=64)
     model = T.LlamaForCausalLM(cfg).eval()
 
-    class Tok:  # token t decodes to the letter 'a' + t; token 3 decodes to a newline
-        pad_token_id, eos_token_id = 0, None
+    class Tok:  # token t decodes to the letter 'a' + t, token `newline` to a newline
+        pad_token_id, eos_token_id, newline = 0, None, -1
 
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [int(t) for t in text.split()]}
 
         def decode(self, ids):
-            return "".join("\n" if i == 3 else chr(ord("a") + i) for i in ids)
+            return "".join("\n" if i == self.newline else chr(ord("a") + i) for i in ids)
 
     prompts = ["5 6 7 8", "9 10", "11 12 13", "1 2"]
-    plain = GeneratorCandidate(model, Tok(), max_new_tokens=6, batch_size=2)(prompts)
-    cut = GeneratorCandidate(model, Tok(), max_new_tokens=6, batch_size=2, stop="\n")(prompts)
-    assert any(3 in ids for ids in plain.outputs), "the test needs a generated newline"
+    tok = Tok()
+    plain = GeneratorCandidate(model, tok, max_new_tokens=6, batch_size=2)(prompts)
+    tok.newline = plain.outputs[0][2]  # a token the model does generate, mid-answer, stands for "\n"
+    cut = GeneratorCandidate(model, tok, max_new_tokens=6, batch_size=2, stop="\n")(prompts)
     for ids, text, lp, lp_all in zip(plain.outputs, cut.outputs, cut.confidence["logprob"], plain.confidence["logprob"]):
-        k = ids.index(3) + 1 if 3 in ids else len(ids)
-        assert text == Tok().decode(ids[: k]).split("\n")[0]
+        k = ids.index(tok.newline) + 1 if tok.newline in ids else len(ids)
+        assert text == tok.decode(ids[:k]).split("\n")[0]
         if k == len(ids):
             assert lp.item() == pytest.approx(lp_all.item())  # no stop: every token counts
+    assert len(cut.outputs[0]) == 2  # cut before its third token
     assert cut.features.shape == (4, 8) and plain.features.shape == (4, 8)
     with pytest.raises(ValueError, match="stop must be a non-empty string"):
         GeneratorCandidate(model, Tok(), stop="")
