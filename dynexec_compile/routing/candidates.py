@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dynexec_compile.runtime.stats import last_stats
+from dynexec_compile.runtime.stats import last_stats, record_stats
 
 CONFIDENCES = ("max_prob", "entropy", "logprob")
 
@@ -287,11 +287,11 @@ class ExitCandidates:
         for i, candidate in enumerate(self.candidates):
             candidate.chain, candidate.chain_index = self, i
 
-    def _compile(self, blocks: Sequence[int], rule: str, threshold: float) -> Any:
+    def _compile(self, blocks: Sequence[int], rule: str, threshold: float) -> _EarlyExitCall:
         options = {"lowering": self.lowering, "strict": True,
                    "early_exit": {"rule": rule, "threshold": threshold, "layers": list(blocks), "heads": self.heads}}
         # a symbolic batch: samples that exit leave the batch (compaction)
-        return torch.compile(self.model, backend="dynexec", options=options, dynamic=True)
+        return _EarlyExitCall(torch.compile(self.model, backend="dynexec", options=options, dynamic=True))
 
     @torch.no_grad()
     def cascade(
@@ -334,6 +334,33 @@ class ExitCandidates:
 
 
 _ALWAYS = 1e-9  # a max_prob exit threshold every answer meets: the exit is always taken
+RECOMPILE_LIMIT = 64
+
+
+class _EarlyExitCall:
+    """One early-exit compile of the chain's model, checked to have run through dynexec.
+
+    Every exit candidate and every cascade threshold is its own ``torch.compile`` of the same
+    ``forward``; Dynamo keeps at most ``recompile_limit`` (8) graphs per function and then runs
+    it *eagerly*, which here would silently answer with the full model. Calls raise that limit
+    while they run, and a call that did not go through the early-exit runtime is an error.
+    """
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        record_stats({})
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            out = self.compiled(*args, **kwargs)
+        if "exit_layer" not in last_stats():
+            raise RuntimeError(
+                "dynexec: an ExitCandidates model ran without the early-exit runtime (Dynamo fell back to eager, "
+                f"e.g. past its recompile limit of {limit} graphs for this forward); its answers would be the full "
+                "model's. Use fewer exit blocks or raise torch._dynamo.config.recompile_limit"
+            )
+        return out
 
 
 def nested_chain(candidates: Sequence[Any]) -> ExitCandidates | None:

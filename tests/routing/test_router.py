@@ -264,7 +264,9 @@ def test_bench_routing_quick_runs_every_router(tmp_path):
     assert main(["bench", "routing", "--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     routers = {(r["task"], r["cheap"], r["router"]) for r in result["rows"]}
-    assert len(routers) == 18  # 3 settings x (3 cascades, 2 classifiers, random)
+    # elastic: 3 cascades, 2 classifiers, random; exit-0 / exit-1 (nested): 2 cascades, 2 classifiers, random;
+    # exits-0,...,4: one nested cascade; generation: 3 cascades, the learned cascade, 2 classifiers, random
+    assert len(routers) == 6 + 5 + 5 + 1 + 7
     assert (tmp_path / "routing.png").is_file()
     for r in result["rows"]:
         assert 0.0 <= r["eval strong share"] <= 1.0
@@ -386,6 +388,11 @@ def test_exit_candidates_cascade_equals_running_each_candidate_alone(confidence)
     assert out2.chosen == [0 if stop[i, 0] else 1 for i in range(len(sentences))]
     with pytest.raises(ValueError, match="increasing block indices in 0..1"):
         ExitCandidates(model, SpaceTok(), blocks=[2])
+    from dynexec_compile.routing.candidates import _EarlyExitCall
+
+    eager = _EarlyExitCall(lambda **kw: model(**kw))  # what Dynamo's fallback past its recompile limit runs
+    with pytest.raises(RuntimeError, match="ran without the early-exit runtime"):
+        eager(**SpaceTok()(sentences[:2], "max_length", True, 8, "pt"))
 
 
 # ---- learned cascades, line completion ------------------------------------------------------
