@@ -82,10 +82,10 @@ def run_quick(result: SuiteResult) -> None:
 
     torch.manual_seed(0)
     pipeline = DigitsPipeline(build_unet(block_out_channels=(8, 16)))
-    predictor = StepPredictor.from_unet(pipeline, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=20)
-    with torch.no_grad():
-        predictor.mlp[-1].bias.fill_(3.0)
-        predictor.mlp[0].weight.mul_(8.0)  # spread the random predictions over several counts
+    predictor = StepPredictor.from_unet(pipeline, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=20, risk=0.5)
+    with torch.no_grad():  # spread the random predictions over several counts
+        predictor.mlp[0].weight.mul_(8.0)
+        predictor.mlp[-1].weight.mul_(8.0)
     prompts = [DigitPrompt(d, g) for d in range(10) for g in (1.0, 4.0)] + [DigitPrompt(5, 9.0)]
     seeds = list(range(len(prompts)))
     spy = _Spy(pipeline)
