@@ -372,3 +372,30 @@ def test_package_exports_stepsaver_and_the_quick_bench_passes():
     assert result.metrics["stepsaver.reassembled_equals_alone"].value == 1.0
     assert result.metrics["stepsaver.fallback_is_safe_count"].value == 1.0
     assert result.metrics["stepsaver.fallback_warned"].value == 1.0
+
+
+def test_per_prompt_oracle_lowers_only_the_prompts_that_keep_the_set_quality():
+    """Prompt A's images are real digits at every count; prompt B's are real from 5 steps on and
+    noise below: the oracle gives A the fewest steps and keeps B at 5."""
+    from dynexec_compile.bench.stepsaver import per_prompt_oracle
+    from dynexec_compile.stepsaver.quality import DigitClassifier
+
+    torch.manual_seed(0)
+    quality = DigitQuality(DigitClassifier())
+    real, labels = real_digits()
+    a, b = DigitPrompt(0, 1.0), DigitPrompt(1, 4.0)
+    prompts = [a] * 150 + [b] * 150
+    digits = torch.tensor([0] * 150 + [1] * 150)
+    pick = torch.cat([(labels == 0).nonzero()[:150, 0], (labels == 1).nonzero()[:150, 0]])
+    good = real[pick]
+    noise = torch.rand(150, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    per_count = {}
+    for n in (1, 2, 5, 100):
+        images = good.clone()
+        if n < 5:
+            images[150:] = noise
+        per_count[n] = (quality.report(images, digits), images)
+    ref = per_count[100][0]
+    mean, rep, counts = per_prompt_oracle(prompts, per_count, digits, quality, ref, start=5)
+    assert counts == {"0@1": 1, "1@4": 5}
+    assert mean == pytest.approx(3.0) and matches(rep, ref)
