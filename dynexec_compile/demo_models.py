@@ -26,7 +26,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from dynexec_compile.exit_heads import ExitHeads, load_exit_heads
 
@@ -116,38 +115,18 @@ def fine_tune_classifier(
     demo freezes the word embeddings) stay as they are. ``max_steps`` stops early (the schedule
     is laid out for the steps actually run). Returns ``model``.
     """
+    from dynexec_compile.training import optimize
+
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-    )
-    total = epochs * len(loader)
-    if max_steps is not None:
-        total = min(total, max_steps)
-    warm = max(1, int(warmup * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     model.train()
-    running, step = None, 0
-    with tqdm(total=total, desc="fine-tune", unit="step", mininterval=30, disable=not progress) as bar:
-        while step < total:
-            for batch in loader:
-                loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-                if step == total:
-                    break
+    optimize(
+        groups, loader, lambda batch: model(**batch).loss, epochs=epochs, lr=lr, warmup=warmup,
+        max_steps=max_steps, progress=progress, desc="fine-tune",
+    )
     return model.eval()
 
 

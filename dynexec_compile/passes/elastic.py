@@ -6,7 +6,7 @@ original-order plan by ``elastic_plan``): with inlined ``nn.Module``s Dynamo lif
 parameter to a graph input, so the model's :class:`~dynexec_compile.elastic.ElasticPlan` is
 found from the example inputs (``lookup_plan``). Afterwards (invariant): the input graph is
 unchanged and is the full model; the pass leaves for the runtime one graph per configured level
-(:func:`~dynexec_compile.elastic.fx.slice_param_placeholders`: ``torch.narrow(param, dim, 0,
+(:func:`~dynexec_compile.elastic.fx.level_graph`: ``torch.narrow(param, dim, 0,
 k)`` after every sliced parameter placeholder, anchor blocks untouched), so every level reads
 views of the one set of parameters. Levels whose slices coincide share one graph; a level that
 slices nothing (1.0, or every block an anchor) is the input graph itself. Not in place.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from dynexec_compile.elastic.fx import slice_param_placeholders
+from dynexec_compile.elastic.fx import level_graph
 from dynexec_compile.elastic.reorder import ElasticPlan, lookup_model, lookup_plan
 from dynexec_compile.elastic.slicing import choose_anchors, level_param_slices
 from dynexec_compile.passes import PassContext, PassError, PassResult
@@ -84,7 +84,7 @@ def slice_elastic_levels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             slices[level] = level_param_slices(model, plan, level, anchors)
             key = tuple(sorted(slices[level].items()))
             if key not in by_slices:
-                by_slices[key] = slice_param_placeholders(gm, example_inputs, level, anchors)
+                by_slices[key] = level_graph(gm, example_inputs, level, anchors)
         except NotImplementedError as err:
             raise PassError(f"slice_elastic_levels: level {level}: {err}") from err
         graphs[level] = by_slices[key]
