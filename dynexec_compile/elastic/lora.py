@@ -353,21 +353,41 @@ def attached_levels(plan: ElasticPlan) -> list[float]:
 # ----------------------------------------------------------------------------- eager runs
 
 
-@contextmanager
-def lora_hooks(model: nn.Module, lora: LevelLoRA | None) -> Iterator[None]:
-    """Inside the block, each target module of ``model`` adds ``lora``'s delta to its output
-    (forward hooks, removed on exit). With the level's prefix views in place of the weights
-    (``functional_call``) that is the level with its LoRA."""
-    if lora is None:
-        yield
-        return
+def install_level_lora(module: nn.Module, lora: LevelLoRA) -> list[torch.utils.hooks.RemovableHandle]:
+    """Make each of ``lora``'s target submodules of ``module`` add the LoRA's delta to its output
+    (forward hooks) until the returned handles are removed. For a module of your own whose
+    weights are the level's (e.g. a draft model built from prefix views, with the same module
+    names); for the user's model use :func:`lora_hooks` or :func:`elastic_forward`.
+
+    Raises:
+        ValueError: ``module`` lacks a target.
+    """
     handles = []
     try:
         for name, (a, b) in lora.pairs().items():
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor, a=a, b=b) -> torch.Tensor:
+            try:
+                target = module.get_submodule(name)
+            except AttributeError as err:
+                raise ValueError(f"dynexec elastic LoRA: {type(module).__name__} has no module {name!r}") from err
+
+            def hook(mod: nn.Module, args: tuple, output: torch.Tensor, a=a, b=b) -> torch.Tensor:
                 return output + lora_delta(args[0], a, b, lora.scale)
 
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
+            handles.append(target.register_forward_hook(hook))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextmanager
+def lora_hooks(model: nn.Module, lora: LevelLoRA | None) -> Iterator[None]:
+    """Inside the block, each target module of ``model`` adds ``lora``'s delta to its output
+    (:func:`install_level_lora`, removed on exit). With the level's prefix views in place of the
+    weights (``functional_call``) that is the level with its LoRA."""
+    handles = install_level_lora(model, lora) if lora is not None else []
+    try:
         yield
     finally:
         for handle in handles:
