@@ -18,8 +18,14 @@ reads views). Every batch has the same shape (the last one is filled up), so eac
 one static graph.
 
 ``--quick``: tiny BERT and LLaMA configs (random weights), eager lowering, deterministic metrics
-only: level 1.0 equals the stock model, every level equals the eager prefix-view reference, one
-Dynamo compile, one lowering per distinct level, no weight outside the parameters.
+only: level 1.0 equals the stock model, every level equals the eager prefix-view reference (with
+and without a LoRA), one Dynamo compile, levels lowered on first use (one lowering per distinct
+level and LoRA shape), no weight outside the parameters and the LoRAs.
+
+Full run, also: per-level LoRAs (``models/minilm-sst2-elastic``) against the plain levels and
+random head orders (table and plot), and every validation batch served under a latency target
+(``elastic_slo``) that the full level misses: the share of requests meeting it, the levels
+chosen, and the accuracy paid.
 """
 
 from __future__ import annotations
@@ -118,6 +124,8 @@ def _check_levels(
     plan = lookup_plan(model)
     with torch.no_grad(), capture_reports() as reports:
         want_full = _logits(stock(**batch))
+        compiled(**batch)
+        result.metric(f"{name}/lowerings_after_first_call", reports[0].runtime.lowerings, "exact", "lower")  # lazy
         for visit, level in enumerate(levels + levels[::-1]):
             with elastic_level(level):
                 got = _logits(compiled(**batch))
@@ -133,6 +141,40 @@ def _check_levels(
     result.metric(f"{name}/dynamo_compiles", len(reports), "exact", "lower")
     result.metric(f"{name}/lowerings", reports[0].runtime.lowerings, "exact", "lower")
     _storage_metrics(result, name, reports[0], model)
+    _check_loras(result, name, model, stock, compiled, levels, anchors, batch, reports[0])
+
+
+def _check_loras(
+    result: SuiteResult, name: str, model: nn.Module, stock: nn.Module, compiled: Callable,
+    levels: list[float], anchors, batch: Batch, report: Any,
+) -> None:
+    """Each level with a LoRA attached (zero at 1.0, random elsewhere) equals the eager
+    reference (``elastic_forward``) and the LoRA tensors are its graph's only extra inputs."""
+    from dynexec_compile.elastic import (
+        LevelLoRA,
+        attach_level_loras,
+        detach_level_loras,
+        elastic_forward,
+        elastic_level,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    loras = {lv: LevelLoRA.create(model, lv, rank=4, anchors=anchors) for lv in levels}
+    with torch.no_grad():
+        for lv, lora in loras.items():
+            if lv < 1.0:
+                for b in lora.B:
+                    b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+        attach_level_loras(model, loras.values())
+        for lv, lora in loras.items():
+            with elastic_level(lv):
+                got = _logits(compiled(**batch))
+            want = _logits(stock(**batch)) if lv == 1.0 else _logits(elastic_forward(model, lv, kwargs=batch, lora=lora))
+            check = "zero_lora_equals_stock" if lv == 1.0 else "lora_equals_reference"
+            result.metric(f"{name}/level_{lv}/{check}", float((got - want).abs().max().item() <= 1e-5), "exact")
+        detach_level_loras(model)
+    result.metric(f"{name}/lowerings_with_loras", report.runtime.lowerings, "exact", "lower")
+    _lora_storage_metrics(result, name, {lv: report.artifacts["variants"][f"level {lv}"] for lv in levels}, model, loras)
 
 
 def _parse_anchors(text: str) -> int | str:
