@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--elastic-calib-size", dest="calib_size", type=int, default=256, help="SST-2 training sentences for the Taylor importance")
     group.add_argument("--elastic-batch-size", dest="batch_size", type=int, default=8, help="sentences per batch (accuracy and latency)")
     group.add_argument("--elastic-seq", dest="seq", type=int, default=64, help="tokens per sentence (padded)")
-    group.add_argument("--elastic-no-lora", dest="no_lora", action="store_true", help="ignore the committed order and LoRAs (models/minilm-sst2-elastic): Taylor importance, no LoRA rows")
+    group.add_argument("--elastic-artifact", dest="artifact", default=None, help="folder with plan.json and level_<r>.safetensors (default models/minilm-sst2-elastic)")
+    group.add_argument("--elastic-no-lora", dest="no_lora", action="store_true", help="ignore the order and LoRAs of --elastic-artifact: Taylor importance, no LoRA rows")
     group.add_argument("--elastic-slo-fraction", dest="slo_fraction", type=float, default=0.7, help="latency target as a fraction of the full level's median")
     group.add_argument("--elastic-slo-passes", dest="slo_passes", type=int, default=3, help="passes over the validation batches served under the target")
 
@@ -318,9 +319,10 @@ def _ordered_model(stock: nn.Module, tokenizer: Any, args: argparse.Namespace) -
     from dynexec_compile.demo_models import SST2_ELASTIC_DIR, load_sst2_elastic
     from dynexec_compile.elastic import reorder_by_importance
 
-    if not args.no_lora and (SST2_ELASTIC_DIR / "plan.json").is_file():
-        model, _, loras = load_sst2_elastic()
-        return model, loras, f"order and LoRAs of {SST2_ELASTIC_DIR.name}/ (Taylor importance, 256 training sentences)"
+    folder = Path(args.artifact or SST2_ELASTIC_DIR)
+    if not args.no_lora and (folder / "plan.json").is_file():
+        model, _, loras = load_sst2_elastic(directory=folder)
+        return model, loras, f"order and LoRAs of {folder.name}/ (Taylor importance, 256 training sentences)"
     model = copy.deepcopy(stock)
     train = load_sst2("train", args.data)
     random.Random(0).shuffle(train)
