@@ -297,7 +297,7 @@ def _insert_lora(
             b_in = graph.placeholder(f"dynexec_lora_{i}_b")
         last = b_in
         for node, value in ((a_in, a), (b_in, b)):
-            node.meta["example_value"] = fake_mode.from_tensor(value) if fake_mode else value
+            node.meta["example_value"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value
         with graph.inserting_after(call):
             delta = _like(graph.call_function(lora_delta, (call.args[0], a_in, b_in, lora.scale)), call)
         with graph.inserting_after(delta):

@@ -422,13 +422,13 @@ def test_lora_policy_errors_and_off():
 # ----------------------------------------------------------------------------- with early exit
 
 
-def exit_reference(model, level, inputs, threshold):
+def exit_reference(model, level, inputs, threshold, lora=None):
     """Per sample: the block after which the entropy rule lets it leave at ``level`` (the
     shared head: pooler + classifier on that block's hidden state) and the logits it leaves
-    with, computed eagerly over prefix views."""
+    with, computed eagerly over prefix views (with the level's LoRA when given)."""
     from dynexec_compile.elastic import elastic_forward
 
-    out = elastic_forward(model, level, kwargs={**inputs, "output_hidden_states": True})
+    out = elastic_forward(model, level, kwargs={**inputs, "output_hidden_states": True}, lora=lora)
     logits = [model.classifier(model.bert.pooler(h)) for h in out.hidden_states[1:]]  # per block
     exit_layer, result = [], []
     for row in range(inputs["input_ids"].shape[0]):
@@ -441,10 +441,11 @@ def exit_reference(model, level, inputs, threshold):
     return exit_layer, torch.stack(result)
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True])  # dynamic: batch compaction, and a LoRA at 0.5
 @torch.no_grad()
 def test_a_level_and_an_exit_rule_per_call(dynamic):
     import dynexec_compile as dx
+    from dynexec_compile.elastic import LevelLoRA, attach_level_loras
 
     torch.manual_seed(0)
     model = classifier("bert")
@@ -453,6 +454,9 @@ def test_a_level_and_an_exit_rule_per_call(dynamic):
         model.bert.pooler.dense.weight.mul_(20)
     inputs = encoder_inputs(batch=6, seq=8, pad_last=3, seed=4)
     reorder_by_importance(model, importance=random_importance(model))
+    lora = with_random_b(LevelLoRA.create(model, 0.5, rank=4), seed=2) if dynamic else None
+    if lora is not None:  # the LoRA's deltas are cut into the level's stages with their blocks
+        attach_level_loras(model, [lora])
     if dynamic:
         for key in ("input_ids", "attention_mask"):
             torch._dynamo.mark_dynamic(inputs[key], 0)
@@ -467,7 +471,8 @@ def test_a_level_and_an_exit_rule_per_call(dynamic):
                 with elastic_level(level), dx.exit_rule(rule="entropy", threshold=threshold):
                     got = compiled(**inputs).logits
                 stats = last_stats()
-                want_layers, want = exit_reference(model, level, inputs, threshold)
+                want_layers, want = exit_reference(model, level, inputs, threshold, lora if level == 0.5 else None)
+                assert stats["elastic_lora_rank"] == (4 if lora is not None and level == 0.5 else None)
                 assert stats["exit_layer"] == want_layers and stats["elastic_level"] == level
                 assert max_diff(got, want) <= 1e-5
                 seen.add(tuple(want_layers))
