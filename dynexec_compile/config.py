@@ -67,7 +67,8 @@ class ElasticConfig:
         slo_ms: latency target in milliseconds per call: a call that names no level runs at
             the largest level whose profiled latency for its input shapes meets it (each level
             is profiled on this machine the first time a shape needs it); ``None``: the largest
-            level. ``elastic_slo(ms)`` overrides it per call, an explicit level wins over both.
+            level. Precedence per call: ``with elastic_level(r)``, ``with elastic_slo(ms)``,
+            ``set_elastic_level``'s default, this target, the largest level.
         slo_quantile: which quantile of a level's profiled call times must meet ``slo_ms``.
         profile_repeats: timed calls per level and input shape when profiling.
         precompile: lower every level at compile time; by default a level is lowered the

@@ -279,7 +279,7 @@ def _switch_cost(compiled: Callable, levels: list[float], batch: Batch, repeats:
         set_elastic_level(compiled, levels[-1] if i % 2 else levels[0])
         after.append(timed(lambda: compiled(**batch))[1])
         same.append(timed(lambda: compiled(**batch))[1])
-    set_elastic_level(compiled, levels[0])
+    set_elastic_level(compiled, None)
     return {"set_elastic_level": set_s, "elastic_level_context": context_s, "call_after_switch": statistics.median(after), "call_same_level": statistics.median(same)}
 
 
@@ -376,7 +376,7 @@ def _serve_with_target(compiled: Callable, plain: Callable, batches: list[Batch]
     return {"times": times, "chosen": chosen, "accuracy": served_acc, "first_request_ms": first_ms}
 
 
-def _plot(path: Path, levels: list[float], without: dict, with_lora: dict, random_acc: dict, full: float) -> None:
+def _plot(path: Path, levels: list[float], without: dict, with_lora: dict, random_acc: dict, full: float, n: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,7 +395,7 @@ def _plot(path: Path, levels: list[float], without: dict, with_lora: dict, rando
     ax.axhline(100 * full, color="gray", linewidth=0.8)
     ax.set_xlabel("elastic level (fraction of heads and neurons kept)")
     ax.set_ylabel("SST-2 validation accuracy (%)")
-    ax.set_title("MiniLM-L6 SST-2, elastic levels (872 validation sentences)", fontsize=10)
+    ax.set_title(f"MiniLM-L6 SST-2, elastic levels ({n} validation sentences)", fontsize=10)
     ax.set_xticks(levels)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -518,7 +518,7 @@ def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
     result.metric("minilm_sst2/prune_over_switch", prune_s / switch["set_elastic_level"], "timing", "higher")
     result.metric("minilm_sst2/rss_growth_mb_per_level", (rss[2] - rss[1]) / len(levels), "timing", "lower")
     plot_path = Path(args.out or "runs/bench-elastic.json").with_suffix(".png")
-    _plot(plot_path, levels, acc, acc_lora, random_acc, stock_acc)
+    _plot(plot_path, levels, acc, acc_lora, random_acc, stock_acc, len(val))
     result.notes.append(f"plot written to {plot_path}")
 
 

@@ -10,7 +10,10 @@ compiled graphs (and its recompile budget) per code object, so separate code obj
 switch never evaluates another level's guards and many levels never exhaust one budget.
 
 The level a call runs at: the innermost ``with elastic_level(r):`` of the calling thread if
-any, else the level set with :func:`set_elastic_level`, else the largest level. What the last
+any, else the level set with :func:`set_elastic_level`, else the largest level. The dynexec
+backend's runtime also takes latency targets: per call ``with elastic_slo(ms):`` (between the
+two above: a thread's own request beats the global default), and ``elastic={"slo_ms": ...}``
+when nothing else is asked (``runtime/elastic.py``). What the last
 call in this thread ran at is in :func:`elastic_stats` (and ``ElasticModel.last_stats``), and in
 ``dynexec_compile.last_stats()`` under ``elastic_``-prefixed keys (``elastic_level``, ...).
 """
@@ -99,8 +102,8 @@ def compiled_levels(plan: ElasticPlan) -> frozenset[float] | None:
     return entry[1] if entry is not None and entry[0]() is plan else None
 
 
-def set_elastic_level(target: Any, level: float) -> None:
-    """Make ``level`` the default level of ``target`` for all threads.
+def set_elastic_level(target: Any, level: float | None) -> None:
+    """Make ``level`` the default level of ``target`` for all threads (``None``: remove it).
 
     ``target`` is an :class:`ElasticModel`, or a model (or ``torch.compile``'s wrapper of one)
     with a plan; the level is recorded against the model's plan, where a compiled runtime reads
@@ -109,10 +112,13 @@ def set_elastic_level(target: Any, level: float) -> None:
     has been compiled (``torch.compile`` compiles on the first call; before it, the first call
     checks).
     """
+    plan = _plan_of(target)
+    if level is None:
+        _LEVELS.pop(id(plan), None)
+        return
     level = _check_level(level)
     if isinstance(target, ElasticModel):
         target.check_level(level)
-    plan = _plan_of(target)
     known = compiled_levels(plan)
     if not isinstance(target, ElasticModel) and known is not None and level not in known:
         raise ValueError(
@@ -125,19 +131,23 @@ def set_elastic_level(target: Any, level: float) -> None:
     _LEVELS[id(plan)] = (weakref.ref(plan), level)
 
 
-def explicit_level(plan: ElasticPlan) -> float | None:
-    """The level this thread asked for ``plan``'s model (the innermost ``elastic_level`` block,
-    else ``set_elastic_level``), or ``None`` when nothing was asked."""
+def context_level() -> float | None:
+    """The level of this thread's innermost ``elastic_level`` block, or ``None``."""
     stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    return stack[-1] if stack else None
+
+
+def default_level(plan: ElasticPlan) -> float | None:
+    """The level ``set_elastic_level`` made the default of ``plan``'s model, or ``None``."""
     entry = _LEVELS.get(id(plan))
     return entry[1] if entry is not None and entry[0]() is plan else None
 
 
 def requested_level(plan: ElasticPlan, default: float) -> float:
     """The level a call for ``plan`` should run at in this thread (see the module docstring)."""
-    level = explicit_level(plan)
+    level = context_level()
+    if level is None:
+        level = default_level(plan)
     return default if level is None else level
 
 
@@ -156,10 +166,14 @@ def elastic_slo(ms: float | None) -> Iterator[None]:
         stack.pop()
 
 
-def requested_slo(default: float | None) -> float | None:
-    """The latency target of a call in this thread: the innermost ``elastic_slo``, else ``default``."""
+NO_CONTEXT = object()
+
+
+def context_slo() -> float | None | object:
+    """The target of this thread's innermost ``elastic_slo`` block (``None``: no target), or
+    ``NO_CONTEXT`` outside any."""
     stack = getattr(_local, "slo", None)
-    return stack[-1] if stack else default
+    return stack[-1] if stack else NO_CONTEXT
 
 
 def elastic_stats() -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 ``slice_elastic_levels`` leaves one graph per level, each reading prefix views of the same
 parameters. On every call this runtime picks the level: the innermost ``with
-elastic_level(r):`` of the calling thread, else ``set_elastic_level(compiled, r)``, else, with a
-latency target (``elastic={"slo_ms": ...}`` or ``with elastic_slo(ms):``), the largest level
-that meets it for the call's input shapes (``elastic/slo.py``), else the largest level. With the
+elastic_level(r):`` of the calling thread; else the thread's ``with elastic_slo(ms):`` target;
+else ``set_elastic_level(compiled, r)``; else the compiled ``elastic={"slo_ms": ...}``; else the
+largest level. A latency target runs the largest level that meets it for the call's input
+shapes (``elastic/slo.py``). With the
 level comes its LoRA when one is attached (``attach_level_loras``; ``elastic={"lora": ...}``).
 
 Each (level graph, LoRA shapes) pair is compiled once, the first time it runs, by the
@@ -34,10 +35,12 @@ import torch.fx as fx
 from dynexec_compile.config import ElasticConfig
 from dynexec_compile.elastic.lora import LevelLoRA, attached_level_lora
 from dynexec_compile.elastic.runtime import (
+    NO_CONTEXT,
+    context_level,
+    context_slo,
+    default_level,
     describe_level,
-    explicit_level,
     register_compiled_levels,
-    requested_slo,
 )
 from dynexec_compile.elastic.runtime import record_stats as record_elastic_stats
 from dynexec_compile.elastic.slo import LatencyTarget, LevelChooser
@@ -122,8 +125,15 @@ class ElasticRuntime:
         )
 
     def _level(self, args: tuple) -> tuple[float, float | None]:
-        """(level, latency target in ms or None) of this call."""
-        level = explicit_level(self.plan)
+        """(level, latency target in ms or None) of this call: the thread's ``elastic_level``,
+        else its ``elastic_slo``, else ``set_elastic_level``'s default, else ``slo_ms``, else
+        the largest level."""
+        level, slo = context_level(), None
+        if level is None:
+            slo = context_slo()
+            if slo is NO_CONTEXT:
+                level = default_level(self.plan)
+                slo = self.cfg.slo_ms if level is None else None
         if level is not None:
             if level not in self.levels:
                 raise ValueError(
@@ -132,7 +142,6 @@ class ElasticRuntime:
                     "torch.compile(..., options={'elastic': {'levels': [...]}})"
                 )
             return level, None
-        slo = requested_slo(self.cfg.slo_ms)
         if slo is None:
             return self.levels[0], None
         target = LatencyTarget(call_ms=slo)

@@ -509,6 +509,15 @@ def test_a_latency_target_picks_the_largest_level_that_meets_it():
         with elastic_level(0.75), dx.elastic_slo(1e-6):  # an explicit level wins
             compiled(**inputs)
         assert last_stats()["elastic_level"] == 0.75
+        set_elastic_level(compiled, 0.75)  # a global default beats the compiled target ...
+        compiled(**inputs)
+        assert last_stats()["elastic_level"] == 0.75 and "elastic_slo_ms" not in last_stats()
+        with dx.elastic_slo(1e-6):  # ... but not this thread's own target
+            compiled(**inputs)
+        assert last_stats()["elastic_level"] == 0.5
+        set_elastic_level(compiled, None)
+        compiled(**inputs)
+        assert last_stats()["elastic_level"] == 1.0 and last_stats()["elastic_slo_ms"] == 1e6
     for bad in ({"slo_ms": -1}, {"slo_ms": "fast"}, {"slo_quantile": 0}, {"profile_repeats": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             parse_options({"elastic": bad})
