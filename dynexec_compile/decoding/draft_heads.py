@@ -140,7 +140,9 @@ def train_draft_heads(
             (post-norm) hidden state, and an output projection.
         data: token ids: a 1-D stream (cut into ``seq_len`` windows, ``batch_size`` per step),
             a 2-D ``[N, S]`` tensor of sequences (``batch_size`` rows per step), or an
-            iterable of ``[B, S]`` tensors (one step each).
+            iterable of ``[B, S]`` tensors (one step each) or of ``([B, S] ids, [B, S] bool
+            mask)`` pairs: the mask marks the positions whose guesses are trained (e.g. from
+            the last prompt token on, for heads that will draft answers, not prompts).
         offsets: ``k``, heads to train (ignored when ``heads`` is given).
         heads: heads to train further (a trained copy is returned; the given ones are unchanged).
         num_layers: residual blocks per new head.
@@ -163,7 +165,7 @@ def train_draft_heads(
     fit_heads(
         heads,
         _batches(data, batch_size, seq_len, steps),
-        lambda ids: _distill_loss(model, heads, lm_head, ids.to(device), temperature),
+        lambda batch: _distill_loss(model, heads, lm_head, batch, temperature),
         lr=lr,
         weight_decay=weight_decay,
         desc="draft heads",
@@ -199,9 +201,16 @@ def fit_heads(
 
 
 def _distill_loss(
-    model: PreTrainedModel, heads: DraftHeads, lm_head: nn.Module, ids: torch.Tensor, temperature: float
+    model: PreTrainedModel,
+    heads: DraftHeads,
+    lm_head: nn.Module,
+    batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    temperature: float,
 ) -> torch.Tensor:
-    """Mean over heads of KL(model's distribution at ``t + i`` || head ``i`` at ``t``)."""
+    """Mean over heads of KL(model's distribution at ``t + i`` || head ``i`` at ``t``), over the
+    positions ``t`` the batch's mask marks (all when it has none)."""
+    ids, mask = batch if isinstance(batch, tuple) else (batch, None)
+    ids = ids.to(lm_head.weight.device)
     with torch.no_grad():
         h = model.base_model(input_ids=ids).last_hidden_state.float()  # [B, S, D], after the final norm
         teacher = F.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float() / temperature, dim=-1)  # [B, S, V]
@@ -215,7 +224,12 @@ def _distill_loss(
         logits = F.linear(student[:, : seq - i, i - 1], weight)  # [B, S-i, V]: head i at t
         target = teacher[:, i:]  # [B, S-i, V]: the model at t + i
         log_q = F.log_softmax(logits / temperature, dim=-1)
-        losses.append(F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean() * temperature**2)
+        kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1)  # [B, S-i]
+        if mask is None:
+            losses.append(kl.mean() * temperature**2)
+        else:
+            marked = mask[:, : seq - i].to(device=kl.device, dtype=kl.dtype)  # [B, S-i]
+            losses.append((kl * marked).sum() / marked.sum().clamp(min=1) * temperature**2)
     return torch.stack(losses).mean()
 
 
@@ -245,13 +259,18 @@ def _batches(
         raise ValueError("data is an iterable without a length: pass steps=")
     total = steps or len(data)  # type: ignore[arg-type]
 
-    def take() -> Iterator[torch.Tensor]:
-        for step, ids in enumerate(data):
+    def take() -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        for step, batch in enumerate(data):
             if step == total:
                 return
+            ids, mask = batch if isinstance(batch, tuple) and len(batch) == 2 else (batch, None)
             if not torch.is_tensor(ids) or ids.ndim != 2:
-                raise TypeError(f"each batch must be a [B, S] tensor of token ids, got {type(ids).__name__}")
-            yield ids
+                raise TypeError(
+                    f"each batch must be a [B, S] tensor of token ids or an (ids, mask) pair, got {type(batch).__name__}"
+                )
+            if mask is not None and (not torch.is_tensor(mask) or mask.shape != ids.shape):
+                raise ValueError(f"a batch's mask must be a tensor shaped like its ids {tuple(ids.shape)}")
+            yield batch
 
     return take(), total
 

@@ -28,7 +28,7 @@ def settings_key(model: PreTrainedModel, batch_size: int, settings: DecodeSettin
     """What makes two engines' graphs interchangeable, besides the strategy's own parts."""
     backend = id(settings.backend) if callable(settings.backend) else settings.backend
     options = tuple(sorted((settings.options or {}).items()))
-    return (id(model), batch_size, settings.compile, backend, settings.mode, options, settings.cuda_graphs, settings.regional)
+    return (id(model), batch_size, settings.compile, backend, settings.mode, options, settings.cuda_graphs, settings.regional, settings.packed)
 
 
 def cached_engine(
@@ -66,6 +66,7 @@ def engine_options(settings: DecodeSettings) -> dict:
         "options": settings.options,
         "cuda_graphs": settings.cuda_graphs,
         "regional": settings.regional,
+        "packed": settings.packed,
     }
 
 

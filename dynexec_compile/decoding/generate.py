@@ -115,6 +115,7 @@ class DecodeSettings:
     options: dict[str, Any] | None
     cuda_graphs: bool | None
     regional: bool | None = None
+    packed: bool | None = None
     streamer: Any = None
 
 
@@ -149,6 +150,7 @@ def generate(
     compile_options: dict[str, Any] | None = None,
     cuda_graphs: bool | None = None,
     regional: bool | None = None,
+    packed: bool | None = None,
     streamer: Any = None,
     **strategy_options: Any,
 ) -> GenerateOutput:
@@ -181,6 +183,8 @@ def generate(
         regional: compile one decoder layer and reuse it for all layers instead of each step
             as one graph (``None``: on for CPU models of 128 MiB of weights or more; see
             :class:`DecodeEngine`).
+        packed: run the compiled graphs' linear layers on weights pre-packed once for oneDNN
+            (``None``: on with regional compilation; see :mod:`dynexec_compile.decoding.packed`).
         streamer: an object with transformers' ``BaseStreamer`` protocol (``TextStreamer``,
             ``TextIteratorStreamer``, ...), batch 1 only: ``put(input_ids)`` once, then
             ``put(tokens)`` (1-D) with the tokens each step keeps, in order (several per step
@@ -226,6 +230,7 @@ def generate(
         options=compile_options,
         cuda_graphs=cuda_graphs,
         regional=regional,
+        packed=packed,
         streamer=streamer,
     )
     return _STRATEGIES[strategy](model, input_ids, attention_mask, settings, **strategy_options)

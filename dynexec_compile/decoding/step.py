@@ -41,6 +41,8 @@ from dynexec_compile.decoding.cache import SlotCache, attention_windows
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
 from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
+from dynexec_compile.decoding.packed import PackedWeights, packing_backend
+from dynexec_compile.decoding.packed import available as packing_available
 from dynexec_compile.decoding.regional import RegionalLayers
 from dynexec_compile.decoding.sampling import SamplingParams, sampling_probs
 
@@ -144,6 +146,11 @@ class DecodeEngine:
             compile time of one layer whatever the depth, no freezing. ``None`` = on for
             compiled CPU models of at least :data:`REGIONAL_MIN_BYTES` of weights, whose
             step is bound by memory traffic (measured on SmolLM2-135M: see the README).
+        packed: every linear layer of the compiled graphs runs on a copy of its weight packed
+            once for oneDNN (:mod:`dynexec_compile.decoding.packed`): on a CPU a step over
+            several tokens then costs about what a 1-token step costs, where the plain GEMM
+            re-packs every weight per call. Costs one packed copy of the linear weights,
+            shared by the model's engines. ``None`` = on with regional compilation.
 
     Attributes:
         cache: the :class:`SlotCache`; ``cache.lengths`` holds each row's committed length.
@@ -165,6 +172,7 @@ class DecodeEngine:
         attention: str | None = "auto",
         skip_guards: bool = True,
         regional: bool | None = None,
+        packed: bool | None = None,
     ):
         check_causal_lm(model)
         weight = next(model.parameters())
@@ -176,6 +184,10 @@ class DecodeEngine:
             raise ValueError("regional=True compiles the decoder layers: it needs compile=True")
         if regional and freeze:
             raise ValueError("regional compilation keeps the weights as graph inputs (one graph for all layers); freeze=True needs the whole-step graphs (regional=False)")
+        if packed is None:
+            packed = regional and packing_available()
+        if packed and not (compile and on_cpu):
+            raise ValueError("packed=True rewrites the compiled graphs' linears for oneDNN on the CPU: it needs compile=True and a CPU model")
         if inductor and on_cpu and mode == "max-autotune":  # as options: freezing stays on
             mode, options = None, {**CPU_AUTOTUNE_OPTIONS, **(options or {})}
         if freeze is None:
@@ -200,12 +212,13 @@ class DecodeEngine:
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._max_position = _learned_positions(model.config)
         self._weights_at_freeze = weights_fingerprint(model) if freeze else None
-        self.compile_settings = {"mode": mode, "options": options, "freeze": freeze, "regional": regional}  # as resolved
-        compiler = _compiler(compile, backend, mode, options)
+        self.compile_settings = {"mode": mode, "options": options, "freeze": freeze, "regional": regional, "packed": packed}  # as resolved
+        self._packed = PackedWeights(model) if packed else None
+        compiler = _compiler(compile, backend, mode, options, packed=packed)
         self._regional: RegionalLayers | None = None
         if regional:  # the layers compile; every entry point runs eagerly around them
             self._regional = RegionalLayers(
-                model, self.cache, lambda fn, dynamic: _compiler(True, backend, mode, options, dynamic)(fn)
+                model, self.cache, lambda fn, dynamic: _compiler(True, backend, mode, options, dynamic, packed)(fn)
             )
             compiler = _compiler(False, backend, None, None)
         self._compiler = compiler  # subclasses compile their own entry points the same way
@@ -453,14 +466,27 @@ class DecodeEngine:
         saved = config._attn_implementation_internal
         if self._attention is not None:
             config._attn_implementation_internal = self._attention
-        regional = self._regional.installed(dynamic=entry == "prefill") if self._regional else contextlib.nullcontext()
         try:
-            with torch.no_grad(), _freezing(self._freeze and not warm), _skip_guards(self._skip_guards and warm), regional:
-                out = fn(*args)
+            try:
+                out = self._call(entry, fn, args, warm)
+            except RuntimeError as error:
+                # A warm shape with no compiled code: Dynamo's caches were cleared
+                # (torch._dynamo.reset()). The failed call stopped before any compiled code
+                # ran; compile again with the guards on.
+                if not (warm and self._skip_guards and "skip_guard_eval_unsafe" in str(error)):
+                    raise
+                self._warm.clear()
+                out = self._call(entry, fn, args, False)
         finally:
             config._attn_implementation_internal = saved
         self._warm.add(key)
         return out
+
+    def _call(self, entry: str, fn: Callable, args: tuple, warm: bool) -> Any:
+        regional = self._regional.installed(dynamic=entry == "prefill") if self._regional else contextlib.nullcontext()
+        head = self._packed.head_installed() if self._packed and self._regional else contextlib.nullcontext()
+        with torch.no_grad(), _freezing(self._freeze and not warm), _skip_guards(self._skip_guards and warm), regional, head:
+            return fn(*args)
 
     # ---- traced bodies ------------------------------------------------------------------
 
@@ -657,15 +683,29 @@ def _skip_guards(on: bool) -> contextlib.AbstractContextManager:
 
 
 def _compiler(
-    enabled: bool, backend: Backend, mode: str | None, options: dict[str, Any] | None, dynamic: bool = False
+    enabled: bool,
+    backend: Backend,
+    mode: str | None,
+    options: dict[str, Any] | None,
+    dynamic: bool = False,
+    packed: bool = False,
 ) -> Callable:
-    """``fn -> torch.compile(fn, fullgraph=True, dynamic=dynamic, ...)``, or identity when disabled."""
+    """``fn -> torch.compile(fn, fullgraph=True, dynamic=dynamic, ...)``, or identity when disabled;
+    ``packed``: every linear of the graphs through :func:`~dynexec_compile.decoding.packed.packed_linear`."""
     if not enabled:
         if mode is not None or options:
             raise ValueError("mode/options are compile settings; they need compile=True")
         return lambda fn: fn
     if mode is not None and options:
         raise ValueError("torch.compile takes either mode or options, not both")
+    if packed:  # the backend as a callable behind the rewrite (mode and options go to Inductor's wrapper)
+        if backend == "inductor":
+            inner = torch._TorchCompileInductorWrapper(mode, options, dynamic)
+        elif mode is not None or options:
+            raise ValueError("mode/options are Inductor settings; backend is not 'inductor'")
+        else:
+            inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        backend, mode, options = packing_backend(inner), None, None
 
     def compile_fn(fn: Callable) -> Callable:
         return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic, mode=mode, options=options)

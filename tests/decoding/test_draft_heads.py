@@ -280,3 +280,28 @@ def test_tree_step_is_one_graph_without_recompiles(heads_for):
         )
         assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30))
         assert counter.frame_count == 2, "the prefill (+ heads) and the tree step (verify, gather, propose)"
+
+
+def test_a_loss_mask_trains_only_the_marked_positions():
+    from dynexec_compile.decoding.draft_heads import _distill_loss
+
+    model = build_model("llama")
+    text = own_text(model, rows=8)
+    heads = DraftHeads(64, K, vocab_size=VOCAB)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    lm_head = model.get_output_embeddings()
+    everything = torch.ones_like(text, dtype=torch.bool)
+    answer = everything.clone()
+    answer[:, :8] = False  # the prompts' positions
+    with torch.no_grad():
+        plain = _distill_loss(model, heads, lm_head, text, 1.0)
+        assert torch.allclose(_distill_loss(model, heads, lm_head, (text, everything), 1.0), plain)
+        masked = _distill_loss(model, heads, lm_head, (text, answer), 1.0)
+    assert torch.isfinite(masked) and not torch.allclose(masked, plain)
+    torch.manual_seed(0)
+    trained = dx.train_draft_heads(model, [(text, answer)] * 30, heads=heads, lr=1e-2, progress=False)
+    with torch.no_grad():
+        assert _distill_loss(model, trained, lm_head, (text, answer), 1.0) < 0.8 * masked
+    with pytest.raises(ValueError, match="mask must be a tensor shaped like"):
+        dx.train_draft_heads(model, [(text, answer[:, :4])], heads=heads, progress=False)

@@ -96,3 +96,14 @@ def test_regional_inductor_equals_hf(llama):
     out = dx.generate(llama, ids, mask, max_new_tokens=30, eos_token_id=[], regional=True)
     assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 30))
     assert out.stats.compiles == 2
+
+
+def test_a_cached_engine_survives_a_dynamo_reset(llama):
+    """torch._dynamo.reset() clears the compiled code of engines that stay cached: their warm
+    shapes (run with guards skipped) must compile again instead of failing."""
+    ids, mask = left_padded_batch([6, 10])
+    first = dx.generate(llama, ids, mask, max_new_tokens=12, eos_token_id=[], backend="eager", regional=True)
+    torch._dynamo.reset()
+    second = dx.generate(llama, ids, mask, max_new_tokens=12, eos_token_id=[], backend="eager", regional=True)
+    assert torch.equal(first.sequences, second.sequences)
+    assert torch.equal(second.sequences, hf_greedy(llama, ids, mask, 12))

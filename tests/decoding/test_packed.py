@@ -1,0 +1,120 @@
+"""Pre-packed oneDNN linear weights: the same numbers as ``F.linear`` (fp32 rounding), tokens
+identical to HF greedy, never a stale weight, the model untouched, packed copies shared and freed."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_model, left_padded_batch
+from test_decode_compile import hf_greedy
+
+import dynexec_compile as dx
+from dynexec_compile.decoding import DecodeEngine, packed
+
+PACKED = True
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch build has no oneDNN packed linear")
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (5, 32), (2, 7, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(shape, bias):
+    layer = torch.nn.Linear(32, 48, bias=bias)
+    owner = packed.PackedWeights(torch.nn.Sequential(layer))
+    x = torch.randn(*shape)
+    out = packed.packed_linear(x, layer.weight, layer.bias)
+    assert out.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert packed._key(layer.weight) in packed._REGISTRY
+    del owner
+
+
+def test_a_weight_changed_in_place_is_packed_again():
+    layer = torch.nn.Linear(16, 16)
+    owner = packed.PackedWeights(torch.nn.Sequential(layer))
+    x = torch.randn(3, 16)
+    before = packed.packed_linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)
+    after = packed.packed_linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(after, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+    del owner
+
+
+def test_an_unknown_weight_runs_the_plain_linear():
+    weight, x = torch.randn(8, 4), torch.randn(2, 4)
+    assert torch.equal(packed.packed_linear(x, weight, None), F.linear(x, weight))
+
+
+def test_engines_of_one_model_share_the_packed_copies_and_free_them(llama):
+    keys = {packed._key(m.weight) for m in llama.modules() if isinstance(m, torch.nn.Linear)}
+    first = DecodeEngine(llama, 1, 32, backend="eager", regional=True)
+    second = DecodeEngine(llama, 2, 32, backend="eager", regional=True)
+    assert first.compile_settings["packed"] and first._packed.count == len(keys)
+    assert all(packed._REGISTRY[k].refs == 2 for k in keys)
+    del first
+    gc.collect()
+    assert all(packed._REGISTRY[k].refs == 1 for k in keys)
+    del second
+    gc.collect()
+    assert not keys & set(packed._REGISTRY)
+
+
+def test_the_graph_pass_rewrites_every_linear(llama):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(0, llama.config.vocab_size, (1, 6))
+    owner = packed.PackedWeights(llama)
+    fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
+    with torch.no_grad():
+        out = fn(ids)
+        ref = llama(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
+    assert targets.count(torch.ops.dynexec.packed_linear.default) == linears
+    assert torch._C._nn.linear not in targets
+    del owner
+
+
+@pytest.mark.parametrize("regional", [True, False])
+@pytest.mark.parametrize(
+    "strategy, options",
+    [("greedy", {}), ("lookahead", {"window": 1, "ngram": 3, "guesses": 1}), ("self_speculative", {"exit_layer": 1, "num_draft": 3})],
+)
+def test_packed_decoding_is_token_identical_to_hf_greedy(llama, regional, strategy, options):
+    ids, mask = left_padded_batch([9, 4])
+    out = dx.generate(
+        llama, ids, mask, strategy=strategy, max_new_tokens=30, eos_token_id=[], backend="eager",
+        regional=regional, packed=PACKED, **options,
+    )
+    assert torch.equal(out.sequences, hf_greedy(llama, ids, mask, 30))
+    head = llama.get_output_embeddings()
+    assert head._compiled_call_impl is None  # the head's packed route is removed after each call
+
+
+def test_packed_needs_a_compiled_cpu_model(llama):
+    with pytest.raises(ValueError, match="packed=True"):
+        DecodeEngine(llama, 1, 32, compile=False, packed=True)
+    assert not DecodeEngine(llama, 1, 32, backend="eager").compile_settings["packed"]
+
+
+def test_the_model_is_not_modified(llama):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    ids, mask = left_padded_batch([5, 8])
+    dx.generate(llama, ids, mask, max_new_tokens=8, eos_token_id=[], backend="eager", regional=True, packed=True)
+    after = llama.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m._compiled_call_impl is None for m in llama.modules())
+
+
+def test_gpt2_conv1d_layers_are_left_to_the_plain_kernels():
+    model = build_model("gpt2")
+    ids, mask = left_padded_batch([6, 3])
+    out = dx.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], backend="eager", regional=True, packed=True)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 12))
