@@ -521,3 +521,18 @@ def test_a_latency_target_picks_the_largest_level_that_meets_it():
     for bad in ({"slo_ms": -1}, {"slo_ms": "fast"}, {"slo_quantile": 0}, {"profile_repeats": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             parse_options({"elastic": bad})
+
+
+def test_explain_shows_every_level_as_its_own_compile():
+    import dynexec_compile as dx
+
+    model, inputs = model_and_inputs("bert")
+    reorder_by_importance(model, importance=random_importance(model))
+    report = dx.explain(model, inputs, {"lowering": "eager", "elastic": {"levels": [1.0, 0.5]}, "early_exit": {"threshold": 0.1}})
+    (graph,) = report.graphs
+    assert sorted(graph.variants) == ["level 0.5", "level 1.0"]  # both compiled for the report
+    for variant in graph.variants.values():
+        assert [p[0] for p in variant.passes] == ["partition_stages", "insert_early_exit"]
+        assert [s.name for s in variant.stages] == ["prefix", "block0", "block1", "block2", "suffix"]
+    text = str(report)
+    assert "2 variant(s)" in text and "  level 0.5:" in text
