@@ -113,12 +113,12 @@ def slice_elastic_levels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.artifacts["elastic"] = graphs_left
     from dynexec_compile.runtime.elastic import elastic_runtime_factory
 
-    ctx.artifacts["variant_runtime"] = elastic_runtime_factory(graphs_left, cfg)
+    ctx.artifacts["variant_runtime"] = elastic_runtime_factory(graphs_left, cfg, ctx.cfg.lowering)
     distinct = len({id(g) for g in graphs.values()})
     notes = [
         f"levels {list(cfg.levels)} as {distinct} graph(s); anchor blocks {list(anchors)}; "
         f"{max(len(s) for s in slices.values())} parameters sliced at the smallest level "
-        f"(order: {plan.sorted_by or 'original'}); each level compiled "
-        f"{'now' if cfg.precompile else 'when it first runs'}, with the passes after this one"
+        f"(order: {plan.sorted_by or 'original'}); each level compiled with the passes after this "
+        "one, when it first runs (graphs with static shapes or the eager lowering) or now"
     ]
     return PassResult(gm, False, notes)

@@ -8,11 +8,14 @@ largest level. A latency target runs the largest level that meets it for the cal
 shapes (``elastic/slo.py``). With the
 level comes its LoRA when one is attached (``attach_level_loras``; ``elastic={"lora": ...}``).
 
-Each (level graph, LoRA shapes) pair is compiled once, the first time it runs, by the
-backend's whole pipeline on the level's graph (``compile_variant``: block analysis, the passes
-after ``slice_elastic_levels`` such as stages and early exit, lowering); ``precompile=True``
-compiles every level up front instead. A lazy compile re-enters Dynamo's tracing context of
-the original compile, so a graph with a dynamic sequence length stays dynamic. Dynamo's guards
+Each (level graph, LoRA shapes) pair is compiled once by the backend's whole pipeline on the
+level's graph (``compile_variant``: block analysis, the passes after ``slice_elastic_levels``
+such as stages and early exit, lowering): the first time it runs, for a graph with static
+shapes or the eager lowering; up front (inside the backend call) for a graph with symbolic
+sizes lowered by Inductor or TensorRT, because those compilers add shape guards while they
+lower and only guards added inside the backend call are installed by Dynamo; and up front for
+every graph with ``precompile=True``. A lazy compile re-enters Dynamo's tracing context of the
+original compile. Dynamo's guards
 do not depend on the level, so switching never recompiles the Dynamo graph; after a level's
 first run a switch is a dictionary lookup. The LoRA's tensors are passed as extra graph
 inputs: attaching another LoRA of the same shapes reuses the compiled code.
@@ -60,7 +63,7 @@ class ElasticRuntime:
         chooser: the latency profile behind ``slo_ms`` (``chooser.profiles``).
     """
 
-    def __init__(self, graphs: ElasticGraphs, cfg: ElasticConfig, compile_variant: CompileVariant):
+    def __init__(self, graphs: ElasticGraphs, cfg: ElasticConfig, lowering: str, compile_variant: CompileVariant):
         self.graphs = graphs
         self.cfg = cfg
         self.plan = graphs.plan
@@ -75,9 +78,16 @@ class ElasticRuntime:
         ]
         self._stats: dict[tuple, dict[str, Any]] = {}
         register_compiled_levels(self.plan, self.levels)
-        if cfg.precompile:
+        # A compiler that specialises on symbolic sizes (Inductor, TensorRT) adds shape guards
+        # while it lowers; only inside the backend call does Dynamo install them. So a graph
+        # with symbolic sizes gets every level lowered now; eager lowering and static graphs
+        # lower each level on first use.
+        self.lazy = not cfg.precompile and (lowering == "eager" or not _symbolic(graphs.example_inputs))
+        self._compiling_now = True
+        if not self.lazy:
             for level in self.levels:
                 self._fn(level, self._lora(level))
+        self._compiling_now = False
 
     # --- what a call runs ------------------------------------------------------------------
 
@@ -102,6 +112,13 @@ class ElasticRuntime:
         """The compiled callable of ``level`` with ``lora``'s shapes, compiled on first use."""
         key = (self.graphs.slices_key(level), None if lora is None else lora.signature)
         fn = self._compiled.get(key)
+        if fn is None and not (self.lazy or self._compiling_now):
+            raise ValueError(
+                f"dynexec elastic: level {level} with {'a LoRA of new shapes' if lora else 'no LoRA'} was not "
+                "compiled: this graph has symbolic sizes, so its levels were compiled with it, with the LoRAs "
+                "attached then; attach the LoRAs before the first call (or call torch._dynamo.reset() and "
+                "call again), or use lowering='eager'"
+            )
         if fn is None:
             gm = self.graphs.graph(level, lora)
             inputs = [*self.graphs.example_inputs, *(lora.tensors() if lora is not None else ())]
@@ -185,10 +202,19 @@ def _warn(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-def elastic_runtime_factory(graphs: ElasticGraphs, cfg: ElasticConfig) -> Callable[[CompileVariant], ElasticRuntime]:
+def _symbolic(example_inputs: list) -> bool:
+    """Whether any graph input has a symbolic size (a dynamic batch or sequence length)."""
+    return any(
+        isinstance(x, torch.SymInt)
+        or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
+        for x in example_inputs
+    )
+
+
+def elastic_runtime_factory(graphs: ElasticGraphs, cfg: ElasticConfig, lowering: str) -> Callable[[CompileVariant], ElasticRuntime]:
     """The backend calls this with its per-variant compile function."""
 
     def build(compile_variant: CompileVariant) -> ElasticRuntime:
-        return ElasticRuntime(graphs, cfg, compile_variant)
+        return ElasticRuntime(graphs, cfg, lowering, compile_variant)
 
     return build

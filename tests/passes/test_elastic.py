@@ -312,19 +312,27 @@ def test_levels_compile_lazily_on_first_use(monkeypatch):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_a_lazily_compiled_inductor_level_stays_dynamic():
+def test_inductor_compiles_lazily_on_static_shapes_and_up_front_on_symbolic_ones():
+    """Inductor adds shape guards while it lowers a graph with symbolic sizes, and Dynamo
+    installs only those added inside the backend call: such a graph lowers every level then."""
+    from dynexec_compile.elastic import LevelLoRA, attach_level_loras
+
     model, inputs = model_and_inputs("llama", seq=8)
     plan = reorder_by_importance(model, importance=random_importance(model))
     compiled = compile_elastic(model, levels=[1.0, 0.5], anchors=1, lowering="inductor")
     with capture_reports() as reports:
-        for seq in (8, 5, 11, 7):  # the second length recompiles Dynamo's graph as dynamic
+        compiled(**inputs)
+        assert reports[0].runtime.lazy and reports[0].runtime.lowerings == 1  # static: lazy
+        for seq in (5, 11, 7):  # the second length recompiles Dynamo's graph with a symbolic length
             _, inputs = model_and_inputs("llama", seq=seq)
-            if seq != 5:  # level 0.5 is first compiled on the dynamic graph at length 11
-                with elastic_level(0.5):
-                    got = compiled(**inputs).logits
-                assert max_diff(got, reference(model, plan, 0.5, 1, inputs)) <= 1e-5
+            with elastic_level(0.5):
+                got = compiled(**inputs).logits
+            assert max_diff(got, reference(model, plan, 0.5, 1, inputs)) <= 1e-5
             compiled(**inputs)
-    assert len(reports) == 2
+        assert len(reports) == 2 and not reports[1].runtime.lazy and reports[1].runtime.lowerings == 2
+        attach_level_loras(model, [LevelLoRA.create(model, 0.5, rank=2, anchors=1)])
+        with pytest.raises(ValueError, match="attach the LoRAs before the first call"), elastic_level(0.5):
+            compiled(**inputs)
 
 
 # ----------------------------------------------------------------------------- LoRA per level
