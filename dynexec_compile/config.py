@@ -65,9 +65,9 @@ class ElasticConfig:
             with its LoRA when one is attached), ``"required"`` (a level below 1.0 without one
             is an error when it is first called) or ``"off"`` (plain levels).
         slo_ms: latency target in milliseconds per call: a call that names no level runs at
-            the largest level whose profiled latency for its input shapes meets it (each level
-            is profiled on this machine the first time a shape needs it); ``None``: the largest
-            level. Precedence per call: ``with elastic_level(r)``, ``with elastic_slo(ms)``,
+            the largest level whose estimated latency for its input shapes meets it (each level
+            is profiled on this machine the first time a shape needs it, and the estimates
+            follow the load measured on the calls served since); ``None``: the largest level. Precedence per call: ``with elastic_level(r)``, ``with elastic_slo(ms)``,
             ``set_elastic_level``'s default, this target, the largest level.
         slo_quantile: which quantile of a level's profiled call times must meet ``slo_ms``.
         profile_repeats: timed calls per level and input shape when profiling.

@@ -4,8 +4,10 @@ Latency depends on the machine, the load and the input's shape, so a table writt
 wrong here. The compiled elastic runtime therefore measures: the first time a call with given
 input shapes has to choose, it times the levels from the largest down (``repeats`` calls each,
 after a warm-up call that also lowers a level not used before) and stops at the first level
-whose ``quantile`` of call times meets the target; the choice is remembered for those shapes.
-A level that meets nothing falls back to the smallest level (and says so in the stats).
+whose estimated ``quantile`` meets the target. Then every call it serves is timed too, as a
+measurement of the machine's load, so the estimates follow the load up and down
+(:class:`LevelChooser`). When no level meets the target the smallest runs (and says so in the
+stats).
 
 The pieces are plain functions so that any runtime uses the same rule: :class:`LevelLatency`
 (a classifier's per-call time, or a causal LM's time to first token and per-token time),
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -93,40 +98,100 @@ def choose_level(latencies: Iterable[LevelLatency], target: LatencyTarget | floa
     return next((x.level for x in ranked if x.meets(target)), ranked[-1].level)
 
 
-def measure_ms(fn: Callable[[], Any], repeats: int = 10, warmup: int = 1, quantile: float = 0.9) -> float:
-    """The ``quantile`` of ``repeats`` timed calls of ``fn`` (after ``warmup`` untimed ones), ms."""
+def sync() -> None:
+    """Wait for queued CUDA work, so a wall-clock time covers it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def measure_times(fn: Callable[[], Any], repeats: int = 10, warmup: int = 1) -> list[float]:
+    """Milliseconds of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones (CUDA
+    work is waited for)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return times[min(len(times) - 1, max(0, math.ceil(quantile * len(times)) - 1))]
+    return times
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (the smallest value at or above a fraction ``q``)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def measure_ms(fn: Callable[[], Any], repeats: int = 10, warmup: int = 1, q: float = 0.9) -> float:
+    """The ``q`` quantile of ``repeats`` timed calls of ``fn`` (after ``warmup`` untimed ones), ms."""
+    return quantile(measure_times(fn, repeats, warmup), q)
 
 
 @dataclass
 class LevelChooser:
-    """Per input signature, the level that meets a target, profiled lazily (module docstring).
+    """Per input signature, the largest level meeting a target under the machine's load now.
+
+    A level is profiled once per signature (``repeats`` timed calls, lazily, from the largest
+    level down): its *base* time is the median of those calls divided by the load factor of
+    the moment. Every call the runtime serves afterwards (at a profiled level) is an
+    observation ``observed / base`` of the load factor; the last ``window`` of them, across
+    levels and signatures (load is the machine's), give the estimate of a level now:
+    ``base * quantile(observations)``. So when other work slows the machine every level's
+    estimate grows and the choice steps down, and it steps back up when the load goes,
+    without timing levels that are not being served.
 
     Attributes:
-        profiles: ``{signature: {level: LevelLatency}}``, what was measured.
+        profiles: ``{signature: {level: LevelLatency}}``, the estimates when each level was
+            profiled.
     """
 
     levels: Sequence[float]
     quantile: float = 0.9
     repeats: int = 10
+    window: int = 50
     profiles: dict[Hashable, dict[float, LevelLatency]] = field(default_factory=dict)
+    _base: dict[tuple, float] = field(default_factory=dict, repr=False)
+    _ratios: deque = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ratios = deque(maxlen=self.window)
+
+    def _load(self, q: float) -> float:
+        return quantile(self._ratios, q) if self._ratios else 1.0
+
+    def estimate(self, signature: Hashable, level: float) -> LevelLatency | None:
+        """``level``'s latency for ``signature`` under the current load, or ``None`` before it
+        was profiled."""
+        base = self._base.get((signature, level))
+        return None if base is None else LevelLatency(level, call_ms=base * self._load(self.quantile))
+
+    def observe(self, signature: Hashable, level: float, ms: float) -> None:
+        """A served call's time, when its level was profiled for its signature."""
+        base = self._base.get((signature, level))
+        if base is not None:
+            self._ratios.append(ms / base)
+
+    def profile(self, signature: Hashable, level: float, run: Callable[[], Any]) -> LevelLatency:
+        times = measure_times(run, self.repeats, 1)
+        base = quantile(times, 0.5) / self._load(0.5)
+        self._base[(signature, level)] = base
+        self._ratios.extend(t / base for t in times)
+        latency = self.estimate(signature, level)
+        self.profiles.setdefault(signature, {})[level] = latency
+        return latency
 
     def choose(self, signature: Hashable, target: LatencyTarget, run_level: Callable[[float], Any]) -> float:
-        """The largest level meeting ``target`` for inputs of ``signature``; ``run_level(r)``
-        runs the request at level ``r`` (timed while profiling)."""
-        profile = self.profiles.setdefault(signature, {})
+        """The largest level meeting ``target`` for inputs of ``signature`` now; ``run_level(r)``
+        runs the request at level ``r`` (timed while profiling a level not seen before)."""
+        estimates = []
         for level in sorted(self.levels, reverse=True):
-            if level not in profile:
-                ms = measure_ms(lambda lv=level: run_level(lv), self.repeats, 1, self.quantile)
-                profile[level] = LevelLatency(level, call_ms=ms)
-            if profile[level].meets(target):
+            latency = self.estimate(signature, level)
+            if latency is None:
+                latency = self.profile(signature, level, lambda lv=level: run_level(lv))
+            estimates.append(latency)
+            if latency.meets(target):
                 break
-        return choose_level(profile.values(), target)
+        return choose_level(estimates, target)

@@ -21,12 +21,13 @@ first run a switch is a dictionary lookup. The LoRA's tensors are passed as extr
 inputs: attaching another LoRA of the same shapes reuses the compiled code.
 
 What ran is published in ``dynexec_compile.last_stats()`` (``elastic_level``, ``elastic_heads``,
-``elastic_lora_rank``, ``elastic_slo_ms``, ...) and ``elastic_stats()``.
+``elastic_lora_rank``, ``elastic_slo_ms``, ``elastic_estimated_ms``, ...) and ``elastic_stats()``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -46,7 +47,7 @@ from dynexec_compile.elastic.runtime import (
     register_compiled_levels,
 )
 from dynexec_compile.elastic.runtime import record_stats as record_elastic_stats
-from dynexec_compile.elastic.slo import LatencyTarget, LevelChooser
+from dynexec_compile.elastic.slo import LatencyTarget, LevelChooser, sync
 from dynexec_compile.passes.elastic import ElasticGraphs
 from dynexec_compile.runtime.stats import last_stats, record_stats
 
@@ -126,7 +127,7 @@ class ElasticRuntime:
             guards = len(shape_env.guards) if shape_env is not None else 0
             with torch._guards.tracing(self._tracing) if self._tracing is not None else nullcontext():
                 fn = self._compile_variant(f"level {level}", gm, inputs)
-            if shape_env is not None and len(shape_env.guards) > guards:
+            if shape_env is not None and len(shape_env.guards) > guards and _symbolic(self.graphs.example_inputs):
                 _warn(
                     f"dynexec elastic: compiling level {level} on first use added "
                     f"{len(shape_env.guards) - guards} shape guard(s) after Dynamo installed its "
@@ -173,13 +174,17 @@ class ElasticRuntime:
         level, slo = self._level(args)
         lora = self._lora(level)
         record_stats({})  # what the level's own runtime (early exit) records for this call stays
+        start = time.perf_counter()
         out = self._run(level, args)
         stats = self._describe(level, lora)
         record_elastic_stats({**stats, "slo_ms": slo})
         published = {f"elastic_{k}": v for k, v in stats.items()}
-        if slo is not None:
-            profiled = self.chooser.profiles[self._signature(args)][level].call_ms
-            published.update(elastic_slo_ms=slo, elastic_profiled_ms=profiled, elastic_slo_met=profiled <= slo)
+        if slo is not None:  # the served call is a measurement of the load now
+            sync()
+            signature = self._signature(args)
+            self.chooser.observe(signature, level, (time.perf_counter() - start) * 1e3)
+            estimate = self.chooser.estimate(signature, level).call_ms
+            published.update(elastic_slo_ms=slo, elastic_estimated_ms=estimate, elastic_slo_met=estimate <= slo)
         record_stats({**last_stats(), **published})
         return out
 

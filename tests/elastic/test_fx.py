@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from dynexec_compile.elastic import fx as elastic_fx
 from dynexec_compile.elastic import level_param_slices, level_params, reorder_by_importance
-from dynexec_compile.elastic.fx import placeholder_param_names, level_graph
+from dynexec_compile.elastic.fx import level_graph, placeholder_param_names
 
 
 def capture(model, batch):

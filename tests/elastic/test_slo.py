@@ -38,20 +38,30 @@ def test_lm_targets():
         choose_level([], 1.0)
 
 
-def test_profiles_lazily_from_the_top_and_remembers(monkeypatch):
-    table = {1.0: 10.0, 0.75: 7.5, 0.5: 5.2, 0.25: 2.9}
-    timed = []
+TABLE = {1.0: 10.0, 0.75: 7.5, 0.5: 5.2, 0.25: 2.9}
 
-    def fake_measure(fn, repeats, warmup, quantile):
-        return table[fn()]
 
-    monkeypatch.setattr(slo, "measure_ms", fake_measure)
-    chooser = slo.LevelChooser([1.0, 0.75, 0.5, 0.25], quantile=0.9, repeats=3)
+def fake_timing(monkeypatch, timed: list, load: list | None = None):
+    """Profiling a level times it at ``TABLE[level]`` ms times the load ``load[0]``."""
+    load = load or [1.0]
+
+    def fake_measure_times(fn, repeats, warmup):
+        level = fn()
+        return [TABLE[level] * load[0]] * repeats
+
+    monkeypatch.setattr(slo, "measure_times", fake_measure_times)
 
     def run(level):
         timed.append(level)
         return level
 
+    return run
+
+
+def test_profiles_lazily_from_the_top_and_remembers(monkeypatch):
+    timed = []
+    run = fake_timing(monkeypatch, timed)
+    chooser = slo.LevelChooser([1.0, 0.75, 0.5, 0.25], quantile=0.9, repeats=3)
     assert chooser.choose(("a",), LatencyTarget(call_ms=6.0), run) == 0.5
     assert timed == [1.0, 0.75, 0.5]  # stopped at the first level that meets 6 ms
     assert chooser.choose(("a",), LatencyTarget(call_ms=6.0), run) == 0.5
@@ -61,6 +71,29 @@ def test_profiles_lazily_from_the_top_and_remembers(monkeypatch):
     assert timed == [1.0, 0.75, 0.5, 0.25]
     assert chooser.choose(("b",), LatencyTarget(call_ms=20.0), run) == 1.0  # new shapes, new profile
     assert set(chooser.profiles) == {("a",), ("b",)}
+    assert chooser.estimate(("a",), 0.5).call_ms == pytest.approx(5.2)
+
+
+def test_the_choice_follows_the_load(monkeypatch):
+    timed, load = [], [1.0]
+    run = fake_timing(monkeypatch, timed, load)
+    chooser = slo.LevelChooser([1.0, 0.75, 0.5, 0.25], quantile=0.9, repeats=4, window=20)
+    target = LatencyTarget(call_ms=8.0)
+    assert chooser.choose("s", target, run) == 0.75
+    load[0] = 1.5
+    for _ in range(20):  # the machine gets 1.5x slower: served calls at 0.75 take 11.25 ms
+        chooser.observe("s", 0.75, 1.5 * TABLE[0.75])
+    assert chooser.estimate("s", 0.75).call_ms == pytest.approx(11.25)
+    assert chooser.choose("s", target, run) == 0.5  # 0.5 profiled under the load: 7.8 ms
+    assert chooser.estimate("s", 0.5).call_ms == pytest.approx(7.8)
+    assert timed == [1.0, 0.75, 0.5]
+    load[0] = 1.0
+    for _ in range(20):  # the load goes: calls at 0.5 take their base time again
+        chooser.observe("s", 0.5, TABLE[0.5])
+    assert chooser.choose("s", target, run) == 0.75  # back up, without timing anything again
+    assert timed == [1.0, 0.75, 0.5]
+    chooser.observe("s", 0.25, 1.0)  # a level never profiled for these shapes tells nothing
+    assert chooser.estimate("s", 0.25) is None
 
 
 def test_measure_ms_takes_the_quantile(monkeypatch):
@@ -68,5 +101,5 @@ def test_measure_ms_takes_the_quantile(monkeypatch):
     clock = iter(t for d in durations for t in (0.0, d / 1e3))
     monkeypatch.setattr(slo.time, "perf_counter", lambda: next(clock))
     calls = []
-    assert slo.measure_ms(lambda: calls.append(1), repeats=5, warmup=1, quantile=0.8) == pytest.approx(4.0)
+    assert slo.measure_ms(lambda: calls.append(1), repeats=5, warmup=1, q=0.8) == pytest.approx(4.0)
     assert len(calls) == 6  # one warm-up call, untimed
