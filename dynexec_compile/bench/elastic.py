@@ -384,8 +384,9 @@ def _plot(path: Path, levels: list[float], without: dict, with_lora: dict, rando
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(levels, [100 * without[lv] for lv in levels], "o-", label="importance order")
-    if with_lora:
-        ax.plot(levels, [100 * with_lora.get(lv, without[lv]) for lv in levels], "s-", label="importance order + level LoRA")
+    if with_lora:  # the levels that have a LoRA, joined to the full model
+        shown = [lv for lv in levels if lv in with_lora or lv == 1.0]
+        ax.plot(shown, [100 * with_lora.get(lv, without[lv]) for lv in shown], "s-", label="importance order + level LoRA")
     mean = [100 * statistics.mean(random_acc[lv]) for lv in levels]
     ax.errorbar(levels, mean, yerr=[[m - 100 * min(random_acc[lv]) for m, lv in zip(mean, levels)], [100 * max(random_acc[lv]) - m for m, lv in zip(mean, levels)]],
                 fmt="^:", capsize=3, label=f"random order (mean, min-max of {len(next(iter(random_acc.values())))} seeds)")
