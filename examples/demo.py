@@ -178,16 +178,35 @@ def chat_demo(new_tokens: int) -> None:
         print(f"skipped: {err}")
         return
     ids = chat_prompts(tok, 2)[1][None]  # "add type hints to this function" on a held-out stdlib function
+    eos = model.generation_config.eos_token_id
     print(tok.decode(ids[0]).split("<|im_start|>user")[-1].split("<|im_end|>")[0].strip()[:400])
+
+    def answer(sequences: torch.Tensor) -> torch.Tensor:  # the new tokens up to and including EOS
+        new = sequences[0, ids.shape[1] :]
+        stop = (new == eos).nonzero()
+        return new[: int(stop[0]) + 1] if stop.numel() else new
+
+    def hf(**extra):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, **extra)
+
+    hf(max_new_tokens=2)  # warm-up
     t0 = time.perf_counter()
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    ref = answer(hf())
     t_hf = time.perf_counter() - t0
-    made = ref.shape[1] - ids.shape[1]
-    print(f"\n{'HF generate (greedy)':<34} {made / t_hf:6.1f} tok/s\n{tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)}\n")
+    print(f"\n{'HF generate (greedy)':<34} {ref.numel() / t_hf:6.1f} tok/s\n{tok.decode(ref, skip_special_tokens=True)}\n")
+    t0 = time.perf_counter()
+    pld = answer(hf(prompt_lookup_num_tokens=10))
+    t_pld = time.perf_counter() - t0
+    print(f"{'HF generate, prompt lookup':<34} {pld.numel() / t_pld:6.1f} tok/s  {t_hf / t_pld:.2f}x HF  "
+          f"identical to HF greedy: {torch.equal(pld, ref)}")
     heads_file = Path(__file__).resolve().parent.parent / "models/smollm2-135m-instruct/draft-heads/heads.safetensors"
-    runs = [("dynexec greedy", {"strategy": "greedy"}), ("dynexec lookahead (1,6,2)", {"strategy": "lookahead", "window": 1, "ngram": 6, "guesses": 2})]
+    runs = [
+        ("dynexec greedy", {"strategy": "greedy"}),
+        ("dynexec lookahead (1,3,1)", {"strategy": "lookahead", "window": 1, "ngram": 3, "guesses": 1}),
+    ]
     if heads_file.is_file():
-        runs.append(("dynexec draft heads (k=3)", {"strategy": "draft_heads", "heads": dx.load_draft_heads(heads_file, dtype=torch.float32)}))
+        runs.append(("dynexec draft heads (tree 3x2x1)", {"strategy": "draft_heads", "tree": [3, 2, 1],
+                                                           "heads": dx.load_draft_heads(heads_file, dtype=torch.float32)}))
     for name, kwargs in runs:
         t0 = time.perf_counter()
         dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)  # compiles (regional: one decoder layer)
@@ -195,8 +214,12 @@ def chat_demo(new_tokens: int) -> None:
         t0 = time.perf_counter()
         out = dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)
         seconds = time.perf_counter() - t0
-        print(f"{name:<34} {made / seconds:6.1f} tok/s  {t_hf / seconds:.2f}x HF  tokens/forward "
-              f"{out.stats.tokens_per_forward:.2f}  first call {compile_s:.0f} s  identical to HF: {torch.equal(out.sequences, ref)}")
+        mine = answer(out.sequences)
+        same = torch.equal(mine, ref)
+        print(f"{name:<34} {mine.numel() / seconds:6.1f} tok/s  {t_hf / seconds:.2f}x HF  tokens/forward "
+              f"{out.stats.tokens_per_forward:.2f}  first call {compile_s:.0f} s  identical to HF greedy: {same}")
+        if not same:
+            print(f"  its text: {tok.decode(mine, skip_special_tokens=True)}")
 
 
 def main() -> None:
