@@ -40,6 +40,7 @@ from dynexec_compile.elastic.slicing import (
     level_params,
 )
 from dynexec_compile.runtime import stats as dynexec_stats
+from dynexec_compile.runtime.overrides import NOT_SET, current, overriding
 
 _local = threading.local()
 _LEVELS: dict[int, tuple[weakref.ref, float]] = {}  # id(plan) -> (ref(plan), level)
@@ -59,13 +60,8 @@ def elastic_level(level: float) -> Iterator[None]:
 
     Thread-local and nestable; other threads keep their own level.
     """
-    level = _check_level(level)
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(level)
-    try:
+    with overriding("elastic_level", _check_level(level)):
         yield
-    finally:
-        stack.pop()
 
 
 def _plan_of(target: Any) -> ElasticPlan:
@@ -133,8 +129,8 @@ def set_elastic_level(target: Any, level: float | None) -> None:
 
 def context_level() -> float | None:
     """The level of this thread's innermost ``elastic_level`` block, or ``None``."""
-    stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else None
+    level = current("elastic_level")
+    return None if level is NOT_SET else level
 
 
 def default_level(plan: ElasticPlan) -> float | None:
@@ -158,22 +154,14 @@ def elastic_slo(ms: float | None) -> Iterator[None]:
     ``elastic={"slo_ms": ...}``. Thread-local and nestable."""
     if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms > 0):
         raise ValueError(f"dynexec elastic: slo ms={ms!r} must be a number > 0 or None")
-    stack = _local.__dict__.setdefault("slo", [])
-    stack.append(None if ms is None else float(ms))
-    try:
+    with overriding("elastic_slo", None if ms is None else float(ms)):
         yield
-    finally:
-        stack.pop()
-
-
-NO_CONTEXT = object()
 
 
 def context_slo() -> float | None | object:
     """The target of this thread's innermost ``elastic_slo`` block (``None``: no target), or
-    ``NO_CONTEXT`` outside any."""
-    stack = getattr(_local, "slo", None)
-    return stack[-1] if stack else NO_CONTEXT
+    ``NOT_SET`` outside any."""
+    return current("elastic_slo")
 
 
 def elastic_stats() -> dict[str, Any]:

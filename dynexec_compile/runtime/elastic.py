@@ -39,7 +39,6 @@ import torch.fx as fx
 from dynexec_compile.config import ElasticConfig
 from dynexec_compile.elastic.lora import LevelLoRA, attached_level_lora
 from dynexec_compile.elastic.runtime import (
-    NO_CONTEXT,
     context_level,
     context_slo,
     default_level,
@@ -49,6 +48,7 @@ from dynexec_compile.elastic.runtime import (
 from dynexec_compile.elastic.runtime import record_stats as record_elastic_stats
 from dynexec_compile.elastic.slo import LatencyTarget, LevelChooser, sync
 from dynexec_compile.passes.elastic import ElasticGraphs
+from dynexec_compile.runtime.overrides import NOT_SET
 from dynexec_compile.runtime.stats import last_stats, record_stats
 
 log = logging.getLogger("dynexec")
@@ -149,7 +149,7 @@ class ElasticRuntime:
         level, slo = context_level(), None
         if level is None:
             slo = context_slo()
-            if slo is NO_CONTEXT:
+            if slo is NOT_SET:
                 level = default_level(self.plan)
                 slo = self.cfg.slo_ms if level is None else None
         if level is not None:

@@ -18,7 +18,6 @@ with the same semantics (``exit_decision_reference`` traced as it is).
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from dynexec_compile.config import EarlyExitConfig
+from dynexec_compile.runtime.overrides import NOT_SET, current, overriding
 
 
 def _decide(logits: torch.Tensor, rule: str, threshold: float):
@@ -100,8 +100,6 @@ def make_exit_rule(cfg: EarlyExitConfig, lowering: str = "eager") -> ExitRule:
     return ExitRule(cfg, lowering)
 
 
-_local = threading.local()
-
 
 @contextmanager
 def exit_rule(rule: str | None = None, threshold: float | None = None, patience: int | None = None) -> Iterator[None]:
@@ -118,15 +116,11 @@ def exit_rule(rule: str | None = None, threshold: float | None = None, patience:
     if "threshold" not in given and rule is not None:
         raise ValueError("dynexec: exit_rule(rule=...) needs its threshold too (thresholds differ per rule)")
     parse_options({"early_exit": given})  # the same checks as the compiled options
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(given)
-    try:
+    with overriding("exit_rule", given):
         yield
-    finally:
-        stack.pop()
 
 
 def requested_exit_config(cfg: EarlyExitConfig) -> EarlyExitConfig:
     """``cfg`` with this thread's innermost :func:`exit_rule` override applied."""
-    stack = getattr(_local, "stack", None)
-    return dataclasses.replace(cfg, **stack[-1]) if stack else cfg
+    given = current("exit_rule")
+    return cfg if given is NOT_SET else dataclasses.replace(cfg, **given)
