@@ -492,6 +492,7 @@ def _run_full(args: argparse.Namespace, result: SuiteResult) -> None:
         row = {
             "level": lv, "heads": sum(_heads_kept(graphs, lv)), "sub-model MB": round(_sub_model_mb(model, graphs.slices[lv]), 2),
             "accuracy": acc[lv], "accuracy + LoRA": acc_lora.get(lv, ""), "random order (mean of 3)": statistics.mean(random_acc[lv]),
+            "random order (min-max)": f"{min(random_acc[lv]):.4f}-{max(random_acc[lv]):.4f}",
             "run ms": medians[f"level {lv}"] * 1e3, "ratio vs plain": medians[f"level {lv}"] / base,
         }
         if lv in loras:
