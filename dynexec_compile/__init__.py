@@ -29,12 +29,16 @@ from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
     Importance,
+    LevelLoRA,
+    attach_level_loras,
     elastic_level,
+    elastic_slo,
     elastic_stats,
     head_importance,
     level_param_slices,
     reorder_by_importance,
     set_elastic_level,
+    train_level_lora,
 )
 from dynexec_compile.exit_heads import (
     ExitHeads,
@@ -49,6 +53,7 @@ from dynexec_compile.explain import explain
 from dynexec_compile.hf import DynexecGenerateOutput, compile, hf_generate, wrap_generate
 from dynexec_compile.models import demo_lm_path, heldout_prompts, load_demo_lm
 from dynexec_compile.routing import Router, train_router
+from dynexec_compile.runtime.exit_rules import exit_rule
 from dynexec_compile.runtime.stats import last_stats
 
 __all__ = [
@@ -78,11 +83,15 @@ __all__ = [
     "ElasticPlan",
     "ExitHeads",
     "Importance",
+    "LevelLoRA",
     "attach_exit_heads",
+    "attach_level_loras",
     "calibrate_threshold",
     "detach_exit_heads",
     "elastic_level",
+    "elastic_slo",
     "elastic_stats",
+    "exit_rule",
     "explain",
     "get_exit_heads",
     "head_importance",
@@ -96,6 +105,7 @@ __all__ = [
     "save_exit_heads",
     "set_elastic_level",
     "train_exit_heads",
+    "train_level_lora",
     "DigitPrompt",
     "DigitsPipeline",
     "StepPredictor",
