@@ -36,6 +36,7 @@ from dynexec_compile.elastic import (
     reorder_by_importance,
     set_elastic_level,
 )
+from dynexec_compile.elastic.self_draft import draft_extra_bytes, elastic_draft
 from dynexec_compile.exit_heads import (
     ExitHeads,
     attach_exit_heads,
@@ -81,6 +82,8 @@ __all__ = [
     "attach_exit_heads",
     "calibrate_threshold",
     "detach_exit_heads",
+    "draft_extra_bytes",
+    "elastic_draft",
     "elastic_level",
     "elastic_stats",
     "explain",
