@@ -29,6 +29,7 @@ between the answer to the compressed prompt and the answer to the full prompt.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -138,12 +139,17 @@ def _terms(text: str) -> set[str]:
 
 
 def overlap_scores(words: Words, question: str) -> torch.Tensor:
-    """``[W]`` per word, the share of the question's content words (``\\w+`` runs, lower-cased,
-    common words left out) that occur in the word's line: the line a question names
-    ("review 7", a function's name) scores highest."""
+    """``[W]`` per word, how much of the question its line contains: the summed rarity
+    (``log(lines / lines containing it)``) of the question's content words (``\\w+`` runs,
+    lower-cased, common words left out) found in the line, over that of all of them. The line
+    a question names ("review 7", a function's name) scores highest; a word every line has
+    ("review") counts for nothing."""
     asked = _terms(question)
     lines = [_terms(line) for line in words.lines()]
-    per_line = torch.tensor([len(asked & line) / max(1, len(asked)) for line in lines], dtype=torch.float64)
+    rarity = {t: math.log(len(lines) / df) for t in asked if (df := sum(t in line for line in lines))}
+    whole = sum(rarity.values()) or 1.0
+    per_line = torch.tensor([sum(rarity.get(t, 0.0) for t in line & asked) / whole for line in lines],
+                            dtype=torch.float64)
     return per_line[words.line_of]
 
 
@@ -407,8 +413,9 @@ def _lm_word_signals(model: nn.Module, tokenizer: Any, prompt: LongPrompt, words
     n_ctx = int(words.costs.sum())
     logp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # [L-1, V]
     surprisal = -logp.gather(1, ids[0, 1:, None])[:, 0]  # [L-1]: of tokens 1..L-1
+    surprisal = torch.cat([surprisal.mean()[None], surprisal])  # [L]: token 0 has no context: the mean
     ctx = slice(offset, offset + n_ctx)
-    tok_surprisal = surprisal[offset - 1 : offset - 1 + n_ctx]  # [n_ctx]
+    tok_surprisal = surprisal[ctx]  # [n_ctx]
     attn = torch.stack([a[0].mean(0) for a in out.attentions]).mean(0)  # [L, L]
     tok_attention = attn[offset + n_ctx :, ctx].mean(0)  # [n_ctx]: from the instruction onwards
     owner = torch.repeat_interleave(torch.arange(len(words)), words.costs)  # [n_ctx]
