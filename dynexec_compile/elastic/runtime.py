@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from dynexec_compile.elastic.lora import LevelLoRA
 from dynexec_compile.elastic.reorder import ElasticPlan, elastic_plan, lookup_plan
 from dynexec_compile.elastic.slicing import (
     Anchors,
@@ -124,13 +125,41 @@ def set_elastic_level(target: Any, level: float) -> None:
     _LEVELS[id(plan)] = (weakref.ref(plan), level)
 
 
-def requested_level(plan: ElasticPlan, default: float) -> float:
-    """The level a call for ``plan`` should run at in this thread (see the module docstring)."""
+def explicit_level(plan: ElasticPlan) -> float | None:
+    """The level this thread asked for ``plan``'s model (the innermost ``elastic_level`` block,
+    else ``set_elastic_level``), or ``None`` when nothing was asked."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
     entry = _LEVELS.get(id(plan))
-    return entry[1] if entry is not None and entry[0]() is plan else default
+    return entry[1] if entry is not None and entry[0]() is plan else None
+
+
+def requested_level(plan: ElasticPlan, default: float) -> float:
+    """The level a call for ``plan`` should run at in this thread (see the module docstring)."""
+    level = explicit_level(plan)
+    return default if level is None else level
+
+
+@contextmanager
+def elastic_slo(ms: float | None) -> Iterator[None]:
+    """Calls in this thread, inside the block, that name no level run at the largest level
+    meeting ``ms`` milliseconds (``None``: no target, the largest level); overrides the compiled
+    ``elastic={"slo_ms": ...}``. Thread-local and nestable."""
+    if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms > 0):
+        raise ValueError(f"dynexec elastic: slo ms={ms!r} must be a number > 0 or None")
+    stack = _local.__dict__.setdefault("slo", [])
+    stack.append(None if ms is None else float(ms))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_slo(default: float | None) -> float | None:
+    """The latency target of a call in this thread: the innermost ``elastic_slo``, else ``default``."""
+    stack = getattr(_local, "slo", None)
+    return stack[-1] if stack else default
 
 
 def elastic_stats() -> dict[str, Any]:
@@ -150,8 +179,10 @@ def describe_level(
     level: float,
     levels: Sequence[float],
     anchors: Sequence[int],
+    lora: LevelLoRA | None = None,
 ) -> dict[str, Any]:
-    """What ``level`` runs: query heads and neurons kept per block, the levels, the anchors."""
+    """What ``level`` runs: query heads and neurons kept per block, the levels, the anchors,
+    the rank of its LoRA (``None``: none)."""
     heads, neurons = [], []
     for spec in plan.blocks:
         q = slices.get(f"{spec.head_in[0]}.weight")
@@ -164,6 +195,7 @@ def describe_level(
         "heads": heads,
         "neurons": neurons,
         "anchor_layers": sorted(anchors),
+        "lora_rank": None if lora is None else lora.rank,
     }
 
 
@@ -185,7 +217,10 @@ class ElasticModel:
     """A reordered model served at several elastic levels, each a compiled variant.
 
     The weights of every level are prefix views of ``model``'s parameters; ``model`` itself is
-    not modified by this class (reorder it first with ``reorder_by_importance``).
+    not modified by this class (reorder it first with ``reorder_by_importance``). Level LoRAs
+    are served by the dynexec backend (``torch.compile(model, backend="dynexec",
+    options={"elastic": ...})``) and by :func:`~dynexec_compile.elastic.lora.elastic_forward`,
+    not by this class.
 
     Args:
         model: the (reordered) model; any model with a supported layout works, unreordered
