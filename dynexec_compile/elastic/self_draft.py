@@ -22,6 +22,14 @@ layer) and call the model's own forward; a config whose ``num_attention_heads``,
 ``num_key_value_heads`` and ``intermediate_size`` are the level's makes the draft an ordinary
 model to them. The same reason rules out anchor layers (blocks kept whole) in a draft: a cache
 with one key/value geometry cannot hold layers with different numbers of key/value heads.
+
+With a level's LoRA (:class:`~dynexec_compile.elastic.lora.LevelLoRA`, trained by distillation
+from the full model, which is exactly what makes a draft agree with its target), each adapted
+projection of the draft becomes a :class:`LoRALinear`: the prefix view plus the LoRA's
+``A``/``B`` (the LoRA's own tensors, not copies), computed with the one
+:func:`~dynexec_compile.elastic.lora.lora_delta`. Modules rather than forward hooks, so every
+layer of the draft has the same structure and regional compilation still compiles one layer
+graph for all of them (the LoRA tensors are graph inputs like the weights).
 """
 
 from __future__ import annotations
@@ -31,12 +39,42 @@ import weakref
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from dynexec_compile.elastic.lora import LevelLoRA, lora_delta
 from dynexec_compile.elastic.reorder import ElasticPlan, elastic_plan
 from dynexec_compile.elastic.slicing import level_param_slices, level_params
 
-_DRAFTS: weakref.WeakKeyDictionary[nn.Module, dict[float, nn.Module]] = weakref.WeakKeyDictionary()
+# model -> {(level, LoRA or None): draft}
+_DRAFTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+class LoRALinear(nn.Module):
+    """``y = W x + b + scale * B (A x)``: a draft's projection (``W`` a prefix view of the
+    model's weight) with its level's LoRA. ``weight``/``bias`` keep ``nn.Linear``'s names."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A, self.lora_B, self.scale = a, b, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + lora_delta(x, self.lora_A, self.lora_B, self.scale)
+
+
+def _attach_lora(draft: nn.Module, lora: LevelLoRA) -> None:
+    for name, (a, b) in lora.pairs().items():
+        base = draft.get_submodule(name)
+        if type(base) is not nn.Linear:
+            raise ValueError(f"dynexec elastic_draft: the LoRA adapts {name!r}, which is a {type(base).__name__} in the draft")
+        if (a.shape[1], b.shape[0]) != (base.in_features, base.out_features):
+            raise ValueError(
+                f"dynexec elastic_draft: the LoRA's {name!r} is (in, out) {(a.shape[1], b.shape[0])}, the draft's "
+                f"{(base.in_features, base.out_features)}"
+            )
+        owner_path, _, leaf = name.rpartition(".")
+        setattr(draft.get_submodule(owner_path), leaf, LoRALinear(base, a, b, lora.scale))
 
 
 def _level_geometry(plan: ElasticPlan, slices: dict) -> tuple[int, int, int]:
@@ -82,7 +120,7 @@ def _set_tensor(module: nn.Module, path: str, tensor: torch.Tensor, kind: str) -
     table[leaf] = tensor
 
 
-def elastic_draft(model: nn.Module, level: float) -> nn.Module:
+def elastic_draft(model: nn.Module, level: float, lora: LevelLoRA | None = None) -> nn.Module:
     """The model's elastic level ``level`` as a draft model that shares the model's weights.
 
     The draft is a model of ``type(model)`` (a transformers causal LM) whose config keeps the
@@ -105,9 +143,13 @@ def elastic_draft(model: nn.Module, level: float) -> nn.Module:
             it is sliced in its original head order (a valid but weaker draft).
         level: fraction of heads and neurons kept, in (0, 1); query heads in whole
             key/value groups (``slicing.kept_units``).
+        lora: the level's :class:`~dynexec_compile.elastic.lora.LevelLoRA` (made for this
+            model's plan, this level and no anchor blocks), added to the draft's projections;
+            its tensors are shared, not copied.
 
     Raises:
-        ValueError: ``level`` outside (0, 1) (level 1.0 would be the model itself).
+        ValueError: ``level`` outside (0, 1) (level 1.0 would be the model itself), or a LoRA
+            made for another level, plan or anchor blocks.
         NotImplementedError: a fused projection (GPT-2's ``c_attn``), which no view can slice
             as one module, or a config without the LLaMA-style size fields.
     """
@@ -116,12 +158,17 @@ def elastic_draft(model: nn.Module, level: float) -> nn.Module:
             f"dynexec elastic_draft: level={level!r} must be a fraction in (0, 1); level 1.0 is the model itself"
         )
     level = float(level)
-    cached = _DRAFTS.get(model, {}).get(level)
+    if lora is not None and not isinstance(lora, LevelLoRA):
+        raise TypeError(f"dynexec elastic_draft: lora must be a LevelLoRA, got {type(lora).__name__}")
+    cached = _DRAFTS.get(model, {}).get((level, lora))
     if cached is not None:
         return cached
-    # The plan's orders do not matter here: a level keeps a prefix whose size depends only on
-    # the block layout, and the views read whatever order the weights are in.
+    # Without a LoRA the plan's orders do not matter: a level keeps a prefix whose size depends
+    # only on the block layout, and the views read whatever order the weights are in. A LoRA
+    # was trained on one order: check_fits compares the plan's fingerprint.
     plan = elastic_plan(model)
+    if lora is not None:
+        lora.check_fits(model, plan, level, ())
     slices = level_param_slices(model, plan, level)
     views = level_params(model, slices)  # raises for fused projections
     heads, kv_heads, neurons = _level_geometry(plan, slices)
@@ -149,8 +196,10 @@ def elastic_draft(model: nn.Module, level: float) -> nn.Module:
     _copy_tensor_attributes(model, draft)
     draft.generation_config = copy.deepcopy(model.generation_config)
     draft.config._attn_implementation = model.config._attn_implementation
+    if lora is not None:
+        _attach_lora(draft, lora)
     draft.train(model.training)
-    _DRAFTS.setdefault(model, {})[level] = draft
+    _DRAFTS.setdefault(model, {})[(level, lora)] = draft
     return draft
 
 
@@ -179,4 +228,4 @@ def draft_extra_bytes(draft: nn.Module, model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.untyped_storage().data_ptr() not in owned)
 
 
-__all__ = ["draft_extra_bytes", "elastic_draft"]
+__all__ = ["LoRALinear", "draft_extra_bytes", "elastic_draft"]

@@ -16,8 +16,8 @@ from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 
 import dynexec_compile as dx
 from dynexec_compile.decoding import SamplingParams
-from dynexec_compile.elastic import ElasticModel, random_importance
-from dynexec_compile.elastic.self_draft import draft_extra_bytes, elastic_draft
+from dynexec_compile.elastic import ElasticModel, LevelLoRA, elastic_forward, random_importance
+from dynexec_compile.elastic.self_draft import LoRALinear, draft_extra_bytes, elastic_draft
 
 _spec = importlib.util.spec_from_file_location("decoding_conftest", Path(__file__).parents[1] / "decoding" / "conftest.py")
 decoding = importlib.util.module_from_spec(_spec)
@@ -111,6 +111,55 @@ def test_the_draft_is_cached_and_follows_the_weights_in_place():
     with torch.no_grad(), dx.elastic_level(0.5):
         want = ElasticModel(model, levels=[1.0, 0.5], backend=None)(input_ids=ids).logits
     torch.testing.assert_close(draft(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+def random_lora(model, level, seed=0):
+    lora = LevelLoRA.create(model, level, rank=4, seed=seed)
+    with torch.no_grad():
+        for b in lora.B:
+            b.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))  # B = 0 would change nothing
+    return lora
+
+
+@pytest.mark.parametrize("arch", sorted(FACTORIES))
+def test_a_level_lora_rides_on_the_draft_without_copies(arch):
+    model = reordered(FACTORIES[arch])
+    lora = random_lora(model, 0.5)
+    draft = elastic_draft(model, 0.5, lora=lora)
+    assert elastic_draft(model, 0.5, lora=lora) is draft and elastic_draft(model, 0.5) is not draft
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = elastic_forward(model, 0.5, kwargs={"input_ids": ids}, lora=lora).logits
+        plain = elastic_draft(model, 0.5)(input_ids=ids).logits
+        got = draft(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3), "the LoRA changes the draft"
+    lora_bytes = sum(t.numel() * t.element_size() for t in lora.parameters())
+    assert draft_extra_bytes(draft, model) == lora_bytes, "only the LoRA's own tensors, shared with it"
+    adapted = [m for m in draft.modules() if isinstance(m, LoRALinear)]
+    assert len(adapted) == len(lora.targets) and adapted[0].lora_A is lora.A[0]
+
+
+def test_greedy_with_a_lora_draft_compiled_and_eager():
+    model = decoding.build_model("llama")
+    dx.reorder_by_importance(model, importance=random_importance(model, seed=3))
+    draft = elastic_draft(model, 0.5, lora=random_lora(model, 0.5))
+    ids, mask = decoding.left_padded_batch([7, 12, 4])
+    ref = hf_greedy(model, ids, mask, 24)
+    assert torch.equal(speculative(model, draft, ids, mask, 24, num_draft=3).sequences, ref)
+    out = speculative(model, draft, ids, mask, 24, num_draft=3, compile=True, backend="eager", regional=True)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_a_lora_for_another_level_or_order_is_refused():
+    model = reordered(tiny_llama)
+    with pytest.raises(ValueError, match="level 0.25, not 0.5"):
+        elastic_draft(model, 0.5, lora=random_lora(model, 0.25))
+    other = reordered(tiny_llama, seed=4)
+    with pytest.raises(ValueError, match="another head/neuron order"):
+        elastic_draft(model, 0.5, lora=random_lora(other, 0.5))
+    with pytest.raises(TypeError, match="LevelLoRA"):
+        elastic_draft(model, 0.5, lora={"A": 1})
 
 
 def test_bad_levels_and_models_are_refused():
