@@ -38,6 +38,7 @@ from dynexec_compile.models import chat_prompts, load_lm
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTANCE = ROOT / "models" / "smollm2-135m-instruct" / "elastic" / "importance.safetensors"
 HEADS = ROOT / "models" / "smollm2-135m-instruct" / "draft-heads" / "heads.safetensors"
+LORA = ROOT / "models" / "smollm2-135m-instruct" / "elastic" / "lora-{level}.safetensors"  # bench_elastic_lm_lora.py
 OUT = ROOT / "benchmarks" / "results" / "smollm2-elastic-self-draft"
 
 
@@ -60,10 +61,10 @@ def importance(model, tok, n: int, new_tokens: int) -> Importance:
     return scores
 
 
-def step_costs(model, drafts: dict[float, torch.nn.Module], prompts, eos: int, new_tokens: int, repeats: int) -> list[dict]:
+def step_costs(model, drafts: dict[float | str, torch.nn.Module], prompts, eos: int, new_tokens: int, repeats: int) -> list[dict]:
     """Per-token greedy decode time of each level decoding on its own, and of the full model:
     interleaved rounds over the prompts, medians."""
-    models = {1.0: model, **drafts}
+    models = {"1.0": model, **{str(lv): d for lv, d in drafts.items()}}
 
     def decode_s(m) -> float:
         steps = seconds = 0.0
@@ -78,7 +79,7 @@ def step_costs(model, drafts: dict[float, torch.nn.Module], prompts, eos: int, n
     for _ in range(repeats):
         for lv, m in models.items():
             times[lv].append(decode_s(m))
-    full = statistics.median(times[1.0])
+    full = statistics.median(times["1.0"])
     rows = []
     for lv, m in models.items():
         per_token = statistics.median(times[lv])
@@ -87,7 +88,7 @@ def step_costs(model, drafts: dict[float, torch.nn.Module], prompts, eos: int, n
             "level": lv,
             "heads / kv heads / neurons": f"{m.config.num_attention_heads} / {m.config.num_key_value_heads} / {m.config.intermediate_size}",
             "parameters (M)": sum(p.numel() for p in params) / 1e6,
-            "bytes added": 0 if lv == 1.0 else dx.draft_extra_bytes(m, model),
+            "bytes added": 0 if m is model else dx.draft_extra_bytes(m, model),
             "decode ms/token": 1e3 * per_token,
             "step cost vs full": per_token / full,
         })
@@ -119,6 +120,10 @@ def main() -> None:
     unchanged = all(torch.equal(a, b) for a, b in zip(after, before))
     print(f"importance + reorder {time.perf_counter() - start:.0f} s; greedy output unchanged by reordering: {unchanged}")
     drafts = {lv: dx.elastic_draft(model, lv) for lv in args.levels}
+    loras = {lv: dx.LevelLoRA.load(LORA.with_name(LORA.name.format(level=lv)), model)
+             for lv in args.levels if LORA.with_name(LORA.name.format(level=lv)).is_file()}
+    drafts |= {f"{lv}+lora": dx.elastic_draft(model, lv, lora=lora) for lv, lora in loras.items()}
+    print(f"level LoRAs found for {sorted(loras)}")
 
     costs = step_costs(model, drafts, prompts, eos, args.new_tokens, args.repeats)
     print(markdown_table(costs))
@@ -137,8 +142,8 @@ def main() -> None:
         ]
     variants += [
         Variant(f"dynexec_elastic_{lv}_k{k}", dynexec_run(ctx, "speculative", draft_model=drafts[lv], num_draft=k),
-                "dynexec", params={"level": lv, "k": k})
-        for lv in args.levels for k in args.ks
+                "dynexec", params={"level": str(lv), "k": k})
+        for lv in drafts for k in args.ks
     ]
     result = SuiteResult("elastic_self_draft")
     _bench_batch(ctx, variants, 1, args.repeats, result)
