@@ -524,6 +524,20 @@ def label_prompts(
     return out
 
 
+class _Minibatches:
+    """Index minibatches ``[b]`` over ``n`` rows, reshuffled on every pass (re-iterable, sized,
+    as :func:`~dynexec_compile.training.optimize` wants)."""
+
+    def __init__(self, n: int, size: int, seed: int):
+        self.n, self.size, self.gen = n, size, torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.size)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.gen).split(self.size))
+
+
 def train_prompt_scorer(
     labelled: Sequence[PromptLabels],
     tokenizer: Any,
@@ -536,7 +550,10 @@ def train_prompt_scorer(
     progress: bool = True,
 ) -> PromptScorer:
     """Fit the scorer's head to the soft labels of :func:`label_prompts` (binary cross-entropy
-    per word, AdamW; the encoder stays frozen, its features computed once)."""
+    per word; the encoder stays frozen, its features computed once; the project's one
+    optimisation loop, :func:`~dynexec_compile.training.optimize`)."""
+    from dynexec_compile.training import optimize
+
     if not labelled:
         raise ValueError("no labelled prompts to train on")
     torch.manual_seed(seed)
@@ -551,15 +568,11 @@ def train_prompt_scorer(
     x, y = torch.cat(feats), torch.cat(targets)
     scorer.mean.copy_(x.mean(0))
     scorer.std.copy_(x.std(0).clamp(min=1e-6))
-    opt = torch.optim.AdamW(scorer.head.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
     scorer.train()
-    with torch.enable_grad():
-        for _ in tqdm(range(epochs), desc="training the scorer", disable=not progress):
-            for idx in torch.randperm(len(y), generator=gen).split(batch_size):
-                opt.zero_grad()
-                F.binary_cross_entropy_with_logits(scorer.logits(x[idx]), y[idx]).backward()
-                opt.step()
+    with torch.enable_grad():  # callers often run under no_grad
+        optimize(list(scorer.head.parameters()), _Minibatches(len(y), batch_size, seed),
+                 lambda idx: F.binary_cross_entropy_with_logits(scorer.logits(x[idx]), y[idx]),
+                 epochs=epochs, lr=lr, weight_decay=weight_decay, progress=progress, desc="training the scorer")
     return scorer.eval()
 
 
