@@ -403,20 +403,36 @@ def _lm_word_signals(model: nn.Module, tokenizer: Any, prompt: LongPrompt, words
     ids = chat_ids(tokenizer, text)  # [1, L]
     context_ids = tokenizer(prompt.context.lstrip(), add_special_tokens=False)["input_ids"]
     offset = _context_offset(tokenizer, text, ids, context_ids)
+    # The attention modules' own (output, weights) results, caught by our hooks: asking
+    # transformers for output_attentions would install its capturing hooks on the model for
+    # good, and Dynamo cannot trace those (a later compiled decode would fail).
+    from dynexec_compile.elastic.arch import find_blocks
+
+    weights: list[torch.Tensor] = []
+
+    def catch(module: nn.Module, args: Any, output: Any) -> None:
+        if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
+            raise ValueError(f"dynexec prompt labels: {type(module).__name__} returned no attention weights")
+        weights.append(output[1][0].mean(0))  # [L, L], mean over heads
+
+    attention = [model.get_submodule(spec.head_out.rpartition(".")[0]) for spec in find_blocks(model)]
+    handles = [m.register_forward_hook(catch) for m in attention]
     saved = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention weights need the eager kernel
     try:
         with torch.no_grad():
-            out = model(ids, output_attentions=True)
+            out = model(ids)
     finally:
         model.set_attn_implementation(saved)
+        for handle in handles:
+            handle.remove()
     n_ctx = int(words.costs.sum())
     logp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # [L-1, V]
     surprisal = -logp.gather(1, ids[0, 1:, None])[:, 0]  # [L-1]: of tokens 1..L-1
     surprisal = torch.cat([surprisal.mean()[None], surprisal])  # [L]: token 0 has no context: the mean
     ctx = slice(offset, offset + n_ctx)
     tok_surprisal = surprisal[ctx]  # [n_ctx]
-    attn = torch.stack([a[0].mean(0) for a in out.attentions]).mean(0)  # [L, L]
+    attn = torch.stack(weights).mean(0)  # [L, L], mean over layers
     tok_attention = attn[offset + n_ctx :, ctx].mean(0)  # [n_ctx]: from the instruction onwards
     owner = torch.repeat_interleave(torch.arange(len(words)), words.costs)  # [n_ctx]
     cost = words.costs.clamp(min=1).double()

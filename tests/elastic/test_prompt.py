@@ -5,6 +5,7 @@ The LM side runs on the committed demo target (a real trained LLaMA with its own
 the scorer on the committed pretrained MiniLM-L6.
 """
 
+import copy
 import math
 
 import pytest
@@ -160,6 +161,7 @@ def test_self_induced_labels(demo):
         return torch.nn.functional.normalize(torch.randn(len(texts), 8, generator=gen), dim=-1)
 
     (item,) = P.label_prompts(model, tok, [prompt], answer_fn, embedder=embed, progress=False)
+    assert not any(m._forward_hooks for m in model.modules()), "no hook left behind (a compiled decode must trace)"
     words = P.Words.of(prompt.context, tok)
     assert item.labels.shape == (len(words),) and len(item.answer) == 8
     assert set(item.best) == set(P.DEFAULT_RATIOS) and "full" in item.loglik[1.0]
@@ -174,6 +176,25 @@ def test_self_induced_labels(demo):
     spent = float((item.labels * words.costs).sum())
     mean_ratio = sum(P.DEFAULT_RATIOS) / len(P.DEFAULT_RATIOS)
     assert mean_ratio * total - float(words.costs.max()) <= spent <= mean_ratio * total + 1e-9
+
+
+def test_attention_signal_is_the_models_attention(demo):
+    """The instruction-to-context attention read by hooks equals transformers' own
+    ``output_attentions`` (asked on a copy: that installs hooks on the model for good)."""
+    model, tok = demo
+    prompt = long_prompts(3)[1]
+    words = P.Words.of(prompt.context, tok)
+    got = P._lm_word_signals(model, tok, prompt, words)["attention"]
+    other = copy.deepcopy(model)
+    other.set_attn_implementation("eager")
+    ids = P.chat_ids(tok, prompt.text())
+    with torch.no_grad():
+        attn = torch.stack([a[0].mean(0) for a in other(ids, output_attentions=True).attentions]).mean(0)
+    n = int(words.costs.sum())
+    per_token = attn[n:, :n].mean(0)  # no template: the context starts at token 0
+    owner = torch.repeat_interleave(torch.arange(len(words)), words.costs)
+    want = torch.zeros(len(words), dtype=torch.float64).index_add_(0, owner, per_token.double()) / words.costs.clamp(min=1)
+    torch.testing.assert_close(got, want)
 
 
 def test_ttft_profile_and_the_keep_it_picks(demo, scorer):
