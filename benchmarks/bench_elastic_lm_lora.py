@@ -12,7 +12,8 @@ its LoRA, and the LoRA as the elastic self-draft's correction.
    *random* head/neuron order, on (a) held-out chat answers (benchmark-split prompts and the
    full model's greedy answers, answer tokens only) and (b) held-out stdlib code (64-token
    windows of the files held out of the demo LMs' training). Gap recovered =
-   ``(ppl_level - ppl_level+LoRA) / (ppl_level - ppl_full)``.
+   ``(ppl_level - ppl_level+LoRA) / (ppl_level - ppl_full)``, and on the log scale (mean NLL)
+   ``log(ppl_level / ppl_level+LoRA) / log(ppl_level / ppl_full)``.
 
     python benchmarks/bench_elastic_lm_lora.py [--level 0.5 --rank 8 --train-prompts 96 --max-steps 100]
 """
@@ -136,7 +137,8 @@ def main() -> None:
         rows.append({"text": name, "tokens": sum(len(s) - p for s, p in data), "full": full,
                      f"level {args.level}": plain, f"level {args.level} + LoRA": recovered,
                      f"level {args.level}, random order": rand,
-                     "gap recovered": (plain - recovered) / (plain - full)})
+                     "gap recovered": (plain - recovered) / (plain - full),
+                     "log-ppl gap recovered": math.log(plain / recovered) / math.log(plain / full)})
         print(rows[-1], flush=True)
     print(markdown_table(rows))
     OUT.parent.mkdir(parents=True, exist_ok=True)
