@@ -40,6 +40,9 @@ from dynexec_compile.elastic import (
     set_elastic_level,
     train_level_lora,
 )
+from dynexec_compile.elastic.prompt import PromptElastifier, PromptScorer, profile_ttft
+from dynexec_compile.elastic.prompt_tasks import LongPrompt
+from dynexec_compile.elastic.self_draft import draft_extra_bytes, elastic_draft
 from dynexec_compile.exit_heads import (
     ExitHeads,
     attach_exit_heads,
@@ -88,6 +91,12 @@ __all__ = [
     "attach_level_loras",
     "calibrate_threshold",
     "detach_exit_heads",
+    "LongPrompt",
+    "PromptElastifier",
+    "PromptScorer",
+    "profile_ttft",
+    "draft_extra_bytes",
+    "elastic_draft",
     "elastic_level",
     "elastic_slo",
     "elastic_stats",
