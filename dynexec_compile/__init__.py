@@ -28,13 +28,20 @@ from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
     Importance,
+    LevelLoRA,
+    attach_level_loras,
     elastic_level,
+    elastic_slo,
     elastic_stats,
     head_importance,
     level_param_slices,
     reorder_by_importance,
     set_elastic_level,
+    train_level_lora,
 )
+from dynexec_compile.elastic.prompt import PromptElastifier, PromptScorer, profile_ttft
+from dynexec_compile.elastic.prompt_tasks import LongPrompt
+from dynexec_compile.elastic.self_draft import draft_extra_bytes, elastic_draft
 from dynexec_compile.exit_heads import (
     ExitHeads,
     attach_exit_heads,
@@ -48,6 +55,7 @@ from dynexec_compile.explain import explain
 from dynexec_compile.hf import DynexecGenerateOutput, compile, hf_generate, wrap_generate
 from dynexec_compile.models import demo_lm_path, heldout_prompts, load_demo_lm
 from dynexec_compile.routing import Router, train_router
+from dynexec_compile.runtime.exit_rules import exit_rule
 from dynexec_compile.runtime.stats import last_stats
 
 __all__ = [
@@ -77,11 +85,21 @@ __all__ = [
     "ElasticPlan",
     "ExitHeads",
     "Importance",
+    "LevelLoRA",
     "attach_exit_heads",
+    "attach_level_loras",
     "calibrate_threshold",
     "detach_exit_heads",
+    "LongPrompt",
+    "PromptElastifier",
+    "PromptScorer",
+    "profile_ttft",
+    "draft_extra_bytes",
+    "elastic_draft",
     "elastic_level",
+    "elastic_slo",
     "elastic_stats",
+    "exit_rule",
     "explain",
     "get_exit_heads",
     "head_importance",
@@ -95,6 +113,7 @@ __all__ = [
     "save_exit_heads",
     "set_elastic_level",
     "train_exit_heads",
+    "train_level_lora",
     "DigitPrompt",
     "DigitsPipeline",
     "StepPredictor",

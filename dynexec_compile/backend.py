@@ -11,6 +11,7 @@ the node) and compiles the stock graph unchanged, so the model still runs and st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -74,7 +75,8 @@ class capture_reports:
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, report: CompileReport, dumper: GraphDumper) -> fx.GraphModule:
-    """Run every pass whose condition holds, in ``PASS_ORDER``."""
+    """Run every pass whose condition holds, in ``PASS_ORDER``, up to a pass that fans out
+    (the rest then run per variant, see :func:`compile_variant`)."""
     for name, pass_fn, applies in PASS_ORDER:
         if not applies(ctx.cfg):
             continue
@@ -83,7 +85,27 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, report: CompileReport, dump
         gm = result.gm
         dumper.dump(gm, f"{name}.after")
         report.passes.append(PassRecord(name, result.modified, result.notes))
+        if "variant_runtime" in ctx.artifacts:
+            break
     return gm
+
+
+def compile_variant(report: CompileReport) -> Callable[[str, fx.GraphModule, list], Callable]:
+    """``compile(name, gm, example_inputs)``: the whole pipeline (analysis, the passes after the
+    fan-out, lowering) on one variant's graph, e.g. an elastic level; its report is kept in
+    ``report.artifacts["variants"][name]``."""
+    cfg = dataclasses.replace(report.cfg, elastic=None)
+
+    def compile_one(name: str, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        sub = CompileReport(cfg, gm, list(example_inputs))
+        start = time.perf_counter()
+        fn = compile_graph(gm, example_inputs, cfg, sub)
+        sub.compile_seconds = time.perf_counter() - start
+        sub.runtime = fn
+        report.artifacts.setdefault("variants", {})[name] = sub
+        return fn
+
+    return compile_one
 
 
 def _fall_back(report: CompileReport, where: str, err: Exception) -> None:
@@ -127,22 +149,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, cfg: DynexecConf
         report.final_gm = gm
         return lower_graph(gm, example_inputs, cfg.lowering)
     report.final_gm = final
+    if "variant_runtime" in ctx.artifacts:
+        return ctx.artifacts["variant_runtime"](compile_variant(report))
     if "dynexec_stages" not in final.meta:
         return lower_unstaged(final, example_inputs, ctx)
     return lower_staged(final, ctx, report)
 
 
 def lower_unstaged(gm: fx.GraphModule, example_inputs: Sequence, ctx: PassContext) -> Callable:
-    """Lower a graph that was not split into stages; a pass that left several variants of it
-    (elastic levels) left a ``graph_runtime`` factory that lowers each and picks per call."""
-
-    def lower(graph: fx.GraphModule) -> Callable:
-        return lower_graph(graph, example_inputs, ctx.cfg.lowering)
-
-    runtime_factory = ctx.artifacts.get("graph_runtime")
-    if runtime_factory is not None:
-        return runtime_factory(gm, lower)
-    return lower(gm)
+    """Lower a graph that was not split into stages."""
+    return lower_graph(gm, example_inputs, ctx.cfg.lowering)
 
 
 def lower_staged(top: fx.GraphModule, ctx: PassContext, report: CompileReport) -> Callable:

@@ -50,6 +50,9 @@ class EarlyExitConfig:
     heads: str = "auto"
 
 
+ELASTIC_LORA = ("auto", "required", "off")
+
+
 @dataclass(frozen=True)
 class ElasticConfig:
     """Elastic sub-models: prefix slices of importance-ordered heads and neurons.
@@ -58,10 +61,27 @@ class ElasticConfig:
         levels: fractions of heads/neurons kept, each in (0, 1]; 1.0 is the full model.
         anchor_layers: number of layers kept whole at every level, or ``"auto"`` to choose
             them from layer importance.
+        lora: per-level LoRAs attached with ``attach_level_loras``: ``"auto"`` (a level runs
+            with its LoRA when one is attached), ``"required"`` (a level below 1.0 without one
+            is an error when it is first called) or ``"off"`` (plain levels).
+        slo_ms: latency target in milliseconds per call: a call that names no level runs at
+            the largest level whose estimated latency for its input shapes meets it (each level
+            is profiled on this machine the first time a shape needs it, and the estimates
+            follow the load measured on the calls served since); ``None``: the largest level. Precedence per call: ``with elastic_level(r)``, ``with elastic_slo(ms)``,
+            ``set_elastic_level``'s default, this target, the largest level.
+        slo_quantile: which quantile of a level's profiled call times must meet ``slo_ms``.
+        profile_repeats: timed calls per level and input shape when profiling.
+        precompile: lower every level at compile time; by default a level is lowered the
+            first time it runs (compile time and memory only for levels in use).
     """
 
     levels: tuple[float, ...] = (1.0, 0.75, 0.5)
     anchor_layers: int | str = 0
+    lora: str = "auto"
+    slo_ms: float | None = None
+    slo_quantile: float = 0.9
+    profile_repeats: int = 10
+    precompile: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,7 +217,21 @@ def _parse_elastic(raw: Any) -> ElasticConfig | None:
     anchor = cfg.anchor_layers
     if anchor != "auto" and (not isinstance(anchor, int) or isinstance(anchor, bool) or anchor < 0):
         raise ValueError(f"dynexec: elastic.anchor_layers must be an int >= 0 or 'auto', got {anchor!r}")
-    return dataclasses.replace(cfg, levels=tuple(sorted(set(levels), reverse=True)))
+    _check_choice("elastic.lora", cfg.lora, ELASTIC_LORA)
+    slo = cfg.slo_ms
+    if slo is not None and (isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0):
+        raise ValueError(f"dynexec: elastic.slo_ms must be a number of milliseconds > 0 or None, got {slo!r}")
+    q = cfg.slo_quantile
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+        raise ValueError(f"dynexec: elastic.slo_quantile must be in (0, 1], got {q!r}")
+    reps = cfg.profile_repeats
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"dynexec: elastic.profile_repeats must be an int >= 1, got {reps!r}")
+    if not isinstance(cfg.precompile, bool):
+        raise ValueError(f"dynexec: elastic.precompile must be True or False, got {cfg.precompile!r}")
+    return dataclasses.replace(
+        cfg, levels=tuple(sorted(set(levels), reverse=True)), slo_ms=None if slo is None else float(slo)
+    )
 
 
 def _parse_decoding(raw: Any) -> DecodingConfig | None:

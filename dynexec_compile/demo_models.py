@@ -19,18 +19,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from dynexec_compile.exit_heads import ExitHeads, load_exit_heads
 
 SST2_ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "models" / "minilm-sst2"
+SST2_ELASTIC_DIR = Path(__file__).resolve().parent.parent / "models" / "minilm-sst2-elastic"
+ELASTIC_PLAN_FILE = "plan.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 EXIT_HEADS_FILE = "exit_heads.safetensors"
 METRICS_FILE = "metrics.json"
@@ -116,45 +118,29 @@ def fine_tune_classifier(
     demo freezes the word embeddings) stay as they are. ``max_steps`` stops early (the schedule
     is laid out for the steps actually run). Returns ``model``.
     """
+    from dynexec_compile.training import optimize
+
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-    )
-    total = epochs * len(loader)
-    if max_steps is not None:
-        total = min(total, max_steps)
-    warm = max(1, int(warmup * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     model.train()
-    running, step = None, 0
-    with tqdm(total=total, desc="fine-tune", unit="step", mininterval=30, disable=not progress) as bar:
-        while step < total:
-            for batch in loader:
-                loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-                if step == total:
-                    break
+    optimize(
+        groups, loader, lambda batch: model(**batch).loss, epochs=epochs, lr=lr, warmup=warmup,
+        max_steps=max_steps, progress=progress, desc="fine-tune",
+    )
     return model.eval()
 
 
 @torch.no_grad()
-def classifier_accuracy(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]]) -> float:
-    """Accuracy of ``model`` (eval mode) on labelled batches (``labels: [B]`` in each)."""
-    model.eval()
+def classifier_accuracy(
+    model: nn.Module | Callable[..., Any], loader: Iterable[Mapping[str, torch.Tensor]]
+) -> float:
+    """Accuracy of ``model`` (a module, put in eval mode, or any callable taking the batch's
+    tensors as keywords, e.g. an elastic level) on labelled batches (``labels: [B]`` in each)."""
+    if isinstance(model, nn.Module):
+        model.eval()
     correct = total = 0
     for batch in loader:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -246,6 +232,32 @@ def load_sst2_exit_heads(
 ) -> ExitHeads:
     """The trained off-ramps of the SST-2 classifier (after blocks 0..4), in ``dtype``."""
     return load_exit_heads(_artifact(directory, EXIT_HEADS_FILE), dtype=dtype)
+
+
+def load_sst2_elastic(
+    dtype: torch.dtype = torch.float32, directory: str | os.PathLike | None = None
+) -> tuple[nn.Module, object, dict[float, Any]]:
+    """The SST-2 classifier reordered into the committed importance order, its tokenizer, and
+    the per-level LoRAs trained on that order: ``(model, tokenizer, {level: LevelLoRA})``.
+
+    Files in ``models/minilm-sst2-elastic/`` (or ``directory``), written by
+    ``examples/train_elastic_lora.py``: ``plan.json`` (the head and neuron order,
+    ``plan_to_dict``), ``level_<r>.safetensors`` (one ``LevelLoRA`` per level), ``metrics.json``
+    and the model card ``README.md``. Attach the LoRAs with ``attach_level_loras(model,
+    loras.values())`` to serve each with its level.
+    """
+    from dynexec_compile.elastic import LevelLoRA, apply_plan
+
+    folder = Path(directory) if directory is not None else SST2_ELASTIC_DIR
+    plan_path = folder / ELASTIC_PLAN_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(
+            f"no elastic plan at {plan_path}; regenerate it with `python examples/train_elastic_lora.py`"
+        )
+    model, tokenizer = load_sst2_classifier(dtype)
+    apply_plan(model, json.loads(plan_path.read_text()))
+    loras = [LevelLoRA.load(path, model) for path in sorted(folder.glob("level_*.safetensors"))]
+    return model, tokenizer, {lora.level: lora for lora in sorted(loras, key=lambda x: -x.level)}
 
 
 def load_sst2_metrics(directory: str | os.PathLike | None = None) -> dict:

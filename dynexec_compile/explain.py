@@ -9,7 +9,7 @@ lowering of each stage. ``Explanation.draw(path)`` draws the stage graph (PNG or
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class GraphInfo:
     stages_compiled: int
     stages_shared: int
     compile_seconds: float
+    variants: dict[str, GraphInfo] = field(default_factory=dict)  # e.g. each elastic level's compile
 
 
 def _body_nodes(gm: fx.GraphModule) -> int:
@@ -84,6 +85,7 @@ def _graph_info(report: CompileReport) -> GraphInfo:
         stages_compiled=report.stages_compiled,
         stages_shared=report.stages_shared,
         compile_seconds=report.compile_seconds,
+        variants={name: _graph_info(sub) for name, sub in report.artifacts.get("variants", {}).items()},
     )
 
 
@@ -99,30 +101,7 @@ class Explanation:
         lines = [f"dynexec: {len(self.graphs)} graph(s)"]
         for gi, g in enumerate(self.graphs):
             lines.append(f"\ngraph {gi}: {g.nodes} nodes")
-            if g.blocks:
-                first, last = g.blocks[0][0], g.blocks[-1][0]
-                lines.append(f"  blocks ({g.block_method}): {len(g.blocks)} x {g.blocks[0][1]}  [{first} .. {last}]")
-            else:
-                lines.append("  blocks: none found (not a transformer; compiled unchanged)")
-            if g.fallback:
-                lines.append(f"  FELL BACK to the stock graph: {g.fallback}")
-            if g.stages:
-                lines.append(
-                    f"  stages (lowering {g.lowering}: {g.stages_compiled} compiled, {g.stages_shared} shared "
-                    f"with an identical stage; {g.compile_seconds:.1f} s):"
-                )
-                for s in g.stages:
-                    lines.append(f"    {s.name:<10} {s.nodes:>5} nodes  params {_kib(s.param_bytes):>10}  -> {s.lowering}")
-            else:
-                lines.append(f"  one stage (no dynamic feature needs a cut), lowering {g.lowering}; {g.compile_seconds:.1f} s")
-            if g.boundaries:
-                lines.append("  live values at each boundary:")
-                for after, live in g.boundaries:
-                    lines.append(f"    after block{after}: " + ", ".join(live))
-            lines.append("  passes:" + ("" if g.passes else " none applied"))
-            for name, modified, notes in g.passes:
-                lines.append(f"    {name}: {'changed the graph' if modified else 'no change'}")
-                lines.extend(f"      {n}" for n in notes)
+            lines += _describe(g, "  ")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,15 +159,52 @@ class Explanation:
         return path
 
 
+def _describe(g: GraphInfo, pad: str) -> list[str]:
+    lines = []
+    if g.blocks:
+        first, last = g.blocks[0][0], g.blocks[-1][0]
+        lines.append(f"{pad}blocks ({g.block_method}): {len(g.blocks)} x {g.blocks[0][1]}  [{first} .. {last}]")
+    else:
+        lines.append(f"{pad}blocks: none found (not a transformer; compiled unchanged)")
+    if g.fallback:
+        lines.append(f"{pad}FELL BACK to the stock graph: {g.fallback}")
+    if g.stages:
+        lines.append(
+            f"{pad}stages (lowering {g.lowering}: {g.stages_compiled} compiled, {g.stages_shared} shared "
+            f"with an identical stage; {g.compile_seconds:.1f} s):"
+        )
+        for s in g.stages:
+            lines.append(f"{pad}  {s.name:<10} {s.nodes:>5} nodes  params {_kib(s.param_bytes):>10}  -> {s.lowering}")
+    elif g.variants:
+        lines.append(f"{pad}{len(g.variants)} variant(s), each compiled as a graph of its own (below)")
+    else:
+        lines.append(f"{pad}one stage (no dynamic feature needs a cut), lowering {g.lowering}; {g.compile_seconds:.1f} s")
+    if g.boundaries:
+        lines.append(f"{pad}live values at each boundary:")
+        for after, live in g.boundaries:
+            lines.append(f"{pad}  after block{after}: " + ", ".join(live))
+    lines.append(f"{pad}passes:" + ("" if g.passes else " none applied"))
+    for name, modified, notes in g.passes:
+        lines.append(f"{pad}  {name}: {'changed the graph' if modified else 'no change'}")
+        lines.extend(f"{pad}    {n}" for n in notes)
+    for name, variant in g.variants.items():
+        lines.append(f"{pad}{name}: {variant.nodes} nodes")
+        lines += _describe(variant, pad + "  ")
+    return lines
+
+
 def explain(model: torch.nn.Module, example_inputs: Any, options: dict | None = None) -> Explanation:
     """Compile ``model`` with dynexec, run it once on ``example_inputs`` and report.
 
     ``example_inputs`` is a dict of keyword arguments or a tuple of positional ones. Unless
     ``options`` say otherwise the graph is split at every block (``partition="blocks"``), so
-    the report shows the stages a dynamic feature would use. The model is not modified.
+    the report shows the stages a dynamic feature would use, and every elastic level is
+    compiled (``precompile``) and shown. The model is not modified.
     """
     options = dict(options or {})
     options.setdefault("partition", "blocks")
+    if isinstance(options.get("elastic"), dict):
+        options["elastic"] = {"precompile": True, **options["elastic"]}
     parse_options(options)  # bad options fail here, before anything is compiled
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="dynexec", options=options)

@@ -120,3 +120,29 @@ def test_the_base_model_refuses_bad_label_counts():
         build_sst2_base(num_labels=1)
     with pytest.raises(ValueError, match=r"names 2 class\(es\) but num_labels=4"):
         build_sst2_base(num_labels=4, labels=["a", "b"])
+
+
+def test_the_elastic_loras_reproduce_their_model_card():
+    """The committed order and level LoRAs load offline and give the card's accuracy on all 872
+    validation sentences (eager prefix views + LoRA, fp32)."""
+    import json
+
+    from dynexec_compile.demo_models import SST2_ELASTIC_DIR, load_sst2_elastic
+    from dynexec_compile.elastic import elastic_forward
+
+    model, tokenizer, loras = load_sst2_elastic()
+    metrics = json.loads((SST2_ELASTIC_DIR / "metrics.json").read_text())
+    validation = load_sst2("validation")
+    loader = sst2_dataloader(tokenizer, validation, batch_size=64)
+    assert sorted(loras) == sorted(float(lv) for lv in metrics["levels"])
+    for level, lora in loras.items():
+        card = metrics["levels"][str(level)]
+        correct = 0
+        with torch.no_grad():
+            for batch in loader:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = elastic_forward(model, level, kwargs=inputs, lora=lora).logits
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        assert correct / len(validation) == pytest.approx(card["accuracy_with_lora"], abs=1 / len(validation))
+        assert card["accuracy_with_lora"] > card["accuracy_without_lora"]
+        assert sum(t.numel() for t in lora.tensors()) == card["lora_parameters"]

@@ -243,7 +243,7 @@ def add_model_arguments(parser: Any) -> None:
 
 
     group.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16"],
+        "--dtype", default=None, choices=["float32", "bfloat16"],  # None: float32 (a default would trip the suites that take no model options)
         help="precision of the model (and its draft) for every row, HF baselines included; default float32",
     )
     group.add_argument(

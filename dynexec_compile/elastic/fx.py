@@ -22,14 +22,21 @@ GPT-2's fused ``c_attn`` (``Conv1D``: ``addmm(bias, x, weight)`` with ``[Q | K |
 columns) keeps a prefix of each part, which is not one view: its ``addmm`` becomes one
 ``addmm`` per part over a narrowed column block, concatenated, and the ``split`` at the full
 part width that follows shrinks with it.
+
+A level's LoRA (``lora.py``) is added the same way: after each target's ``linear(x, W, b)``
+the graph computes ``linear(...) + lora_delta(x, A, B, scale)``, with ``A`` and ``B`` new
+graph inputs (so another LoRA of the same shapes runs the same compiled code). New nodes take
+the module-stack metadata of the node they serve, so block analysis keeps them in its block
+and a level graph can be split into stages like the full one (elastic with early exit).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
@@ -37,7 +44,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from dynexec_compile.elastic.reorder import lookup_model, lookup_plan
-from dynexec_compile.elastic.slicing import Anchors, level_param_slices
+from dynexec_compile.elastic.slicing import Anchors, choose_anchors, level_param_slices
+
+if TYPE_CHECKING:
+    from dynexec_compile.elastic.lora import LevelLoRA
 
 
 def placeholder_param_names(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, str]:
@@ -227,34 +237,104 @@ def _split_fused(
         with graph.inserting_before(user):
             outs = []
             for j in range(parts):
-                w = graph.call_function(torch.narrow, (weight, 1, j * part, k))  # [in, k]
-                b = graph.call_function(torch.narrow, (bias, 0, j * part, k))  # [k]
-                outs.append(graph.call_function(torch.addmm, (b, user.args[1], w), dict(user.kwargs)))
-            cat = graph.call_function(torch.cat, (outs, -1))  # [N, parts * k]
+                w = _like(graph.call_function(torch.narrow, (weight, 1, j * part, k)), user)  # [in, k]
+                b = _like(graph.call_function(torch.narrow, (bias, 0, j * part, k)), user)  # [k]
+                outs.append(_like(graph.call_function(torch.addmm, (b, user.args[1], w), dict(user.kwargs)), user))
+            cat = _like(graph.call_function(torch.cat, (outs, -1)), user)  # [N, parts * k]
         cat.meta[FULL_NAME] = user.name  # its full-model shape is the fused addmm's
         user.replace_all_uses_with(cat)
         graph.erase_node(user)
 
 
-def slice_param_placeholders(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], level: float, anchors: Anchors = 0
+LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+_STAGE_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _like(node: fx.Node, user: fx.Node) -> fx.Node:
+    """Give a new node the module-stack metadata of the node it serves, so block analysis puts
+    it in that node's block (a staged level graph keeps every block's weights in its stage)."""
+    for key in _STAGE_META:
+        if key in user.meta:
+            node.meta[key] = user.meta[key]
+    return node
+
+
+def _first_user(node: fx.Node) -> fx.Node:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(node.users, key=order.__getitem__)
+
+
+def _insert_lora(
+    graph: fx.Graph, by_name: dict[str, fx.Node], lora: LevelLoRA, example_inputs: Sequence[Any]
+) -> None:
+    """After every target's ``linear(x, W, b)`` add ``lora_delta(x, A, B, scale)``; ``A`` and
+    ``B`` become new placeholders after the existing ones, in ``lora.tensors()`` order."""
+    from torch._guards import detect_fake_mode
+
+    from dynexec_compile.elastic.lora import lora_delta
+
+    fake_mode = detect_fake_mode(
+        [n.meta.get("example_value") for n in graph.nodes if n.op == "placeholder"]
+    )
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for i, (name, (a, b)) in enumerate(lora.pairs().items()):
+        weight = by_name.get(f"{name}.weight")
+        if weight is None:
+            raise NotImplementedError(
+                f"dynexec elastic LoRA: target {name!r} has no weight among the graph's inputs"
+            )
+        readers = [weight, *(u for u in weight.users if u.target is torch.narrow)]
+        calls = [u for r in readers for u in r.users if u.target in LINEARS and u.args[1] is r]
+        if len(calls) != 1:
+            raise NotImplementedError(
+                f"dynexec elastic LoRA: target {name!r}'s weight is read by {len(calls)} linear calls "
+                "(need exactly one: transformers' nn.Linear)"
+            )
+        (call,) = calls
+        with graph.inserting_after(last):
+            a_in = graph.placeholder(f"dynexec_lora_{i}_a")
+        with graph.inserting_after(a_in):
+            b_in = graph.placeholder(f"dynexec_lora_{i}_b")
+        last = b_in
+        for node, value in ((a_in, a), (b_in, b)):
+            node.meta["example_value"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value
+        with graph.inserting_after(call):
+            delta = _like(graph.call_function(lora_delta, (call.args[0], a_in, b_in, lora.scale)), call)
+        with graph.inserting_after(delta):
+            total = _like(graph.call_function(operator.add, (call, delta)), call)
+        total.meta[FULL_NAME] = call.name
+        call.replace_all_uses_with(total, delete_user_cb=lambda user, t=total: user is not t)
+
+
+def level_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    level: float,
+    anchors: Anchors = 0,
+    lora: LevelLoRA | None = None,
 ) -> fx.GraphModule:
-    """A copy of ``gm`` running elastic level ``level``: each sliced parameter placeholder is
-    followed by ``torch.narrow(p, dim, 0, k)`` and all its uses read the narrowed view.
+    """A copy of ``gm`` running elastic level ``level`` (with ``lora`` when given): each sliced
+    parameter placeholder is read through ``torch.narrow(p, dim, 0, k)``, placed before the
+    parameter's first use, and every LoRA target's ``linear`` gets its delta added; the
+    LoRA's tensors are extra inputs after ``gm``'s (``lora.tensors()`` order).
 
     ``gm`` itself is not modified. The result is checked with fake tensors of
-    ``example_inputs``.
+    ``example_inputs`` (and the LoRA's).
 
     Raises:
-        ValueError: no registered plan for the graph's parameters, or a bad level/anchors.
-        NotImplementedError: the sliced graph does not type-check (see the module docstring).
+        ValueError: no registered plan for the graph's parameters, a bad level/anchors, or a
+            LoRA that does not fit.
+        NotImplementedError: the sliced graph does not type-check (see the module docstring),
+            or a LoRA target is not read by exactly one ``linear``.
     """
     plan, model = lookup_plan(example_inputs), lookup_model(example_inputs)
     names = placeholder_param_names(gm, example_inputs)
-    slices = level_param_slices(model, plan, level, anchors)
+    anchor_set = sorted(choose_anchors(plan, anchors))
+    slices = level_param_slices(model, plan, level, anchor_set)
+    if lora is not None:
+        lora.check_fits(model, plan, level, anchor_set)
     graph = copy.deepcopy(gm.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    insert_after = placeholders[-1]
     by_name = {names[n.name]: n for n in placeholders if n.name in names}
     for node in placeholders:
         if names.get(node.name) not in slices:
@@ -264,18 +344,20 @@ def slice_param_placeholders(
                 _split_fused(graph, node, names[node.name], by_name, slices, model)
             continue
         dim, k = slices[names[node.name]]
-        with graph.inserting_after(insert_after):
-            narrow = graph.call_function(torch.narrow, (node, dim, 0, k))
+        user = _first_user(node)
+        with graph.inserting_before(user):
+            narrow = _like(graph.call_function(torch.narrow, (node, dim, 0, k)), user)
         node.replace_all_uses_with(
             narrow, delete_user_cb=lambda user, view=narrow: user is not view
         )
-        insert_after = narrow
+    if lora is not None:
+        _insert_lora(graph, by_name, lora, example_inputs)
     sliced = fx.GraphModule(gm, graph)
+    inputs = [*example_inputs, *(lora.tensors() if lora is not None else ())]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fakes = [_concrete(mode, x) for x in example_inputs]
         full = _FullShapes(gm)
-        full.run(*fakes)
-        _Reshape(sliced, full.shapes).run(*fakes)
+        full.run(*[_concrete(mode, x) for x in example_inputs])
+        _Reshape(sliced, full.shapes).run(*[_concrete(mode, x) for x in inputs])
     sliced.graph.lint()
     sliced.recompile()
     return sliced

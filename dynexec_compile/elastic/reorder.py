@@ -239,3 +239,61 @@ def reorder_by_importance(
     )
     register_plan(model, plan)
     return plan
+
+
+def plan_to_dict(plan: ElasticPlan) -> dict[str, Any]:
+    """The plan's orders as JSON-able data (to ship next to weights trained on the order)."""
+    return {
+        "blocks": [b.name for b in plan.blocks],
+        "head_order": [list(x) for x in plan.head_order],
+        "kv_order": [list(x) for x in plan.kv_order],
+        "neuron_order": [list(x) for x in plan.neuron_order],
+        "layer_importance": None if plan.layer_importance is None else list(plan.layer_importance),
+        "sorted_by": plan.sorted_by,
+    }
+
+
+def apply_plan(model: nn.Module, orders: ElasticPlan | dict[str, Any]) -> ElasticPlan:
+    """Reorder ``model`` (in its original order) into a saved order: a plan, or the dict of
+    :func:`plan_to_dict`. **Edits ``model`` in place** like :func:`reorder_by_importance`, which
+    it calls with scores that sort into exactly the saved order; returns the new plan, whose
+    fingerprint equals the saved one's (so LoRAs trained on that order fit).
+
+    Raises:
+        ValueError: the model was reordered already, or its blocks differ from the saved ones.
+    """
+    saved = plan_to_dict(orders) if isinstance(orders, ElasticPlan) else orders
+    current = lookup_plan(model)
+    if current is not None and current.sorted_by is not None:
+        raise ValueError(
+            "dynexec elastic: apply_plan needs a model in its original order; this one was reordered "
+            f"already (by {current.sorted_by!r} importance)"
+        )
+    blocks = find_blocks(model)
+    if [b.name for b in blocks] != saved["blocks"]:
+        raise ValueError(
+            f"dynexec elastic: the saved order is for blocks {saved['blocks'][:2]}..., this model has "
+            f"{[b.name for b in blocks][:2]}..."
+        )
+
+    def scores(orders: list[list[int]], size: int) -> torch.Tensor:
+        out = torch.zeros(len(orders), size)  # position p of block l scores size - p
+        for layer, order in enumerate(orders):
+            out[layer, torch.tensor(order)] = torch.arange(size, 0, -1, dtype=out.dtype)
+        return out
+
+    layers = saved["layer_importance"]
+    importance = Importance(
+        heads=scores(saved["head_order"], blocks[0].num_heads),
+        neurons=scores(saved["neuron_order"], blocks[0].num_neurons),
+        layers=torch.tensor(layers if layers is not None else [0.0] * len(blocks)),
+        method=saved["sorted_by"] or "original",
+        num_examples=0,
+    )
+    plan = reorder_by_importance(model, importance=importance, progress=False)
+    if [list(x) for x in plan.head_order] != saved["head_order"] or [list(x) for x in plan.kv_order] != saved["kv_order"]:
+        raise ValueError("dynexec elastic: the saved head order is not a valid grouped order for this model")
+    if layers is None:
+        plan = ElasticPlan(plan.blocks, plan.head_order, plan.kv_order, plan.neuron_order, None, plan.sorted_by)
+        register_plan(model, plan)
+    return plan

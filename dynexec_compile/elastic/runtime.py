@@ -10,7 +10,10 @@ compiled graphs (and its recompile budget) per code object, so separate code obj
 switch never evaluates another level's guards and many levels never exhaust one budget.
 
 The level a call runs at: the innermost ``with elastic_level(r):`` of the calling thread if
-any, else the level set with :func:`set_elastic_level`, else the largest level. What the last
+any, else the level set with :func:`set_elastic_level`, else the largest level. The dynexec
+backend's runtime also takes latency targets: per call ``with elastic_slo(ms):`` (between the
+two above: a thread's own request beats the global default), and ``elastic={"slo_ms": ...}``
+when nothing else is asked (``runtime/elastic.py``). What the last
 call in this thread ran at is in :func:`elastic_stats` (and ``ElasticModel.last_stats``), and in
 ``dynexec_compile.last_stats()`` under ``elastic_``-prefixed keys (``elastic_level``, ...).
 """
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from dynexec_compile.elastic.lora import LevelLoRA
 from dynexec_compile.elastic.reorder import ElasticPlan, elastic_plan, lookup_plan
 from dynexec_compile.elastic.slicing import (
     Anchors,
@@ -36,6 +40,7 @@ from dynexec_compile.elastic.slicing import (
     level_params,
 )
 from dynexec_compile.runtime import stats as dynexec_stats
+from dynexec_compile.runtime.overrides import NOT_SET, current, overriding
 
 _local = threading.local()
 _LEVELS: dict[int, tuple[weakref.ref, float]] = {}  # id(plan) -> (ref(plan), level)
@@ -55,13 +60,8 @@ def elastic_level(level: float) -> Iterator[None]:
 
     Thread-local and nestable; other threads keep their own level.
     """
-    level = _check_level(level)
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(level)
-    try:
+    with overriding("elastic_level", _check_level(level)):
         yield
-    finally:
-        stack.pop()
 
 
 def _plan_of(target: Any) -> ElasticPlan:
@@ -98,8 +98,8 @@ def compiled_levels(plan: ElasticPlan) -> frozenset[float] | None:
     return entry[1] if entry is not None and entry[0]() is plan else None
 
 
-def set_elastic_level(target: Any, level: float) -> None:
-    """Make ``level`` the default level of ``target`` for all threads.
+def set_elastic_level(target: Any, level: float | None) -> None:
+    """Make ``level`` the default level of ``target`` for all threads (``None``: remove it).
 
     ``target`` is an :class:`ElasticModel`, or a model (or ``torch.compile``'s wrapper of one)
     with a plan; the level is recorded against the model's plan, where a compiled runtime reads
@@ -108,10 +108,13 @@ def set_elastic_level(target: Any, level: float) -> None:
     has been compiled (``torch.compile`` compiles on the first call; before it, the first call
     checks).
     """
+    plan = _plan_of(target)
+    if level is None:
+        _LEVELS.pop(id(plan), None)
+        return
     level = _check_level(level)
     if isinstance(target, ElasticModel):
         target.check_level(level)
-    plan = _plan_of(target)
     known = compiled_levels(plan)
     if not isinstance(target, ElasticModel) and known is not None and level not in known:
         raise ValueError(
@@ -124,13 +127,41 @@ def set_elastic_level(target: Any, level: float) -> None:
     _LEVELS[id(plan)] = (weakref.ref(plan), level)
 
 
+def context_level() -> float | None:
+    """The level of this thread's innermost ``elastic_level`` block, or ``None``."""
+    level = current("elastic_level")
+    return None if level is NOT_SET else level
+
+
+def default_level(plan: ElasticPlan) -> float | None:
+    """The level ``set_elastic_level`` made the default of ``plan``'s model, or ``None``."""
+    entry = _LEVELS.get(id(plan))
+    return entry[1] if entry is not None and entry[0]() is plan else None
+
+
 def requested_level(plan: ElasticPlan, default: float) -> float:
     """The level a call for ``plan`` should run at in this thread (see the module docstring)."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    entry = _LEVELS.get(id(plan))
-    return entry[1] if entry is not None and entry[0]() is plan else default
+    level = context_level()
+    if level is None:
+        level = default_level(plan)
+    return default if level is None else level
+
+
+@contextmanager
+def elastic_slo(ms: float | None) -> Iterator[None]:
+    """Calls in this thread, inside the block, that name no level run at the largest level
+    meeting ``ms`` milliseconds (``None``: no target, the largest level); overrides the compiled
+    ``elastic={"slo_ms": ...}``. Thread-local and nestable."""
+    if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms > 0):
+        raise ValueError(f"dynexec elastic: slo ms={ms!r} must be a number > 0 or None")
+    with overriding("elastic_slo", None if ms is None else float(ms)):
+        yield
+
+
+def context_slo() -> float | None | object:
+    """The target of this thread's innermost ``elastic_slo`` block (``None``: no target), or
+    ``NOT_SET`` outside any."""
+    return current("elastic_slo")
 
 
 def elastic_stats() -> dict[str, Any]:
@@ -150,8 +181,10 @@ def describe_level(
     level: float,
     levels: Sequence[float],
     anchors: Sequence[int],
+    lora: LevelLoRA | None = None,
 ) -> dict[str, Any]:
-    """What ``level`` runs: query heads and neurons kept per block, the levels, the anchors."""
+    """What ``level`` runs: query heads and neurons kept per block, the levels, the anchors,
+    the rank of its LoRA (``None``: none)."""
     heads, neurons = [], []
     for spec in plan.blocks:
         q = slices.get(f"{spec.head_in[0]}.weight")
@@ -164,6 +197,7 @@ def describe_level(
         "heads": heads,
         "neurons": neurons,
         "anchor_layers": sorted(anchors),
+        "lora_rank": None if lora is None else lora.rank,
     }
 
 
@@ -185,7 +219,10 @@ class ElasticModel:
     """A reordered model served at several elastic levels, each a compiled variant.
 
     The weights of every level are prefix views of ``model``'s parameters; ``model`` itself is
-    not modified by this class (reorder it first with ``reorder_by_importance``).
+    not modified by this class (reorder it first with ``reorder_by_importance``). Level LoRAs
+    are served by the dynexec backend (``torch.compile(model, backend="dynexec",
+    options={"elastic": ...})``) and by :func:`~dynexec_compile.elastic.lora.elastic_forward`,
+    not by this class.
 
     Args:
         model: the (reordered) model; any model with a supported layout works, unreordered

@@ -28,7 +28,12 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What every pass may read: the settings and the block analysis of the input graph."""
+    """What every pass may read: the settings and the block analysis of the input graph.
+
+    A pass that fans out (one graph per variant, e.g. per elastic level) leaves a
+    ``"variant_runtime"`` artifact: the passes after it do not run on this graph, and the
+    backend hands the factory a function that compiles a variant's graph with them.
+    """
 
     cfg: DynexecConfig
     analysis: BlockAnalysis
@@ -65,11 +70,12 @@ def _pass_order() -> list[tuple[str, Callable[[fx.GraphModule, PassContext], Pas
     from dynexec_compile.passes.insert_early_exit import insert_early_exit
     from dynexec_compile.passes.partition_stages import partition_stages
 
-    # (name, pass, when it runs)
+    # (name, pass, when it runs). slice_elastic_levels fans out: the passes after it run on
+    # each level's graph (passes/elastic.py), so it comes first.
     return [
+        ("slice_elastic_levels", slice_elastic_levels, lambda cfg: cfg.elastic is not None),
         ("partition_stages", partition_stages, lambda cfg: cfg.needs_stages),
         ("insert_early_exit", insert_early_exit, lambda cfg: cfg.early_exit is not None),
-        ("slice_elastic_levels", slice_elastic_levels, lambda cfg: cfg.elastic is not None),
     ]
 
 

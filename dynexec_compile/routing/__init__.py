@@ -8,11 +8,20 @@ from dynexec_compile.routing.candidates import (
     CONFIDENCES,
     Answers,
     ClassifierCandidate,
+    ExitCandidates,
     GeneratorCandidate,
     confidence_from_logits,
+    uncertainty_features,
 )
 from dynexec_compile.routing.embed import SentenceEmbedder
-from dynexec_compile.routing.metrics import Curve, curve, random_curve, token_accuracy
+from dynexec_compile.routing.metrics import (
+    Curve,
+    curve,
+    edit_similarity,
+    exact_match,
+    random_curve,
+    token_accuracy,
+)
 from dynexec_compile.routing.router import (
     ROUTERS,
     Routed,
@@ -33,6 +42,7 @@ __all__ = [
     "Answers",
     "ClassifierCandidate",
     "Curve",
+    "ExitCandidates",
     "GeneratorCandidate",
     "Routed",
     "Router",
@@ -42,9 +52,12 @@ __all__ = [
     "SentenceEmbedder",
     "confidence_from_logits",
     "curve",
+    "edit_similarity",
+    "exact_match",
     "fit_router_classifier",
     "label_prompts",
     "random_curve",
     "token_accuracy",
     "train_router",
+    "uncertainty_features",
 ]

@@ -107,3 +107,23 @@ def token_accuracy(output: list[int], reference: list[int]) -> float:
     if not len(reference):
         raise ValueError("token_accuracy needs a non-empty reference continuation")
     return sum(int(a == b) for a, b in zip(output, reference)) / len(reference)
+
+
+def edit_similarity(output: str, reference: str) -> float:
+    """1 - Levenshtein distance / the longer length, on characters of the two stripped strings
+    (CodeXGLUE's line-completion "Edit Sim", in [0, 1]; 1.0 for two empty lines)."""
+    a, b = output.strip(), reference.strip()
+    if not a and not b:
+        return 1.0
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return 1.0 - previous[-1] / max(len(a), len(b))
+
+
+def exact_match(output: str, reference: str) -> float:
+    """1.0 when the two strings are equal once stripped (CodeXGLUE's line-completion EM), else 0.0."""
+    return float(output.strip() == reference.strip())

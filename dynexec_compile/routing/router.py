@@ -7,6 +7,12 @@ prompt:
 - ``"cascade"``: run the cheapest candidate; escalate to the next while its confidence
   (``max_prob``, ``entropy`` or ``logprob``, see ``candidates.py``) is on the wrong side of
   the threshold. It pays the cheap model on every prompt and knows the answer's confidence.
+  Over a *nested* chain (``ExitCandidates``: exits of one model, then the full model) an
+  escalated prompt continues where the previous exit stopped, so it pays only the deepest
+  candidate it reached. ``confidence="learned"``: the deferral rule is a small MLP over the
+  cheap answer's uncertainty features (``Answers.features``), trained on self-induced labels
+  (``train_router(..., router="cascade")``): whether low confidence means "escalate" or "the
+  strong model will fail too" is learned, not assumed.
 - ``"classifier"``: a small MLP over the prompt's sentence embedding (MiniLM, ``embed.py``)
   predicts the probability that the cheap answer will *not* be good enough; above the
   threshold the prompt goes to the strong candidate, else to the cheap one. Only one model
@@ -31,12 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynexec_compile.routing.candidates import CONFIDENCES, Answers, check_candidate
+from dynexec_compile.routing.candidates import CONFIDENCES, Answers, check_candidate, nested_chain
 from dynexec_compile.weights_io import read_with_config, save_with_config
 
 ROUTERS = ("cascade", "classifier", "random")
 FORMAT_VERSION = 1
 METADATA_KEY = "dynexec_router"
+LEARNED = "learned"
 _CONFIDENCE_WORDS = {"max_prob": "max probability", "entropy": "entropy", "logprob": "mean token log-probability"}
 
 
@@ -63,7 +70,8 @@ class RouterClassifier(nn.Module):
 @dataclass
 class Routed:
     """A router's answers: ``outputs[i]`` from candidate ``chosen[i]``; ``cost`` the summed cost
-    of every candidate run (a cascade pays each model it tried; None without ``costs``)."""
+    of every candidate run (a cascade pays each model it tried, a nested chain the deepest it
+    reached; None without ``costs``)."""
 
     outputs: list[Any]
     chosen: list[int]
@@ -118,13 +126,15 @@ class Router:
         costs: cost of one call of each candidate (any unit: seconds, FLOPs, dollars), strictly
             increasing; None: unknown (calibration then minimises the strong-call share).
         router: one of :data:`ROUTERS`.
-        confidence: the cascade's confidence, one of ``CONFIDENCES``.
+        confidence: the cascade's confidence, one of ``CONFIDENCES``, or ``"learned"`` (a
+            trained deferral rule over the cheap answer's features; two candidates).
         threshold: the need score above which a prompt goes to the stronger candidate; None
             until :meth:`calibrate` sets it. Cascade: in the confidence's own unit (escalate
-            when ``max_prob``/``logprob`` is below it, ``entropy`` above it); classifier: a
-            probability; random: the rate.
+            when ``max_prob``/``logprob`` is below it, ``entropy`` above it; ``learned``: a
+            probability); classifier: a probability; random: the rate.
         classifier, embedder: the classifier router's trained model and prompt embedder
-            (:func:`train_router` builds both).
+            (:func:`train_router` builds both); a learned cascade's classifier reads
+            ``Answers.features`` and has no embedder.
         seed: the random router's generator seed.
     """
 
@@ -142,8 +152,8 @@ class Router:
     ):
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; valid routers: {', '.join(ROUTERS)}")
-        if confidence not in CONFIDENCES:
-            raise ValueError(f"unknown confidence {confidence!r}; valid: {', '.join(CONFIDENCES)}")
+        if confidence not in CONFIDENCES + (LEARNED,):
+            raise ValueError(f"unknown confidence {confidence!r}; valid: {', '.join(CONFIDENCES + (LEARNED,))}")
         candidates = list(candidates)
         if len(candidates) < 2:
             raise ValueError(f"a router needs at least two candidates (cheap ... strong), got {len(candidates)}")
@@ -159,8 +169,19 @@ class Router:
                 "router='classifier' needs a trained classifier and its embedder: build one with "
                 "dynexec_compile.routing.train_router(cheap, strong, prompts, metric), or Router.load a saved one"
             )
+        if router == "cascade" and confidence == LEARNED and (classifier is None or len(candidates) != 2):
+            raise ValueError(
+                "a learned cascade (confidence='learned') needs its trained deferral classifier and exactly two candidates: "
+                "build one with train_router(cheap, strong, prompts, metric, router='cascade'), or Router.load a saved one"
+            )
         if router == "random" and threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"the random router's threshold is its rate, a probability in [0, 1]; got {threshold}")
+        self.chain = nested_chain(candidates) if router == "cascade" else None
+        if self.chain is not None and confidence in ("logprob", LEARNED):
+            raise ValueError(
+                "a cascade over a nested chain (ExitCandidates) exits by the early-exit rules: confidence='max_prob' "
+                "or 'entropy' (for a classifier, logprob ranks answers exactly like max_prob)"
+            )
         self.candidates = candidates
         self.costs = _check_costs(costs, len(candidates))
         self.router, self.confidence, self.threshold = router, confidence, threshold
@@ -174,8 +195,15 @@ class Router:
 
     # ------------------------------------------------------------------ need scores
 
+    @torch.no_grad()
     def need_from_answers(self, answers: Answers) -> torch.Tensor:
-        """Cascade need score ``[N]`` (higher = escalate): -confidence, or the entropy."""
+        """Cascade need score ``[N]`` (higher = escalate): -confidence, the entropy, or the
+        learned P(cheap answer not good enough)."""
+        if self.confidence == LEARNED:
+            if answers.features is None:
+                raise ValueError("a learned cascade reads Answers.features; this candidate's answers have none")
+            self.classifier.eval()
+            return self.classifier(answers.features.float()).double()
         c = answers.confidence[self.confidence].double()
         return c if self.confidence == "entropy" else -c
 
@@ -196,7 +224,7 @@ class Router:
                 "or pass threshold= to Router"
             )
         if self.router == "cascade":
-            return self.threshold if self.confidence == "entropy" else -self.threshold
+            return self.threshold if self.confidence in ("entropy", LEARNED) else -self.threshold
         if self.router == "random":
             return 1.0 - self.threshold  # u ~ U(0, 1): u > 1 - rate with probability rate
         return self.threshold
@@ -211,6 +239,10 @@ class Router:
         outputs: list[Any] = [None] * n
         chosen = [0] * n
         cost = 0.0
+        if self.chain is not None:
+            answers, chosen = self.chain.cascade(prompts, [c.chain_index for c in self.candidates], self.confidence, self.threshold)
+            cost = sum(self.costs[k] for k in chosen) if self.costs else 0.0
+            return Routed(answers.outputs, chosen, cost if self.costs else None)
         if self.router == "cascade":
             pending = list(range(n))
             for m, candidate in enumerate(self.candidates):
@@ -248,6 +280,8 @@ class Router:
             return f"send each call to the strong model with probability {t:.3g}"
         if self.router == "classifier":
             return f"call the strong model when the router's P(cheap answer not good enough) > {t:.3g}"
+        if self.confidence == LEARNED:
+            return f"escalate when the learned deferral rule's P(cheap answer not good enough) > {t:.3g}"
         word = _CONFIDENCE_WORDS[self.confidence]
         cmp = ">" if self.confidence == "entropy" else "<"
         if not math.isfinite(t):
@@ -296,43 +330,60 @@ class Router:
             need = None
         return self._choose_threshold(q, need, quality, verbose)
 
+    def sweep(
+        self, q: torch.Tensor, need: torch.Tensor | None, quality: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every distinct threshold on recorded qualities ``q: [N, M]`` (each candidate on each
+        prompt) and need scores ``need: [N, M - 1]`` (None for random, whose expected quality is
+        linear in its rate: the one rate that reaches ``quality`` x the strongest's quality).
+
+        Returns ``(thresholds, mean quality, mean cost, strong share)``, each ``[T]``; thresholds
+        are need-score thresholds (go stronger when ``need > t``; -inf: always), costs in the
+        units of ``costs`` (without them: the strong-call share).
+        """
+        n, m = q.shape
+        q_mean = q.mean(0)  # [M]
+        unit = torch.tensor(self.costs if self.costs else [0.0] * (m - 1) + [1.0], dtype=torch.float64)  # [M]
+        if need is None:
+            target = quality * float(q_mean[-1])
+            gap = float(q_mean[-1] - q_mean[0])  # > 0 whenever the cheap one misses the target
+            rate = 0.0 if float(q_mean[0]) >= target else min((target - float(q_mean[0])) / gap, 1.0)
+            mean_q = ((1 - rate) * q_mean[0] + rate * q_mean[-1]).reshape(1)
+            mean_cost = ((1 - rate) * unit[0] + rate * unit[-1]).reshape(1)
+            rates = torch.tensor([rate], dtype=torch.float64)
+            return rates, mean_q, mean_cost, rates.clone()
+        # candidate thresholds: every distinct score (go strong when need > t) and -inf (always)
+        values = torch.unique(need.flatten())
+        thresholds = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), values])  # [T]
+        escalate = need.unsqueeze(0) > thresholds.view(-1, 1, 1)  # [T, N, M - 1]
+        stop = torch.cat([~escalate, torch.ones(len(thresholds), n, 1, dtype=torch.bool)], dim=2)  # [T, N, M]
+        pick = stop.double().argmax(dim=2)  # [T, N] first candidate not escalated from
+        mean_q = q.gather(1, pick.T).T.mean(1)  # [T]
+        # a cascade pays every model it ran; over a nested chain only the deepest (the others are its prefix)
+        per_call = unit.cumsum(0) if self.router == "cascade" and self.chain is None else unit
+        mean_cost = per_call[pick].mean(1)  # [T]
+        share = (pick == m - 1).double().mean(1)  # [T]
+        return thresholds, mean_q, mean_cost, share
+
     def _choose_threshold(
         self, q: torch.Tensor, need: torch.Tensor | None, quality: float, verbose: bool
     ) -> RouterCalibration:
-        """Search every distinct threshold on the recorded qualities ``q: [N, M]`` and need
-        scores ``need: [N, M - 1]`` (None for random: its expected quality is linear in the rate)."""
-        n, m = q.shape
+        """The cheapest threshold of :meth:`sweep` that keeps ``quality`` x the strongest's quality."""
+        n, _ = q.shape
         q_mean = q.mean(0)  # [M]
         target = quality * float(q_mean[-1])
-        unit = torch.tensor(self.costs if self.costs else [0.0] * (m - 1) + [1.0], dtype=torch.float64)  # [M]
-        if need is None:  # random: expected quality (1 - r) q_cheap + r q_strong, cost linear in r
-            gap = float(q_mean[-1] - q_mean[0])  # > 0 whenever the cheap one misses the target
-            rate = 0.0 if float(q_mean[0]) >= target else min((target - float(q_mean[0])) / gap, 1.0)
-            thresholds = torch.tensor([rate], dtype=torch.float64)
-            mean_q = ((1 - rate) * q_mean[0] + rate * q_mean[-1]).reshape(1)
-            mean_cost = ((1 - rate) * unit[0] + rate * unit[-1]).reshape(1)
-            share = torch.tensor([rate], dtype=torch.float64)
-        else:
-            # candidate thresholds: every distinct score (go strong when need > t) and -inf (always)
-            values = torch.unique(need.flatten())
-            thresholds = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), values])  # [T]
-            escalate = need.unsqueeze(0) > thresholds.view(-1, 1, 1)  # [T, N, M - 1]
-            stop = torch.cat([~escalate, torch.ones(len(thresholds), n, 1, dtype=torch.bool)], dim=2)  # [T, N, M]
-            pick = stop.double().argmax(dim=2)  # [T, N] first candidate not escalated from
-            mean_q = q.gather(1, pick.T).T.mean(1)  # [T]
-            per_call = unit.cumsum(0) if self.router == "cascade" else unit  # a cascade pays every model it ran
-            mean_cost = per_call[pick].mean(1)  # [T]
-            share = (pick == m - 1).double().mean(1)  # [T]
+        thresholds, mean_q, mean_cost, share = self.sweep(q, need, quality)
+        strongest = float(self.costs[-1]) if self.costs else 1.0
         ok = (mean_q >= target - 1e-12).nonzero().flatten()
         best = ok[torch.argmin(mean_cost[ok] - 1e-9 * mean_q[ok])]  # cheapest; ties: the better one
         need_t = float(thresholds[best])
         if self.router == "random":
             threshold = need_t
         elif self.router == "cascade":
-            threshold = need_t if self.confidence == "entropy" else -need_t
+            threshold = need_t if self.confidence in ("entropy", LEARNED) else -need_t
         else:
             threshold = need_t
-        cost_saved = 1.0 - float(mean_cost[best]) / float(unit[-1]) if self.costs else None
+        cost_saved = 1.0 - float(mean_cost[best]) / strongest if self.costs else None
         words = self.describe(threshold)
         base = "expected" if self.router == "random" else "on the calibration set"
         desc = (
@@ -383,7 +434,7 @@ class Router:
             classifier = RouterClassifier(config["classifier"]["dim"], config["classifier"]["hidden"])
             classifier.load_state_dict(tensors, strict=True)
             classifier.eval()
-            if embedder is None:
+            if embedder is None and config["router"] == "classifier":
                 embedder = _embedder_from_config(config["embedder"])
         threshold = config["threshold"]
         router = cls(

@@ -4,8 +4,10 @@ RouteLLM trains its routers on human preference data between two hosted models; 
 your own models the labels can be *self-induced*: run both models on unlabelled prompts, score
 both answers with your quality metric (against a reference when you have one, else against the
 strong model's answer), and label a prompt "needs the strong model" when the cheap answer scores
-below the strong one by more than ``tolerance``. A small MLP over the prompts' MiniLM embeddings
-learns those labels. ``dynexec bench routing`` uses exactly this recipe.
+below the strong one by more than ``tolerance``. A small MLP learns those labels: over the
+prompts' MiniLM embeddings (``router="classifier"``: decides before any model runs), or over
+the cheap answer's own uncertainty features (``router="cascade"``: a learned deferral rule, run
+after the cheap model). ``dynexec bench routing`` uses exactly this recipe.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def train_router(
     metric: Callable[[Any, Any], float],
     references: Sequence[Any] | None = None,
     *,
+    router: str = "classifier",
     costs: Sequence[float] | None = None,
     embedder: Any = None,
     tolerance: float = 0.0,
@@ -105,8 +108,8 @@ def train_router(
     seed: int = 0,
     progress: bool = True,
 ) -> Router:
-    """A ``router="classifier"`` :class:`Router` between ``cheap`` and ``strong``, trained on
-    self-induced labels (:func:`label_prompts`). Calibrate it before use
+    """A :class:`Router` between ``cheap`` and ``strong`` trained on self-induced labels
+    (:func:`label_prompts`). Calibrate it before use
     (``router.calibrate(held_out_data, quality=0.95, metric=metric)``).
 
     Args:
@@ -114,10 +117,16 @@ def train_router(
         prompts: unlabelled training prompts (text: the embedder reads them).
         metric: ``metric(output, reference) -> float``, higher is better.
         references: one per prompt, or None to score against the strong model's answers.
+        router: ``"classifier"`` (an MLP over the prompt's embedding; only one model runs per
+            prompt) or ``"cascade"`` (a learned deferral rule over the cheap answer's
+            ``Answers.features``: ``Router(..., confidence="learned")``).
         embedder: ``texts -> [N, D]``; None: MiniLM-L6 mean-pooled (``SentenceEmbedder``).
+            Unused by ``router="cascade"``.
     """
     from dynexec_compile.routing.embed import SentenceEmbedder
 
+    if router not in ("classifier", "cascade"):
+        raise ValueError(f"train_router trains router='classifier' or router='cascade' (a learned deferral rule), got {router!r}")
     labels = label_prompts(cheap, strong, prompts, metric, references, tolerance)
     if not 0 < float(labels.needs_strong.sum()) < len(prompts):
         raise ValueError(
@@ -125,6 +134,11 @@ def train_router(
             f"(needs the strong model: {bool(labels.needs_strong[0])}); nothing to learn: give more varied prompts "
             "or change tolerance"
         )
+    if router == "cascade":
+        if labels.cheap.features is None:
+            raise ValueError("a learned cascade reads the cheap candidate's Answers.features; its answers have none")
+        clf = fit_router_classifier(labels.cheap.features.float(), labels.needs_strong, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
+        return Router([cheap, strong], costs, "cascade", confidence="learned", classifier=clf, seed=seed)
     embedder = embedder or SentenceEmbedder()
     x = embedder(list(prompts), progress=progress) if isinstance(embedder, SentenceEmbedder) else embedder(list(prompts))
     classifier = fit_router_classifier(x, labels.needs_strong, hidden=hidden, epochs=epochs, seed=seed, progress=progress)

@@ -23,7 +23,7 @@ from dynexec_compile.config import EarlyExitConfig
 from dynexec_compile.exit_heads import ExitHeads, find_exit_heads, resolve_heads
 from dynexec_compile.passes import PassContext
 from dynexec_compile.runtime.exit_recording import ExitRecording, RecordedCall, active_recording
-from dynexec_compile.runtime.exit_rules import ExitRule, make_exit_rule
+from dynexec_compile.runtime.exit_rules import ExitRule, make_exit_rule, requested_exit_config
 from dynexec_compile.runtime.staged import StagePlan, make_plan
 from dynexec_compile.runtime.stats import record_stats
 
@@ -83,7 +83,9 @@ class EarlyExitRuntime:
         self.requested_heads = cfg.heads  # "auto", "shared" or "trained", as the options said
         self.cfg = cfg  # with heads resolved (by _resolve_heads) for the heads attached now
         self.num_blocks = ee_plan.num_blocks
+        self.lowering = lowering
         self.rule: ExitRule = make_exit_rule(cfg, lowering)
+        self._rules = {(cfg.rule, cfg.threshold, cfg.patience): self.rule}  # per-call exit_rule()s
         self.exit_hidden = {site.block: plan.value_slot[site.hidden] for site in ee_plan.sites}
         self.suffix = plan.steps[-1]
         hidden_slot = plan.value_slot[ee_plan.suffix_hidden]
@@ -161,6 +163,17 @@ class EarlyExitRuntime:
             return args[slot].shape[0]
         raise RuntimeError("dynexec: cannot tell the batch size (no integer data input)")
 
+    def _rule_now(self) -> ExitRule:
+        """The compiled rule, or this thread's ``exit_rule(...)`` override (each lowered once)."""
+        cfg = requested_exit_config(self.cfg)
+        key = (cfg.rule, cfg.threshold, cfg.patience)
+        if key not in self._rules:
+            from dynexec_compile.config import parse_options
+
+            parse_options({"early_exit": dataclasses.asdict(cfg)})  # a threshold out of the rule's range
+            self._rules[key] = make_exit_rule(cfg, self.lowering)
+        return self._rules[key]
+
     # --- the loop ----------------------------------------------------------------------------
 
     def __call__(self, *args):
@@ -168,6 +181,7 @@ class EarlyExitRuntime:
         recording = active_recording()
         if recording is not None:
             return self._run_recording(args, recording)
+        rule = self._rule_now()
         plan = self.plan
         batch = self._batch_size(args)
         env = list(args) + [None] * (plan.num_slots - plan.num_inputs)
@@ -175,7 +189,7 @@ class EarlyExitRuntime:
         live = torch.ones(batch, dtype=torch.bool)  # rows still deciding (static batch mode)
         exit_layer = torch.full((batch,), self.num_blocks - 1, dtype=torch.long)
         results: list[torch.Tensor | None] = [None] * len(self.outputs)
-        state = self.rule.init_state(batch)
+        state = rule.init_state(batch)
         batch_sizes = []
         plan.run(args, 0, 1, env)  # prefix
         for block in range(self.num_blocks):
@@ -186,7 +200,7 @@ class EarlyExitRuntime:
             head_out = self._head(block, env)
             logits = head_out[self.logits_output]
             scores = logits[:, -1] if logits.dim() == 3 else logits  # [A, C]
-            leave, state = self.rule(scores, state)
+            leave, state = rule(scores, state)
             leave = leave & live
             if not bool(leave.any()):
                 continue
@@ -194,19 +208,19 @@ class EarlyExitRuntime:
             exit_layer[rows[leave]] = block
             stay = ~leave & live
             if not bool(stay.any()):
-                self._record(exit_layer, batch_sizes, batch)
+                self._record(exit_layer, batch_sizes, batch, rule.cfg.rule)
                 return tuple(results)
             if self.compaction:
                 keep = stay.nonzero().squeeze(1)
                 self._compact(env, keep)
-                rows, live, state = rows[keep], torch.ones(keep.numel(), dtype=torch.bool), self.rule.select(state, keep)
+                rows, live, state = rows[keep], torch.ones(keep.numel(), dtype=torch.bool), rule.select(state, keep)
             else:
                 live = stay
                 self._warn_static_batch()
         final = plan.run(args, len(plan.steps) - 1, None, env)
         tail = tuple(final[slot] for slot in self.outputs)
         self._write(results, tail, rows[live], live, batch)
-        self._record(exit_layer, batch_sizes, batch)
+        self._record(exit_layer, batch_sizes, batch, rule.cfg.rule)
         return tuple(results)
 
     def _run_recording(self, args, recording: ExitRecording) -> tuple:
@@ -244,7 +258,7 @@ class EarlyExitRuntime:
                 results[i] = value.new_zeros((batch,) + tuple(value.shape[1:]))
             results[i][dest_rows] = value[src_mask].to(results[i].dtype)
 
-    def _record(self, exit_layer: torch.Tensor, batch_sizes: list[int], batch: int) -> None:
+    def _record(self, exit_layer: torch.Tensor, batch_sizes: list[int], batch: int, rule: str | None = None) -> None:
         layers = (exit_layer + 1).tolist()
         record_stats({
             "exit_layer": exit_layer.tolist(),
@@ -253,7 +267,7 @@ class EarlyExitRuntime:
             "num_blocks": self.num_blocks,
             "batch_per_block": batch_sizes,
             "compaction": self.compaction,
-            "rule": self.cfg.rule,
+            "rule": rule or self.cfg.rule,
         })
 
     def _warn_static_batch(self) -> None:

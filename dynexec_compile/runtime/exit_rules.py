@@ -17,13 +17,16 @@ with the same semantics (``exit_decision_reference`` traced as it is).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from dynexec_compile.config import EarlyExitConfig
+from dynexec_compile.runtime.overrides import NOT_SET, current, overriding
 
 
 def _decide(logits: torch.Tensor, rule: str, threshold: float):
@@ -95,3 +98,29 @@ class ExitRule:
 
 def make_exit_rule(cfg: EarlyExitConfig, lowering: str = "eager") -> ExitRule:
     return ExitRule(cfg, lowering)
+
+
+
+@contextmanager
+def exit_rule(rule: str | None = None, threshold: float | None = None, patience: int | None = None) -> Iterator[None]:
+    """Early-exit models called in this thread inside the block decide with this rule instead
+    of the compiled one (fields left ``None`` keep the compiled value): one compiled model, an
+    exit rule per call. Thread-local and nestable; checked like the ``early_exit`` options.
+
+    Raises:
+        ValueError: a rule or threshold the ``early_exit`` options would refuse.
+    """
+    from dynexec_compile.config import parse_options
+
+    given = {k: v for k, v in (("rule", rule), ("threshold", threshold), ("patience", patience)) if v is not None}
+    if "threshold" not in given and rule is not None:
+        raise ValueError("dynexec: exit_rule(rule=...) needs its threshold too (thresholds differ per rule)")
+    parse_options({"early_exit": given})  # the same checks as the compiled options
+    with overriding("exit_rule", given):
+        yield
+
+
+def requested_exit_config(cfg: EarlyExitConfig) -> EarlyExitConfig:
+    """``cfg`` with this thread's innermost :func:`exit_rule` override applied."""
+    given = current("exit_rule")
+    return cfg if given is NOT_SET else dataclasses.replace(cfg, **given)

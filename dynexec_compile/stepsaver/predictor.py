@@ -1,26 +1,37 @@
 """StepSaver's step predictor and its self-induced labels.
 
 Labels (``induce_labels``): every training prompt, with every seed, is sampled at every count
-of the step grid; the per-image quality is the classifier's probability of the asked digit and
-the classifier-feature vector. An image at ``n`` steps is *good* when its probability is at
-most ``prob_tol`` below the same seed's 100-step image and its features lie within
-``feature_tol`` of that image's (``feature_tol`` is a fraction of the median feature distance
-between two real images of the same digit, so it reads as "much closer to its own 100-step
-image than to another drawing of the digit"). The label of a (prompt, seed) is the fewest
-steps from which every larger count of the grid is good ("stays within tolerance").
+of the step grid; per image and count we keep the classifier's probability of the asked digit,
+whether it reads the asked digit, and the classifier-feature vector. An image at ``n`` steps is
+*good* when its probability is at most ``prob_tol`` below the same seed's 100-step image and
+its features lie within ``feature_tol`` x the median feature distance between two real images
+of the same digit from that image's. The label of a (prompt, seed) is the fewest grid steps from
+which every larger count is good ("stays within tolerance").
 
-The same run measures set-level quality at every count (accuracy, Fréchet distance over all
-training images); the smallest count that :func:`~dynexec_compile.stepsaver.quality.matches`
-the 100-step set is the *safe static count*: the honest single-count baseline and the fallback
-for prompts the predictor was not trained on.
+Why ``feature_tol`` is calibrated, not fixed: the benchmark judges a *set* of images (accuracy,
+Fréchet distance against the real digits; :func:`~dynexec_compile.stepsaver.quality.matches`),
+and a per-image tolerance chosen by hand is either stricter than that criterion (labels ask for
+more steps than the set needs; the first StepSaver asked 5-20 steps where 4 static steps already
+matched) or looser. :func:`calibrate_feature_tol` picks the largest tolerance whose labels, taken
+together, still give a training set that matches the 100-step set: the per-image labels are then
+consistent with the set-level criterion, on the training images only.
+
+The same run measures set-level quality at every count; the smallest count whose training set
+matches the 100-step set is the *safe static count*: the honest single-count baseline and the
+fallback for prompts the predictor was not trained on.
 
 Predictor (``StepPredictor``): a two-layer MLP over the prompt embedding — the trained UNet's own
-class embedding of the digit (standardized) and the guidance scale — fitted with the pinball
-loss to the ``quantile`` (default 0.9) of log2 of the labels, so for 90% of seeds the predicted
-count is enough; the output is rounded up to the grid so batches group into few counts. Why an
-MLP and not a table: a prompt is a digit *and* a continuous guidance scale, and the model has to
-answer for guidance scales it never saw between the trained ones. The digit part alone has
-only ten values; over those it is a table in disguise, and we say so.
+class embedding of the digit (standardized) and the guidance scale — that outputs, per prompt, a
+distribution over the grid: ``P(label = n)``, fitted by cross-entropy to the labels of the
+prompt's seeds. Its cumulative ``P(label <= n)`` is the probability that ``n`` steps are enough
+for an image of that prompt (the seed is unknown when the count is chosen). A prompt runs with
+the fewest steps whose probability of being enough is at least ``1 - risk``: ``risk`` is the
+per-prompt share of images allowed to fall short of their own label, the one knob that trades
+steps for quality. :func:`calibrate_risk` sets it to the largest value whose predicted counts keep
+the *training* set matching the 100-step set. Why an MLP and not a table: a prompt is a digit *and*
+a continuous guidance scale, and the model has to answer for guidance scales it never saw between
+the trained ones. The digit part alone has only ten values; over those it is a table in
+disguise, and we say so.
 """
 
 from __future__ import annotations
@@ -38,16 +49,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynexec_compile.stepsaver.pipeline import NUM_DIGITS, DigitPrompt, DigitsPipeline, as_prompts
-from dynexec_compile.stepsaver.quality import DigitQuality, QualityReport, matches, real_digits
+from dynexec_compile.stepsaver.quality import (
+    DigitQuality,
+    QualityReport,
+    frechet_distance,
+    matches,
+    real_digits,
+)
 from dynexec_compile.weights_io import read_with_config, save_with_config
 
-STEP_GRID = (2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100)
+STEP_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100)
 TRAIN_GUIDANCE = (1.0, 1.5, 2.0, 3.0, 4.0)
 PROB_TOL = 0.05
-FEATURE_TOL = 0.25
+FEATURE_TOLS = tuple(round(0.025 * k, 3) for k in range(0, 81))  # 0 .. 2 x the same-digit distance
+RISKS = tuple(round(0.025 * k, 3) for k in range(0, 37))  # 0 .. 0.9
 LABELS_KEY = "dynexec_stepsaver_labels"
 PREDICTOR_KEY = "dynexec_step_predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class OutOfDomainWarning(UserWarning):
@@ -56,32 +74,53 @@ class OutOfDomainWarning(UserWarning):
 
 @dataclass
 class StepLabels:
-    """Self-induced labels: per (prompt, seed) image and per grid count."""
+    """Self-induced labels: per (prompt, seed) image and per grid count (the last is the reference)."""
 
     digits: torch.Tensor  # [N]
     guidance: torch.Tensor  # [N]
     seeds: torch.Tensor  # [N]
     grid: tuple[int, ...]
     prob: torch.Tensor  # [N, G] classifier probability of the asked digit
+    correct: torch.Tensor  # [N, G] bool: the classifier reads the asked digit
+    features: torch.Tensor  # [N, G, F] classifier features (stored in fp16)
     distance: torch.Tensor  # [N, G] feature distance to the same seed's reference image
     needed: torch.Tensor  # [N] the label: fewest grid steps that stay within tolerance
     set_accuracy: torch.Tensor  # [G] over all N images
     set_frechet: torch.Tensor  # [G]
     feature_scale: float  # median same-digit real feature distance
     prob_tol: float
-    feature_tol: float
+    feature_tol: float  # calibrated by calibrate_feature_tol (a fraction of feature_scale)
+
+    def reference(self) -> QualityReport:
+        """The set quality of the reference count (the grid's last)."""
+        return QualityReport(float(self.set_accuracy[-1]), float(self.set_frechet[-1]), len(self.digits))
+
+    def report(self, columns: torch.Tensor, quality: DigitQuality) -> QualityReport:
+        """Set quality when image ``i`` is taken at grid column ``columns[i]``: ``columns: [N]``."""
+        rows = torch.arange(len(self.digits))
+        feats = self.features[rows, columns].double().numpy()  # [N, F]
+        accuracy = float(self.correct[rows, columns].float().mean())
+        return QualityReport(accuracy, frechet_distance(feats, quality.real_features), len(self.digits))
+
+    def columns(self, steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Grid columns of step counts ``[N]`` (each must be on the grid)."""
+        index = {n: g for g, n in enumerate(self.grid)}
+        return torch.tensor([index[int(n)] for n in steps])
 
     def safe_steps(self) -> int:
         """The smallest grid count whose set quality matches the largest count's (the reference)."""
-        ref = QualityReport(float(self.set_accuracy[-1]), float(self.set_frechet[-1]), len(self.digits))
+        ref = self.reference()
         for g, n in enumerate(self.grid):
             if matches(QualityReport(float(self.set_accuracy[g]), float(self.set_frechet[g]), len(self.digits)), ref):
                 return n
         return self.grid[-1]
 
     def save(self, path: str | Path) -> None:
-        tensors = {k: getattr(self, k).contiguous() for k in ("digits", "guidance", "seeds", "prob", "distance", "needed", "set_accuracy", "set_frechet")}
-        meta = {"format_version": FORMAT_VERSION, "grid": list(self.grid), "feature_scale": self.feature_scale, "prob_tol": self.prob_tol, "feature_tol": self.feature_tol}
+        names = ("digits", "guidance", "seeds", "prob", "correct", "features", "distance", "needed", "set_accuracy", "set_frechet")
+        tensors = {k: getattr(self, k).contiguous() for k in names}
+        tensors["features"] = tensors["features"].half()  # classifier features: fp16 is plenty for a Fréchet distance
+        meta = {"format_version": FORMAT_VERSION, "grid": list(self.grid), "feature_scale": self.feature_scale,
+                "prob_tol": self.prob_tol, "feature_tol": self.feature_tol}
         save_file(tensors, str(path), metadata={LABELS_KEY: json.dumps(meta)})
 
     @classmethod
@@ -90,7 +129,13 @@ class StepLabels:
             meta = json.loads((f.metadata() or {}).get(LABELS_KEY, "null") or "null")
             if meta is None:
                 raise ValueError(f"{path} is not a dynexec StepSaver labels file (no {LABELS_KEY!r} metadata)")
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(
+                    f"{path}: StepSaver labels format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}; "
+                    "regenerate them with examples/train_stepsaver.py --stages labels,predictor,card"
+                )
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        tensors["features"] = tensors["features"].float()
         return cls(**tensors, grid=tuple(meta["grid"]), feature_scale=meta["feature_scale"], prob_tol=meta["prob_tol"], feature_tol=meta["feature_tol"])
 
 
@@ -106,44 +151,78 @@ def same_digit_feature_scale(quality: DigitQuality) -> float:
     return float(torch.stack(medians).median())
 
 
-def needed_steps(prob: torch.Tensor, distance: torch.Tensor, grid: Sequence[int], prob_tol: float, max_distance: float) -> torch.Tensor:
-    """Per row, the fewest grid steps from which every larger count is good: ``[N]``.
+def needed_columns(prob: torch.Tensor, distance: torch.Tensor, prob_tol: float, max_distance: float) -> torch.Tensor:
+    """Per row, the first grid column from which every later column is good: ``[N]``.
 
-    prob, distance: ``[N, G]``, the last column being the reference count.
+    prob, distance: ``[N, G]``, the last column being the reference count (always good).
     """
     good = (prob >= prob[:, -1:] - prob_tol) & (distance <= max_distance)  # [N, G]
+    good[:, -1] = True
     # stays good from column g on: reverse cumulative AND
     stays = torch.flip(torch.cumprod(torch.flip(good.int(), [1]), 1), [1]).bool()
-    first = stays.int().argmax(1)  # the reference column is always good, so some column is
-    return torch.tensor(grid)[first]
+    return stays.int().argmax(1)
+
+
+def needed_steps(prob: torch.Tensor, distance: torch.Tensor, grid: Sequence[int], prob_tol: float, max_distance: float) -> torch.Tensor:
+    """Per row, the fewest grid steps from which every larger count is good: ``[N]``."""
+    return torch.tensor(grid)[needed_columns(prob, distance, prob_tol, max_distance)]
+
+
+def calibrate_feature_tol(
+    labels: StepLabels, quality: DigitQuality, tolerances: Sequence[float] = FEATURE_TOLS
+) -> tuple[float, list[dict]]:
+    """The largest feature tolerance (ascending ``tolerances``, stopping at the first failure)
+    whose labels, each image taken at its own label, give a training set that matches the
+    reference set. ``0`` always qualifies (every label is then the reference count). Returns the
+    tolerance and the table it was chosen from (tolerance, mean label, accuracy, Fréchet)."""
+    ref = labels.reference()
+    chosen, table = 0.0, []
+    for tol in sorted(tolerances):
+        columns = needed_columns(labels.prob, labels.distance, labels.prob_tol, tol * labels.feature_scale)
+        rep = labels.report(columns, quality)
+        ok = matches(rep, ref)
+        table.append({"feature_tol": tol, "mean_label": float(torch.tensor(labels.grid)[columns].float().mean()),
+                      "accuracy": rep.accuracy, "frechet": rep.frechet, "matches": ok})
+        if not ok and tol > 0:
+            break
+        chosen = tol
+    return chosen, table
 
 
 @torch.no_grad()
 def induce_labels(
     pipeline: DigitsPipeline, quality: DigitQuality, prompts: Sequence[DigitPrompt], seeds: Sequence[int],
-    grid: Sequence[int] = STEP_GRID, prob_tol: float = PROB_TOL, feature_tol: float = FEATURE_TOL,
+    grid: Sequence[int] = STEP_GRID, prob_tol: float = PROB_TOL, feature_tol: float | None = None,
     batch_size: int = 500,
 ) -> StepLabels:
-    """Sample every (prompt, seed) at every count of ``grid`` (its last count is the reference)."""
+    """Sample every (prompt, seed) at every count of ``grid`` (its last count is the reference).
+
+    ``feature_tol``: None calibrates it against the set-level criterion (:func:`calibrate_feature_tol`).
+    """
     grid = tuple(sorted(grid))
     rows = [(p, s) for p in as_prompts(prompts) for s in seeds]
     ps, ss = [p for p, _ in rows], [s for _, s in rows]
     digits = torch.tensor([p.digit for p in ps])
-    probs, feats, reports = [], [], []
+    probs, correct, feats, reports = [], [], [], []
     for n in tqdm(grid, desc="labels: steps"):
         images = pipeline.sample(ps, n, ss, batch_size=batch_size)
         probs.append(quality.probability(images, digits))
+        correct.append(quality.classifier(images).argmax(-1) == digits)
         feats.append(quality.features(images))
         reports.append(quality.report(images, digits))
-    prob = torch.stack(probs, 1)  # [N, G]
-    distance = torch.stack([(f - feats[-1]).norm(dim=1) for f in feats], 1)  # [N, G]
-    scale = same_digit_feature_scale(quality)
-    return StepLabels(
+    features = torch.stack(feats, 1)  # [N, G, F]
+    labels = StepLabels(
         digits=digits, guidance=torch.tensor([p.guidance for p in ps]), seeds=torch.tensor(ss), grid=grid,
-        prob=prob, distance=distance, needed=needed_steps(prob, distance, grid, prob_tol, feature_tol * scale),
+        prob=torch.stack(probs, 1), correct=torch.stack(correct, 1), features=features.half().float(),
+        distance=(features - features[:, -1:]).norm(dim=-1), needed=torch.zeros(len(ps), dtype=torch.long),
         set_accuracy=torch.tensor([r.accuracy for r in reports]), set_frechet=torch.tensor([r.frechet for r in reports]),
-        feature_scale=scale, prob_tol=prob_tol, feature_tol=feature_tol,
+        feature_scale=same_digit_feature_scale(quality), prob_tol=prob_tol, feature_tol=0.0,
     )
+    if feature_tol is None:
+        feature_tol, _ = calibrate_feature_tol(labels, quality)
+    labels.feature_tol = feature_tol
+    labels.needed = needed_steps(labels.prob, labels.distance, grid, prob_tol, feature_tol * labels.feature_scale)
+    return labels
 
 
 class StepPredictor(nn.Module):
@@ -151,20 +230,23 @@ class StepPredictor(nn.Module):
 
     Args:
         embedding: ``[10, E]`` the digits' prompt embeddings (standardized inside).
-        grid: the step counts it answers with.
+        grid: the step counts it answers with (the last is the reference count).
         guidance_range: the guidance scales it was trained over (inclusive).
         safe_steps: the static count safe for the whole training set (the fallback).
+        risk: the per-prompt share of images allowed to get fewer steps than their label (see
+            the module docstring); :func:`train_predictor` calibrates it.
     """
 
-    def __init__(self, embedding: torch.Tensor, grid: Sequence[int], guidance_range: tuple[float, float], safe_steps: int, hidden: int = 32, quantile: float = 0.9) -> None:
+    def __init__(self, embedding: torch.Tensor, grid: Sequence[int], guidance_range: tuple[float, float], safe_steps: int, hidden: int = 32, risk: float = 0.0) -> None:
         super().__init__()
         mean, std = embedding.mean(0, keepdim=True), embedding.std(0, keepdim=True) + 1e-6
         self.register_buffer("embedding", (embedding - mean) / std)  # [10, E]
         self.grid = tuple(int(n) for n in grid)
         self.guidance_range = (float(guidance_range[0]), float(guidance_range[1]))
         self.safe_steps = int(safe_steps)
-        self.hidden, self.quantile = hidden, quantile
-        self.mlp = nn.Sequential(nn.Linear(embedding.shape[1] + 1, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.hidden = hidden
+        self.risk = _check_risk(risk)
+        self.mlp = nn.Sequential(nn.Linear(embedding.shape[1] + 1, hidden), nn.GELU(), nn.Linear(hidden, len(self.grid)))
 
     @classmethod
     def from_unet(cls, pipeline: DigitsPipeline, **kwargs) -> StepPredictor:
@@ -172,30 +254,36 @@ class StepPredictor(nn.Module):
         return cls(pipeline.unet.class_embedding.weight[:NUM_DIGITS].detach().clone(), **kwargs)
 
     def forward(self, digits: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """log2 of the step count: ``[B]``."""
+        """Logits of ``P(label = grid[g])``: ``[B, G]``."""
         lo, hi = self.guidance_range
         g = (guidance.float() - (lo + hi) / 2) / max((hi - lo) / 2, 1e-6)  # [-1, 1] over the trained range
-        return self.mlp(torch.cat([self.embedding[digits], g.unsqueeze(1)], 1)).squeeze(1)
+        return self.mlp(torch.cat([self.embedding[digits], g.unsqueeze(1)], 1))
+
+    def enough(self, digits: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """``P(label <= grid[g])``, the probability that ``grid[g]`` steps are enough: ``[B, G]``,
+        non-decreasing along the grid, 1 at the reference count."""
+        cdf = self(digits, guidance).softmax(-1).cumsum(-1)
+        cdf[:, -1] = 1.0
+        return cdf
+
+    def choose(self, enough: torch.Tensor, risk: float | None = None) -> torch.Tensor:
+        """Grid column per row: the first whose probability of being enough is ``>= 1 - risk``."""
+        risk = self.risk if risk is None else _check_risk(risk)
+        return (enough >= 1.0 - risk - 1e-6).int().argmax(1)
 
     def in_domain(self, prompt: DigitPrompt) -> bool:
         lo, hi = self.guidance_range
         return lo <= prompt.guidance <= hi
 
-    def to_grid(self, log2_steps: torch.Tensor) -> list[int]:
-        """The smallest grid count at least ``2 ** log2_steps`` (the largest if none is)."""
-        grid = torch.tensor(self.grid, dtype=torch.float32)
-        need = torch.exp2(log2_steps).unsqueeze(1)  # [B, 1]
-        idx = (grid.unsqueeze(0) < need - 1e-4).sum(1).clamp(max=len(self.grid) - 1)
-        return [self.grid[i] for i in idx.tolist()]
-
     @torch.no_grad()
-    def predict(self, prompts: Sequence[DigitPrompt | int]) -> list[int]:
-        """One step count per prompt; prompts outside the training domain get ``safe_steps``
-        with an :class:`OutOfDomainWarning` that names them."""
+    def predict(self, prompts: Sequence[DigitPrompt | int], risk: float | None = None) -> list[int]:
+        """One step count per prompt at ``risk`` (default: the calibrated one); prompts outside
+        the training domain get ``safe_steps`` with an :class:`OutOfDomainWarning` that names them."""
         prompts = as_prompts(prompts)
         if not prompts:
             return []
-        out = self.to_grid(self(torch.tensor([p.digit for p in prompts]), torch.tensor([p.guidance for p in prompts])))
+        enough = self.enough(torch.tensor([p.digit for p in prompts]), torch.tensor([p.guidance for p in prompts]))
+        out = [self.grid[g] for g in self.choose(enough, risk).tolist()]
         outside = [i for i, p in enumerate(prompts) if not self.in_domain(p)]
         if outside:
             lo, hi = self.guidance_range
@@ -212,27 +300,64 @@ class StepPredictor(nn.Module):
 
     def config(self) -> dict:
         return {"format_version": FORMAT_VERSION, "grid": list(self.grid), "guidance_range": list(self.guidance_range),
-                "safe_steps": self.safe_steps, "hidden": self.hidden, "quantile": self.quantile, "embedding_dim": int(self.embedding.shape[1])}
+                "safe_steps": self.safe_steps, "hidden": self.hidden, "risk": self.risk, "embedding_dim": int(self.embedding.shape[1])}
 
 
-def pinball(pred: torch.Tensor, target: torch.Tensor, q: float) -> torch.Tensor:
-    diff = target - pred
-    return torch.maximum(q * diff, (q - 1) * diff).mean()
+def _check_risk(risk: float) -> float:
+    if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0.0 <= risk < 1.0:
+        raise ValueError(f"risk is the per-prompt share of images allowed to fall short of their label, in [0, 1); got {risk!r}")
+    return float(risk)
 
 
-def train_predictor(pipeline: DigitsPipeline, labels: StepLabels, quantile: float = 0.9, iters: int = 3000, seed: int = 0) -> StepPredictor:
-    """Fit the MLP to the ``quantile`` of log2(labels) with the pinball loss (full batch, Adam)."""
+def calibrate_risk(
+    predictor: StepPredictor, labels: StepLabels, quality: DigitQuality, risks: Sequence[float] = RISKS
+) -> tuple[float, list[dict]]:
+    """The largest ``risk`` (ascending ``risks``, stopping at the first failure) whose predicted
+    counts keep the training set matching the reference set (0 when none does: the most
+    cautious counts). Returns the risk and the table (risk, mean steps, accuracy, Fréchet) it
+    was chosen from."""
+    with torch.no_grad():
+        enough = predictor.enough(labels.digits, labels.guidance)
+    ref = labels.reference()
+    chosen, table = 0.0, []
+    for risk in sorted(risks):
+        columns = predictor.choose(enough, risk)
+        rep = labels.report(columns, quality)
+        ok = matches(rep, ref)
+        table.append({"risk": risk, "mean_steps": float(torch.tensor(labels.grid)[columns].float().mean()),
+                      "accuracy": rep.accuracy, "frechet": rep.frechet, "matches": ok})
+        if not ok:
+            break
+        chosen = risk
+    return chosen, table
+
+
+def train_predictor(
+    pipeline: DigitsPipeline, labels: StepLabels, quality: DigitQuality | None = None, risk: float | None = None,
+    iters: int = 3000, seed: int = 0,
+) -> tuple[StepPredictor, list[dict]]:
+    """Fit the MLP to the labels' distribution (cross-entropy over the grid, full batch, Adam),
+    then set its ``risk``: the given one, or (``risk=None``, needs ``quality``) the largest whose
+    counts keep the training set's quality (:func:`calibrate_risk`). Returns the predictor and
+    the calibration table (empty when ``risk`` is given)."""
+    if risk is None and quality is None:
+        raise ValueError("train_predictor calibrates the risk on the training set's quality: pass quality=DigitQuality(...) or a fixed risk=")
     torch.manual_seed(seed)
     g = labels.guidance.float()
-    model = StepPredictor.from_unet(pipeline, grid=labels.grid, guidance_range=(float(g.min()), float(g.max())), safe_steps=labels.safe_steps(), quantile=quantile)
+    model = StepPredictor.from_unet(pipeline, grid=labels.grid, guidance_range=(float(g.min()), float(g.max())), safe_steps=labels.safe_steps())
     opt = torch.optim.Adam(model.mlp.parameters(), lr=3e-3, weight_decay=1e-4)
-    target = torch.log2(labels.needed.float())
+    target = labels.columns(labels.needed)
     for _ in range(iters):
-        loss = pinball(model(labels.digits, g), target, quantile)
+        loss = nn.functional.cross_entropy(model(labels.digits, g), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    model.eval()
+    table: list[dict] = []
+    if risk is None:
+        risk, table = calibrate_risk(model, labels, quality)
+    model.risk = _check_risk(risk)
+    return model, table
 
 
 def save_predictor(model: StepPredictor, path: str | Path) -> None:
@@ -241,7 +366,6 @@ def save_predictor(model: StepPredictor, path: str | Path) -> None:
 
 def load_predictor(path: str | Path) -> StepPredictor:
     config, tensors = read_with_config(path, PREDICTOR_KEY, "step predictor", FORMAT_VERSION)
-    model = StepPredictor(torch.zeros(NUM_DIGITS, config["embedding_dim"]), config["grid"], tuple(config["guidance_range"]), config["safe_steps"], config["hidden"], config["quantile"])
+    model = StepPredictor(torch.zeros(NUM_DIGITS, config["embedding_dim"]), config["grid"], tuple(config["guidance_range"]), config["safe_steps"], config["hidden"], config["risk"])
     model.load_state_dict(tensors)  # the stored embedding is already standardized
     return model.eval()
-

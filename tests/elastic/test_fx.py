@@ -1,4 +1,4 @@
-"""slice_param_placeholders: a Dynamo graph with narrowed parameter placeholders (and re-derived
+"""level_graph: a Dynamo graph with narrowed parameter placeholders (and re-derived
 reshape sizes) runs the level exactly like functional_call over the level's views."""
 
 import pytest
@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from dynexec_compile.elastic import fx as elastic_fx
 from dynexec_compile.elastic import level_param_slices, level_params, reorder_by_importance
-from dynexec_compile.elastic.fx import placeholder_param_names, slice_param_placeholders
+from dynexec_compile.elastic.fx import level_graph, placeholder_param_names
 
 
 def capture(model, batch):
@@ -33,7 +33,7 @@ def test_sliced_bert_graph_equals_the_level():
     gm, inputs = capture(model, batch)
     names = placeholder_param_names(gm, inputs)
     assert "encoder.layer.0.attention.self.query.weight" in names.values()
-    sliced = slice_param_placeholders(gm, inputs, 0.5)
+    sliced = level_graph(gm, inputs, 0.5)
     views = level_params(model, level_param_slices(model, plan, 0.5))
     want = functional_call(model, views, (), batch).last_hidden_state
     assert (sliced(*inputs)[0] - want).abs().max().item() <= 1e-5
@@ -51,7 +51,7 @@ def test_sliced_gqa_graph_with_baked_head_counts_equals_the_level(factory):
     batch = make_batch()
     gm, inputs = capture(model, batch)
     for level in (0.5, 0.25):
-        sliced = slice_param_placeholders(gm, inputs, level, anchors=[1])
+        sliced = level_graph(gm, inputs, level, anchors=[1])
         views = level_params(model, level_param_slices(model, plan, level, [1]))
         want = functional_call(model, views, (), batch).logits
         (got,) = [
@@ -66,7 +66,7 @@ def test_a_reshape_that_cannot_be_re_derived_is_refused(monkeypatch):
     gm, inputs = capture(model, make_batch())
     monkeypatch.setattr(elastic_fx, "_resized_shape", lambda *args: None)
     with pytest.raises(NotImplementedError, match="ElasticModel"):
-        slice_param_placeholders(gm, inputs, 0.5)
+        level_graph(gm, inputs, 0.5)
 
 
 def test_graph_of_a_model_without_plan_is_refused():

@@ -264,7 +264,9 @@ def test_bench_routing_quick_runs_every_router(tmp_path):
     assert main(["bench", "routing", "--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     routers = {(r["task"], r["cheap"], r["router"]) for r in result["rows"]}
-    assert len(routers) == 18  # 3 settings x (3 cascades, 2 classifiers, random)
+    # elastic: 3 cascades, 2 classifiers, random; exit-0 / exit-1 (nested): 2 cascades, 2 classifiers, random;
+    # exits-0,...,4: one nested cascade; generation: 3 cascades, the learned cascade, 2 classifiers, random
+    assert len(routers) == 6 + 5 + 5 + 1 + 7
     assert (tmp_path / "routing.png").is_file()
     for r in result["rows"]:
         assert 0.0 <= r["eval strong share"] <= 1.0
@@ -282,3 +284,222 @@ def test_sentence_embedder_layers():
     assert two.config()["layers"] == 2
     with pytest.raises(ValueError, match="layers must be in 1..6"):
         SentenceEmbedder(layers=7)
+
+
+# ---- nested chains: exits of one model, escalation resumes ------------------------------------
+
+
+class FakeChain:
+    """A nested chain of Table candidates whose cascade replays the tables (what ExitCandidates'
+    early-exit run must equal), to test the router's bookkeeping without compiling anything."""
+
+    def __init__(self, tables):
+        self.blocks = list(range(len(tables) - 1))
+        self.tables, self.calls = tables, []
+        for i, t in enumerate(tables):
+            t.chain, t.chain_index = self, i
+
+    def cascade(self, prompts, indices, confidence, threshold):
+        self.calls.append((list(prompts), list(indices), confidence, threshold))
+        stops = []
+        for p in prompts:
+            k = next((j for j, i in enumerate(indices[:-1]) if self.tables[i].confidence[p] >= threshold), len(indices) - 1)
+            stops.append(k)
+        outputs = [self.tables[indices[k]].answers[p] for p, k in zip(prompts, stops)]
+        return Answers(outputs, {c: torch.zeros(len(prompts)) for c in ("max_prob", "entropy", "logprob")}), stops
+
+
+def test_a_nested_chain_pays_only_the_deepest_candidate_it_reached():
+    cheap, strong, data = pair()
+    chain = FakeChain([cheap, strong])
+    router = Router([cheap, strong], costs=[1.0, 10.0], router="cascade")
+    assert router.chain is chain
+    cal = router.calibrate(data, quality=1.0)
+    assert router.threshold == pytest.approx(0.30) and cal.strong_share == pytest.approx(0.30)
+    # independent: 1 + 10 x 0.3 = 4 per prompt; nested: 0.7 x 1 + 0.3 x 10 = 3.7
+    assert cal.cost_saved == pytest.approx(1 - 3.7 / 10)
+    prompts = [p for p, _ in data]
+    out = router(prompts)
+    assert chain.calls == [(prompts, [0, 1], "max_prob", router.threshold)]  # one run of the chain
+    assert cheap.calls == [prompts] and strong.calls == [prompts]  # only calibration called them alone
+    assert out.chosen == [int(i < 30) for i in prompts]
+    assert out.cost == pytest.approx(70 * 1.0 + 30 * 10.0)
+    # candidates of a chain taken out of order, or without its full model, are independent
+    assert Router([strong, cheap], router="cascade").chain is None
+    with pytest.raises(ValueError, match="confidence='max_prob'"):
+        Router([cheap, strong], router="cascade", confidence="logprob")
+    assert Router([cheap, strong], router="random").chain is None  # only a cascade resumes
+
+
+def _tiny_chain_model():
+    import transformers as T
+
+    from dynexec_compile import ExitHeads, attach_exit_heads
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    model = T.BertForSequenceClassification(cfg).eval()
+    heads = ExitHeads([0, 1], hidden_size=32, num_labels=2, kind="cls_tanh").eval()
+    with torch.no_grad():  # spread the heads' confidences so a mid threshold splits the prompts
+        for p in heads.parameters():
+            p.mul_(4.0)
+    attach_exit_heads(model, heads)
+    return model
+
+
+class SpaceTok:
+    """Sentences are space-separated token ids."""
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        ids = [[int(t) for t in s.split()][:max_length] for s in texts]
+        width = max_length if padding == "max_length" else max(len(i) for i in ids)
+        return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
+
+
+@pytest.mark.parametrize("confidence", ["max_prob", "entropy"])
+def test_exit_candidates_cascade_equals_running_each_candidate_alone(confidence):
+    from dynexec_compile.routing import ExitCandidates
+
+    model = _tiny_chain_model()
+    g = torch.Generator().manual_seed(1)
+    sentences = [" ".join(str(int(t)) for t in torch.randint(1, 64, (int(n),), generator=g)) for n in torch.randint(2, 8, (20,), generator=g)]
+    chain = ExitCandidates(model, SpaceTok(), blocks=[0, 1], batch_size=5, max_length=8)
+    alone = [c(sentences) for c in chain.candidates]
+    with torch.no_grad():
+        stock = torch.cat([model(**SpaceTok()([s], "max_length", True, 8, "pt")).logits for s in sentences])
+    assert alone[-1].outputs == stock.argmax(-1).tolist()  # the full candidate is the model
+    conf = torch.stack([a.confidence[confidence] for a in alone[:-1]], 1)  # [N, 2]
+    threshold = float(conf[:, 0].median())  # a threshold exactly at an observed value: ties must stop
+    router = Router(chain.candidates, costs=[1.0, 2.0, 3.0], router="cascade", confidence=confidence, threshold=threshold)
+    out = router(sentences)
+    stop = (conf >= threshold) if confidence == "max_prob" else (conf <= threshold)  # [N, 2] stop here
+    want = [next((k for k in range(2) if stop[i, k]), 2) for i in range(len(sentences))]
+    assert out.chosen == want and 0 < sum(c == 0 for c in want) < len(want)
+    assert out.outputs == [alone[k].outputs[i] for i, k in enumerate(want)]
+    assert out.cost == pytest.approx(sum([1.0, 2.0, 3.0][k] for k in want))
+    from dynexec_compile import last_stats
+
+    assert last_stats()["compaction"]  # samples that stopped left the batch: escalation resumed on the rest
+    # two of the chain's candidates: the cheapest exit and the full model
+    pair_router = Router([chain.candidates[0], chain.candidates[2]], costs=[1.0, 3.0], router="cascade",
+                         confidence=confidence, threshold=threshold)
+    out2 = pair_router(sentences)
+    assert out2.chosen == [0 if stop[i, 0] else 1 for i in range(len(sentences))]
+    with pytest.raises(ValueError, match="increasing block indices in 0..1"):
+        ExitCandidates(model, SpaceTok(), blocks=[2])
+    from dynexec_compile.routing.candidates import _EarlyExitCall
+
+    eager = _EarlyExitCall(lambda **kw: model(**kw))  # what Dynamo's fallback past its recompile limit runs
+    with pytest.raises(RuntimeError, match="ran without the early-exit runtime"):
+        eager(**SpaceTok()(sentences[:2], "max_length", True, 8, "pt"))
+
+
+# ---- learned cascades, line completion ------------------------------------------------------
+
+
+class FeatureTable(Table):
+    """A Table whose answers carry uncertainty features."""
+
+    def __init__(self, answers, confidence, features):
+        super().__init__(answers, confidence)
+        self.features = features
+
+    def __call__(self, prompts):
+        a = super().__call__(prompts)
+        return Answers(a.outputs, a.confidence, self.features[torch.tensor(prompts, dtype=torch.long)])
+
+
+def test_a_learned_cascade_escalates_where_its_features_say_the_strong_model_wins():
+    """The cheap model's max probability says nothing here (constant); feature 1 of its answers
+    marks the prompts where it is wrong and the strong model right; feature 0 is noise."""
+    torch.manual_seed(0)
+    n = 400
+    wins = torch.rand(n) < 0.3  # the strong model is right, the cheap one wrong
+    feats = torch.stack([torch.randn(n), wins.double() + 0.15 * torch.randn(n)], 1)
+    cheap = FeatureTable([0 if w else 1 for w in wins.tolist()], [0.7] * n, feats)
+    strong = Table([1] * n, [0.9] * n)
+    metric = lambda o, r: float(o == r)  # noqa: E731
+    router = train_router(cheap, strong, list(range(n)), metric, references=[1] * n, router="cascade",
+                          costs=[1, 5], progress=False)
+    assert (router.router, router.confidence, router.embedder) == ("cascade", "learned", None)
+    need = router.need_from_answers(cheap(list(range(n))))
+    assert ((need > 0.5) == wins).double().mean() > 0.95
+    cal = router.calibrate(list(zip(range(n), [1] * n)), quality=1.0, metric=metric)
+    assert cal.quality == 1.0 and abs(cal.strong_share - float(wins.double().mean())) < 0.05
+    assert "learned deferral rule's P(cheap answer not good enough) >" in cal.description
+    out = router(list(range(n)))
+    assert out.chosen == [int(v) for v in (need > router.threshold).tolist()]
+    with pytest.raises(ValueError, match="needs its trained deferral classifier"):
+        Router([cheap, strong], router="cascade", confidence="learned")
+    with pytest.raises(ValueError, match="answers have none"):
+        Router([cheap, strong], router="cascade", confidence="learned", classifier=router.classifier).need_from_answers(strong(list(range(3))))
+
+
+def test_learned_cascade_save_load_round_trips(tmp_path):
+    torch.manual_seed(0)
+    n = 50
+    cheap = FeatureTable([0] * n, [0.5] * n, torch.randn(n, 8))
+    strong = Table([1] * n, [0.9] * n)
+    router = Router([cheap, strong], [1, 3], "cascade", confidence="learned", classifier=RouterClassifier(8, 4).eval(), threshold=0.5)
+    router.save(tmp_path / "r.safetensors")
+    back = Router.load(tmp_path / "r.safetensors", [cheap, strong])  # no embedder to rebuild
+    prompts = list(range(n))
+    assert back.confidence == "learned" and torch.equal(back.need_from_answers(cheap(prompts)), router.need_from_answers(cheap(prompts)))
+    assert back(prompts).chosen == router(prompts).chosen
+
+
+def test_uncertainty_features_read_the_answered_tokens_only():
+    from dynexec_compile.routing import uncertainty_features
+
+    logits = torch.zeros(2, 3, 4)
+    logits[:, 0, 0] = 10.0  # token 0: sure; tokens 1, 2: uniform over 4
+    f = uncertainty_features(logits, torch.tensor([[True, False, False], [True, True, True]]))
+    sure, unsure = float(torch.log_softmax(logits[0, 0], -1).max()), -math.log(4)
+    assert f.shape == (2, 8)
+    torch.testing.assert_close(f[0, :5], torch.full((5,), sure))  # quantiles of one token
+    assert f[1, 0].item() == pytest.approx(unsure) and f[1, 4].item() == pytest.approx(sure)
+    assert f[0, 7].item() == pytest.approx(math.log(2)) and f[1, 7].item() == pytest.approx(math.log(4))
+    assert f[1, 6].item() > f[0, 6].item()  # more entropy where the answer held uniform tokens
+
+
+def test_line_metrics():
+    from dynexec_compile.routing import edit_similarity, exact_match
+
+    assert edit_similarity(" return x", "return x ") == 1.0 and exact_match(" return x", "return x ") == 1.0
+    assert edit_similarity("abc", "abd") == pytest.approx(2 / 3) and exact_match("abc", "abd") == 0.0
+    assert edit_similarity("", "") == 1.0 and edit_similarity("abc", "") == 0.0
+    assert edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+
+
+def test_generator_candidate_cuts_at_the_stop_string():
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, intermediate_size=64)
+    model = T.LlamaForCausalLM(cfg).eval()
+
+    class Tok:  # token t decodes to the letter 'a' + t, token `newline` to a newline
+        pad_token_id, eos_token_id, newline = 0, None, -1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(t) for t in text.split()]}
+
+        def decode(self, ids):
+            return "".join("\n" if i == self.newline else chr(ord("a") + i) for i in ids)
+
+    prompts = ["5 6 7 8", "9 10", "11 12 13", "1 2"]
+    tok = Tok()
+    plain = GeneratorCandidate(model, tok, max_new_tokens=6, batch_size=2)(prompts)
+    tok.newline = plain.outputs[0][2]  # a token the model does generate, mid-answer, stands for "\n"
+    cut = GeneratorCandidate(model, tok, max_new_tokens=6, batch_size=2, stop="\n")(prompts)
+    for ids, text, lp, lp_all in zip(plain.outputs, cut.outputs, cut.confidence["logprob"], plain.confidence["logprob"]):
+        k = ids.index(tok.newline) + 1 if tok.newline in ids else len(ids)
+        assert text == tok.decode(ids[:k]).split("\n")[0]
+        if k == len(ids):
+            assert lp.item() == pytest.approx(lp_all.item())  # no stop: every token counts
+    assert len(cut.outputs[0]) == 2  # cut before its third token
+    assert cut.features.shape == (4, 8) and plain.features.shape == (4, 8)
+    with pytest.raises(ValueError, match="stop must be a non-empty string"):
+        GeneratorCandidate(model, Tok(), stop="")

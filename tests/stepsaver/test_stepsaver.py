@@ -27,7 +27,12 @@ from dynexec_compile.stepsaver import (
     save_predictor,
 )
 from dynexec_compile.stepsaver.pipeline import build_unet
-from dynexec_compile.stepsaver.predictor import needed_steps
+from dynexec_compile.stepsaver.predictor import (
+    calibrate_feature_tol,
+    needed_columns,
+    needed_steps,
+    train_predictor,
+)
 
 HAVE_WEIGHTS = (MODEL_DIR / "predictor.safetensors").is_file()
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="models/stepsaver-digits not trained")
@@ -141,22 +146,38 @@ def test_out_of_domain_prompts_fall_back_to_the_safe_count_and_say_so(tiny):
     assert any(steps == 20 and DigitPrompt(4, 7.5) in ps for ps, steps, _ in spy.calls)
 
 
-def test_to_grid_rounds_up_to_the_grid(tiny):
+def test_a_prompt_gets_the_fewest_steps_that_are_enough_at_its_risk(tiny):
     predictor = StepPredictor.from_unet(tiny, grid=(2, 5, 10, 100), guidance_range=(1.0, 4.0), safe_steps=10)
-    log2 = torch.log2(torch.tensor([1.0, 2.0, 2.01, 5.0, 9.0, 11.0, 500.0]))
-    assert predictor.to_grid(log2) == [2, 2, 5, 5, 10, 100, 100]
+    # P(label = n) per row -> P(n steps are enough) = cumulative: [0.5, 0.8, 0.95, 1], [0, 0, 0.9, 1]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.0, 0.0, 0.9, 0.1]])
+    enough = probs.cumsum(-1)
+    assert predictor.choose(enough, risk=0.0).tolist() == [3, 3]
+    assert predictor.choose(enough, risk=0.1).tolist() == [2, 2]
+    assert predictor.choose(enough, risk=0.2).tolist() == [1, 2]
+    assert predictor.choose(enough, risk=0.5).tolist() == [0, 2]
+    with pytest.raises(ValueError, match=r"risk is the per-prompt share .* in \[0, 1\)"):
+        predictor.choose(enough, risk=1.0)
+    # the model's own probabilities are a distribution: non-decreasing, 1 at the reference count
+    cdf = predictor.enough(torch.tensor([0, 7]), torch.tensor([1.0, 3.0]))
+    assert (cdf.diff(dim=1) >= 0).all() and torch.equal(cdf[:, -1], torch.ones(2))
+    prompts = [DigitPrompt(0, 1.0), DigitPrompt(7, 3.0)]
+    assert predictor.predict(prompts, risk=0.0) == [100, 100] or min(cdf[:, -2]) >= 1 - 1e-6
+    low, high = predictor.predict(prompts, risk=0.6), predictor.predict(prompts, risk=0.05)
+    assert all(a <= b for a, b in zip(low, high))  # more risk, never more steps
 
 
 def test_predictor_save_and_load_round_trip(tiny, tmp_path):
     torch.manual_seed(1)
     predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=15)
     with torch.no_grad():
-        predictor.mlp[-1].bias.fill_(3.0)  # ~8 steps, so the round trip is not trivially the smallest count
+        predictor.mlp[-1].bias.copy_(torch.linspace(-2.0, 2.0, len(STEP_GRID)))  # mass on the larger counts
+    predictor.risk = 0.2
     save_predictor(predictor, tmp_path / "p.safetensors")
     loaded = load_predictor(tmp_path / "p.safetensors")
     prompts, _ = prompts_and_seeds()
     assert loaded.predict(prompts) == predictor.predict(prompts)
-    assert (loaded.safe_steps, loaded.grid, loaded.guidance_range) == (15, STEP_GRID, (1.0, 4.0))
+    assert min(loaded.predict(prompts)) > STEP_GRID[0]  # not trivially the smallest count
+    assert (loaded.safe_steps, loaded.grid, loaded.guidance_range, loaded.risk) == (15, STEP_GRID, (1.0, 4.0), 0.2)
     with pytest.raises(ValueError, match="not a dynexec step predictor file"):
         from dynexec_compile.stepsaver.quality import load_classifier
         from dynexec_compile.weights_io import save_with_config
@@ -183,11 +204,40 @@ def test_needed_steps_is_the_fewest_count_from_which_quality_stays():
     assert needed_steps(prob, dist, grid, prob_tol=0.05, max_distance=1.0).tolist() == [2, 100, 8, 8]
 
 
+def _labels(quality_like, n_per=60, seed=0):
+    """Synthetic labels over grid (2, 5, 10, 100): features of image i at column g are its reference
+    features plus noise that shrinks with the count; half the images are noisier (a "hard" half)."""
+    g = torch.Generator().manual_seed(seed)
+    grid = (2, 5, 10, 100)
+    n = 2 * n_per
+    ref = quality_like.real_features[torch.randperm(len(quality_like.real_features), generator=g)[:n].numpy()]
+    ref = torch.tensor(ref, dtype=torch.float32)
+    hard = torch.arange(n) >= n_per
+    scale = torch.tensor([1.0, 0.3, 0.1, 0.0]).view(1, 4, 1) * (1 + 3 * hard.float()).view(n, 1, 1)
+    features = ref.unsqueeze(1) + scale * torch.randn(n, 4, ref.shape[1], generator=g) * 3.0  # [N, 4, F]
+    from dynexec_compile.stepsaver.quality import frechet_distance
+
+    frechet = torch.tensor([frechet_distance(features[:, c].double().numpy(), quality_like.real_features) for c in range(4)])
+    return StepLabels(
+        digits=torch.arange(n) % 10, guidance=torch.where(hard, 4.0, 1.0), seeds=torch.arange(n), grid=grid,
+        prob=torch.ones(n, 4), correct=torch.ones(n, 4, dtype=torch.bool), features=features,
+        distance=(features - features[:, -1:]).norm(dim=-1), needed=torch.full((n,), 100),
+        set_accuracy=torch.ones(4), set_frechet=frechet, feature_scale=3.0, prob_tol=0.05, feature_tol=0.0,
+    )
+
+
+class _RealFeatures:
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.real_features = (torch.randn(400, 8, generator=g) * 2.0).double().numpy()
+
+
 def test_labels_round_trip_and_safe_steps(tmp_path):
     grid = (2, 5, 10, 100)
     labels = StepLabels(
         digits=torch.tensor([0, 1]), guidance=torch.tensor([1.0, 2.0]), seeds=torch.tensor([0, 0]), grid=grid,
-        prob=torch.rand(2, 4), distance=torch.rand(2, 4), needed=torch.tensor([5, 10]),
+        prob=torch.rand(2, 4), correct=torch.ones(2, 4, dtype=torch.bool), features=torch.randn(2, 4, 8),
+        distance=torch.rand(2, 4), needed=torch.tensor([5, 10]),
         set_accuracy=torch.tensor([0.5, 0.985, 1.0, 0.99]), set_frechet=torch.tensor([9.0, 1.0, 1.05, 1.0]),
         feature_scale=3.0, prob_tol=0.05, feature_tol=0.25,
     )
@@ -196,6 +246,43 @@ def test_labels_round_trip_and_safe_steps(tmp_path):
     labels.save(tmp_path / "l.safetensors")
     back = StepLabels.load(tmp_path / "l.safetensors")
     assert back.grid == grid and back.safe_steps() == 5 and torch.equal(back.needed, labels.needed)
+    torch.testing.assert_close(back.features, labels.features, rtol=1e-3, atol=1e-3)  # stored in fp16
+    assert torch.equal(back.correct, labels.correct)
+
+
+def test_feature_tolerance_is_the_largest_whose_labels_keep_the_set_quality():
+    quality = _RealFeatures()
+    labels = _labels(quality)
+    tol, table = calibrate_feature_tol(labels, quality, tolerances=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    ref = labels.reference()
+    assert table[0]["feature_tol"] == 0.0 and table[0]["mean_label"] == 100 and table[0]["matches"]
+    chosen = next(r for r in table if r["feature_tol"] == tol)
+    assert chosen["matches"] and chosen["frechet"] <= 1.1 * ref.frechet
+    assert not table[-1]["matches"] and table[-1]["feature_tol"] > tol  # it stopped at the first failure
+    assert [r["mean_label"] for r in table] == sorted((r["mean_label"] for r in table), reverse=True)
+    # the labels at that tolerance, as a set, keep the criterion; the next tolerance's do not
+    columns = needed_columns(labels.prob, labels.distance, labels.prob_tol, tol * labels.feature_scale)
+    assert matches(labels.report(columns, quality), ref)
+
+
+def test_predictor_risk_is_calibrated_on_the_training_set_quality(tiny):
+    quality = _RealFeatures()
+    labels = _labels(quality)
+    tol, _ = calibrate_feature_tol(labels, quality, tolerances=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    labels.needed = needed_steps(labels.prob, labels.distance, labels.grid, labels.prob_tol, tol * labels.feature_scale)
+    predictor, table = train_predictor(tiny, labels, quality, iters=400)
+    chosen = next(r for r in table if r["risk"] == predictor.risk)
+    assert chosen["matches"]
+    assert all(r["matches"] for r in table[:-1])
+    columns = predictor.choose(predictor.enough(labels.digits, labels.guidance))
+    assert matches(labels.report(columns, quality), labels.reference())
+    # the hard prompts (guidance 4) get at least as many steps as the easy ones
+    easy, hard = predictor.predict([DigitPrompt(0, 1.0)]), predictor.predict([DigitPrompt(0, 4.0)])
+    assert easy[0] <= hard[0]
+    fixed, none = train_predictor(tiny, labels, risk=0.3, iters=50)
+    assert fixed.risk == 0.3 and none == []
+    with pytest.raises(ValueError, match="pass quality="):
+        train_predictor(tiny, labels)
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -285,3 +372,30 @@ def test_package_exports_stepsaver_and_the_quick_bench_passes():
     assert result.metrics["stepsaver.reassembled_equals_alone"].value == 1.0
     assert result.metrics["stepsaver.fallback_is_safe_count"].value == 1.0
     assert result.metrics["stepsaver.fallback_warned"].value == 1.0
+
+
+def test_per_prompt_oracle_lowers_only_the_prompts_that_keep_the_set_quality():
+    """Prompt A's images are real digits at every count; prompt B's are real from 5 steps on and
+    noise below: the oracle gives A the fewest steps and keeps B at 5."""
+    from dynexec_compile.bench.stepsaver import per_prompt_oracle
+    from dynexec_compile.stepsaver.quality import DigitClassifier
+
+    torch.manual_seed(0)
+    quality = DigitQuality(DigitClassifier())
+    real, labels = real_digits()
+    a, b = DigitPrompt(0, 1.0), DigitPrompt(1, 4.0)
+    prompts = [a] * 150 + [b] * 150
+    digits = torch.tensor([0] * 150 + [1] * 150)
+    pick = torch.cat([(labels == 0).nonzero()[:150, 0], (labels == 1).nonzero()[:150, 0]])
+    good = real[pick]
+    noise = torch.rand(150, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    per_count = {}
+    for n in (1, 2, 5, 100):
+        images = good.clone()
+        if n < 5:
+            images[150:] = noise
+        per_count[n] = (quality.report(images, digits), images)
+    ref = per_count[100][0]
+    mean, rep, counts = per_prompt_oracle(prompts, per_count, digits, quality, ref, start=5)
+    assert counts == {"0@1": 1, "1@4": 5}
+    assert mean == pytest.approx(3.0) and matches(rep, ref)

@@ -1,0 +1,270 @@
+"""Prompt elastification on SmolLM2-135M-Instruct: label, train the scorer, measure the curve.
+
+Stages (each resumable: results are written after every prompt, a rerun skips what is done):
+
+    label   self-induced labels on ``--prompts`` training prompts (long_prompts(split="train"))
+    train   fit the scorer's head on the labels; save it as safetensors
+    eval    on ``--prompts`` benchmark prompts: the full-prompt answer, then at 25/50/75% of
+            the context's tokens kept by the scorer, at random and by dropping the oldest
+            words: the answer and its ROUGE-L against the full-prompt answer
+    ttft    time to first token of the full and every compressed prompt of the first
+            ``--prompts`` benchmark prompts (scoring included for the scorer): warm-up, medians
+            of ``--repeats`` interleaved rounds; run it pinned to its own core
+    report  the table (Markdown) and the TTFT-vs-quality plot (PNG) from the JSON files
+
+    python benchmarks/bench_prompt_elastic.py label --prompts 60
+    python benchmarks/bench_prompt_elastic.py train
+    python benchmarks/bench_prompt_elastic.py eval --prompts 30
+    python benchmarks/bench_prompt_elastic.py ttft --prompts 12 --repeats 3
+    python benchmarks/bench_prompt_elastic.py report
+
+Answers are greedy, up to ``--new-tokens`` tokens or EOS, decoded by ``dx.generate`` (compiled,
+fp32, 1 thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import dynexec_compile as dx
+from dynexec_compile.elastic import prompt as P
+from dynexec_compile.elastic.prompt_tasks import KINDS, LongPrompt, long_prompts
+from dynexec_compile.models import load_lm
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SCORER = ROOT / "models" / "smollm2-135m-instruct" / "prompt-scorer" / "scorer.safetensors"
+LABELS = SCORER.parent / "labels.json"
+METHODS = ("scorer", "random", "oldest")
+
+
+def _load(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _save(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _answer_fn(model, tok, new_tokens: int):
+    eos = tok.eos_token_id
+
+    def answer(ids: torch.Tensor) -> torch.Tensor:
+        out = dx.generate(model, ids, strategy="greedy", max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos)
+        new = out.sequences[0, ids.shape[1]:]
+        return new[new != eos]
+
+    return answer
+
+
+def _prompt_dict(p: LongPrompt) -> dict:
+    return {"kind": p.kind, "context": p.context, "instruction": p.instruction}
+
+
+def label(args) -> None:
+    model, tok = load_lm("smollm2-135m-instruct")
+    answer = _answer_fn(model, tok, args.new_tokens)
+    done = _load(LABELS, {"ratios": list(P.DEFAULT_RATIOS), "new_tokens": args.new_tokens, "items": []})
+    prompts = long_prompts(args.prompts, "train")
+    from dynexec_compile.routing.embed import SentenceEmbedder
+
+    embedder = SentenceEmbedder(max_length=256)
+    for i, prompt in enumerate(prompts):
+        if i < len(done["items"]):
+            continue
+        start = time.perf_counter()
+        (item,) = P.label_prompts(model, tok, [prompt], answer, embedder=embedder, seed=i, progress=False) or [None]
+        row = {"prompt": _prompt_dict(prompt), "seconds": time.perf_counter() - start}
+        if item is not None:
+            row |= {"answer": item.answer.tolist(), "labels": item.labels.tolist(),
+                    "best": {str(k): v for k, v in item.best.items()},
+                    "loglik": {str(k): v for k, v in item.loglik.items()}}
+        done["items"].append(row)
+        _save(LABELS, done)
+        print(f"[{i + 1}/{len(prompts)}] {prompt.kind}: best {row.get('best')} ({row['seconds']:.1f} s)", flush=True)
+
+
+def _labelled(tok) -> list[P.PromptLabels]:
+    data = _load(LABELS, None)
+    if data is None:
+        raise SystemExit(f"no labels at {LABELS}; run the label stage first")
+    out = []
+    for row in data["items"]:
+        if "labels" in row:
+            out.append(P.PromptLabels(LongPrompt(**row["prompt"]), torch.tensor(row["answer"]),
+                                      torch.tensor(row["labels"], dtype=torch.float64),
+                                      {float(k): v for k, v in row["best"].items()}))
+    return out
+
+
+def train(args) -> None:
+    from transformers import AutoTokenizer
+
+    from dynexec_compile.models import lm_folder
+
+    tok = AutoTokenizer.from_pretrained(lm_folder("smollm2-135m-instruct"))
+    items = _labelled(tok)
+    held = max(1, len(items) // 6)
+    fit, val = items[:-held], items[-held:]
+    scorer = P.train_prompt_scorer(fit, tok, epochs=args.epochs)
+    # how well the head ranks held-out words: mean label of the words it keeps at 50%
+    agree, base = [], []
+    for item in val:
+        words = P.Words.of(item.prompt.context, tok)
+        kept = P.keep_by_score(scorer.scores(words, item.prompt.instruction), words.costs, 0.5)
+        agree.append(float(item.labels[kept].mean()))
+        base.append(float(item.labels.mean()))
+    print(f"held-out prompts {len(val)}: mean label of words kept at 50% {statistics.mean(agree):.3f} "
+          f"(all words {statistics.mean(base):.3f})")
+    best = [b for item in items for b in item.best.values()]
+    print("best candidate counts:", {name: best.count(name) for name in sorted(set(best))})
+    scorer = P.train_prompt_scorer(items, tok, epochs=args.epochs)  # the saved head sees every label
+    SCORER.parent.mkdir(parents=True, exist_ok=True)
+    scorer.save(SCORER)
+    _save(SCORER.parent / "training.json", {
+        "labelled_prompts": len(items), "epochs": args.epochs, "held_out_prompts": len(val),
+        "held_out_mean_label_kept_at_0.5": statistics.mean(agree), "held_out_mean_label_all": statistics.mean(base),
+        "best_candidate_counts": {name: best.count(name) for name in sorted(set(best))},
+        "command": "python benchmarks/bench_prompt_elastic.py label --prompts N && ... train",
+    })
+    print(f"saved {SCORER}")
+
+
+def evaluate(args) -> None:
+    model, tok = load_lm("smollm2-135m-instruct")
+    answer = _answer_fn(model, tok, args.new_tokens)
+    scorer = P.PromptScorer.load(SCORER)
+    out_path = RESULTS / "prompt-elastic-quality.json"
+    done = _load(out_path, {"new_tokens": args.new_tokens, "ratios": list(P.DEFAULT_RATIOS), "prompts": []})
+    for i, prompt in enumerate(long_prompts(args.prompts, "bench")):
+        if i < len(done["prompts"]):
+            continue
+        full_ids = P.chat_ids(tok, prompt.text())
+        reference = tok.decode(answer(full_ids))
+        row = {"kind": prompt.kind, "prompt_tokens": full_ids.shape[1], "answer": reference, "runs": []}
+        for ratio in P.DEFAULT_RATIOS:
+            for method in METHODS:
+                c = P.compress(prompt, ratio, tok, method, scorer, seed=i)
+                ids = P.chat_ids(tok, c.text())
+                text = tok.decode(answer(ids))
+                row["runs"].append({"method": method, "keep": ratio, "kept_fraction": c.kept_fraction,
+                                    "prompt_tokens": ids.shape[1], "answer": text, "rouge_l": P.rouge_l(text, reference)})
+        done["prompts"].append(row)
+        _save(out_path, done)
+        at_half = {r["method"]: round(r["rouge_l"], 1) for r in row["runs"] if r["keep"] == 0.5}
+        print(f"[{i + 1}] {prompt.kind} {row['prompt_tokens']} tokens; ROUGE-L at 50%: {at_half}", flush=True)
+
+
+def ttft(args) -> None:
+    model, tok = load_lm("smollm2-135m-instruct")
+    scorer = P.PromptScorer.load(SCORER)
+    eos = tok.eos_token_id
+
+    def first_token(ids):
+        return dx.generate(model, ids, strategy="greedy", max_new_tokens=1, eos_token_id=eos, pad_token_id=eos)
+
+    prompts = long_prompts(args.prompts, "bench")
+    cases = []  # (prompt index, method, keep)
+    for i in range(len(prompts)):
+        cases.append((i, "full", 1.0))
+        cases += [(i, m, r) for r in P.DEFAULT_RATIOS for m in METHODS]
+
+    def run(case) -> float:
+        i, method, keep = case
+        start = time.perf_counter()
+        text = prompts[i].text() if method == "full" else P.compress(prompts[i], keep, tok, method, scorer, seed=i).text()
+        first_token(P.chat_ids(tok, text))
+        return time.perf_counter() - start
+
+    for case in cases:  # warm-up: compiles the prefill graph for every length bucket
+        run(case)
+    times = {case: [] for case in cases}
+    for _ in range(args.repeats):
+        for case in cases:
+            times[case].append(run(case))
+    profile = P.profile_ttft(first_token, repeats=args.repeats, vocab=tok.vocab_size, scorer=scorer, tokenizer=tok)
+    rows = [{"prompt": i, "method": m, "keep": k, "ttft_s": statistics.median(times[(i, m, k)])} for i, m, k in cases]
+    _save(RESULTS / "prompt-elastic-ttft.json", {"repeats": args.repeats, "rows": rows, "profile": {
+        "lengths": profile.lengths, "seconds": profile.seconds, "coefficients": profile.coefficients,
+        "scorer_s_per_word": profile.scorer_s_per_word}})
+    print(json.dumps(rows[:10], indent=1))
+
+
+def report(args) -> None:
+    quality = _load(RESULTS / "prompt-elastic-quality.json", None)
+    timing = _load(RESULTS / "prompt-elastic-ttft.json", None)
+    if quality is None:
+        raise SystemExit("run the eval stage first")
+    prompts = quality["prompts"]
+    full_ttft = None
+    ttft = {}
+    if timing is not None:
+        full = [r["ttft_s"] for r in timing["rows"] if r["method"] == "full"]
+        full_ttft = statistics.mean(full)
+        for method in METHODS:
+            for keep in P.DEFAULT_RATIOS:
+                sel = [r["ttft_s"] for r in timing["rows"] if r["method"] == method and r["keep"] == keep]
+                ttft[(method, keep)] = statistics.mean(sel)
+    lines = ["| method | keep | tokens kept | TTFT s (vs full) | ROUGE-L all | " + " | ".join(KINDS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(KINDS)]
+    if full_ttft is not None:
+        lines.append(f"| full prompt | 1.00 | 1.00 | {full_ttft:.3f} (1.00x) | 100.0 | " + " | ".join("100.0" for _ in KINDS) + " |")
+    curve = {}
+    for keep in P.DEFAULT_RATIOS:
+        for method in METHODS:
+            runs = [(p["kind"], r) for p in prompts for r in p["runs"] if r["method"] == method and r["keep"] == keep]
+            score = statistics.mean(r["rouge_l"] for _, r in runs)
+            kept = statistics.mean(r["kept_fraction"] for _, r in runs)
+            by_kind = [statistics.mean([r["rouge_l"] for k, r in runs if k == kind] or [float("nan")]) for kind in KINDS]
+            t = ttft.get((method, keep))
+            t_text = f"{t:.3f} ({t / full_ttft:.2f}x)" if t is not None else "n/a"
+            curve[(method, keep)] = (t, score)
+            lines.append(f"| {method} | {keep:.2f} | {kept:.2f} | {t_text} | {score:.1f} | " + " | ".join(f"{v:.1f}" for v in by_kind) + " |")
+    table = "\n".join(lines)
+    counts = ", ".join(f"{k}: {sum(p['kind'] == k for p in prompts)}" for k in KINDS)
+    print(f"{len(prompts)} benchmark prompts ({counts})")
+    print(table)
+    gap = curve[("scorer", 0.5)][1] - curve[("random", 0.5)][1]
+    print(f"\nat 50% kept: scorer - random = {gap:+.1f} ROUGE-L points (goal >= +10)")
+    (RESULTS / "prompt-elastic.md").write_text(table + f"\n\nat 50% kept: scorer - random = {gap:+.1f} ROUGE-L points\n")
+    if timing is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in METHODS:
+            pts = sorted((curve[(method, k)] for k in P.DEFAULT_RATIOS), key=lambda x: x[0])
+            ax.plot([t for t, _ in pts] + [full_ttft], [s for _, s in pts] + [100.0], marker="o", label=method)
+        ax.set_xlabel("time to first token (s), SmolLM2-135M, 1 CPU thread")
+        ax.set_ylabel("ROUGE-L vs full-prompt answer")
+        ax.set_title("Prompt elastification: 25 / 50 / 75% of context tokens kept")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "prompt-elastic.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["label", "train", "eval", "ttft", "report"])
+    parser.add_argument("--prompts", type=int, default=30)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    {"label": label, "train": train, "eval": evaluate, "ttft": ttft, "report": report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
