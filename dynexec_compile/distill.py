@@ -4,7 +4,7 @@ Both are trained the same way: the backbone runs under ``torch.no_grad()`` on te
 text, a head is fitted to the model's own next-token distribution (KL divergence) — no
 labels, and the head learns what the model will say, which is what verification accepts —
 through the one loop heads on a frozen model share
-(:func:`~dynexec_compile.exit_heads.fit_heads`). The model is never modified.
+(:func:`~dynexec_compile.training.optimize`). The model is never modified.
 
 - :func:`train_draft_heads`: Medusa-style heads for ``strategy="draft_heads"``; head ``i`` at
   position ``t`` learns the model's distribution at ``t + i``;
@@ -25,7 +25,8 @@ from transformers import PreTrainedModel
 from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.step import check_causal_lm
-from dynexec_compile.exit_heads import ExitHeads, fit_heads
+from dynexec_compile.exit_heads import ExitHeads
+from dynexec_compile.training import optimize
 
 
 def train_draft_heads(
@@ -77,12 +78,16 @@ def train_draft_heads(
     device = next(model.parameters()).device
     heads = heads.to(device=device, dtype=torch.float32).train()
     lm_head = model.get_output_embeddings()
-    fit_heads(
-        heads,
-        token_batches(data, batch_size, seq_len, steps),
+    batches, total = token_batches(data, batch_size, seq_len, steps)
+    optimize(
+        list(heads.parameters()),
+        batches,
         lambda batch: _distill_loss(model, heads, lm_head, batch, temperature),
         lr=lr,
         weight_decay=weight_decay,
+        warmup=0.0,
+        clip=None,
+        max_steps=total,
         desc="draft heads",
         progress=progress,
     )
@@ -176,12 +181,16 @@ def train_exit_lm_head(
         student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
         return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
 
-    fit_heads(
-        heads,
-        token_batches(data, batch_size, seq_len, steps),
+    batches, total = token_batches(data, batch_size, seq_len, steps)
+    optimize(
+        list(heads.parameters()),
+        batches,
         loss_fn,
         lr=lr,
         weight_decay=0.0,
+        warmup=0.0,
+        clip=None,
+        max_steps=total,
         desc=f"exit head (layer {exit_layer})",
         progress=progress,
     )
@@ -191,7 +200,7 @@ def train_exit_lm_head(
 def token_batches(
     data: torch.Tensor | Iterable[torch.Tensor], batch_size: int, seq_len: int, steps: int | None
 ) -> tuple[Iterator[torch.Tensor], int]:
-    """``(iterator of [B, S] id batches, number of steps)`` for :func:`~dynexec_compile.exit_heads.fit_heads`."""
+    """``(iterator of [B, S] id batches, number of steps)`` for :func:`~dynexec_compile.training.optimize`."""
     if torch.is_tensor(data):
         if data.dtype not in (torch.int64, torch.int32) or data.ndim not in (1, 2):
             raise TypeError(f"data must be int token ids, 1-D or [N, S]; got {data.dtype} {tuple(data.shape)}")

@@ -23,7 +23,7 @@ report the last hidden state after their final norm, not the block output).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
+from dynexec_compile.training import optimize
 from dynexec_compile.weights_io import read_with_config, save_with_config
 
 HEAD_KINDS = ("cls_tanh", "mean_tanh", "last_token_rmsnorm")
@@ -366,50 +367,25 @@ def train_exit_heads(
             )
     heads = heads.to(device=device, dtype=torch.float32)
 
-    total_steps = epochs * len(dataloader) if hasattr(dataloader, "__len__") else None
     was_training = model.training
     model.eval()
     heads.train()
     try:
-        fit_heads(
-            heads,
-            ((batch for _ in range(epochs) for batch in dataloader), total_steps),
+        optimize(
+            list(heads.parameters()),
+            dataloader,
             lambda batch: _exit_loss(model, heads, *_split_batch(batch, device), loss, temperature, num_layers),
+            epochs=epochs,
             lr=lr,
             weight_decay=weight_decay,
+            warmup=0.0,
+            clip=None,
             desc="exit heads",
             progress=progress,
         )
     finally:
         model.train(was_training)
     return heads.eval()
-
-
-def fit_heads(
-    heads: nn.Module,
-    batches: tuple[Iterator[Any], int | None],
-    loss_fn: Callable[[Any], torch.Tensor],
-    *,
-    lr: float,
-    weight_decay: float,
-    desc: str,
-    progress: bool,
-) -> None:
-    """The loop every head trained on a frozen model shares (exit heads, draft heads, LM exit
-    heads): AdamW, linear decay to 0 over the ``(iterator, total)`` of batches (constant when
-    ``total`` is ``None``), ``loss_fn(batch)`` per step, a progress bar."""
-    steps, total = batches
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total) if total else 1.0)
-    with tqdm(total=total, desc=desc, disable=not progress, unit="step") as bar:
-        for batch in steps:
-            loss = loss_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 def _exit_loss(

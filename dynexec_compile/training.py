@@ -1,4 +1,5 @@
-"""The one optimisation loop of dynexec's small training jobs (fine-tuning, level LoRAs).
+"""The one optimisation loop of dynexec's small training jobs (fine-tuning, level LoRAs, exit
+heads, draft heads, LM exit heads; heads on a frozen model use ``warmup=0, clip=None``).
 
 AdamW, linear warm-up then linear decay to 0 over the steps actually run, gradient clipping,
 a tqdm bar with the smoothed loss, and the wall-clock and process CPU time it took (the
@@ -28,6 +29,8 @@ class TrainResult:
 def _batch_size(batch: Any) -> int:
     if isinstance(batch, Mapping):
         batch = next(iter(batch.values()))
+    elif isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() else 1
 
 
