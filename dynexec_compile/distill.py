@@ -103,15 +103,10 @@ def _distill_loss(
 ) -> torch.Tensor:
     """Mean over heads of KL(model's distribution at ``t + i`` || head ``i`` at ``t``), over the
     positions ``t`` the batch's mask marks (all when it has none)."""
-    ids, mask = batch if isinstance(batch, tuple) else (batch, None)
-    ids = ids.to(lm_head.weight.device)
+    ids, mask, start = _marked(batch, lm_head.weight.device)
     k, seq = heads.num_heads, ids.shape[1]
     if seq <= k:
         raise ValueError(f"training sequences need more than offsets={k} tokens, got {seq}")
-    # positions before the first marked one feed the context only: no LM head runs on them (it is
-    # most of the cost), so everything below is offset by `start`
-    marked_any = None if mask is None else mask.any(dim=0).nonzero()
-    start = 0 if marked_any is None or marked_any.numel() == 0 else min(int(marked_any[0]), seq - 1)
     with torch.no_grad():
         h = model.base_model(input_ids=ids).last_hidden_state[:, start:].float()  # [B, S', D], after the final norm
         teacher = F.log_softmax(lm_head(h.to(lm_head.weight.dtype)).float() / temperature, dim=-1)  # [B, S', V]
@@ -122,12 +117,28 @@ def _distill_loss(
         span = seq - start - i  # positions t in [start, seq - i)
         features, target = student[:, :span, i - 1], teacher[:, i:]  # head i at t; the model at t + i
         if mask is not None:  # only the marked positions: [N, D], [N, V]
-            marked = mask[:, start : start + span].to(features.device)
+            marked = mask[:, start : start + span]
             features, target = features[marked], target[marked]
         log_q = F.log_softmax(F.linear(features, weight) / temperature, dim=-1)
         kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1)  # per position
         losses.append((kl.mean() if kl.numel() else kl.sum()) * temperature**2)
     return torch.stack(losses).mean()
+
+
+def _marked(
+    batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """``(ids, mask, start)`` of a batch on ``device``: ``start`` is the first position any row
+    marks (0 without a mask). Positions before it feed the context only, so a loss computes no
+    LM head on them (it is most of the cost) and offsets everything by ``start``."""
+    ids, mask = batch if isinstance(batch, tuple) else (batch, None)
+    ids = ids.to(device)
+    if mask is None:
+        return ids, None, 0
+    mask = mask.to(device)
+    marked = mask.any(dim=0).nonzero()
+    start = 0 if marked.numel() == 0 else min(int(marked[0]), ids.shape[1] - 1)
+    return ids, mask, start
 
 
 def train_exit_lm_head(
@@ -146,12 +157,12 @@ def train_exit_lm_head(
 
     The head (RMSNorm -> Linear(D, V)) reads block ``exit_layer - 1``'s output, starts from
     the model's own LM head (and, for RMSNorm models, its final norm's scale) and is fitted
-    to the model's final next-token distribution at every position (KL divergence,
-    teacher-forced). The model is never modified.
+    to the model's final next-token distribution at every position, or at the positions a
+    batch's mask marks (KL divergence, teacher-forced). The model is never modified.
 
     Args:
         model: a causal LM in eval mode whose layers transformers exposes.
-        data: token ids, as for :func:`train_draft_heads`.
+        data: token ids or ``(ids, mask)`` batches, as for :func:`train_draft_heads`.
         exit_layer: ``E``, the layers the draft runs.
         steps, batch_size, seq_len, lr, temperature, progress: as for ``train_draft_heads``.
     Returns:
@@ -173,19 +184,11 @@ def train_exit_lm_head(
             head.norm.weight.copy_(stack.norm.weight)
     heads = heads.to(device=device, dtype=torch.float32).train()
 
-    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = model(input_ids=ids.to(device), output_hidden_states=True)
-            teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S, V]
-            h = out.hidden_states[exit_layer].float()  # [B, S, D], block E-1's output
-        student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S, V]
-        return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
-
     batches, total = token_batches(data, batch_size, seq_len, steps)
     optimize(
         list(heads.parameters()),
         batches,
-        loss_fn,
+        lambda batch: _exit_lm_loss(model, head, exit_layer, batch, temperature),
         lr=lr,
         weight_decay=0.0,
         warmup=0.0,
@@ -195,6 +198,29 @@ def train_exit_lm_head(
         progress=progress,
     )
     return heads.eval()
+
+
+def _exit_lm_loss(
+    model: PreTrainedModel,
+    head: nn.Module,
+    exit_layer: int,
+    batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    temperature: float,
+) -> torch.Tensor:
+    """Mean KL(model's final distribution at ``t`` || exit head on block ``exit_layer - 1``'s
+    output at ``t``) over the positions the batch's mask marks (all when it has none)."""
+    ids, mask, start = _marked(batch, head.out.weight.device)
+    with torch.no_grad():
+        # logits only from the first marked position on: the LM head is most of the cost
+        keep = {"logits_to_keep": ids.shape[1] - start} if start else {}
+        out = model(input_ids=ids, output_hidden_states=True, **keep)
+        teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S', V]
+        h = out.hidden_states[exit_layer][:, start:].float()  # [B, S', D], block E-1's output
+    student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S', V]
+    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [B, S']
+    if mask is not None:
+        kl = kl[mask[:, start:]]
+    return (kl.mean() if kl.numel() else kl.sum()) * temperature**2
 
 
 def token_batches(

@@ -85,6 +85,32 @@ def test_training_the_exit_head_brings_it_closer_to_the_model(llama4):
     assert torch.equal(generated.sequences, hf_greedy(llama4, ids, mask, 40))
 
 
+def test_the_exit_head_loss_covers_only_the_marked_positions(llama4):
+    """An (ids, mask) batch trains the exit head where it will draft (answers), not on prompts:
+    the loss is the KL over the marked positions of the model's own distribution."""
+    from dynexec_compile.distill import _exit_lm_loss
+
+    text = hf_greedy(llama4, *left_padded_batch([8] * 4, seed=3), 24)  # [4, 32]
+    heads = dx.train_exit_lm_head(llama4, text, exit_layer=2, steps=1, batch_size=4, seq_len=32, progress=False)
+    head = heads.head(1)
+    with torch.no_grad():  # far from the model's head, so that positions differ in loss
+        head.out.weight.add_(0.3 * torch.randn(head.out.weight.shape, generator=torch.Generator().manual_seed(1)))
+    answer = torch.ones_like(text, dtype=torch.bool)
+    answer[:, :10] = False
+    answer[1, 10:14] = False  # rows may start at different positions
+    with torch.no_grad():
+        out = llama4(text, output_hidden_states=True)
+        teacher = out.logits.log_softmax(-1)
+        student = head.classify(out.hidden_states[2]).log_softmax(-1)
+        kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [4, 32]
+        plain = _exit_lm_loss(llama4, head, 2, text, 1.0)
+        assert torch.allclose(plain, kl.mean())
+        assert torch.allclose(_exit_lm_loss(llama4, head, 2, (text, torch.ones_like(answer)), 1.0), plain)
+        masked = _exit_lm_loss(llama4, head, 2, (text, answer), 1.0)
+    assert torch.allclose(masked, kl[answer].mean()) and not torch.allclose(masked, plain, rtol=1e-2)
+    assert dx.train_exit_lm_head(llama4, [(text, answer)] * 2, exit_layer=2, progress=False).layers == (1,)
+
+
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_layers_below_the_exit_run_once_per_token(llama4, do_sample):
     """Per step, every layer processes the step's k + 1 tokens exactly once: the k tokens the
