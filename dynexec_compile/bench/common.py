@@ -265,7 +265,7 @@ def prepare_precision(model: Any, args: Any) -> Any:
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
         except ImportError as err:
-            raise ImportError(f"--quantize int8-weight-only needs torchao: pip install torchao ({err})") from None
+            raise ImportError(f'--quantize int8-weight-only needs torchao: pip install -e ".[quantize]" -c constraints.txt ({err})') from None
         quantize_(model, Int8WeightOnlyConfig())
     return model
 
