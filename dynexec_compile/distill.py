@@ -14,8 +14,9 @@ through the one loop heads on a frozen model share
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -146,19 +147,27 @@ def train_exit_lm_head(
     data: torch.Tensor | Iterable[torch.Tensor],
     exit_layer: int,
     *,
+    head: str = "vocab",
+    num_layers: int = 1,
     steps: int | None = None,
     batch_size: int = 8,
     seq_len: int = 256,
     lr: float = 1e-3,
     temperature: float = 1.0,
     progress: bool = True,
-) -> ExitHeads:
-    """Train a ``last_token_rmsnorm`` exit head over the vocabulary for ``exit_head="trained"``.
+) -> ExitHeads | DraftHeads:
+    """Train an exit head on block ``exit_layer - 1``'s output for ``exit_head="trained"``.
 
-    The head (RMSNorm -> Linear(D, V)) reads block ``exit_layer - 1``'s output, starts from
-    the model's own LM head (and, for RMSNorm models, its final norm's scale) and is fitted
-    to the model's final next-token distribution at every position, or at the positions a
-    batch's mask marks (KL divergence, teacher-forced). The model is never modified.
+    It is fitted to the model's final next-token distribution at every position, or at the
+    positions a batch's mask marks (KL divergence, teacher-forced). The model is never modified.
+
+    - ``head="vocab"``: a ``last_token_rmsnorm`` head (RMSNorm -> Linear(D, V)) starting from
+      the model's own LM head (and, for RMSNorm models, its final norm's scale); as large as
+      the LM head.
+    - ``head="adapter"``: ``num_layers`` residual blocks (``D x D`` each, starting as the
+      identity) under the model's own final norm and LM head, which stay frozen
+      (:class:`~dynexec_compile.decoding.self_speculative.AdapterExitHead`): a small file
+      for a large vocabulary.
 
     Args:
         model: a causal LM in eval mode whose layers transformers exposes.
@@ -166,57 +175,81 @@ def train_exit_lm_head(
         exit_layer: ``E``, the layers the draft runs.
         steps, batch_size, seq_len, lr, temperature, progress: as for ``train_draft_heads``.
     Returns:
-        :class:`ExitHeads` with one head at block ``exit_layer - 1`` (fp32, eval mode); save it
-        with ``save_exit_heads``.
+        ``"vocab"``: :class:`ExitHeads` with one head at block ``exit_layer - 1`` (save it with
+        ``save_exit_heads``); ``"adapter"``: a one-head :class:`DraftHeads` (``save_draft_heads``).
+        fp32, eval mode; pass it as ``exit_heads=`` with the same ``exit_layer``.
     """
+    from dynexec_compile.decoding.self_speculative import AdapterExitHead
+
     check_causal_lm(model)
     stack = DecoderStack(model)
     if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < stack.num_layers:
         raise ValueError(f"exit_layer must be an int in [1, {stack.num_layers - 1}], got {exit_layer!r}")
+    if head not in ("vocab", "adapter"):
+        raise ValueError(f"head must be 'vocab' or 'adapter', got {head!r}")
     vocab = int(model.config.vocab_size)
-    eps = float(getattr(stack.norm, "variance_epsilon", getattr(stack.norm, "eps", 1e-6)))
-    heads = ExitHeads([exit_layer - 1], stack.hidden_size, vocab, "last_token_rmsnorm", dropout=0.0, eps=eps)
-    head = heads.head(exit_layer - 1)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        head.out.weight.copy_(stack.lm_head.weight)
-        if stack.family == "llama":
-            head.norm.weight.copy_(stack.norm.weight)
-    heads = heads.to(device=device, dtype=torch.float32).train()
+    if head == "adapter":
+        heads = DraftHeads(stack.hidden_size, 1, num_layers, vocab).to(device=device, dtype=torch.float32).train()
+        logits = AdapterExitHead(model, heads.blocks[0])
+    else:
+        eps = float(getattr(stack.norm, "variance_epsilon", getattr(stack.norm, "eps", 1e-6)))
+        heads = ExitHeads([exit_layer - 1], stack.hidden_size, vocab, "last_token_rmsnorm", dropout=0.0, eps=eps)
+        with torch.no_grad():
+            heads.head(exit_layer - 1).out.weight.copy_(stack.lm_head.weight)
+            if stack.family == "llama":
+                heads.head(exit_layer - 1).norm.weight.copy_(stack.norm.weight)
+        heads = heads.to(device=device, dtype=torch.float32).train()
+        logits = heads.head(exit_layer - 1).classify
 
     batches, total = token_batches(data, batch_size, seq_len, steps)
-    optimize(
-        list(heads.parameters()),
-        batches,
-        lambda batch: _exit_lm_loss(model, head, exit_layer, batch, temperature),
-        lr=lr,
-        weight_decay=0.0,
-        warmup=0.0,
-        clip=None,
-        max_steps=total,
-        desc=f"exit head (layer {exit_layer})",
-        progress=progress,
-    )
+    with _frozen(model):  # gradients reach the head only, never the model's own weights
+        optimize(
+            list(heads.parameters()),
+            batches,
+            lambda batch: _exit_lm_loss(model, logits, exit_layer, batch, temperature),
+            lr=lr,
+            weight_decay=0.0,
+            warmup=0.0,
+            clip=None,
+            max_steps=total,
+            desc=f"exit {head} (layer {exit_layer})",
+            progress=progress,
+        )
     return heads.eval()
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """``requires_grad`` off on the model's parameters for the block, then restored."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _exit_lm_loss(
     model: PreTrainedModel,
-    head: nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
     exit_layer: int,
     batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     temperature: float,
 ) -> torch.Tensor:
-    """Mean KL(model's final distribution at ``t`` || exit head on block ``exit_layer - 1``'s
-    output at ``t``) over the positions the batch's mask marks (all when it has none)."""
-    ids, mask, start = _marked(batch, head.out.weight.device)
+    """Mean KL(model's final distribution at ``t`` || ``head`` (``[.., D] -> [.., V]`` logits) on
+    block ``exit_layer - 1``'s output at ``t``) over the positions the batch's mask marks (all
+    when it has none)."""
+    ids, mask, start = _marked(batch, next(model.parameters()).device)
     with torch.no_grad():
         # logits only from the first marked position on: the LM head is most of the cost
         keep = {"logits_to_keep": ids.shape[1] - start} if start else {}
         out = model(input_ids=ids, output_hidden_states=True, **keep)
         teacher = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [B, S', V]
         h = out.hidden_states[exit_layer][:, start:].float()  # [B, S', D], block E-1's output
-    student = F.log_softmax(head.classify(h) / temperature, dim=-1)  # [B, S', V]
+    student = F.log_softmax(head(h) / temperature, dim=-1)  # [B, S', V]
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [B, S']
     if mask is not None:
         kl = kl[mask[:, start:]]

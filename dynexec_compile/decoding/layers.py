@@ -81,7 +81,7 @@ class DecoderStack:
         rotaries = [m for m in decoder.children() if "Rotary" in type(m).__name__]
         self._rotary = rotaries[0] if len(rotaries) == 1 else None
         self._rotary_by_type = self._rotary is not None and "layer_type" in inspect.signature(self._rotary.forward).parameters
-        self.norm: nn.Module = _final_norm(decoder, model)
+        self.norm: nn.Module = final_norm(decoder, model)
         self.family = "llama" if "RMS" in type(self.norm).__name__ else "gpt2"
         self.lm_head: nn.Module = LogitHead(model.get_output_embeddings(), config)
         self.hidden_size = int(config.hidden_size)
@@ -230,7 +230,7 @@ class _KeywordPositions(nn.Module):
         return self.table(None, position_ids=positions)
 
 
-def _final_norm(decoder: nn.Module, model: nn.Module) -> nn.Module:
+def final_norm(decoder: nn.Module, model: nn.Module) -> nn.Module:
     norms = [m for m in decoder.children() if "Norm" in type(m).__name__ and not isinstance(m, nn.ModuleList)]
     if len(norms) > 1:
         raise NotImplementedError(

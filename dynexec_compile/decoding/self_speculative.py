@@ -6,7 +6,11 @@ The drafter is the model's first ``E`` layers plus an exit head:
 - ``exit_head="trained"``: a ``last_token_rmsnorm`` head from :mod:`dynexec_compile.exit_heads`
   (RMSNorm + a ``D x V`` projection) trained for layer ``E`` by :func:`~dynexec_compile.distill.train_exit_lm_head`
   (self-distillation on the model's own next-token distribution, backbone frozen), passed as
-  ``exit_heads=ExitHeads`` whose layer ``E - 1`` (the block whose output it reads) is used.
+  ``exit_heads=ExitHeads`` whose layer ``E - 1`` (the block whose output it reads) is used;
+  or, as ``exit_heads=``, a one-head :class:`~dynexec_compile.decoding.draft_heads.DraftHeads`
+  trained by ``train_exit_lm_head(..., head="adapter")``: residual blocks on the layer-``E``
+  hidden state read by the model's own final norm + LM head (:class:`AdapterExitHead`; ``D x D``
+  parameters instead of ``D x V``, so the file stays small for a large vocabulary).
 
 Work sharing (:meth:`SelfSpeculativeEngine.step_forward`, the step's own forward): drafted
 tokens never go through layers ``0..E-1`` twice — the draft grows the candidate tree level
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from dynexec_compile.decoding.draft_heads import DraftHeads
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
@@ -46,7 +51,7 @@ from dynexec_compile.decoding.generate import (
     decode_loop,
     strategy_engine,
 )
-from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.layers import DecoderStack, LogitHead, final_norm
 from dynexec_compile.decoding.step import (
     DecodeEngine,
     weights_fingerprint,
@@ -72,7 +77,7 @@ def self_speculative_strategy(
     *,
     exit_layer: int | None = None,
     exit_head: str = "shared",
-    exit_heads: ExitHeads | None = None,
+    exit_heads: ExitHeads | DraftHeads | None = None,
     num_draft: int | None = None,
     tree: Any = None,
     **options: Any,
@@ -103,7 +108,7 @@ def self_speculative_strategy(
 
 
 def _exit_head(
-    model: PreTrainedModel, exit_layer: Any, exit_head: str, exit_heads: ExitHeads | None
+    model: PreTrainedModel, exit_layer: Any, exit_head: str, exit_heads: ExitHeads | DraftHeads | None
 ) -> tuple[nn.Module | None, tuple]:
     """The exit head module (``None`` = shared) and a cache key for it."""
     if exit_head not in EXIT_HEADS:
@@ -112,10 +117,19 @@ def _exit_head(
         if exit_heads is not None:
             raise ValueError("exit_heads= is for exit_head='trained'; the shared head is the model's own")
         return None, ("shared",)
+    weight = next(model.parameters())
+    if isinstance(exit_heads, DraftHeads):
+        if exit_heads.num_heads != 1 or exit_heads.hidden_size != int(model.config.get_text_config(decoder=True).hidden_size):
+            raise ValueError(
+                f"an exit adapter is a one-head DraftHeads of the model's hidden size; got {exit_heads.num_heads} heads "
+                f"of size {exit_heads.hidden_size} (train one with train_exit_lm_head(model, data, exit_layer, head='adapter'))"
+            )
+        blocks = copy.deepcopy(exit_heads.blocks[0]).to(device=weight.device, dtype=weight.dtype).eval()
+        return AdapterExitHead(model, blocks), ("adapter", id(exit_heads), weights_fingerprint(exit_heads))
     if not isinstance(exit_heads, ExitHeads):
         raise ValueError(
-            "exit_head='trained' needs exit_heads=ExitHeads with a head for the exit layer "
-            "(dynexec_compile.train_exit_lm_head or dynexec_compile.load_exit_heads)"
+            "exit_head='trained' needs exit_heads=ExitHeads with a head for the exit layer, or a one-head exit "
+            "adapter (dynexec_compile.train_exit_lm_head, load_exit_heads / load_draft_heads)"
         )
     block = exit_layer - 1 if isinstance(exit_layer, int) else exit_layer
     if str(block) not in exit_heads:
@@ -129,9 +143,24 @@ def _exit_head(
             f"exit_heads must be kind 'last_token_rmsnorm' over the vocabulary ({vocab}), got kind "
             f"{exit_heads.kind!r} with {exit_heads.num_labels} outputs"
         )
-    weight = next(model.parameters())
     head = copy.deepcopy(exit_heads.head(block)).to(device=weight.device, dtype=weight.dtype).eval()
     return _TokenwiseHead(head), ("trained", id(exit_heads), weights_fingerprint(exit_heads))
+
+
+class AdapterExitHead(nn.Module):
+    """An exit adapter on the layer-``E`` hidden state: residual blocks, then the model's own final
+    norm and LM head (with its logit transform): ``[.., D] -> [.., V]``. The blocks start as the
+    identity, so an untrained adapter is the shared head; only ``D x D`` weights are trained."""
+
+    def __init__(self, model: PreTrainedModel, blocks: nn.Module):
+        super().__init__()
+        config = model.config.get_text_config(decoder=True)
+        self.blocks = blocks
+        self.norm = final_norm(model.get_decoder(), model)
+        self.lm_head = LogitHead(model.get_output_embeddings(), config)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.blocks(h)))
 
 
 class _TokenwiseHead(nn.Module):

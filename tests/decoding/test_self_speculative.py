@@ -85,6 +85,41 @@ def test_training_the_exit_head_brings_it_closer_to_the_model(llama4):
     assert torch.equal(generated.sequences, hf_greedy(llama4, ids, mask, 40))
 
 
+def test_an_exit_adapter_is_small_trains_closer_and_keeps_greedy_exact(llama4):
+    """head="adapter": residual blocks under the model's own frozen norm + LM head. It must
+    bring the draft closer to the model than the shared head, touch none of the model's
+    weights (no .grad either), and keep greedy output identical."""
+    text = hf_greedy(llama4, *left_padded_batch([8] * 8, seed=9), 40)  # [8, 48]
+    stack = DecoderStack(llama4)
+    before = {k: v.clone() for k, v in llama4.state_dict().items()}
+    with torch.no_grad():
+        out = llama4(text, output_hidden_states=True)
+        teacher = out.logits.log_softmax(-1)
+
+        def kl(logits):
+            return torch.nn.functional.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+
+        shared = kl(stack.logits(out.hidden_states[2]))
+    adapter = dx.train_exit_lm_head(llama4, text, exit_layer=2, head="adapter", steps=40, batch_size=8, seq_len=48,
+                                    lr=3e-3, progress=False)
+    assert isinstance(adapter, dx.DraftHeads) and adapter.num_heads == 1
+    assert sum(p.numel() for p in adapter.parameters()) == 64 * 64 + 64  # D x D + bias, no D x V
+    assert all(torch.equal(v, before[k]) for k, v in llama4.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in llama4.parameters())
+    from dynexec_compile.decoding.self_speculative import AdapterExitHead
+
+    with torch.no_grad():
+        trained = kl(AdapterExitHead(llama4, adapter.blocks[0])(out.hidden_states[2]))
+    assert trained < 0.8 * shared, (float(shared), float(trained))
+    ids, mask = left_padded_batch([6, 10], seed=5)
+    generated = generate(llama4, ids, mask, exit_layer=2, num_draft=3, exit_head="trained", exit_heads=adapter)
+    assert torch.equal(generated.sequences, hf_greedy(llama4, ids, mask, 40))
+    with pytest.raises(ValueError, match="one-head DraftHeads"):
+        generate(llama4, ids, mask, exit_layer=2, exit_head="trained", exit_heads=dx.DraftHeads(64, 2, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="head must be 'vocab' or 'adapter'"):
+        dx.train_exit_lm_head(llama4, text, exit_layer=2, head="lora", progress=False)
+
+
 def test_the_exit_head_loss_covers_only_the_marked_positions(llama4):
     """An (ids, mask) batch trains the exit head where it will draft (answers), not on prompts:
     the loss is the KL over the marked positions of the model's own distribution."""
@@ -103,10 +138,10 @@ def test_the_exit_head_loss_covers_only_the_marked_positions(llama4):
         teacher = out.logits.log_softmax(-1)
         student = head.classify(out.hidden_states[2]).log_softmax(-1)
         kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [4, 32]
-        plain = _exit_lm_loss(llama4, head, 2, text, 1.0)
+        plain = _exit_lm_loss(llama4, head.classify, 2, text, 1.0)
         assert torch.allclose(plain, kl.mean())
-        assert torch.allclose(_exit_lm_loss(llama4, head, 2, (text, torch.ones_like(answer)), 1.0), plain)
-        masked = _exit_lm_loss(llama4, head, 2, (text, answer), 1.0)
+        assert torch.allclose(_exit_lm_loss(llama4, head.classify, 2, (text, torch.ones_like(answer)), 1.0), plain)
+        masked = _exit_lm_loss(llama4, head.classify, 2, (text, answer), 1.0)
     assert torch.allclose(masked, kl[answer].mean()) and not torch.allclose(masked, plain, rtol=1e-2)
     assert dx.train_exit_lm_head(llama4, [(text, answer)] * 2, exit_layer=2, progress=False).layers == (1,)
 
