@@ -10,6 +10,10 @@ will draft: from the prompt's last token on. Benchmarks use the
 ``split="bench"`` prompts (SST-2 validation, held-out stdlib files, other questions).
 
     nohup python examples/train_smollm2_heads.py > smollm2_heads.log 2>&1 &
+
+``--what exit-adapter`` trains, on the same answers, the exit adapter for
+``strategy="self_speculative", exit_layer=E, exit_head="trained"``
+(``dynexec_compile.train_exit_lm_head(head="adapter")``) into ``exit-adapter/``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dynexec_compile.decoding.draft_heads import DraftHeads
 from dynexec_compile.models import chat_prompts, dynexec_cache_dir, load_lm
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "models" / "smollm2-135m-instruct" / "draft-heads"
+MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 NAME = "smollm2-135m-instruct"
 
 
@@ -81,6 +85,22 @@ def agreement(model, heads: DraftHeads, prompts: list[torch.Tensor], replies: li
     return (hits / total).tolist()
 
 
+@torch.no_grad()
+def exit_agreement(model, head, exit_layer: int, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> float:
+    """How often the exit head's top-1 on block ``exit_layer - 1``'s output equals the model's own
+    next token, teacher-forced, at the answer positions (the first drafted token's acceptance)."""
+    hits = total = 0
+    for prompt, reply in zip(prompts, replies):
+        seq = torch.cat([prompt, reply])[None]
+        out = model(input_ids=seq, output_hidden_states=True)
+        first = len(prompt) - 1
+        target = out.logits[0, first:].argmax(-1)
+        guess = head(out.hidden_states[exit_layer][0, first:]).argmax(-1)
+        hits += int((guess == target).sum())
+        total += target.numel()
+    return hits / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=480, help="training chat prompts")
@@ -89,7 +109,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--what", choices=["draft-heads", "exit-adapter"], default="draft-heads")
+    parser.add_argument("--exit-layer", type=int, default=15, help="E of the exit adapter (the bench's self-speculation layer)")
+    parser.add_argument("--out", type=Path, default=None, help="default: models/smollm2-135m-instruct/{draft-heads,exit-adapter}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -108,14 +130,17 @@ def main() -> None:
         mask[:, len(prompt) - 1 :] = True
         data.append((seq, mask))
     data = [item for _ in range(args.epochs) for item in data]
+    if args.what == "exit-adapter":
+        return train_exit_adapter(args, model, data, held_prompts, held, gen_cpu, gen_wall, len(train))
     cpu1, wall1 = time.process_time(), time.perf_counter()
     heads = dx.train_draft_heads(model, data, offsets=args.offsets, lr=args.lr)
     train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
     untrained = DraftHeads(model.config.hidden_size, args.offsets, vocab_size=model.config.vocab_size)
     before = agreement(model, untrained, held_prompts, held)
     after = agreement(model, heads, held_prompts, held)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dx.save_draft_heads(heads, args.out / "heads.safetensors", dtype=torch.bfloat16)
+    out = args.out or MODEL_DIR / "draft-heads"
+    out.mkdir(parents=True, exist_ok=True)
+    dx.save_draft_heads(heads, out / "heads.safetensors", dtype=torch.bfloat16)
     summary = {
         "command": "python examples/train_smollm2_heads.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
@@ -126,7 +151,33 @@ def main() -> None:
         "threads": args.threads,
         "top1_agreement_per_offset_heldout_answers": {"untrained (identity blocks)": before, "trained": after},
     }
-    (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+def train_exit_adapter(args, model, data, held_prompts, held, gen_cpu: float, gen_wall: float, sequences: int) -> None:
+    from dynexec_compile.decoding.layers import DecoderStack
+    from dynexec_compile.decoding.self_speculative import AdapterExitHead
+
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    adapter = dx.train_exit_lm_head(model, data, args.exit_layer, head="adapter", lr=args.lr)
+    train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
+    shared = exit_agreement(model, DecoderStack(model).logits, args.exit_layer, held_prompts, held)
+    trained = exit_agreement(model, AdapterExitHead(model, adapter.blocks[0]), args.exit_layer, held_prompts, held)
+    out = args.out or MODEL_DIR / "exit-adapter"
+    out.mkdir(parents=True, exist_ok=True)
+    dx.save_draft_heads(adapter, out / "adapter.safetensors", dtype=torch.bfloat16)
+    summary = {
+        "command": "python examples/train_smollm2_heads.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets")),
+        "exit_layer": args.exit_layer,
+        "training_sequences": sequences,
+        "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},
+        "adapter_training": {"cpu_s": round(train_cpu, 1), "wall_s": round(train_wall, 1), "steps": len(data)},
+        "threads": args.threads,
+        "top1_agreement_heldout_answers": {"shared head": shared, "trained adapter": trained},
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 
