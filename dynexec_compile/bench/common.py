@@ -232,6 +232,11 @@ def add_model_arguments(parser: Any) -> None:
         help="draft heads saved by dynexec_compile.save_draft_heads (speculative; default: the demo heads with the demo target)",
     )
     group.add_argument(
+        "--exit-adapter", default=None,
+        help="exit adapter saved by save_draft_heads from train_exit_lm_head(head='adapter'), trained for the "
+        "bench's self-speculation layer E = layers // 2 (speculative: adds self-speculative rows with it)",
+    )
+    group.add_argument(
         "--prompt-file", default=None,
         help="UTF-8 text file; prompts are consecutive windows of its tokens (default: held-out stdlib files)",
     )
@@ -253,7 +258,7 @@ def add_model_arguments(parser: Any) -> None:
     )
 
 
-MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "prompt_file", "compile_mode", "prompt_set", "dtype", "quantize")
+MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "exit_adapter", "prompt_file", "compile_mode", "prompt_set", "dtype", "quantize")
 
 
 def prepare_precision(model: Any, args: Any) -> Any:

@@ -60,6 +60,7 @@ class BenchContext:
     trees: tuple[tuple[int, ...], ...]
     early_exit_layer: int
     heads_path: str | None = None  # draft heads to load (compiled runs); None: no draft-heads rows
+    adapter_path: str | None = None  # exit adapter for self-speculation at early_exit_layer; None: shared head only
     mode: str | None = None  # torch.compile mode of dynexec's engines (compiled runs)
     eos_token_id: list[int] = field(default_factory=list)  # []: every row generates max_new_tokens
     pad_token_id: int = 0
@@ -225,6 +226,15 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
                 params={"tree": list(tree), "exit_layer": exit_layer})
         for tree in ctx.trees
     ]
+    if ctx.adapter_path is not None:
+        adapter = dx.load_draft_heads(ctx.adapter_path)
+        trained = {"exit_layer": exit_layer, "exit_head": "trained", "exit_heads": adapter}
+        variants += [
+            Variant(f"dynexec_selfspec_E{exit_layer}_adapter_k{k}",
+                    dynexec_run(ctx, "self_speculative", num_draft=k, **trained), "dynexec",
+                    params={"k": k, "exit_layer": exit_layer, "exit_head": "adapter"})
+            for k in ctx.ks
+        ]
     return variants
 
 
@@ -279,7 +289,7 @@ def _context(args: argparse.Namespace) -> BenchContext:
     ks, trees = tuple(args.ks or (2, 3, 4, 6)), _trees(args.trees or ["3,2,1"])
     return BenchContext(
         setup.model, draft, setup.prompts, args.new_tokens, True, ks, trees, layers // 2, heads,
-        getattr(args, "compile_mode", None), setup.eos_token_id, setup.pad_token_id,
+        getattr(args, "exit_adapter", None), getattr(args, "compile_mode", None), setup.eos_token_id, setup.pad_token_id,
     )
 
 
