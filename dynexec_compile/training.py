@@ -1,5 +1,6 @@
 """The one optimisation loop of dynexec's small training jobs (fine-tuning, level LoRAs, exit
-heads, draft heads, LM exit heads; heads on a frozen model use ``warmup=0, clip=None``).
+heads, draft heads, LM exit heads, the prompt scorer, the router classifier; heads on a frozen
+model use ``warmup=0, clip=None``).
 
 AdamW, linear warm-up then linear decay to 0 over the steps actually run, gradient clipping,
 a tqdm bar with the smoothed loss, and the wall-clock and process CPU time it took (the
@@ -8,6 +9,7 @@ figures a model card reports).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +26,20 @@ class TrainResult:
     final_loss: float  # exponentially smoothed (0.98)
     seconds: float
     cpu_seconds: float
+
+
+class Minibatches:
+    """Index minibatches ``[b]`` over ``n`` rows, reshuffled on every pass: the re-iterable, sized
+    ``batches`` of :func:`optimize` for data held in memory (``loss_fn`` indexes it)."""
+
+    def __init__(self, n: int, size: int, seed: int = 0):
+        self.n, self.size, self.gen = n, size, torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.size)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.gen).split(self.size))
 
 
 def _batch_size(batch: Any) -> int:

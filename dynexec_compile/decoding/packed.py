@@ -42,7 +42,6 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 # oneDNN chooses the packed layout for this many rows; measured on SmolLM2's weights, a layout
 # chosen for 16 rows serves 1-row steps as well as one chosen for 1 row, and wide steps far better.
 PACK_ROWS = 16
-_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -69,11 +68,15 @@ def available() -> bool:
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """A plain 2-D fp32/bf16 CPU weight that oneDNN can pack; a tensor subclass (a torchao
-    quantized weight, say) keeps its own kernels."""
-    if is_traceable_wrapper_subclass(weight):
+    """A plain 2-D fp32 CPU weight, or bf16 on a CPU where oneDNN has a bf16 path (AVX-512 or
+    AVX-NE-CONVERT: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), that oneDNN can pack;
+    anything else (a torchao quantized weight, bf16 on an AVX2-only CPU) keeps the plain
+    ``linear`` and its own kernels."""
+    if is_traceable_wrapper_subclass(weight) or weight.ndim != 2 or weight.device.type != "cpu":
         return False
-    return weight.ndim == 2 and weight.device.type == "cpu" and weight.dtype in _DTYPES
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
 
 
 class PackedWeights:

@@ -540,20 +540,6 @@ def label_prompts(
     return out
 
 
-class _Minibatches:
-    """Index minibatches ``[b]`` over ``n`` rows, reshuffled on every pass (re-iterable, sized,
-    as :func:`~dynexec_compile.training.optimize` wants)."""
-
-    def __init__(self, n: int, size: int, seed: int):
-        self.n, self.size, self.gen = n, size, torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.size)
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=self.gen).split(self.size))
-
-
 def train_prompt_scorer(
     labelled: Sequence[PromptLabels],
     tokenizer: Any,
@@ -568,7 +554,7 @@ def train_prompt_scorer(
     """Fit the scorer's head to the soft labels of :func:`label_prompts` (binary cross-entropy
     per word; the encoder stays frozen, its features computed once; the project's one
     optimisation loop, :func:`~dynexec_compile.training.optimize`)."""
-    from dynexec_compile.training import optimize
+    from dynexec_compile.training import Minibatches, optimize
 
     if not labelled:
         raise ValueError("no labelled prompts to train on")
@@ -586,7 +572,7 @@ def train_prompt_scorer(
     scorer.std.copy_(x.std(0).clamp(min=1e-6))
     scorer.train()
     with torch.enable_grad():  # callers often run under no_grad
-        optimize(list(scorer.head.parameters()), _Minibatches(len(y), batch_size, seed),
+        optimize(list(scorer.head.parameters()), Minibatches(len(y), batch_size, seed),
                  lambda idx: F.binary_cross_entropy_with_logits(scorer.logits(x[idx]), y[idx]),
                  epochs=epochs, lr=lr, weight_decay=weight_decay, progress=progress, desc="training the scorer")
     return scorer.eval()

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from dynexec_compile.routing.candidates import Answers
 from dynexec_compile.routing.router import Router, RouterClassifier
+from dynexec_compile.training import Minibatches, optimize
 
 
 @dataclass
@@ -69,7 +69,7 @@ def fit_router_classifier(
     progress: bool = True,
 ) -> RouterClassifier:
     """Train :class:`RouterClassifier` on embeddings ``x: [N, D]`` and labels ``y: [N]`` in [0, 1]
-    (binary cross-entropy, positives re-weighted to balance the classes, AdamW)."""
+    (binary cross-entropy, positives re-weighted to balance the classes; :func:`~dynexec_compile.training.optimize`)."""
     if x.dim() != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
         raise ValueError(f"x must be [N, D] and y [N] with N >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
     torch.manual_seed(seed)
@@ -79,16 +79,12 @@ def fit_router_classifier(
     positives = float(y.sum())
     pos_weight = torch.tensor((len(y) - positives) / max(positives, 1.0))
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
     x, y = x.float(), y.float()
     model.train()
     with torch.enable_grad():  # callers often run under no_grad (inference code around it)
-        for _ in tqdm(range(epochs), desc="training the router", disable=not progress):
-            for idx in torch.randperm(len(y), generator=g).split(batch_size):
-                opt.zero_grad()
-                loss_fn(model.logits(x[idx]), y[idx]).backward()
-                opt.step()
+        optimize(list(model.parameters()), Minibatches(len(y), batch_size, seed),
+                 lambda idx: loss_fn(model.logits(x[idx]), y[idx]), epochs=epochs, lr=lr,
+                 weight_decay=weight_decay, warmup=0.0, clip=None, progress=progress, desc="training the router")
     return model.eval()
 
 

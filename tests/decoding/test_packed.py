@@ -118,3 +118,16 @@ def test_gpt2_conv1d_layers_are_left_to_the_plain_kernels():
     ids, mask = left_padded_batch([6, 3])
     out = dx.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], backend="eager", regional=True, packed=True)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 12))
+
+
+def test_bf16_weights_are_packed_only_where_onednn_has_a_bf16_path():
+    """On a CPU without AVX-512 / AVX-NE-CONVERT oneDNN cannot reorder bf16 weights: the engine
+    keeps the plain linear for them instead of failing at construction."""
+    supported = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert packed.packable(torch.zeros(8, 4, dtype=torch.bfloat16)) == supported
+    assert packed.packable(torch.zeros(8, 4))
+    model = build_model("llama", dtype=torch.bfloat16)
+    engine = DecodeEngine(model, 1, 32, backend="eager", regional=True)
+    assert engine._packed.count == (sum(isinstance(m, torch.nn.Linear) for m in model.modules()) if supported else 0)
+    out = dx.generate(model, torch.tensor([[5, 9, 13, 2]]), max_new_tokens=6, backend="eager", regional=True)
+    assert out.sequences.shape == (1, 10)
