@@ -282,10 +282,13 @@ def precision_label(args: Any) -> str:
 
 
 def load_causal_lm(path: str | Path, what: str = "--model") -> tuple[Any, Any]:
-    """``(model fp32 in eval mode, tokenizer)`` from a local folder, with errors that say what to do."""
+    """``(model fp32 in eval mode, tokenizer)`` from a local folder or a name ``load_lm`` knows
+    (converted on first use), with errors that say what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(path)
+    from dynexec_compile.models import KNOWN_LMS, lm_folder
+
+    folder = lm_folder(path) if str(path) in KNOWN_LMS else Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{what} {path}: no config.json there; pass the folder a transformers model was saved to "
@@ -316,17 +319,10 @@ def file_prompts(path: str | Path, n: int, tokens: int, tokenizer: Any) -> torch
 
 def lm_setup(args: Any, n: int, tokens: int) -> LMSetup:
     """The model and prompts a decoding suite runs on: ``--model``/``--prompt-file`` or the demo's."""
-    from dynexec_compile.models import (
-        KNOWN_LMS,
-        chat_prompts,
-        heldout_prompts,
-        lm_folder,
-        load_demo_lm,
-    )
+    from dynexec_compile.models import chat_prompts, heldout_prompts, load_demo_lm
 
     if getattr(args, "model", None):
-        folder = lm_folder(args.model) if args.model in KNOWN_LMS else args.model
-        model, tokenizer = load_causal_lm(folder)
+        model, tokenizer = load_causal_lm(args.model)
         label, is_demo = f"model {args.model}", False
     else:
         model, tokenizer = load_demo_lm("target")

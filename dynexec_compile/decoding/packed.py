@@ -42,6 +42,11 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 # oneDNN chooses the packed layout for this many rows; measured on SmolLM2's weights, a layout
 # chosen for 16 rows serves 1-row steps as well as one chosen for 1 row, and wide steps far better.
 PACK_ROWS = 16
+# One-row products (1-token decode steps at batch 1) through the packed copy only on CPUs with
+# AVX-512. Measured on SmolLM2-135M, fp32, 1 thread (benchmarks/bench_verify_width.py): on an
+# AVX-512 Intel CPU a 1-token step took 59-63 ms packed vs 73 ms plain; on an AVX2-only AMD EPYC
+# 61.9 ms packed vs 51.4 ms plain, while 2-13-token steps were 0.82-0.90x of plain there too.
+ONE_ROW_PACKED = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @dataclass
@@ -141,9 +146,10 @@ def _release(keys: list[tuple]) -> None:
 @torch.library.custom_op("dynexec::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through the packed copy of ``weight`` when the registry has
-    one (packed again first if ``weight`` changed in place), else the plain ``linear``."""
+    one (packed again first if ``weight`` changed in place), else the plain ``linear`` (also
+    for one-row ``x`` on a CPU without AVX-512: :data:`ONE_ROW_PACKED`)."""
     entry = _REGISTRY.get(_key(weight)) if x.dtype == weight.dtype else None
-    if entry is None:
+    if entry is None or (not ONE_ROW_PACKED and x.numel() == x.shape[-1]):
         return F.linear(x, weight, bias)
     if entry.version != weight._version:
         entry.packed, entry.version = _pack(weight), weight._version
@@ -161,8 +167,9 @@ _LINEARS = (torch._C._nn.linear, F.linear)
 
 
 def pack_linears(gm: torch.fx.GraphModule) -> int:
-    """Rewrite every ``linear`` of a Dynamo graph whose weight is a 2-D fp32/bf16 CPU tensor into
-    ``dynexec::packed_linear``; returns how many. Edits ``gm`` in place."""
+    """Rewrite every ``linear`` of a Dynamo graph whose weight is :func:`packable` into
+    ``dynexec::packed_linear`` (not one-row linears where :data:`ONE_ROW_PACKED` is false: the
+    custom op's call would only add overhead); returns how many. Edits ``gm`` in place."""
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _LINEARS:
@@ -170,7 +177,7 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
         args = list(node.args) + [None] * (3 - len(node.args))
         x, weight, bias = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
         value = weight.meta.get("example_value") if isinstance(weight, torch.fx.Node) else None
-        if value is None or not packable(value):
+        if value is None or not packable(value) or (not ONE_ROW_PACKED and _one_row(x)):
             continue
         node.target, node.args, node.kwargs = torch.ops.dynexec.packed_linear.default, (x, weight, bias), {}
         count += 1
@@ -178,6 +185,15 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return count
+
+
+def _one_row(x: object) -> bool:
+    """``x`` is statically one row (a 1-token step at batch 1): the op would call the plain linear."""
+    value = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
+    if value is None or not value.ndim:
+        return False
+    rows = value.numel() // value.shape[-1] if value.shape[-1] else 0
+    return isinstance(rows, int) and rows == 1
 
 
 def packing_backend(backend):  # noqa: ANN001, ANN201 - a torch.compile backend in, one out

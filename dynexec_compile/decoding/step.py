@@ -38,7 +38,10 @@ from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.cache import SlotCache, attention_windows
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
-from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
+from dynexec_compile.decoding.inductor_passes import (
+    ContiguousWeightsForFreezing,
+    WidenQuantizedWeights,
+)
 from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
 from dynexec_compile.decoding.packed import PackedWeights, packing_backend
 from dynexec_compile.decoding.packed import available as packing_available
@@ -559,6 +562,8 @@ CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
     "cpp.enable_concat_linear": True,
     # MKL-packed weights are slower than a plain GEMV on a pre-transposed weight at batch 1
     "cpp.weight_prepack": False,
+    # int8 weight-only (torchao) linears: ATen widens each weight, the matmul takes the view
+    "post_grad_custom_pre_pass": WidenQuantizedWeights(),
 }
 CPU_AUTOTUNE_OPTIONS: dict[str, Any] = {
     # mode="max-autotune" on CPU: every matmul shape benchmarks Inductor's C++ GEMM template
@@ -566,6 +571,7 @@ CPU_AUTOTUNE_OPTIONS: dict[str, Any] = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
     "cpp.weight_prepack": True,
+    "post_grad_custom_pre_pass": WidenQuantizedWeights(),
 }
 FREEZING_OPTIONS: dict[str, Any] = {
     "freezing": True,

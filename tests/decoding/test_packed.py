@@ -131,3 +131,27 @@ def test_bf16_weights_are_packed_only_where_onednn_has_a_bf16_path():
     assert engine._packed.count == (sum(isinstance(m, torch.nn.Linear) for m in model.modules()) if supported else 0)
     out = dx.generate(model, torch.tensor([[5, 9, 13, 2]]), max_new_tokens=6, backend="eager", regional=True)
     assert out.sequences.shape == (1, 10)
+
+
+@pytest.mark.parametrize("one_row_packed", [True, False])
+def test_one_row_linears_stay_plain_where_packing_does_not_pay(llama, monkeypatch, one_row_packed):
+    """On an AVX2-only CPU a packed 1-token step measured slower than the plain one (the custom
+    op's call overhead, no faster GEMV): one-row graphs keep ``linear``; wider ones are packed."""
+    monkeypatch.setattr(packed, "ONE_ROW_PACKED", one_row_packed)
+    owner = packed.PackedWeights(llama)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
+    for rows, expected in ((1, linears if one_row_packed else 0), (3, linears)):
+        graphs = []
+
+        def capture(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
+        ids = torch.randint(0, llama.config.vocab_size, (1, rows))
+        with torch.no_grad():
+            torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        assert targets.count(torch.ops.dynexec.packed_linear.default) == expected
+    del owner

@@ -1,0 +1,56 @@
+"""Quantized and bf16 models: every strategy token-identical to the stock model's greedy at the
+same precision, and Inductor's int8 weight-only layers kept on ATen's conversion."""
+
+import pytest
+import torch
+from conftest import build_model, left_padded_batch
+from test_decode_compile import hf_greedy
+
+import dynexec_compile as dx
+from dynexec_compile.decoding.inductor_passes import WidenQuantizedWeights
+
+torchao = pytest.importorskip("torchao", reason="torchao (the quantize extra) is not installed")
+from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+
+def test_the_pass_widens_an_int8_weight_before_transposing_it():
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.empty(2, 8), torch.empty(4, 8, dtype=torch.int8)
+    t = graph.call_function(aten.permute.default, (w, [1, 0]))
+    t.meta["val"] = w.meta["val"].t()
+    f = graph.call_function(prims.convert_element_type.default, (t, torch.float32))
+    f.meta["val"] = torch.empty(8, 4)
+    graph.output(graph.call_function(aten.mm.default, (x, f)))
+    WidenQuantizedWeights()(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.dynexec.widen_weight.default, aten.permute.default, aten.mm.default]
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    xs, ws = torch.randn(2, 8), torch.randint(-127, 127, (4, 8), dtype=torch.int8)
+    assert torch.equal(gm(xs, ws), xs @ ws.t().float())
+
+
+def test_a_float_weight_is_left_alone():
+    graph = torch.fx.Graph()
+    w = graph.placeholder("w")
+    w.meta["val"] = torch.empty(4, 8, dtype=torch.bfloat16)
+    t = graph.call_function(aten.permute.default, (w, [1, 0]))
+    f = graph.call_function(prims.convert_element_type.default, (t, torch.float32))
+    f.meta["val"] = torch.empty(8, 4)
+    graph.output(f)
+    WidenQuantizedWeights()(graph)
+    assert prims.convert_element_type.default in [n.target for n in graph.nodes]
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("greedy", {}),
+    pytest.param("lookahead", {"window": 1, "ngram": 3, "guesses": 1}, marks=pytest.mark.slow),
+])
+def test_int8_weight_only_compiled_is_token_identical_to_the_quantized_models_greedy(strategy, options):
+    model = build_model("llama")
+    quantize_(model, Int8WeightOnlyConfig())
+    ids, mask = left_padded_batch([9, 4])
+    out = dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=20, eos_token_id=[], regional=True, **options)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 20))
