@@ -186,10 +186,10 @@ def chat_demo(new_tokens: int) -> None:
         stop = (new == eos).nonzero()
         return new[: int(stop[0]) + 1] if stop.numel() else new
 
-    def hf(**extra):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, **extra)
+    def hf(limit: int = new_tokens, **extra):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, do_sample=False, **extra)
 
-    hf(max_new_tokens=2)  # warm-up
+    hf(limit=2)  # warm-up
     t0 = time.perf_counter()
     ref = answer(hf())
     t_hf = time.perf_counter() - t0
