@@ -98,6 +98,7 @@ class WidenQuantizedWeights(CustomGraphPass):
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        changed = False
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in _CONVERTS or not _is_transposed_input(node.args[0]):
                 continue
@@ -112,8 +113,10 @@ class WidenQuantizedWeights(CustomGraphPass):
             flipped.meta["val"] = widened.meta["val"].t()
             node.replace_all_uses_with(flipped)
             graph.erase_node(node)
-        graph.eliminate_dead_code()
-        graph.lint()
+            changed = True
+        if changed:  # the old permute of the int8 weight is left unused
+            graph.eliminate_dead_code()
+            graph.lint()
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))

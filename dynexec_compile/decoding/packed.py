@@ -146,10 +146,9 @@ def _release(keys: list[tuple]) -> None:
 @torch.library.custom_op("dynexec::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through the packed copy of ``weight`` when the registry has
-    one (packed again first if ``weight`` changed in place), else the plain ``linear`` (also
-    for one-row ``x`` on a CPU without AVX-512: :data:`ONE_ROW_PACKED`)."""
+    one (packed again first if ``weight`` changed in place), else the plain ``linear``."""
     entry = _REGISTRY.get(_key(weight)) if x.dtype == weight.dtype else None
-    if entry is None or (not ONE_ROW_PACKED and x.numel() == x.shape[-1]):
+    if entry is None:
         return F.linear(x, weight, bias)
     if entry.version != weight._version:
         entry.packed, entry.version = _pack(weight), weight._version
@@ -190,10 +189,7 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
 def _one_row(x: object) -> bool:
     """``x`` is statically one row (a 1-token step at batch 1): the op would call the plain linear."""
     value = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
-    if value is None or not value.ndim:
-        return False
-    rows = value.numel() // value.shape[-1] if value.shape[-1] else 0
-    return isinstance(rows, int) and rows == 1
+    return value is not None and value.ndim > 0 and all(isinstance(d, int) and d == 1 for d in value.shape[:-1])
 
 
 def packing_backend(backend):  # noqa: ANN001, ANN201 - a torch.compile backend in, one out

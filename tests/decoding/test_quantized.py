@@ -1,5 +1,5 @@
-"""Quantized and bf16 models: every strategy token-identical to the stock model's greedy at the
-same precision, and Inductor's int8 weight-only layers kept on ATen's conversion."""
+"""torchao int8 weight-only models: compiled decoding token-identical to the quantized model's own
+HF greedy, and Inductor's int8 weight conversion left to ATen (WidenQuantizedWeights)."""
 
 import pytest
 import torch
