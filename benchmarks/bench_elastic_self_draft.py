@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 import dynexec_compile as dx
 from dynexec_compile.bench.common import SuiteResult, markdown_table
@@ -57,8 +56,7 @@ def importance(model, tok, n: int, new_tokens: int) -> Importance:
     """Taylor importance on ``n`` train-split chat prompts followed by the model's own answers
     (cached: computing it takes minutes)."""
     if IMPORTANCE.is_file():
-        t = load_file(str(IMPORTANCE))
-        return Importance(t["heads"], t["neurons"], t["layers"], "taylor", int(t["num_examples"]))
+        return Importance.load(IMPORTANCE)
     eos = tok.eos_token_id
     batches = []
     for ids in chat_prompts(tok, n, split="train"):
@@ -66,9 +64,7 @@ def importance(model, tok, n: int, new_tokens: int) -> Importance:
         batches.append({"input_ids": seq, "labels": seq})
     scores = dx.head_importance(model, batches, method="taylor")
     IMPORTANCE.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"heads": scores.heads.contiguous(), "neurons": scores.neurons.contiguous(),
-               "layers": scores.layers.contiguous(), "num_examples": torch.tensor(scores.num_examples)},
-              str(IMPORTANCE), metadata={"method": "taylor", "calibration": f"{n} chat_prompts(split='train') + greedy answers"})
+    scores.save(IMPORTANCE, calibration=f"{n} chat_prompts(split='train') + greedy answers")
     return scores
 
 

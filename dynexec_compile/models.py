@@ -175,6 +175,35 @@ def load_lm(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def load_elastic_lm(name: str = "smollm2-135m-instruct", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer, loras)``: a known LM reordered by its committed importance, so its
+    elastic levels are prefix views (``dx.elastic_draft(model, level, lora=loras.get(level))``),
+    and its committed per-level LoRAs, ``{level: LevelLoRA}``. Reordering leaves the full model's
+    outputs unchanged. The files live in the repository's ``models/<name>/elastic/``
+    (``importance.safetensors``: ``benchmarks/bench_elastic_self_draft.py``;
+    ``lora-<level>.safetensors``: ``benchmarks/bench_elastic_lm_lora.py``).
+
+    Raises:
+        FileNotFoundError: the model has no committed importance order.
+    """
+    from dynexec_compile.elastic import Importance, LevelLoRA, reorder_by_importance
+
+    folder = Path(__file__).resolve().parent.parent / "models" / name / "elastic"
+    order = folder / "importance.safetensors"
+    if not order.is_file():
+        raise FileNotFoundError(
+            f"no committed importance order for {name!r} at {order}; compute it with "
+            "`python benchmarks/bench_elastic_self_draft.py --parts costs` (SmolLM2) or dx.head_importance"
+        )
+    model, tokenizer = load_lm(name, dtype)
+    reorder_by_importance(model, importance=Importance.load(order))
+    loras = {}
+    for path in sorted(folder.glob("lora-*.safetensors")):
+        lora = LevelLoRA.load(path, model)
+        loras[lora.level] = lora
+    return model, tokenizer, loras
+
+
 def _converted(lm: GgufLM) -> Path:
     """The safetensors folder of ``lm``, converting its GGUF file on the first call."""
     target = dynexec_cache_dir() / lm.folder

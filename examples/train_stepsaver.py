@@ -128,15 +128,14 @@ def stage_labels(out: Path, summary: dict, args: argparse.Namespace) -> None:
     pipeline = DigitsPipeline.from_pretrained(out)
     quality = DigitQuality.from_file(out / "classifier.safetensors")
     prompts = [DigitPrompt(d, g) for d in range(10) for g in TRAIN_GUIDANCE]
-    seeds = list(range(args.label_seeds))
     start = cpu_seconds()
-    labels = induce_labels(pipeline, quality, prompts, seeds, STEP_GRID, feature_tol=None)
+    labels = induce_labels(pipeline, quality, prompts, args.label_draws, first_seed=0, grid=STEP_GRID, feature_tol=None)
     _, tol_table = calibrate_feature_tol(labels, quality)
     labels.save(out / "labels.safetensors")
     needed = labels.needed.float()
     per_guidance = {f"{g:g}": round(float(needed[labels.guidance == g].mean()), 3) for g in TRAIN_GUIDANCE}
     summary["labels"] = {
-        "prompts": len(prompts), "seeds": len(seeds), "grid": list(STEP_GRID), "guidance": list(TRAIN_GUIDANCE),
+        "prompts": len(prompts), "draws_per_prompt": args.label_draws, "seeds": f"0..{len(labels.seeds) - 1}, one per image", "grid": list(STEP_GRID), "guidance": list(TRAIN_GUIDANCE),
         "prob_tol": labels.prob_tol, "feature_tol": labels.feature_tol, "feature_scale": labels.feature_scale,
         "feature_tol_calibration": tol_table,
         "mean_needed": float(needed.mean()), "mean_needed_per_guidance": per_guidance,
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--label-seeds", type=int, default=20, help="seeds per training prompt for the step labels")
+    p.add_argument("--label-draws", type=int, default=20, help="images per training prompt for the step labels (each from its own seed)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(ALL_STAGES))

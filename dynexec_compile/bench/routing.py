@@ -17,6 +17,10 @@ the evaluation never sees:
     to the first newline), cheap = the demo draft LM, strong = the demo target; quality = edit
     similarity of the line to the file's (CodeXGLUE's line-level "Edit Sim"; exact match is
     reported too). Files are split into router-train, calibration and evaluation files.
+    The same task on the real pretrained model (``--routing-lms smollm2``): strong =
+    SmolLM2-135M-Instruct, cheap = its elastic levels (``--routing-smollm2-cheap``, e.g.
+    ``0.5+lora``: level 0.5 of the importance-reordered weights with its committed LoRA;
+    ``dx.elastic_draft``, prefix views of the same weights, no copy).
 
 Why line completion and not the token accuracy of 16 greedy tokens (the first version of this
 suite): positional agreement with the file drops to zero after the first inserted or skipped
@@ -72,6 +76,7 @@ from dynexec_compile.routing import (
 GOALS = {"classification": 0.5, "generation": 0.3}  # cost saved at 95% of the strong model's quality
 CHEAP_CHOICES = ("elastic-0.25", "exit-0", "exit-1", "exits-0,1,2,3,4")
 METRICS = {"edit_sim": edit_similarity, "exact_match": exact_match}
+GENERATION_LMS = ("demo", "smollm2")  # the demo draft/target pair; SmolLM2's elastic levels vs the full model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="line-completion prompts per held-out file (twice as many in the router-training files)")
     g.add_argument("--routing-embedder-layers", type=int, nargs="+", default=[6, 2],
                    help="one classifier router per MiniLM depth (its embedding is paid on every prompt)")
+    g.add_argument("--routing-lms", nargs="+", choices=GENERATION_LMS, default=None,
+                   help="generation pairs: demo (draft LM -> target), smollm2 (SmolLM2 elastic levels -> full; loads SmolLM2); "
+                        "default both (--quick: demo)")
+    g.add_argument("--routing-smollm2-cheap", nargs="+", default=["0.5+lora"],
+                   help="SmolLM2 cheap candidates: LEVEL or LEVEL+lora (its committed LoRA), default 0.5+lora")
+    g.add_argument("--routing-smollm2-windows", type=int, default=30,
+                   help="SmolLM2 line-completion prompts per held-out file (twice as many in the router-training files)")
     g.add_argument("--routing-prompt-tokens", type=int, default=128, help="tokens per code prompt")
     g.add_argument("--routing-new-tokens", type=int, default=32,
                    help="greedy tokens generated per prompt (the answer is cut at the first newline; lines longer are not asked)")
@@ -473,63 +485,96 @@ def _line_windows(tokenizer: Any, files: list[Path], per_file: int, prompt: int,
     return out, dropped
 
 
-def _run_generation(args: argparse.Namespace, result: SuiteResult, quick: bool) -> list[dict]:
-    from dynexec_compile.models import heldout_files, load_demo_lm
+def _generation_candidates(lm: str, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """``(strong model, tokenizer, {setting: cheap model})`` of one generation pair family."""
+    from dynexec_compile.models import load_demo_lm, load_elastic_lm
 
-    strong_model, tokenizer = load_demo_lm("target")
-    cheap_model, _ = load_demo_lm("draft")
+    if lm == "demo":
+        strong, tokenizer = load_demo_lm("target")
+        return strong, tokenizer, {"draft LM": load_demo_lm("draft")[0]}
+    import dynexec_compile as dx
+
+    strong, tokenizer, loras = load_elastic_lm("smollm2-135m-instruct")
+    cheap = {}
+    for spec in args.routing_smollm2_cheap:
+        level_text, _, extra = spec.partition("+")
+        try:
+            level = float(level_text)
+        except ValueError:
+            raise ValueError(f"--routing-smollm2-cheap takes LEVEL or LEVEL+lora (e.g. 0.5+lora), got {spec!r}") from None
+        if extra not in ("", "lora"):
+            raise ValueError(f"--routing-smollm2-cheap takes LEVEL or LEVEL+lora (e.g. 0.5+lora), got {spec!r}")
+        if extra and level not in loras:
+            raise ValueError(f"no committed LoRA for SmolLM2 level {level}: committed levels {sorted(loras)} "
+                             "(train one with benchmarks/bench_elastic_lm_lora.py --level LEVEL)")
+        cheap[f"SmolLM2 level {spec}"] = dx.elastic_draft(strong, level, lora=loras[level] if extra else None)
+    return strong, tokenizer, cheap
+
+
+def _run_generation(args: argparse.Namespace, result: SuiteResult, quick: bool, lm: str) -> list[dict]:
+    """Line completion on the held-out stdlib files for one family of (cheap, strong) pairs:
+    ``demo`` (the demo draft LM vs the demo target) or ``smollm2`` (SmolLM2-135M-Instruct's
+    elastic levels, importance-reordered prefix views of its weights, vs the full model)."""
+    from dynexec_compile.models import heldout_files
+
+    strong_model, tokenizer, cheap_models = _generation_candidates(lm, args)
+    strong_name = "target" if lm == "demo" else "SmolLM2 full"
     files = heldout_files()
     split = {name: [f for i, f in enumerate(files) if i % 3 == k] for k, name in enumerate(("train", "calib", "eval"))}
-    per_file = 6 if quick else args.routing_windows
+    per_file = 6 if quick else (args.routing_windows if lm == "demo" else args.routing_smollm2_windows)
     new = args.routing_new_tokens
     windows, dropped = {}, 0
     for name, fs in split.items():  # the router trains on twice as many windows per file
         n = 2 * per_file if name == "train" else per_file
         windows[name], d = _line_windows(tokenizer, fs, n, args.routing_prompt_tokens, new - 2)
         dropped += d
-    cheap = GeneratorCandidate(cheap_model, tokenizer, max_new_tokens=new, batch_size=16, name="draft", stop="\n")
-    strong = GeneratorCandidate(strong_model, tokenizer, max_new_tokens=new, batch_size=16, name="target", stop="\n")
+    strong = GeneratorCandidate(strong_model, tokenizer, max_new_tokens=new, batch_size=16, name=strong_name, stop="\n")
+    cheaps = {k: GeneratorCandidate(m, tokenizer, max_new_tokens=new, batch_size=16, name=k, stop="\n") for k, m in cheap_models.items()}
     embedders = _embedders(args, 128)
     timing = [p for p, _ in windows["eval"][:16]]
-    params = {"cheap": float(_params(cheap_model)), "strong": float(_params(strong_model))}
+    params = {k: float(_params(m)) for k, m in cheap_models.items()}
+    params["strong"] = float(_params(strong_model))
     params.update({k: float(_params(e.model)) for k, e in embedders.items()})
     metric = METRICS[args.routing_metric]
+    plots = []
     with torch.no_grad():
         if quick:
             costs, kind = params, "parameters"
         else:
-            fns = {"cheap": lambda: cheap(timing), "strong": lambda: strong(timing)}
+            fns = {"strong": lambda: strong(timing)}
+            fns.update({k: lambda c=c: c(timing) for k, c in cheaps.items()})
             fns.update({k: lambda e=e: e(timing) for k, e in embedders.items()})
             costs = _measure(fns, len(timing), args.repeats or 7)
             kind = f"measured s, HF generate greedy, batch {len(timing)}, {args.routing_prompt_tokens}+{new} tokens, eager"
         result.notes.append(
-            f"generation: {len(split['train'])}/{len(split['calib'])}/{len(split['eval'])} held-out files for router training/"
+            f"generation ({lm}): {len(split['train'])}/{len(split['calib'])}/{len(split['eval'])} held-out files for router training/"
             f"calibration/evaluation: {len(windows['train'])}/{len(windows['calib'])}/{len(windows['eval'])} line-completion prompts of "
             f"{args.routing_prompt_tokens} tokens ({dropped} windows dropped: their text re-tokenises differently); quality "
-            f"{args.routing_metric}; costs ({kind}): draft {costs['cheap'] / costs['strong']:.3f} of the target; "
-            f"parameters draft {params['cheap'] / 1e6:.2f}M, target {params['strong'] / 1e6:.2f}M "
-            f"(ratio {params['cheap'] / params['strong']:.3f}), router embedders "
-            + ", ".join(f"{k} {params[k] / 1e6:.2f}M" for k in embedders)
+            f"{args.routing_metric}; costs ({kind}): "
+            + ", ".join(f"{k} {costs[k] / costs['strong']:.3f}" for k in cheap_models) + f" of {strong_name}; "
+            f"parameters {strong_name} {params['strong'] / 1e6:.2f}M, "
+            + ", ".join(f"{k} {params[k] / 1e6:.2f}M (ratio {params[k] / params['strong']:.3f})" for k in cheap_models)
+            + ", router embedders " + ", ".join(f"{k} {params[k] / 1e6:.2f}M" for k in embedders)
         )
-        cheap_memo, strong_memo = Memo(cheap), Memo(strong)
-        plots = [_evaluate(
-            result, "generation", "draft LM", cheap_memo, strong_memo,
-            {k: (Memo(e, embedder=True), costs[k]) for k, e in embedders.items()},
-            ([p for p, _ in windows["train"]], [r for _, r in windows["train"]]), windows["calib"], windows["eval"],
-            metric, [costs["cheap"], costs["strong"]], args.routing_quality, learned=True,
-        )]
+        strong_memo = Memo(strong)
+        embed_memos = {k: (Memo(e, embedder=True), costs[k]) for k, e in embedders.items()}
+        train = ([p for p, _ in windows["train"]], [r for _, r in windows["train"]])
         prompts, refs = [p for p, _ in windows["eval"]], [r for _, r in windows["eval"]]
-        for which, memo in (("draft", cheap_memo), ("target", strong_memo)):
+        memos = {}
+        for setting, cheap in cheaps.items():
+            memos[setting] = Memo(cheap)
+            plots.append(_evaluate(
+                result, "generation", setting, memos[setting], strong_memo, embed_memos, train, windows["calib"], windows["eval"],
+                metric, [costs[setting], costs["strong"]], args.routing_quality, learned=True,
+            ))
+            if not quick:  # the same curves priced by parameter count
+                ratio = params[setting] / params["strong"]
+                result.notes.append(f"generation/{setting} with parameter-count costs (ratio {ratio:.3f}): " + _param_cost_note(plots[-1], ratio))
+        for which, memo in ((strong_name, strong_memo), *memos.items()):
             outs = memo(prompts).outputs
             em = sum(exact_match(o, r) for o, r in zip(outs, refs)) / len(refs)
             es = sum(edit_similarity(o, r) for o, r in zip(outs, refs)) / len(refs)
-            result.notes.append(f"generation: {which} on the evaluation lines: edit similarity {es:.4f}, exact match {em:.4f}")
-        if not quick:  # the same curves priced by parameter count
-            ratio = params["cheap"] / params["strong"]
-            result.notes.append(
-                f"generation with parameter-count costs (ratio {ratio:.3f}): "
-                + _param_cost_note(plots[0], ratio)
-            )
+            result.notes.append(f"generation ({lm}): {which} on the evaluation lines: edit similarity {es:.4f}, exact match {em:.4f}")
     return plots
 
 
@@ -596,7 +641,8 @@ def run(args: argparse.Namespace) -> SuiteResult:
         if "classification" in tasks:
             plots += _run_classification(args, result, args.quick)
         if "generation" in tasks:
-            plots += _run_generation(args, result, args.quick)
+            for lm in args.routing_lms or (("demo",) if args.quick else GENERATION_LMS):
+                plots += _run_generation(args, result, args.quick, lm)
     path = Path(args.out or "runs/bench-routing.json").with_suffix(".png")
     plot(path, plots)
     result.notes.append(f"plot written to {path}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,27 @@ class Importance:
     layers: torch.Tensor
     method: str
     num_examples: int
+
+    def save(self, path: str | Path, calibration: str = "") -> None:
+        """safetensors: the three score tensors; method and calibration in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"heads": self.heads.contiguous(), "neurons": self.neurons.contiguous(), "layers": self.layers.contiguous(),
+                   "num_examples": torch.tensor(self.num_examples)}
+        save_file(tensors, str(path), metadata={"method": self.method, "calibration": calibration})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Importance:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            method = (f.metadata() or {}).get("method")
+            names = set(f.keys())
+            if method is None or not {"heads", "neurons", "layers", "num_examples"} <= names:
+                raise ValueError(f"{path} is not a dynexec importance file (written by Importance.save): "
+                                 f"tensors {sorted(names)}, method {method!r}")
+            t = {k: f.get_tensor(k) for k in names}
+        return cls(t["heads"], t["neurons"], t["layers"], method, int(t["num_examples"]))
 
 
 def random_importance(model: nn.Module, seed: int = 1) -> Importance:

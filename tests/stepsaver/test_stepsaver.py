@@ -29,6 +29,7 @@ from dynexec_compile.stepsaver import (
 from dynexec_compile.stepsaver.pipeline import build_unet
 from dynexec_compile.stepsaver.predictor import (
     calibrate_feature_tol,
+    induce_labels,
     needed_columns,
     needed_steps,
     train_predictor,
@@ -219,7 +220,8 @@ def _labels(quality_like, n_per=60, seed=0):
 
     frechet = torch.tensor([frechet_distance(features[:, c].double().numpy(), quality_like.real_features) for c in range(4)])
     return StepLabels(
-        digits=torch.arange(n) % 10, guidance=torch.where(hard, 4.0, 1.0), seeds=torch.arange(n), grid=grid,
+        digits=torch.arange(n) % 10, guidance=torch.where(hard, 4.0, 1.0), seeds=torch.arange(n),
+        draws=(torch.arange(n) // 10) % (n_per // 10), grid=grid,
         prob=torch.ones(n, 4), correct=torch.ones(n, 4, dtype=torch.bool), features=features,
         distance=(features - features[:, -1:]).norm(dim=-1), needed=torch.full((n,), 100),
         set_accuracy=torch.ones(4), set_frechet=frechet, feature_scale=3.0, prob_tol=0.05, feature_tol=0.0,
@@ -235,7 +237,7 @@ class _RealFeatures:
 def test_labels_round_trip_and_safe_steps(tmp_path):
     grid = (2, 5, 10, 100)
     labels = StepLabels(
-        digits=torch.tensor([0, 1]), guidance=torch.tensor([1.0, 2.0]), seeds=torch.tensor([0, 0]), grid=grid,
+        digits=torch.tensor([0, 1]), guidance=torch.tensor([1.0, 2.0]), seeds=torch.tensor([0, 1]), draws=torch.tensor([0, 0]), grid=grid,
         prob=torch.rand(2, 4), correct=torch.ones(2, 4, dtype=torch.bool), features=torch.randn(2, 4, 8),
         distance=torch.rand(2, 4), needed=torch.tensor([5, 10]),
         set_accuracy=torch.tensor([0.5, 0.985, 1.0, 0.99]), set_frechet=torch.tensor([9.0, 1.0, 1.05, 1.0]),
@@ -265,17 +267,35 @@ def test_feature_tolerance_is_the_largest_whose_labels_keep_the_set_quality():
     assert matches(labels.report(columns, quality), ref)
 
 
-def test_predictor_risk_is_calibrated_on_the_training_set_quality(tiny):
+def test_split_draws_keeps_every_prompt_on_both_sides_and_rescores_each_set():
+    quality = _RealFeatures()
+    labels = _labels(quality)
+    fit, held = labels.split_draws(0.5, quality)
+    assert len(fit.digits) + len(held.digits) == len(labels.digits)
+    assert set(fit.draws.tolist()) == {0, 1, 2} and set(held.draws.tolist()) == {3, 4, 5}
+    key = lambda lab: set(zip(lab.digits.tolist(), lab.guidance.tolist()))  # noqa: E731
+    assert key(fit) == key(held) == key(labels)
+    last = torch.full((len(held.digits),), len(held.grid) - 1)
+    assert held.reference().frechet == pytest.approx(held.report(last, quality).frechet)  # the subset's own set quality
+    assert held.reference().frechet != labels.reference().frechet
+    with pytest.raises(ValueError, match="share of each prompt's draws"):
+        labels.split_draws(1.0, quality)
+
+
+def test_predictor_risk_is_calibrated_on_held_out_draws(tiny):
     quality = _RealFeatures()
     labels = _labels(quality)
     tol, _ = calibrate_feature_tol(labels, quality, tolerances=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
     labels.needed = needed_steps(labels.prob, labels.distance, labels.grid, labels.prob_tol, tol * labels.feature_scale)
     predictor, table = train_predictor(tiny, labels, quality, iters=400)
+    _, held = labels.split_draws(0.5, quality)
     chosen = next(r for r in table if r["risk"] == predictor.risk)
     assert chosen["matches"]
     assert all(r["matches"] for r in table[:-1])
-    columns = predictor.choose(predictor.enough(labels.digits, labels.guidance))
-    assert matches(labels.report(columns, quality), labels.reference())
+    # the table scores the held-out draws: the chosen risk keeps *their* set quality
+    columns = predictor.choose(predictor.enough(held.digits, held.guidance))
+    rep = held.report(columns, quality)
+    assert matches(rep, held.reference()) and rep.frechet == pytest.approx(chosen["frechet"])
     # the hard prompts (guidance 4) get at least as many steps as the easy ones
     easy, hard = predictor.predict([DigitPrompt(0, 1.0)]), predictor.predict([DigitPrompt(0, 4.0)])
     assert easy[0] <= hard[0]
@@ -283,6 +303,23 @@ def test_predictor_risk_is_calibrated_on_the_training_set_quality(tiny):
     assert fixed.risk == 0.3 and none == []
     with pytest.raises(ValueError, match="pass quality="):
         train_predictor(tiny, labels)
+
+
+def test_labels_give_every_image_its_own_seed(tiny):
+    """Images of different prompts never share their noise (a shared seed makes a set of images
+    less diverse than a deployment's, which moves its Fréchet distance)."""
+    from dynexec_compile.stepsaver.quality import DigitClassifier
+
+    torch.manual_seed(0)
+    quality = DigitQuality(DigitClassifier())
+    prompts = [DigitPrompt(1, 1.0), DigitPrompt(2, 2.0)]
+    labels = induce_labels(tiny, quality, prompts, draws=3, first_seed=7, grid=(1, 2), feature_tol=0.5)
+    assert labels.seeds.tolist() == [7, 8, 9, 10, 11, 12]
+    assert labels.draws.tolist() == [0, 1, 2, 0, 1, 2] and labels.digits.tolist() == [1, 1, 1, 2, 2, 2]
+    images = tiny.sample([prompts[1]], 2, [10])
+    assert torch.allclose(quality.features(images)[0], labels.features[3, -1], atol=1e-2)
+    with pytest.raises(ValueError, match="draws is the number of images per prompt"):
+        induce_labels(tiny, quality, prompts, draws=0)
 
 
 # ---- bad input ----------------------------------------------------------------------------
