@@ -9,11 +9,11 @@ Stages (``--stages``, default all, in this order; each reads what the earlier on
 - ``classifier``: the digit CNN of the quality metric, on a fixed 80% of the real images;
 - ``unet``: the diffusion UNet (v-prediction loss, 10% of labels dropped to the null class for
   classifier-free guidance, EMA weights saved), its loss curve as ``loss_curve.png``;
-- ``labels``: self-induced step labels (``induce_labels``: every training prompt and seed
-  sampled at every count of the step grid, the fewest steps that stay within tolerance of the
-  100-step image, the tolerance calibrated against the set-level quality criterion), saved as
-  ``labels.safetensors``;
-- ``predictor``: the step predictor fitted to those labels, its risk calibrated on them;
+- ``labels``: self-induced records (``induce_labels``: every training prompt drawn 20 times, each
+  image from its own seed, sampled at every count of the step grid; the classifier's verdict and
+  features per image and count), saved as ``labels.safetensors``;
+- ``predictor``: the step predictor (``assign_steps``: per prompt, the fewest steps that keep the
+  training set matching the 100-step set, with a margin), saved as ``predictor.safetensors``;
 - ``card``: the model card ``README.md`` (command, CPU times, figures).
 
 Regenerate everything (about 20 minutes on one CPU core; hold the shared lock):
@@ -39,10 +39,10 @@ from dynexec_compile.stepsaver.pipeline import (
     training_scheduler,
 )
 from dynexec_compile.stepsaver.predictor import (
+    MARGIN,
     STEP_GRID,
     TRAIN_GUIDANCE,
     StepLabels,
-    calibrate_feature_tol,
     induce_labels,
     save_predictor,
     train_predictor,
@@ -129,36 +129,32 @@ def stage_labels(out: Path, summary: dict, args: argparse.Namespace) -> None:
     quality = DigitQuality.from_file(out / "classifier.safetensors")
     prompts = [DigitPrompt(d, g) for d in range(10) for g in TRAIN_GUIDANCE]
     start = cpu_seconds()
-    labels = induce_labels(pipeline, quality, prompts, args.label_draws, first_seed=0, grid=STEP_GRID, feature_tol=None)
-    _, tol_table = calibrate_feature_tol(labels, quality)
+    labels = induce_labels(pipeline, quality, prompts, args.label_draws, first_seed=0, grid=STEP_GRID)
     labels.save(out / "labels.safetensors")
-    needed = labels.needed.float()
-    per_guidance = {f"{g:g}": round(float(needed[labels.guidance == g].mean()), 3) for g in TRAIN_GUIDANCE}
     summary["labels"] = {
-        "prompts": len(prompts), "draws_per_prompt": args.label_draws, "seeds": f"0..{len(labels.seeds) - 1}, one per image", "grid": list(STEP_GRID), "guidance": list(TRAIN_GUIDANCE),
-        "prob_tol": labels.prob_tol, "feature_tol": labels.feature_tol, "feature_scale": labels.feature_scale,
-        "feature_tol_calibration": tol_table,
-        "mean_needed": float(needed.mean()), "mean_needed_per_guidance": per_guidance,
+        "prompts": len(prompts), "draws_per_prompt": args.label_draws, "seeds": f"0..{len(labels.seeds) - 1}, one per image",
+        "grid": list(STEP_GRID), "guidance": list(TRAIN_GUIDANCE),
         "set_accuracy": labels.set_accuracy.tolist(), "set_frechet": labels.set_frechet.tolist(),
         "safe_steps": labels.safe_steps(), "cpu_seconds": cpu_seconds() - start,
     }
-    print(f"labels: feature tolerance {labels.feature_tol} (calibrated); mean needed {needed.mean():.2f} steps; "
-          f"per guidance {per_guidance}; safe static count {labels.safe_steps()}")
+    print(f"labels: {len(labels.digits)} images; safe static count {labels.safe_steps()}; set Fréchet per count "
+          + ", ".join(f"{n}: {f:.2f}" for n, f in zip(labels.grid, labels.set_frechet.tolist())))
 
 
-def stage_predictor(out: Path, summary: dict) -> None:
-    pipeline = DigitsPipeline.from_pretrained(out)
+def stage_predictor(out: Path, summary: dict, args: argparse.Namespace) -> None:
     quality = DigitQuality.from_file(out / "classifier.safetensors")
     labels = StepLabels.load(out / "labels.safetensors")
     start = cpu_seconds()
-    predictor, risk_table = train_predictor(pipeline, labels, quality)
+    predictor, report = train_predictor(labels, quality, margin=args.margin)
     save_predictor(predictor, out / "predictor.safetensors")
     table = {f"{g:g}": predictor.predict([DigitPrompt(d, g) for d in range(10)]) for g in TRAIN_GUIDANCE}
-    chosen = next(row for row in risk_table if row["risk"] == predictor.risk)
-    summary["predictor"] = {**predictor.config(), "risk_calibration": risk_table, "training_set_at_risk": chosen,
-                            "predicted_per_guidance_digits_0_to_9": table, "cpu_seconds": cpu_seconds() - start}
-    print(f"predictor: risk {predictor.risk} (calibrated; training set: mean {chosen['mean_steps']:.2f} steps, "
-          f"Fréchet {chosen['frechet']:.2f}); {table}")
+    mean = sum(sum(v) for v in table.values()) / (10 * len(table))
+    summary["predictor"] = {"margin": args.margin, "safe_steps": predictor.safe_steps, "mean_steps_training_prompts": mean,
+                            "training_set": {"accuracy": report.accuracy, "frechet": report.frechet},
+                            "reference": {"accuracy": labels.reference().accuracy, "frechet": labels.reference().frechet},
+                            "steps_per_guidance_digits_0_to_9": table, "cpu_seconds": cpu_seconds() - start}
+    print(f"predictor: margin {args.margin}: mean {mean:.2f} steps over the training prompts; training set accuracy "
+          f"{report.accuracy:.4f}, Fréchet {report.frechet:.2f} (100 steps: {labels.reference().frechet:.2f}); {table}")
 
 
 def write_card(out: Path, summary: dict) -> None:
@@ -195,60 +191,37 @@ def write_card(out: Path, summary: dict) -> None:
         f"  CPU time {c['cpu_seconds']:.0f} s.",
     ]
     if lab:
-        lines += [
-            "",
-            "## Self-induced step labels",
-            f"- {lab['prompts']} prompts (digits 0-9 x guidance {lab['guidance']}) x {lab['seeds']} seeds, each sampled at",
-            f"  {lab['grid']} DDIM steps.",
-            f"- An image is good at n steps when the classifier's probability of its digit is at most {lab['prob_tol']} below",
-            "  the same seed's 100-step image and its features lie within tol x "
-            f"{lab['feature_scale']:.3f} (the median feature distance of two real images",
-            "  of the same digit) of that image; its label is the fewest steps from which every larger grid count is good.",
-            f"- tol = {lab['feature_tol']}, calibrated on these training images: the largest tolerance whose labels, each image",
-            "  taken at its own label, still give a set that matches the 100-step set (accuracy at most 1 point lower,",
-            "  Fréchet distance at most 10% higher: the criterion the benchmark judges by). The search:",
-            "",
-            "| tol | mean label | accuracy | Fréchet | matches 100 steps |",
-            "|---|---|---|---|---|",
-        ]
         ref = lab["set_frechet"][-1]
-        lines += [f"| {r['feature_tol']} | {r['mean_label']:.2f} | {r['accuracy']:.4f} | {r['frechet']:.2f} | {'yes' if r['matches'] else 'no'} |"
-                  for r in lab["feature_tol_calibration"]
-                  if round(r["feature_tol"] * 40) % 4 == 0 or r["feature_tol"] == lab["feature_tol"] or not r["matches"]]
         lines += [
             "",
-            f"- Mean label {lab['mean_needed']:.2f} steps; per guidance: {lab['mean_needed_per_guidance']}.",
-            "- Set quality of the training images at each static count (100 steps: Fréchet "
+            "## Self-induced records",
+            f"- {lab['prompts']} prompts (digits 0-9 x guidance {lab['guidance']}) x {lab['draws_per_prompt']} draws, each image from",
+            f"  its own noise seed ({lab['seeds']}), each sampled at {lab['grid']} DDIM steps; per image and count,",
+            "  the classifier's verdict and features.",
+            "- Set quality of the training images at each static count, accuracy / Fréchet (100 steps: Fréchet "
             f"{ref:.2f}): " + ", ".join(f"{n}: {a:.3f} / {f:.2f}" for n, a, f in zip(lab["grid"], lab["set_accuracy"], lab["set_frechet"])) + ".",
-            f"- Safe static count (smallest whose set accuracy and Fréchet distance match 100 steps): {lab['safe_steps']}.",
+            "- Safe static count (smallest whose set accuracy and Fréchet distance match 100 steps: accuracy at most",
+            f"  1 point lower, Fréchet at most 10% higher): {lab['safe_steps']}.",
             f"- CPU time {lab['cpu_seconds'] / 60:.1f} min.",
         ]
     if pr:
-        at = pr["training_set_at_risk"]
         lines += [
             "",
             "## Step predictor",
-            f"- MLP (hidden {pr['hidden']}) over the UNet's class embedding of the digit and the guidance scale, giving a",
-            "  distribution over the grid (cross-entropy to the labels of each prompt's seeds); a prompt runs with the fewest",
-            f"  steps that are enough with probability >= 1 - risk. Trained over guidance {pr['guidance_range']}; falls back to",
-            f"  {pr['safe_steps']} steps outside it.",
-            f"- risk = {pr['risk']}, calibrated on the training images: the largest whose predicted counts keep the training",
-            f"  set matching 100 steps (there: mean {at['mean_steps']:.2f} steps, accuracy {at['accuracy']:.4f}, Fréchet {at['frechet']:.2f}).",
-            "  The search:",
-            "",
-            "| risk | mean steps | accuracy | Fréchet | matches 100 steps |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['risk']} | {r['mean_steps']:.2f} | {r['accuracy']:.4f} | {r['frechet']:.2f} | {'yes' if r['matches'] else 'no'} |"
-                  for r in pr["risk_calibration"]]
-        lines += [
-            "",
-            "- Predicted counts, digits 0-9, per guidance scale:",
+            "- Per prompt, the fewest grid steps that keep the whole training set matching 100 steps, with the Fréchet",
+            f"  tolerance narrowed by margin {pr['margin']} (`assign_steps`: every prompt starts at the safe count",
+            f"  {pr['safe_steps']}; then, best first, the prompt whose next lower count saves the most image-steps per unit",
+            "  of Fréchet distance moves down, while the set keeps matching).",
+            f"  Training set at these counts: accuracy {pr['training_set']['accuracy']:.4f}, Fréchet {pr['training_set']['frechet']:.2f}",
+            f"  (100 steps: {pr['reference']['accuracy']:.4f} / {pr['reference']['frechet']:.2f}); mean {pr['mean_steps_training_prompts']:.2f} steps.",
+            "- A guidance scale between two trained ones takes the larger of their counts; outside the trained range, the",
+            f"  safe count {pr['safe_steps']} with a warning.",
+            "- Counts, digits 0-9, per guidance scale:",
             "",
             "| guidance | " + " | ".join(str(d) for d in range(10)) + " |",
             "|---|" + "---|" * 10,
         ]
-        lines += [f"| {g} | " + " | ".join(str(n) for n in ns) + " |" for g, ns in pr["predicted_per_guidance_digits_0_to_9"].items()]
+        lines += [f"| {g} | " + " | ".join(str(n) for n in ns) + " |" for g, ns in pr["steps_per_guidance_digits_0_to_9"].items()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -281,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--margin", type=float, default=MARGIN, help="share of the Fréchet tolerance the training set keeps in reserve")
     p.add_argument("--label-draws", type=int, default=20, help="images per training prompt for the step labels (each from its own seed)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -304,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "labels":
             stage_labels(out, summary, args)
         elif stage == "predictor":
-            stage_predictor(out, summary)
+            stage_predictor(out, summary, args)
         elif stage == "card":
             write_card(out, summary)
         summary_path.write_text(json.dumps(summary, indent=2))

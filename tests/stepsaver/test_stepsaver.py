@@ -28,10 +28,8 @@ from dynexec_compile.stepsaver import (
 )
 from dynexec_compile.stepsaver.pipeline import build_unet
 from dynexec_compile.stepsaver.predictor import (
-    calibrate_feature_tol,
+    assign_steps,
     induce_labels,
-    needed_columns,
-    needed_steps,
     train_predictor,
 )
 
@@ -125,61 +123,47 @@ def test_grouping_calls_the_pipeline_once_per_count_and_keeps_the_order(tiny):
     torch.testing.assert_close(out.images, alone, rtol=0, atol=1e-5)
 
 
-def test_stepsaver_with_a_trained_style_predictor_uses_its_counts(tiny):
-    predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=20)
+def _table(fn=lambda d, g: 5, scales=(1.0, 2.0, 4.0)):
+    return {DigitPrompt(d, g): fn(d, g) for d in range(10) for g in scales}
+
+
+def test_stepsaver_with_a_table_predictor_uses_its_counts(tiny):
+    predictor = StepPredictor(_table(lambda d, g: STEP_GRID[(d + int(g)) % 5]), safe_steps=20)
     prompts, seeds = prompts_and_seeds()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every prompt is in the domain: no warning
         planned = predictor.predict(prompts)
         out = StepSaver(tiny, predictor)(prompts, seeds)
-    assert out.steps == planned and set(planned) <= set(STEP_GRID)
+    assert out.steps == planned and len(set(planned)) > 1
 
 
 def test_out_of_domain_prompts_fall_back_to_the_safe_count_and_say_so(tiny):
-    predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=20)
+    predictor = StepPredictor(_table(), safe_steps=20)
     prompts = [DigitPrompt(1, 2.0), DigitPrompt(4, 7.5), DigitPrompt(2, 0.5)]
     spy = SpyPipeline(tiny)
     with pytest.warns(OutOfDomainWarning, match=r"2 prompt\(s\) outside .*guidance scales 1\.\.4.*safe for the whole training set, 20 steps"):
         out = StepSaver(spy, predictor)(prompts, [0, 1, 2])
-    assert out.steps[1:] == [20, 20]
-    in_domain = predictor.predict(prompts[:1])[0]
-    assert out.steps[0] == in_domain
+    assert out.steps == [5, 20, 20]
     assert any(steps == 20 and DigitPrompt(4, 7.5) in ps for ps, steps, _ in spy.calls)
 
 
-def test_a_prompt_gets_the_fewest_steps_that_are_enough_at_its_risk(tiny):
-    predictor = StepPredictor.from_unet(tiny, grid=(2, 5, 10, 100), guidance_range=(1.0, 4.0), safe_steps=10)
-    # P(label = n) per row -> P(n steps are enough) = cumulative: [0.5, 0.8, 0.95, 1], [0, 0, 0.9, 1]
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.0, 0.0, 0.9, 0.1]])
-    enough = probs.cumsum(-1)
-    assert predictor.choose(enough, risk=0.0).tolist() == [3, 3]
-    assert predictor.choose(enough, risk=0.1).tolist() == [2, 2]
-    assert predictor.choose(enough, risk=0.2).tolist() == [1, 2]
-    assert predictor.choose(enough, risk=0.5).tolist() == [0, 2]
-    with pytest.raises(ValueError, match=r"risk is the per-prompt share .* in \[0, 1\)"):
-        predictor.choose(enough, risk=1.0)
-    # the model's own probabilities are a distribution: non-decreasing, 1 at the reference count
-    cdf = predictor.enough(torch.tensor([0, 7]), torch.tensor([1.0, 3.0]))
-    assert (cdf.diff(dim=1) >= 0).all() and torch.equal(cdf[:, -1], torch.ones(2))
-    prompts = [DigitPrompt(0, 1.0), DigitPrompt(7, 3.0)]
-    assert predictor.predict(prompts, risk=0.0) == [100, 100] or min(cdf[:, -2]) >= 1 - 1e-6
-    low, high = predictor.predict(prompts, risk=0.6), predictor.predict(prompts, risk=0.05)
-    assert all(a <= b for a, b in zip(low, high))  # more risk, never more steps
+def test_a_scale_between_trained_ones_takes_the_larger_neighbouring_count():
+    # digit 3: 2 steps at guidance 1, 8 at guidance 2, 4 at guidance 4
+    predictor = StepPredictor(_table(lambda d, g: {1.0: 2, 2.0: 8, 4.0: 4}[g] if d == 3 else 5), safe_steps=10)
+    assert predictor.predict([DigitPrompt(3, g) for g in (1.0, 1.5, 2.0, 3.0, 4.0)]) == [2, 8, 8, 8, 4]
+    assert predictor.predict([DigitPrompt(3, 2.0 + 1e-12)]) == [8]
+    with pytest.raises(ValueError, match="a count for every digit at every trained guidance scale"):
+        StepPredictor({DigitPrompt(0, 1.0): 5}, safe_steps=10)
 
 
-def test_predictor_save_and_load_round_trip(tiny, tmp_path):
-    torch.manual_seed(1)
-    predictor = StepPredictor.from_unet(tiny, grid=STEP_GRID, guidance_range=(1.0, 4.0), safe_steps=15)
-    with torch.no_grad():
-        predictor.mlp[-1].bias.copy_(torch.linspace(-2.0, 2.0, len(STEP_GRID)))  # mass on the larger counts
-    predictor.risk = 0.2
+def test_predictor_save_and_load_round_trip(tmp_path):
+    predictor = StepPredictor(_table(lambda d, g: STEP_GRID[(3 * d + int(g)) % 7]), safe_steps=15)
     save_predictor(predictor, tmp_path / "p.safetensors")
     loaded = load_predictor(tmp_path / "p.safetensors")
     prompts, _ = prompts_and_seeds()
+    assert loaded.table == predictor.table and loaded.safe_steps == 15
     assert loaded.predict(prompts) == predictor.predict(prompts)
-    assert min(loaded.predict(prompts)) > STEP_GRID[0]  # not trivially the smallest count
-    assert (loaded.safe_steps, loaded.grid, loaded.guidance_range, loaded.risk) == (15, STEP_GRID, (1.0, 4.0), 0.2)
-    with pytest.raises(ValueError, match="not a dynexec step predictor file"):
+    with pytest.raises(ValueError, match="not a dynexec step predictor"):
         from dynexec_compile.stepsaver.quality import load_classifier
         from dynexec_compile.weights_io import save_with_config
 
@@ -192,22 +176,10 @@ def test_predictor_save_and_load_round_trip(tiny, tmp_path):
 # ---- labels -------------------------------------------------------------------------------
 
 
-def test_needed_steps_is_the_fewest_count_from_which_quality_stays():
-    grid = (2, 4, 8, 100)
-    prob = torch.tensor([
-        [0.99, 0.99, 0.99, 0.99],  # good everywhere -> 2
-        [0.50, 0.99, 0.60, 0.99],  # good at 4, bad at 8 again -> 100
-        [0.10, 0.50, 0.96, 1.00],  # within 0.05 from 8 on -> 8
-        [0.99, 0.99, 0.99, 0.99],  # probability fine but features far until 8 -> 8
-    ])
-    dist = torch.zeros(4, 4)
-    dist[3, :2] = 5.0
-    assert needed_steps(prob, dist, grid, prob_tol=0.05, max_distance=1.0).tolist() == [2, 100, 8, 8]
-
-
 def _labels(quality_like, n_per=60, seed=0):
-    """Synthetic labels over grid (2, 5, 10, 100): features of image i at column g are its reference
-    features plus noise that shrinks with the count; half the images are noisier (a "hard" half)."""
+    """Synthetic records over grid (2, 5, 10, 100) for 20 prompts (digits 0-9 at guidance 1 and 4),
+    six draws each: features of image i at column g are its reference features plus noise that
+    shrinks with the count; the guidance-4 prompts are noisier (a "hard" half)."""
     g = torch.Generator().manual_seed(seed)
     grid = (2, 5, 10, 100)
     n = 2 * n_per
@@ -216,16 +188,13 @@ def _labels(quality_like, n_per=60, seed=0):
     hard = torch.arange(n) >= n_per
     scale = torch.tensor([1.0, 0.3, 0.1, 0.0]).view(1, 4, 1) * (1 + 3 * hard.float()).view(n, 1, 1)
     features = ref.unsqueeze(1) + scale * torch.randn(n, 4, ref.shape[1], generator=g) * 3.0  # [N, 4, F]
-    from dynexec_compile.stepsaver.quality import frechet_distance
-
-    frechet = torch.tensor([frechet_distance(features[:, c].double().numpy(), quality_like.real_features) for c in range(4)])
-    return StepLabels(
+    labels = StepLabels(
         digits=torch.arange(n) % 10, guidance=torch.where(hard, 4.0, 1.0), seeds=torch.arange(n),
-        draws=(torch.arange(n) // 10) % (n_per // 10), grid=grid,
-        prob=torch.ones(n, 4), correct=torch.ones(n, 4, dtype=torch.bool), features=features,
-        distance=(features - features[:, -1:]).norm(dim=-1), needed=torch.full((n,), 100),
-        set_accuracy=torch.ones(4), set_frechet=frechet, feature_scale=3.0, prob_tol=0.05, feature_tol=0.0,
+        draws=(torch.arange(n) // 10) % (n_per // 10), grid=grid, correct=torch.ones(n, 4, dtype=torch.bool),
+        features=features, set_accuracy=torch.zeros(0), set_frechet=torch.zeros(0),
     )
+    labels._score_sets(quality_like)
+    return labels
 
 
 class _RealFeatures:
@@ -235,74 +204,56 @@ class _RealFeatures:
 
 
 def test_labels_round_trip_and_safe_steps(tmp_path):
-    grid = (2, 5, 10, 100)
-    labels = StepLabels(
-        digits=torch.tensor([0, 1]), guidance=torch.tensor([1.0, 2.0]), seeds=torch.tensor([0, 1]), draws=torch.tensor([0, 0]), grid=grid,
-        prob=torch.rand(2, 4), correct=torch.ones(2, 4, dtype=torch.bool), features=torch.randn(2, 4, 8),
-        distance=torch.rand(2, 4), needed=torch.tensor([5, 10]),
-        set_accuracy=torch.tensor([0.5, 0.985, 1.0, 0.99]), set_frechet=torch.tensor([9.0, 1.0, 1.05, 1.0]),
-        feature_scale=3.0, prob_tol=0.05, feature_tol=0.25,
-    )
+    quality = _RealFeatures()
+    labels = _labels(quality)
+    labels.set_accuracy, labels.set_frechet = torch.tensor([0.5, 0.985, 1.0, 0.99]), torch.tensor([9.0, 1.0, 1.05, 1.0])
     # 5 steps: accuracy 0.985 >= 0.99 - 0.01 and Fréchet 1.0 <= 1.1: matches the 100-step set
     assert labels.safe_steps() == 5
     labels.save(tmp_path / "l.safetensors")
     back = StepLabels.load(tmp_path / "l.safetensors")
-    assert back.grid == grid and back.safe_steps() == 5 and torch.equal(back.needed, labels.needed)
+    assert back.grid == labels.grid and back.safe_steps() == 5 and torch.equal(back.draws, labels.draws)
     torch.testing.assert_close(back.features, labels.features, rtol=1e-3, atol=1e-3)  # stored in fp16
-    assert torch.equal(back.correct, labels.correct)
+    assert torch.equal(back.correct, labels.correct) and back.prompts() == labels.prompts()
 
 
-def test_feature_tolerance_is_the_largest_whose_labels_keep_the_set_quality():
+def test_split_by_draws_rescores_each_subset():
     quality = _RealFeatures()
     labels = _labels(quality)
-    tol, table = calibrate_feature_tol(labels, quality, tolerances=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
-    ref = labels.reference()
-    assert table[0]["feature_tol"] == 0.0 and table[0]["mean_label"] == 100 and table[0]["matches"]
-    chosen = next(r for r in table if r["feature_tol"] == tol)
-    assert chosen["matches"] and chosen["frechet"] <= 1.1 * ref.frechet
-    assert not table[-1]["matches"] and table[-1]["feature_tol"] > tol  # it stopped at the first failure
-    assert [r["mean_label"] for r in table] == sorted((r["mean_label"] for r in table), reverse=True)
-    # the labels at that tolerance, as a set, keep the criterion; the next tolerance's do not
-    columns = needed_columns(labels.prob, labels.distance, labels.prob_tol, tol * labels.feature_scale)
-    assert matches(labels.report(columns, quality), ref)
-
-
-def test_split_draws_keeps_every_prompt_on_both_sides_and_rescores_each_set():
-    quality = _RealFeatures()
-    labels = _labels(quality)
-    fit, held = labels.split_draws(0.5, quality)
-    assert len(fit.digits) + len(held.digits) == len(labels.digits)
-    assert set(fit.draws.tolist()) == {0, 1, 2} and set(held.draws.tolist()) == {3, 4, 5}
-    key = lambda lab: set(zip(lab.digits.tolist(), lab.guidance.tolist()))  # noqa: E731
-    assert key(fit) == key(held) == key(labels)
+    held = labels.subset(labels.draws >= 3, quality)
+    assert set(held.draws.tolist()) == {3, 4, 5} and held.prompts() == labels.prompts()
     last = torch.full((len(held.digits),), len(held.grid) - 1)
     assert held.reference().frechet == pytest.approx(held.report(last, quality).frechet)  # the subset's own set quality
     assert held.reference().frechet != labels.reference().frechet
-    with pytest.raises(ValueError, match="share of each prompt's draws"):
-        labels.split_draws(1.0, quality)
 
 
-def test_predictor_risk_is_calibrated_on_held_out_draws(tiny):
+def test_assigned_steps_are_the_fewest_that_keep_the_set_quality_with_the_margin():
     quality = _RealFeatures()
     labels = _labels(quality)
-    tol, _ = calibrate_feature_tol(labels, quality, tolerances=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
-    labels.needed = needed_steps(labels.prob, labels.distance, labels.grid, labels.prob_tol, tol * labels.feature_scale)
-    predictor, table = train_predictor(tiny, labels, quality, iters=400)
-    _, held = labels.split_draws(0.5, quality)
-    chosen = next(r for r in table if r["risk"] == predictor.risk)
-    assert chosen["matches"]
-    assert all(r["matches"] for r in table[:-1])
-    # the table scores the held-out draws: the chosen risk keeps *their* set quality
-    columns = predictor.choose(predictor.enough(held.digits, held.guidance))
-    rep = held.report(columns, quality)
-    assert matches(rep, held.reference()) and rep.frechet == pytest.approx(chosen["frechet"])
-    # the hard prompts (guidance 4) get at least as many steps as the easy ones
-    easy, hard = predictor.predict([DigitPrompt(0, 1.0)]), predictor.predict([DigitPrompt(0, 4.0)])
-    assert easy[0] <= hard[0]
-    fixed, none = train_predictor(tiny, labels, risk=0.3, iters=50)
-    assert fixed.risk == 0.3 and none == []
-    with pytest.raises(ValueError, match="pass quality="):
-        train_predictor(tiny, labels)
+    ref = labels.reference()
+    start = labels.safe_steps()
+    counts, report = assign_steps(labels, quality, margin=0.5)
+    assert matches(report, ref, frechet_tol=0.05)
+    assert set(counts) == set(labels.prompts()) and all(n <= start for n in counts.values())
+    # the easy prompts (guidance 1) get fewer steps than the hard ones (guidance 4), on average
+    easy = [n for p, n in counts.items() if p.guidance == 1.0]
+    hard = [n for p, n in counts.items() if p.guidance == 4.0]
+    assert sum(easy) < sum(hard)
+    # no prompt can go one grid count lower without breaking the (narrowed) criterion
+    owner = {p: i for i, p in enumerate(labels.prompts())}
+    rows = [owner[DigitPrompt(int(d), float(g))] for d, g in zip(labels.digits, labels.guidance)]
+    for p, n in counts.items():
+        if n == labels.grid[0]:
+            continue
+        lower = {**counts, p: labels.grid[labels.grid.index(n) - 1]}
+        cols = torch.tensor([labels.grid.index(lower[labels.prompts()[r]]) for r in rows])
+        assert not matches(labels.report(cols, quality), ref, frechet_tol=0.05)
+    # no margin: at least as few steps
+    loose, _ = assign_steps(labels, quality, margin=0.0)
+    assert sum(loose.values()) <= sum(counts.values())
+    predictor, rep = train_predictor(labels, quality, margin=0.5)
+    assert predictor.table == counts and predictor.safe_steps == start and rep == report
+    with pytest.raises(ValueError, match="share of the Fréchet tolerance"):
+        assign_steps(labels, quality, margin=1.0)
 
 
 def test_labels_give_every_image_its_own_seed(tiny):
@@ -313,7 +264,7 @@ def test_labels_give_every_image_its_own_seed(tiny):
     torch.manual_seed(0)
     quality = DigitQuality(DigitClassifier())
     prompts = [DigitPrompt(1, 1.0), DigitPrompt(2, 2.0)]
-    labels = induce_labels(tiny, quality, prompts, draws=3, first_seed=7, grid=(1, 2), feature_tol=0.5)
+    labels = induce_labels(tiny, quality, prompts, draws=3, first_seed=7, grid=(1, 2))
     assert labels.seeds.tolist() == [7, 8, 9, 10, 11, 12]
     assert labels.draws.tolist() == [0, 1, 2, 0, 1, 2] and labels.digits.tolist() == [1, 1, 1, 2, 2, 2]
     images = tiny.sample([prompts[1]], 2, [10])
@@ -433,6 +384,6 @@ def test_per_prompt_oracle_lowers_only_the_prompts_that_keep_the_set_quality():
             images[150:] = noise
         per_count[n] = (quality.report(images, digits), images)
     ref = per_count[100][0]
-    mean, rep, counts = per_prompt_oracle(prompts, per_count, digits, quality, ref, start=5)
+    mean, rep, counts = per_prompt_oracle(prompts, list(range(300)), per_count, quality, start=5)
     assert counts == {"0@1": 1, "1@4": 5}
     assert mean == pytest.approx(3.0) and matches(rep, ref)
