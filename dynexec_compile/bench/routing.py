@@ -494,21 +494,27 @@ def _generation_candidates(lm: str, args: argparse.Namespace) -> tuple[Any, Any,
         return strong, tokenizer, {"draft LM": load_demo_lm("draft")[0]}
     import dynexec_compile as dx
 
+    specs = [smollm2_cheap_spec(spec) for spec in args.routing_smollm2_cheap]
     strong, tokenizer, loras = load_elastic_lm("smollm2-135m-instruct")
     cheap = {}
-    for spec in args.routing_smollm2_cheap:
-        level_text, _, extra = spec.partition("+")
-        try:
-            level = float(level_text)
-        except ValueError:
-            raise ValueError(f"--routing-smollm2-cheap takes LEVEL or LEVEL+lora (e.g. 0.5+lora), got {spec!r}") from None
-        if extra not in ("", "lora"):
-            raise ValueError(f"--routing-smollm2-cheap takes LEVEL or LEVEL+lora (e.g. 0.5+lora), got {spec!r}")
-        if extra and level not in loras:
+    for spec, (level, with_lora) in zip(args.routing_smollm2_cheap, specs):
+        if with_lora and level not in loras:
             raise ValueError(f"no committed LoRA for SmolLM2 level {level}: committed levels {sorted(loras)} "
                              "(train one with benchmarks/bench_elastic_lm_lora.py --level LEVEL)")
-        cheap[f"SmolLM2 level {spec}"] = dx.elastic_draft(strong, level, lora=loras[level] if extra else None)
+        cheap[f"SmolLM2 level {spec}"] = dx.elastic_draft(strong, level, lora=loras[level] if with_lora else None)
     return strong, tokenizer, cheap
+
+
+def smollm2_cheap_spec(spec: str) -> tuple[float, bool]:
+    """``"0.5+lora"`` -> ``(0.5, True)``; ``"0.75"`` -> ``(0.75, False)``."""
+    level_text, _, extra = spec.partition("+")
+    try:
+        level = float(level_text)
+    except ValueError:
+        level = -1.0
+    if not 0.0 < level < 1.0 or extra not in ("", "lora"):
+        raise ValueError(f"--routing-smollm2-cheap takes LEVEL or LEVEL+lora with 0 < LEVEL < 1 (e.g. 0.5+lora), got {spec!r}")
+    return level, extra == "lora"
 
 
 def _run_generation(args: argparse.Namespace, result: SuiteResult, quick: bool, lm: str) -> list[dict]:
@@ -635,6 +641,8 @@ def run(args: argparse.Namespace) -> SuiteResult:
         raise ValueError(f"--routing-quality must be in (0, 1], got {args.routing_quality}")
     torch.manual_seed(0)
     tasks = args.routing_tasks or ("classification", "generation")
+    for spec in getattr(args, "routing_smollm2_cheap", None) or ():
+        smollm2_cheap_spec(spec)  # bad input fails before any model runs
     plots = []
     # every candidate and cascade threshold is a compile of one forward: room for all of them
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):

@@ -100,6 +100,27 @@ def test_reorder_needs_batches_or_importance():
         reorder_by_importance(tiny_bert(), importance=random_importance(tiny_llama()))
 
 
+def test_importance_save_and_load_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    from dynexec_compile.elastic import Importance
+
+    scores = random_importance(tiny_llama(), seed=3)
+    scores.save(tmp_path / "order.safetensors", calibration="test")
+    back = Importance.load(tmp_path / "order.safetensors")
+    assert back.method == "random" and back.num_examples == 0
+    for name in ("heads", "neurons", "layers"):
+        assert torch.equal(getattr(back, name), getattr(scores, name))
+    a, b = tiny_llama(), tiny_llama()
+    b.load_state_dict(a.state_dict())
+    reorder_by_importance(a, importance=scores)
+    reorder_by_importance(b, importance=back)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    save_file({"heads": scores.heads}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a dynexec importance file"):
+        Importance.load(tmp_path / "other.safetensors")
+
+
 def test_identity_plan_for_a_model_never_reordered():
     model = tiny_llama()
     plan = elastic_plan(model)

@@ -272,6 +272,18 @@ def test_bench_routing_quick_runs_every_router(tmp_path):
         assert 0.0 <= r["eval strong share"] <= 1.0
 
 
+def test_bench_routing_smollm2_cheap_specs_are_checked_before_any_model_runs():
+    from dynexec_compile.bench.routing import smollm2_cheap_spec
+    from dynexec_compile.cli import main
+
+    assert smollm2_cheap_spec("0.5+lora") == (0.5, True) and smollm2_cheap_spec("0.75") == (0.75, False)
+    for bad in ("half", "0.5+adapter", "1.0", "0"):
+        with pytest.raises(ValueError, match="LEVEL or LEVEL\\+lora"):
+            smollm2_cheap_spec(bad)
+    with pytest.raises(ValueError, match="got '0.5\\+adapter'"):
+        main(["bench", "routing", "--routing-lms", "smollm2", "--routing-smollm2-cheap", "0.5+adapter"])
+
+
 def test_sentence_embedder_layers():
     from dynexec_compile.routing import SentenceEmbedder
 
