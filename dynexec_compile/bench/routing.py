@@ -641,15 +641,20 @@ def run(args: argparse.Namespace) -> SuiteResult:
         raise ValueError(f"--routing-quality must be in (0, 1], got {args.routing_quality}")
     torch.manual_seed(0)
     tasks = args.routing_tasks or ("classification", "generation")
-    for spec in getattr(args, "routing_smollm2_cheap", None) or ():
-        smollm2_cheap_spec(spec)  # bad input fails before any model runs
+    lms = (args.routing_lms or (("demo",) if args.quick else GENERATION_LMS)) if "generation" in tasks else ()
+    if "smollm2" in lms:  # bad input and a missing model file fail before any model runs
+        from dynexec_compile.models import lm_folder
+
+        for spec in args.routing_smollm2_cheap:
+            smollm2_cheap_spec(spec)
+        lm_folder("smollm2-135m-instruct")
     plots = []
     # every candidate and cascade threshold is a compile of one forward: room for all of them
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
         if "classification" in tasks:
             plots += _run_classification(args, result, args.quick)
         if "generation" in tasks:
-            for lm in args.routing_lms or (("demo",) if args.quick else GENERATION_LMS):
+            for lm in lms:
                 plots += _run_generation(args, result, args.quick, lm)
     path = Path(args.out or "runs/bench-routing.json").with_suffix(".png")
     plot(path, plots)
