@@ -132,7 +132,7 @@ def stage_labels(out: Path, summary: dict, args: argparse.Namespace) -> None:
     labels = induce_labels(pipeline, quality, prompts, args.label_draws, first_seed=0, grid=STEP_GRID)
     labels.save(out / "labels.safetensors")
     summary["labels"] = {
-        "prompts": len(prompts), "draws_per_prompt": args.label_draws, "seeds": f"0..{len(labels.seeds) - 1}, one per image",
+        "command": summary["command"], "prompts": len(prompts), "draws_per_prompt": args.label_draws, "seeds": f"0..{len(labels.seeds) - 1}, one per image",
         "grid": list(STEP_GRID), "guidance": list(TRAIN_GUIDANCE),
         "set_accuracy": labels.set_accuracy.tolist(), "set_frechet": labels.set_frechet.tolist(),
         "safe_steps": labels.safe_steps(), "cpu_seconds": cpu_seconds() - start,
@@ -202,7 +202,7 @@ def write_card(out: Path, summary: dict) -> None:
             f"{ref:.2f}): " + ", ".join(f"{n}: {a:.3f} / {f:.2f}" for n, a, f in zip(lab["grid"], lab["set_accuracy"], lab["set_frechet"])) + ".",
             "- Safe static count (smallest whose set accuracy and Fréchet distance match 100 steps: accuracy at most",
             f"  1 point lower, Fréchet at most 10% higher): {lab['safe_steps']}.",
-            f"- CPU time {lab['cpu_seconds'] / 60:.1f} min.",
+            f"- CPU time {lab['cpu_seconds'] / 60:.1f} min" + (f" (`{lab['command']}`)." if lab.get("command") else "."),
         ]
     if pr:
         lines += [
