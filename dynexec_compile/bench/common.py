@@ -241,9 +241,11 @@ def add_model_arguments(parser: Any) -> None:
         help="UTF-8 text file; prompts are consecutive windows of its tokens (default: held-out stdlib files)",
     )
     group.add_argument(
-        "--compile-mode", default=None, choices=["max-autotune"],
-        help="compile dynexec's steps with this torch.compile mode (on CPU: Inductor's C++ GEMM template "
-        "autotuned against MKL; faster steps, minutes of compilation per engine); default: Inductor's default",
+        "--compile-mode", default=None, choices=tuple(COMPILE_MODES),
+        help="compile dynexec's steps with this torch.compile mode: max-autotune (on CPU: Inductor's C++ GEMM "
+        "template autotuned against MKL; faster steps, minutes of compilation per engine); "
+        "max-autotune-whole-step (the same with regional=False: one frozen graph per step, so the GEMM "
+        "template applies to every layer; minutes more); default: Inductor's default",
     )
 
 
@@ -256,6 +258,18 @@ def add_model_arguments(parser: Any) -> None:
         help="quantize the model's (and draft's) linear weights with torchao before benchmarking "
         "(Int8WeightOnlyConfig: int8 weights, activations in --dtype); every row runs the quantized model",
     )
+
+
+# --compile-mode -> dynexec generate's compile settings
+COMPILE_MODES = {
+    "max-autotune": {"mode": "max-autotune"},
+    "max-autotune-whole-step": {"mode": "max-autotune", "regional": False},
+}
+
+
+def compile_settings(compile_mode: str | None) -> dict[str, Any]:
+    """The ``dx.generate`` keyword arguments of a ``--compile-mode`` (none for the default)."""
+    return dict(COMPILE_MODES[compile_mode]) if compile_mode else {}
 
 
 MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "exit_adapter", "prompt_file", "compile_mode", "prompt_set", "dtype", "quantize")

@@ -34,6 +34,7 @@ import torch
 from dynexec_compile.bench.common import (
     LMSetup,
     SuiteResult,
+    compile_settings,
     generated_tokens,
     interleaved_medians,
     left_padded,
@@ -101,7 +102,7 @@ def _run(args: argparse.Namespace) -> SuiteResult:
 
 def _compile_settings(quick: bool, mode: str | None) -> dict[str, Any]:
     """dynexec's ``generate`` compile settings: eager for ``--quick``, else compiled (with ``mode``)."""
-    return {"compile": not quick, **({"mode": mode} if mode and not quick else {})}
+    return {"compile": not quick, **(compile_settings(mode) if not quick else {})}
 
 
 def _compiled(args: argparse.Namespace) -> str:

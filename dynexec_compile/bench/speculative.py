@@ -33,6 +33,7 @@ from tqdm import tqdm
 import dynexec_compile as dx
 from dynexec_compile.bench.common import (
     SuiteResult,
+    compile_settings,
     generated_tokens,
     interleaved_medians,
     left_padded,
@@ -153,7 +154,7 @@ def dynexec_run(ctx: BenchContext, strategy: str, **options: Any) -> Callable[[t
         out: GenerateOutput = dx.generate(
             ctx.target, *batch, strategy=strategy, max_new_tokens=ctx.max_new_tokens, eos_token_id=ctx.eos_token_id,
             pad_token_id=ctx.pad_token_id,
-            compile=ctx.compile, **({"mode": ctx.mode} if ctx.mode and ctx.compile else {}), **options,
+            compile=ctx.compile, **(compile_settings(ctx.mode) if ctx.compile else {}), **options,
         )
         extra = out.stats.extra
         drafted = sum(map(sum, extra["drafted_per_step"])) if "drafted_per_step" in extra else None

@@ -64,6 +64,15 @@ def test_the_dynexec_command_prints_a_bad_option_as_one_error_line(capsys):
     assert "Traceback" not in err
 
 
+def test_compile_modes_map_to_generate_settings():
+    from dynexec_compile.bench.common import compile_settings
+
+    assert compile_settings(None) == {}
+    assert compile_settings("max-autotune") == {"mode": "max-autotune"}
+    # whole-step: regional compilation off, so Inductor freezes the weights and its GEMM template applies
+    assert compile_settings("max-autotune-whole-step") == {"mode": "max-autotune", "regional": False}
+
+
 @pytest.mark.slow
 def test_speculative_suite_runs_on_the_users_models(user_lm, tmp_path):
     draft = _save_tiny_lm(tmp_path / "draft", layers=1)
