@@ -74,9 +74,12 @@ DRAFT_HEADS_COMMAND = "python examples/train_draft_heads.py"
 _CODE_STARTS = ("def ", "class ", "async def ")
 
 
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # the repository's committed models
+
+
 def _demo_root() -> Path:
     """``models/code-lm`` of the repository this package lives in."""
-    return Path(__file__).resolve().parent.parent / "models" / "code-lm"
+    return MODELS_DIR / "code-lm"
 
 
 def demo_lm_path(which: str = "target") -> Path:
@@ -188,7 +191,7 @@ def load_elastic_lm(name: str = "smollm2-135m-instruct", dtype: torch.dtype = to
     """
     from dynexec_compile.elastic import Importance, LevelLoRA, reorder_by_importance
 
-    folder = Path(__file__).resolve().parent.parent / "models" / name / "elastic"
+    folder = MODELS_DIR / name / "elastic"
     order = folder / "importance.safetensors"
     if not order.is_file():
         raise FileNotFoundError(

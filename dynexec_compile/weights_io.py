@@ -24,7 +24,12 @@ def save_with_config(
         name: (tensor.to(dtype) if dtype is not None else tensor).detach().cpu().contiguous()
         for name, tensor in module.state_dict().items()
     }
-    save_file(tensors, os.fspath(path), metadata={key: json.dumps(config)})
+    save_tensors(tensors, path, key, config)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, key: str, config: dict[str, Any]) -> None:
+    """Write ``tensors`` with ``config`` under ``key`` (what :func:`read_with_config` reads)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(path), metadata={key: json.dumps(config)})
 
 
 def read_with_config(

@@ -110,6 +110,8 @@ def run_full(result: SuiteResult, args: argparse.Namespace, out_path: Path) -> N
         DigitPrompt,
         DigitQuality,
         DigitsPipeline,
+        QualityReport,
+        StepLabels,
         StepSaver,
         load_predictor,
         matches,
@@ -127,17 +129,17 @@ def run_full(result: SuiteResult, args: argparse.Namespace, out_path: Path) -> N
     saver = StepSaver(pipeline, predictor)
     best = predictor.safe_steps
 
-    # quality at every count of the grid, on the evaluation set
-    per_count = {}
-    for n in STEP_GRID:
-        images = pipeline.sample(prompts, n, seeds)
-        per_count[n] = (quality.report(images, digits), images)
+    # quality at every count of the grid, on the evaluation set (one record per image and count)
+    images = {n: pipeline.sample(prompts, n, seeds) for n in STEP_GRID}
+    labels = StepLabels.from_images(prompts, seeds, [0] * len(prompts), images, quality)
+    per_count = {n: (QualityReport(float(labels.set_accuracy[g]), float(labels.set_frechet[g]), len(prompts)), images[n])
+                 for g, n in enumerate(labels.grid)}
     ref = per_count[100][0]
     out = saver(prompts, seeds)
     ss_report = quality.report(out.images, digits)
     oracle = next(n for n in STEP_GRID if matches(per_count[n][0], ref))
 
-    per_prompt = per_prompt_oracle(prompts, seeds, per_count, quality, oracle)
+    per_prompt = per_prompt_oracle(prompts, labels, quality, oracle)
 
     # throughput: the whole evaluation set per call, interleaved rounds
     repeats = args.repeats or 3
@@ -186,15 +188,13 @@ def run_full(result: SuiteResult, args: argparse.Namespace, out_path: Path) -> N
     result.notes.append(f"plots: {out_path.with_name(out_path.stem + '-quality.png')}, {out_path.with_name(out_path.stem + '-steps.png')}")
 
 
-def per_prompt_oracle(prompts, seeds, per_count, quality, start: int):
-    """Step counts per prompt chosen on the evaluation images themselves (``assign_steps`` with no
-    margin, from ``start``, the smallest static count that matches there): the fewest mean steps
-    any per-prompt predictor could reach on them. Returns (mean steps, the set's report,
-    {prompt: count})."""
-    from dynexec_compile.stepsaver import StepLabels, assign_steps
+def per_prompt_oracle(prompts, labels, quality, start: int):
+    """Step counts per prompt chosen on the evaluation images themselves (``assign_steps`` on
+    their records ``labels``, with no margin, from ``start``, the smallest static count that
+    matches there): the fewest mean steps any per-prompt predictor could reach on them. Returns
+    (mean steps, the set's report, {prompt: count})."""
+    from dynexec_compile.stepsaver import assign_steps
 
-    draws = [0] * len(prompts)  # one record per image; draws only matter for splitting
-    labels = StepLabels.from_images(prompts, seeds, draws, {n: images for n, (_, images) in per_count.items()}, quality)
     counts, report = assign_steps(labels, quality, margin=0.0, start=start)
     steps = [counts[p] for p in prompts]
     return sum(steps) / len(steps), report, {f"{k.digit}@{k.guidance:g}": n for k, n in counts.items()}

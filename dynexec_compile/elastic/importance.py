@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from dynexec_compile.elastic.arch import BlockSpec, find_blocks, out_dim
 
 METHODS = ("taylor", "activation")
+IMPORTANCE_KEY = "dynexec_importance"
+IMPORTANCE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -59,24 +61,19 @@ class Importance:
 
     def save(self, path: str | Path, calibration: str = "") -> None:
         """safetensors: the three score tensors; method and calibration in the metadata."""
-        from safetensors.torch import save_file
+        from dynexec_compile.weights_io import save_tensors
 
-        tensors = {"heads": self.heads.contiguous(), "neurons": self.neurons.contiguous(), "layers": self.layers.contiguous(),
-                   "num_examples": torch.tensor(self.num_examples)}
-        save_file(tensors, str(path), metadata={"method": self.method, "calibration": calibration})
+        tensors = {"heads": self.heads, "neurons": self.neurons, "layers": self.layers}
+        config = {"format_version": IMPORTANCE_FORMAT, "method": self.method, "num_examples": self.num_examples,
+                  "calibration": calibration}
+        save_tensors(tensors, path, IMPORTANCE_KEY, config)
 
     @classmethod
     def load(cls, path: str | Path) -> Importance:
-        from safetensors import safe_open
+        from dynexec_compile.weights_io import read_with_config
 
-        with safe_open(str(path), framework="pt") as f:
-            method = (f.metadata() or {}).get("method")
-            names = set(f.keys())
-            if method is None or not {"heads", "neurons", "layers", "num_examples"} <= names:
-                raise ValueError(f"{path} is not a dynexec importance file (written by Importance.save): "
-                                 f"tensors {sorted(names)}, method {method!r}")
-            t = {k: f.get_tensor(k) for k in names}
-        return cls(t["heads"], t["neurons"], t["layers"], method, int(t["num_examples"]))
+        config, t = read_with_config(path, IMPORTANCE_KEY, "importance", IMPORTANCE_FORMAT)
+        return cls(t["heads"], t["neurons"], t["layers"], config["method"], int(config["num_examples"]))
 
 
 def random_importance(model: nn.Module, seed: int = 1) -> Importance:

@@ -45,7 +45,6 @@ prompt space there is.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -53,8 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dynexec_compile.stepsaver.pipeline import NUM_DIGITS, DigitPrompt, DigitsPipeline, as_prompts
@@ -65,6 +62,7 @@ from dynexec_compile.stepsaver.quality import (
     frechet_distance,
     matches,
 )
+from dynexec_compile.weights_io import read_with_config, save_tensors
 
 STEP_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100)
 TRAIN_GUIDANCE = (1.0, 1.5, 2.0, 3.0, 4.0)
@@ -101,7 +99,7 @@ class StepLabels:
         grid = tuple(sorted(images))
         digits = torch.tensor([p.digit for p in prompts])
         correct = torch.stack([quality.classifier(images[n]).argmax(-1) == digits for n in grid], 1)
-        features = torch.stack([quality.features(images[n]) for n in grid], 1).half().float()
+        features = torch.stack([quality.features(images[n]) for n in grid], 1)  # [N, G, F]; saved in fp16
         labels = cls(digits, torch.tensor([float(p.guidance) for p in prompts]), torch.tensor(list(seeds)), torch.tensor(list(draws)),
                      grid, correct, features, torch.zeros(0), torch.zeros(0))
         labels._score_sets(quality)
@@ -144,22 +142,13 @@ class StepLabels:
         return sub
 
     def save(self, path: str | Path) -> None:
-        tensors = {k: getattr(self, k).contiguous() for k in (*_PER_IMAGE, "set_accuracy", "set_frechet")}
+        tensors = {k: getattr(self, k) for k in (*_PER_IMAGE, "set_accuracy", "set_frechet")}
         tensors["features"] = tensors["features"].half()  # classifier features: fp16 is plenty for a Fréchet distance
-        save_file(tensors, str(path), metadata={LABELS_KEY: json.dumps({"format_version": FORMAT_VERSION, "grid": list(self.grid)})})
+        save_tensors(tensors, path, LABELS_KEY, {"format_version": FORMAT_VERSION, "grid": list(self.grid)})
 
     @classmethod
     def load(cls, path: str | Path) -> StepLabels:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(LABELS_KEY, "null") or "null")
-            if meta is None:
-                raise ValueError(f"{path} is not a dynexec StepSaver labels file (no {LABELS_KEY!r} metadata)")
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path}: StepSaver labels format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}; "
-                    "regenerate them with examples/train_stepsaver.py --stages labels,predictor,card"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        meta, tensors = read_with_config(path, LABELS_KEY, "StepSaver labels", FORMAT_VERSION)
         tensors["features"] = tensors["features"].float()
         return cls(**tensors, grid=tuple(meta["grid"]))
 
@@ -288,18 +277,10 @@ def save_predictor(model: StepPredictor, path: str | Path) -> None:
     rows = sorted(model.table.items(), key=lambda kv: (kv[0].digit, kv[0].guidance))
     tensors = {"digits": torch.tensor([p.digit for p, _ in rows]), "guidance": torch.tensor([p.guidance for p, _ in rows]),
                "steps": torch.tensor([n for _, n in rows])}
-    meta = {"format_version": FORMAT_VERSION, "safe_steps": model.safe_steps}
-    save_file(tensors, str(path), metadata={PREDICTOR_KEY: json.dumps(meta)})
+    save_tensors(tensors, path, PREDICTOR_KEY, {"format_version": FORMAT_VERSION, "safe_steps": model.safe_steps})
 
 
 def load_predictor(path: str | Path) -> StepPredictor:
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(PREDICTOR_KEY, "null") or "null")
-        if meta is None:
-            raise ValueError(f"{path} is not a dynexec step predictor (no {PREDICTOR_KEY!r} metadata)")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: step predictor format {meta.get('format_version')!r}, this version reads "
-                             f"{FORMAT_VERSION}; retrain it with examples/train_stepsaver.py --stages labels,predictor,card")
-        t = {k: f.get_tensor(k) for k in ("digits", "guidance", "steps")}
+    meta, t = read_with_config(path, PREDICTOR_KEY, "step predictor", FORMAT_VERSION)
     table = {DigitPrompt(int(d), float(g)): int(n) for d, g, n in zip(t["digits"], t["guidance"], t["steps"])}
     return StepPredictor(table, meta["safe_steps"])

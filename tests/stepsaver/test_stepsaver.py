@@ -384,6 +384,7 @@ def test_per_prompt_oracle_lowers_only_the_prompts_that_keep_the_set_quality():
             images[150:] = noise
         per_count[n] = (quality.report(images, digits), images)
     ref = per_count[100][0]
-    mean, rep, counts = per_prompt_oracle(prompts, list(range(300)), per_count, quality, start=5)
+    labels = StepLabels.from_images(prompts, list(range(300)), [0] * 300, {n: im for n, (_, im) in per_count.items()}, quality)
+    mean, rep, counts = per_prompt_oracle(prompts, labels, quality, start=5)
     assert counts == {"0@1": 1, "1@4": 5}
     assert mean == pytest.approx(3.0) and matches(rep, ref)
