@@ -14,7 +14,7 @@ Stages (each resumable: results are written after every prompt, a rerun skips wh
 
     python benchmarks/bench_prompt_elastic.py label --prompts 60
     python benchmarks/bench_prompt_elastic.py train
-    python benchmarks/bench_prompt_elastic.py eval --prompts 30
+    python benchmarks/bench_prompt_elastic.py eval --prompts 30 [--redo scorer]
     python benchmarks/bench_prompt_elastic.py ttft --prompts 12 --repeats 3
     python benchmarks/bench_prompt_elastic.py report
 
@@ -79,31 +79,41 @@ def label(args) -> None:
 
     embedder = SentenceEmbedder(max_length=256)
     for i, prompt in enumerate(prompts):
-        if i < len(done["items"]):
-            continue
+        earlier = _row_labels(done["items"][i]) if i < len(done["items"]) else None
+        if i < len(done["items"]) and (earlier is None or all(
+                set(P.LABEL_CANDIDATES) <= set(earlier.loglik.get(r, {})) for r in P.DEFAULT_RATIOS)):
+            continue  # labelled with every candidate (or the LM gave no answer to preserve)
         start = time.perf_counter()
-        (item,) = P.label_prompts(model, tok, [prompt], answer, embedder=embedder, seed=i, progress=False) or [None]
+        (item,) = P.label_prompts(model, tok, [prompt], answer, embedder=embedder, seed=i, progress=False,
+                                  known=[earlier]) or [None]
         row = {"prompt": _prompt_dict(prompt), "seconds": time.perf_counter() - start}
+        if earlier is not None:  # only the missing candidates were scored now
+            row["seconds"] += done["items"][i]["seconds"]
         if item is not None:
             row |= {"answer": item.answer.tolist(), "labels": item.labels.tolist(),
                     "best": {str(k): v for k, v in item.best.items()},
-                    "loglik": {str(k): v for k, v in item.loglik.items()}}
-        done["items"].append(row)
+                    "loglik": {str(k): v for k, v in item.loglik.items()},
+                    "line_importance": item.line_importance.tolist()}
+        done["items"][i : i + 1] = [row]
         _save(LABELS, done)
         print(f"[{i + 1}/{len(prompts)}] {prompt.kind}: best {row.get('best')} ({row['seconds']:.1f} s)", flush=True)
+
+
+def _row_labels(row: dict) -> P.PromptLabels | None:
+    if "labels" not in row:
+        return None
+    return P.PromptLabels(LongPrompt(**row["prompt"]), torch.tensor(row["answer"]),
+                          torch.tensor(row["labels"], dtype=torch.float64),
+                          {float(k): v for k, v in row["best"].items()},
+                          {float(k): v for k, v in row["loglik"].items()},
+                          torch.tensor(row["line_importance"], dtype=torch.float64) if "line_importance" in row else None)
 
 
 def _labelled(tok) -> list[P.PromptLabels]:
     data = _load(LABELS, None)
     if data is None:
         raise SystemExit(f"no labels at {LABELS}; run the label stage first")
-    out = []
-    for row in data["items"]:
-        if "labels" in row:
-            out.append(P.PromptLabels(LongPrompt(**row["prompt"]), torch.tensor(row["answer"]),
-                                      torch.tensor(row["labels"], dtype=torch.float64),
-                                      {float(k): v for k, v in row["best"].items()}))
-    return out
+    return [item for item in map(_row_labels, data["items"]) if item is not None]
 
 
 def train(args) -> None:
@@ -134,7 +144,9 @@ def train(args) -> None:
         "labelled_prompts": len(items), "epochs": args.epochs, "held_out_prompts": len(val),
         "held_out_mean_label_kept_at_0.5": statistics.mean(agree), "held_out_mean_label_all": statistics.mean(base),
         "best_candidate_counts": {name: best.count(name) for name in sorted(set(best))},
-        "command": "python benchmarks/bench_prompt_elastic.py label --prompts N && ... train",
+        "labelling_s": round(sum(row["seconds"] for row in _load(LABELS, {"items": []})["items"])),
+        "command": f"python benchmarks/bench_prompt_elastic.py label --prompts {len(items)} && "
+                   f"python benchmarks/bench_prompt_elastic.py train --epochs {args.epochs}",
     })
     print(f"saved {SCORER}")
 
@@ -146,19 +158,23 @@ def evaluate(args) -> None:
     out_path = RESULTS / "prompt-elastic-quality.json"
     done = _load(out_path, {"new_tokens": args.new_tokens, "ratios": list(P.DEFAULT_RATIOS), "prompts": []})
     for i, prompt in enumerate(long_prompts(args.prompts, "bench")):
-        if i < len(done["prompts"]):
+        if i < len(done["prompts"]) and not args.redo:
             continue
         full_ids = P.chat_ids(tok, prompt.text())
-        reference = tok.decode(answer(full_ids))
-        row = {"kind": prompt.kind, "prompt_tokens": full_ids.shape[1], "answer": reference, "runs": []}
+        row = done["prompts"][i] if i < len(done["prompts"]) else {
+            "kind": prompt.kind, "prompt_tokens": full_ids.shape[1], "answer": tok.decode(answer(full_ids)), "runs": []}
+        redo = set(args.redo or METHODS)
+        row["runs"] = [r for r in row["runs"] if r["method"] not in redo]
         for ratio in P.DEFAULT_RATIOS:
             for method in METHODS:
+                if method not in redo:
+                    continue
                 c = P.compress(prompt, ratio, tok, method, scorer, seed=i)
                 ids = P.chat_ids(tok, c.text())
                 text = tok.decode(answer(ids))
                 row["runs"].append({"method": method, "keep": ratio, "kept_fraction": c.kept_fraction,
-                                    "prompt_tokens": ids.shape[1], "answer": text, "rouge_l": P.rouge_l(text, reference)})
-        done["prompts"].append(row)
+                                    "prompt_tokens": ids.shape[1], "answer": text, "rouge_l": P.rouge_l(text, row["answer"])})
+        done["prompts"][i : i + 1] = [row]
         _save(out_path, done)
         at_half = {r["method"]: round(r["rouge_l"], 1) for r in row["runs"] if r["keep"] == 0.5}
         print(f"[{i + 1}] {prompt.kind} {row['prompt_tokens']} tokens; ROUGE-L at 50%: {at_half}", flush=True)
@@ -261,6 +277,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--redo", nargs="+", choices=METHODS,
+                        help="eval: recompute these methods on prompts already done (e.g. after retraining the scorer)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"label": label, "train": train, "eval": evaluate, "ttft": ttft, "report": report}[args.stage](args)

@@ -100,7 +100,8 @@ def test_overlap_finds_the_line_the_question_names(demo):
 
 def test_scorer_learns_labels_and_round_trips(demo, scorer, tmp_path):
     """Labels = the line the question names: after training, the 25% the scorer keeps hold
-    those words, on prompts it did not see; the saved head scores identically."""
+    those words, on prompts it did not see; it keeps or drops lines whole (but the last one
+    the budget reaches); the saved head scores identically."""
     _, tok = demo
 
     def labelled(prompts):
@@ -111,14 +112,17 @@ def test_scorer_learns_labels_and_round_trips(demo, scorer, tmp_path):
             out.append(P.PromptLabels(p, torch.tensor([1]), target, {}))
         return out
 
-    questions = [p for p in long_prompts(24, "train") if p.kind != "summary"]
-    trained = P.train_prompt_scorer(labelled(questions), tok, scorer=scorer, epochs=30, progress=False)
+    questions = [p for p in long_prompts(48, "train") if p.kind != "summary"]
+    trained = P.train_prompt_scorer(labelled(questions), tok, scorer=scorer, epochs=60, progress=False)
     held_out = labelled([p for p in long_prompts(9) if p.kind != "summary"])
     recall = []
     for item in held_out:
         c = P.compress(item.prompt, 0.25, tok, "scorer", trained)
         recall.append(float(item.labels[c.kept].sum() / item.labels.sum()))
         assert c.scorer_s > 0
+        words = P.Words.of(item.prompt.context, tok)
+        partial = [j for j in range(int(words.line_of.max()) + 1) if 0 < c.kept[words.line_of == j].sum() < (words.line_of == j).sum()]
+        assert len(partial) <= 1, "whole lines"
     assert sum(recall) / len(recall) > 0.8, recall
     untrained = P.compress(held_out[0].prompt, 0.25, tok, "random")
     assert float(held_out[0].labels[untrained.kept].sum() / held_out[0].labels.sum()) < 0.6
@@ -176,6 +180,27 @@ def test_self_induced_labels(demo):
     spent = float((item.labels * words.costs).sum())
     mean_ratio = sum(P.DEFAULT_RATIOS) / len(P.DEFAULT_RATIOS)
     assert mean_ratio * total - float(words.costs.max()) <= spent <= mean_ratio * total + 1e-9
+    # the LM's line importance: how much the answer's log-probability falls without each line
+    lines = int(words.line_of.max()) + 1
+    full = P.answer_loglik(model, tok, [prompt.text()], item.answer)[0]
+    want = [full - P.answer_loglik(model, tok, [prompt.text(words.join(words.line_of != j))], item.answer)[0]
+            for j in range(lines)]
+    assert item.line_importance.tolist() == pytest.approx(want, abs=1e-4)
+    # labels from an earlier run: no answer generated again, only the missing candidate scored
+    earlier = copy.deepcopy(item)
+    for ratio in P.DEFAULT_RATIOS:
+        del earlier.loglik[ratio]["line_importance"]
+        earlier.loglik[ratio]["random"] = 0.0  # kept as given, not scored again
+
+    def no_answer(ids):
+        raise AssertionError("the answer is known")
+
+    (again,) = P.label_prompts(model, tok, [prompt], no_answer, embedder=embed, progress=False, known=[earlier])
+    for ratio in P.DEFAULT_RATIOS:
+        assert again.loglik[ratio]["random"] == 0.0
+        assert again.loglik[ratio]["line_importance"] == pytest.approx(item.loglik[ratio]["line_importance"], abs=1e-4)
+    with pytest.raises(ValueError, match="another prompt"):
+        P.label_prompts(model, tok, [long_prompts(1)[0]], no_answer, embedder=embed, progress=False, known=[earlier])
 
 
 def test_attention_signal_is_the_models_attention(demo):
