@@ -25,9 +25,9 @@ their trailing whitespace) are where the scorer's WordPiece tokens and the LM's 
 meet (each word costs the LM tokens that start inside it). The scorer keeps whole lines
 (newline-ended runs of words), most important first, the last one cut to the budget, written
 back in the original order. Per-word choices fragment sentences: on 30 development prompts
-at 50% kept, the session-7 per-word scorer kept answers at ROUGE-L 31.4 against 33.3 for
-random words, the same scores averaged per line 35.9, and the LM's own line importance 45.7
-(on 11 of them, against 32.4 for random).
+at 50% kept (``benchmarks/results/prompt-elastic-dev.json``), the session-7 per-word scorer
+kept answers at ROUGE-L 31.1 against 34.6 for random words, the same scores averaged per
+line 38.5, and the LM's own line importance 46.4 (on 15 of them, against 35.6 for random).
 
 Quality is measured as ROUGE-L (:func:`rouge_l`, longest common subsequence of words)
 between the answer to the compressed prompt and the answer to the full prompt.
@@ -35,6 +35,7 @@ between the answer to the compressed prompt and the answer to the full prompt.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -73,11 +74,24 @@ class Words:
     pieces: tuple[str, ...]
     costs: torch.Tensor
 
-    @property
+    @functools.cached_property
     def line_of(self) -> torch.Tensor:
         """``[W]`` index of the line (newline-ended run of words) each word belongs to."""
         ends = torch.tensor([float("\n" in p) for p in self.pieces])
         return (ends.cumsum(0) - ends).long()
+
+    @functools.cached_property
+    def line_sizes(self) -> torch.Tensor:
+        """``[lines]`` words per line."""
+        return torch.bincount(self.line_of)
+
+    def line_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-word values ``[W, ...]`` summed per line: ``[lines, ...]``."""
+        return torch.zeros(len(self.line_sizes), *x.shape[1:], dtype=x.dtype).index_add_(0, self.line_of, x)
+
+    def line_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-word values ``[W, ...]`` averaged per line: ``[lines, ...]``."""
+        return self.line_sum(x) / self.line_sizes.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
 
     def lines(self) -> list[str]:
         """The context's lines (each word's line is ``line_of``)."""
@@ -145,7 +159,12 @@ def _terms(text: str) -> set[str]:
 
 
 def overlap_scores(words: Words, question: str) -> torch.Tensor:
-    """``[W]`` per word, how much of the question its line contains: the summed rarity
+    """``[W]`` per word, :func:`line_overlap` of its line."""
+    return line_overlap(words, question)[words.line_of]
+
+
+def line_overlap(words: Words, question: str) -> torch.Tensor:
+    """``[lines]`` per line, how much of the question it contains: the summed rarity
     (``log(lines / lines containing it)``) of the question's content words (``\\w+`` runs,
     lower-cased, common words left out) found in the line, over that of all of them. The line
     a question names ("review 7", a function's name) scores highest; a word every line has
@@ -154,9 +173,7 @@ def overlap_scores(words: Words, question: str) -> torch.Tensor:
     lines = [_terms(line) for line in words.lines()]
     rarity = {t: math.log(len(lines) / df) for t in asked if (df := sum(t in line for line in lines))}
     whole = sum(rarity.values()) or 1.0
-    per_line = torch.tensor([sum(rarity.get(t, 0.0) for t in line & asked) / whole for line in lines],
-                            dtype=torch.float64)
-    return per_line[words.line_of]
+    return torch.tensor([sum(rarity.get(t, 0.0) for t in line & asked) / whole for line in lines], dtype=torch.float64)
 
 
 # ---- ROUGE-L ----------------------------------------------------------------------------------
@@ -287,18 +304,14 @@ class PromptScorer(nn.Module):
         pooled = torch.zeros(len(words), states.shape[-1]).index_add_(0, flat[inside], states[inside])
         pooled /= torch.bincount(flat[inside], minlength=len(words)).float().clamp(min=1)[:, None]  # [W, D]
         asked = states[in_query.reshape(-1)].sum(0)  # [D]
-        line_of = words.line_of
-        lines = int(line_of.max()) + 1
-        per_line = lambda x: torch.zeros(lines, x.shape[1]).index_add_(0, line_of, x)  # noqa: E731  [W, k] -> [lines, k]
-        line_sum = per_line(pooled)  # [lines, D]
-        size = torch.bincount(line_of, minlength=lines).float()[:, None]  # [lines, 1] words per line
-        similarity = F.cosine_similarity(line_sum, asked[None], dim=-1)[:, None]  # [lines, 1]
-        overlap = torch.zeros(lines, 1).index_copy_(0, line_of, overlap_scores(words, question).float()[:, None])
+        state = words.line_mean(pooled)  # [lines, D]
+        similarity = F.cosine_similarity(state, asked[None], dim=-1)  # [lines]
+        overlap = line_overlap(words, question).float()
         terms = _terms(question)
-        in_question = per_line(torch.tensor([[float(bool(_terms(p) & terms))] for p in words.pieces])) / size
-        position = torch.linspace(0, 1, lines)[:, None]
-        cost = torch.log1p(per_line(words.costs.float()[:, None]))
-        return torch.cat([line_sum / size, similarity, overlap, in_question, position, cost], dim=1)
+        in_question = words.line_mean(torch.tensor([float(bool(_terms(p) & terms)) for p in words.pieces]))
+        position = torch.linspace(0, 1, len(words.line_sizes))
+        cost = torch.log1p(words.line_sum(words.costs.float()))
+        return torch.cat([state, torch.stack([similarity, overlap, in_question, position, cost], dim=1)], dim=1)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """``[lines]`` keep logits of ``[lines, D + EXTRA_FEATURES]`` features."""
@@ -523,8 +536,7 @@ def line_importance(model: nn.Module, tokenizer: Any, prompt: LongPrompt, words:
     ``full``: the whole prompt's, when already known."""
     if full is None:
         full = answer_loglik(model, tokenizer, [prompt.text()], answer)[0]
-    line_of = words.line_of
-    without = [prompt.text(words.join(line_of != j)) for j in range(int(line_of.max()) + 1)]
+    without = [prompt.text(words.join(words.line_of != j)) for j in range(len(words.line_sizes))]
     return full - torch.tensor(answer_loglik(model, tokenizer, without, answer), dtype=torch.float64)
 
 
@@ -570,7 +582,7 @@ def label_prompts(
         answer = earlier.answer if earlier is not None else answer_fn(chat_ids(tokenizer, prompt.text()))
         if answer.numel() == 0:
             continue  # nothing to preserve
-        loglik = {ratio: dict(earlier.loglik.get(ratio, {})) for ratio in (1.0, *ratios)} if earlier else {1.0: {}}
+        loglik = {ratio: dict(earlier.loglik.get(ratio, {}) if earlier else {}) for ratio in (1.0, *ratios)}
         if "full" not in loglik[1.0]:  # the reference
             loglik[1.0]["full"] = answer_loglik(model, tokenizer, [prompt.text()], answer)[0]
         signals = _lm_word_signals(model, tokenizer, prompt, words)
@@ -590,7 +602,7 @@ def label_prompts(
         best = {}
         for ratio in ratios:
             kept = {name: keep_by_score(s, words.costs, ratio) for name, s in scores.items()}
-            todo = [name for name in kept if name not in loglik.setdefault(ratio, {})]
+            todo = [name for name in kept if name not in loglik[ratio]]
             values = answer_loglik(model, tokenizer, [prompt.text(words.join(kept[name])) for name in todo], answer)
             loglik[ratio].update(zip(todo, values))
             loglik[ratio] = {name: loglik[ratio][name] for name in LABEL_CANDIDATES}
@@ -612,8 +624,8 @@ def train_prompt_scorer(
     progress: bool = True,
 ) -> PromptScorer:
     """Fit the scorer's head to the soft labels of :func:`label_prompts` (binary cross-entropy
-    per line, against the mean label of its words; the encoder stays frozen, its features computed once; the project's one
-    optimisation loop, :func:`~dynexec_compile.training.optimize`)."""
+    per line, against the mean label of its words; the encoder stays frozen, its features
+    computed once; the project's one optimisation loop, :func:`~dynexec_compile.training.optimize`)."""
     from dynexec_compile.training import Minibatches, optimize
 
     if not labelled:
@@ -629,9 +641,7 @@ def train_prompt_scorer(
         if len(words) != len(item.labels):
             raise ValueError("labels do not match the prompt's words; were they made with another tokenizer?")
         feats.append(scorer.features(words, item.prompt.instruction))
-        line_of, lines = words.line_of, len(feats[-1])
-        size = torch.bincount(line_of, minlength=lines).float()
-        targets.append(torch.zeros(lines).index_add_(0, line_of, item.labels.float()) / size)  # [lines] mean label
+        targets.append(words.line_mean(item.labels.float()))  # [lines]
     x, y = torch.cat(feats), torch.cat(targets)
     scorer.mean.copy_(x.mean(0))
     scorer.std.copy_(x.std(0).clamp(min=1e-6))

@@ -99,7 +99,8 @@ class StepLabels:
         grid = tuple(sorted(images))
         digits = torch.tensor([p.digit for p in prompts])
         correct = torch.stack([quality.classifier(images[n]).argmax(-1) == digits for n in grid], 1)
-        features = torch.stack([quality.features(images[n]) for n in grid], 1)  # [N, G, F]; saved in fp16
+        # [N, G, F], rounded to fp16 as saved, so a record scores the same before and after a save
+        features = torch.stack([quality.features(images[n]) for n in grid], 1).half().float()
         labels = cls(digits, torch.tensor([float(p.guidance) for p in prompts]), torch.tensor(list(seeds)), torch.tensor(list(draws)),
                      grid, correct, features, torch.zeros(0), torch.zeros(0))
         labels._score_sets(quality)
