@@ -4,9 +4,13 @@ Stages (each resumable: results are written after every prompt, a rerun skips wh
 
     label   self-induced labels on ``--prompts`` training prompts (long_prompts(split="train"))
     train   fit the scorer's head on the labels; save it as safetensors
+    ceiling on the labelled prompts, the share of the LM's own line-importance lead over random
+            that each way of ranking lines keeps at 50% (the scorer's head cross-validated)
     eval    on ``--prompts`` benchmark prompts: the full-prompt answer, then at 25/50/75% of
             the context's tokens kept by the scorer, at random and by dropping the oldest
-            words: the answer and its ROUGE-L against the full-prompt answer
+            words: the answer and its ROUGE-L against the full-prompt answer; and, as a
+            reference (not servable: it costs 1 + lines LM passes over the prompt), the lines
+            the LM's own answer depends on most (``line_importance``)
     ttft    time to first token of the full and every compressed prompt of the first
             ``--prompts`` benchmark prompts (scoring included for the scorer): warm-up, medians
             of ``--repeats`` interleaved rounds; run it pinned to its own core
@@ -14,7 +18,8 @@ Stages (each resumable: results are written after every prompt, a rerun skips wh
 
     python benchmarks/bench_prompt_elastic.py label --prompts 60
     python benchmarks/bench_prompt_elastic.py train
-    python benchmarks/bench_prompt_elastic.py eval --prompts 30 [--redo scorer]
+    python benchmarks/bench_prompt_elastic.py ceiling
+    python benchmarks/bench_prompt_elastic.py eval --prompts 30 [--redo scorer] [--threads 2]
     python benchmarks/bench_prompt_elastic.py ttft --prompts 12 --repeats 3
     python benchmarks/bench_prompt_elastic.py report
 
@@ -42,6 +47,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCORER = ROOT / "models" / "smollm2-135m-instruct" / "prompt-scorer" / "scorer.safetensors"
 LABELS = SCORER.parent / "labels.json"
 METHODS = ("scorer", "random", "oldest")
+# Not a serving method: the LM's own leave-one-line-out importance (1 + lines LM passes over the
+# prompt, more than the prefill it would save). Measured as the ceiling of line selection.
+REFERENCE = "line_importance"
 
 
 def _load(path: Path, default):
@@ -151,6 +159,61 @@ def train(args) -> None:
     print(f"saved {SCORER}")
 
 
+def _captured(item: P.PromptLabels, words: P.Words, scores: torch.Tensor, keep: float) -> float:
+    """The LM line importance a compression at ``keep`` by ``scores`` (``[W]``) keeps: each
+    line's importance times the share of its tokens kept."""
+    kept = P.keep_by_score(scores, words.costs, keep)
+    share = words.line_sum((words.costs * kept).double()) / words.line_sum(words.costs.double()).clamp(min=1)
+    return float((item.line_importance * share).sum())
+
+
+def ceiling(args) -> None:
+    """How much of the LM's own line-importance lead over random each way of ranking lines
+    recovers, on the labelled prompts (the scorer's head cross-validated)."""
+    from dynexec_compile.routing.embed import SentenceEmbedder
+
+    model, tok = load_lm("smollm2-135m-instruct")
+    items = [item for item in _labelled(tok) if item.line_importance is not None]
+    keep, folds = 0.5, 5
+    embedder = SentenceEmbedder(max_length=256)
+    scorer = P.PromptScorer()
+    scores: list[dict[str, torch.Tensor]] = []
+    for item in items:
+        words = P.Words.of(item.prompt.context, tok)
+        q = item.prompt.instruction
+        scores.append({
+            "oldest kept": P.position_scores(words, newest_first=False),
+            "newest kept": P.position_scores(words),
+            "overlap with the question": P.overlap_scores(words, q) - 1e-6 * P.position_scores(words),
+            "similarity to the question": P._similarity_scores(embedder, words, q),
+            "LM attention from the question (a full prefill)": words.line_mean(
+                P._lm_word_signals(model, tok, item.prompt, words)["attention"])[words.line_of],
+        })
+    for fold in range(folds):  # the head trained without the prompts it ranks
+        train_items = [item for i, item in enumerate(items) if i % folds != fold]
+        P.train_prompt_scorer(train_items, tok, scorer=scorer, epochs=args.epochs, progress=False)
+        for i in range(fold, len(items), folds):
+            words = P.Words.of(items[i].prompt.context, tok)
+            scores[i]["scorer head (5-fold)"] = scorer.scores(words, items[i].prompt.instruction)
+    table: dict[str, dict[str, list[float]]] = {}
+    for item, by_method in zip(items, scores):
+        words = P.Words.of(item.prompt.context, tok)
+        best = _captured(item, words, item.line_importance[words.line_of], keep)
+        chance = statistics.mean(_captured(item, words, P.random_scores(words, s), keep) for s in range(20))
+        for method, s in by_method.items():
+            share = (_captured(item, words, s, keep) - chance) / max(best - chance, 1e-9)
+            for kind in ("all", item.prompt.kind):
+                table.setdefault(method, {}).setdefault(kind, []).append(share)
+    out = {method: {kind: statistics.mean(v) for kind, v in row.items()} for method, row in table.items()}
+    _save(RESULTS / "prompt-elastic-ceiling.json", {
+        "about": f"share of the LM line-importance lead over random (expected over 20 seeds) kept at {keep:.0%}, "
+                 f"by line importance; {len(items)} labelled training prompts; the scorer head "
+                 f"{folds}-fold cross-validated ({args.epochs} epochs)", "shares": out})
+    print(f"| ranking at {keep:.0%} kept | all | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
+    for method, row in out.items():
+        print(f"| {method} | {row['all']:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in KINDS) + " |")
+
+
 def evaluate(args) -> None:
     model, tok = load_lm("smollm2-135m-instruct")
     answer = _answer_fn(model, tok, args.new_tokens)
@@ -163,13 +226,20 @@ def evaluate(args) -> None:
         full_ids = P.chat_ids(tok, prompt.text())
         row = done["prompts"][i] if i < len(done["prompts"]) else {
             "kind": prompt.kind, "prompt_tokens": full_ids.shape[1], "answer": tok.decode(answer(full_ids)), "runs": []}
-        redo = set(args.redo or METHODS)
+        redo = set(args.redo or (*METHODS, REFERENCE))
         row["runs"] = [r for r in row["runs"] if r["method"] not in redo]
+        if REFERENCE in redo:
+            words = P.Words.of(prompt.context, tok)
+            importance = P.line_importance(model, tok, prompt, words, answer(full_ids))[words.line_of]
         for ratio in P.DEFAULT_RATIOS:
-            for method in METHODS:
+            for method in (*METHODS, REFERENCE):
                 if method not in redo:
                     continue
-                c = P.compress(prompt, ratio, tok, method, scorer, seed=i)
+                if method == REFERENCE:
+                    kept = P.keep_by_score(importance, words.costs, ratio)
+                    c = P.Compressed(prompt, words.join(kept), kept, ratio, float(words.costs[kept].sum() / words.costs.sum()))
+                else:
+                    c = P.compress(prompt, ratio, tok, method, scorer, seed=i)
                 ids = P.chat_ids(tok, c.text())
                 text = tok.decode(answer(ids))
                 row["runs"].append({"method": method, "keep": ratio, "kept_fraction": c.kept_fraction,
@@ -236,22 +306,32 @@ def report(args) -> None:
         lines.append(f"| full prompt | 1.00 | 1.00 | {full_ttft:.3f} (1.00x) | 100.0 | " + " | ".join("100.0" for _ in KINDS) + " |")
     curve = {}
     for keep in P.DEFAULT_RATIOS:
-        for method in METHODS:
+        for method in (*METHODS, REFERENCE):
             runs = [(p["kind"], r) for p in prompts for r in p["runs"] if r["method"] == method and r["keep"] == keep]
+            if not runs:
+                continue
             score = statistics.mean(r["rouge_l"] for _, r in runs)
             kept = statistics.mean(r["kept_fraction"] for _, r in runs)
             by_kind = [statistics.mean([r["rouge_l"] for k, r in runs if k == kind] or [float("nan")]) for kind in KINDS]
             t = ttft.get((method, keep))
             t_text = f"{t:.3f} ({t / full_ttft:.2f}x)" if t is not None else "n/a"
             curve[(method, keep)] = (t, score)
-            lines.append(f"| {method} | {keep:.2f} | {kept:.2f} | {t_text} | {score:.1f} | " + " | ".join(f"{v:.1f}" for v in by_kind) + " |")
+            name = f"{method} (reference, not servable)" if method == REFERENCE else method
+            lines.append(f"| {name} | {keep:.2f} | {kept:.2f} | {t_text} | {score:.1f} | " + " | ".join(f"{v:.1f}" for v in by_kind) + " |")
     table = "\n".join(lines)
     counts = ", ".join(f"{k}: {sum(p['kind'] == k for p in prompts)}" for k in KINDS)
     print(f"{len(prompts)} benchmark prompts ({counts})")
     print(table)
-    gap = curve[("scorer", 0.5)][1] - curve[("random", 0.5)][1]
-    print(f"\nat 50% kept: scorer - random = {gap:+.1f} ROUGE-L points (goal >= +10)")
-    (RESULTS / "prompt-elastic.md").write_text(table + f"\n\nat 50% kept: scorer - random = {gap:+.1f} ROUGE-L points\n")
+    def lead(method: str) -> str:  # over random at 50%, with the paired standard error over prompts
+        diffs = [by[(method, 0.5)] - by[("random", 0.5)] for by in (
+            {(r["method"], r["keep"]): r["rouge_l"] for r in p["runs"]} for p in prompts) if (method, 0.5) in by]
+        return f"{statistics.mean(diffs):+.1f} (paired s.e. {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f})"
+
+    summary = f"at 50% kept: scorer - random = {lead('scorer')} ROUGE-L points (goal >= +10)"
+    if (REFERENCE, 0.5) in curve:
+        summary += f"; {REFERENCE} (the LM's own, not servable) - random = {lead(REFERENCE)}"
+    print("\n" + summary)
+    (RESULTS / "prompt-elastic.md").write_text(table + f"\n\n{summary}\n")
     if timing is not None:
         import matplotlib
 
@@ -272,16 +352,17 @@ def report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["label", "train", "eval", "ttft", "report"])
+    parser.add_argument("stage", choices=["label", "train", "ceiling", "eval", "ttft", "report"])
     parser.add_argument("--prompts", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--redo", nargs="+", choices=METHODS,
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 for the ttft stage)")
+    parser.add_argument("--redo", nargs="+", choices=(*METHODS, REFERENCE),
                         help="eval: recompute these methods on prompts already done (e.g. after retraining the scorer)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    {"label": label, "train": train, "eval": evaluate, "ttft": ttft, "report": report}[args.stage](args)
+    torch.set_num_threads(args.threads)
+    {"label": label, "train": train, "ceiling": ceiling, "eval": evaluate, "ttft": ttft, "report": report}[args.stage](args)
 
 
 if __name__ == "__main__":
