@@ -19,7 +19,7 @@ Stages (each resumable: results are written after every prompt, a rerun skips wh
     python benchmarks/bench_prompt_elastic.py label --prompts 60
     python benchmarks/bench_prompt_elastic.py train
     python benchmarks/bench_prompt_elastic.py ceiling
-    python benchmarks/bench_prompt_elastic.py eval --prompts 45 [--redo scorer] [--threads 2]
+    python benchmarks/bench_prompt_elastic.py eval --prompts 60 [--redo scorer] [--threads 2]
     python benchmarks/bench_prompt_elastic.py ttft --prompts 12 --repeats 3
     python benchmarks/bench_prompt_elastic.py report
 
