@@ -159,12 +159,12 @@ def train(args) -> None:
     print(f"saved {SCORER}")
 
 
-def _captured(item: P.PromptLabels, words: P.Words, scores: torch.Tensor, keep: float) -> float:
-    """The LM line importance a compression at ``keep`` by ``scores`` (``[W]``) keeps: each
-    line's importance times the share of its tokens kept."""
+def _captured(importance: torch.Tensor, words: P.Words, scores: torch.Tensor, keep: float) -> float:
+    """The LM line ``importance`` (``[lines]``) a compression at ``keep`` by ``scores``
+    (``[W]``) keeps: each line's importance times the share of its tokens kept."""
     kept = P.keep_by_score(scores, words.costs, keep)
     share = words.line_sum((words.costs * kept).double()) / words.line_sum(words.costs.double()).clamp(min=1)
-    return float((item.line_importance * share).sum())
+    return float((importance * share).sum())
 
 
 def ceiling(args) -> None:
@@ -177,14 +177,14 @@ def ceiling(args) -> None:
     keep, folds = 0.5, 5
     embedder = SentenceEmbedder(max_length=256)
     scorer = P.PromptScorer()
+    contexts = [P.Words.of(item.prompt.context, tok) for item in items]
     scores: list[dict[str, torch.Tensor]] = []
-    for item in items:
-        words = P.Words.of(item.prompt.context, tok)
+    for item, words in zip(items, contexts):
         q = item.prompt.instruction
-        scores.append({
+        scores.append({  # ties go to the earlier word (keep_by_score)
             "oldest kept": P.position_scores(words, newest_first=False),
             "newest kept": P.position_scores(words),
-            "overlap with the question": P.overlap_scores(words, q) - 1e-6 * P.position_scores(words),
+            "overlap with the question": P.overlap_scores(words, q),
             "similarity to the question": P._similarity_scores(embedder, words, q),
             "LM attention from the question (a full prefill)": words.line_mean(
                 P._lm_word_signals(model, tok, item.prompt, words)["attention"])[words.line_of],
@@ -193,15 +193,14 @@ def ceiling(args) -> None:
         train_items = [item for i, item in enumerate(items) if i % folds != fold]
         P.train_prompt_scorer(train_items, tok, scorer=scorer, epochs=args.epochs, progress=False)
         for i in range(fold, len(items), folds):
-            words = P.Words.of(items[i].prompt.context, tok)
-            scores[i]["scorer head (5-fold)"] = scorer.scores(words, items[i].prompt.instruction)
+            scores[i]["scorer head (5-fold)"] = scorer.scores(contexts[i], items[i].prompt.instruction)
     table: dict[str, dict[str, list[float]]] = {}
-    for item, by_method in zip(items, scores):
-        words = P.Words.of(item.prompt.context, tok)
-        best = _captured(item, words, item.line_importance[words.line_of], keep)
-        chance = statistics.mean(_captured(item, words, P.random_scores(words, s), keep) for s in range(20))
+    for item, words, by_method in zip(items, contexts, scores):
+        importance = item.line_importance
+        best = _captured(importance, words, importance[words.line_of], keep)
+        chance = statistics.mean(_captured(importance, words, P.random_scores(words, s), keep) for s in range(20))
         for method, s in by_method.items():
-            share = (_captured(item, words, s, keep) - chance) / max(best - chance, 1e-9)
+            share = (_captured(importance, words, s, keep) - chance) / max(best - chance, 1e-9)
             for kind in ("all", item.prompt.kind):
                 table.setdefault(method, {}).setdefault(kind, []).append(share)
     out = {method: {kind: statistics.mean(v) for kind, v in row.items()} for method, row in table.items()}
@@ -224,20 +223,21 @@ def evaluate(args) -> None:
         if i < len(done["prompts"]) and not args.redo:
             continue
         full_ids = P.chat_ids(tok, prompt.text())
-        row = done["prompts"][i] if i < len(done["prompts"]) else {
-            "kind": prompt.kind, "prompt_tokens": full_ids.shape[1], "answer": tok.decode(answer(full_ids)), "runs": []}
+        full_answer = None if i < len(done["prompts"]) else answer(full_ids)
+        row = done["prompts"][i] if full_answer is None else {
+            "kind": prompt.kind, "prompt_tokens": full_ids.shape[1], "answer": tok.decode(full_answer), "runs": []}
         redo = set(args.redo or (*METHODS, REFERENCE))
         row["runs"] = [r for r in row["runs"] if r["method"] not in redo]
         if REFERENCE in redo:
             words = P.Words.of(prompt.context, tok)
-            importance = P.line_importance(model, tok, prompt, words, answer(full_ids))[words.line_of]
+            full_answer = answer(full_ids) if full_answer is None else full_answer
+            importance = P.line_importance(model, tok, prompt, words, full_answer)[words.line_of]
         for ratio in P.DEFAULT_RATIOS:
             for method in (*METHODS, REFERENCE):
                 if method not in redo:
                     continue
                 if method == REFERENCE:
-                    kept = P.keep_by_score(importance, words.costs, ratio)
-                    c = P.Compressed(prompt, words.join(kept), kept, ratio, float(words.costs[kept].sum() / words.costs.sum()))
+                    c = P.Compressed.of(prompt, words, importance, ratio)
                 else:
                     c = P.compress(prompt, ratio, tok, method, scorer, seed=i)
                 ids = P.chat_ids(tok, c.text())

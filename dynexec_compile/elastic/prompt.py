@@ -366,6 +366,14 @@ class Compressed:
     def text(self) -> str:
         return self.prompt.text(self.context)
 
+    @classmethod
+    def of(cls, prompt: LongPrompt, words: Words, scores: torch.Tensor, keep: float, scorer_s: float = 0.0) -> Compressed:
+        """``prompt`` with the highest-``scores`` (``[W]``) words of its context (``words``)
+        that fill ``keep`` of its LM tokens (:func:`keep_by_score`)."""
+        kept = keep_by_score(scores, words.costs, keep)
+        fraction = float(words.costs[kept].sum()) / float(words.costs.sum())
+        return cls(prompt, words.join(kept), kept, keep, fraction, scorer_s)
+
 
 def compress(
     prompt: LongPrompt, keep: float, tokenizer: Any, method: str = "scorer", scorer: PromptScorer | None = None,
@@ -394,10 +402,8 @@ def compress(
         scores = position_scores(words)
     else:
         raise ValueError(f"method={method!r}; use 'scorer' or one of {BASELINES}")
-    kept = keep_by_score(scores, words.costs, keep)
     seconds = time.perf_counter() - start if method == "scorer" else 0.0
-    fraction = float(words.costs[kept].sum()) / float(words.costs.sum())
-    return Compressed(prompt, words.join(kept), kept, keep, fraction, seconds)
+    return Compressed.of(prompt, words, scores, keep, seconds)
 
 
 def chat_ids(tokenizer: Any, text: str) -> torch.Tensor:
