@@ -7,8 +7,10 @@ the step can be bound by arithmetic already at ``T = 1``, and then each extra to
 almost a full step. This measures, side by side in one process (round-robin, medians):
 
 - ``DecodeEngine.step`` of the model (compiled as the strategies run it) for each ``T`` in
-  ``--widths``, as a ratio to the 1-token ``DecodeEngine.decode`` — with the linear layers on
-  oneDNN-packed weights and on the plain kernels, side by side (``--packed both``);
+  ``--widths``, as a ratio to the 1-token ``DecodeEngine.decode`` — for each kernel of the
+  linear layers in ``--kernels``, side by side: ``plain`` (``linear``: MKL), ``packed``
+  (oneDNN-packed weights, the skinny kernel off) and ``skinny`` (the engine's default on an
+  AVX2-only CPU: ``dynexec::skinny_linear`` up to 16 rows, packed weights beyond);
 - the model's matmuls alone (one ``torch.mm`` per weight, ``T`` rows), the same ratios — so
   you can tell the GEMM library's scaling from dynexec's overhead;
 
@@ -16,7 +18,7 @@ and prints the break-even: a strategy needs more than ``cost(T) / cost(1)`` toke
 at width ``T`` to beat plain decoding.
 
 Usage:
-    python benchmarks/bench_verify_width.py --threads 1 [--mode max-autotune] [--model models/code-lm/target] [--out f.json]
+    python benchmarks/bench_verify_width.py --threads 1 [--mode max-autotune] [--model models/code-lm/target] [--kernels plain,packed,skinny] [--out f.json]
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from dynexec_compile.backends.kernels import skinny
 from dynexec_compile.bench.common import interleaved_medians, load_causal_lm
-from dynexec_compile.decoding import DecodeEngine, chain_mask
+from dynexec_compile.decoding import DecodeEngine, chain_mask, packed
 from dynexec_compile.models import heldout_prompts, load_demo_lm
 
 
@@ -39,6 +42,19 @@ def matmul_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [w.detach().t().contiguous() for w in weights]
 
 
+def _skinny_off(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with ``dynexec::skinny_linear`` turned off while it runs."""
+
+    def run() -> object:
+        saved, packed._skinny = packed._skinny, lambda weight: False
+        try:
+            return fn()
+        finally:
+            packed._skinny = saved
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="local causal LM folder (default: the demo target)")
@@ -46,21 +62,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", default=None, choices=["max-autotune"], help="torch.compile mode of the engine")
-    parser.add_argument("--packed", default="both", choices=["both", "on", "off"],
-                        help="engines with oneDNN-packed linear weights, plain ones, or both side by side")
+    parser.add_argument("--kernels", default="plain,packed,skinny",
+                        help="kernels of the engines' linear layers, side by side: plain, packed, skinny")
     parser.add_argument("--out", default=None, help="JSON result path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_demo_lm("target")
     widths = [int(w) for w in args.widths.split(",")]
     prompt = heldout_prompts(1, 64, tokenizer)  # [1, 64]
-    variants = [False, True] if args.packed == "both" else [args.packed == "on"]
+    kernels = args.kernels.split(",")
+    if "skinny" in kernels and not skinny.available():
+        raise SystemExit("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable): drop it from --kernels")
     engines = {}
-    for packed in variants:
-        engine = DecodeEngine(model, 1, 64 + max(widths) + 8, mode=args.mode, packed=packed)
+    for kernel in kernels:
+        engine = DecodeEngine(model, 1, 64 + max(widths) + 8, mode=args.mode, packed=kernel != "plain")
         engine.prefill(prompt)
-        engines["packed" if packed else "plain"] = engine
-        print(f"engine {'packed' if packed else 'plain'}: {engine.compile_settings}")
+        engines[kernel] = engine
+        print(f"engine {kernel}: {engine.compile_settings}")
 
     def step_fn(engine: DecodeEngine, width: int) -> Callable[[], object]:
         length = int(engine.lengths[0])
@@ -84,8 +102,10 @@ def main() -> None:
 
     fns: dict[str, Callable[[], object]] = {}
     for name, engine in engines.items():
-        fns[f"{name} decode"] = decode_fn(engine)
-        fns.update({f"{name} step{w}": step_fn(engine, w) for w in widths})
+        ours = {f"{name} decode": decode_fn(engine)} | {f"{name} step{w}": step_fn(engine, w) for w in widths}
+        if name == "packed":  # the graph pass (at compile time) and the eager LM head see it off
+            ours = {key: _skinny_off(fn) for key, fn in ours.items()}
+        fns |= ours
     fns.update({f"mm{w}": mm_fn(w) for w in widths})
     med = interleaved_medians(fns, repeats=args.rounds, warmup=3)
     rows = []
@@ -94,8 +114,9 @@ def main() -> None:
         for name in engines:
             row[f"{name} step ms"] = 1e3 * med[f"{name} step{w}"]
             row[f"{name} step / decode"] = med[f"{name} step{w}"] / med[f"{name} decode"]
-        if len(engines) == 2:
-            row["packed / plain"] = med[f"packed step{w}"] / med[f"plain step{w}"]
+        for name in engines:
+            if name != "plain" and "plain" in engines:
+                row[f"{name} / plain"] = med[f"{name} step{w}"] / med[f"plain step{w}"]
         row["matmuls ms"] = 1e3 * med[f"mm{w}"]
         row["matmuls / matmuls(T=1)"] = med[f"mm{w}"] / med[f"mm{widths[0]}"]
         rows.append(row)

@@ -30,6 +30,7 @@ fp32 rounding (1e-6 absolute on SmolLM2's layers), like Inductor's own kernels.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from dynexec_compile.backends.kernels import skinny
 
 # oneDNN chooses the packed layout for this many rows; measured on SmolLM2's weights, a layout
 # chosen for 16 rows serves 1-row steps as well as one chosen for 1 row, and wide steps far better.
@@ -147,6 +150,8 @@ def _release(keys: list[tuple]) -> None:
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through the packed copy of ``weight`` when the registry has
     one (packed again first if ``weight`` changed in place), else the plain ``linear``."""
+    if x.dtype == weight.dtype and x.numel() <= skinny.MAX_ROWS * x.shape[-1] and _skinny(weight):
+        return torch.ops.dynexec.skinny_linear.default(x, weight, bias)
     entry = _REGISTRY.get(_key(weight)) if x.dtype == weight.dtype else None
     if entry is None:
         return F.linear(x, weight, bias)
@@ -176,9 +181,16 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
         args = list(node.args) + [None] * (3 - len(node.args))
         x, weight, bias = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
         value = weight.meta.get("example_value") if isinstance(weight, torch.fx.Node) else None
-        if value is None or not packable(value) or (not ONE_ROW_PACKED and _one_row(x)):
+        if value is None or not packable(value):
             continue
-        node.target, node.args, node.kwargs = torch.ops.dynexec.packed_linear.default, (x, weight, bias), {}
+        rows = _static_rows(x)
+        if _skinny(value) and rows is not None and rows <= skinny.MAX_ROWS:
+            node.target = torch.ops.dynexec.skinny_linear.default
+        elif rows == 1 and not ONE_ROW_PACKED:
+            continue
+        else:
+            node.target = torch.ops.dynexec.packed_linear.default
+        node.args, node.kwargs = (x, weight, bias), {}
         count += 1
     if count:
         gm.graph.lint()
@@ -186,10 +198,20 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-def _one_row(x: object) -> bool:
-    """``x`` is statically one row (a 1-token step at batch 1): the op would call the plain linear."""
+def _static_rows(x: object) -> int | None:
+    """The number of rows ``x`` multiplies (the product of its leading dimensions), or ``None``
+    when a dimension is symbolic (a dynamic-shape prefill graph) or unknown."""
     value = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
-    return value is not None and value.ndim > 0 and all(isinstance(d, int) and d == 1 for d in value.shape[:-1])
+    if value is None or value.ndim == 0 or not all(isinstance(d, int) for d in value.shape[:-1]):
+        return None
+    return math.prod(value.shape[:-1])
+
+
+def _skinny(weight: torch.Tensor) -> bool:
+    """Products with ``weight`` of at most :data:`~dynexec_compile.backends.kernels.skinny.MAX_ROWS`
+    rows go to ``dynexec::skinny_linear``: an fp32 weight on a CPU where that kernel is preferred
+    and could be built."""
+    return weight.dtype == torch.float32 and weight.is_contiguous() and skinny.available()
 
 
 def packing_backend(backend):  # noqa: ANN001, ANN201 - a torch.compile backend in, one out

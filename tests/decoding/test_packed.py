@@ -1,5 +1,7 @@
-"""Pre-packed oneDNN linear weights: the same numbers as ``F.linear`` (fp32 rounding), tokens
-identical to HF greedy, never a stale weight, the model untouched, packed copies shared and freed."""
+"""The linears of decoding graphs: pre-packed oneDNN weights and, for few rows on AVX2 CPUs,
+``dynexec::skinny_linear``. The same numbers as ``F.linear`` (fp32 rounding), tokens identical to
+HF greedy through either kernel, never a stale weight, the model untouched, packed copies shared
+and freed."""
 
 import gc
 
@@ -10,15 +12,33 @@ from conftest import build_model, left_padded_batch
 from test_decode_compile import hf_greedy
 
 import dynexec_compile as dx
+from dynexec_compile.backends.kernels import skinny
 from dynexec_compile.decoding import DecodeEngine, packed
 
 PACKED = True
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch build has no oneDNN packed linear")
 
 
+@pytest.fixture(params=["packed", "skinny"])
+def kernel(request, monkeypatch):
+    """Which kernel serves few-row linears: oneDNN's packed weights (the skinny kernel turned off)
+    or ``dynexec::skinny_linear`` (skipped where it is not preferred or cannot be built)."""
+    if request.param == "skinny":
+        if not skinny.available():
+            pytest.skip("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable)")
+    else:
+        monkeypatch.setattr(packed, "_skinny", lambda weight: False)
+    return request.param
+
+
+@pytest.fixture
+def no_skinny(monkeypatch):
+    monkeypatch.setattr(packed, "_skinny", lambda weight: False)
+
+
 @pytest.mark.parametrize("shape", [(1, 32), (5, 32), (2, 7, 32)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_linear(shape, bias):
+def test_packed_linear_equals_linear(shape, bias, kernel):
     layer = torch.nn.Linear(32, 48, bias=bias)
     owner = packed.PackedWeights(torch.nn.Sequential(layer))
     x = torch.randn(*shape)
@@ -42,7 +62,7 @@ def test_a_weight_changed_in_place_is_packed_again():
     del owner
 
 
-def test_an_unknown_weight_runs_the_plain_linear():
+def test_an_unknown_weight_runs_the_plain_linear(no_skinny):
     weight, x = torch.randn(8, 4), torch.randn(2, 4)
     assert torch.equal(packed.packed_linear(x, weight, None), F.linear(x, weight))
 
@@ -61,7 +81,7 @@ def test_engines_of_one_model_share_the_packed_copies_and_free_them(llama):
     assert not keys & set(packed._REGISTRY)
 
 
-def test_the_graph_pass_rewrites_every_linear(llama):
+def test_the_graph_pass_rewrites_every_linear(llama, kernel):
     graphs = []
 
     def capture(gm, example_inputs):
@@ -77,8 +97,33 @@ def test_the_graph_pass_rewrites_every_linear(llama):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
-    assert targets.count(torch.ops.dynexec.packed_linear.default) == linears
+    op = torch.ops.dynexec.skinny_linear.default if kernel == "skinny" else torch.ops.dynexec.packed_linear.default
+    assert targets.count(op) == linears
     assert torch._C._nn.linear not in targets
+    del owner
+
+
+def test_skinny_serves_static_few_row_graphs_and_packed_the_rest(llama):
+    """Up to ``skinny.MAX_ROWS`` rows (a decoding step) go to the skinny kernel; wider graphs
+    (a prefill) keep the packed weights."""
+    if not skinny.available():
+        pytest.skip("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable)")
+    owner = packed.PackedWeights(llama)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
+    for rows, op in ((1, "skinny_linear"), (skinny.MAX_ROWS, "skinny_linear"), (skinny.MAX_ROWS + 1, "packed_linear")):
+        graphs = []
+
+        def capture(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
+        ids = torch.randint(0, llama.config.vocab_size, (1, rows))
+        with torch.no_grad():
+            torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        assert targets.count(getattr(torch.ops.dynexec, op).default) == linears, rows
     del owner
 
 
@@ -87,7 +132,7 @@ def test_the_graph_pass_rewrites_every_linear(llama):
     "strategy, options",
     [("greedy", {}), ("lookahead", {"window": 1, "ngram": 3, "guesses": 1}), ("self_speculative", {"exit_layer": 1, "num_draft": 3})],
 )
-def test_packed_decoding_is_token_identical_to_hf_greedy(llama, regional, strategy, options):
+def test_packed_decoding_is_token_identical_to_hf_greedy(llama, regional, strategy, options, kernel):
     ids, mask = left_padded_batch([9, 4])
     out = dx.generate(
         llama, ids, mask, strategy=strategy, max_new_tokens=30, eos_token_id=[], backend="eager",
@@ -134,7 +179,7 @@ def test_bf16_weights_are_packed_only_where_onednn_has_a_bf16_path():
 
 
 @pytest.mark.parametrize("one_row_packed", [True, False])
-def test_one_row_linears_stay_plain_where_packing_does_not_pay(llama, monkeypatch, one_row_packed):
+def test_one_row_linears_stay_plain_where_packing_does_not_pay(llama, monkeypatch, one_row_packed, no_skinny):
     """On an AVX2-only CPU a packed 1-token step measured slower than the plain one (the custom
     op's call overhead, no faster GEMV): one-row graphs keep ``linear``; wider ones are packed."""
     monkeypatch.setattr(packed, "ONE_ROW_PACKED", one_row_packed)

@@ -1,0 +1,114 @@
+"""``dynexec::skinny_linear``: an fp32 linear for the few rows of a decoding step, on AVX2 CPUs.
+
+Why: a decoding step at batch 1 multiplies 1 to ~16 rows (the step's tokens) by every weight
+matrix of the model. Once the weights no longer fit in cache (SmolLM2-135M: 538 MB in fp32),
+the step is bound by streaming them from memory, and ``T`` rows should cost about what 1 row
+costs. On an AVX2-only AMD EPYC (1 thread, all 211 weight matrices of SmolLM2, one pass each;
+a floor of 44 ms is ``w.sum()`` over the same weights) MKL's ``linear`` took 47 ms for 1 row,
+83 for 2, 100 for 5 and 132 for 13: it re-packs the weight on every call with more than one
+row. This kernel streams each weight once for all rows: 40 ms for 1 row, 42 for 2, 49 for 5,
+69 for 8 and 107 for 13 (``benchmarks/bench_verify_width.py`` has the engine-level figures).
+On that CPU oneDNN's pre-packed weights (:mod:`dynexec_compile.decoding.packed`) were slower
+than MKL for one row and 0.82-0.90x of it for 2-13.
+
+How: ``skinny_linear.cpp`` next to this file, compiled on first use with the C++ compiler
+Inductor uses on the CPU (``$CXX``, else ``g++``) against this PyTorch's headers, into
+``$DYNEXEC_CACHE/kernels`` (one file per source, flags and PyTorch version; ~15 s once), and
+loaded as a PyTorch operator, so Inductor's generated code calls it directly (8 us per call,
+like ``linear``; a Python custom op costs ~37 us, which over 211 calls a step eats the gain).
+:func:`available` says whether it can be used here; where it cannot (no compiler, no AVX2, a
+build error) callers keep the plain ``linear`` — the op is an optimisation, never a
+requirement. Sums run in another order than MKL's: results equal ``linear`` up to fp32
+rounding, like oneDNN's and Inductor's own kernels.
+
+Where it is used: :func:`dynexec_compile.decoding.packed.pack_linears` routes every fp32
+linear of a decoding graph with a static count of at most :data:`MAX_ROWS` rows here, on CPUs
+whose best instruction set PyTorch reports as AVX2 (:data:`PREFERRED`), where it was measured.
+On AVX-512 CPUs the oneDNN packed weights were measured faster than MKL for every width and
+stay in use; this kernel has not been measured there.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("skinny_linear.cpp")
+# Rows per call up to which the kernel is used: measured faster than MKL and oneDNN up to 13
+# rows on the AVX2 CPU (lookahead (1,6,2) verifies 13 tokens per step).
+MAX_ROWS = 16
+PREFERRED = torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def _flags() -> list[str]:
+    from torch.utils import cpp_extension
+
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return ["-O3", "-mavx2", "-mfma", "-std=c++20", "-fPIC", "-shared", abi, *includes,
+            f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10"]
+
+
+def _library_path(compiler: str, flags: list[str]) -> Path:
+    from dynexec_compile.models import dynexec_cache_dir
+
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, torch.__version__]).encode()).hexdigest()[:16]
+    return dynexec_cache_dir() / "kernels" / f"skinny_linear-{digest}.so"
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, str(SOURCE), "-o", str(built), *flags], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent loader sees the whole file or none
+
+
+@functools.cache
+def load() -> bool:
+    """Build (once per machine) and load the operator; ``False``, with a warning in the log, if
+    it cannot be built here. Raises nothing."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        log.info("dynexec::skinny_linear needs AVX2 and FMA; this CPU reports %s", torch.backends.cpu.get_cpu_capability())
+        return False
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        log.warning("dynexec::skinny_linear not built: no C++ compiler %r on PATH (set CXX); decoding uses the plain linear", compiler)
+        return False
+    flags = _flags()
+    path = _library_path(compiler, flags)
+    try:
+        if not path.exists():
+            log.info("building dynexec::skinny_linear into %s (once, ~15 s)", path)
+            _build(compiler, flags, path)
+        torch.ops.load_library(str(path))
+    except (RuntimeError, OSError) as err:
+        log.warning("dynexec::skinny_linear not available, decoding uses the plain linear: %s", err)
+        return False
+    torch.library.register_fake("dynexec::skinny_linear")(_fake)
+    return True
+
+
+def _fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def available() -> bool:
+    """The kernel is preferred on this CPU (:data:`PREFERRED`) and could be built and loaded."""
+    return PREFERRED and load()
+
+
+__all__ = ["MAX_ROWS", "PREFERRED", "available", "load"]

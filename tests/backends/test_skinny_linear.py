@@ -1,0 +1,68 @@
+"""``dynexec::skinny_linear``: the same numbers as ``F.linear`` (fp32 rounding) for every row
+count, shape remainder, bias and thread count; a clear error for what it does not take; built
+once into the cache and loaded from there."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynexec_compile.backends.kernels import skinny
+
+pytestmark = pytest.mark.skipif(not skinny.load(), reason="dynexec::skinny_linear could not be built here (needs AVX2 and a C++ compiler; see the log)")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 13, 16])
+@pytest.mark.parametrize("features, outputs", [(576, 1536), (577, 37), (8, 4), (3, 5)])
+def test_equals_linear(rows, features, outputs, threads):
+    """Row counts cover every remainder of the 3-row groups, features every remainder of the
+    8-wide vectors (and fewer than 8), outputs every remainder of the 4-row weight blocks."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(rows * 1000 + features)
+        x, weight, bias = torch.randn(rows, features), torch.randn(outputs, features), torch.randn(outputs)
+        op = torch.ops.dynexec.skinny_linear.default
+        torch.testing.assert_close(op(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(op(x, weight, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_leading_dimensions_and_a_strided_input_are_kept():
+    x = torch.randn(2, 3, 40)[:, :, ::2]  # [2, 3, 20], not contiguous
+    weight = torch.randn(6, 20)
+    out = torch.ops.dynexec.skinny_linear.default(x, weight, None)
+    assert out.shape == (2, 3, 6)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x, weight, bias, message",
+    [
+        (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), None, "fp32"),
+        (torch.randn(2, 8), torch.randn(8, 4).t(), None, "contiguous"),
+        (torch.randn(2, 7), torch.randn(4, 8), None, "7 features"),
+        (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5), "bias"),
+    ],
+)
+def test_what_it_does_not_take_raises(x, weight, bias, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dynexec.skinny_linear.default(x, weight, bias)
+
+
+def test_the_fake_kernel_traces_under_compile():
+    weight = torch.randn(12, 16)
+    fn = torch.compile(lambda x: torch.ops.dynexec.skinny_linear.default(x, weight, None).relu(), backend="eager", fullgraph=True)
+    x = torch.randn(1, 3, 16)
+    torch.testing.assert_close(fn(x), F.linear(x, weight).relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_built_once_into_the_cache(tmp_path, monkeypatch):
+    """The library lands in ``$DYNEXEC_CACHE/kernels`` under a name that changes with the source,
+    compiler flags and PyTorch version, so a later process loads it without compiling."""
+    monkeypatch.setenv("DYNEXEC_CACHE", str(tmp_path))
+    flags = skinny._flags()
+    path = skinny._library_path("g++", flags)
+    assert path.parent == tmp_path / "kernels" and path.name.startswith("skinny_linear-")
+    assert skinny._library_path("clang++", flags) != path
