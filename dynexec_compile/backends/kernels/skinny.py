@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("skinny_linear.cpp")
 # Rows per call up to which the kernel is used: measured faster than MKL and oneDNN up to 13
 # rows on the AVX2 CPU (lookahead (1,6,2) verifies 13 tokens per step).
-MAX_ROWS = 16
+MAX_ROWS = 8
 PREFERRED = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
