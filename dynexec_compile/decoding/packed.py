@@ -21,6 +21,13 @@ packed copies (reference-counted), which are dropped with the last engine. A wei
 in place after packing (its version counter moved) is packed again before use; a weight the
 registry does not know runs through the plain ``linear`` — never a stale result.
 
+Few rows on AVX2-only CPUs: there, packed weights measured slower than MKL for one row and
+gained little for 2-13 (0.82-0.90x), so a linear whose graph has a static count of at most 8
+rows (a decoding step) goes to ``dynexec::skinny_linear`` instead
+(:mod:`dynexec_compile.backends.kernels.skinny`): a kernel that streams the plain weight once
+for all rows, needs no packed copy and is called directly by Inductor's code. Graphs with more
+rows or a dynamic count (the prefill) keep the packed weights.
+
 What it costs: memory for one packed copy of every linear weight of the model (the model's
 own weights are not modified), and the packing itself at engine construction (~1 s for
 SmolLM2). oneDNN sums in another order than MKL: logits equal the plain ``linear``'s up to
@@ -148,8 +155,10 @@ def _release(keys: list[tuple]) -> None:
 
 @torch.library.custom_op("dynexec::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` through the packed copy of ``weight`` when the registry has
-    one (packed again first if ``weight`` changed in place), else the plain ``linear``."""
+    """``F.linear(x, weight, bias)``: through ``dynexec::skinny_linear`` for few rows where
+    :func:`_skinny` says so (the eagerly run LM head of :meth:`PackedWeights.head_installed`),
+    else through the packed copy of ``weight`` when the registry has one (packed again first if
+    ``weight`` changed in place), else the plain ``linear``."""
     if x.dtype == weight.dtype and x.numel() <= skinny.MAX_ROWS * x.shape[-1] and _skinny(weight):
         return torch.ops.dynexec.skinny_linear.default(x, weight, bias)
     entry = _REGISTRY.get(_key(weight)) if x.dtype == weight.dtype else None
@@ -172,6 +181,8 @@ _LINEARS = (torch._C._nn.linear, F.linear)
 
 def pack_linears(gm: torch.fx.GraphModule) -> int:
     """Rewrite every ``linear`` of a Dynamo graph whose weight is :func:`packable` into
+    ``dynexec::skinny_linear`` (static row count of at most
+    :data:`~dynexec_compile.backends.kernels.skinny.MAX_ROWS`, where :func:`_skinny` says so) or
     ``dynexec::packed_linear`` (not one-row linears where :data:`ONE_ROW_PACKED` is false: the
     custom op's call would only add overhead); returns how many. Edits ``gm`` in place."""
     count = 0

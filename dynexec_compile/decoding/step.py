@@ -150,8 +150,10 @@ class DecodeEngine:
         packed: every linear layer of the compiled graphs runs on a copy of its weight packed
             once for oneDNN (:mod:`dynexec_compile.decoding.packed`): on a CPU a step over
             several tokens then costs about what a 1-token step costs, where the plain GEMM
-            re-packs every weight per call. Costs one packed copy of the linear weights,
-            shared by the model's engines. ``None`` = on with regional compilation.
+            re-packs every weight per call. On AVX2-only CPUs steps of at most 8 rows run
+            ``dynexec::skinny_linear`` on the plain weights instead (measured faster there).
+            Costs one packed copy of the linear weights, shared by the model's engines.
+            ``None`` = on with regional compilation.
 
     Attributes:
         cache: the :class:`SlotCache`; ``cache.lengths`` holds each row's committed length.
