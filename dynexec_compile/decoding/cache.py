@@ -280,9 +280,15 @@ class SlotCache(Cache):
         """
         if accepted_slots is not None:
             src, dest = commit_indices(self.lengths, counts, accepted_slots, self.max_len)
-            for layer in self.layers:
-                move_slots(layer.keys, src, dest)
-                move_slots(layer.values, src, dest)
+            # Every kept token already in place (e.g. only the step's first token kept): no move.
+            # Checked on the host only where that costs no device sync and nothing is traced.
+            in_place = src.device.type == "cpu" and not torch.compiler.is_compiling() and torch.equal(src, dest)
+            if not in_place:
+                heads = {layer.keys.shape[1] for layer in self.layers}
+                index = {h: (_slot_index(src, h), _slot_index(dest, h)) for h in heads}  # the same for every layer
+                for layer in self.layers:
+                    move_slots(layer.keys, *index[layer.keys.shape[1]])
+                    move_slots(layer.values, *index[layer.values.shape[1]])
         self.lengths.add_(counts)
 
     def check_commit(self, counts: torch.Tensor, accepted_slots: torch.Tensor | None) -> None:
@@ -325,8 +331,8 @@ def commit_indices(
     return src, dest
 
 
-def move_slots(buf: torch.Tensor, src: torch.Tensor, dest: torch.Tensor) -> None:
-    """``buf[b, :, dest[b, i]] = buf[b, :, src[b, i]]`` for all ``i`` at once (gather, then write)."""
-    # buf: [B, H, S, Dh]; src, dest: [B, A]
-    moved = buf[_slot_index(src, buf.shape[1])]  # [B, H, A, Dh], a copy
-    buf.index_put_(_slot_index(dest, buf.shape[1]), moved)
+def move_slots(buf: torch.Tensor, src: tuple[torch.Tensor, ...], dest: tuple[torch.Tensor, ...]) -> None:
+    """``buf[b, :, dest[b, i]] = buf[b, :, src[b, i]]`` for all ``i`` at once (gather, then
+    write); ``src`` and ``dest`` are :func:`_slot_index` grids of ``[B, A]`` slots."""
+    moved = buf[src]  # buf: [B, H, S, Dh] -> [B, H, A, Dh], a copy
+    buf.index_put_(dest, moved)
