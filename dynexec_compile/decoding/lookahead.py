@@ -31,6 +31,10 @@ one Jacobi iteration (drop the oldest level, append the predictions of the newes
 The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill the levels
 (level ``l+1`` = predictions of level ``l``) before n-grams are collected.
 
+``W = 0`` drops the window: every guess comes from the text (prompt-lookup decoding, as
+transformers' ``prompt_lookup_num_tokens``, but verified in a fixed-width step with the
+cache surgery above), so the whole step goes to ``G`` continuations of ``N-1`` tokens.
+
 Defaults ``(W, N, G) = (1, 3, 1)``, a 5-token step: on this project's CPU the step is bound
 by arithmetic already at one token (the demo LM's weights sit in L3), so every extra token
 costs: with ``mode="max-autotune"`` a 5-token step costs 1.0-1.4 one-token steps and a
@@ -84,7 +88,9 @@ class LookaheadConfig:
     """Lookahead decoding settings.
 
     Args:
-        window: ``W``, columns of the Jacobi window (>= 1).
+        window: ``W``, columns of the Jacobi window (>= 0; 0 = no window: every guess comes
+            from the text, i.e. prompt-lookup decoding, which needs ``prompt_lookup`` and
+            ``guesses >= 1``).
         ngram: ``N``, n-gram length (>= 2): the window has ``N-1`` levels and candidates are
             ``N-1`` tokens, so one step accepts at most ``N`` tokens.
         guesses: ``G``, the most candidate n-grams verified per step (>= 0).
@@ -98,12 +104,17 @@ class LookaheadConfig:
     prompt_lookup: bool = DEFAULTS["prompt_lookup"]
 
     def __post_init__(self) -> None:
-        for name, low in (("window", 1), ("ngram", 2), ("guesses", 0)):
+        for name, low in (("window", 0), ("ngram", 2), ("guesses", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"lookahead: {name} must be an int >= {low}, got {value!r}")
         if not isinstance(self.prompt_lookup, bool):
             raise ValueError(f"lookahead: prompt_lookup must be True or False, got {self.prompt_lookup!r}")
+        if self.window == 0 and not (self.prompt_lookup and self.guesses):
+            raise ValueError(
+                "lookahead: window=0 guesses only from the text (prompt lookup): it needs prompt_lookup=True "
+                f"and guesses >= 1, got prompt_lookup={self.prompt_lookup}, guesses={self.guesses}"
+            )
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> LookaheadConfig:

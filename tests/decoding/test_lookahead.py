@@ -26,6 +26,7 @@ CONFIGS = [  # options of generate(strategy="lookahead"); {} = the defaults
     {"window": 3, "ngram": 2, "guesses": 2, "prompt_lookup": False},
     {"window": 2, "ngram": 5, "guesses": 3, "prompt_lookup": True},
     {"window": 5, "ngram": 3, "guesses": 0, "prompt_lookup": False},
+    {"window": 0, "ngram": 5, "guesses": 2, "prompt_lookup": True},  # prompt lookup alone
 ]
 PINNED = {"window": 4, "ngram": 4, "guesses": 4}  # the tests below need accepted runs; not the defaults
 
@@ -76,7 +77,7 @@ def sees(query, key):
     return False
 
 
-@pytest.mark.parametrize(("window", "ngram", "guesses"), [(3, 4, 2), (1, 2, 1), (4, 3, 0)])
+@pytest.mark.parametrize(("window", "ngram", "guesses"), [(3, 4, 2), (1, 2, 1), (4, 3, 0), (0, 4, 2)])
 def test_step_layout_is_the_papers_window_and_candidate_mask(window, ngram, guesses):
     layout = step_layout(window, ngram, guesses)
     tokens = describe_tokens(window, ngram, guesses)
@@ -324,7 +325,9 @@ def test_token_runs_cut_at_eos_and_max_new_tokens():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"window": 0}, ValueError, "window must be an int >= 1"),
+        ({"window": -1}, ValueError, "window must be an int >= 0"),
+        ({"window": 0, "prompt_lookup": False}, ValueError, "window=0 guesses only from the text"),
+        ({"window": 0, "guesses": 0}, ValueError, "window=0 guesses only from the text"),
         ({"ngram": 1}, ValueError, "ngram must be an int >= 2"),
         ({"guesses": -1}, ValueError, "guesses must be an int >= 0"),
         ({"window": 2.5}, ValueError, "window must be an int"),
