@@ -88,9 +88,9 @@ def load() -> bool:
     if shutil.which(compiler) is None:
         log.warning("dynexec::skinny_linear not built: no C++ compiler %r on PATH (set CXX); decoding uses the plain linear", compiler)
         return False
-    flags = _flags()
-    path = _library_path(compiler, flags)
     try:
+        flags = _flags()
+        path = _library_path(compiler, flags)
         if not path.exists():
             log.info("building dynexec::skinny_linear into %s (once, ~15 s)", path)
             _build(compiler, flags, path)
