@@ -314,6 +314,7 @@ def _decode(
 def _strategy(gc: GenerationConfig, decoding: DecodingConfig, assistant_model: Any) -> tuple[str, dict[str, Any]]:
     """The dynexec strategy and its options for these HF arguments and decoding settings."""
     chosen: dict[str, dict[str, Any]] = {}
+    defaults: dict[str, Any] = {}  # options the HF arguments imply unless the decoding settings set them
     if assistant_model is not None:
         chosen["speculative"] = {"draft_model": assistant_model}
     if gc.prompt_lookup_num_tokens is not None:
@@ -326,6 +327,9 @@ def _strategy(gc: GenerationConfig, decoding: DecodingConfig, assistant_model: A
                 "tokens (transformers' default); leave it unset or 2"
             )
         chosen["lookahead"] = {"ngram": k + 1, "prompt_lookup": True}
+        # transformers' prompt lookup has no Jacobi window: one k-token guess from the text,
+        # unless the decoding settings ask for a window or more guesses
+        defaults = {"window": 0, "guesses": 1}
     if gc.assistant_early_exit is not None:
         chosen["self_speculative"] = {"exit_layer": gc.assistant_early_exit}
     if len(chosen) > 1:
@@ -364,6 +368,7 @@ def _strategy(gc: GenerationConfig, decoding: DecodingConfig, assistant_model: A
         if key in options and options[key] is not value and options[key] != value:
             raise ValueError(f"decoding option {key}={value!r} contradicts {key}={options[key]!r} from the HF arguments")
         options[key] = value
+    options = {**defaults, **options}
     unknown = sorted(set(options) - set(strategy_options(strategy)))
     if unknown:
         raise ValueError(f"strategy {strategy!r} takes no option(s) {unknown}; its options are {strategy_options(strategy)}")

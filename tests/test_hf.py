@@ -114,10 +114,17 @@ def test_hf_strategy_arguments_match_model_generate(lm, hf_args, strategy):
         assert max(max(step) for step in out.stats.accepted_per_step) <= hf_args["num_assistant_tokens"] + 1
 
 
-def test_prompt_lookup_maps_to_lookahead_ngram(lm):
+def test_prompt_lookup_maps_to_lookahead_without_a_window(lm):
     out = ours(lm, input_ids=prompt(), max_new_tokens=8, prompt_lookup_num_tokens=4, return_dict_in_generate=True)
-    # a prompt-lookup candidate of k tokens is a lookahead n-gram of k + 1
+    # a prompt-lookup candidate of k tokens is a lookahead n-gram of k + 1, one guess, no Jacobi window
+    extra = out.stats.extra
+    assert (extra["window"], extra["ngram"], extra["guesses"], extra["prompt_lookup"]) == (0, 5, 1, True)
+    assert extra["step_tokens"] == 5
     assert max(max(step) for step in out.stats.accepted_per_step) <= 5
+    # decoding settings may still ask for a window
+    gen = dx.wrap_generate(lm, window=2, **EAGER)
+    out = gen(input_ids=prompt(), max_new_tokens=8, prompt_lookup_num_tokens=4, return_dict_in_generate=True)
+    assert (out.stats.extra["window"], out.stats.extra["guesses"]) == (2, 1)
 
 
 def test_assistant_model_through_wrap_generate(lm, draft):
