@@ -46,7 +46,7 @@ TAKES_USER_MODEL = True  # --model / --prompt-file (see bench.common.add_model_a
 
 Config = tuple[int, int, int]  # (window, ngram, guesses)
 DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
-FULL_SWEEP: list[Config] = [(1, 3, 1), (1, 2, 3), (2, 2, 2), (1, 2, 1), (1, 4, 1), (1, 5, 1), (1, 6, 2)]
+FULL_SWEEP: list[Config] = [(1, 3, 1), (1, 2, 3), (2, 2, 2), (1, 2, 1), (1, 4, 1), (1, 5, 1), (1, 6, 2), (0, 3, 1), (0, 5, 1)]
 QUICK_SWEEP: list[Config] = [(2, 3, 2), (2, 4, 3)]
 Generation = tuple[torch.Tensor, int]  # (sequences, forward passes)
 
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> SuiteResult:
     for batch in batches:
         _run_batch(result, setup, batch, max_new, configs, repeats, args, quick)
     if not quick:
-        _plot_sweep(result, Path(args.out or "runs/bench-lookahead.json").with_suffix(".png"))
+        _plot_sweep(result, Path(args.out or "runs/bench-lookahead.json").with_suffix(".png"), label.split(",")[0])
     return result
 
 
@@ -317,7 +317,7 @@ def _run_batch(
         result.notes.append(f"batch {batch}: transformers' prompt lookup does not support batches > 1 (not run)")
 
 
-def _plot_sweep(result: SuiteResult, path: Path) -> None:
+def _plot_sweep(result: SuiteResult, path: Path, model: str) -> None:
     """Tokens per forward and speed-up over dynexec greedy against the step's token count (batch 1)."""
     import matplotlib
 
@@ -339,7 +339,7 @@ def _plot_sweep(result: SuiteResult, path: Path) -> None:
         axes[1].axhline(pld[0]["vs dx greedy"], linestyle="--", color="gray", label="HF prompt lookup")
         axes[1].legend()
     axes[1].axhline(1.0, color="black", linewidth=0.5)
-    fig.suptitle("lookahead sweep, batch 1 (demo code LM)")
+    fig.suptitle(f"lookahead sweep, batch 1 ({model}; W = 0: prompt lookup alone)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
