@@ -81,21 +81,26 @@ def test_engines_of_one_model_share_the_packed_copies_and_free_them(llama):
     assert not keys & set(packed._REGISTRY)
 
 
-def test_the_graph_pass_rewrites_every_linear(llama, kernel):
+def rewritten_targets(llama, rows: int) -> list:
+    """The call targets of ``llama``'s graph over ``rows`` tokens after the packing pass; its
+    logits are checked against the model's own first."""
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    ids = torch.randint(0, llama.config.vocab_size, (1, 6))
-    owner = packed.PackedWeights(llama)
+    torch._dynamo.reset()
     fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
+    ids = torch.randint(0, llama.config.vocab_size, (1, rows))
     with torch.no_grad():
-        out = fn(ids)
-        ref = llama(input_ids=ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    return [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+
+
+def test_the_graph_pass_rewrites_every_linear(llama, kernel):
+    owner = packed.PackedWeights(llama)
+    targets = rewritten_targets(llama, 6)
     linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
     op = torch.ops.dynexec.skinny_linear.default if kernel == "skinny" else torch.ops.dynexec.packed_linear.default
     assert targets.count(op) == linears
@@ -111,19 +116,7 @@ def test_skinny_serves_static_few_row_graphs_and_packed_the_rest(llama):
     owner = packed.PackedWeights(llama)
     linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
     for rows, op in ((1, "skinny_linear"), (skinny.MAX_ROWS, "skinny_linear"), (skinny.MAX_ROWS + 1, "packed_linear")):
-        graphs = []
-
-        def capture(gm, example_inputs, graphs=graphs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
-        ids = torch.randint(0, llama.config.vocab_size, (1, rows))
-        with torch.no_grad():
-            torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-        targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-        assert targets.count(getattr(torch.ops.dynexec, op).default) == linears, rows
+        assert rewritten_targets(llama, rows).count(getattr(torch.ops.dynexec, op).default) == linears, rows
     del owner
 
 
@@ -186,17 +179,5 @@ def test_one_row_linears_stay_plain_where_packing_does_not_pay(llama, monkeypatc
     owner = packed.PackedWeights(llama)
     linears = sum(isinstance(m, torch.nn.Linear) for m in llama.modules())
     for rows, expected in ((1, linears if one_row_packed else 0), (3, linears)):
-        graphs = []
-
-        def capture(gm, example_inputs, graphs=graphs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
-        ids = torch.randint(0, llama.config.vocab_size, (1, rows))
-        with torch.no_grad():
-            torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-        targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-        assert targets.count(torch.ops.dynexec.packed_linear.default) == expected
+        assert rewritten_targets(llama, rows).count(torch.ops.dynexec.packed_linear.default) == expected
     del owner
