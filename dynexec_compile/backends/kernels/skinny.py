@@ -6,8 +6,10 @@ the step is bound by streaming them from memory, and ``T`` rows should cost abou
 costs. On an AVX2-only AMD EPYC (1 thread, all 211 weight matrices of SmolLM2, one pass each;
 a floor of 44 ms is ``w.sum()`` over the same weights) MKL's ``linear`` took 47 ms for 1 row,
 83 for 2, 100 for 5 and 132 for 13: it re-packs the weight on every call with more than one
-row. This kernel streams each weight once for all rows: 40 ms for 1 row, 42 for 2, 49 for 5,
-69 for 8 and 107 for 13 (``benchmarks/bench_verify_width.py`` has the engine-level figures).
+row. A prototype of this kernel (the same inner loop) streamed each weight once for all rows:
+40 ms for 1 row, 42 for 2, 49 for 5, 69 for 8 and 107 for 13. In the engine, a step of 3
+tokens costs 1.05x a 1-token step and 5 tokens 1.22x, against 1.98x and 1.89x with MKL
+(``benchmarks/bench_verify_width.py --kernels plain,skinny``).
 On that CPU oneDNN's pre-packed weights (:mod:`dynexec_compile.decoding.packed`) were slower
 than MKL for one row and 0.82-0.90x of it for 2-13.
 
@@ -44,8 +46,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny_linear.cpp")
-# Rows per call up to which the kernel is used: measured faster than MKL and oneDNN up to 13
-# rows on the AVX2 CPU (lookahead (1,6,2) verifies 13 tokens per step).
+# Rows per call up to which the kernel is used. In SmolLM2's engine on the AVX2 CPU, steps of up
+# to 8 rows were faster than MKL's (0.78x at 8), 13 and 16 rows slower (1.10x, 1.18x): past a few
+# rows the kernel is bound by arithmetic (3 x 4 register blocks), where MKL's GEMM is better.
 MAX_ROWS = 8
 PREFERRED = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
