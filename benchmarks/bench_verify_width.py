@@ -18,7 +18,7 @@ and prints the break-even: a strategy needs more than ``cost(T) / cost(1)`` toke
 at width ``T`` to beat plain decoding.
 
 Usage:
-    python benchmarks/bench_verify_width.py --threads 1 [--mode max-autotune] [--model models/code-lm/target] [--kernels plain,packed,skinny] [--out f.json]
+    python benchmarks/bench_verify_width.py --threads 1 [--mode max-autotune] [--model models/code-lm/target] [--kernels plain,packed,skinny] [--dtype bfloat16] [--out f.json]
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ def main() -> None:
     parser.add_argument("--mode", default=None, choices=["max-autotune"], help="torch.compile mode of the engine")
     parser.add_argument("--kernels", default="plain,packed,skinny",
                         help="kernels of the engines' linear layers, side by side: plain, packed, skinny")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     parser.add_argument("--out", default=None, help="JSON result path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_demo_lm("target")
+    model = model.to(getattr(torch, args.dtype))
     widths = [int(w) for w in args.widths.split(",")]
     prompt = heldout_prompts(1, 64, tokenizer)  # [1, 64]
     kernels = args.kernels.split(",")
@@ -100,7 +102,7 @@ def main() -> None:
     weights = matmul_weights(model)
 
     def mm_fn(width: int) -> Callable[[], object]:
-        xs = [torch.randn(width, w.shape[0]) for w in weights]
+        xs = [torch.randn(width, w.shape[0], dtype=w.dtype) for w in weights]
         return lambda: [torch.mm(x, w) for x, w in zip(xs, weights, strict=True)]
 
     fns: dict[str, Callable[[], object]] = {}
@@ -124,7 +126,7 @@ def main() -> None:
         row["matmuls / matmuls(T=1)"] = med[f"mm{w}"] / med[f"mm{widths[0]}"]
         rows.append(row)
     decode_ms = {name: 1e3 * med[f"{name} decode"] for name in engines}
-    print(f"decode (T=1) ms: {decode_ms}; mode={args.mode}; {args.threads} thread(s); "
+    print(f"decode (T=1) ms: {decode_ms}; {args.dtype}; mode={args.mode}; {args.threads} thread(s); "
           f"{sum(w.numel() for w in weights) / 1e6:.2f}M matmul weights")
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
@@ -132,7 +134,7 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"decode_ms": decode_ms, "rows": rows}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"dtype": args.dtype, "decode_ms": decode_ms, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

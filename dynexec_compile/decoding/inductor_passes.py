@@ -85,7 +85,10 @@ def _(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class WidenQuantizedWeights(CustomGraphPass):
     """Post-grad pass for weight-only quantized linears (torchao's int8 weight-only on the CPU):
-    ``convert(permute(w_int8, [1, 0]), float)`` becomes ``permute(widen_weight(w_int8, float), [1, 0])``.
+    ``convert(permute(w_int8, [1, 0]), float)`` becomes ``permute(widen_weight(w_int8, float), [1, 0])``;
+    with ``skinny_rows``, ``mm(x, convert(permute(w_int8)))`` of at most that many static rows
+    becomes ``dynexec::skinny_linear(x, w_int8)``, which streams the int8 weight and widens it
+    in registers (:mod:`dynexec_compile.backends.kernels.skinny`).
 
     torchao's linear multiplies by ``w.t().to(x.dtype)`` and then by the per-row scales. Two
     things made Inductor's lowering of that conversion slow (SmolLM2-135M, int8, 1 thread, an
@@ -94,8 +97,16 @@ class WidenQuantizedWeights(CustomGraphPass):
     on every call), and its C++ kernel loads 8 int8 values per vector through a partial load —
     1.0 ms for a 1536 x 576 weight, against 0.12 ms for ATen's ``copy_``. The conversion of a
     graph-input weight therefore goes to ATen, untransposed, and the matmul takes the transposed
-    view, as it does for fp32 weights. Same values, same matmul. Edits the graph in place.
+    view, as it does for fp32 weights. Same values, same matmul (the skinny kernel: the same
+    sums in another order). Edits the graph in place.
+
+    Args:
+        skinny_rows: products of at most this many rows go to ``dynexec::skinny_linear`` (the
+            caller checks that the kernel is available); 0: none.
     """
+
+    def __init__(self, skinny_rows: int = 0):
+        self.skinny_rows = skinny_rows
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         changed = False
@@ -105,6 +116,9 @@ class WidenQuantizedWeights(CustomGraphPass):
             weight = node.args[0].args[0]
             value, out = weight.meta.get("val"), node.meta.get("val")
             if value is None or out is None or value.dtype not in (torch.int8, torch.uint8) or value.ndim != 2:
+                continue
+            if self._to_skinny(graph, node, weight):
+                changed = True
                 continue
             with graph.inserting_before(node):
                 widened = graph.call_function(torch.ops.dynexec.widen_weight.default, (weight, out.dtype))
@@ -118,5 +132,26 @@ class WidenQuantizedWeights(CustomGraphPass):
             graph.eliminate_dead_code()
             graph.lint()
 
+    def _to_skinny(self, graph: torch.fx.Graph, convert: torch.fx.Node, weight: torch.fx.Node) -> bool:
+        """Replace every ``mm(x, convert)`` by ``skinny_linear(x, weight)`` if all users of the
+        widened weight are such products of at most ``skinny_rows`` static fp32 / bf16 rows."""
+        value = weight.meta["val"]
+        if not self.skinny_rows or value.dtype != torch.int8 or not value.is_contiguous() or not convert.users:
+            return False
+        for mm in convert.users:
+            x = mm.args[0] if mm.target is aten.mm.default and mm.args[1] is convert else None
+            rows = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+            if rows is None or rows.ndim != 2 or not isinstance(rows.shape[0], int) or rows.shape[0] > self.skinny_rows:
+                return False
+            if rows.dtype not in (torch.float32, torch.bfloat16):
+                return False
+        for mm in list(convert.users):
+            with graph.inserting_before(mm):
+                product = graph.call_function(torch.ops.dynexec.skinny_linear.default, (mm.args[0], weight, None))
+            product.meta["val"] = mm.meta["val"]
+            mm.replace_all_uses_with(product)
+            graph.erase_node(mm)
+        return True
+
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        return get_hash_for_files((__file__,)) + f"skinny_rows={self.skinny_rows}".encode()

@@ -105,7 +105,8 @@ class PackedWeights:
 
     def __init__(self, model: nn.Module):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self._head = head if isinstance(head, nn.Linear) and packable(head.weight) else None
+        ok = isinstance(head, nn.Linear) and (packable(head.weight) or _skinny(head.weight) or _weight_only_int8(head.weight))
+        self._head = head if ok else None
         if not available():
             raise RuntimeError("packed linear weights need PyTorch built with oneDNN (torch.backends.mkldnn)")
         keys: list[tuple] = []
@@ -137,7 +138,10 @@ class PackedWeights:
             yield
             return
         saved = head._compiled_call_impl
-        head._compiled_call_impl = lambda x: packed_linear(x, head.weight, head.bias)
+        if _weight_only_int8(head.weight):
+            head._compiled_call_impl = lambda x: _int8_linear(x, head.weight, head.bias)
+        else:
+            head._compiled_call_impl = lambda x: packed_linear(x, head.weight, head.bias)
         try:
             yield
         finally:
@@ -163,7 +167,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return torch.ops.dynexec.skinny_linear.default(x, weight, bias)
     entry = _REGISTRY.get(_key(weight)) if x.dtype == weight.dtype else None
     if entry is None:
-        return F.linear(x, weight, bias)
+        return widened_linear(x, weight, bias) if x.dtype == weight.dtype and _widens(weight) else F.linear(x, weight, bias)
     if entry.version != weight._version:
         entry.packed, entry.version = _pack(weight), weight._version
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
@@ -192,12 +196,14 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
         args = list(node.args) + [None] * (3 - len(node.args))
         x, weight, bias = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
         value = weight.meta.get("example_value") if isinstance(weight, torch.fx.Node) else None
-        if value is None or not packable(value):
+        if value is None:
             continue
         rows = _static_rows(x)
         if _skinny(value) and rows is not None and rows <= skinny.MAX_ROWS:
             node.target = torch.ops.dynexec.skinny_linear.default
-        elif rows == 1 and not ONE_ROW_PACKED:
+        elif _widens(value):
+            node.target = widened_linear
+        elif not packable(value) or (rows == 1 and not ONE_ROW_PACKED):
             continue
         else:
             node.target = torch.ops.dynexec.packed_linear.default
@@ -220,9 +226,63 @@ def _static_rows(x: object) -> int | None:
 
 def _skinny(weight: torch.Tensor) -> bool:
     """Products with ``weight`` of at most :data:`~dynexec_compile.backends.kernels.skinny.MAX_ROWS`
-    rows go to ``dynexec::skinny_linear``: an fp32 weight on a CPU where that kernel is preferred
-    and could be built."""
-    return weight.dtype == torch.float32 and weight.is_contiguous() and skinny.available()
+    rows go to ``dynexec::skinny_linear``: a contiguous fp32 or bf16 CPU weight (not a tensor
+    subclass such as torchao's) on a CPU where that kernel is preferred and could be built."""
+    return (
+        weight.dtype in (torch.float32, torch.bfloat16)
+        and not is_traceable_wrapper_subclass(weight)
+        and weight.device.type == "cpu"
+        and weight.ndim == 2
+        and weight.is_contiguous()
+        and skinny.available()
+    )
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of bf16 tensors as PyTorch defines it on the CPU (fp32 sums, each output
+    rounded to bf16 once), computed by the fp32 GEMM on widened copies. Where oneDNN has no bf16
+    path (AVX2-only CPUs), PyTorch's own bf16 linear measured 3.4-6.3x slower than this for
+    16-256 rows of a 576 x 1536 weight (1 thread, an AVX2 AMD EPYC): the prefill's linears."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def _widens(weight: torch.Tensor) -> bool:
+    """A plain bf16 CPU weight that oneDNN cannot pack here: its many-row products go through
+    :func:`widened_linear`."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and not is_traceable_wrapper_subclass(weight)
+        and not packable(weight)
+    )
+
+
+def _weight_only_int8(weight: torch.Tensor) -> bool:
+    """A torchao int8 weight-only weight (``Int8Tensor``, no activation quantization, one scale
+    per row or one for all) whose int8 data ``dynexec::skinny_linear`` can stream."""
+    qdata = getattr(weight, "qdata", None)
+    return (
+        type(weight).__name__ == "Int8Tensor"
+        and getattr(weight, "act_quant_kwargs", None) is None
+        and getattr(weight, "act_pre_scale", None) is None
+        and isinstance(qdata, torch.Tensor)
+        and qdata.dtype == torch.int8
+        and qdata.ndim == 2
+        and qdata.is_contiguous()
+        and qdata.device.type == "cpu"
+        and list(getattr(weight, "block_size", ()))[-1:] == [qdata.shape[-1]]
+        and skinny.available()
+    )
+
+
+def _int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torchao's int8 weight-only linear, ``(x @ q.T) * scale (+ bias)``, its product on
+    ``dynexec::skinny_linear`` for at most ``skinny.MAX_ROWS`` rows (torchao's own path beyond)."""
+    if x.numel() > skinny.MAX_ROWS * x.shape[-1] or x.dtype not in (torch.float32, torch.bfloat16):
+        return F.linear(x, weight, bias)
+    y = torch.ops.dynexec.skinny_linear.default(x, weight.qdata, None)
+    y = y * weight.scale.to(y.dtype).flatten()
+    return y if bias is None else y + bias
 
 
 def packing_backend(backend):  # noqa: ANN001, ANN201 - a torch.compile backend in, one out
@@ -235,4 +295,7 @@ def packing_backend(backend):  # noqa: ANN001, ANN201 - a torch.compile backend 
     return compile_packed
 
 
-__all__ = ["PACK_ROWS", "PackedWeights", "available", "pack_linears", "packable", "packed_linear", "packing_backend"]
+__all__ = [
+    "PACK_ROWS", "PackedWeights", "available", "pack_linears", "packable", "packed_linear", "packing_backend",
+    "widened_linear",
+]

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from dynexec_compile.backends.kernels import skinny
 from dynexec_compile.decoding.cache import SlotCache, attention_windows
 from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
 from dynexec_compile.decoding.inductor_passes import (
@@ -151,7 +152,8 @@ class DecodeEngine:
             once for oneDNN (:mod:`dynexec_compile.decoding.packed`): on a CPU a step over
             several tokens then costs about what a 1-token step costs, where the plain GEMM
             re-packs every weight per call. On AVX2-only CPUs steps of at most 8 rows run
-            ``dynexec::skinny_linear`` on the plain weights instead (measured faster there).
+            ``dynexec::skinny_linear`` on the plain weights instead (measured faster there),
+            fp32, bf16 and torchao int8 weight-only alike.
             Costs one packed copy of the linear weights, shared by the model's engines.
             ``None`` = on with regional compilation.
 
@@ -199,6 +201,8 @@ class DecodeEngine:
             raise ValueError("freeze=True is Inductor freezing: it needs compile=True and backend='inductor'")
         if inductor and on_cpu and mode is None:
             options = {**CPU_INDUCTOR_OPTIONS, **(options or {})}
+            if packed and type(options["post_grad_custom_pre_pass"]) is WidenQuantizedWeights and skinny.available():
+                options["post_grad_custom_pre_pass"] = WidenQuantizedWeights(skinny_rows=skinny.MAX_ROWS)  # int8 steps too
         if freeze:
             options = {**FREEZING_OPTIONS, **(options or {})}
         if attention == "auto":

@@ -1,6 +1,6 @@
-"""``dynexec::skinny_linear``: the same numbers as ``F.linear`` (fp32 rounding) for every row
-count, shape remainder, bias and thread count; a clear error for what it does not take; built
-once into the cache and loaded from there."""
+"""``dynexec::skinny_linear``: the same numbers as ``F.linear`` (fp32 rounding; bf16: the fp32 sum
+rounded once) for every row count, shape remainder, bias and thread count; a clear error for
+what it does not take; built once into the cache and loaded from there."""
 
 import pytest
 import torch
@@ -29,6 +29,25 @@ def test_equals_linear(rows, features, outputs, threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("features, outputs", [(576, 1536), (577, 37), (8, 4), (3, 5)])
+def test_bf16_is_the_fp32_sum_rounded_once(rows, features, outputs, bias):
+    """bf16 in and out: the fp32 sum of the widened inputs plus the bias, rounded to bf16 once —
+    what PyTorch's own bf16 linear computes on the CPU. Only the order of the fp32 sums differs,
+    so an output may differ by one bf16 step where the sum sits on a rounding boundary."""
+    torch.manual_seed(rows * 1000 + features + bias)
+    x, weight = torch.randn(rows, features, dtype=torch.bfloat16), torch.randn(outputs, features, dtype=torch.bfloat16)
+    b = torch.randn(outputs, dtype=torch.bfloat16) if bias else None
+    got = torch.ops.dynexec.skinny_linear.default(x, weight, b)
+    want = F.linear(x.float(), weight.float(), None if b is None else b.float()).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    step = want.float().abs() * 2.0**-7  # one bf16 step (8 significant bits) at the value's size
+    assert ((got.float() - want.float()).abs() <= step).all()
+    assert (got == want).float().mean() >= 0.99
+    torch.testing.assert_close(got, F.linear(x, weight, b))  # and PyTorch's bf16 linear, at bf16's tolerance
+
+
 def test_leading_dimensions_and_a_strided_input_are_kept():
     x = torch.randn(2, 3, 40)[:, :, ::2]  # [2, 3, 20], not contiguous
     weight = torch.randn(6, 20)
@@ -40,7 +59,9 @@ def test_leading_dimensions_and_a_strided_input_are_kept():
 @pytest.mark.parametrize(
     "x, weight, bias, message",
     [
-        (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), None, "fp32"),
+        (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), None, "fp32 or bf16"),
+        (torch.randn(2, 8), torch.randn(4, 8, dtype=torch.bfloat16), None, "one dtype"),
+        (torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4), "bias"),
         (torch.randn(2, 8), torch.randn(8, 4).t(), None, "contiguous"),
         (torch.randn(2, 7), torch.randn(4, 8), None, "7 features"),
         (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5), "bias"),

@@ -81,9 +81,9 @@ def test_engines_of_one_model_share_the_packed_copies_and_free_them(llama):
     assert not keys & set(packed._REGISTRY)
 
 
-def rewritten_targets(llama, rows: int) -> list:
+def rewritten_targets(llama, rows: int, tol: float = 1e-5) -> list:
     """The call targets of ``llama``'s graph over ``rows`` tokens after the packing pass; its
-    logits are checked against the model's own first."""
+    logits are checked against the model's own first (to ``tol``)."""
     graphs = []
 
     def capture(gm, example_inputs):
@@ -94,7 +94,7 @@ def rewritten_targets(llama, rows: int) -> list:
     fn = torch.compile(lambda i: llama(input_ids=i).logits, backend=packed.packing_backend(capture), fullgraph=True)
     ids = torch.randint(0, llama.config.vocab_size, (1, rows))
     with torch.no_grad():
-        torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fn(ids), llama(input_ids=ids).logits, rtol=tol, atol=tol)
     return [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
 
 
@@ -169,6 +169,27 @@ def test_bf16_weights_are_packed_only_where_onednn_has_a_bf16_path():
     assert engine._packed.count == (sum(isinstance(m, torch.nn.Linear) for m in model.modules()) if supported else 0)
     out = dx.generate(model, torch.tensor([[5, 9, 13, 2]]), max_new_tokens=6, backend="eager", regional=True)
     assert out.sequences.shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "strategy, options", [("greedy", {}), ("lookahead", {"window": 1, "ngram": 3, "guesses": 1})]
+)
+def test_bf16_decoding_steps_go_to_the_skinny_kernel(strategy, options):
+    """bf16 weights: oneDNN packs them only with AVX-512 / AVX-NE-CONVERT, and PyTorch's own bf16
+    GEMM re-reads them per row; decoding graphs of at most ``skinny.MAX_ROWS`` rows run the skinny
+    kernel in bf16 instead, logits at bf16's tolerance of the model's own, tokens equal to HF's
+    bf16 greedy."""
+    if not skinny.available():
+        pytest.skip("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable)")
+    model = build_model("llama", dtype=torch.bfloat16)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    op = torch.ops.dynexec.skinny_linear.default
+    assert rewritten_targets(model, skinny.MAX_ROWS, tol=3e-2).count(op) == linears
+    assert rewritten_targets(model, skinny.MAX_ROWS + 1, tol=3e-2).count(op) == 0
+    ids, mask = left_padded_batch([9, 4])
+    out = dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=24, eos_token_id=[], backend="eager",
+                      regional=True, packed=True, **options)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 24))
 
 
 @pytest.mark.parametrize("one_row_packed", [True, False])

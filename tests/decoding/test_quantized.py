@@ -1,5 +1,6 @@
 """torchao int8 weight-only models: compiled decoding token-identical to the quantized model's own
-HF greedy, and Inductor's int8 weight conversion left to ATen (WidenQuantizedWeights)."""
+HF greedy, Inductor's int8 weight conversion left to ATen (WidenQuantizedWeights), and a
+decoding step's few-row products streaming the int8 weights through ``dynexec::skinny_linear``."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from conftest import build_model, left_padded_batch
 from test_decode_compile import hf_greedy
 
 import dynexec_compile as dx
+from dynexec_compile.backends.kernels import skinny
 from dynexec_compile.decoding.inductor_passes import WidenQuantizedWeights
 
 torchao = pytest.importorskip("torchao", reason="torchao (the quantize extra) is not installed")
@@ -30,6 +32,39 @@ def test_the_pass_widens_an_int8_weight_before_transposing_it():
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     xs, ws = torch.randn(2, 8), torch.randint(-127, 127, (4, 8), dtype=torch.int8)
     assert torch.equal(gm(xs, ws), xs @ ws.t().float())
+
+
+def _int8_product_graph(rows: int) -> torch.fx.Graph:
+    """``x [rows, 8] @ convert(permute(w_int8 [4, 8]), float)``: torchao's weight-only product."""
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.empty(rows, 8), torch.empty(4, 8, dtype=torch.int8)
+    t = graph.call_function(aten.permute.default, (w, [1, 0]))
+    t.meta["val"] = w.meta["val"].t()
+    f = graph.call_function(prims.convert_element_type.default, (t, torch.float32))
+    f.meta["val"] = torch.empty(8, 4)
+    mm = graph.call_function(aten.mm.default, (x, f))
+    mm.meta["val"] = torch.empty(rows, 4)
+    graph.output(mm)
+    return graph
+
+
+@pytest.mark.parametrize("rows, kernel", [(skinny.MAX_ROWS, "skinny"), (skinny.MAX_ROWS + 1, "widened")])
+def test_few_row_int8_products_go_to_the_skinny_kernel(rows, kernel):
+    """With ``skinny_rows``, a product of a decoding step's few rows streams the int8 weight
+    through ``dynexec::skinny_linear`` (no widened copy); wider ones keep the widened weight."""
+    if not skinny.available():
+        pytest.skip("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable)")
+    graph = _int8_product_graph(rows)
+    WidenQuantizedWeights(skinny_rows=skinny.MAX_ROWS)(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    if kernel == "skinny":
+        assert targets == [torch.ops.dynexec.skinny_linear.default]
+    else:
+        assert targets == [torch.ops.dynexec.widen_weight.default, aten.permute.default, aten.mm.default]
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    xs, ws = torch.randn(rows, 8), torch.randint(-127, 127, (4, 8), dtype=torch.int8)
+    torch.testing.assert_close(gm(xs, ws), xs @ ws.t().float(), rtol=1e-5, atol=1e-4)
 
 
 def test_a_float_weight_is_left_alone():
