@@ -26,7 +26,12 @@ gained little for 2-13 (0.82-0.90x), so a linear whose graph has a static count 
 rows (a decoding step) goes to ``dynexec::skinny_linear`` instead
 (:mod:`dynexec_compile.backends.kernels.skinny`): a kernel that streams the plain weight once
 for all rows, needs no packed copy and is called directly by Inductor's code. Graphs with more
-rows or a dynamic count (the prefill) keep the packed weights.
+rows or a dynamic count (the prefill) keep the packed weights. The kernel serves bf16 weights
+too, which oneDNN cannot pack on those CPUs; their many-row products go to
+:func:`widened_linear` (the fp32 GEMM on widened copies), faster there than PyTorch's own bf16
+GEMM. torchao's int8 weight-only layers are rewritten after Inductor's decomposition
+(:class:`~dynexec_compile.decoding.inductor_passes.WidenQuantizedWeights`), and an int8 LM head
+run eagerly goes through :func:`_int8_linear`.
 
 What it costs: memory for one packed copy of every linear weight of the model (the model's
 own weights are not modified), and the packing itself at engine construction (~1 s for
@@ -181,6 +186,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 _LINEARS = (torch._C._nn.linear, F.linear)
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.bmm)
 
 
 def pack_linears(gm: torch.fx.GraphModule) -> int:
@@ -191,6 +197,9 @@ def pack_linears(gm: torch.fx.GraphModule) -> int:
     custom op's call would only add overhead); returns how many. Edits ``gm`` in place."""
     count = 0
     for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and node.target in (*_MATMULS, "matmul", "bmm"):
+            count += _widen_matmul(node)
+            continue
         if node.op != "call_function" or node.target not in _LINEARS:
             continue
         args = list(node.args) + [None] * (3 - len(node.args))
@@ -246,14 +255,31 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
-def _widens(weight: torch.Tensor) -> bool:
-    """A plain bf16 CPU weight that oneDNN cannot pack here: its many-row products go through
-    :func:`widened_linear`."""
+def widened_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul`` of bf16 tensors as PyTorch defines it on the CPU (fp32 sums, rounded to
+    bf16 once), on the fp32 kernels: attention's products over the prompt, which PyTorch's own
+    bf16 matmul computes several times slower where oneDNN has no bf16 path (AVX2)."""
+    return torch.matmul(a.float(), b.float()).to(a.dtype)
+
+
+def _widen_matmul(node: torch.fx.Node) -> int:
+    """Send a ``matmul`` / ``bmm`` node of two bf16 CPU tensors to :func:`widened_matmul` where
+    oneDNN has no bf16 path; 1 if rewritten."""
+    values = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in node.args[:2]]
+    if len(values) != 2 or node.kwargs or not all(isinstance(v, torch.Tensor) and _widens(v) for v in values):
+        return 0
+    node.op, node.target = "call_function", widened_matmul
+    return 1
+
+
+def _widens(tensor: torch.Tensor) -> bool:
+    """A plain bf16 CPU tensor on a CPU where oneDNN has no bf16 path (AVX2-only): its products
+    go through :func:`widened_linear` / :func:`widened_matmul` (beyond the skinny kernel's rows)."""
     return (
-        weight.dtype == torch.bfloat16
-        and weight.device.type == "cpu"
-        and not is_traceable_wrapper_subclass(weight)
-        and not packable(weight)
+        tensor.dtype == torch.bfloat16
+        and tensor.device.type == "cpu"
+        and not is_traceable_wrapper_subclass(tensor)
+        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
 
@@ -297,5 +323,5 @@ def packing_backend(backend):  # noqa: ANN001, ANN201 - a torch.compile backend 
 
 __all__ = [
     "PACK_ROWS", "PackedWeights", "available", "pack_linears", "packable", "packed_linear", "packing_backend",
-    "widened_linear",
+    "widened_linear", "widened_matmul",
 ]

@@ -275,7 +275,9 @@ class DecodeEngine:
             )
         packed, lengths = pack_prompts(input_ids.to(self.device), attention_mask)
         longest = int(lengths.max())
-        bucket = prefill_bucket(longest)
+        # regional compilation runs one dynamic-shape prefill graph for every length, so the
+        # prompt only pads to a multiple of 8 there; whole-step graphs compile per bucket
+        bucket = prefill_bucket(longest) if self._regional is None else min(-(-longest // 8) * 8, prefill_bucket(longest))
         if bucket > self.max_len:
             raise ValueError(
                 f"prefill: prompts of {longest} tokens need {bucket} slots (bucketed), cache has {self.max_len}"

@@ -58,6 +58,17 @@ def test_prefill_buckets():
     assert [prefill_bucket(n) for n in (1, 16, 17, 100, 512, 513, 1100)] == [16, 16, 32, 128, 512, 1024, 1536]
 
 
+def test_a_regional_prefill_pads_to_a_multiple_of_8(llama):
+    """Regional compilation runs one dynamic-shape prefill graph: a 21-token prompt pads to 24
+    slots, not to its 32 bucket (what a whole-step engine compiles per), and its logits are the
+    model's."""
+    ids = torch.randint(0, llama.config.vocab_size, (1, 21))
+    engine = DecodeEngine(llama, 1, 24, backend="eager", regional=True)
+    torch.testing.assert_close(engine.prefill(ids)[0], full_logits(llama, ids[0])[-1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="need 32 slots"):
+        DecodeEngine(llama, 1, 24, backend="eager").prefill(ids)
+
+
 def test_step_and_decode_reject_bad_arguments(llama):
     engine = DecodeEngine(llama, batch_size=2, max_len=32, compile=False)
     ids, mask = left_padded_batch([5, 7])

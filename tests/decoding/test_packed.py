@@ -185,11 +185,51 @@ def test_bf16_decoding_steps_go_to_the_skinny_kernel(strategy, options):
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     op = torch.ops.dynexec.skinny_linear.default
     assert rewritten_targets(model, skinny.MAX_ROWS, tol=3e-2).count(op) == linears
-    assert rewritten_targets(model, skinny.MAX_ROWS + 1, tol=3e-2).count(op) == 0
+    wide = rewritten_targets(model, skinny.MAX_ROWS + 1, tol=3e-2)  # a prefill: widened, or packed with a bf16 path
+    assert wide.count(op) == 0
+    assert wide.count(packed.widened_linear) == (0 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else linears)
     ids, mask = left_padded_batch([9, 4])
     out = dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=24, eos_token_id=[], backend="eager",
                       regional=True, packed=True, **options)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 24))
+
+
+@pytest.mark.parametrize("rows", [1, 9, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_widened_linear_is_bf16_linear_summed_in_fp32(rows, bias):
+    """bf16 products of many rows (a prefill) on the fp32 GEMM: the fp32 sum rounded to bf16 once,
+    which is how PyTorch defines its bf16 linear on the CPU (only the order of the sums differs)."""
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 96, dtype=torch.bfloat16), torch.randn(40, 96, dtype=torch.bfloat16)
+    b = torch.randn(40, dtype=torch.bfloat16) if bias else None
+    got = packed.widened_linear(x, weight, b)
+    want = F.linear(x.float(), weight.float(), None if b is None else b.float()).bfloat16()
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0**-7).all()
+    torch.testing.assert_close(got, F.linear(x, weight, b))
+
+
+def test_bf16_matmuls_are_widened_where_onednn_has_no_bf16_path():
+    """Attention's bf16 products over the prompt (``torch.matmul``) go to the fp32 kernels where
+    PyTorch's bf16 matmul is slow (no oneDNN bf16 path): the same values up to bf16 rounding;
+    fp32 products are left alone."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b: torch.matmul(a, b.transpose(-1, -2)).relu(), backend=packed.packing_backend(capture),
+                       fullgraph=True)
+    a, b = torch.randn(1, 3, 17, 8, dtype=torch.bfloat16), torch.randn(1, 3, 24, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(fn(a, b), torch.matmul(a, b.transpose(-1, -2)).relu())
+    widened = [n for n in graphs[0].graph.nodes if n.target is packed.widened_matmul]
+    assert len(widened) == (0 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 1)
+    torch._dynamo.reset()
+    graphs.clear()
+    fn(a.float(), b.float())
+    assert not [n for n in graphs[0].graph.nodes if n.target is packed.widened_matmul]
 
 
 @pytest.mark.parametrize("one_row_packed", [True, False])

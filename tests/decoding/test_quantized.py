@@ -89,3 +89,26 @@ def test_int8_weight_only_compiled_is_token_identical_to_the_quantized_models_gr
     ids, mask = left_padded_batch([9, 4])
     out = dx.generate(model, ids, mask, strategy=strategy, max_new_tokens=20, eos_token_id=[], regional=True, **options)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 20))
+
+
+def test_the_eager_int8_lm_head_runs_the_skinny_kernel():
+    """Regional compilation runs the LM head eagerly: a torchao int8 head goes through the skinny
+    kernel on its int8 values, then torchao's per-row scales — torchao's own numbers, without
+    widening the whole vocabulary's weight every step."""
+    if not skinny.available():
+        pytest.skip("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable)")
+    from dynexec_compile.decoding import packed
+
+    model = build_model("llama")
+    quantize_(model, Int8WeightOnlyConfig())
+    head = model.get_output_embeddings()
+    assert packed._weight_only_int8(head.weight)
+    h = torch.randn(2, 3, model.config.hidden_size)
+    with torch.no_grad():
+        want = head(h)
+        owner = packed.PackedWeights(model)
+        with owner.head_installed():
+            assert head._compiled_call_impl is not None
+            got = head(h)
+    assert head._compiled_call_impl is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
