@@ -5,7 +5,8 @@ runs fixed-shape compiled graphs on it, all through one mechanism (:meth:`Decode
 one graph per name and input shapes):
 
 - ``prefill(input_ids, attention_mask)``: prompts packed to the front of each row (slot ==
-  position), right-padded to a length bucket so nearby prompt lengths share one graph;
+  position), right-padded to a length bucket so nearby prompt lengths share one graph (with
+  regional compilation, whose prefill graph has a dynamic length, to a multiple of 8);
 - ``decode(tokens)``: the 1-token step; positions, slots and mask come from the cache's
   lengths inside the graph, which then advances them — one call, no host work per step;
 - ``step(tokens, positions, mask, slots)``: the generic fused forward of ``T`` tokens per row

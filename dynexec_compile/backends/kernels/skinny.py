@@ -1,4 +1,5 @@
-"""``dynexec::skinny_linear``: an fp32 linear for the few rows of a decoding step, on AVX2 CPUs.
+"""``dynexec::skinny_linear``: a linear for the few rows of a decoding step, on AVX2 CPUs: fp32,
+bf16, and int8 weight-only quantized weights.
 
 Why: a decoding step at batch 1 multiplies 1 to ~16 rows (the step's tokens) by every weight
 matrix of the model. Once the weights no longer fit in cache (SmolLM2-135M: 538 MB in fp32),
@@ -13,6 +14,15 @@ tokens costs 1.05x a 1-token step and 5 tokens 1.22x, against 1.98x and 1.89x wi
 On that CPU oneDNN's pre-packed weights (:mod:`dynexec_compile.decoding.packed`) were slower
 than MKL for one row and 0.82-0.90x of it for 2-13.
 
+bf16 and int8 weights are streamed narrow (half and a quarter of the fp32 bytes) and widened
+in registers; sums are fp32 (a bf16 output is rounded once, as PyTorch's bf16 linear does; an
+int8 weight is multiplied as its integer values and the caller applies torchao's per-row
+scales after, as torchao does). On that CPU without a bf16 GEMM, one pass over SmolLM2's
+weights (1 thread, ``benchmarks/bench_skinny_pass.py``, session 12) took, for 1 / 3 / 5 / 8
+rows: bf16 48 / 50 / 75 / 112 ms against 57 / 112 / 179 / 291 for PyTorch's bf16 ``linear``;
+int8 29 / 31 / 66 / 96 ms against 274 / 455 / 419 / 384 for torchao's widen-then-multiply
+product; fp32 61 / 68 / 87 / 88 ms against MKL's 77 / 182 / 144 / 173 in the same run.
+
 How: ``skinny_linear.cpp`` next to this file, compiled on first use with the C++ compiler
 Inductor uses on the CPU (``$CXX``, else ``g++``) against this PyTorch's headers, into
 ``$DYNEXEC_CACHE/kernels`` (one file per source, flags and PyTorch version; ~15 s once), and
@@ -23,9 +33,11 @@ build error) callers keep the plain ``linear`` — the op is an optimisation, ne
 requirement. Sums run in another order than MKL's: results equal ``linear`` up to fp32
 rounding, like oneDNN's and Inductor's own kernels.
 
-Where it is used: :func:`dynexec_compile.decoding.packed.pack_linears` routes every fp32
-linear of a decoding graph with a static count of at most :data:`MAX_ROWS` rows here, on CPUs
-whose best instruction set PyTorch reports as AVX2 (:data:`PREFERRED`), where it was measured.
+Where it is used: :func:`dynexec_compile.decoding.packed.pack_linears` routes every fp32 or
+bf16 linear of a decoding graph with a static count of at most :data:`MAX_ROWS` rows here, and
+:class:`~dynexec_compile.decoding.inductor_passes.WidenQuantizedWeights` every torchao int8
+weight-only product of as few rows, on CPUs whose best instruction set PyTorch reports as AVX2
+(:data:`PREFERRED`), where it was measured.
 On AVX-512 CPUs the oneDNN packed weights were measured faster than MKL for every width and
 stay in use; this kernel has not been measured there.
 """
