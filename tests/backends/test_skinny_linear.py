@@ -48,6 +48,25 @@ def test_bf16_is_the_fp32_sum_rounded_once(rows, features, outputs, bias):
     torch.testing.assert_close(got, F.linear(x, weight, b))  # and PyTorch's bf16 linear, at bf16's tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("features, outputs", [(576, 1536), (577, 37), (8, 4), (3, 5)])
+def test_int8_is_the_product_with_the_integer_values(rows, features, outputs, dtype):
+    """An int8 weight (torchao's weight-only values) is multiplied as its integers, ``x @
+    q.to(x.dtype).T`` in fp32 sums (bf16: rounded once), with a bias of x's dtype; the scales
+    are the caller's."""
+    torch.manual_seed(rows * 1000 + features)
+    x, q = torch.randn(rows, features, dtype=dtype), torch.randint(-128, 128, (outputs, features), dtype=torch.int8)
+    bias = torch.randn(outputs, dtype=dtype)
+    got = torch.ops.dynexec.skinny_linear.default(x, q, bias)
+    want = F.linear(x.float(), q.float(), bias.float())  # fp32 sums
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    else:
+        assert ((got.float() - want.bfloat16().float()).abs() <= want.abs() * 2.0**-7).all()
+
+
 def test_leading_dimensions_and_a_strided_input_are_kept():
     x = torch.randn(2, 3, 40)[:, :, ::2]  # [2, 3, 20], not contiguous
     weight = torch.randn(6, 20)
@@ -60,7 +79,8 @@ def test_leading_dimensions_and_a_strided_input_are_kept():
     "x, weight, bias, message",
     [
         (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), None, "fp32 or bf16"),
-        (torch.randn(2, 8), torch.randn(4, 8, dtype=torch.bfloat16), None, "one dtype"),
+        (torch.randn(2, 8), torch.randn(4, 8, dtype=torch.bfloat16), None, "a weight of x's dtype or int8"),
+        (torch.randn(2, 8, dtype=torch.float64), torch.randint(-8, 8, (4, 8), dtype=torch.int8), None, "fp32 or bf16 x"),
         (torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4), "bias"),
         (torch.randn(2, 8), torch.randn(8, 4).t(), None, "contiguous"),
         (torch.randn(2, 7), torch.randn(4, 8), None, "7 features"),

@@ -19,9 +19,9 @@ in registers; sums are fp32 (a bf16 output is rounded once, as PyTorch's bf16 li
 int8 weight is multiplied as its integer values and the caller applies torchao's per-row
 scales after, as torchao does). On that CPU without a bf16 GEMM, one pass over SmolLM2's
 weights (1 thread, ``benchmarks/bench_skinny_pass.py``, session 12) took, for 1 / 3 / 5 / 8
-rows: bf16 48 / 50 / 75 / 112 ms against 57 / 112 / 179 / 291 for PyTorch's bf16 ``linear``;
-int8 29 / 31 / 66 / 96 ms against 274 / 455 / 419 / 384 for torchao's widen-then-multiply
-product; fp32 61 / 68 / 87 / 88 ms against MKL's 77 / 182 / 144 / 173 in the same run.
+rows: bf16 49 / 62 / 95 / 115 ms against 54 / 124 / 175 / 296 for PyTorch's bf16 ``linear``;
+int8 29 / 37 / 68 / 100 ms against 178 / 270 / 249 / 255 for torchao's widen-then-multiply
+product; fp32 67 / 76 / 73 / 102 ms against MKL's 84 / 176 / 164 / 175 in the same run.
 
 How: ``skinny_linear.cpp`` next to this file, compiled on first use with the C++ compiler
 Inductor uses on the CPU (``$CXX``, else ``g++``) against this PyTorch's headers, into
