@@ -187,8 +187,10 @@ def generate(
         regional: compile one decoder layer and reuse it for all layers instead of each step
             as one graph (``None``: on for CPU models of 128 MiB of weights or more; see
             :class:`DecodeEngine`).
-        packed: run the compiled graphs' linear layers on weights pre-packed once for oneDNN
-            (``None``: on with regional compilation; see :mod:`dynexec_compile.decoding.packed`).
+        packed: run the compiled graphs' linear layers on weights pre-packed once for oneDNN,
+            or on AVX2-only CPUs a step's few rows on ``dynexec::skinny_linear`` (fp32, bf16,
+            torchao int8 weight-only) (``None``: on with regional compilation; see
+            :mod:`dynexec_compile.decoding.packed`).
         streamer: an object with transformers' ``BaseStreamer`` protocol (``TextStreamer``,
             ``TextIteratorStreamer``, ...), batch 1 only: ``put(input_ids)`` once, then
             ``put(tokens)`` (1-D) with the tokens each step keeps, in order (several per step
