@@ -42,6 +42,7 @@ fp32 rounding (1e-6 absolute on SmolLM2's layers), like Inductor's own kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Iterator
@@ -89,14 +90,27 @@ def available() -> bool:
 
 def packable(weight: torch.Tensor) -> bool:
     """A plain 2-D fp32 CPU weight, or bf16 on a CPU where oneDNN has a bf16 path (AVX-512 or
-    AVX-NE-CONVERT: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), that oneDNN can pack;
-    anything else (a torchao quantized weight, bf16 on an AVX2-only CPU) keeps the plain
-    ``linear`` and its own kernels."""
-    if is_traceable_wrapper_subclass(weight) or weight.ndim != 2 or weight.device.type != "cpu":
+    AVX-NE-CONVERT: :func:`_onednn_bf16`), that oneDNN can pack; anything else (a torchao
+    quantized weight, bf16 on an AVX2-only CPU) keeps the plain ``linear`` and its own kernels."""
+    if not _plain_cpu(weight) or weight.ndim != 2:
         return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _onednn_bf16())
+
+
+def _plain_cpu(tensor: torch.Tensor) -> bool:
+    """A CPU tensor that is not a tensor subclass (such as torchao's quantized weights)."""
+    return tensor.device.type == "cpu" and not is_traceable_wrapper_subclass(tensor)
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """oneDNN has a bf16 path on this CPU (AVX-512 or AVX-NE-CONVERT)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    """``x`` multiplies at most :data:`~dynexec_compile.backends.kernels.skinny.MAX_ROWS` rows."""
+    return x.numel() <= skinny.MAX_ROWS * x.shape[-1]
 
 
 class PackedWeights:
@@ -168,7 +182,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     :func:`_skinny` says so (the eagerly run LM head of :meth:`PackedWeights.head_installed`),
     else through the packed copy of ``weight`` when the registry has one (packed again first if
     ``weight`` changed in place), else the plain ``linear``."""
-    if x.dtype == weight.dtype and x.numel() <= skinny.MAX_ROWS * x.shape[-1] and _skinny(weight):
+    if x.dtype == weight.dtype and _few_rows(x) and _skinny(weight):
         return torch.ops.dynexec.skinny_linear.default(x, weight, bias)
     entry = _REGISTRY.get(_key(weight)) if x.dtype == weight.dtype else None
     if entry is None:
@@ -239,8 +253,7 @@ def _skinny(weight: torch.Tensor) -> bool:
     subclass such as torchao's) on a CPU where that kernel is preferred and could be built."""
     return (
         weight.dtype in (torch.float32, torch.bfloat16)
-        and not is_traceable_wrapper_subclass(weight)
-        and weight.device.type == "cpu"
+        and _plain_cpu(weight)
         and weight.ndim == 2
         and weight.is_contiguous()
         and skinny.available()
@@ -275,12 +288,7 @@ def _widen_matmul(node: torch.fx.Node) -> int:
 def _widens(tensor: torch.Tensor) -> bool:
     """A plain bf16 CPU tensor on a CPU where oneDNN has no bf16 path (AVX2-only): its products
     go through :func:`widened_linear` / :func:`widened_matmul` (beyond the skinny kernel's rows)."""
-    return (
-        tensor.dtype == torch.bfloat16
-        and tensor.device.type == "cpu"
-        and not is_traceable_wrapper_subclass(tensor)
-        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    return tensor.dtype == torch.bfloat16 and _plain_cpu(tensor) and not _onednn_bf16()
 
 
 def _weight_only_int8(weight: torch.Tensor) -> bool:
@@ -304,7 +312,7 @@ def _weight_only_int8(weight: torch.Tensor) -> bool:
 def _int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """torchao's int8 weight-only linear, ``(x @ q.T) * scale (+ bias)``, its product on
     ``dynexec::skinny_linear`` for at most ``skinny.MAX_ROWS`` rows (torchao's own path beyond)."""
-    if x.numel() > skinny.MAX_ROWS * x.shape[-1] or x.dtype not in (torch.float32, torch.bfloat16):
+    if not _few_rows(x) or x.dtype not in (torch.float32, torch.bfloat16):
         return F.linear(x, weight, bias)
     y = torch.ops.dynexec.skinny_linear.default(x, weight.qdata, None)
     y = y * weight.scale.to(y.dtype).flatten()
