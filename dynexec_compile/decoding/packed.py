@@ -263,7 +263,7 @@ def _skinny(weight: torch.Tensor) -> bool:
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` of bf16 tensors as PyTorch defines it on the CPU (fp32 sums, each output
     rounded to bf16 once), computed by the fp32 GEMM on widened copies. Where oneDNN has no bf16
-    path (AVX2-only CPUs), PyTorch's own bf16 linear measured 3.4-6.3x slower than this for
+    path (AVX2-only CPUs), PyTorch's own bf16 linear measured 3.4-6.7x slower than this for
     16-256 rows of a 576 x 1536 weight (1 thread, an AVX2 AMD EPYC): the prefill's linears."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
