@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from dynexec_compile.backends import packed
 from dynexec_compile.backends.kernels import skinny
 from dynexec_compile.bench.common import interleaved_medians, load_causal_lm
-from dynexec_compile.decoding import DecodeEngine, chain_mask, packed
+from dynexec_compile.decoding import DecodeEngine, chain_mask
 from dynexec_compile.models import heldout_prompts, load_demo_lm
 
 

@@ -190,7 +190,7 @@ def generate(
         packed: run the compiled graphs' linear layers on weights pre-packed once for oneDNN,
             or on AVX2-only CPUs a step's few rows on ``dynexec::skinny_linear`` (fp32, bf16,
             torchao int8 weight-only) (``None``: on with regional compilation; see
-            :mod:`dynexec_compile.decoding.packed`).
+            :mod:`dynexec_compile.backends.packed`).
         streamer: an object with transformers' ``BaseStreamer`` protocol (``TextStreamer``,
             ``TextIteratorStreamer``, ...), batch 1 only: ``put(input_ids)`` once, then
             ``put(tokens)`` (1-D) with the tokens each step keeps, in order (several per step

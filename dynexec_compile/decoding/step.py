@@ -37,16 +37,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from dynexec_compile.backends.kernels import skinny
-from dynexec_compile.decoding.cache import SlotCache, attention_windows
-from dynexec_compile.decoding.cuda_graphs import CudaGraphRunner
-from dynexec_compile.decoding.inductor_passes import (
+from dynexec_compile.backends.cuda_graphs import CudaGraphRunner
+from dynexec_compile.backends.inductor_passes import (
     ContiguousWeightsForFreezing,
     WidenQuantizedWeights,
 )
+from dynexec_compile.backends.kernels import skinny
+from dynexec_compile.backends.packed import PackedWeights, packing_backend
+from dynexec_compile.backends.packed import available as packing_available
+from dynexec_compile.decoding.cache import SlotCache, attention_windows
 from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
-from dynexec_compile.decoding.packed import PackedWeights, packing_backend
-from dynexec_compile.decoding.packed import available as packing_available
 from dynexec_compile.decoding.regional import RegionalLayers, private_copy
 
 Backend = str | Callable
@@ -150,7 +150,7 @@ class DecodeEngine:
             compiled CPU models of at least :data:`REGIONAL_MIN_BYTES` of weights, whose
             step is bound by memory traffic (measured on SmolLM2-135M: see the README).
         packed: every linear layer of the compiled graphs runs on a copy of its weight packed
-            once for oneDNN (:mod:`dynexec_compile.decoding.packed`): on a CPU a step over
+            once for oneDNN (:mod:`dynexec_compile.backends.packed`): on a CPU a step over
             several tokens then costs about what a 1-token step costs, where the plain GEMM
             re-packs every weight per call. On AVX2-only CPUs steps of at most 8 rows run
             ``dynexec::skinny_linear`` on the plain weights instead (measured faster there),
@@ -608,7 +608,7 @@ def _compiler(
     packed: bool = False,
 ) -> Callable:
     """``fn -> torch.compile(fn, fullgraph=True, dynamic=dynamic, ...)``, or identity when disabled;
-    ``packed``: every linear of the graphs through :func:`~dynexec_compile.decoding.packed.packed_linear`."""
+    ``packed``: every linear of the graphs through :func:`~dynexec_compile.backends.packed.packed_linear`."""
     if not enabled:
         if mode is not None or options:
             raise ValueError("mode/options are compile settings; they need compile=True")

@@ -12,8 +12,9 @@ from conftest import build_model, left_padded_batch
 from test_decode_compile import hf_greedy
 
 import dynexec_compile as dx
+from dynexec_compile.backends import packed
 from dynexec_compile.backends.kernels import skinny
-from dynexec_compile.decoding import DecodeEngine, packed
+from dynexec_compile.decoding import DecodeEngine
 
 PACKED = True
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch build has no oneDNN packed linear")

@@ -8,8 +8,8 @@ from conftest import build_model, left_padded_batch
 from test_decode_compile import hf_greedy
 
 import dynexec_compile as dx
+from dynexec_compile.backends.inductor_passes import WidenQuantizedWeights
 from dynexec_compile.backends.kernels import skinny
-from dynexec_compile.decoding.inductor_passes import WidenQuantizedWeights
 
 torchao = pytest.importorskip("torchao", reason="torchao (the quantize extra) is not installed")
 from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
@@ -97,7 +97,7 @@ def test_the_eager_int8_lm_head_runs_the_skinny_kernel():
     widening the whole vocabulary's weight every step."""
     if not skinny.available():
         pytest.skip("dynexec::skinny_linear is not used on this CPU (not AVX2-only, or not buildable)")
-    from dynexec_compile.decoding import packed
+    from dynexec_compile.backends import packed
 
     model = build_model("llama")
     quantize_(model, Int8WeightOnlyConfig())

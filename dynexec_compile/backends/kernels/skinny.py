@@ -11,7 +11,7 @@ row. A prototype of this kernel (the same inner loop) streamed each weight once 
 40 ms for 1 row, 42 for 2, 49 for 5, 69 for 8 and 107 for 13. In the engine, a step of 3
 tokens costs 1.05x a 1-token step and 5 tokens 1.22x, against 1.98x and 1.89x with MKL
 (``benchmarks/bench_verify_width.py --kernels plain,skinny``).
-On that CPU oneDNN's pre-packed weights (:mod:`dynexec_compile.decoding.packed`) were slower
+On that CPU oneDNN's pre-packed weights (:mod:`dynexec_compile.backends.packed`) were slower
 than MKL for one row and 0.82-0.90x of it for 2-13.
 
 bf16 and int8 weights are streamed narrow (half and a quarter of the fp32 bytes) and widened
@@ -33,9 +33,9 @@ build error) callers keep the plain ``linear`` — the op is an optimisation, ne
 requirement. Sums run in another order than MKL's: results equal ``linear`` up to fp32
 rounding, like oneDNN's and Inductor's own kernels.
 
-Where it is used: :func:`dynexec_compile.decoding.packed.pack_linears` routes every fp32 or
+Where it is used: :func:`dynexec_compile.backends.packed.pack_linears` routes every fp32 or
 bf16 linear of a decoding graph with a static count of at most :data:`MAX_ROWS` rows here, and
-:class:`~dynexec_compile.decoding.inductor_passes.WidenQuantizedWeights` every torchao int8
+:class:`~dynexec_compile.backends.inductor_passes.WidenQuantizedWeights` every torchao int8
 weight-only product of as few rows, on CPUs whose best instruction set PyTorch reports as AVX2
 (:data:`PREFERRED`), where it was measured.
 On AVX-512 CPUs the oneDNN packed weights were measured faster than MKL for every width and

@@ -3,7 +3,7 @@
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from dynexec_compile.decoding.inductor_passes import ContiguousWeightsForFreezing
+from dynexec_compile.backends.inductor_passes import ContiguousWeightsForFreezing
 
 aten = torch.ops.aten
 

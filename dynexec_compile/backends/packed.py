@@ -30,7 +30,7 @@ rows or a dynamic count (the prefill) keep the packed weights. The kernel serves
 too, which oneDNN cannot pack on those CPUs; their many-row products go to
 :func:`widened_linear` (the fp32 GEMM on widened copies), faster there than PyTorch's own bf16
 GEMM. torchao's int8 weight-only layers are rewritten after Inductor's decomposition
-(:class:`~dynexec_compile.decoding.inductor_passes.WidenQuantizedWeights`), and an int8 LM head
+(:class:`~dynexec_compile.backends.inductor_passes.WidenQuantizedWeights`), and an int8 LM head
 run eagerly goes through :func:`_int8_linear`.
 
 What it costs: memory for one packed copy of every linear weight of the model (the model's
