@@ -10,7 +10,7 @@ almost a full step. This measures, side by side in one process (round-robin, med
   ``--widths``, as a ratio to the 1-token ``DecodeEngine.decode`` — for each kernel of the
   linear layers in ``--kernels``, side by side: ``plain`` (``linear``: MKL), ``packed``
   (oneDNN-packed weights, the skinny kernel off) and ``skinny`` (the engine's default on an
-  AVX2-only CPU: ``dynexec::skinny_linear`` up to ``skinny.MAX_ROWS`` (8) rows, packed weights beyond);
+  AVX2-only CPU: ``dynexec::skinny_linear`` up to ``skinny.MAX_ROWS`` (20) rows, packed weights beyond);
 - the model's matmuls alone (one ``torch.mm`` per weight, ``T`` rows), the same ratios — so
   you can tell the GEMM library's scaling from dynexec's overhead;
 

@@ -22,8 +22,8 @@ in place after packing (its version counter moved) is packed again before use; a
 registry does not know runs through the plain ``linear`` — never a stale result.
 
 Few rows on AVX2-only CPUs: there, packed weights measured slower than MKL for one row and
-gained little for 2-13 (0.82-0.90x), so a linear whose graph has a static count of at most 8
-rows (a decoding step) goes to ``dynexec::skinny_linear`` instead
+gained little for 2-13 (0.82-0.90x), so a linear whose graph has a static count of at most
+``skinny.MAX_ROWS`` (20) rows (a decoding step) goes to ``dynexec::skinny_linear`` instead
 (:mod:`dynexec_compile.backends.kernels.skinny`): a kernel that streams the plain weight once
 for all rows, needs no packed copy and is called directly by Inductor's code. Graphs with more
 rows or a dynamic count (the prefill) keep the packed weights. The kernel serves bf16 weights

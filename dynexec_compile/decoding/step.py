@@ -152,7 +152,7 @@ class DecodeEngine:
         packed: every linear layer of the compiled graphs runs on a copy of its weight packed
             once for oneDNN (:mod:`dynexec_compile.backends.packed`): on a CPU a step over
             several tokens then costs about what a 1-token step costs, where the plain GEMM
-            re-packs every weight per call. On AVX2-only CPUs steps of at most 8 rows run
+            re-packs every weight per call. On AVX2-only CPUs steps of at most 20 rows run
             ``dynexec::skinny_linear`` on the plain weights instead (measured faster there),
             fp32, bf16 and torchao int8 weight-only alike.
             Costs one packed copy of the linear weights, shared by the model's engines.

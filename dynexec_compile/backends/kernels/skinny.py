@@ -8,9 +8,10 @@ costs. On an AVX2-only AMD EPYC (1 thread, all 211 weight matrices of SmolLM2, o
 a floor of 44 ms is ``w.sum()`` over the same weights) MKL's ``linear`` took 47 ms for 1 row,
 83 for 2, 100 for 5 and 132 for 13: it re-packs the weight on every call with more than one
 row. A prototype of this kernel (the same inner loop) streamed each weight once for all rows:
-40 ms for 1 row, 42 for 2, 49 for 5, 69 for 8 and 107 for 13. In the engine, a step of 3
-tokens costs 1.05x a 1-token step and 5 tokens 1.22x, against 1.98x and 1.89x with MKL
-(``benchmarks/bench_verify_width.py --kernels plain,skinny``).
+40 ms for 1 row, 42 for 2, 49 for 5, 69 for 8 and 107 for 13. In SmolLM2's engine (session 13,
+``benchmarks/bench_verify_width.py --kernels packed,skinny``) a step of 5 tokens costs 1.10x a
+1-token step, 8 tokens 1.32x, 13 1.57x and 16 1.80x, against 1.81x, 1.93x, 2.29x and 2.44x on
+oneDNN's packed weights.
 On that CPU oneDNN's pre-packed weights (:mod:`dynexec_compile.backends.packed`) were slower
 than MKL for one row and 0.82-0.90x of it for 2-13.
 
@@ -58,10 +59,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny_linear.cpp")
-# Rows per call up to which the kernel is used. In SmolLM2's engine on the AVX2 CPU, steps of up
-# to 8 rows were faster than MKL's (0.78x at 8), 13 and 16 rows slower (1.10x, 1.18x): past a few
-# rows the kernel is bound by arithmetic (3 x 4 register blocks), where MKL's GEMM is better.
-MAX_ROWS = 8
+# Rows per call up to which the kernel is used. One pass over SmolLM2's weights on the AVX2 CPU
+# (session 13, fp32) took 45 / 47 / 45 / 61 / 62 / 89 / 113 ms for 1 / 3 / 5 / 8 / 12 / 16 / 20
+# rows against MKL's 50 / 107 / 96 / 100 / 107 / 128 / 142; bf16 and int8 gain more. Past ~5
+# rows it is bound by arithmetic (~65 GFLOP/s, 80% of MKL's peak on a large GEMM here), so a
+# prefill of hundreds of rows stays with the GEMM libraries.
+MAX_ROWS = 20
 PREFERRED = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
