@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     group.add_argument("--lookahead-prompt-tokens", dest="la_prompt_tokens", type=int, default=None, help="prompt length (default 100; quick 24)")
     group.add_argument("--lookahead-prompts", dest="la_prompts", type=int, default=None, help="held-out prompts (default 4)")
     group.add_argument("--lookahead-batches", dest="la_batches", default=None, help="batch sizes, e.g. 1,4 (default 1,4; quick 1,2)")
-    group.add_argument("--lookahead-sweep", dest="la_sweep", default=None, help='(W,N,G) configs as "W,N,G;W,N,G"')
+    group.add_argument("--lookahead-sweep", dest="la_sweep", default=None, help='(W,N,G) configs as "W,N,G;W,N,G", run at every batch size (default: a built-in sweep at batch 1, the default config beyond)')
     group.add_argument("--lookahead-pld-tokens", dest="la_pld_tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens (default 10)")
     group.add_argument("--lookahead-temperature", dest="la_temperature", type=float, default=0.8, help="temperature of the sampling rows (default 0.8)")
 
@@ -257,7 +257,8 @@ def _run_batch(
     model = setup.model
     groups = _batches(setup.prompts, batch, setup.pad_token_id)
     mode = getattr(args, "compile_mode", None)
-    variants = _variants(setup, max_new, batch, configs if batch == 1 else configs[:1], args.la_pld_tokens, quick, mode)
+    swept = batch == 1 or args.la_sweep is not None  # the built-in sweep is for batch 1; one the user names, every batch
+    variants = _variants(setup, max_new, batch, configs if swept else configs[:1], args.la_pld_tokens, quick, mode)
     sampled = _sampling_variants(model, max_new, configs[0], args.la_temperature, quick, mode)
     variants.update(sampled)
     reference = [variants["hf_greedy"][2](ids, mask)[0] for ids, mask in groups]
