@@ -1,7 +1,7 @@
 """One pass over every weight matrix of a model with few rows: ``dynexec::skinny_linear`` against
 what PyTorch runs otherwise, per weight format.
 
-Why: a decoding step at batch 1 multiplies 1 to ~8 rows by every weight of the model, and once
+Why: a decoding step at batch 1 multiplies 1 to ~20 rows by every weight of the model, and once
 the weights are far beyond the CPU's caches that pass is the step's floor. This times the pass
 alone (no attention, no framework overhead), side by side in one process (interleaved rounds,
 medians), for the formats the kernel serves:
