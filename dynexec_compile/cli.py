@@ -67,6 +67,7 @@ GENERATE_OPTIONS = {
     "window": ("window", int),
     "ngram": ("ngram", int),
     "guesses": ("guesses", int),
+    "copy_ngram": ("copy_ngram", int),
     "no_prompt_lookup": ("prompt_lookup", None),
     "num_draft": ("num_draft", int),
     "tree": ("tree", lambda text: [int(x) for x in text.split(",")]),
@@ -147,6 +148,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, help="lookahead: Jacobi window columns W")
     g.add_argument("--ngram", type=int, help="lookahead: n-gram length N")
     g.add_argument("--guesses", type=int, help="lookahead: candidate n-grams verified per step G")
+    g.add_argument("--copy-ngram", type=int, help="lookahead with --window 0: n-gram length of the steps that copy from the text")
     g.add_argument("--no-prompt-lookup", action="store_true", help="lookahead: no candidates from the prompt")
     g.add_argument("--draft", help="speculative: the draft model (folder or load_lm name; same vocabulary)")
     g.add_argument("--num-draft", type=int, help="speculative / self_speculative: drafted tokens per step")

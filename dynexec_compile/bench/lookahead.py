@@ -40,11 +40,11 @@ from dynexec_compile.bench.common import (
     left_padded,
     lm_setup,
 )
-from dynexec_compile.decoding.lookahead import DEFAULTS
+from dynexec_compile.decoding.lookahead import DEFAULTS, LookaheadConfig
 
 TAKES_USER_MODEL = True  # --model / --prompt-file (see bench.common.add_model_arguments)
 
-Config = tuple[int, int, int]  # (window, ngram, guesses)
+Config = tuple[int, ...]  # (window, ngram, guesses), or (window, ngram, guesses, copy_ngram)
 DEFAULT_CONFIG: Config = (DEFAULTS["window"], DEFAULTS["ngram"], DEFAULTS["guesses"])
 FULL_SWEEP: list[Config] = [(1, 3, 1), (1, 2, 3), (2, 2, 2), (1, 2, 1), (1, 4, 1), (1, 5, 1), (1, 6, 2), (0, 3, 1), (0, 5, 1)]
 QUICK_SWEEP: list[Config] = [(2, 3, 2), (2, 4, 3)]
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     group.add_argument("--lookahead-prompt-tokens", dest="la_prompt_tokens", type=int, default=None, help="prompt length (default 100; quick 24)")
     group.add_argument("--lookahead-prompts", dest="la_prompts", type=int, default=None, help="held-out prompts (default 4)")
     group.add_argument("--lookahead-batches", dest="la_batches", default=None, help="batch sizes, e.g. 1,4 (default 1,4; quick 1,2)")
-    group.add_argument("--lookahead-sweep", dest="la_sweep", default=None, help='(W,N,G) configs as "W,N,G;W,N,G", run at every batch size (default: a built-in sweep at batch 1, the default config beyond)')
+    group.add_argument("--lookahead-sweep", dest="la_sweep", default=None, help='(W,N,G) configs as "W,N,G;W,N,G" (a 4th number: copy_ngram), run at every batch size (default: a built-in sweep at batch 1, the default config beyond)')
     group.add_argument("--lookahead-pld-tokens", dest="la_pld_tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens (default 10)")
     group.add_argument("--lookahead-temperature", dest="la_temperature", type=float, default=0.8, help="temperature of the sampling rows (default 0.8)")
 
@@ -130,13 +130,18 @@ def _quick_setup(args: argparse.Namespace) -> LMSetup:
     return LMSetup(model, None, prompts, "tiny random LLaMA (GQA), random prompts", False)
 
 
+def _step_tokens(config: Config) -> int:
+    """The widest step of a sweep entry (a copying step with ``copy_ngram``)."""
+    return LookaheadConfig(**dict(zip(("window", "ngram", "guesses", "copy_ngram"), config, strict=False))).step_tokens
+
+
 def _parse_sweep(text: str) -> list[Config]:
     try:
         configs = [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
     except ValueError as err:
         raise SystemExit(f"--lookahead-sweep {text!r}: expected 'W,N,G;W,N,G' with integers ({err})") from None
-    if not configs or any(len(c) != 3 for c in configs):
-        raise SystemExit(f"--lookahead-sweep {text!r}: expected 'W,N,G;W,N,G'")
+    if not configs or any(len(c) not in (3, 4) for c in configs):
+        raise SystemExit(f"--lookahead-sweep {text!r}: expected 'W,N,G;W,N,G' (or W,N,G,C with copy_ngram C)")
     return configs  # type: ignore[return-value]
 
 
@@ -209,9 +214,10 @@ def _variants(
     variants = {"hf_greedy": (None, False, hf()), "dx_greedy": (None, False, ours(strategy="greedy"))}
     if batch == 1:
         variants["hf_prompt_lookup"] = (None, True, hf(prompt_lookup_num_tokens=pld_tokens))
-    for i, (w, n, g) in enumerate(configs):
-        options = {"strategy": "lookahead", "window": w, "ngram": n, "guesses": g}
-        variants[f"dx_lookahead_{w}_{n}_{g}"] = ((w, n, g), True, ours(**options))
+    for i, config in enumerate(configs):
+        w, n, g, *copy = config
+        options = {"strategy": "lookahead", "window": w, "ngram": n, "guesses": g} | ({"copy_ngram": copy[0]} if copy else {})
+        variants["_".join(["dx_lookahead", *map(str, config)])] = (config, True, ours(**options))
         if i == 0:  # the default: also without prompt lookup (the Jacobi window's own n-grams)
             variants[f"dx_lookahead_{w}_{n}_{g}_nopl"] = ((w, n, g), False, ours(**options, prompt_lookup=False))
     return variants
@@ -286,7 +292,7 @@ def _run_batch(
             "batch": batch,
             "variant": name,
             "W,N,G": ",".join(map(str, config)) if config else "",
-            "step tokens": 1 + (config[1] - 1) * (config[0] + config[2]) if config else "",
+            "step tokens": _step_tokens(config) if config else "",
             "prompt lookup": "yes" if pl else "no",
             "forwards": forwards[name],
             "tokens/forward": tokens_per_forward,

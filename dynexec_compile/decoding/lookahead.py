@@ -79,7 +79,9 @@ from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
 from dynexec_compile.decoding.verify import StepShape, TreeSpec, score_step, verify_step
 
-DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True}
+DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True, "copy_ngram": 0}
+# With copy_ngram: a step copies when the text's last COPY_MATCH tokens occurred earlier in it.
+COPY_MATCH = 4
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
 
 
@@ -96,15 +98,21 @@ class LookaheadConfig:
         guesses: ``G``, the most candidate n-grams verified per step (>= 0).
         prompt_lookup: also fill the n-gram pool from the prompt and the generated text
             (prompt-lookup decoding), besides the Jacobi window.
+        copy_ngram: with ``window=0``, the n-gram length of the steps that copy: when the
+            text's last :data:`COPY_MATCH` tokens occurred earlier in it (the answer is
+            copying a passage of the prompt or of itself), the step guesses ``copy_ngram - 1``
+            tokens from that passage instead of ``ngram - 1``, in a wider step compiled once
+            too. 0 (default): every step guesses ``ngram - 1``.
     """
 
     window: int = DEFAULTS["window"]
     ngram: int = DEFAULTS["ngram"]
     guesses: int = DEFAULTS["guesses"]
     prompt_lookup: bool = DEFAULTS["prompt_lookup"]
+    copy_ngram: int = DEFAULTS["copy_ngram"]
 
     def __post_init__(self) -> None:
-        for name, low in (("window", 0), ("ngram", 2), ("guesses", 0)):
+        for name, low in (("window", 0), ("ngram", 2), ("guesses", 0), ("copy_ngram", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"lookahead: {name} must be an int >= {low}, got {value!r}")
@@ -114,6 +122,11 @@ class LookaheadConfig:
             raise ValueError(
                 "lookahead: window=0 guesses only from the text (prompt lookup): it needs prompt_lookup=True "
                 f"and guesses >= 1, got prompt_lookup={self.prompt_lookup}, guesses={self.guesses}"
+            )
+        if self.copy_ngram and not (self.window == 0 and self.copy_ngram > self.ngram):
+            raise ValueError(
+                "lookahead: copy_ngram widens the steps of prompt lookup alone: it needs window=0 and "
+                f"copy_ngram > ngram, got window={self.window}, ngram={self.ngram}, copy_ngram={self.copy_ngram}"
             )
 
     @classmethod
@@ -126,8 +139,8 @@ class LookaheadConfig:
 
     @property
     def step_tokens(self) -> int:
-        """``T``: tokens per row in one step."""
-        return 1 + (self.ngram - 1) * (self.window + self.guesses)
+        """``T``: tokens per row in one step (the widest, with ``copy_ngram``)."""
+        return 1 + (max(self.ngram, self.copy_ngram) - 1) * self.guesses + (self.ngram - 1) * self.window
 
 
 # ---- the fused step's layout -------------------------------------------------------------
@@ -257,17 +270,36 @@ class ContextLookup:
             if len(text) >= 2:
                 self._after.setdefault((text[-2], token), []).append(len(text))
 
-    def candidates(self, limit: int) -> list[tuple[int, ...]]:
-        """Up to ``limit`` distinct continuations of the text's last bigram; one that runs into
-        the end of the text is padded with its last token (verification rejects what is wrong)."""
-        text, found = self.text, []
-        if len(text) < 2 or limit == 0:
+    def _earlier(self) -> list[int]:
+        """Where what followed the earlier occurrences of the last bigram starts, most recent first."""
+        text = self.text
+        if len(text) < 2:
+            return []
+        return [start for start in reversed(self._after.get((text[-2], text[-1]), [])) if start < len(text)]
+
+    def copying(self, length: int) -> bool:
+        """The text's last ``length`` tokens occurred earlier in it."""
+        return any(self._matches(start, length) for start in self._earlier())
+
+    def _matches(self, start: int, length: int) -> bool:
+        """The ``length`` tokens before ``start`` are the text's last ``length``."""
+        text = self.text
+        return length <= start < len(text) and text[start - length : start] == text[-length:]
+
+    def candidates(self, limit: int, span: int | None = None, match: int = 2) -> list[tuple[int, ...]]:
+        """Up to ``limit`` distinct continuations of ``span`` tokens (default: the lookup's) of the
+        text's last bigram, those whose occurrence matches the text's last ``match`` tokens first;
+        one that runs into the end of the text is padded with its last token (verification
+        rejects what is wrong)."""
+        text, found, span = self.text, [], span or self.span
+        if limit == 0:
             return found
-        for start in reversed(self._after.get((text[-2], text[-1]), [])):
-            if start >= len(text):  # the occurrence that is the end of the text itself
-                continue
-            continuation = text[start : start + self.span]
-            continuation += continuation[-1:] * (self.span - len(continuation))
+        starts = self._earlier()
+        if match > 2:
+            starts.sort(key=lambda start: not self._matches(start, match))  # stable: recency kept
+        for start in starts:
+            continuation = text[start : start + span]
+            continuation += continuation[-1:] * (span - len(continuation))
             candidate = tuple(continuation)
             if candidate not in found:
                 found.append(candidate)
@@ -346,9 +378,9 @@ class _LookaheadState:
         self.engine, self.config = engine, config
         self.settings = settings
         self.layout = layout = step_layout(config.window, config.ngram, config.guesses)
+        self.copy_layout = step_layout(0, config.copy_ngram, config.guesses) if config.copy_ngram else None
         self.window_index = layout.window.to(device)  # [N-1, W]
-        self.candidate_columns = layout.candidates.tolist()  # the same, for building tries
-        self.width = config.ngram
+        self.width = max(config.ngram, config.copy_ngram)  # the most tokens one step keeps per row
         self.window = _initial_window(packed, lengths, config)  # [B, N-1, W]
         self.filled = 1  # window levels that hold Jacobi iterates (the rest: prompt tokens)
         prompts = [row[:n] for row, n in zip(packed.tolist(), lengths.tolist(), strict=True)]
@@ -358,6 +390,7 @@ class _LookaheadState:
             pool.add_text(context.text)
         self.token = torch.zeros(packed.shape[0], dtype=torch.long, device=device)  # [B] current token
         self.guesses_per_step: list[list[int]] = []
+        self.copy_steps = 0  # steps that took the copy_ngram layout
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Prefill the prompts; each row's first token."""
@@ -373,22 +406,28 @@ class _LookaheadState:
             "guesses": config.guesses,
             "prompt_lookup": config.prompt_lookup,
             "step_tokens": config.step_tokens,
+            "copy_ngram": config.copy_ngram,
+            "copy_steps": self.copy_steps,
             "guesses_per_step": self.guesses_per_step,
         }
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
         """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
-        guesses = self._guesses()
-        candidates, valid = self._candidate_tensors(guesses)  # [B, G, N-1], [B, G]
+        copying = self.copy_layout is not None and any(context.copying(COPY_MATCH) for context in self.contexts)
+        layout = self.copy_layout if copying else self.layout
+        self.copy_steps += copying
+        span = layout.candidates.shape[1]
+        guesses = self._guesses(span, COPY_MATCH if copying else 2)
+        candidates, valid = self._candidate_tensors(guesses, span)  # [B, G, span], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
         if self.settings.sampling is None:  # the shared step: one graph, commit and stop rule included
             root = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)  # [B, 1]
-            guessed = valid.repeat(1, self.config.ngram - 1) if self.config.guesses else ~root  # [B, N_tree - 1]
+            guessed = valid.repeat(1, span) if self.config.guesses else ~root  # [B, N_tree - 1]
             node_valid = torch.cat([root, guessed], dim=1)  # the tree's nodes, breadth-first
-            verdict, kept, predicted, _ = verify_step(self.engine, self.layout, tokens, runs, valid=node_valid)
+            verdict, kept, predicted, _ = verify_step(self.engine, layout, tokens, runs, valid=node_valid)
             run = verdict.tokens  # [B, N]
         else:
-            predicted, run, kept = self._sampled_step(tokens, guesses, runs)
+            predicted, run, kept = self._sampled_step(layout, tokens, guesses, runs)
         last = run.gather(1, (kept - 1).clamp(min=0)[:, None])[:, 0]  # [B]
         self.token = torch.where(kept > 0, last, self.token)
 
@@ -398,40 +437,40 @@ class _LookaheadState:
         return kept
 
     def _sampled_step(
-        self, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]], runs: TokenRuns
+        self, layout: StepLayout, tokens: torch.Tensor, guesses: list[list[tuple[int, ...]]], runs: TokenRuns
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step with lossless sampling: the forward; each row's guesses merged into a trie
         and verified by rejection sampling on the host (:mod:`~dynexec_compile.decoding.guess_trie`);
         the commit of the current token and the accepted guesses, in order. Returns
         ``(predicted [B, T], run [B, A], kept [B])``, the run ending in the sampled token."""
         engine = self.engine
-        _, logits, _ = score_step(engine, self.layout, tokens)  # [B, T, V]
-        slots = engine.lengths[:, None] + torch.arange(self.layout.width, device=engine.device)  # [B, T]
-        tries = [
-            merge_guesses(root, found, self.candidate_columns[: len(found)])
-            for root, found in zip(self.token.tolist(), guesses, strict=True)
-        ]
-        width = self.config.ngram if self.config.guesses else 1  # the greedy run's width: one commit graph
+        _, logits, _ = score_step(engine, layout, tokens)  # [B, T, V]
+        slots = engine.lengths[:, None] + torch.arange(layout.width, device=engine.device)  # [B, T]
+        columns = layout.candidates.tolist()
+        tries = [merge_guesses(root, found, columns[: len(found)]) for root, found in zip(self.token.tolist(), guesses, strict=True)]
+        width = 1 + layout.candidates.shape[1] if self.config.guesses else 1  # the greedy run's width: one commit graph
         run, accepted, run_slots = verify_guesses(tries, logits, slots, self.settings.sampling, self.settings.generator, width)
         kept = runs.keep(run, accepted + 1)  # [B], 0 for finished rows
         engine.commit(kept, run_slots)
         return logits.argmax(dim=-1), run, kept
 
-    def _guesses(self) -> list[list[tuple[int, ...]]]:
-        """Up to ``G`` distinct candidates per row: prompt-lookup continuations of the last bigram
-        first (with ``prompt_lookup``), then the pool's continuations of the current token."""
+    def _guesses(self, span: int, match: int) -> list[list[tuple[int, ...]]]:
+        """Up to ``G`` distinct candidates of ``span`` tokens per row: prompt-lookup continuations
+        of the last bigram first (with ``prompt_lookup``; those matching the last ``match``
+        tokens before the others), then the pool's continuations of the current token (a
+        shorter one padded with its last token)."""
         guesses = self.config.guesses
         rows = []
         for b, key in enumerate(self.token.tolist()):
-            found = self.contexts[b].candidates(guesses) if self.contexts else []
-            found += [c for c in self.pools[b].candidates(key) if c not in found][: guesses - len(found)]
+            found = self.contexts[b].candidates(guesses, span, match) if self.contexts else []
+            pooled = [c + c[-1:] * (span - len(c)) for c in self.pools[b].candidates(key)]
+            found += [c for c in pooled if c not in found][: guesses - len(found)]
             rows.append(found)
         return rows
 
-    def _candidate_tensors(self, guesses: list[list[tuple[int, ...]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, G, N-1] tokens, [B, G] valid)``: the guesses, padded to ``G`` per row."""
+    def _candidate_tensors(self, guesses: list[list[tuple[int, ...]]], span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, G, span] tokens, [B, G] valid)``: the guesses, padded to ``G`` per row."""
         cfg = self.config
-        span = cfg.ngram - 1
         filler = (0,) * span
         rows = [found + [filler] * (cfg.guesses - len(found)) for found in guesses]
         valid = [[True] * len(found) + [False] * (cfg.guesses - len(found)) for found in guesses]

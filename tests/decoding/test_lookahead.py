@@ -289,6 +289,48 @@ def test_context_lookup_continues_the_last_bigram_most_recent_first():
     assert context.candidates(2) == [(4, 4, 4)], "a continuation that runs into the end is padded"
 
 
+def test_context_lookup_puts_longer_matches_first_and_sees_copies():
+    context = ContextLookup(span=2, tokens=[7, 1, 2, 3, 4, 9, 8, 1, 2, 5, 6, 0, 7, 1, 2])
+    assert context.candidates(2) == [(5, 6), (3, 4)], "the bigram (1, 2): most recent first"
+    assert context.candidates(2, span=4, match=3) == [(3, 4, 9, 8), (5, 6, 0, 7)], "(7, 1, 2) matched first, 4 tokens"
+    assert context.copying(3) and not context.copying(4)
+
+
+def test_copy_steps_guess_longer_and_equal_transformers_greedy(llama):
+    """With ``copy_ngram`` a step whose last tokens repeat an earlier passage guesses
+    ``copy_ngram - 1`` tokens from it in a wider step: the prompt repeats the model's own greedy
+    answer, so the copy is accepted past what ``ngram`` allows; tokens equal HF greedy."""
+    base = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3))
+    answer = hf_greedy(llama, base[None], None, 24)[0, 10:]
+    ids = torch.cat([base, answer, base])[None]
+    ref = hf_greedy(llama, ids, None, 24)
+    options = {"window": 0, "ngram": 3, "guesses": 1}
+    out = lookahead(llama, ids, None, 24, **options, copy_ngram=9)
+    plain = lookahead(llama, ids, None, 24, **options)
+    assert torch.equal(out.sequences, ref) and torch.equal(plain.sequences, ref)
+    assert out.stats.extra["copy_steps"] > 0 and plain.stats.extra["copy_steps"] == 0
+    assert max(max(s) for s in out.stats.accepted_per_step) > 3, "no copy ran past ngram's 3 tokens: the test could not fail"
+    assert out.stats.forward_passes < plain.stats.forward_passes
+    # sampling (near-greedy, so that it keeps copying): the copy layout through the lossless
+    # verification; the same generator state draws the same tokens
+    sampled = [
+        lookahead(llama, ids, None, 24, **options, copy_ngram=9, do_sample=True, temperature=0.05,
+                  generator=torch.Generator().manual_seed(5))
+        for _ in range(2)
+    ]
+    assert torch.equal(sampled[0].sequences, sampled[1].sequences) and sampled[0].stats.new_tokens == [24]
+    assert sampled[0].stats.extra["copy_steps"] > 0
+
+
+def test_copy_steps_on_a_padded_batch_equal_transformers_greedy(lm):
+    ids, mask = left_padded_batch([7, 12, 4])
+    ids = torch.cat([ids, ids[:, -6:]], dim=1)  # every row's last 6 tokens repeat
+    mask = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+    options = {"window": 0, "ngram": 3, "guesses": 2, "copy_ngram": 6}
+    out = dx.generate(lm, ids, mask, strategy="lookahead", max_new_tokens=30, eos_token_id=[], pad_token_id=0, compile=False, **options)
+    assert torch.equal(out.sequences, hf_greedy(lm, ids, mask, 30)) and out.stats.extra["copy_steps"] > 0
+
+
 def test_prompt_lookup_seeds_the_pool_from_the_prompt(llama):
     # a prompt that repeats itself: its continuation's first token is then in the prompt
     base = torch.randint(3, VOCAB, (12,), generator=torch.Generator().manual_seed(9))
@@ -332,7 +374,10 @@ def test_token_runs_cut_at_eos_and_max_new_tokens():
         ({"guesses": -1}, ValueError, "guesses must be an int >= 0"),
         ({"window": 2.5}, ValueError, "window must be an int"),
         ({"prompt_lookup": "yes"}, ValueError, "prompt_lookup must be True or False"),
-        ({"beam": 2}, ValueError, r"unknown option\(s\) \['beam'\]; valid options are \['guesses', 'ngram', 'prompt_lookup', 'window'\]"),
+        ({"beam": 2}, ValueError, r"unknown option\(s\) \['beam'\]; valid options are \['copy_ngram', 'guesses', 'ngram', 'prompt_lookup', 'window'\]"),
+        ({"copy_ngram": -1}, ValueError, "copy_ngram must be an int >= 0"),
+        ({"window": 1, "copy_ngram": 6}, ValueError, "copy_ngram widens the steps of prompt lookup alone"),
+        ({"window": 0, "ngram": 4, "copy_ngram": 4}, ValueError, "copy_ngram widens the steps of prompt lookup alone"),
         ({"cache": "dynamic"}, ValueError, "needs cache='static'"),
     ],
 )
