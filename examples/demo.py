@@ -203,6 +203,7 @@ def chat_demo(new_tokens: int) -> None:
     runs = [
         ("dynexec greedy", {"strategy": "greedy"}),
         ("dynexec lookahead (1,3,1)", {"strategy": "lookahead", "window": 1, "ngram": 3, "guesses": 1}),
+        ("dynexec prompt lookup, copy 10", {"strategy": "lookahead", "window": 0, "ngram": 4, "guesses": 1, "copy_ngram": 11}),
     ]
     if heads_file.is_file():
         runs.append(("dynexec draft heads (tree 3x2x1)", {"strategy": "draft_heads", "tree": [3, 2, 1],

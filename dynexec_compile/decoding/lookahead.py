@@ -33,7 +33,10 @@ The window starts as tokens drawn from the prompt; its first ``N-2`` steps fill 
 
 ``W = 0`` drops the window: every guess comes from the text (prompt-lookup decoding, as
 transformers' ``prompt_lookup_num_tokens``, but verified in a fixed-width step with the
-cache surgery above), so the whole step goes to ``G`` continuations of ``N-1`` tokens.
+cache surgery above), so the whole step goes to ``G`` continuations of ``N-1`` tokens. With
+``copy_ngram = C`` a step whose last :data:`COPY_MATCH` tokens occurred earlier in the text (an
+answer copying a passage) guesses ``C-1`` tokens from that passage instead, in a second, wider
+step layout: a long guess only where a long run is likely, a short step elsewhere.
 
 Defaults ``(W, N, G) = (1, 3, 1)``, a 5-token step: on this project's CPU the step is bound
 by arithmetic already at one token (the demo LM's weights sit in L3), so every extra token
