@@ -130,9 +130,14 @@ def _quick_setup(args: argparse.Namespace) -> LMSetup:
     return LMSetup(model, None, prompts, "tiny random LLaMA (GQA), random prompts", False)
 
 
+def _options(config: Config) -> dict[str, int]:
+    """A sweep entry as ``generate(strategy="lookahead")`` options."""
+    return dict(zip(("window", "ngram", "guesses", "copy_ngram"), config, strict=False))
+
+
 def _step_tokens(config: Config) -> int:
     """The widest step of a sweep entry (a copying step with ``copy_ngram``)."""
-    return LookaheadConfig(**dict(zip(("window", "ngram", "guesses", "copy_ngram"), config, strict=False))).step_tokens
+    return LookaheadConfig(**_options(config)).step_tokens
 
 
 def _parse_sweep(text: str) -> list[Config]:
@@ -215,11 +220,11 @@ def _variants(
     if batch == 1:
         variants["hf_prompt_lookup"] = (None, True, hf(prompt_lookup_num_tokens=pld_tokens))
     for i, config in enumerate(configs):
-        w, n, g, *copy = config
-        options = {"strategy": "lookahead", "window": w, "ngram": n, "guesses": g} | ({"copy_ngram": copy[0]} if copy else {})
-        variants["_".join(["dx_lookahead", *map(str, config)])] = (config, True, ours(**options))
+        options = {"strategy": "lookahead", **_options(config)}
+        name = "_".join(["dx_lookahead", *map(str, config)])
+        variants[name] = (config, True, ours(**options))
         if i == 0:  # the default: also without prompt lookup (the Jacobi window's own n-grams)
-            variants[f"dx_lookahead_{w}_{n}_{g}_nopl"] = ((w, n, g), False, ours(**options, prompt_lookup=False))
+            variants[f"{name}_nopl"] = (config, False, ours(**options, prompt_lookup=False))
     return variants
 
 

@@ -33,13 +33,6 @@ namespace {
 
 constexpr int kBlock = 4;  // weight rows per block
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
 // The four sums of a[0..3]'s lanes, in that order.
 inline __m128 hsum4(const __m256 a[4]) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
