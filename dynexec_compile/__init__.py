@@ -16,14 +16,17 @@ from dynexec_compile.config import (
 from dynexec_compile.decoding import (
     DecodeEngine,
     DraftHeads,
+    EagleDraft,
     GenerateOutput,
     SlotCache,
     TreeSpec,
     generate,
     load_draft_heads,
+    load_eagle_draft,
     save_draft_heads,
+    save_eagle_draft,
 )
-from dynexec_compile.distill import train_draft_heads, train_exit_lm_head
+from dynexec_compile.distill import train_draft_heads, train_eagle_draft, train_exit_lm_head
 from dynexec_compile.elastic import (
     ElasticModel,
     ElasticPlan,
@@ -64,9 +67,13 @@ __all__ = [
     "load_demo_lm",
     "DecodeEngine",
     "DraftHeads",
+    "EagleDraft",
     "load_draft_heads",
+    "load_eagle_draft",
     "save_draft_heads",
+    "save_eagle_draft",
     "train_draft_heads",
+    "train_eagle_draft",
     "train_exit_lm_head",
     "GenerateOutput",
     "SlotCache",

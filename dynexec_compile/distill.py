@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dynexec_compile.decoding.draft_heads import DraftHeads, check_heads_fit
+from dynexec_compile.decoding.eagle import DraftRunner, EagleDraft, check_draft_fits, saved_tensor
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.step import check_causal_lm
 from dynexec_compile.exit_heads import ExitHeads
@@ -256,6 +257,100 @@ def _exit_lm_loss(
     return (kl.mean() if kl.numel() else kl.sum()) * temperature**2
 
 
+def train_eagle_draft(
+    model: PreTrainedModel,
+    data: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    *,
+    draft: EagleDraft | None = None,
+    vocab: int | None = 8192,
+    intermediate_size: int | None = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    cls_weight: float = 0.1,
+    noise: float = 0.05,
+    progress: bool = True,
+) -> EagleDraft:
+    """Train an EAGLE draft (:mod:`~dynexec_compile.decoding.eagle`) on a frozen causal LM; fp32.
+
+    The model runs once over ``data`` under ``torch.no_grad()`` for its final hidden states
+    ``f`` (kept in memory); the draft then learns, teacher-forced, ``f_{p+1}`` from
+    ``(f_p, x_{p+1})`` at every position: a smooth-L1 loss on the feature plus ``cls_weight``
+    times the cross-entropy between the model's distribution at ``p + 1`` and the draft's,
+    both over the draft's vocabulary (EAGLE's two losses). ``noise``: uniform noise on the input
+    features, as a fraction of their RMS, so that the draft tolerates its own guessed features.
+    The model is never modified.
+
+    Args:
+        data: ``[B, S]`` token-id batches, or ``(ids, mask)`` pairs whose bool mask marks the
+            positions whose next feature is trained (e.g. the answer, where drafting happens).
+        draft: a draft to train further (a trained copy is returned); ``None``: a new one.
+        vocab: the draft's vocabulary: the ``vocab`` tokens the model predicts most often at the
+            trained positions (``None``: the whole vocabulary).
+        intermediate_size: the draft layer's MLP width (``None``: the model's).
+    """
+    check_causal_lm(model)
+    if epochs < 1 or lr <= 0 or cls_weight < 0 or noise < 0:
+        raise ValueError(f"need epochs >= 1, lr > 0, cls_weight >= 0, noise >= 0; got {epochs}, {lr}, {cls_weight}, {noise}")
+    stack = DecoderStack(model)
+    device = next(model.parameters()).device
+    if torch.is_tensor(data):  # [N, S]: one sequence per step
+        data = list(data.long().reshape(-1, data.shape[-1])[:, None])
+    batches = []
+    with torch.no_grad():
+        for batch in token_batches(data, 1, 1, None)[0]:
+            ids, mask, _ = _marked(batch, device)
+            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            if ids.shape[1] < 2:
+                raise ValueError(f"training sequences need at least 2 tokens, got {ids.shape[1]}")
+            features = model.get_decoder()(input_ids=ids).last_hidden_state.float()  # [B, S, D], after the final norm
+            batches.append((ids, mask, features))
+    if draft is None:
+        config = model.config.get_text_config(decoder=True)
+        chosen = None if vocab is None or vocab >= int(config.vocab_size) else _frequent_tokens(stack, batches, vocab)
+        draft = EagleDraft(config, chosen, intermediate_size)
+    else:
+        draft = copy.deepcopy(check_draft_fits(model, draft))
+    draft = draft.to(device=device, dtype=torch.float32).eval()  # no dropout: the draft runs as it will decode
+    runner = DraftRunner(draft, stack, 1, 1)
+    params = [p for name, p in draft.named_parameters() if saved_tensor(name)]
+    with _frozen(model):  # the draft embeds tokens with the model's embeddings: no gradient there
+        optimize(params, batches, lambda batch: _eagle_loss(runner, batch, cls_weight, noise), lr=lr, epochs=epochs,
+                 warmup=0.02, clip=1.0, desc="EAGLE draft", progress=progress)
+    return draft.eval()
+
+
+def _frequent_tokens(stack: DecoderStack, batches: list, count: int) -> torch.Tensor:
+    """The ``count`` tokens the model predicts most often at the marked positions, by id."""
+    hits = torch.zeros(int(stack.config.vocab_size), dtype=torch.long)
+    with torch.no_grad():
+        for ids, mask, features in batches:
+            predicted = stack.lm_head(features[mask].to(stack.lm_head.weight.dtype)).argmax(dim=-1)
+            hits += torch.bincount(predicted.cpu(), minlength=hits.numel())
+            hits += torch.bincount(ids[mask].cpu(), minlength=hits.numel())
+    return torch.sort(torch.topk(hits, count).indices).values
+
+
+def _eagle_loss(runner: DraftRunner, batch: tuple, cls_weight: float, noise: float) -> torch.Tensor:
+    ids, mask, features = batch  # [B, S], [B, S], [B, S, D]
+    batch_size, seq = ids.shape
+    inputs = features[:, :-1]
+    if noise:
+        rms = inputs.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        inputs = inputs + noise * rms * (2 * torch.rand_like(inputs) - 1)
+    runner.new_cache(batch_size, seq - 1)
+    positions = torch.arange(seq - 1, device=ids.device)[None, :].expand(batch_size, -1)
+    out = runner.pairs(inputs, ids[:, 1:], positions)  # [B, S - 1, D]
+    marked = mask[:, 1:]  # pair p predicts the feature at p + 1
+    guess, target = out[marked], features[:, 1:][marked]  # [N, D]
+    if guess.numel() == 0:
+        return out.sum() * 0
+    loss = F.smooth_l1_loss(guess, target)
+    if cls_weight:
+        teacher = F.softmax(target @ runner.head.T, dim=-1)  # [N, vocab]
+        loss = loss - cls_weight * (teacher * F.log_softmax(guess @ runner.head.T, dim=-1)).sum(-1).mean()
+    return loss
+
+
 def token_batches(
     data: torch.Tensor | Iterable[torch.Tensor], batch_size: int, seq_len: int, steps: int | None
 ) -> tuple[Iterator[torch.Tensor], int]:
@@ -298,4 +393,4 @@ def token_batches(
     return take(), total
 
 
-__all__ = ["token_batches", "train_draft_heads", "train_exit_lm_head"]
+__all__ = ["token_batches", "train_draft_heads", "train_eagle_draft", "train_exit_lm_head"]

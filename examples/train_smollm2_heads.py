@@ -109,7 +109,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--what", choices=["draft-heads", "exit-adapter"], default="draft-heads")
+    parser.add_argument("--what", choices=["draft-heads", "exit-adapter", "eagle"], default="draft-heads")
+    parser.add_argument("--vocab", type=int, default=8192, help="eagle: the draft's vocabulary (most frequent tokens)")
     parser.add_argument("--exit-layer", type=int, default=15, help="E of the exit adapter (the bench's self-speculation layer)")
     parser.add_argument("--out", type=Path, default=None, help="default: models/smollm2-135m-instruct/{draft-heads,exit-adapter}")
     args = parser.parse_args()
@@ -129,6 +130,8 @@ def main() -> None:
         mask = torch.zeros_like(seq, dtype=torch.bool)
         mask[:, len(prompt) - 1 :] = True
         data.append((seq, mask))
+    if args.what == "eagle":
+        return train_eagle(args, model, data, held_prompts, held, gen_cpu, gen_wall)
     data = [item for _ in range(args.epochs) for item in data]
     if args.what == "exit-adapter":
         return train_exit_adapter(args, model, data, held_prompts, held, gen_cpu, gen_wall, len(train))
@@ -176,6 +179,58 @@ def train_exit_adapter(args, model, data, held_prompts, held, gen_cpu: float, ge
         "adapter_training": {"cpu_s": round(train_cpu, 1), "wall_s": round(train_wall, 1), "steps": len(data)},
         "threads": args.threads,
         "top1_agreement_heldout_answers": {"shared head": shared, "trained adapter": trained},
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+@torch.no_grad()
+def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> float:
+    """How often the draft's first guess (from the model's true features, teacher-forced) equals
+    the model's own next token, over the answer tokens it would guess."""
+    from dynexec_compile.decoding.eagle import DraftRunner
+    from dynexec_compile.decoding.layers import DecoderStack
+
+    runner = DraftRunner(draft, DecoderStack(model), 1, 1)
+    hits = total = 0
+    for prompt, reply in zip(prompts, replies):
+        seq = torch.cat([prompt, reply])[None]  # [1, S]
+        h = model.get_decoder()(input_ids=seq).last_hidden_state  # [1, S, D]
+        target = model.get_output_embeddings()(h).argmax(-1)[0]  # [S]: the model's token after each position
+        runner.new_cache(1, seq.shape[1] - 1)
+        positions = torch.arange(seq.shape[1] - 1)[None]
+        guesses = runner.guess(runner.pairs(h[:, :-1], seq[:, 1:], positions))[0]  # [S - 1]: pair p guesses target[p + 1]
+        first = len(prompt) - 1  # pair p = first: the first answer token follows; it guesses the second
+        hits += int((guesses[first:-1] == target[first + 1 : -1]).sum())
+        total += target[first + 1 : -1].numel()
+    return hits / max(total, 1)
+
+
+def train_eagle(args, model, data, held_prompts, held, gen_cpu: float, gen_wall: float) -> None:
+    from dynexec_compile.decoding.eagle import EagleDraft
+
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    sequences = [seq for seq, _ in data]  # every position: the prompts' text too
+    draft = dx.train_eagle_draft(model, sequences, vocab=args.vocab, epochs=args.epochs, lr=args.lr)
+    train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
+    torch.manual_seed(0)
+    untrained = EagleDraft(model.config, draft.vocab)
+    out = args.out or MODEL_DIR / "eagle"
+    out.mkdir(parents=True, exist_ok=True)
+    dx.save_eagle_draft(draft, out / "draft.safetensors", dtype=torch.bfloat16)
+    summary = {
+        "command": "python examples/train_smollm2_heads.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets", "exit_layer")),
+        "training_sequences": len(sequences),
+        "training_tokens": int(sum(s.numel() for s in sequences)),
+        "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},
+        "draft_training": {"cpu_s": round(train_cpu, 1), "wall_s": round(train_wall, 1), "steps": len(sequences) * args.epochs},
+        "threads": args.threads,
+        "draft_vocab": int(draft.vocab.numel()),
+        "first_guess_agreement_heldout_answers": {
+            "untrained": eagle_agreement(model, untrained, held_prompts, held),
+            "trained": eagle_agreement(model, draft, held_prompts, held),
+        },
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -237,6 +237,10 @@ def add_model_arguments(parser: Any) -> None:
         "bench's self-speculation layer E = layers // 2 (speculative: adds self-speculative rows with it)",
     )
     group.add_argument(
+        "--eagle", default=None,
+        help="an EAGLE draft saved by dynexec_compile.save_eagle_draft (speculative: adds strategy='eagle' rows, one per --ks)",
+    )
+    group.add_argument(
         "--prompt-file", default=None,
         help="UTF-8 text file; prompts are consecutive windows of its tokens (default: held-out stdlib files)",
     )
@@ -272,7 +276,7 @@ def compile_settings(compile_mode: str | None) -> dict[str, Any]:
     return dict(COMPILE_MODES[compile_mode]) if compile_mode else {}
 
 
-MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "exit_adapter", "prompt_file", "compile_mode", "prompt_set", "dtype", "quantize")
+MODEL_ARGUMENTS = ("model", "draft_model", "draft_heads", "exit_adapter", "eagle", "prompt_file", "compile_mode", "prompt_set", "dtype", "quantize")
 
 
 def prepare_precision(model: Any, args: Any) -> Any:

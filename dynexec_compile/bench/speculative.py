@@ -21,6 +21,7 @@ Other drafters add rows by appending a factory ``factory(ctx) -> list[Variant]``
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class BenchContext:
     mode: str | None = None  # torch.compile mode of dynexec's engines (compiled runs)
     eos_token_id: list[int] = field(default_factory=list)  # []: every row generates max_new_tokens
     pad_token_id: int = 0
+    eagle_path: str | None = None  # EAGLE draft to load (compiled runs); None: no eagle rows
 
 
 @dataclass
@@ -179,6 +181,12 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
             {"k": k, "exit_layer": ctx.early_exit_layer},
         )
     )
+    if not isinstance(ctx.prompts, torch.Tensor):  # chat prompts: answers that copy from them
+        variants.append(Variant("hf_prompt_lookup", lambda ids: _hf_generate(ctx, ids, prompt_lookup_num_tokens=10), "hf",
+                                (1,), "transformers' prompt lookup supports batch size 1 only", {"tokens": 10}))
+        variants.append(Variant("dynexec_prompt_lookup_0_4_1",
+                                dynexec_run(ctx, "lookahead", window=0, ngram=4, guesses=1), "dynexec",
+                                params={"window": 0, "ngram": 4, "guesses": 1}))
     variants.append(Variant("dynexec_greedy", dynexec_run(ctx, "greedy"), "dynexec"))
     return variants
 
@@ -214,6 +222,15 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
     else:
         heads = DraftHeads(ctx.target.config.hidden_size, 3, vocab_size=ctx.target.config.vocab_size)
     variants = [] if heads is None else _draft_heads_variants(ctx, heads)
+    if ctx.compile and ctx.eagle_path is None:
+        eagle = None
+    elif ctx.compile:
+        eagle = dx.load_eagle_draft(ctx.eagle_path)
+    else:  # --quick: an untrained draft exercises the path
+        eagle = dx.EagleDraft(ctx.target.config.get_text_config(decoder=True))
+    if eagle is not None:
+        variants += [Variant(f"dynexec_eagle_k{k}", dynexec_run(ctx, "eagle", draft=eagle, num_draft=k), "dynexec",
+                             params={"k": k}) for k in ctx.ks]
     exit_layer = ctx.early_exit_layer
     variants += [
         Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",
@@ -291,6 +308,7 @@ def _context(args: argparse.Namespace) -> BenchContext:
     return BenchContext(
         setup.model, draft, setup.prompts, args.new_tokens, True, ks, trees, layers // 2, heads,
         getattr(args, "exit_adapter", None), getattr(args, "compile_mode", None), setup.eos_token_id, setup.pad_token_id,
+        getattr(args, "eagle", None),
     )
 
 
@@ -402,6 +420,9 @@ def run(args: argparse.Namespace) -> SuiteResult:
     ctx = _context(args)
     repeats = args.repeats or (1 if args.quick else 3)
     variants = [v for factory in VARIANT_FACTORIES for v in factory(ctx)]
+    if args.variants:  # HF greedy (the reference of every comparison) and dynexec greedy always run
+        variants = [v for v in variants if v.name in ("hf_greedy", "dynexec_greedy")
+                    or any(fnmatch.fnmatch(v.name, pattern) for pattern in args.variants)]
     result = SuiteResult("speculative")
     result.notes.append(
         f"{'quick: tiny random LLaMA, eager' if args.quick else 'fp32, compiled' + (f' (mode={ctx.mode})' if ctx.mode else '')}; "
@@ -434,3 +455,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--new-tokens", type=int, default=128)
     group.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     group.add_argument("--md", default=None, help="also write the table as markdown here")
+    group.add_argument("--variants", nargs="+", default=None,
+                       help="only the rows whose names match these patterns (fnmatch, e.g. 'dynexec_eagle_*'); "
+                       "hf_greedy and dynexec_greedy always run")

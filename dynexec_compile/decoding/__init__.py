@@ -15,6 +15,12 @@ from dynexec_compile.decoding.draft_heads import (
     load_draft_heads,
     save_draft_heads,
 )
+from dynexec_compile.decoding.eagle import (
+    EagleDraft,
+    eagle_strategy,
+    load_eagle_draft,
+    save_eagle_draft,
+)
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
     GenerateOutput,
@@ -58,6 +64,7 @@ from dynexec_compile.decoding.verify import (
 
 register_strategy("calm", calm_strategy)
 register_strategy("draft_heads", draft_heads_strategy)
+register_strategy("eagle", eagle_strategy)
 register_strategy("self_speculative", self_speculative_strategy)
 
 __all__ = [
@@ -66,6 +73,7 @@ __all__ = [
     "DecodeSettings",
     "DraftHeads",
     "DraftHeadsEngine",
+    "EagleDraft",
     "ModelDrafter",
     "check_same_vocabulary",
     "draft_verify_loop",
@@ -91,12 +99,14 @@ __all__ = [
     "draw",
     "generate",
     "load_draft_heads",
+    "load_eagle_draft",
     "strategy_engine",
     "lookahead_decode",
     "register_strategy",
     "sampling_probs",
     "step_layout",
     "save_draft_heads",
+    "save_eagle_draft",
     "step_mask",
     "warp_logits",
 ]

@@ -222,18 +222,13 @@ class DraftHeadsEngine(DecodeEngine):
         levels = [propose_children(self.tree, d, head_logits[:, d])[0] for d in range(self.tree.max_depth)]
         return torch.cat([root[:, None], *levels], dim=1)
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The final hidden state after the norm ``[B, T, D]`` (the heads' input); traceable."""
-        stack = self.stack
-        return stack.norm(stack.run(stack.embed(tokens, positions), 0, stack.num_layers, mask, positions, self.cache, slots))
-
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
-        h = self.hidden(ids, positions, positions, mask)  # [B, L, D]
+        h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
         h = h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0]  # [B, D]
         return self.stack.lm_head(h), self.heads(h, self.stack.lm_head)  # [B, V], [B, k, V]
 
     def step_forward(self, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see DecodeEngine
-        h = self.hidden(tokens, positions, slots, mask)  # [B, T, D]
+        h = self.stack.hidden(tokens, positions, mask, self.cache, slots)  # [B, T, D]
         return tokens, self.stack.lm_head(h), (h,)
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -147,6 +147,13 @@ class DecoderStack:
             _capture_restore(capture)
         return h
 
+    def hidden(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """The final hidden state after the norm ``[B, T, D]`` (the LM head's input) of ``tokens``
+        through every layer (arguments as for :meth:`run`)."""
+        return self.norm(self.run(self.embed(tokens, positions), 0, self.num_layers, mask, positions, cache, slots))
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's head on the last layer's output: ``[..., D] -> [..., V]``."""
         return self.lm_head(self.norm(h))

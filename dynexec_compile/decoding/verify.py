@@ -640,8 +640,8 @@ def verify_step(
     verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
     kept = runs.keep(verdict.tokens, verdict.emitted)
     after = engine.run_graph(
-        f"after_{shape.name}", _after_body(shape), kept, verdict.accepted, verdict.path, verdict.next_token, *extras,
-        width=0, forwards=0,
+        f"after_{shape.name}", _after_body(shape), kept, verdict.accepted, verdict.path, verdict.tokens,
+        verdict.next_token, *extras, width=0, forwards=0,
     )
     return StepOut(verdict, kept, logits.argmax(dim=-1), tuple(after))
 
@@ -705,10 +705,10 @@ def _score_body(shape: StepShape) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _after_body(shape: StepShape) -> Any:
-    def body(engine: DecodeEngine, kept: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor,
+    def body(engine: DecodeEngine, kept: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor, tokens: torch.Tensor,
              next_token: torch.Tensor, *extras: torch.Tensor) -> tuple:
         _commit_path(engine, shape, kept, path)
-        return engine.step_after(Verdict(accepted, path, next_token[:, None], next_token), extras)
+        return engine.step_after(Verdict(accepted, path, tokens, next_token), extras)
 
     return body
 

@@ -17,7 +17,8 @@ def test_speculative_quick_has_not_regressed(tmp_path):
     result = json.loads(out.read_text())
     metrics = result["metrics"]
     assert all(v["value"] == 1.0 for k, v in metrics.items() if k.endswith("outputs_equal"))
-    assert {"b1/hf_assisted_k3/outputs_equal", "b1/dynexec_spec_k3/outputs_equal", "b4/dynexec_spec_tree2x2x1/outputs_equal"} <= set(metrics)
+    assert {"b1/hf_assisted_k3/outputs_equal", "b1/dynexec_spec_k3/outputs_equal", "b4/dynexec_spec_tree2x2x1/outputs_equal",
+            "b4/dynexec_eagle_k3/outputs_equal"} <= set(metrics)
     assert 0 < metrics["b1/dynexec_spec_k3/acceptance"]["value"] < 1
     # one target forward per step: fewer target forwards than tokens per row
     assert metrics["b1/dynexec_spec_k3/target_forwards"]["value"] < metrics["b1/dynexec_greedy/target_forwards"]["value"]

@@ -1,0 +1,312 @@
+"""EAGLE-style feature drafting: one small decoder layer guesses the model's next hidden states.
+
+Medusa-style heads (:mod:`~dynexec_compile.decoding.draft_heads`) guess token ``t + 1 + i``
+from one hidden state; on SmolLM2-135M they agree with the model one time in seven at the
+first guess. EAGLE (Li et al. 2024) drafts autoregressively at the *feature* level instead:
+one decoder layer of the model's own family reads, at every position ``p``, the model's final
+hidden state ``f_p`` together with the token ``x_{p+1}`` that followed it
+(``fc([embed(x_{p+1}), f_p])``), attends over all earlier positions through its own small
+KV cache, and predicts ``f_{p+1}``; the model's own LM head on that guess gives the draft
+token, which is fed back with the guessed feature for the next guess.
+
+How it runs here (:class:`EagleEngine`, ``generate(..., strategy="eagle", draft=...)``):
+
+- the verification step is the shared one (:func:`~dynexec_compile.decoding.verify.verify_step`)
+  over the chain ``[root, c_1 .. c_k]``; its forward also returns the final hidden states;
+- after the verdict, in the same graph (``step_after``), the draft layer takes the accepted
+  path's features and the tokens that follow them (the accepted drafts, then the model's own
+  bonus token), writing them at the slots of their positions in the draft's cache — so the
+  draft cache always holds the model's true features for every committed position — and
+  the output at the last kept pair starts the next ``k`` guesses;
+- every draft-cache write is at the slot of its position and every draft query sees the
+  slots up to its own (a chain mask): pairs past what a row kept are scratch that the next
+  step overwrites before any query can see them.
+
+The draft's LM head is the model's output embedding restricted to the ``vocab`` tokens the
+model emits most often (FR-Spec, Zhao et al. 2025): the full 49,152-token head of SmolLM2
+would stream 113 MB per guessed token, as much as a fifth of the whole model. Logit
+transforms (soft-capping, scaling) are monotone and skipped: guesses are top-1 tokens.
+
+Exactness does not depend on the draft: greedy output is token-identical to greedy decoding
+and sampling is lossless (the guesses are deterministic given the context, so each node's
+proposal is a point mass, :func:`~dynexec_compile.decoding.verify.point_mass_probs`). Train
+a draft with :func:`~dynexec_compile.distill.train_eagle_draft`; it is saved as safetensors
+with its configuration (:func:`save_eagle_draft`, :func:`load_eagle_draft`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from dynexec_compile.decoding.cache import SlotCache
+from dynexec_compile.decoding.generate import (
+    DecodeSettings,
+    GenerateOutput,
+    GenerateStats,
+    decode_loop,
+    next_token,
+    strategy_engine,
+)
+from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.step import DecodeEngine, weights_fingerprint
+from dynexec_compile.decoding.verify import DraftProposer, StepOut, StepShape, TreeSpec, Verdict
+from dynexec_compile.weights_io import read_with_config, save_tensors
+
+METADATA_KEY = "dynexec_eagle_draft"
+# config entries a draft does not keep: quantisation and dtype belong to the model's weights
+_NOT_KEPT = ("quantization_config", "dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path")
+FORMAT_VERSION = 1
+DEFAULT_NUM_DRAFT = 3
+
+
+class EagleDraft(nn.Module):
+    """The draft: ``fc`` (``2D -> D``) and one decoder layer of the model's family.
+
+    Args:
+        config: the model's (text) config; the draft layer is built from a copy with one layer,
+            full attention and ``intermediate_size`` (``None``: the model's).
+        vocab: ``[N]`` token ids the draft may guess (its LM head rows); ``None``: all.
+        intermediate_size: the draft layer's MLP width.
+    """
+
+    def __init__(self, config: Any, vocab: torch.Tensor | None = None, intermediate_size: int | None = None):
+        super().__init__()
+        hidden = int(config.hidden_size)
+        self.model_config = {k: v for k, v in config.to_dict().items() if k not in _NOT_KEPT}
+        self.source_config = AutoConfig.for_model(**self.model_config)
+        layer_config = AutoConfig.for_model(**self.model_config)
+        layer_config.num_hidden_layers = 1
+        layer_config.vocab_size = 8  # the 1-layer model's own embeddings are never used
+        layer_config.pad_token_id = None
+        if getattr(layer_config, "layer_types", None) is not None:
+            layer_config.layer_types = ["full_attention"]
+        if intermediate_size is not None:
+            layer_config.intermediate_size = int(intermediate_size)
+        layer_config.tie_word_embeddings = False
+        self.layer_model = AutoModelForCausalLM.from_config(layer_config).eval()
+        self.fc = nn.Linear(2 * hidden, hidden)
+        full = torch.arange(int(config.vocab_size))
+        self.register_buffer("vocab", full if vocab is None else vocab.long().clone(), persistent=True)
+        self.hidden_size = hidden
+        self.intermediate_size = intermediate_size
+
+    def config(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "model_config": self.model_config,
+                "intermediate_size": self.intermediate_size, "vocab_size": int(self.vocab.numel())}
+
+
+def check_draft_fits(model: PreTrainedModel, draft: Any) -> EagleDraft:
+    """Raise ``TypeError``/``ValueError`` unless ``draft`` is an :class:`EagleDraft` for ``model``."""
+    if not isinstance(draft, EagleDraft):
+        raise TypeError(f"draft must be an EagleDraft (train_eagle_draft / load_eagle_draft), got {type(draft).__name__}")
+    config = model.config.get_text_config(decoder=True)
+    ours = draft.source_config
+    for key in ("model_type", "hidden_size", "vocab_size"):
+        if getattr(ours, key, None) != getattr(config, key, None):
+            raise ValueError(
+                f"the EAGLE draft was built for {key}={getattr(ours, key, None)!r}; this {type(model).__name__} has "
+                f"{getattr(config, key, None)!r}: train a draft for this model"
+            )
+    return draft
+
+
+class DraftRunner:
+    """The draft's forward on a :class:`SlotCache` of its own: feature pairs in, guesses out.
+
+    Runs ``draft`` as it is (its device and dtype; the engine passes a copy, training the
+    module it fits) with the model's :class:`DecoderStack` for the token embeddings and the
+    output embedding rows of ``draft.vocab`` as the head. Traceable.
+    """
+
+    def __init__(self, draft: EagleDraft, stack: DecoderStack, batch_size: int, max_len: int):
+        self.draft = draft
+        self.layer = DecoderStack(draft.layer_model)
+        self.stack = stack
+        out = stack.lm_head.weight.detach()
+        if type(out) is not torch.Tensor:  # a quantised weight (torchao): its values
+            out = out.dequantize()
+        self.vocab = draft.vocab
+        self.head = out[self.vocab.to(out.device)].to(draft.fc.weight.dtype).contiguous()  # [N, D], frozen
+        self.new_cache(batch_size, max_len)
+
+    def new_cache(self, batch_size: int, max_len: int) -> None:
+        """A fresh draft cache (training builds one per batch: its writes carry autograd history)."""
+        weight = self.draft.fc.weight
+        self.cache = SlotCache(self.draft.layer_model.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+
+    def pairs(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Draft-layer outputs ``[B, P, D]`` of ``(f_p, x_{p+1})`` pairs written at slots == positions."""
+        x = self.draft.fc(torch.cat([self.stack.embed(tokens, positions), features], dim=-1))  # [B, P, D]
+        mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)
+        return self.layer.run(x, 0, 1, mask, positions, self.cache, positions)
+
+    def guess(self, out: torch.Tensor) -> torch.Tensor:
+        """Top-1 draft tokens ``[...]`` of draft features ``[..., D]``."""
+        return self.vocab[(out @ self.head.T).argmax(dim=-1)]
+
+    def propose(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+        """Write ``P`` pairs at positions ``base + j`` and guess ``k`` tokens after each row's
+        ``kept``-th pair: ``[B, k]``.
+
+        Args:
+            features: ``[B, P, D]`` the model's final hidden states; tokens: ``[B, P]`` the token
+                after each; base: ``[B]`` position of pair 0; kept: ``[B]`` real pairs (>= 1).
+        """
+        batch, width = tokens.shape
+        positions = base[:, None] + torch.arange(width, device=base.device)  # [B, P]
+        positions = positions.clamp(max=self.cache.max_len - 1)
+        out = self.pairs(features, tokens, positions)  # [B, P, D]
+        last = (kept - 1).clamp(min=0)[:, None]  # [B, 1]
+        feature = out.gather(1, last[:, :, None].expand(-1, 1, out.shape[-1]))  # [B, 1, D]
+        position = positions.gather(1, last)  # [B, 1]
+        guesses = [self.guess(feature[:, 0])]
+        for _ in range(k - 1):
+            position = (position + 1).clamp(max=self.cache.max_len - 1)
+            feature = self.pairs(feature, guesses[-1][:, None], position)  # [B, 1, D]
+            guesses.append(self.guess(feature[:, 0]))
+        return torch.stack(guesses, dim=1)  # [B, k]
+
+
+class EagleEngine(DecodeEngine):
+    """A :class:`DecodeEngine` whose steps end in the EAGLE draft proposing the next chain.
+
+    Args:
+        model: a causal LM in eval mode whose layers transformers exposes (not modified).
+        batch_size, max_len: as for :class:`DecodeEngine`.
+        draft: a trained :class:`EagleDraft` for this model (copied; the given one is unchanged).
+        num_draft: ``k``, tokens guessed per step.
+        **engine_options: the rest of :class:`DecodeEngine`'s options.
+    """
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int, draft: EagleDraft, num_draft: int,
+                 **engine_options: Any):
+        super().__init__(model, batch_size, max_len, **engine_options)
+        self.stack = DecoderStack(model)
+        weight = next(model.parameters())
+        draft = copy.deepcopy(check_draft_fits(model, draft)).to(device=weight.device, dtype=weight.dtype).eval()
+        self.runner = DraftRunner(draft, self.stack, batch_size, max_len)
+        self.tree = TreeSpec.chain(num_draft)
+        self.shape = StepShape.of_tree(self.tree)
+
+    def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
+        h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
+        h_last = h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0]  # [B, D]
+        return self.stack.lm_head(h_last), h, ids
+
+    def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """The first chain ``[B, T]`` after the prefill: the prompt's pairs, the root last."""
+        return self.run_graph("eagle_prompt", _prompt_body, h, ids, root, width=0, forwards=0)
+
+    def step_forward(self, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see DecodeEngine
+        h = self.stack.hidden(tokens, positions, mask, self.cache, slots)  # [B, T, D]
+        return tokens, self.stack.lm_head(h), (h, slots[:, 0])
+
+    def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The next chain ``[B, T]``: the accepted path's pairs, then ``k`` guesses."""
+        h, base = extras  # [B, T, D], [B]
+        features = h.gather(1, verdict.path[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, D + 1, D]
+        guesses = self.runner.propose(features, verdict.tokens, base, verdict.emitted, self.tree.num_draft)
+        return (torch.cat([verdict.next_token[:, None], guesses], dim=1),)
+
+
+def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    # h: [B, L, D] prompt features; ids: [B, L] packed prompts; root: [B] each row's first token
+    lengths = engine.cache.lengths  # [B] prompt lengths (the prefill set them)
+    after = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)  # [B, L] the token after each position
+    at_last = torch.arange(ids.shape[1], device=ids.device)[None, :] == (lengths - 1)[:, None]
+    after = torch.where(at_last, root[:, None], after)
+    base = torch.zeros_like(lengths)
+    guesses = engine.runner.propose(h, after, base, lengths, engine.tree.num_draft)
+    return torch.cat([root[:, None], guesses], dim=1)  # [B, T]
+
+
+# ---- saving and loading ------------------------------------------------------------------------
+
+
+def save_eagle_draft(draft: EagleDraft, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write ``draft`` to a safetensors file (configuration in the metadata), optionally cast to ``dtype``."""
+    if not isinstance(draft, EagleDraft):
+        raise TypeError(f"expected EagleDraft, got {type(draft).__name__}")
+    tensors = {
+        name: (tensor if name == "vocab" or dtype is None else tensor.to(dtype)).detach().cpu()
+        for name, tensor in draft.state_dict().items() if saved_tensor(name)
+    }
+    save_tensors(tensors, path, METADATA_KEY, draft.config())
+
+
+def saved_tensor(name: str) -> bool:
+    """Whether a draft tensor is saved: ``fc``, ``vocab`` and the decoder layer, not the unused
+    embeddings, final norm and head of the 1-layer model that holds the layer."""
+    return not name.startswith("layer_model.") or ".layers." in name
+
+
+def load_eagle_draft(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> EagleDraft:
+    """Read a draft written by :func:`save_eagle_draft`; ``dtype=None`` keeps the stored dtype. Eval mode."""
+    config, tensors = read_with_config(path, METADATA_KEY, "EAGLE draft", FORMAT_VERSION)
+    draft = EagleDraft(AutoConfig.for_model(**config["model_config"]), tensors.pop("vocab"), config["intermediate_size"])
+    tensors["vocab"] = draft.vocab
+    draft = draft.to(dtype=tensors["fc.weight"].dtype)
+    missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    if unexpected or [name for name in missing if saved_tensor(name)]:
+        raise ValueError(f"{path}: the EAGLE draft's tensors do not match its configuration ({missing=}, {unexpected=})")
+    return draft.to(device=device, dtype=dtype).eval()
+
+
+# ---- the strategy ------------------------------------------------------------------------------
+
+
+def eagle_strategy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: DecodeSettings,
+    *,
+    draft: EagleDraft | None = None,
+    num_draft: int = DEFAULT_NUM_DRAFT,
+    **options: Any,
+) -> GenerateOutput:
+    """The ``"eagle"`` strategy (see the module docstring). Options: ``draft`` (required),
+    ``num_draft``: tokens guessed per step (a chain)."""
+    if options:
+        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft= and num_draft=")
+    if draft is None:
+        raise ValueError("strategy='eagle' needs draft=EagleDraft (dynexec_compile.train_eagle_draft / load_eagle_draft)")
+    check_draft_fits(model, draft)
+    tree = TreeSpec.chain(num_draft)
+    engine = strategy_engine(
+        model, input_ids, attention_mask, settings, "eagle", reserve=2 * tree.size,
+        key=("eagle", id(draft), weights_fingerprint(draft), num_draft),
+        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft),
+    )
+    return decode_loop(_EagleProposer("eagle", engine, settings, tree), input_ids, attention_mask, settings)
+
+
+class _EagleProposer(DraftProposer):
+    """EAGLE's proposer: each chain comes out of the previous step's graph."""
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        logits, h, ids = self.engine.prefill_outputs(input_ids, attention_mask)  # [B, V], [B, L, D], [B, L]
+        self.root = next_token(logits, self.settings)  # [B]
+        self.tokens = self.engine.first_guesses(h, ids, self.root)  # [B, T]
+        return self.root
+
+    def guess(self) -> tuple[torch.Tensor, None]:
+        return self.tokens, None
+
+    def accept(self, out: StepOut) -> None:
+        (self.tokens,) = out.after
+
+    def extra(self, stats: GenerateStats) -> dict[str, Any]:
+        return {**super().extra(stats), "draft_forwards": stats.steps * self.tree.num_draft,
+                "draft_vocab": int(self.engine.runner.vocab.numel())}
+
+
+__all__ = ["EagleDraft", "EagleEngine", "eagle_strategy", "load_eagle_draft", "save_eagle_draft"]

@@ -1,0 +1,138 @@
+"""strategy="eagle": a feature-level draft layer; greedy token-identical to model.generate.
+
+The drafts are trained for a few seconds on each tiny model's own greedy text, so guesses are
+accepted often enough that several tokens per step (different counts per row) are exercised;
+a test checks they were.
+"""
+
+import pytest
+import torch
+from conftest import VOCAB, build_model, left_padded_batch
+from test_draft_heads import hf_greedy, own_text
+
+import dynexec_compile as dx
+from dynexec_compile.decoding.eagle import EagleDraft
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def draft_for():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            model = build_model(kind)
+            torch.manual_seed(0)
+            draft = dx.train_eagle_draft(model, own_text(model), vocab=64, epochs=30, lr=3e-3, progress=False)
+            cache[kind] = (model, draft)
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_equals_transformers(kind, draft_for):
+    model, draft = draft_for(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    out = dx.generate(model, ids, mask, strategy="eagle", draft=draft, max_new_tokens=40, eos_token_id=[], compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    assert out.stats.forward_passes == out.stats.steps + 1
+    accepted = torch.tensor(out.stats.extra["accepted_drafts_per_step"])
+    assert accepted.sum() > 0, "the trained draft's guesses were accepted"
+
+
+def test_trained_draft_guesses_better_than_untrained(draft_for):
+    model, draft = draft_for("llama")
+    ids = own_text(model, rows=4, length=1)[:, :8]  # the training prompts: the tiny model's text is its own
+    fresh = EagleDraft(model.config)
+    rates = []
+    for d in (fresh, draft):
+        out = dx.generate(model, ids, strategy="eagle", draft=d, max_new_tokens=40, eos_token_id=[], compile=False)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, torch.ones_like(ids), 40))
+        rates.append(out.stats.extra["acceptance_rate"])
+    assert rates[1] > rates[0] + 0.15, rates
+
+
+def test_rows_keep_their_own_counts_and_eos(draft_for):
+    model, draft = draft_for("gpt2")
+    ids, mask = left_padded_batch([7, 4, 12], seed=8)
+    reference = hf_greedy(model, ids, mask, 30, eos=[5])
+    out = dx.generate(model, ids, mask, strategy="eagle", draft=draft, max_new_tokens=30, eos_token_id=5, pad_token_id=0,
+                      compile=False)
+    assert torch.equal(out.sequences, reference[:, : out.sequences.shape[1]])
+    per_step = torch.tensor(out.stats.accepted_per_step)  # [steps, B]
+    assert bool((per_step.max(dim=1).values != per_step.min(dim=1).values).any()), "rows kept different counts"
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 13])
+def test_max_new_tokens_boundaries(max_new_tokens, draft_for):
+    model, draft = draft_for("llama")
+    ids, mask = left_padded_batch([5, 9], seed=2)
+    out = dx.generate(model, ids, mask, strategy="eagle", draft=draft, max_new_tokens=max_new_tokens, eos_token_id=[],
+                      compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, max_new_tokens))
+
+
+def test_sampling_is_repeatable_and_follows_the_model(draft_for):
+    model, draft = draft_for("llama")
+    ids, mask = left_padded_batch([6, 6], seed=1)
+
+    def run(seed):
+        return dx.generate(model, ids, mask, strategy="eagle", draft=draft, do_sample=True, temperature=0.8,
+                           max_new_tokens=24, eos_token_id=[], compile=False,
+                           generator=torch.Generator().manual_seed(seed))
+
+    a, b = run(0), run(0)
+    assert torch.equal(a.sequences, b.sequences)
+    assert a.stats.forward_passes == a.stats.steps + 1
+
+
+def test_compiled_greedy_equals_transformers_without_recompiles(draft_for):
+    model, draft = draft_for("llama")
+    ids, mask = left_padded_batch([5, 8], seed=6)
+    first = dx.generate(model, ids, mask, strategy="eagle", draft=draft, max_new_tokens=24, eos_token_id=[],
+                        backend="eager")
+    again = dx.generate(model, ids, mask, strategy="eagle", draft=draft, max_new_tokens=24, eos_token_id=[],
+                        backend="eager")
+    assert torch.equal(first.sequences, hf_greedy(model, ids, mask, 24))
+    assert torch.equal(again.sequences, first.sequences)
+    assert again.stats.compiles == 0
+
+
+def test_save_load_roundtrip_and_errors(tmp_path, draft_for):
+    model, draft = draft_for("qwen2")
+    path = tmp_path / "draft.safetensors"
+    dx.save_eagle_draft(draft, path)
+    loaded = dx.load_eagle_draft(path)
+    assert torch.equal(loaded.vocab, draft.vocab)
+    for name, tensor in draft.state_dict().items():
+        if name in loaded.state_dict() and not name.startswith("layer_model.model.embed"):
+            if "layers." in name or not name.startswith("layer_model."):
+                assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids, mask = left_padded_batch([5, 7], seed=9)
+    a = dx.generate(model, ids, mask, strategy="eagle", draft=draft, max_new_tokens=16, eos_token_id=[], compile=False)
+    b = dx.generate(model, ids, mask, strategy="eagle", draft=loaded, max_new_tokens=16, eos_token_id=[], compile=False)
+    assert a.stats.accepted_per_step == b.stats.accepted_per_step
+    heads_file = tmp_path / "heads.safetensors"
+    dx.save_draft_heads(dx.DraftHeads(64, 2, vocab_size=VOCAB), heads_file)
+    with pytest.raises(ValueError, match="not a dynexec EAGLE draft"):
+        dx.load_eagle_draft(heads_file)
+    other = build_model("llama")
+    with pytest.raises(ValueError, match="model_type"):
+        dx.generate(other, ids, mask, strategy="eagle", draft=draft, max_new_tokens=4, compile=False)
+    with pytest.raises(ValueError, match="needs draft="):
+        dx.generate(model, ids, mask, strategy="eagle", max_new_tokens=4, compile=False)
+    with pytest.raises(TypeError, match="EagleDraft"):
+        dx.generate(model, ids, mask, strategy="eagle", draft=dx.DraftHeads(64, 2), max_new_tokens=4, compile=False)
+    with pytest.raises(TypeError, match="unknown options"):
+        dx.generate(model, ids, mask, strategy="eagle", draft=draft, tree=[2, 1], max_new_tokens=4, compile=False)
+
+
+def test_training_leaves_the_model_alone():
+    model = build_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    dx.train_eagle_draft(model, own_text(model, rows=4, length=16), vocab=None, epochs=1, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()), "no gradient reaches the model"
