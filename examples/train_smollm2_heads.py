@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--what", choices=["draft-heads", "exit-adapter", "eagle"], default="draft-heads")
     parser.add_argument("--vocab", type=int, default=8192, help="eagle: the draft's vocabulary (most frequent tokens)")
+    parser.add_argument("--copy-conversations", type=int, default=0,
+                        help="eagle: also train on this many teacher-forced chats whose answer repeats the text "
+                        "of its request (SST-2 train reviews, non-held-out stdlib functions)")
     parser.add_argument("--exit-layer", type=int, default=15, help="E of the exit adapter (the bench's self-speculation layer)")
     parser.add_argument("--out", type=Path, default=None, help="default: models/smollm2-135m-instruct/{draft-heads,exit-adapter}")
     args = parser.parse_args()
@@ -131,7 +134,7 @@ def main() -> None:
         mask[:, len(prompt) - 1 :] = True
         data.append((seq, mask))
     if args.what == "eagle":
-        return train_eagle(args, model, data, held_prompts, held, gen_cpu, gen_wall)
+        return train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu, gen_wall)
     data = [item for _ in range(args.epochs) for item in data]
     if args.what == "exit-adapter":
         return train_exit_adapter(args, model, data, held_prompts, held, gen_cpu, gen_wall, len(train))
@@ -186,8 +189,9 @@ def train_exit_adapter(args, model, data, held_prompts, held, gen_cpu: float, ge
 
 @torch.no_grad()
 def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> float:
-    """How often the draft's first guess (from the model's true features, teacher-forced) equals
-    the model's own next token, over the answer tokens it would guess."""
+    """How often the draft's first guess (from the model's true features, teacher-forced; its
+    vocabulary plus the prompt's tokens, as decoding) equals the model's own next token, over the
+    answer tokens it would guess."""
     from dynexec_compile.decoding.eagle import DraftRunner
     from dynexec_compile.decoding.layers import DecoderStack
 
@@ -198,6 +202,7 @@ def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[tor
         h = model.get_decoder()(input_ids=seq).last_hidden_state  # [1, S, D]
         target = model.get_output_embeddings()(h).argmax(-1)[0]  # [S]: the model's token after each position
         runner.new_cache(1, seq.shape[1] - 1)
+        runner.set_request_vocab(prompt[None], torch.tensor([len(prompt)]))  # as decoding does
         positions = torch.arange(seq.shape[1] - 1)[None]
         guesses = runner.guess(runner.pairs(h[:, :-1], seq[:, 1:], positions))[0]  # [S - 1]: pair p guesses target[p + 1]
         first = len(prompt) - 1  # pair p = first: the first answer token follows; it guesses the second
@@ -206,11 +211,35 @@ def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[tor
     return hits / max(total, 1)
 
 
-def train_eagle(args, model, data, held_prompts, held, gen_cpu: float, gen_wall: float) -> None:
+def copy_conversations(tokenizer, n: int) -> list[torch.Tensor]:
+    """``n`` chats whose assistant turn is the text of the user's request, teacher-forced (not
+    the model's own answer): SST-2 train reviews and non-held-out stdlib functions, alternating."""
+    from dynexec_compile.data import load_sst2
+    from dynexec_compile.models import _CODE_TASKS, _REVIEW_TASKS, _stdlib_functions
+
+    reviews = [s for s, _ in load_sst2("train") if 60 <= len(s) <= 240]
+    functions = _stdlib_functions(held_out=False, max_lines=30)
+    out = []
+    for i in range(n):
+        if i % 2:
+            text = functions[(i * 7919) % len(functions)]
+            request, answer = _CODE_TASKS[i % len(_CODE_TASKS)].format(text=text), f"```python\n{text}\n```"
+        else:
+            text = reviews[(i * 104729 + 11) % len(reviews)]
+            request, answer = _REVIEW_TASKS[i % len(_REVIEW_TASKS)].format(text=text), text
+        chat = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+        ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        out.append(torch.tensor(ids[:512], dtype=torch.long)[None])
+    return out
+
+
+def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float, gen_wall: float) -> None:
     from dynexec_compile.decoding.eagle import EagleDraft
 
     cpu1, wall1 = time.process_time(), time.perf_counter()
     sequences = [seq for seq, _ in data]  # every position: the prompts' text too
+    copies = copy_conversations(tokenizer, args.copy_conversations)
+    sequences += copies
     draft = dx.train_eagle_draft(model, sequences, vocab=args.vocab, epochs=args.epochs, lr=args.lr)
     train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
     torch.manual_seed(0)
@@ -222,6 +251,7 @@ def train_eagle(args, model, data, held_prompts, held, gen_cpu: float, gen_wall:
         "command": "python examples/train_smollm2_heads.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets", "exit_layer")),
         "training_sequences": len(sequences),
+        "of_which_teacher_forced_copy_chats": len(copies),
         "training_tokens": int(sum(s.numel() for s in sequences)),
         "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},
         "draft_training": {"cpu_s": round(train_cpu, 1), "wall_s": round(train_wall, 1), "steps": len(sequences) * args.epochs},

@@ -65,6 +65,7 @@ METADATA_KEY = "dynexec_eagle_draft"
 _NOT_KEPT = ("quantization_config", "dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path")
 FORMAT_VERSION = 1
 DEFAULT_NUM_DRAFT = 3
+REQUEST_VOCAB = 256  # prompt tokens outside the draft's vocabulary that a row may also guess
 
 
 class EagleDraft(nn.Module):
@@ -133,9 +134,28 @@ class DraftRunner:
         out = stack.lm_head.weight.detach()
         if type(out) is not torch.Tensor:  # a quantised weight (torchao): its values
             out = out.dequantize()
-        self.vocab = draft.vocab
-        self.head = out[self.vocab.to(out.device)].to(draft.fc.weight.dtype).contiguous()  # [N, D], frozen
+        self.out = out.to(draft.fc.weight.dtype)  # [V, D] the model's output embedding (frozen)
+        self.vocab = draft.vocab.to(out.device)
+        self.head = self.out[self.vocab].contiguous()  # [N, D]
         self.new_cache(batch_size, max_len)
+        # each row's request tokens outside the vocabulary, and their head rows (set_request_vocab)
+        self.request_ids = self.vocab[:1].repeat(batch_size, REQUEST_VOCAB)  # [B, E]
+        self.request_head = self.head[:1].repeat(batch_size * REQUEST_VOCAB, 1).view(batch_size, REQUEST_VOCAB, -1)
+
+    def set_request_vocab(self, ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Let each row also guess the tokens of its own prompt (``ids [B, L]``, the first
+        ``lengths[b]`` real) that the vocabulary lacks, up to :data:`REQUEST_VOCAB` (the most
+        recent): answers copy names and rare words from their request. Host work, once per request."""
+        filler = self.vocab[0]
+        for row in range(ids.shape[0]):
+            tokens = ids[row, : int(lengths[row])].to(self.vocab.device)
+            tokens = tokens[~torch.isin(tokens, self.vocab)]
+            first = {int(t): None for t in reversed(tokens.tolist())}  # unique, most recent first
+            chosen = torch.tensor(list(first)[:REQUEST_VOCAB], dtype=torch.long, device=self.vocab.device)
+            row_ids = torch.full((REQUEST_VOCAB,), int(filler), dtype=torch.long, device=self.vocab.device)
+            row_ids[: chosen.numel()] = chosen
+            self.request_ids[row].copy_(row_ids)
+        self.request_head.copy_(self.out[self.request_ids])
 
     def new_cache(self, batch_size: int, max_len: int) -> None:
         """A fresh draft cache (training builds one per batch: its writes carry autograd history)."""
@@ -149,8 +169,13 @@ class DraftRunner:
         return self.layer.run(x, 0, 1, mask, positions, self.cache, positions)
 
     def guess(self, out: torch.Tensor) -> torch.Tensor:
-        """Top-1 draft tokens ``[...]`` of draft features ``[..., D]``."""
-        return self.vocab[(out @ self.head.T).argmax(dim=-1)]
+        """Top-1 draft tokens ``[B, ...]`` of draft features ``[B, ..., D]``: over the vocabulary
+        and each row's request tokens."""
+        logits = torch.cat([out @ self.head.T, torch.einsum("b...d,bed->b...e", out, self.request_head)], dim=-1)
+        best = logits.argmax(dim=-1)  # [B, ...]
+        size = self.vocab.numel()
+        request = self.request_ids.gather(1, (best - size).clamp(min=0).reshape(best.shape[0], -1)).reshape(best.shape)
+        return torch.where(best < size, self.vocab[best.clamp(max=size - 1)], request)
 
     def propose(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
         """Write ``P`` pairs at positions ``base + j`` and guess ``k`` tokens after each row's
@@ -203,6 +228,7 @@ class EagleEngine(DecodeEngine):
 
     def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """The first chain ``[B, T]`` after the prefill: the prompt's pairs, the root last."""
+        self.runner.set_request_vocab(ids, self.cache.lengths)
         return self.run_graph("eagle_prompt", _prompt_body, h, ids, root, width=0, forwards=0)
 
     def step_forward(self, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see DecodeEngine

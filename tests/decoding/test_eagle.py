@@ -136,3 +136,20 @@ def test_training_leaves_the_model_alone():
     dx.train_eagle_draft(model, own_text(model, rows=4, length=16), vocab=None, epochs=1, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()), "no gradient reaches the model"
+
+
+def test_rows_also_guess_their_own_prompt_tokens():
+    from dynexec_compile.decoding.eagle import DraftRunner
+    from dynexec_compile.decoding.layers import DecoderStack
+
+    model = build_model("llama")
+    draft = EagleDraft(model.config, vocab=torch.arange(10))
+    runner = DraftRunner(draft, DecoderStack(model), 2, 16)
+    ids = torch.tensor([[3, 50, 51, 4], [60, 2, 0, 0]])
+    runner.set_request_vocab(ids, torch.tensor([4, 2]))
+    assert runner.request_ids[0, :2].tolist() == [51, 50] and runner.request_ids[1, 0].item() == 60
+    out = model.get_output_embeddings().weight.detach()  # a feature that points at one token's row
+    features = torch.stack([out[51] * 50, out[51] * 50])
+    guessed = runner.guess(features)
+    assert guessed[0].item() == 51, "row 0's prompt holds token 51"
+    assert guessed[1].item() != 51 and guessed[1].item() in set(range(10)) | {60}, "row 1's does not"
