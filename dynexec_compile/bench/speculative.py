@@ -231,6 +231,8 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
     if eagle is not None:
         variants += [Variant(f"dynexec_eagle_k{k}", dynexec_run(ctx, "eagle", draft=eagle, num_draft=k), "dynexec",
                              params={"k": k}) for k in ctx.ks]
+        variants += [Variant(f"dynexec_eagle_k{k}_lookup3", dynexec_run(ctx, "eagle", draft=eagle, num_draft=k, lookup=3),
+                             "dynexec", params={"k": k, "lookup": 3}) for k in ctx.ks]
     exit_layer = ctx.early_exit_layer
     variants += [
         Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",

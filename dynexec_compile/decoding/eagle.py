@@ -55,6 +55,7 @@ from dynexec_compile.decoding.generate import (
     strategy_engine,
 )
 from dynexec_compile.decoding.layers import DecoderStack
+from dynexec_compile.decoding.lookahead import ContextLookup
 from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.step import DecodeEngine, weights_fingerprint
 from dynexec_compile.decoding.verify import DraftProposer, StepOut, StepShape, TreeSpec, Verdict
@@ -212,13 +213,14 @@ class EagleEngine(DecodeEngine):
     """
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int, draft: EagleDraft, num_draft: int,
-                 **engine_options: Any):
+                 lookup: int = 0, **engine_options: Any):
         super().__init__(model, batch_size, max_len, **engine_options)
         self.stack = DecoderStack(model)
         weight = next(model.parameters())
         draft = copy.deepcopy(check_draft_fits(model, draft)).to(device=weight.device, dtype=weight.dtype).eval()
         self.runner = DraftRunner(draft, self.stack, batch_size, max_len)
-        self.tree = TreeSpec.chain(num_draft)
+        self.num_draft = num_draft
+        self.tree, (self.draft_nodes, self.lookup_nodes) = branch_tree((num_draft, lookup))
         self.shape = StepShape.of_tree(self.tree)
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
@@ -227,7 +229,7 @@ class EagleEngine(DecodeEngine):
         return self.stack.lm_head(h_last), h, ids
 
     def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-        """The first chain ``[B, T]`` after the prefill: the prompt's pairs, the root last."""
+        """The first guesses ``[B, k]`` after the prefill: the prompt's pairs, the root last."""
         self.runner.set_request_vocab(ids, self.cache.lengths)
         return self.run_graph("eagle_prompt", _prompt_body, h, ids, root, width=0, forwards=0)
 
@@ -236,11 +238,10 @@ class EagleEngine(DecodeEngine):
         return tokens, self.stack.lm_head(h), (h, slots[:, 0])
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The next chain ``[B, T]``: the accepted path's pairs, then ``k`` guesses."""
+        """The next guesses ``[B, k]``: the accepted path's pairs, then ``k`` guesses."""
         h, base = extras  # [B, T, D], [B]
         features = h.gather(1, verdict.path[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, D + 1, D]
-        guesses = self.runner.propose(features, verdict.tokens, base, verdict.emitted, self.tree.num_draft)
-        return (torch.cat([verdict.next_token[:, None], guesses], dim=1),)
+        return (self.runner.propose(features, verdict.tokens, base, verdict.emitted, self.num_draft),)
 
 
 def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
@@ -250,8 +251,19 @@ def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: 
     at_last = torch.arange(ids.shape[1], device=ids.device)[None, :] == (lengths - 1)[:, None]
     after = torch.where(at_last, root[:, None], after)
     base = torch.zeros_like(lengths)
-    guesses = engine.runner.propose(h, after, base, lengths, engine.tree.num_draft)
-    return torch.cat([root[:, None], guesses], dim=1)  # [B, T]
+    return engine.runner.propose(h, after, base, lengths, engine.num_draft)  # [B, k]
+
+
+def branch_tree(lengths: tuple[int, ...]) -> tuple[TreeSpec, tuple[list[int], ...]]:
+    """Chains of the given lengths from one root, as a breadth-first :class:`TreeSpec`, and the
+    node indices of each chain (a length-0 chain has none)."""
+    parents, nodes = [-1], tuple([] for _ in lengths)
+    for depth in range(max(lengths)):
+        for branch, length in zip(nodes, lengths):
+            if depth < length:
+                parents.append(branch[-1] if branch else 0)
+                branch.append(len(parents) - 1)
+    return TreeSpec(tuple(parents)), nodes
 
 
 # ---- saving and loading ------------------------------------------------------------------------
@@ -297,38 +309,66 @@ def eagle_strategy(
     *,
     draft: EagleDraft | None = None,
     num_draft: int = DEFAULT_NUM_DRAFT,
+    lookup: int = 0,
     **options: Any,
 ) -> GenerateOutput:
     """The ``"eagle"`` strategy (see the module docstring). Options: ``draft`` (required),
-    ``num_draft``: tokens guessed per step (a chain)."""
+    ``num_draft``: tokens the draft guesses per step (a chain); ``lookup``: also verify, on a
+    second branch, the ``lookup`` tokens that followed the last occurrence of the text's last two
+    tokens earlier in the text (prompt lookup; 0: off)."""
     if options:
-        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft= and num_draft=")
+        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft= and lookup=")
     if draft is None:
         raise ValueError("strategy='eagle' needs draft=EagleDraft (dynexec_compile.train_eagle_draft / load_eagle_draft)")
     check_draft_fits(model, draft)
-    tree = TreeSpec.chain(num_draft)
+    for name, value, low in (("num_draft", num_draft, 1), ("lookup", lookup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"strategy='eagle': {name} must be an int >= {low}, got {value!r}")
     engine = strategy_engine(
-        model, input_ids, attention_mask, settings, "eagle", reserve=2 * tree.size,
-        key=("eagle", id(draft), weights_fingerprint(draft), num_draft),
-        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft),
+        model, input_ids, attention_mask, settings, "eagle", reserve=2 * (1 + num_draft + lookup),
+        key=("eagle", id(draft), weights_fingerprint(draft), num_draft, lookup),
+        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft, lookup=lookup),
     )
-    return decode_loop(_EagleProposer("eagle", engine, settings, tree), input_ids, attention_mask, settings)
+    proposer = _EagleProposer("eagle", engine, settings, engine.tree)
+    return decode_loop(proposer, input_ids, attention_mask, settings)
 
 
 class _EagleProposer(DraftProposer):
-    """EAGLE's proposer: each chain comes out of the previous step's graph."""
+    """EAGLE's proposer: the draft's guesses come out of the previous step's graph; with
+    ``lookup``, a prompt-lookup branch per row (:class:`ContextLookup`, on the host) beside them."""
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        logits, h, ids = self.engine.prefill_outputs(input_ids, attention_mask)  # [B, V], [B, L, D], [B, L]
+        engine = self.engine
+        logits, h, ids = engine.prefill_outputs(input_ids, attention_mask)  # [B, V], [B, L, D], [B, L]
         self.root = next_token(logits, self.settings)  # [B]
-        self.tokens = self.engine.first_guesses(h, ids, self.root)  # [B, T]
+        self.guesses = engine.first_guesses(h, ids, self.root)  # [B, k]
+        self.lookups = []
+        if engine.lookup_nodes:
+            lengths = engine.cache.lengths.tolist()
+            self.lookups = [ContextLookup(len(engine.lookup_nodes), row[:n] + [root])
+                            for row, n, root in zip(ids.tolist(), lengths, self.root.tolist(), strict=True)]
         return self.root
 
-    def guess(self) -> tuple[torch.Tensor, None]:
-        return self.tokens, None
+    def guess(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        engine, batch = self.engine, self.root.shape[0]
+        tokens = self.root[:, None].repeat(1, self.tree.size)  # [B, T]; unfilled lookup nodes: the root, never valid
+        tokens[:, engine.draft_nodes] = self.guesses
+        self.valid = None
+        if self.lookups:
+            found = [lookup.candidates(1) for lookup in self.lookups]
+            self.valid = torch.ones(batch, self.tree.size, dtype=torch.bool, device=tokens.device)
+            for row, candidates in enumerate(found):
+                if candidates:
+                    tokens[row, engine.lookup_nodes] = torch.tensor(candidates[0], device=tokens.device)
+                else:
+                    self.valid[row, engine.lookup_nodes] = False
+        return tokens, None
 
     def accept(self, out: StepOut) -> None:
-        (self.tokens,) = out.after
+        (self.guesses,) = out.after
+        if self.lookups:
+            for lookup, run, kept in zip(self.lookups, out.verdict.tokens.tolist(), out.kept.tolist(), strict=True):
+                lookup.extend(run[:kept])
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         return {**super().extra(stats), "draft_forwards": stats.steps * self.tree.num_draft,

@@ -620,8 +620,8 @@ def verify_step(
             its forward reads only the root).
         draft_probs: ``[B, N, V]`` what each tree node was drawn from; ``None``: the node
             tokens are deterministic guesses (:func:`point_mass_probs`).
-        valid: ``[B, N]`` bool, tree nodes that are real guesses (greedy; the rest is never
-            accepted); ``None``: all.
+        valid: ``[B, N]`` bool, tree nodes that are real guesses (the rest is never accepted;
+            sampling: with ``draft_probs`` None); ``None``: all.
     """
     if sampling is None:
         if valid is None:
@@ -637,6 +637,8 @@ def verify_step(
     node_tokens = tokens[:, nodes]  # [B, N]
     if draft_probs is None:
         draft_probs = point_mass_probs(shape.tree, node_tokens, logits.shape[-1])
+        if valid is not None:  # a node that is no guess is never accepted: no mass
+            draft_probs = draft_probs * valid[:, :, None]
     verdict = verify_sampling(shape.tree, node_tokens, logits[:, nodes], draft_probs, sampling, generator)
     kept = runs.keep(verdict.tokens, verdict.emitted)
     after = engine.run_graph(
@@ -747,6 +749,7 @@ class DraftProposer:
         self.width = tree.max_depth + 1  # the most tokens one step keeps per row
         self.drafted: list[torch.Tensor] = []
         self.accepted: list[torch.Tensor] = []
+        self.valid: torch.Tensor | None = None  # [B, T] the tree nodes guess() filled (None: all)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Fill the caches with the prompts; each row's first token ``[B]``."""
@@ -764,7 +767,8 @@ class DraftProposer:
     def step(self, runs: TokenRuns) -> torch.Tensor:
         live, sampling = ~runs.done, self.settings.sampling  # [B] rows still generating
         tokens, probs = self.guess()
-        out = verify_step(self.engine, self.shape, tokens, runs, sampling, self.settings.generator, draft_probs=probs)
+        out = verify_step(self.engine, self.shape, tokens, runs, sampling, self.settings.generator, draft_probs=probs,
+                          valid=self.valid)
         self.accept(out)
         self.root = torch.where(live, out.verdict.next_token, self.root)
         self.drafted.append(live.long() * self.tree.num_draft)

@@ -1,4 +1,5 @@
-"""Sampling with draft heads and self-speculation follows the target's own distribution.
+"""Sampling with draft heads, self-speculation and EAGLE (with and without its lookup branch)
+follows the target's own distribution.
 
 End to end through ``generate``: a tiny LLaMA over an 8-token vocabulary, one prompt in
 2,000 rows of one batch, three new tokens per row. The first token comes from the prefill,
@@ -8,6 +9,8 @@ compares it with the samples — under temperature, top-k and top-p. The same te
 reject the untempered distribution, so it can fail. Candidate trees (the drafter's top-k
 tokens as children, point-mass proposals) are tested the same way.
 """
+
+import functools
 
 import pytest
 import torch
@@ -32,6 +35,16 @@ def tiny():
     return model, heads
 
 
+@functools.cache
+def eagle_draft(model):
+    """An EAGLE draft trained briefly on the model's own samples: its guesses are accepted
+    often, and still rejected often."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        text = model.generate(torch.randint(0, V, (32, 4)), do_sample=True, max_new_tokens=24, pad_token_id=0)
+    return dx.train_eagle_draft(model, text, epochs=3, lr=3e-3, progress=False)
+
+
 def exact_joint(model, params):
     """``[V, V, V]``: probability of each 3-token continuation of PROMPT under the warped target."""
     return conftest_exact_joint(model, PROMPT[0].tolist(), params, N)
@@ -39,6 +52,9 @@ def exact_joint(model, params):
 
 def sample(model, heads, strategy, params, seed, tree=None):
     options = {"heads": heads} if strategy == "draft_heads" else {"exit_layer": 1}
+    if strategy.startswith("eagle"):  # a random draft layer: its guesses are both accepted and rejected
+        options = {"draft": eagle_draft(model), "num_draft": 2, "lookup": 2 if strategy == "eagle_lookup" else 0}
+        strategy = "eagle"
     if tree is not None:
         options["tree"] = tree
     elif strategy == "self_speculative":
@@ -51,7 +67,7 @@ def sample(model, heads, strategy, params, seed, tree=None):
     return out.sequences[:, PROMPT.shape[1]:], out.stats
 
 
-@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative", "eagle", "eagle_lookup"])
 @pytest.mark.parametrize("warp", sorted(PARAMS))
 def test_sampled_tokens_follow_the_target_distribution(strategy, warp, tiny):
     model, heads = tiny
@@ -60,7 +76,7 @@ def test_sampled_tokens_follow_the_target_distribution(strategy, warp, tiny):
     assert chi_square_pvalue(samples, V, exact_joint(model, PARAMS[warp])) > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative"])
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative", "eagle"])
 def test_the_chi_square_test_tells_another_distribution_apart(strategy, tiny):
     model, heads = tiny
     samples, _ = sample(model, heads, strategy, PARAMS["temperature"], seed=2)

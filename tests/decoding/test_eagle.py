@@ -153,3 +153,31 @@ def test_rows_also_guess_their_own_prompt_tokens():
     guessed = runner.guess(features)
     assert guessed[0].item() == 51, "row 0's prompt holds token 51"
     assert guessed[1].item() != 51 and guessed[1].item() in set(range(10)) | {60}, "row 1's does not"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_lookup_branch_greedy_equals_transformers_and_adds_accepted_tokens(kind, draft_for):
+    model, draft = draft_for(kind)
+    text = own_text(model, rows=2, length=40)  # the tiny models repeat themselves: lookup has matches
+    ids = torch.cat([text, text[:, :8]], dim=1)  # the prompt ends where its own beginning starts
+    common = dict(strategy="eagle", draft=draft, max_new_tokens=32, eos_token_id=[], compile=False)
+    plain = dx.generate(model, ids, **common)
+    both = dx.generate(model, ids, lookup=4, **common)
+    reference = hf_greedy(model, ids, torch.ones_like(ids), 32)
+    assert torch.equal(plain.sequences, reference) and torch.equal(both.sequences, reference)
+    assert both.stats.steps < plain.stats.steps, "the lookup branch copies what the prompt repeats"
+    assert both.stats.forward_passes == both.stats.steps + 1
+
+
+def test_lookup_branch_sampling_and_errors(draft_for):
+    model, draft = draft_for("llama")
+    ids, mask = left_padded_batch([6, 9], seed=2)
+    common = dict(strategy="eagle", draft=draft, max_new_tokens=20, eos_token_id=[], compile=False)
+    a = dx.generate(model, ids, mask, lookup=3, do_sample=True, generator=torch.Generator().manual_seed(1), **common)
+    b = dx.generate(model, ids, mask, lookup=3, do_sample=True, generator=torch.Generator().manual_seed(1), **common)
+    assert torch.equal(a.sequences, b.sequences)
+    greedy = dx.generate(model, ids, mask, lookup=3, **common)
+    assert torch.equal(greedy.sequences, hf_greedy(model, ids, mask, 20))
+    for bad in ({"lookup": -1}, {"num_draft": 0}, {"lookup": True}):
+        with pytest.raises(ValueError, match="must be an int"):
+            dx.generate(model, ids, mask, **{**common, **bad})

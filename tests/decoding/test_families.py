@@ -23,7 +23,7 @@ from dynexec_compile.decoding.masks import chain_mask, sliding_window, step_mask
 
 NEW = 24
 LENGTHS = [5, 11]
-STRATEGIES = ("greedy", "lookahead", "speculative", "draft_heads", "self_speculative")
+STRATEGIES = ("greedy", "lookahead", "speculative", "draft_heads", "self_speculative", "eagle")
 SLIDING = ("mistral", "starcoder2", "gemma2", "gemma3", "qwen2_window", "gpt_oss", "cohere2")
 ALL_FAMILIES = FAMILIES + tuple(
     f if f in AUTO_DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in AUTO_FAMILIES
@@ -63,6 +63,9 @@ def strategy_options(strategy: str, model) -> dict:
         return {"heads": heads}
     if strategy == "self_speculative":
         return {"exit_layer": 1, "num_draft": 3}
+    if strategy == "eagle":  # an untrained draft layer of the family's own kind, and the lookup branch
+        torch.manual_seed(0)
+        return {"draft": dx.EagleDraft(model.config.get_text_config(decoder=True)), "num_draft": 3, "lookup": 2}
     return {}
 
 
