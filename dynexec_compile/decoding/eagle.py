@@ -24,8 +24,15 @@ How it runs here (:class:`EagleEngine`, ``generate(..., strategy="eagle", draft=
 
 The draft's LM head is the model's output embedding restricted to the ``vocab`` tokens the
 model emits most often (FR-Spec, Zhao et al. 2025): the full 49,152-token head of SmolLM2
-would stream 113 MB per guessed token, as much as a fifth of the whole model. Logit
-transforms (soft-capping, scaling) are monotone and skipped: guesses are top-1 tokens.
+would stream 113 MB per guessed token, as much as a fifth of the whole model. Each row may
+also guess its own prompt's tokens outside that set (up to :data:`REQUEST_VOCAB`): answers
+copy names and rare words from their request. Logit transforms (soft-capping, scaling) are
+monotone and skipped: guesses are top-1 tokens.
+
+``lookup=N`` adds a second branch to each step's tree: the ``N`` tokens that followed the last
+occurrence of the text's last two tokens earlier in the text (prompt lookup,
+:class:`~dynexec_compile.decoding.lookahead.ContextLookup`), verified in the same forward as
+the draft's chain; the draft then continues from whichever path was accepted.
 
 Exactness does not depend on the draft: greedy output is token-identical to greedy decoding
 and sampling is lossless (the guesses are deterministic given the context, so each node's
@@ -128,8 +135,10 @@ class DraftRunner:
     output embedding rows of ``draft.vocab`` as the head. Traceable.
     """
 
-    def __init__(self, draft: EagleDraft, stack: DecoderStack, batch_size: int, max_len: int):
+    def __init__(self, draft: EagleDraft, stack: DecoderStack, batch_size: int, max_len: int,
+                 max_position: int | None = None):
         self.draft = draft
+        self.max_position = max_position  # a model's learned positions: embeddings clamp to the last
         self.layer = DecoderStack(draft.layer_model)
         self.stack = stack
         out = stack.lm_head.weight.detach()
@@ -165,7 +174,8 @@ class DraftRunner:
 
     def pairs(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Draft-layer outputs ``[B, P, D]`` of ``(f_p, x_{p+1})`` pairs written at slots == positions."""
-        x = self.draft.fc(torch.cat([self.stack.embed(tokens, positions), features], dim=-1))  # [B, P, D]
+        at = positions if self.max_position is None else positions.clamp(max=self.max_position - 1)
+        x = self.draft.fc(torch.cat([self.stack.embed(tokens, at), features], dim=-1))  # [B, P, D]
         mask = chain_mask(positions, self.cache.max_len, self.cache.dtype)
         return self.layer.run(x, 0, 1, mask, positions, self.cache, positions)
 
@@ -218,7 +228,7 @@ class EagleEngine(DecodeEngine):
         self.stack = DecoderStack(model)
         weight = next(model.parameters())
         draft = copy.deepcopy(check_draft_fits(model, draft)).to(device=weight.device, dtype=weight.dtype).eval()
-        self.runner = DraftRunner(draft, self.stack, batch_size, max_len)
+        self.runner = DraftRunner(draft, self.stack, batch_size, max_len, self._max_position)
         self.num_draft = num_draft
         self.tree, (self.draft_nodes, self.lookup_nodes) = branch_tree((num_draft, lookup))
         self.shape = StepShape.of_tree(self.tree)
