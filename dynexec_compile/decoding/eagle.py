@@ -64,7 +64,7 @@ from dynexec_compile.decoding.generate import (
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.lookahead import ContextLookup
 from dynexec_compile.decoding.masks import chain_mask
-from dynexec_compile.decoding.step import DecodeEngine, weights_fingerprint
+from dynexec_compile.decoding.step import DecodeEngine, _compiler, weights_fingerprint
 from dynexec_compile.decoding.verify import DraftProposer, StepOut, StepShape, TreeSpec, Verdict
 from dynexec_compile.weights_io import read_with_config, save_tensors
 
@@ -229,6 +229,11 @@ class EagleEngine(DecodeEngine):
         weight = next(model.parameters())
         draft = copy.deepcopy(check_draft_fits(model, draft)).to(device=weight.device, dtype=weight.dtype).eval()
         self.runner = DraftRunner(draft, self.stack, batch_size, max_len, self._max_position)
+        self._propose = self.runner.propose
+        settings = self.compile_settings
+        if settings["regional"]:  # only the model's layers compile there: compile the draft's step apart
+            backend = engine_options.get("backend", "inductor")
+            self._propose = _compiler(True, backend, settings["mode"], settings["options"])(self.runner.propose)
         self.num_draft = num_draft
         self.tree, (self.draft_nodes, self.lookup_nodes) = branch_tree((num_draft, lookup))
         self.shape = StepShape.of_tree(self.tree)
@@ -251,7 +256,7 @@ class EagleEngine(DecodeEngine):
         """The next guesses ``[B, k]``: the accepted path's pairs, then ``k`` guesses."""
         h, base = extras  # [B, T, D], [B]
         features = h.gather(1, verdict.path[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, D + 1, D]
-        return (self.runner.propose(features, verdict.tokens, base, verdict.emitted, self.num_draft),)
+        return (self._propose(features, verdict.tokens, base, verdict.emitted, self.num_draft),)
 
 
 def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,18 @@ def test_compiled_greedy_equals_transformers_without_recompiles(draft_for):
     assert again.stats.compiles == 0
 
 
+def test_regional_compilation_compiles_the_draft_apart(draft_for):
+    model, draft = draft_for("qwen2")
+    ids, mask = left_padded_batch([6, 9], seed=5)
+    common = dict(strategy="eagle", draft=draft, max_new_tokens=20, eos_token_id=[], backend="eager", regional=True,
+                  packed=False, lookup=2)
+    first = dx.generate(model, ids, mask, **common)
+    again = dx.generate(model, ids, mask, **common)
+    assert torch.equal(first.sequences, hf_greedy(model, ids, mask, 20))
+    assert torch.equal(again.sequences, first.sequences)
+    assert again.stats.compiles == 0
+
+
 def test_save_load_roundtrip_and_errors(tmp_path, draft_for):
     model, draft = draft_for("qwen2")
     path = tmp_path / "draft.safetensors"
