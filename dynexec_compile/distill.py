@@ -284,7 +284,7 @@ def train_eagle_draft(
         data: ``[B, S]`` token-id batches, or ``(ids, mask)`` pairs whose bool mask marks the
             positions whose next feature is trained (e.g. the answer, where drafting happens).
         draft: a draft to train further (a trained copy is returned); ``None``: a new one.
-        vocab: the draft's vocabulary: the ``vocab`` tokens the model predicts most often at the
+        vocab: the draft's vocabulary: the ``vocab`` most frequent tokens of ``data`` at the
             trained positions (``None``: the whole vocabulary).
         intermediate_size: the draft layer's MLP width (``None``: the model's).
     """
@@ -295,18 +295,20 @@ def train_eagle_draft(
     device = next(model.parameters()).device
     if torch.is_tensor(data):  # [N, S]: one sequence per step
         data = list(data.long().reshape(-1, data.shape[-1])[:, None])
-    batches = []
-    with torch.no_grad():
-        for batch in token_batches(data, 1, 1, None)[0]:
-            ids, mask, _ = _marked(batch, device)
-            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            if ids.shape[1] < 2:
-                raise ValueError(f"training sequences need at least 2 tokens, got {ids.shape[1]}")
-            features = model.get_decoder()(input_ids=ids).last_hidden_state.float()  # [B, S, D], after the final norm
-            batches.append((ids, mask, features))
+    marked = []
+    for batch in token_batches(data, 1, 1, None)[0]:
+        ids, mask, _ = _marked(batch, device)
+        if ids.shape[1] < 2:
+            raise ValueError(f"training sequences need at least 2 tokens, got {ids.shape[1]}")
+        marked.append((ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()))
+    features = _final_features(model, [row for ids, _ in marked for row in ids])
+    batches, used = [], 0
+    for ids, mask in marked:
+        batches.append((ids, mask, torch.stack(features[used : used + ids.shape[0]])))
+        used += ids.shape[0]
     if draft is None:
         config = model.config.get_text_config(decoder=True)
-        chosen = None if vocab is None or vocab >= int(config.vocab_size) else _frequent_tokens(stack, batches, vocab)
+        chosen = None if vocab is None or vocab >= int(config.vocab_size) else _frequent_tokens(batches, vocab, int(config.vocab_size))
         draft = EagleDraft(config, chosen, intermediate_size)
     else:
         draft = copy.deepcopy(check_draft_fits(model, draft))
@@ -319,14 +321,31 @@ def train_eagle_draft(
     return draft.eval()
 
 
-def _frequent_tokens(stack: DecoderStack, batches: list, count: int) -> torch.Tensor:
-    """The ``count`` tokens the model predicts most often at the marked positions, by id."""
-    hits = torch.zeros(int(stack.config.vocab_size), dtype=torch.long)
-    with torch.no_grad():
-        for ids, mask, features in batches:
-            predicted = stack.lm_head(features[mask].to(stack.lm_head.weight.dtype)).argmax(dim=-1)
-            hits += torch.bincount(predicted.cpu(), minlength=hits.numel())
-            hits += torch.bincount(ids[mask].cpu(), minlength=hits.numel())
+@torch.no_grad()
+def _final_features(model: PreTrainedModel, rows: list[torch.Tensor], group: int = 8) -> list[torch.Tensor]:
+    """The model's final (post-norm) hidden states ``[S_i, D]`` of each row, fp32; rows of
+    similar lengths run ``group`` at a time, right-padded (causal: the padding comes after)."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: rows[i].numel())
+    for start in range(0, len(order), group):
+        chunk = order[start : start + group]
+        width = max(rows[i].numel() for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=rows[chunk[0]].device)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(chunk):
+            ids[j, : rows[i].numel()], mask[j, : rows[i].numel()] = rows[i], 1
+        h = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [G, S, D]
+        for j, i in enumerate(chunk):
+            out[i] = h[j, : rows[i].numel()]
+    return out
+
+
+def _frequent_tokens(batches: list, count: int, vocab_size: int) -> torch.Tensor:
+    """The ``count`` most frequent tokens of the training text at the trained positions, by id
+    (on self-generated answers, exactly what the model predicts there)."""
+    hits = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, mask, _ in batches:
+        hits += torch.bincount(ids[mask].cpu(), minlength=vocab_size)
     return torch.sort(torch.topk(hits, count).indices).values
 
 
