@@ -69,9 +69,10 @@ GENERATE_OPTIONS = {
     "guesses": ("guesses", int),
     "copy_ngram": ("copy_ngram", int),
     "no_prompt_lookup": ("prompt_lookup", None),
-    "num_draft": ("num_draft", int),
+    "num_draft": ("num_draft", int),  # speculative, self_speculative, eagle
     "tree": ("tree", lambda text: [int(x) for x in text.split(",")]),
     "exit_layer": ("exit_layer", int),
+    "lookup": ("lookup", int),
 }
 
 
@@ -103,6 +104,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from dynexec_compile.decoding.draft_heads import load_draft_heads
 
         options["heads"] = load_draft_heads(args.heads, dtype=next(model.parameters()).dtype)
+    if args.eagle_draft is not None:
+        if args.strategy != "eagle":
+            raise ValueError("--eagle-draft is for --strategy eagle")
+        from dynexec_compile.decoding.eagle import load_eagle_draft
+
+        options["draft"] = load_eagle_draft(args.eagle_draft, dtype=next(model.parameters()).dtype)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template; drop --chat to send the raw prompt")
@@ -151,10 +158,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--copy-ngram", type=int, help="lookahead with --window 0: n-gram length of the steps that copy from the text")
     g.add_argument("--no-prompt-lookup", action="store_true", help="lookahead: no candidates from the prompt")
     g.add_argument("--draft", help="speculative: the draft model (folder or load_lm name; same vocabulary)")
-    g.add_argument("--num-draft", type=int, help="speculative / self_speculative: drafted tokens per step")
+    g.add_argument("--num-draft", type=int, help="speculative / self_speculative / eagle: drafted tokens per step")
     g.add_argument("--tree", type=GENERATE_OPTIONS["tree"][1], help="draft tree: children per depth, e.g. 2,2,1")
     g.add_argument("--exit-layer", type=int, help="self_speculative: the layers the draft runs")
     g.add_argument("--heads", help="draft_heads: a heads.safetensors file (dynexec_compile.save_draft_heads)")
+    g.add_argument("--eagle-draft", help="eagle: a draft file (dynexec_compile.save_eagle_draft)")
+    g.add_argument("--lookup", type=int, help="eagle: prompt-lookup tokens verified on a second branch")
     s = p.add_argument_group("sampling")
     s.add_argument("--do-sample", action="store_true")
     s.add_argument("--temperature", type=float, default=1.0)

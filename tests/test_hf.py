@@ -454,6 +454,8 @@ def test_cli_generate_streams_the_answer_and_prints_its_speed(demo, capsys):
         (["--chat"], "has no chat template"),
         (["--strategy", "greedy", "--window", "2"], "--window is not an option of strategy 'greedy'"),
         (["--strategy", "lookahead", "--draft", "x"], "--draft is the draft model of --strategy speculative"),
+        (["--strategy", "greedy", "--eagle-draft", "x"], "--eagle-draft is for --strategy eagle"),
+        (["--strategy", "greedy", "--lookup", "2"], "--lookup is not an option of strategy 'greedy'"),
     ],
 )
 def test_cli_generate_errors(demo, capsys, extra, message):
