@@ -208,6 +208,10 @@ def chat_demo(new_tokens: int) -> None:
     if heads_file.is_file():
         runs.append(("dynexec draft heads (tree 3x2x1)", {"strategy": "draft_heads", "tree": [3, 2, 1],
                                                            "heads": dx.load_draft_heads(heads_file, dtype=torch.float32)}))
+    eagle_file = heads_file.parent.parent / "eagle/draft.safetensors"
+    if eagle_file.is_file():
+        runs.append(("dynexec EAGLE draft (k=2, lookup 3)", {"strategy": "eagle", "num_draft": 2, "lookup": 3,
+                                                              "draft": dx.load_eagle_draft(eagle_file)}))
     for name, kwargs in runs:
         t0 = time.perf_counter()
         dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)  # compiles (regional: one decoder layer)
