@@ -237,6 +237,7 @@ class EagleEngine(DecodeEngine):
         self.num_draft = num_draft
         self.tree, (self.draft_nodes, self.lookup_nodes) = branch_tree((num_draft, lookup))
         self.shape = StepShape.of_tree(self.tree)
+        self.chain_shape = StepShape.of_tree(TreeSpec.chain(num_draft))  # steps with no lookup candidate
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
         h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
@@ -365,18 +366,23 @@ class _EagleProposer(DraftProposer):
         return self.root
 
     def guess(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft's chain, and the lookup branch where some row has a candidate: a step
+        without one runs the narrower chain-only shape (a graph of its own)."""
         engine, batch = self.engine, self.root.shape[0]
+        found = [lookup.candidates(1) for lookup in self.lookups]
+        self.valid = None
+        self.shape = engine.shape if any(found) else engine.chain_shape
+        self.tree = self.shape.tree
+        if not any(found):
+            return torch.cat([self.root[:, None], self.guesses], dim=1), None
         tokens = self.root[:, None].repeat(1, self.tree.size)  # [B, T]; unfilled lookup nodes: the root, never valid
         tokens[:, engine.draft_nodes] = self.guesses
-        self.valid = None
-        if self.lookups:
-            found = [lookup.candidates(1) for lookup in self.lookups]
-            self.valid = torch.ones(batch, self.tree.size, dtype=torch.bool, device=tokens.device)
-            for row, candidates in enumerate(found):
-                if candidates:
-                    tokens[row, engine.lookup_nodes] = torch.tensor(candidates[0], device=tokens.device)
-                else:
-                    self.valid[row, engine.lookup_nodes] = False
+        self.valid = torch.ones(batch, self.tree.size, dtype=torch.bool, device=tokens.device)
+        for row, candidates in enumerate(found):
+            if candidates:
+                tokens[row, engine.lookup_nodes] = torch.tensor(candidates[0], device=tokens.device)
+            else:
+                self.valid[row, engine.lookup_nodes] = False
         return tokens, None
 
     def accept(self, out: StepOut) -> None:
@@ -386,8 +392,9 @@ class _EagleProposer(DraftProposer):
                 lookup.extend(run[:kept])
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
-        return {**super().extra(stats), "draft_forwards": stats.steps * self.tree.num_draft,
-                "draft_vocab": int(self.engine.runner.vocab.numel())}
+        engine = self.engine
+        return {**super().extra(stats), "tree": list(engine.tree.parents), "draft_forwards": stats.steps * engine.num_draft,
+                "draft_vocab": int(engine.runner.vocab.numel())}
 
 
 __all__ = ["EagleDraft", "EagleEngine", "eagle_strategy", "load_eagle_draft", "save_eagle_draft"]
