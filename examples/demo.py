@@ -210,7 +210,7 @@ def chat_demo(new_tokens: int) -> None:
                                                            "heads": dx.load_draft_heads(heads_file, dtype=torch.float32)}))
     eagle_file = heads_file.parent.parent / "eagle/draft.safetensors"
     if eagle_file.is_file():
-        runs.append(("dynexec EAGLE draft (k=2, lookup 3)", {"strategy": "eagle", "num_draft": 2, "lookup": 3,
+        runs.append(("dynexec EAGLE (k=1, lookup 3)", {"strategy": "eagle", "num_draft": 1, "lookup": 3,
                                                               "draft": dx.load_eagle_draft(eagle_file)}))
     for name, kwargs in runs:
         t0 = time.perf_counter()
