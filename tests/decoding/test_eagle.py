@@ -193,3 +193,16 @@ def test_lookup_branch_sampling_and_errors(draft_for):
     for bad in ({"lookup": -1}, {"num_draft": 0}, {"lookup": True}):
         with pytest.raises(ValueError, match="must be an int"):
             dx.generate(model, ids, mask, **{**common, **bad})
+
+
+def test_an_int8_weight_only_model_is_served_exactly():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = build_model("llama")
+    quantize_(model, Int8WeightOnlyConfig())  # the LM head too: the draft's head reads its values
+    ids, mask = left_padded_batch([5, 9], seed=2)
+    torch.manual_seed(0)
+    out = dx.generate(model, ids, mask, strategy="eagle", draft=EagleDraft(model.config), num_draft=2, lookup=2,
+                      max_new_tokens=16, eos_token_id=[], compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 16))
