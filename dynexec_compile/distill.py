@@ -318,7 +318,7 @@ def train_eagle_draft(
     with _frozen(model):  # the draft embeds tokens with the model's embeddings: no gradient there
         optimize(params, batches, lambda batch: _eagle_loss(runner, batch, cls_weight, noise), lr=lr, epochs=epochs,
                  warmup=0.02, clip=1.0, desc="EAGLE draft", progress=progress)
-    return draft.eval()
+    return draft
 
 
 @torch.no_grad()

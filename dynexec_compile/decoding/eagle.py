@@ -91,7 +91,7 @@ class EagleDraft(nn.Module):
         hidden = int(config.hidden_size)
         self.model_config = {k: v for k, v in config.to_dict().items() if k not in _NOT_KEPT}
         self.source_config = AutoConfig.for_model(**self.model_config)
-        layer_config = AutoConfig.for_model(**self.model_config)
+        layer_config = copy.deepcopy(self.source_config)
         layer_config.num_hidden_layers = 1
         layer_config.vocab_size = 8  # the 1-layer model's own embeddings are never used
         layer_config.pad_token_id = None
@@ -196,8 +196,7 @@ class DraftRunner:
             features: ``[B, P, D]`` the model's final hidden states; tokens: ``[B, P]`` the token
                 after each; base: ``[B]`` position of pair 0; kept: ``[B]`` real pairs (>= 1).
         """
-        batch, width = tokens.shape
-        positions = base[:, None] + torch.arange(width, device=base.device)  # [B, P]
+        positions = base[:, None] + torch.arange(tokens.shape[1], device=base.device)  # [B, P]
         positions = positions.clamp(max=self.cache.max_len - 1)
         out = self.pairs(features, tokens, positions)  # [B, P, D]
         last = (kept - 1).clamp(min=0)[:, None]  # [B, 1]
