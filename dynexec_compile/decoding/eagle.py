@@ -49,6 +49,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -182,7 +183,8 @@ class DraftRunner:
     def guess(self, out: torch.Tensor) -> torch.Tensor:
         """Top-1 draft tokens ``[B, ...]`` of draft features ``[B, ..., D]``: over the vocabulary
         and each row's request tokens."""
-        logits = torch.cat([out @ self.head.T, torch.einsum("b...d,bed->b...e", out, self.request_head)], dim=-1)
+        # F.linear: a compiled decoding graph runs it on the few-row kernel (backends/packed.py)
+        logits = torch.cat([F.linear(out, self.head), torch.einsum("b...d,bed->b...e", out, self.request_head)], dim=-1)
         best = logits.argmax(dim=-1)  # [B, ...]
         size = self.vocab.numel()
         request = self.request_ids.gather(1, (best - size).clamp(min=0).reshape(best.shape[0], -1)).reshape(best.shape)
@@ -232,7 +234,8 @@ class EagleEngine(DecodeEngine):
         settings = self.compile_settings
         if settings["regional"]:  # only the model's layers compile there: compile the draft's step apart
             backend = engine_options.get("backend", "inductor")
-            self._propose = _compiler(True, backend, settings["mode"], settings["options"])(self.runner.propose)
+            compiler = _compiler(True, backend, settings["mode"], settings["options"], packed=settings["packed"])
+            self._propose = compiler(self.runner.propose)
         self.num_draft = num_draft
         self.tree, (self.draft_nodes, self.lookup_nodes) = branch_tree((num_draft, lookup))
         self.shape = StepShape.of_tree(self.tree)

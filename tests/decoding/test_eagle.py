@@ -100,11 +100,13 @@ def test_compiled_greedy_equals_transformers_without_recompiles(draft_for):
     assert again.stats.compiles == 0
 
 
-def test_regional_compilation_compiles_the_draft_apart(draft_for):
+@pytest.mark.parametrize("packed", [False, True])
+def test_regional_compilation_compiles_the_draft_apart(draft_for, packed):
+    # packed: the draft's graph runs its linears (and its head) on the few-row kernels too
     model, draft = draft_for("qwen2")
     ids, mask = left_padded_batch([6, 9], seed=5)
     common = dict(strategy="eagle", draft=draft, max_new_tokens=20, eos_token_id=[], backend="eager", regional=True,
-                  packed=False, lookup=2)
+                  packed=packed, lookup=2)
     first = dx.generate(model, ids, mask, **common)
     again = dx.generate(model, ids, mask, **common)
     assert torch.equal(first.sequences, hf_greedy(model, ids, mask, 20))
@@ -193,6 +195,21 @@ def test_lookup_branch_sampling_and_errors(draft_for):
     for bad in ({"lookup": -1}, {"num_draft": 0}, {"lookup": True}):
         with pytest.raises(ValueError, match="must be an int"):
             dx.generate(model, ids, mask, **{**common, **bad})
+
+
+def test_lookup_nodes_count_as_drafted_only_for_rows_that_filled_them(draft_for):
+    model, draft = draft_for("llama")
+    text = own_text(model, rows=1, length=30)
+    repeats = torch.cat([text, text[:, :8]], dim=1)  # row 0 finds lookup candidates, row 1 (random) seldom
+    ids = torch.cat([repeats, left_padded_batch([repeats.shape[1]], seed=3)[0]])
+    out = dx.generate(model, ids, strategy="eagle", draft=draft, lookup=3, max_new_tokens=20, eos_token_id=[],
+                      compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, torch.ones_like(ids), 20))
+    drafted, accepted = out.stats.extra["drafted_per_step"], out.stats.extra["accepted_drafts_per_step"]
+    k = 3  # DEFAULT_NUM_DRAFT: the chain; + 3 lookup nodes when the row had a candidate
+    assert {n for step in drafted for n in step} <= {0, k, k + 3}
+    assert [k + 3, k] in drafted, "a step where only row 0 had a lookup candidate counts its 3 nodes for row 0 only"
+    assert all(a <= d for step_d, step_a in zip(drafted, accepted, strict=True) for d, a in zip(step_d, step_a, strict=True))
 
 
 def test_an_int8_weight_only_model_is_served_exactly():
