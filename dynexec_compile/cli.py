@@ -73,6 +73,7 @@ GENERATE_OPTIONS = {
     "tree": ("tree", lambda text: [int(x) for x in text.split(",")]),
     "exit_layer": ("exit_layer", int),
     "lookup": ("lookup", int),
+    "copy_lookup": ("copy_lookup", int),
 }
 
 
@@ -164,6 +165,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", help="draft_heads: a heads.safetensors file (dynexec_compile.save_draft_heads)")
     g.add_argument("--eagle-draft", help="eagle: a draft file (dynexec_compile.save_eagle_draft)")
     g.add_argument("--lookup", type=int, help="eagle: prompt-lookup tokens verified on a second branch")
+    g.add_argument("--copy-lookup", type=int, help="eagle with --lookup: the branch's length in steps that copy from the text")
     s = p.add_argument_group("sampling")
     s.add_argument("--do-sample", action="store_true")
     s.add_argument("--temperature", type=float, default=1.0)

@@ -19,6 +19,7 @@ will draft: from the prompt's last token on. Benchmarks use the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -52,14 +53,15 @@ def answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, batc
     return out
 
 
-def cached_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, name: str) -> list[torch.Tensor]:
+def cached_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, name: str,
+                   batch: int = 8) -> list[torch.Tensor]:
     """:func:`answers`, kept in ``$DYNEXEC_CACHE`` (safetensors) so that a rerun with other training
     settings does not generate again; the file is keyed by the prompts' count and split."""
     path = dynexec_cache_dir() / f"{NAME}-answers-{name}-{len(prompts)}x{new_tokens}.safetensors"
     if path.exists():
         stored = load_file(path)
         return [stored[str(i)] for i in range(len(prompts))]
-    out = answers(model, tokenizer, prompts, new_tokens, batch=8)
+    out = answers(model, tokenizer, prompts, new_tokens, batch=batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({str(i): a.contiguous() for i, a in enumerate(out)}, path)
     return out
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--copy-conversations", type=int, default=0,
                         help="eagle: also train on this many teacher-forced chats whose answer repeats the text "
                         "of its request (SST-2 train reviews, non-held-out stdlib functions)")
+    parser.add_argument("--free-form", type=int, default=0,
+                        help="eagle: also train on the model's own answers to this many free-form questions")
     parser.add_argument("--exit-layer", type=int, default=15, help="E of the exit adapter (the bench's self-speculation layer)")
     parser.add_argument("--out", type=Path, default=None, help="default: models/smollm2-135m-instruct/{draft-heads,exit-adapter}")
     args = parser.parse_args()
@@ -233,11 +237,59 @@ def copy_conversations(tokenizer, n: int) -> list[torch.Tensor]:
     return out
 
 
+# Free-form training questions: subjects and phrasings apart from the benchmark's own eight
+# (models._FREE_FORM: habits for maintainable code, lists and tuples, the sky, pull requests,
+# hash tables, debugging, reversing strings, the seasons), which stay unseen.
+_TOPICS = (
+    "recursion", "photosynthesis", "the water cycle", "unit testing", "version control", "memory management",
+    "black holes", "volcanoes", "binary search", "object-oriented programming", "rainbows", "the phases of the moon",
+    "exceptions in Python", "regular expressions", "decorators in Python", "generators in Python",
+    "dictionaries in Python", "sorting algorithms", "the internet", "compilers", "electric circuits", "gravity",
+    "healthy sleep", "time management", "learning a new language", "public speaking", "writing clear emails",
+    "code comments", "API design", "databases", "caching", "concurrency", "floating-point numbers", "prime numbers",
+    "the human heart", "bees", "coffee", "chess", "tides", "earthquakes",
+)
+_TOPIC_TASKS = (
+    "Explain {t} in simple terms.", "What are three interesting facts about {t}?", "Write a short paragraph about {t}.",
+    "Give me a short checklist about {t}.", "Why does {t} matter? Answer in two sentences.", "Write a haiku about {t}.",
+)
+_MODULE_TASKS = (
+    "What is the Python module `{t}` used for? Give a short example.",
+    "When would I use Python's `{t}` module? Explain briefly.",
+)
+
+
+def free_form_questions(tokenizer, n: int) -> list[torch.Tensor]:
+    """``n`` chat prompts asking free-form questions (topics x phrasings, then the standard
+    library's public modules x phrasings), interleaved so that any prefix mixes them."""
+    import sys
+
+    modules = sorted(m for m in sys.stdlib_module_names if not m.startswith("_"))
+    topical = [task.format(t=t) for task in _TOPIC_TASKS for t in _TOPICS]
+    modular = [task.format(t=m) for task in _MODULE_TASKS for m in modules]
+    mixed = [q for pair in zip(topical, modular) for q in pair] + topical[len(modular):] + modular[len(topical):]
+    if n > len(mixed):
+        raise ValueError(f"--free-form: at most {len(mixed)} questions, got {n}")
+    return [
+        torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"], dtype=torch.long)
+        for q in mixed[:n]
+    ]
+
+
 def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float, gen_wall: float) -> None:
     from dynexec_compile.decoding.eagle import EagleDraft
 
+    free = []
+    if args.free_form:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        questions = free_form_questions(tokenizer, args.free_form)
+        digest = hashlib.sha256(b"".join(q.numpy().tobytes() for q in questions)).hexdigest()[:8]
+        replies = cached_answers(model, tokenizer, questions, args.new_tokens, f"free{digest}", batch=16)
+        free = [torch.cat([q, r])[None] for q, r in zip(questions, replies, strict=True)]
+        gen_cpu, gen_wall = gen_cpu + time.process_time() - cpu0, gen_wall + time.perf_counter() - wall0
     cpu1, wall1 = time.process_time(), time.perf_counter()
-    sequences = [seq for seq, _ in data]  # every position: the prompts' text too
+    sequences = [seq for seq, _ in data] + free  # every position: the prompts' text too
     copies = copy_conversations(tokenizer, args.copy_conversations)
     sequences += copies
     draft = dx.train_eagle_draft(model, sequences, vocab=args.vocab, epochs=args.epochs, lr=args.lr)
@@ -251,6 +303,7 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
         "command": "python examples/train_smollm2_heads.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets", "exit_layer")),
         "training_sequences": len(sequences),
+        "of_which_self_generated_free_form_chats": len(free),
         "of_which_teacher_forced_copy_chats": len(copies),
         "training_tokens": int(sum(s.numel() for s in sequences)),
         "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},

@@ -456,6 +456,7 @@ def test_cli_generate_streams_the_answer_and_prints_its_speed(demo, capsys):
         (["--strategy", "lookahead", "--draft", "x"], "--draft is the draft model of --strategy speculative"),
         (["--strategy", "greedy", "--eagle-draft", "x"], "--eagle-draft is for --strategy eagle"),
         (["--strategy", "greedy", "--lookup", "2"], "--lookup is not an option of strategy 'greedy'"),
+        (["--strategy", "greedy", "--copy-lookup", "8"], "--copy-lookup is not an option of strategy 'greedy'"),
     ],
 )
 def test_cli_generate_errors(demo, capsys, extra, message):

@@ -187,6 +187,9 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
         variants.append(Variant("dynexec_prompt_lookup_0_4_1",
                                 dynexec_run(ctx, "lookahead", window=0, ngram=4, guesses=1), "dynexec",
                                 params={"window": 0, "ngram": 4, "guesses": 1}))
+        variants.append(Variant("dynexec_prompt_lookup_0_4_1_copy11",
+                                dynexec_run(ctx, "lookahead", window=0, ngram=4, guesses=1, copy_ngram=11), "dynexec",
+                                params={"window": 0, "ngram": 4, "guesses": 1, "copy_ngram": 11}))
     variants.append(Variant("dynexec_greedy", dynexec_run(ctx, "greedy"), "dynexec"))
     return variants
 
@@ -233,6 +236,9 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
                              params={"k": k}) for k in ctx.ks]
         variants += [Variant(f"dynexec_eagle_k{k}_lookup3", dynexec_run(ctx, "eagle", draft=eagle, num_draft=k, lookup=3),
                              "dynexec", params={"k": k, "lookup": 3}) for k in ctx.ks]
+        variants += [Variant(f"dynexec_eagle_k{k}_lookup3_copy10",
+                             dynexec_run(ctx, "eagle", draft=eagle, num_draft=k, lookup=3, copy_lookup=10), "dynexec",
+                             params={"k": k, "lookup": 3, "copy_lookup": 10}) for k in ctx.ks]
     exit_layer = ctx.early_exit_layer
     variants += [
         Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",

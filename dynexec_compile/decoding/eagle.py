@@ -32,7 +32,11 @@ monotone and skipped: guesses are top-1 tokens.
 ``lookup=N`` adds a second branch to each step's tree: the ``N`` tokens that followed the last
 occurrence of the text's last two tokens earlier in the text (prompt lookup,
 :class:`~dynexec_compile.decoding.lookahead.ContextLookup`), verified in the same forward as
-the draft's chain; the draft then continues from whichever path was accepted.
+the draft's chain; the draft then continues from whichever path was accepted. A step where no
+row has a candidate runs the chain alone, a narrower shape. With ``copy_lookup=C`` a step where
+the text's last :data:`~dynexec_compile.decoding.lookahead.COPY_MATCH` tokens occurred earlier
+in it (an answer copying a passage) verifies ``C`` looked-up tokens instead of ``N``, in a wider
+shape of its own (lookahead's ``copy_ngram``): a long branch only where a long run is likely.
 
 Exactness does not depend on the draft: greedy output is token-identical to greedy decoding
 and sampling is lossless (the guesses are deterministic given the context, so each node's
@@ -63,7 +67,7 @@ from dynexec_compile.decoding.generate import (
     strategy_engine,
 )
 from dynexec_compile.decoding.layers import DecoderStack
-from dynexec_compile.decoding.lookahead import ContextLookup
+from dynexec_compile.decoding.lookahead import COPY_MATCH, ContextLookup
 from dynexec_compile.decoding.masks import chain_mask
 from dynexec_compile.decoding.step import DecodeEngine, _compiler, weights_fingerprint
 from dynexec_compile.decoding.verify import DraftProposer, StepOut, StepShape, TreeSpec, Verdict
@@ -220,11 +224,12 @@ class EagleEngine(DecodeEngine):
         batch_size, max_len: as for :class:`DecodeEngine`.
         draft: a trained :class:`EagleDraft` for this model (copied; the given one is unchanged).
         num_draft: ``k``, tokens guessed per step.
+        lookup, copy_lookup: lookup-branch lengths (see :func:`eagle_strategy`).
         **engine_options: the rest of :class:`DecodeEngine`'s options.
     """
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int, draft: EagleDraft, num_draft: int,
-                 lookup: int = 0, **engine_options: Any):
+                 lookup: int = 0, copy_lookup: int = 0, **engine_options: Any):
         super().__init__(model, batch_size, max_len, **engine_options)
         self.stack = DecoderStack(model)
         weight = next(model.parameters())
@@ -236,10 +241,11 @@ class EagleEngine(DecodeEngine):
             backend = engine_options.get("backend", "inductor")
             compiler = _compiler(True, backend, settings["mode"], settings["options"], packed=settings["packed"])
             self._propose = compiler(self.runner.propose)
-        self.num_draft = num_draft
-        self.tree, (self.draft_nodes, self.lookup_nodes) = branch_tree((num_draft, lookup))
-        self.shape = StepShape.of_tree(self.tree)
-        self.chain_shape = StepShape.of_tree(TreeSpec.chain(num_draft))  # steps with no lookup candidate
+        self.num_draft, self.lookup, self.copy_lookup = num_draft, lookup, copy_lookup
+        # span -> (step shape, draft nodes, lookup nodes), one graph each: the chain alone (0: no
+        # row has a lookup candidate), with `lookup` tokens, with `copy_lookup` (steps that copy)
+        self.branches = {span: _branch_step(num_draft, span) for span in {0, lookup, copy_lookup}}
+        self.tree = self.branches[max(lookup, copy_lookup)][0].tree  # the widest
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
         h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
@@ -270,6 +276,13 @@ def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: 
     after = torch.where(at_last, root[:, None], after)
     base = torch.zeros_like(lengths)
     return engine.runner.propose(h, after, base, lengths, engine.num_draft)  # [B, k]
+
+
+def _branch_step(num_draft: int, span: int) -> tuple[StepShape, list[int], list[int]]:
+    """The step of the draft's chain beside a lookup branch of ``span`` tokens, and the node
+    indices of each (``span`` 0: the chain alone)."""
+    tree, (draft_nodes, lookup_nodes) = branch_tree((num_draft, span))
+    return StepShape.of_tree(tree), draft_nodes, lookup_nodes
 
 
 def branch_tree(lengths: tuple[int, ...]) -> tuple[TreeSpec, tuple[list[int], ...]]:
@@ -328,24 +341,31 @@ def eagle_strategy(
     draft: EagleDraft | None = None,
     num_draft: int = DEFAULT_NUM_DRAFT,
     lookup: int = 0,
+    copy_lookup: int = 0,
     **options: Any,
 ) -> GenerateOutput:
     """The ``"eagle"`` strategy (see the module docstring). Options: ``draft`` (required),
     ``num_draft``: tokens the draft guesses per step (a chain); ``lookup``: also verify, on a
     second branch, the ``lookup`` tokens that followed the last occurrence of the text's last two
-    tokens earlier in the text (prompt lookup; 0: off)."""
+    tokens earlier in the text (prompt lookup; 0: off); ``copy_lookup``: with ``lookup``, the
+    branch's length in steps whose last :data:`~dynexec_compile.decoding.lookahead.COPY_MATCH`
+    tokens occurred earlier in the text (0: off; else more than ``lookup``)."""
     if options:
-        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft= and lookup=")
+        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft=, lookup= "
+                        "and copy_lookup=")
     if draft is None:
         raise ValueError("strategy='eagle' needs draft=EagleDraft (dynexec_compile.train_eagle_draft / load_eagle_draft)")
     check_draft_fits(model, draft)
-    for name, value, low in (("num_draft", num_draft, 1), ("lookup", lookup, 0)):
+    for name, value, low in (("num_draft", num_draft, 1), ("lookup", lookup, 0), ("copy_lookup", copy_lookup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"strategy='eagle': {name} must be an int >= {low}, got {value!r}")
+    if copy_lookup and not (lookup and copy_lookup > lookup):
+        raise ValueError(f"strategy='eagle': copy_lookup lengthens the lookup branch of the steps that copy: it needs "
+                         f"lookup >= 1 and copy_lookup > lookup, got lookup={lookup}, copy_lookup={copy_lookup}")
     engine = strategy_engine(
-        model, input_ids, attention_mask, settings, "eagle", reserve=2 * (1 + num_draft + lookup),
-        key=("eagle", id(draft), weights_fingerprint(draft), num_draft, lookup),
-        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft, lookup=lookup),
+        model, input_ids, attention_mask, settings, "eagle", reserve=2 * (1 + num_draft + max(lookup, copy_lookup)),
+        key=("eagle", id(draft), weights_fingerprint(draft), num_draft, lookup, copy_lookup),
+        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft, lookup=lookup, copy_lookup=copy_lookup),
     )
     proposer = _EagleProposer("eagle", engine, settings, engine.tree)
     return decode_loop(proposer, input_ids, attention_mask, settings)
@@ -353,38 +373,46 @@ def eagle_strategy(
 
 class _EagleProposer(DraftProposer):
     """EAGLE's proposer: the draft's guesses come out of the previous step's graph; with
-    ``lookup``, a prompt-lookup branch per row (:class:`ContextLookup`, on the host) beside them."""
+    ``lookup``, a prompt-lookup branch per row (:class:`ContextLookup`, on the host) beside them.
+
+    Attributes:
+        copy_steps: steps that took the ``copy_lookup`` branch.
+    """
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         engine = self.engine
         logits, h, ids = engine.prefill_outputs(input_ids, attention_mask)  # [B, V], [B, L, D], [B, L]
         self.root = next_token(logits, self.settings)  # [B]
         self.guesses = engine.first_guesses(h, ids, self.root)  # [B, k]
-        self.lookups = []
-        if engine.lookup_nodes:
+        self.lookups, self.copy_steps = [], 0
+        if engine.lookup:
             lengths = engine.cache.lengths.tolist()
-            self.lookups = [ContextLookup(len(engine.lookup_nodes), row[:n] + [root])
+            self.lookups = [ContextLookup(engine.lookup, row[:n] + [root])
                             for row, n, root in zip(ids.tolist(), lengths, self.root.tolist(), strict=True)]
         return self.root
 
     def guess(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft's chain, and the lookup branch where some row has a candidate: a step
-        without one runs the narrower chain-only shape (a graph of its own)."""
+        """The draft's chain, and the lookup branch where some row has a candidate (``copy_lookup``
+        tokens long where some row copies): a step without one runs the narrower chain-only
+        shape. Each shape is a graph of its own."""
         engine, batch = self.engine, self.root.shape[0]
-        found = [lookup.candidates(1) for lookup in self.lookups]
-        self.valid = None
-        self.shape = engine.shape if any(found) else engine.chain_shape
-        self.tree = self.shape.tree
-        if not any(found):
+        copying = engine.copy_lookup > 0 and any(lookup.copying(COPY_MATCH) for lookup in self.lookups)
+        span = engine.copy_lookup if copying else engine.lookup
+        found = [lookup.candidates(1, span, COPY_MATCH if copying else 2) for lookup in self.lookups]
+        span = span if any(found) else 0
+        self.copy_steps += bool(copying and span)
+        self.shape, draft_nodes, lookup_nodes = engine.branches[span]
+        self.tree, self.valid = self.shape.tree, None
+        if not span:
             return torch.cat([self.root[:, None], self.guesses], dim=1), None
         tokens = self.root[:, None].repeat(1, self.tree.size)  # [B, T]; unfilled lookup nodes: the root, never valid
-        tokens[:, engine.draft_nodes] = self.guesses
+        tokens[:, draft_nodes] = self.guesses
         self.valid = torch.ones(batch, self.tree.size, dtype=torch.bool, device=tokens.device)
         for row, candidates in enumerate(found):
             if candidates:
-                tokens[row, engine.lookup_nodes] = torch.tensor(candidates[0], device=tokens.device)
+                tokens[row, lookup_nodes] = torch.tensor(candidates[0], device=tokens.device)
             else:
-                self.valid[row, engine.lookup_nodes] = False
+                self.valid[row, lookup_nodes] = False
         return tokens, None
 
     def accept(self, out: StepOut) -> None:
@@ -396,7 +424,7 @@ class _EagleProposer(DraftProposer):
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
         return {**super().extra(stats), "tree": list(engine.tree.parents), "draft_forwards": stats.steps * engine.num_draft,
-                "draft_vocab": int(engine.runner.vocab.numel())}
+                "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps}
 
 
 __all__ = ["EagleDraft", "EagleEngine", "eagle_strategy", "load_eagle_draft", "save_eagle_draft"]

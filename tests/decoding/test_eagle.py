@@ -183,6 +183,24 @@ def test_lookup_branch_greedy_equals_transformers_and_adds_accepted_tokens(kind,
     assert both.stats.forward_passes == both.stats.steps + 1
 
 
+def test_copy_lookup_lengthens_the_branch_where_the_answer_copies(draft_for):
+    model, draft = draft_for("llama")
+    text = own_text(model, rows=2, length=40)  # the tiny models repeat themselves: long copies
+    ids = torch.cat([text, text[:, :8]], dim=1)
+    common = dict(strategy="eagle", draft=draft, num_draft=1, max_new_tokens=32, eos_token_id=[], compile=False, lookup=2)
+    short = dx.generate(model, ids, **common)
+    long = dx.generate(model, ids, copy_lookup=6, **common)
+    reference = hf_greedy(model, ids, torch.ones_like(ids), 32)
+    assert torch.equal(short.sequences, reference) and torch.equal(long.sequences, reference)
+    assert long.stats.extra["copy_steps"] > 0 and short.stats.extra["copy_steps"] == 0
+    assert long.stats.steps < short.stats.steps, "copying steps verify 6 looked-up tokens instead of 2"
+    assert max(max(step) for step in long.stats.accepted_per_step) > 2 + 1, "more than either short branch can keep"
+    for bad, match in (({"copy_lookup": 2}, "copy_lookup > lookup"), ({"copy_lookup": 4, "lookup": 0}, "lookup >= 1"),
+                       ({"copy_lookup": -1}, "must be an int")):
+        with pytest.raises(ValueError, match=match):
+            dx.generate(model, ids, **{**common, **bad})
+
+
 def test_lookup_branch_sampling_and_errors(draft_for):
     model, draft = draft_for("llama")
     ids, mask = left_padded_batch([6, 9], seed=2)
