@@ -423,7 +423,8 @@ class _EagleProposer(DraftProposer):
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
-        return {**super().extra(stats), "tree": list(engine.tree.parents), "draft_forwards": stats.steps * engine.num_draft,
+        return {**super().extra(stats), "tree": list(engine.tree.parents), "num_draft": engine.num_draft,
+                "draft_forwards": stats.steps * engine.num_draft,
                 "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps}
 
 

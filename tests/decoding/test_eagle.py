@@ -225,6 +225,7 @@ def test_lookup_nodes_count_as_drafted_only_for_rows_that_filled_them(draft_for)
     assert torch.equal(out.sequences, hf_greedy(model, ids, torch.ones_like(ids), 20))
     drafted, accepted = out.stats.extra["drafted_per_step"], out.stats.extra["accepted_drafts_per_step"]
     k = 3  # DEFAULT_NUM_DRAFT: the chain; + 3 lookup nodes when the row had a candidate
+    assert out.stats.extra["num_draft"] == k, "the option's value, whichever shape a step took"
     assert {n for step in drafted for n in step} <= {0, k, k + 3}
     assert [k + 3, k] in drafted, "a step where only row 0 had a lookup candidate counts its 3 nodes for row 0 only"
     assert all(a <= d for step_d, step_a in zip(drafted, accepted, strict=True) for d, a in zip(step_d, step_a, strict=True))
