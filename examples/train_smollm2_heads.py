@@ -14,6 +14,11 @@ will draft: from the prompt's last token on. Benchmarks use the
 ``--what exit-adapter`` trains, on the same answers, the exit adapter for
 ``strategy="self_speculative", exit_layer=E, exit_head="trained"``
 (``dynexec_compile.train_exit_lm_head(head="adapter")``) into ``exit-adapter/``.
+
+``--what eagle`` trains the EAGLE draft (``dynexec_compile.train_eagle_draft``) into ``eagle/``
+on every position of those chats, plus ``--free-form N`` self-generated answers to free-form
+questions (:func:`free_form_questions`) and ``--copy-conversations N`` teacher-forced chats that
+repeat their request; ``--agreement DRAFT...`` only measures drafts on the bench answers.
 """
 
 from __future__ import annotations
@@ -118,6 +123,8 @@ def main() -> None:
                         "of its request (SST-2 train reviews, non-held-out stdlib functions)")
     parser.add_argument("--free-form", type=int, default=0,
                         help="eagle: also train on the model's own answers to this many free-form questions")
+    parser.add_argument("--agreement", type=Path, nargs="+", default=None, metavar="DRAFT",
+                        help="eagle: only print these draft files' held-out first-guess agreement, by kind of prompt")
     parser.add_argument("--exit-layer", type=int, default=15, help="E of the exit adapter (the bench's self-speculation layer)")
     parser.add_argument("--out", type=Path, default=None, help="default: models/smollm2-135m-instruct/{draft-heads,exit-adapter}")
     args = parser.parse_args()
@@ -129,6 +136,11 @@ def main() -> None:
     held_prompts = chat_prompts(tokenizer, 12, "bench")
     train = cached_answers(model, tokenizer, train_prompts, args.new_tokens, "train")
     held = cached_answers(model, tokenizer, held_prompts, args.new_tokens, "bench")
+    if args.agreement:
+        for path in args.agreement:
+            draft = dx.load_eagle_draft(path, dtype=torch.float32)
+            print(path, json.dumps(eagle_agreement_by_kind(model, draft, held_prompts, held)), flush=True)
+        return None
     gen_cpu, gen_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     # one sequence per step; only the positions that draft answer tokens are trained
     data = []
@@ -213,6 +225,14 @@ def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[tor
         hits += int((guesses[first:-1] == target[first + 1 : -1]).sum())
         total += target[first + 1 : -1].numel()
     return hits / max(total, 1)
+
+
+def eagle_agreement_by_kind(model, draft, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> dict[str, float]:
+    """:func:`eagle_agreement` over all bench prompts and over each kind (``chat_prompts``
+    interleaves reviews, code and free-form questions)."""
+    kinds = {name: eagle_agreement(model, draft, prompts[k::3], replies[k::3])
+             for k, name in enumerate(("reviews", "code", "free_form"))}
+    return {"all": eagle_agreement(model, draft, prompts, replies), **kinds}
 
 
 def copy_conversations(tokenizer, n: int) -> list[torch.Tensor]:
@@ -313,6 +333,7 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
         "first_guess_agreement_heldout_answers": {
             "untrained": eagle_agreement(model, untrained, held_prompts, held),
             "trained": eagle_agreement(model, draft, held_prompts, held),
+            "trained_by_kind": eagle_agreement_by_kind(model, draft, held_prompts, held),
         },
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
