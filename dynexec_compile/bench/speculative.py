@@ -40,6 +40,7 @@ from dynexec_compile.bench.common import (
     left_padded,
     lm_setup,
     load_causal_lm,
+    precision_label,
     prepare_precision,
     sync,
 )
@@ -433,7 +434,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
                     or any(fnmatch.fnmatch(v.name, pattern) for pattern in args.variants)]
     result = SuiteResult("speculative")
     result.notes.append(
-        f"{'quick: tiny random LLaMA, eager' if args.quick else 'fp32, compiled' + (f' (mode={ctx.mode})' if ctx.mode else '')}; "
+        f"{'quick: tiny random LLaMA, eager' if args.quick else precision_label(args) + ', compiled' + (f' (mode={ctx.mode})' if ctx.mode else '')}; "
         f"{_describe(ctx)}, up to {ctx.max_new_tokens} new tokens each, "
         f"{'stopping at EOS' if ctx.eos_token_id else 'EOS off'}; median of {repeats} interleaved rounds after a warm-up; {threads} thread(s); "
         "'vs' columns are speed-ups (higher is better)"
