@@ -169,7 +169,10 @@ def generate(
             ``guesses``, ``prompt_lookup``, see :mod:`dynexec_compile.decoding.lookahead`) or
             ``"speculative"`` (``draft_model=``, ``num_draft=`` or ``tree=``; see
             :mod:`dynexec_compile.decoding.speculative`), ``"draft_heads"`` (``heads=``, optional
-            ``tree=``), ``"self_speculative"`` (``exit_layer=``, ``num_draft=`` or ``tree=``).
+            ``tree=``), ``"self_speculative"`` (``exit_layer=``, ``num_draft=`` or ``tree=``),
+            ``"eagle"`` (``draft=``, ``num_draft=``, ``lookup=``, ``copy_lookup=``; see
+            :mod:`dynexec_compile.decoding.eagle`), ``"calm"`` (lossy token-level early exit; see
+            :mod:`dynexec_compile.decoding.calm`).
         max_new_tokens: tokens to generate per row (>= 1).
         eos_token_id: stop a row at this token (or any of a list); ``None`` takes the model's
             ``generation_config.eos_token_id``.
