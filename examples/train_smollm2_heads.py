@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -208,11 +209,24 @@ def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[tor
     """How often the draft's first guess (from the model's true features, teacher-forced; its
     vocabulary plus the prompt's tokens, as decoding) equals the model's own next token, over the
     answer tokens it would guess."""
+    return _ratio(_agreement_counts(model, draft, prompts, replies))
+
+
+def eagle_agreement_by_kind(model, draft, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> dict[str, float]:
+    """:func:`eagle_agreement` over all bench prompts and over each kind (``chat_prompts``
+    interleaves reviews, code and free-form questions); each prompt runs once."""
+    counts = _agreement_counts(model, draft, prompts, replies)
+    kinds = {name: _ratio(counts[k::3]) for k, name in enumerate(("reviews", "code", "free_form"))}
+    return {"all": _ratio(counts), **kinds}
+
+
+def _agreement_counts(model, draft, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Per prompt: ``(first guesses equal to the model's token, guesses)`` (see :func:`eagle_agreement`)."""
     from dynexec_compile.decoding.eagle import DraftRunner
     from dynexec_compile.decoding.layers import DecoderStack
 
     runner = DraftRunner(draft, DecoderStack(model), 1, 1)
-    hits = total = 0
+    counts = []
     for prompt, reply in zip(prompts, replies):
         seq = torch.cat([prompt, reply])[None]  # [1, S]
         h = model.get_decoder()(input_ids=seq).last_hidden_state  # [1, S, D]
@@ -222,17 +236,12 @@ def eagle_agreement(model, draft, prompts: list[torch.Tensor], replies: list[tor
         positions = torch.arange(seq.shape[1] - 1)[None]
         guesses = runner.guess(runner.pairs(h[:, :-1], seq[:, 1:], positions))[0]  # [S - 1]: pair p guesses target[p + 1]
         first = len(prompt) - 1  # pair p = first: the first answer token follows; it guesses the second
-        hits += int((guesses[first:-1] == target[first + 1 : -1]).sum())
-        total += target[first + 1 : -1].numel()
-    return hits / max(total, 1)
+        counts.append((int((guesses[first:-1] == target[first + 1 : -1]).sum()), target[first + 1 : -1].numel()))
+    return counts
 
 
-def eagle_agreement_by_kind(model, draft, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> dict[str, float]:
-    """:func:`eagle_agreement` over all bench prompts and over each kind (``chat_prompts``
-    interleaves reviews, code and free-form questions)."""
-    kinds = {name: eagle_agreement(model, draft, prompts[k::3], replies[k::3])
-             for k, name in enumerate(("reviews", "code", "free_form"))}
-    return {"all": eagle_agreement(model, draft, prompts, replies), **kinds}
+def _ratio(counts: list[tuple[int, int]]) -> float:
+    return sum(hits for hits, _ in counts) / max(sum(total for _, total in counts), 1)
 
 
 def copy_conversations(tokenizer, n: int) -> list[torch.Tensor]:
@@ -282,8 +291,6 @@ _MODULE_TASKS = (
 def free_form_questions(tokenizer, n: int) -> list[torch.Tensor]:
     """``n`` chat prompts asking free-form questions (topics x phrasings, then the standard
     library's public modules x phrasings), interleaved so that any prefix mixes them."""
-    import sys
-
     modules = sorted(m for m in sys.stdlib_module_names if not m.startswith("_"))
     topical = [task.format(t=t) for task in _TOPIC_TASKS for t in _TOPICS]
     modular = [task.format(t=m) for task in _MODULE_TASKS for m in modules]
@@ -319,6 +326,7 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
     out = args.out or MODEL_DIR / "eagle"
     out.mkdir(parents=True, exist_ok=True)
     dx.save_eagle_draft(draft, out / "draft.safetensors", dtype=torch.bfloat16)
+    by_kind = eagle_agreement_by_kind(model, draft, held_prompts, held)
     summary = {
         "command": "python examples/train_smollm2_heads.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets", "exit_layer")),
@@ -332,8 +340,8 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
         "draft_vocab": int(draft.vocab.numel()),
         "first_guess_agreement_heldout_answers": {
             "untrained": eagle_agreement(model, untrained, held_prompts, held),
-            "trained": eagle_agreement(model, draft, held_prompts, held),
-            "trained_by_kind": eagle_agreement_by_kind(model, draft, held_prompts, held),
+            "trained": by_kind["all"],
+            "trained_by_kind": by_kind,
         },
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

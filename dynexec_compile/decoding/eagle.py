@@ -404,12 +404,13 @@ class _EagleProposer(DraftProposer):
         span = span if any(found) else 0
         self.copy_steps += bool(copying and span)
         self.shape, draft_nodes, lookup_nodes = engine.branches[span]
-        self.tree, self.valid = self.shape.tree, None
+        self.valid = None
         if not span:
             return torch.cat([self.root[:, None], self.guesses], dim=1), None
-        tokens = self.root[:, None].repeat(1, self.tree.size)  # [B, T]; unfilled lookup nodes: the root, never valid
+        size = self.shape.tree.size
+        tokens = self.root[:, None].repeat(1, size)  # [B, T]; unfilled lookup nodes: the root, never valid
         tokens[:, draft_nodes] = self.guesses
-        self.valid = torch.ones(batch, self.tree.size, dtype=torch.bool, device=tokens.device)
+        self.valid = torch.ones(batch, size, dtype=torch.bool, device=tokens.device)
         for row, candidates in enumerate(found):
             if candidates:
                 tokens[row, lookup_nodes] = torch.tensor(candidates[0], device=tokens.device)
@@ -425,7 +426,7 @@ class _EagleProposer(DraftProposer):
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
-        return {**super().extra(stats), "tree": list(engine.tree.parents), "num_draft": engine.num_draft,
+        return {**super().extra(stats), "num_draft": engine.num_draft,
                 "draft_forwards": stats.steps * engine.num_draft,
                 "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps}
 

@@ -771,8 +771,9 @@ class DraftProposer:
                           valid=self.valid)
         self.accept(out)
         self.root = torch.where(live, out.verdict.next_token, self.root)
-        # [B] or all rows alike: a node that is no guess (not valid) was not drafted
-        guessed = self.tree.num_draft if self.valid is None else self.valid[:, 1:].sum(dim=1)
+        # [B] or all rows alike: this step's tree (a proposer may switch shapes); a node that is no
+        # guess (not valid) was not drafted
+        guessed = self.shape.tree.num_draft if self.valid is None else self.valid[:, 1:].sum(dim=1)
         self.drafted.append(live.long() * guessed)
         self.accepted.append(torch.where(live, out.verdict.accepted, 0))
         return out.kept
