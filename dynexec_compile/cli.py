@@ -72,6 +72,7 @@ GENERATE_OPTIONS = {
     "num_draft": ("num_draft", int),  # speculative, self_speculative, eagle
     "tree": ("tree", lambda text: [int(x) for x in text.split(",")]),
     "exit_layer": ("exit_layer", int),
+    "alternatives": ("alternatives", int),
     "lookup": ("lookup", int),
     "copy_lookup": ("copy_lookup", int),
 }
@@ -164,6 +165,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer", type=int, help="self_speculative: the layers the draft runs")
     g.add_argument("--heads", help="draft_heads: a heads.safetensors file (dynexec_compile.save_draft_heads)")
     g.add_argument("--eagle-draft", help="eagle: a draft file (dynexec_compile.save_eagle_draft)")
+    g.add_argument("--alternatives", type=int, help="eagle: the draft's next-best tokens verified beside each guess")
     g.add_argument("--lookup", type=int, help="eagle: prompt-lookup tokens verified on a second branch")
     g.add_argument("--copy-lookup", type=int, help="eagle with --lookup: the branch's length in steps that copy from the text")
     s = p.add_argument_group("sampling")

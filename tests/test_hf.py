@@ -457,6 +457,7 @@ def test_cli_generate_streams_the_answer_and_prints_its_speed(demo, capsys):
         (["--strategy", "greedy", "--eagle-draft", "x"], "--eagle-draft is for --strategy eagle"),
         (["--strategy", "greedy", "--lookup", "2"], "--lookup is not an option of strategy 'greedy'"),
         (["--strategy", "greedy", "--copy-lookup", "8"], "--copy-lookup is not an option of strategy 'greedy'"),
+        (["--strategy", "lookahead", "--alternatives", "2"], "--alternatives is not an option of strategy 'lookahead'"),
     ],
 )
 def test_cli_generate_errors(demo, capsys, extra, message):

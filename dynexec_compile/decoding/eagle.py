@@ -38,6 +38,13 @@ the text's last :data:`~dynexec_compile.decoding.lookahead.COPY_MATCH` tokens oc
 in it (an answer copying a passage) verifies ``C`` looked-up tokens instead of ``N``, in a wider
 shape of its own (lookahead's ``copy_ngram``): a long branch only where a long run is likely.
 
+``alternatives=A`` verifies, beside each token of the draft's chain, the draft's next ``A`` best
+tokens in its place, as leaves of the step's tree: the draft's top-1 guess agrees with the model
+less often than its top-3 (SmolLM2's draft, held-out answers: 0.35 against 0.54), the ranks come
+from the same draft step, and on a few-row kernel a few more rows of a step cost little. The
+chain continues from the best guess only: a step whose path ends at an alternative has one
+drafted token more than the chain's step alone would keep, and the draft then continues from it.
+
 Exactness does not depend on the draft: greedy output is token-identical to greedy decoding
 and sampling is lossless (the guesses are deterministic given the context, so each node's
 proposal is a point mass, :func:`~dynexec_compile.decoding.verify.point_mass_probs`). Train
@@ -50,6 +57,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import types
 from typing import Any
 
 import torch
@@ -69,6 +77,7 @@ from dynexec_compile.decoding.generate import (
 from dynexec_compile.decoding.layers import DecoderStack
 from dynexec_compile.decoding.lookahead import COPY_MATCH, ContextLookup
 from dynexec_compile.decoding.masks import chain_mask
+from dynexec_compile.decoding.regional import private_copy
 from dynexec_compile.decoding.step import DecodeEngine, _compiler, weights_fingerprint
 from dynexec_compile.decoding.verify import DraftProposer, StepOut, StepShape, TreeSpec, Verdict
 from dynexec_compile.weights_io import read_with_config, save_tensors
@@ -155,6 +164,7 @@ class DraftRunner:
         self.new_cache(batch_size, max_len)
         # each row's request tokens outside the vocabulary, and their head rows (set_request_vocab)
         self.request_ids = self.vocab[:1].repeat(batch_size, REQUEST_VOCAB)  # [B, E]
+        self.request_unused = torch.ones(batch_size, REQUEST_VOCAB, dtype=torch.bool, device=self.vocab.device)  # fillers
         self.request_head = self.head[:1].repeat(batch_size * REQUEST_VOCAB, 1).view(batch_size, REQUEST_VOCAB, -1)
 
     def set_request_vocab(self, ids: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -170,6 +180,7 @@ class DraftRunner:
             row_ids = torch.full((REQUEST_VOCAB,), int(filler), dtype=torch.long, device=self.vocab.device)
             row_ids[: chosen.numel()] = chosen
             self.request_ids[row].copy_(row_ids)
+            self.request_unused[row].copy_(torch.arange(REQUEST_VOCAB, device=self.vocab.device) >= chosen.numel())
         self.request_head.copy_(self.out[self.request_ids])
 
     def new_cache(self, batch_size: int, max_len: int) -> None:
@@ -185,18 +196,26 @@ class DraftRunner:
         return self.layer.run(x, 0, 1, mask, positions, self.cache, positions)
 
     def guess(self, out: torch.Tensor) -> torch.Tensor:
-        """Top-1 draft tokens ``[B, ...]`` of draft features ``[B, ..., D]``: over the vocabulary
-        and each row's request tokens."""
-        # F.linear: a compiled decoding graph runs it on the few-row kernel (backends/packed.py)
-        logits = torch.cat([F.linear(out, self.head), torch.einsum("b...d,bed->b...e", out, self.request_head)], dim=-1)
-        best = logits.argmax(dim=-1)  # [B, ...]
-        size = self.vocab.numel()
-        request = self.request_ids.gather(1, (best - size).clamp(min=0).reshape(best.shape[0], -1)).reshape(best.shape)
-        return torch.where(best < size, self.vocab[best.clamp(max=size - 1)], request)
+        """Top-1 draft tokens ``[B, ...]`` of draft features ``[B, ..., D]`` (see :meth:`ranked`)."""
+        return self.ranked(out, 1)[..., 0]
 
-    def propose(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    def ranked(self, out: torch.Tensor, count: int) -> torch.Tensor:
+        """The ``count`` best draft tokens ``[B, ..., count]``, best first, of draft features
+        ``[B, ..., D]``: over the vocabulary and each row's request tokens (distinct tokens)."""
+        # F.linear: a compiled decoding graph runs it on the few-row kernel (backends/packed.py)
+        request = torch.einsum("b...d,bed->b...e", out, self.request_head)  # [B, ..., E]
+        unused = self.request_unused.view(out.shape[0], *[1] * (out.dim() - 2), -1)
+        logits = torch.cat([F.linear(out, self.head), request.masked_fill(unused, float("-inf"))], dim=-1)
+        best = logits.topk(count, dim=-1).indices  # [B, ..., count]
+        size = self.vocab.numel()
+        index = (best - size).clamp(min=0).reshape(best.shape[0], -1)
+        return torch.where(best < size, self.vocab[best.clamp(max=size - 1)], self.request_ids.gather(1, index).view(best.shape))
+
+    def propose(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, kept: torch.Tensor, k: int,
+                count: int = 1) -> torch.Tensor:
         """Write ``P`` pairs at positions ``base + j`` and guess ``k`` tokens after each row's
-        ``kept``-th pair: ``[B, k]``.
+        ``kept``-th pair, each guess fed back for the next: ``[B, k, count]``, the ``count``
+        best tokens at each of the ``k`` positions (``[..., 0]`` the guess fed back).
 
         Args:
             features: ``[B, P, D]`` the model's final hidden states; tokens: ``[B, P]`` the token
@@ -208,12 +227,12 @@ class DraftRunner:
         last = (kept - 1).clamp(min=0)[:, None]  # [B, 1]
         feature = out.gather(1, last[:, :, None].expand(-1, 1, out.shape[-1]))  # [B, 1, D]
         position = positions.gather(1, last)  # [B, 1]
-        guesses = [self.guess(feature[:, 0])]
+        guesses = [self.ranked(feature[:, 0], count)]  # [B, count] each
         for _ in range(k - 1):
             position = (position + 1).clamp(max=self.cache.max_len - 1)
-            feature = self.pairs(feature, guesses[-1][:, None], position)  # [B, 1, D]
-            guesses.append(self.guess(feature[:, 0]))
-        return torch.stack(guesses, dim=1)  # [B, k]
+            feature = self.pairs(feature, guesses[-1][:, :1], position)  # [B, 1, D]
+            guesses.append(self.ranked(feature[:, 0], count))
+        return torch.stack(guesses, dim=1)  # [B, k, count]
 
 
 class EagleEngine(DecodeEngine):
@@ -223,13 +242,14 @@ class EagleEngine(DecodeEngine):
         model: a causal LM in eval mode whose layers transformers exposes (not modified).
         batch_size, max_len: as for :class:`DecodeEngine`.
         draft: a trained :class:`EagleDraft` for this model (copied; the given one is unchanged).
-        num_draft: ``k``, tokens guessed per step.
+        num_draft: ``k``, tokens guessed per step (a chain).
+        alternatives: the draft's next-best tokens verified beside each chain token (see :func:`eagle_strategy`).
         lookup, copy_lookup: lookup-branch lengths (see :func:`eagle_strategy`).
         **engine_options: the rest of :class:`DecodeEngine`'s options.
     """
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int, draft: EagleDraft, num_draft: int,
-                 lookup: int = 0, copy_lookup: int = 0, **engine_options: Any):
+                 alternatives: int = 0, lookup: int = 0, copy_lookup: int = 0, **engine_options: Any):
         super().__init__(model, batch_size, max_len, **engine_options)
         self.stack = DecoderStack(model)
         weight = next(model.parameters())
@@ -240,11 +260,14 @@ class EagleEngine(DecodeEngine):
         if settings["regional"]:  # only the model's layers compile there: compile the draft's step apart
             backend = engine_options.get("backend", "inductor")
             compiler = _compiler(True, backend, settings["mode"], settings["options"], packed=settings["packed"])
-            self._propose = compiler(self.runner.propose)
-        self.num_draft, self.lookup, self.copy_lookup = num_draft, lookup, copy_lookup
-        # span -> (step shape, draft nodes, lookup nodes), one graph each: the chain alone (0: no
-        # row has a lookup candidate), with `lookup` tokens, with `copy_lookup` (steps that copy)
-        self.branches = {span: _branch_step(num_draft, span) for span in {0, lookup, copy_lookup}}
+            # a code object of its own: Dynamo's recompile limit counts per code object, and every
+            # engine's draft compiles a graph per step shape
+            self._propose = compiler(types.MethodType(private_copy(DraftRunner.propose, f"draft{id(self):x}"), self.runner))
+        self.num_draft, self.alternatives, self.lookup, self.copy_lookup = num_draft, alternatives, lookup, copy_lookup
+        # span -> (step shape, (chain nodes, alternative nodes, lookup nodes)), one graph each: the
+        # draft's nodes alone (0: no row has a lookup candidate), with `lookup` tokens, with
+        # `copy_lookup` (steps that copy)
+        self.branches = {span: _branch_step(num_draft, alternatives, span) for span in {0, lookup, copy_lookup}}
         self.tree = self.branches[max(lookup, copy_lookup)][0].tree  # the widest
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
@@ -253,7 +276,7 @@ class EagleEngine(DecodeEngine):
         return self.stack.lm_head(h_last), h, ids
 
     def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-        """The first guesses ``[B, k]`` after the prefill: the prompt's pairs, the root last."""
+        """The first guesses ``[B, k, 1 + alternatives]`` after the prefill: the prompt's pairs, the root last."""
         self.runner.set_request_vocab(ids, self.cache.lengths)
         return self.run_graph("eagle_prompt", _prompt_body, h, ids, root, width=0, forwards=0)
 
@@ -262,10 +285,10 @@ class EagleEngine(DecodeEngine):
         return tokens, self.stack.lm_head(h), (h, slots[:, 0])
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The next guesses ``[B, k]``: the accepted path's pairs, then ``k`` guesses."""
+        """The next guesses ``[B, k, 1 + alternatives]``: the accepted path's pairs, then ``k`` guesses."""
         h, base = extras  # [B, T, D], [B]
         features = h.gather(1, verdict.path[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, D + 1, D]
-        return (self._propose(features, verdict.tokens, base, verdict.emitted, self.num_draft),)
+        return (self._propose(features, verdict.tokens, base, verdict.emitted, self.num_draft, 1 + self.alternatives),)
 
 
 def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
@@ -275,26 +298,31 @@ def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: 
     at_last = torch.arange(ids.shape[1], device=ids.device)[None, :] == (lengths - 1)[:, None]
     after = torch.where(at_last, root[:, None], after)
     base = torch.zeros_like(lengths)
-    return engine.runner.propose(h, after, base, lengths, engine.num_draft)  # [B, k]
+    return engine.runner.propose(h, after, base, lengths, engine.num_draft, 1 + engine.alternatives)
 
 
-def _branch_step(num_draft: int, span: int) -> tuple[StepShape, list[int], list[int]]:
-    """The step of the draft's chain beside a lookup branch of ``span`` tokens, and the node
-    indices of each (``span`` 0: the chain alone)."""
-    tree, (draft_nodes, lookup_nodes) = branch_tree((num_draft, span))
-    return StepShape.of_tree(tree), draft_nodes, lookup_nodes
+def _branch_step(num_draft: int, alternatives: int, span: int) -> tuple[StepShape, tuple[list[int], ...]]:
+    """The step of :func:`branch_tree` and its node indices."""
+    tree, nodes = branch_tree(num_draft, alternatives, span)
+    return StepShape.of_tree(tree), nodes
 
 
-def branch_tree(lengths: tuple[int, ...]) -> tuple[TreeSpec, tuple[list[int], ...]]:
-    """Chains of the given lengths from one root, as a breadth-first :class:`TreeSpec`, and the
-    node indices of each chain (a length-0 chain has none)."""
-    parents, nodes = [-1], tuple([] for _ in lengths)
-    for depth in range(max(lengths)):
-        for branch, length in zip(nodes, lengths):
-            if depth < length:
-                parents.append(branch[-1] if branch else 0)
-                branch.append(len(parents) - 1)
-    return TreeSpec(tuple(parents)), nodes
+def branch_tree(num_draft: int, alternatives: int, span: int) -> tuple[TreeSpec, tuple[list[int], list[int], list[int]]]:
+    """The draft's chain of ``num_draft`` guesses with ``alternatives`` leaves beside each (the
+    draft's next-best tokens in its place) and a lookup chain of ``span`` tokens, from one root,
+    as a breadth-first :class:`TreeSpec`; and the node indices of the chain ``[k]``, the
+    alternatives ``[k * alternatives]`` (by depth, then rank) and the lookup chain ``[span]``."""
+    parents, chain, others, lookup = [-1], [], [], []
+    for depth in range(max(num_draft, span)):
+        if depth < num_draft:
+            parent = chain[-1] if chain else 0  # the chain's guess before (its alternatives hang beside it)
+            for rank in range(1 + alternatives):
+                parents.append(parent)
+                (others if rank else chain).append(len(parents) - 1)
+        if depth < span:
+            parents.append(lookup[-1] if lookup else 0)
+            lookup.append(len(parents) - 1)
+    return TreeSpec(tuple(parents)), (chain, others, lookup)
 
 
 # ---- saving and loading ------------------------------------------------------------------------
@@ -340,12 +368,15 @@ def eagle_strategy(
     *,
     draft: EagleDraft | None = None,
     num_draft: int = DEFAULT_NUM_DRAFT,
+    alternatives: int = 0,
     lookup: int = 0,
     copy_lookup: int = 0,
     **options: Any,
 ) -> GenerateOutput:
     """The ``"eagle"`` strategy (see the module docstring). Options: ``draft`` (required),
-    ``num_draft``: tokens the draft guesses per step (a chain); ``lookup``: also verify, on a
+    ``num_draft``: tokens the draft guesses per step (a chain); ``alternatives``: also verify,
+    beside each of them, the draft's next ``alternatives`` best tokens in its place (leaves of the
+    step's tree: no draft step added; 0: off); ``lookup``: also verify, on a
     second branch, the ``lookup`` tokens that followed the last occurrence of the text's last two
     tokens earlier in the text (prompt lookup; 0: off); ``copy_lookup``: with ``lookup``, the
     branch's length in steps whose last :data:`~dynexec_compile.decoding.lookahead.COPY_MATCH`
@@ -353,21 +384,27 @@ def eagle_strategy(
     when any row copies: on a CPU it pays at batch 1 (SmolLM2, batch 4: 0.35x dynexec greedy with
     ``copy_lookup=10``, 0.54x without; ``benchmarks/RESULTS.md``)."""
     if options:
-        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft=, lookup= "
-                        "and copy_lookup=")
+        raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft=, "
+                        "alternatives=, lookup= and copy_lookup=")
     if draft is None:
         raise ValueError("strategy='eagle' needs draft=EagleDraft (dynexec_compile.train_eagle_draft / load_eagle_draft)")
     check_draft_fits(model, draft)
-    for name, value, low in (("num_draft", num_draft, 1), ("lookup", lookup, 0), ("copy_lookup", copy_lookup, 0)):
+    for name, value, low in (("num_draft", num_draft, 1), ("alternatives", alternatives, 0), ("lookup", lookup, 0),
+                             ("copy_lookup", copy_lookup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"strategy='eagle': {name} must be an int >= {low}, got {value!r}")
+    if 1 + alternatives > draft.vocab.numel():
+        raise ValueError(f"strategy='eagle': alternatives={alternatives} needs more tokens than the draft's vocabulary "
+                         f"of {draft.vocab.numel()} holds; use fewer")
     if copy_lookup and not (lookup and copy_lookup > lookup):
         raise ValueError(f"strategy='eagle': copy_lookup lengthens the lookup branch of the steps that copy: it needs "
                          f"lookup >= 1 and copy_lookup > lookup, got lookup={lookup}, copy_lookup={copy_lookup}")
+    width = 1 + num_draft * (1 + alternatives) + max(lookup, copy_lookup)
     engine = strategy_engine(
-        model, input_ids, attention_mask, settings, "eagle", reserve=2 * (1 + num_draft + max(lookup, copy_lookup)),
-        key=("eagle", id(draft), weights_fingerprint(draft), num_draft, lookup, copy_lookup),
-        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft, lookup=lookup, copy_lookup=copy_lookup),
+        model, input_ids, attention_mask, settings, "eagle", reserve=2 * width,
+        key=("eagle", id(draft), weights_fingerprint(draft), num_draft, alternatives, lookup, copy_lookup),
+        build=functools.partial(EagleEngine, draft=draft, num_draft=num_draft, alternatives=alternatives, lookup=lookup,
+                                copy_lookup=copy_lookup),
     )
     proposer = _EagleProposer("eagle", engine, settings, engine.tree)
     return decode_loop(proposer, input_ids, attention_mask, settings)
@@ -385,7 +422,7 @@ class _EagleProposer(DraftProposer):
         engine = self.engine
         logits, h, ids = engine.prefill_outputs(input_ids, attention_mask)  # [B, V], [B, L, D], [B, L]
         self.root = next_token(logits, self.settings)  # [B]
-        self.guesses = engine.first_guesses(h, ids, self.root)  # [B, k]
+        self.guesses = engine.first_guesses(h, ids, self.root)  # [B, k, 1 + alternatives]
         self.lookups, self.copy_steps = [], 0
         if engine.lookup:
             lengths = engine.cache.lengths.tolist()
@@ -394,22 +431,23 @@ class _EagleProposer(DraftProposer):
         return self.root
 
     def guess(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft's chain, and the lookup branch where some row has a candidate (``copy_lookup``
-        tokens long where some row copies): a step without one runs the narrower chain-only
-        shape. Each shape is a graph of its own."""
+        """The draft's chain (with its alternatives), and the lookup branch where some row has a
+        candidate (``copy_lookup`` tokens long where some row copies): a step without one runs
+        the narrower draft-only shape. Each shape is a graph of its own."""
         engine, batch = self.engine, self.root.shape[0]
         copying = engine.copy_lookup > 0 and any(lookup.copying(COPY_MATCH) for lookup in self.lookups)
         span = engine.copy_lookup if copying else engine.lookup
         found = [lookup.candidates(1, span, COPY_MATCH if copying else 2) for lookup in self.lookups]
         span = span if any(found) else 0
         self.copy_steps += bool(copying and span)
-        self.shape, draft_nodes, lookup_nodes = engine.branches[span]
-        self.valid = None
-        if not span:
-            return torch.cat([self.root[:, None], self.guesses], dim=1), None
+        self.shape, (chain, others, lookup_nodes) = engine.branches[span]
         size = self.shape.tree.size
         tokens = self.root[:, None].repeat(1, size)  # [B, T]; unfilled lookup nodes: the root, never valid
-        tokens[:, draft_nodes] = self.guesses
+        tokens[:, chain] = self.guesses[:, :, 0]
+        tokens[:, others] = self.guesses[:, :, 1:].flatten(1)  # by depth, then rank: branch_tree's order
+        self.valid = None
+        if not span:
+            return tokens, None
         self.valid = torch.ones(batch, size, dtype=torch.bool, device=tokens.device)
         for row, candidates in enumerate(found):
             if candidates:
@@ -426,7 +464,7 @@ class _EagleProposer(DraftProposer):
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
-        return {**super().extra(stats), "num_draft": engine.num_draft,
+        return {**super().extra(stats), "num_draft": engine.num_draft, "alternatives": engine.alternatives,
                 "draft_forwards": stats.steps * engine.num_draft,
                 "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps}
 

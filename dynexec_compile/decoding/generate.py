@@ -170,7 +170,7 @@ def generate(
             ``"speculative"`` (``draft_model=``, ``num_draft=`` or ``tree=``; see
             :mod:`dynexec_compile.decoding.speculative`), ``"draft_heads"`` (``heads=``, optional
             ``tree=``), ``"self_speculative"`` (``exit_layer=``, ``num_draft=`` or ``tree=``),
-            ``"eagle"`` (``draft=``, ``num_draft=``, ``lookup=``, ``copy_lookup=``; see
+            ``"eagle"`` (``draft=``, ``num_draft=``, ``alternatives=``, ``lookup=``, ``copy_lookup=``; see
             :mod:`dynexec_compile.decoding.eagle`), ``"calm"`` (lossy token-level early exit; see
             :mod:`dynexec_compile.decoding.calm`).
         max_new_tokens: tokens to generate per row (>= 1).

@@ -114,6 +114,43 @@ def test_regional_compilation_compiles_the_draft_apart(draft_for, packed):
     assert again.stats.compiles == 0
 
 
+def test_regional_engines_keep_their_draft_graphs_apart(draft_for):
+    # each engine's draft compiles a graph per step shape (3 here): five engines would pass
+    # Dynamo's recompile limit (8) on one shared code object, a hard error with fullgraph=True
+    model, draft = draft_for("llama")
+    text = own_text(model, rows=2, length=24)
+    ids = torch.cat([text, text[:, :8]], dim=1)  # lookup and copy steps both occur
+    reference = hf_greedy(model, ids, torch.ones_like(ids), 16)
+    for k, alternatives in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1)):
+        out = dx.generate(model, ids, strategy="eagle", draft=draft, num_draft=k, alternatives=alternatives, lookup=2,
+                          copy_lookup=4, max_new_tokens=16, eos_token_id=[], backend="eager", regional=True)
+        assert torch.equal(out.sequences, reference), (k, alternatives)
+
+
+def test_alternatives_verify_the_drafts_next_best_tokens_beside_its_chain(draft_for):
+    from dynexec_compile.decoding.eagle import branch_tree
+
+    tree, (chain, others, lookup) = branch_tree(2, 2, 3)
+    assert tree.parents == (-1, 0, 0, 0, 0, 1, 1, 1, 4, 8)
+    assert (chain, others, lookup) == ([1, 5], [2, 3, 6, 7], [4, 8, 9])
+    model, draft = draft_for("qwen2")
+    ids, mask = left_padded_batch([6, 9], seed=4)
+    common = dict(strategy="eagle", draft=draft, num_draft=1, max_new_tokens=24, eos_token_id=[], compile=False)
+    chain_only = dx.generate(model, ids, mask, **common)
+    wide = dx.generate(model, ids, mask, alternatives=3, **common)
+    reference = hf_greedy(model, ids, mask, 24)
+    assert torch.equal(chain_only.sequences, reference) and torch.equal(wide.sequences, reference)
+    assert wide.stats.extra["alternatives"] == 3 and wide.stats.extra["tree"] == [-1, 0, 0, 0, 0]
+    assert {n for step in wide.stats.extra["drafted_per_step"] for n in step} == {0, 4}, "4 a step; 0 once a row is done"
+    assert wide.stats.steps < chain_only.stats.steps, "a step keeps the model's token when it is the draft's 2nd-4th best"
+    sampled = [dx.generate(model, ids, mask, alternatives=2, lookup=2, do_sample=True,
+                           generator=torch.Generator().manual_seed(3), **common) for _ in range(2)]
+    assert torch.equal(sampled[0].sequences, sampled[1].sequences)
+    for bad, match in (({"alternatives": -1}, "must be an int"), ({"alternatives": 64}, "vocabulary")):
+        with pytest.raises(ValueError, match=match):
+            dx.generate(model, ids, mask, **{**common, **bad})
+
+
 def test_save_load_roundtrip_and_errors(tmp_path, draft_for):
     model, draft = draft_for("qwen2")
     path = tmp_path / "draft.safetensors"
