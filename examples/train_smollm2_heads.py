@@ -73,6 +73,12 @@ def cached_answers(model, tokenizer, prompts: list[torch.Tensor], new_tokens: in
     return out
 
 
+def command(args, *left_out: str) -> str:
+    """The command line that trained a file (without ``--out``, unset options and ``left_out``)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("out", *left_out) and v is not None}
+    return "python examples/train_smollm2_heads.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+
+
 @torch.no_grad()
 def agreement(model, heads: DraftHeads, prompts: list[torch.Tensor], replies: list[torch.Tensor]) -> list[float]:
     """Per head ``i``: how often its top-1 guess at position ``t`` equals the model's own top-1
@@ -165,8 +171,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dx.save_draft_heads(heads, out / "heads.safetensors", dtype=torch.bfloat16)
     summary = {
-        "command": "python examples/train_smollm2_heads.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "command": command(args),
         "training_sequences": len(train),
         "training_answer_tokens": int(sum(a.numel() for a in train)),
         "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},
@@ -191,8 +196,7 @@ def train_exit_adapter(args, model, data, held_prompts, held, gen_cpu: float, ge
     out.mkdir(parents=True, exist_ok=True)
     dx.save_draft_heads(adapter, out / "adapter.safetensors", dtype=torch.bfloat16)
     summary = {
-        "command": "python examples/train_smollm2_heads.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets")),
+        "command": command(args, "offsets"),
         "exit_layer": args.exit_layer,
         "training_sequences": sequences,
         "self_generation": {"cpu_s": round(gen_cpu, 1), "wall_s": round(gen_wall, 1)},
@@ -286,22 +290,60 @@ _MODULE_TASKS = (
     "What is the Python module `{t}` used for? Give a short example.",
     "When would I use Python's `{t}` module? Explain briefly.",
 )
+# the second block of questions (session 16): more topics and phrasings, after the first block
+_TOPICS_2 = (
+    "machine learning", "neural networks", "encryption", "strong passwords", "open source software",
+    "operating systems", "linked lists", "graphs in computer science", "dynamic programming", "big O notation", "HTTP",
+    "DNS", "JSON", "CSV files", "type hints in Python", "virtual environments in Python",
+    "list comprehensions in Python", "context managers in Python", "the global interpreter lock", "garbage collection",
+    "continuous integration", "logging", "refactoring", "technical debt", "pair programming", "the solar system",
+    "the moon landing", "dinosaurs", "the ocean", "rain forests", "deserts", "glaciers", "clouds", "lightning",
+    "magnets", "sound waves", "light", "atoms", "DNA", "vaccines", "the immune system", "exercise", "nutrition",
+    "meditation", "reading books", "budgeting", "saving money", "job interviews", "teamwork", "giving feedback",
+    "taking notes", "gardening", "cooking pasta", "baking bread", "tea", "cats", "dogs", "bird migration", "trees",
+    "the Roman Empire", "the printing press", "electricity", "trains", "bicycles", "maps", "music theory",
+)
+_TOPIC_TASKS_2 = (
+    "How would you explain {t} to a ten-year-old?", "What are the pros and cons of {t}?",
+    "List five key terms related to {t}, with a one-line definition of each.", "What is a common misconception about {t}?",
+)
+_MODULE_TASKS_2 = (
+    "What are common mistakes when using Python's `{t}` module?",
+    "Show a small example that uses Python's `{t}` module and explain each line.",
+)
 
 
-def free_form_questions(tokenizer, n: int) -> list[torch.Tensor]:
-    """``n`` chat prompts asking free-form questions (topics x phrasings, then the standard
-    library's public modules x phrasings), interleaved so that any prefix mixes them."""
+def free_form_blocks() -> list[list[str]]:
+    """The free-form questions, in blocks that later sessions append to (a prefix of the
+    questions, and so of a block, keeps its cached answers): topics x phrasings and the
+    standard library's public modules x phrasings, interleaved so that any prefix mixes them."""
     modules = sorted(m for m in sys.stdlib_module_names if not m.startswith("_"))
-    topical = [task.format(t=t) for task in _TOPIC_TASKS for t in _TOPICS]
-    modular = [task.format(t=m) for task in _MODULE_TASKS for m in modules]
-    mixed = [q for pair in zip(topical, modular) for q in pair] + topical[len(modular):] + modular[len(topical):]
-    if n > len(mixed):
-        raise ValueError(f"--free-form: at most {len(mixed)} questions, got {n}")
-    return [
-        torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"], dtype=torch.long)
-        for q in mixed[:n]
-    ]
+
+    def mix(topical: list[str], modular: list[str]) -> list[str]:
+        return [q for pair in zip(topical, modular) for q in pair] + topical[len(modular):] + modular[len(topical):]
+
+    first = mix([task.format(t=t) for task in _TOPIC_TASKS for t in _TOPICS],
+                [task.format(t=m) for task in _MODULE_TASKS for m in modules])
+    topical = [task.format(t=t) for task in _TOPIC_TASKS_2 for t in _TOPICS + _TOPICS_2]
+    topical += [task.format(t=t) for task in _TOPIC_TASKS for t in _TOPICS_2]
+    second = mix(topical, [task.format(t=m) for task in _MODULE_TASKS_2 for m in modules])
+    return [first, second]
+
+
+def free_form_questions(tokenizer, n: int) -> list[list[torch.Tensor]]:
+    """The first ``n`` free-form questions as chat prompts, by block (:func:`free_form_blocks`)."""
+    blocks, left, out = free_form_blocks(), n, []
+    if n > sum(map(len, blocks)):
+        raise ValueError(f"--free-form: at most {sum(map(len, blocks))} questions, got {n}")
+    for block in blocks:
+        taken, left = block[:left], left - min(left, len(block))
+        if taken:
+            out.append([
+                torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                           tokenize=True, return_dict=True)["input_ids"], dtype=torch.long)
+                for q in taken
+            ])
+    return out
 
 
 def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float, gen_wall: float) -> None:
@@ -310,10 +352,10 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
     free = []
     if args.free_form:
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        questions = free_form_questions(tokenizer, args.free_form)
-        digest = hashlib.sha256(b"".join(q.numpy().tobytes() for q in questions)).hexdigest()[:8]
-        replies = cached_answers(model, tokenizer, questions, args.new_tokens, f"free{digest}", batch=16)
-        free = [torch.cat([q, r])[None] for q, r in zip(questions, replies, strict=True)]
+        for questions in free_form_questions(tokenizer, args.free_form):  # answers cached per block
+            digest = hashlib.sha256(b"".join(q.numpy().tobytes() for q in questions)).hexdigest()[:8]
+            replies = cached_answers(model, tokenizer, questions, args.new_tokens, f"free{digest}", batch=16)
+            free += [torch.cat([q, r])[None] for q, r in zip(questions, replies, strict=True)]
         gen_cpu, gen_wall = gen_cpu + time.process_time() - cpu0, gen_wall + time.perf_counter() - wall0
     cpu1, wall1 = time.process_time(), time.perf_counter()
     sequences = [seq for seq, _ in data] + free  # every position: the prompts' text too
@@ -328,8 +370,7 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
     dx.save_eagle_draft(draft, out / "draft.safetensors", dtype=torch.bfloat16)
     by_kind = eagle_agreement_by_kind(model, draft, held_prompts, held)
     summary = {
-        "command": "python examples/train_smollm2_heads.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "offsets", "exit_layer")),
+        "command": command(args, "offsets", "exit_layer"),
         "training_sequences": len(sequences),
         "of_which_self_generated_free_form_chats": len(free),
         "of_which_teacher_forced_copy_chats": len(copies),
