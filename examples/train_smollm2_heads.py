@@ -314,9 +314,10 @@ _MODULE_TASKS_2 = (
 
 
 def free_form_blocks() -> list[list[str]]:
-    """The free-form questions, in blocks that later sessions append to (a prefix of the
-    questions, and so of a block, keeps its cached answers): topics x phrasings and the
-    standard library's public modules x phrasings, interleaved so that any prefix mixes them."""
+    """The free-form questions in blocks, each topics x phrasings and the standard library's
+    public modules x phrasings, interleaved so that any prefix mixes them. Answers are cached per
+    block, so a new block goes after the others: a run that takes more questions than before
+    reuses the answers to every block it takes whole."""
     modules = sorted(m for m in sys.stdlib_module_names if not m.startswith("_"))
 
     def mix(topical: list[str], modular: list[str]) -> list[str]:
