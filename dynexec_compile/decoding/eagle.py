@@ -42,8 +42,8 @@ shape of its own (lookahead's ``copy_ngram``): a long branch only where a long r
 tokens in its place, as leaves of the step's tree: the draft's top-1 guess agrees with the model
 less often than its top-3 (SmolLM2's draft, held-out answers: 0.35 against 0.54), the ranks come
 from the same draft step, and on a few-row kernel a few more rows of a step cost little. The
-chain continues from the best guess only: a step whose path ends at an alternative has one
-drafted token more than the chain's step alone would keep, and the draft then continues from it.
+chain continues from the best guess only; when the model's token is an alternative, the step
+keeps it (and the model's own token after it), and the next guesses start from there.
 
 Exactness does not depend on the draft: greedy output is token-identical to greedy decoding
 and sampling is lossless (the guesses are deterministic given the context, so each node's
