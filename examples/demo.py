@@ -193,11 +193,11 @@ def chat_demo(new_tokens: int) -> None:
     t0 = time.perf_counter()
     ref = answer(hf())
     t_hf = time.perf_counter() - t0
-    print(f"\n{'HF generate (greedy)':<38} {ref.numel() / t_hf:6.1f} tok/s\n{tok.decode(ref, skip_special_tokens=True)}\n")
+    print(f"\n{'HF generate (greedy)':<46} {ref.numel() / t_hf:6.1f} tok/s\n{tok.decode(ref, skip_special_tokens=True)}\n")
     t0 = time.perf_counter()
     pld = answer(hf(prompt_lookup_num_tokens=10))
     t_pld = time.perf_counter() - t0
-    print(f"{'HF generate, prompt lookup':<38} {pld.numel() / t_pld:6.1f} tok/s  {t_hf / t_pld:.2f}x HF  "
+    print(f"{'HF generate, prompt lookup':<46} {pld.numel() / t_pld:6.1f} tok/s  {t_hf / t_pld:.2f}x HF  "
           f"identical to HF greedy: {torch.equal(pld, ref)}")
     heads_file = Path(__file__).resolve().parent.parent / "models/smollm2-135m-instruct/draft-heads/heads.safetensors"
     runs = [
@@ -210,8 +210,9 @@ def chat_demo(new_tokens: int) -> None:
                                                            "heads": dx.load_draft_heads(heads_file, dtype=torch.float32)}))
     eagle_file = heads_file.parent.parent / "eagle/draft.safetensors"
     if eagle_file.is_file():
-        runs.append(("dynexec EAGLE (k=1, lookup 3, copy 10)", {"strategy": "eagle", "num_draft": 1, "lookup": 3,
-                                                                "copy_lookup": 10, "draft": dx.load_eagle_draft(eagle_file)}))
+        runs.append(("dynexec EAGLE (k=1, alt 3, lookup 3, copy 10)",
+                     {"strategy": "eagle", "num_draft": 1, "alternatives": 3, "lookup": 3, "copy_lookup": 10,
+                      "draft": dx.load_eagle_draft(eagle_file)}))
     for name, kwargs in runs:
         t0 = time.perf_counter()
         dx.generate(model, ids, max_new_tokens=new_tokens, **kwargs)  # compiles (regional: one decoder layer)
@@ -221,7 +222,7 @@ def chat_demo(new_tokens: int) -> None:
         seconds = time.perf_counter() - t0
         mine = answer(out.sequences)
         same = torch.equal(mine, ref)
-        print(f"{name:<38} {mine.numel() / seconds:6.1f} tok/s  {t_hf / seconds:.2f}x HF  tokens/forward "
+        print(f"{name:<46} {mine.numel() / seconds:6.1f} tok/s  {t_hf / seconds:.2f}x HF  tokens/forward "
               f"{out.stats.tokens_per_forward:.2f}  first call {compile_s:.0f} s  identical to HF greedy: {same}")
         if not same:
             print(f"  its text: {tok.decode(mine, skip_special_tokens=True)}")
