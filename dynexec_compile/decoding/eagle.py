@@ -383,8 +383,8 @@ def eagle_strategy(
     tokens occurred earlier in the text (0: off; else more than ``lookup``). A copy step is taken
     when any row copies: on a CPU it pays at batch 1 (SmolLM2, batch 4: 0.35x dynexec greedy with
     ``copy_lookup=10``, 0.54x without; ``benchmarks/RESULTS.md``). Alternatives widen every step
-    too: measured faster at batch 1 in fp32, slower on int8 weights, whose few-row kernel's cost
-    grows faster with rows."""
+    too: measured faster at batch 1 in fp32, slower on bf16 and int8 weights, whose few-row
+    kernels' cost grows faster with rows."""
     if options:
         raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft=, "
                         "alternatives=, lookup= and copy_lookup=")
