@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 import dynexec_compile as dx
 from dynexec_compile.bench.common import left_padded
 from dynexec_compile.decoding.draft_heads import DraftHeads
+from dynexec_compile.elastic.prompt import chat_ids
 from dynexec_compile.models import chat_prompts, dynexec_cache_dir, load_lm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,11 +340,7 @@ def free_form_questions(tokenizer, n: int) -> list[list[torch.Tensor]]:
     for block in blocks:
         taken, left = block[:left], left - min(left, len(block))
         if taken:
-            out.append([
-                torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                           tokenize=True, return_dict=True)["input_ids"], dtype=torch.long)
-                for q in taken
-            ])
+            out.append([chat_ids(tokenizer, q)[0] for q in taken])
     return out
 
 

@@ -164,7 +164,6 @@ class DraftRunner:
         self.new_cache(batch_size, max_len)
         # each row's request tokens outside the vocabulary, and their head rows (set_request_vocab)
         self.request_ids = self.vocab[:1].repeat(batch_size, REQUEST_VOCAB)  # [B, E]
-        self.request_unused = torch.ones(batch_size, REQUEST_VOCAB, dtype=torch.bool, device=self.vocab.device)  # fillers
         self.request_head = self.head[:1].repeat(batch_size * REQUEST_VOCAB, 1).view(batch_size, REQUEST_VOCAB, -1)
 
     def set_request_vocab(self, ids: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -180,7 +179,6 @@ class DraftRunner:
             row_ids = torch.full((REQUEST_VOCAB,), int(filler), dtype=torch.long, device=self.vocab.device)
             row_ids[: chosen.numel()] = chosen
             self.request_ids[row].copy_(row_ids)
-            self.request_unused[row].copy_(torch.arange(REQUEST_VOCAB, device=self.vocab.device) >= chosen.numel())
         self.request_head.copy_(self.out[self.request_ids])
 
     def new_cache(self, batch_size: int, max_len: int) -> None:
@@ -204,7 +202,8 @@ class DraftRunner:
         ``[B, ..., D]``: over the vocabulary and each row's request tokens (distinct tokens)."""
         # F.linear: a compiled decoding graph runs it on the few-row kernel (backends/packed.py)
         request = torch.einsum("b...d,bed->b...e", out, self.request_head)  # [B, ..., E]
-        unused = self.request_unused.view(out.shape[0], *[1] * (out.dim() - 2), -1)
+        # fillers are vocab[0] (a request token is never in the vocabulary): never a second guess
+        unused = (self.request_ids == self.vocab[0]).view(out.shape[0], *[1] * (out.dim() - 2), -1)
         logits = torch.cat([F.linear(out, self.head), request.masked_fill(unused, float("-inf"))], dim=-1)
         best = logits.topk(count, dim=-1).indices  # [B, ..., count]
         size = self.vocab.numel()
@@ -267,7 +266,10 @@ class EagleEngine(DecodeEngine):
         # span -> (step shape, (chain nodes, alternative nodes, lookup nodes)), one graph each: the
         # draft's nodes alone (0: no row has a lookup candidate), with `lookup` tokens, with
         # `copy_lookup` (steps that copy)
-        self.branches = {span: _branch_step(num_draft, alternatives, span) for span in {0, lookup, copy_lookup}}
+        self.branches = {}
+        for span in {0, lookup, copy_lookup}:
+            tree, nodes = branch_tree(num_draft, alternatives, span)
+            self.branches[span] = (StepShape.of_tree(tree), nodes)
         self.tree = self.branches[max(lookup, copy_lookup)][0].tree  # the widest
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
@@ -299,12 +301,6 @@ def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: 
     after = torch.where(at_last, root[:, None], after)
     base = torch.zeros_like(lengths)
     return engine.runner.propose(h, after, base, lengths, engine.num_draft, 1 + engine.alternatives)
-
-
-def _branch_step(num_draft: int, alternatives: int, span: int) -> tuple[StepShape, tuple[list[int], ...]]:
-    """The step of :func:`branch_tree` and its node indices."""
-    tree, nodes = branch_tree(num_draft, alternatives, span)
-    return StepShape.of_tree(tree), nodes
 
 
 def branch_tree(num_draft: int, alternatives: int, span: int) -> tuple[TreeSpec, tuple[list[int], list[int], list[int]]]:
@@ -401,7 +397,7 @@ def eagle_strategy(
     if copy_lookup and not (lookup and copy_lookup > lookup):
         raise ValueError(f"strategy='eagle': copy_lookup lengthens the lookup branch of the steps that copy: it needs "
                          f"lookup >= 1 and copy_lookup > lookup, got lookup={lookup}, copy_lookup={copy_lookup}")
-    width = 1 + num_draft * (1 + alternatives) + max(lookup, copy_lookup)
+    width = branch_tree(num_draft, alternatives, max(lookup, copy_lookup))[0].size  # the widest step
     engine = strategy_engine(
         model, input_ids, attention_mask, settings, "eagle", reserve=2 * width,
         key=("eagle", id(draft), weights_fingerprint(draft), num_draft, alternatives, lookup, copy_lookup),
