@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from dynexec_compile.backends.attention import cpu_attention
 from dynexec_compile.backends.cuda_graphs import CudaGraphRunner
 from dynexec_compile.backends.inductor_passes import (
     ContiguousWeightsForFreezing,
@@ -138,9 +139,11 @@ class DecodeEngine:
             for Inductor on CPU without a ``mode``.
         attention: attention implementation to trace the model with (``"eager"``, ``"sdpa"``),
             set on the model's config only for the duration of each call and restored after;
-            ``None`` keeps the model's; ``"auto"``: ``"eager"`` on CPU (a 1-token query over
+            ``None`` keeps the model's; ``"auto"``: eager attention on CPU (a 1-token query over
             the cache is a matrix-vector product that Inductor fuses with the mask and
-            softmax, cheaper than SDPA's CPU kernel), the model's own elsewhere.
+            softmax, cheaper than SDPA's CPU kernel), without copies of the key/value heads where
+            the family allows (:func:`~dynexec_compile.backends.attention.cpu_attention`); the
+            model's own elsewhere.
         skip_guards: once a step shape has run, call it again without re-evaluating Dynamo's
             guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): nothing the
             guards check changes between an engine's own calls, since all state is in tensors.
@@ -207,7 +210,7 @@ class DecodeEngine:
         if freeze:
             options = {**FREEZING_OPTIONS, **(options or {})}
         if attention == "auto":
-            attention = "eager" if on_cpu and model._can_set_attn_implementation() else None
+            attention = cpu_attention(model) if on_cpu and model._can_set_attn_implementation() else None
         self.model = model
         self.cache = SlotCache(model.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
         self.forward_passes = 0
@@ -220,7 +223,8 @@ class DecodeEngine:
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._max_position = _learned_positions(model.config)
         self._weights_at_freeze = weights_fingerprint(model) if freeze else None
-        self.compile_settings = {"mode": mode, "options": options, "freeze": freeze, "regional": regional, "packed": packed}  # as resolved
+        self.compile_settings = {"mode": mode, "options": options, "freeze": freeze, "regional": regional, "packed": packed,
+                                 "attention": attention}  # as resolved
         self._packed = PackedWeights(model) if packed else None
         self._compiler = _compiler(compile, backend, mode, options, packed=packed)
         self._regional: RegionalLayers | None = None
