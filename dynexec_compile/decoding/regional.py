@@ -123,13 +123,13 @@ class RegionalLayers:
         layer = self.layers[index]
         at = self._cache_at
         cache = args[at] if at < len(args) else kwargs.pop("past_key_values", None)
-        if cache is not self._cache:
+        if not isinstance(cache, SlotCache) or len(cache.layers) != len(self.layers):
             raise RuntimeError(
                 f"regional compilation: decoder layer {index} ({type(layer).__name__}) was called "
-                "without the engine's SlotCache as past_key_values"
+                "without one of the engine's SlotCaches as past_key_values"
             )
-        buffers = self._cache.layers[index]
-        return self._compiled(layer, buffers.keys, buffers.values, self._cache._write_slots, args, kwargs, at)
+        buffers = cache.layers[index]
+        return self._compiled(layer, buffers.keys, buffers.values, cache._write_slots, args, kwargs, at)
 
     @contextlib.contextmanager
     def installed(self, dynamic: bool = False) -> Iterator[None]:

@@ -151,7 +151,8 @@ class DecodeEngine:
             each step running eagerly (see :mod:`dynexec_compile.decoding.regional`): the
             compile time of one layer whatever the depth, no freezing. ``None`` = on for
             compiled CPU models of at least :data:`REGIONAL_MIN_BYTES` of weights, whose
-            step is bound by memory traffic (measured on SmolLM2-135M: see the README).
+            step is bound by memory traffic (measured on SmolLM2-135M: see the README). A
+            batch of prompts of unequal lengths then prefills row by row (:meth:`_prefill_rows`).
         packed: every linear layer of the compiled graphs runs on a copy of its weight packed
             once for oneDNN (:mod:`dynexec_compile.backends.packed`): on a CPU a step over
             several tokens then costs about what a 1-token step costs, where the plain GEMM
@@ -228,6 +229,7 @@ class DecodeEngine:
         self._packed = PackedWeights(model) if packed else None
         self._compiler = _compiler(compile, backend, mode, options, packed=packed)
         self._regional: RegionalLayers | None = None
+        self._row_cache: SlotCache | None = None  # the one-row cache of a prefill row by row
         if regional:  # the layers compile; every graph runs eagerly around them
             self._regional = RegionalLayers(
                 model, self.cache, lambda fn, dynamic: _compiler(True, backend, mode, options, dynamic, packed)(fn)
@@ -287,14 +289,43 @@ class DecodeEngine:
             raise ValueError(
                 f"prefill: prompts of {longest} tokens need {bucket} slots (bucketed), cache has {self.max_len}"
             )
-        # ids: [B, bucket], prompt first; the padded tail is scratch that later steps overwrite
-        ids = torch.zeros(self.batch_size, bucket, dtype=torch.long, device=self.device)
-        ids[:, :longest] = packed[:, :longest]
         self.cache.reset()
         self._length_bound = 0
-        out = self.run_graph("prefill", DecodeEngine._prefill_body, ids, lengths.to(self.device), width=0)
+        lengths = lengths.to(self.device)
+        if self._regional is not None and _rows_apart(lengths.tolist(), bucket):
+            out = self._prefill_rows(packed, lengths)
+        else:
+            # ids: [B, bucket], prompt first; the padded tail is scratch that later steps overwrite
+            ids = torch.zeros(self.batch_size, bucket, dtype=torch.long, device=self.device)
+            ids[:, :longest] = packed[:, :longest]
+            out = self.run_graph("prefill", DecodeEngine._prefill_body, ids, lengths, width=0)
         self._length_bound = longest
         return out
+
+    def _prefill_rows(self, packed: torch.Tensor, lengths: torch.Tensor) -> tuple:
+        """The prefill one row at a time, each padded to its own multiple of 8, on a one-row
+        cache whose slots are copied into the row's (regional compilation: the same dynamic
+        graph for every row). A CPU prefill is bound by arithmetic, so a batch of unequal
+        prompts then costs the sum of their lengths rather than rows x the longest. Counted as
+        one forward, as the batched prefill is. Returns the batched prefill's outputs, a row's
+        shorter per-token outputs zero-padded."""
+        if self._row_cache is None:
+            self._row_cache = SlotCache(self.model.config, 1, self.max_len, dtype=self.cache.dtype, device=self.device)
+        whole, parts = self.cache, []
+        try:
+            self.cache = self._row_cache
+            for row, length in enumerate(lengths.tolist()):
+                ids = packed.new_zeros(1, -(-length // 8) * 8)
+                ids[0, :length] = packed[row, :length]
+                parts.append(self.run_graph("prefill", DecodeEngine._prefill_body, ids, lengths[row : row + 1], width=0, forwards=0))
+                for mine, its in zip(whole.layers, self._row_cache.layers, strict=True):
+                    mine.keys[row, :, :length] = its.keys[0, :, :length]
+                    mine.values[row, :, :length] = its.values[0, :, :length]
+        finally:
+            self.cache = whole
+        whole.lengths.copy_(lengths)
+        self.forward_passes += 1
+        return tuple(_stack_rows(outputs) for outputs in zip(*parts, strict=True))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row at position ``lengths[b]``; commits it and returns logits ``[B, V]``.
@@ -546,6 +577,28 @@ class DecodeEngine:
             )
         if int(slots.min()) < 0 or int(slots.max()) >= self.max_len:
             raise ValueError(f"step: slots must lie in [0, {self.max_len}), got [{int(slots.min())}, {int(slots.max())}]")
+
+
+# What one more prefill call costs beyond its tokens' arithmetic, in prompt tokens: it streams
+# the weights once more, ~40 ms for SmolLM2-135M's 538 MB on one core of an AVX2 EPYC, the time
+# that core takes for ~12 of its tokens (80 GFLOP/s, 0.27 GFLOP a token); rounded up.
+PREFILL_CALL_TOKENS = 16
+
+
+def _rows_apart(lengths: list[int], bucket: int) -> bool:
+    """Whether prefilling row by row (each padded to a multiple of 8) saves more padded tokens
+    than its extra calls cost (:data:`PREFILL_CALL_TOKENS` each)."""
+    own = sum(-(-n // 8) * 8 for n in lengths)
+    return len(lengths) > 1 and len(lengths) * bucket - own > PREFILL_CALL_TOKENS * (len(lengths) - 1)
+
+
+def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One-row outputs ``[1, ...]`` as a batch ``[B, ...]``, each zero-padded to the largest."""
+    shape = [max(sizes) for sizes in zip(*(part.shape[1:] for part in parts), strict=True)]
+    out = parts[0].new_zeros(len(parts), *shape)
+    for row, part in enumerate(parts):
+        out[(row, *(slice(0, n) for n in part.shape[1:]))] = part[0]
+    return out
 
 
 def _learned_positions(config: Any) -> int | None:

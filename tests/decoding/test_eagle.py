@@ -114,6 +114,19 @@ def test_regional_compilation_compiles_the_draft_apart(draft_for, packed):
     assert again.stats.compiles == 0
 
 
+def test_regional_row_by_row_prefill_feeds_the_draft_every_rows_prompt(draft_for):
+    # prompts far apart in length prefill row by row; the draft's prompt pairs come from the
+    # rows' outputs padded to one width: same tokens as HF greedy, and as a batch of one
+    model, draft = draft_for("llama")
+    ids, mask = left_padded_batch([4, 36], seed=7)
+    common = dict(strategy="eagle", draft=draft, num_draft=2, lookup=2, max_new_tokens=16, eos_token_id=[],
+                  backend="eager", regional=True)
+    out = dx.generate(model, ids, mask, **common)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 16))
+    alone = dx.generate(model, ids[:1, -4:], **common)
+    assert out.stats.accepted_per_step[0][0] == alone.stats.accepted_per_step[0][0]
+
+
 def test_regional_engines_keep_their_draft_graphs_apart(draft_for):
     # each engine's draft compiles a graph per step shape (3 here): five engines would pass
     # Dynamo's recompile limit (8) on one shared code object, a hard error with fullgraph=True

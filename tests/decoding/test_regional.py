@@ -30,6 +30,27 @@ def test_regional_greedy_equals_hf_and_compiles_one_layer_per_shape(kind):
     assert torch.equal(out2.sequences, hf_greedy(model, ids2, mask2, 40))
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_unequal_prompts_prefill_row_by_row_with_the_batched_numbers(kind):
+    """Prompts 32 tokens apart: the regional prefill runs each row padded to its own multiple of
+    8 (the sum of the rows' lengths, not 3 x the longest) and leaves the logits, cache slots and
+    lengths of the batched prefill; one forward counted; tokens equal HF greedy."""
+    model = build_model(kind)
+    lengths = [5, 37, 12]
+    ids, mask = left_padded_batch(lengths)
+    assert step._rows_apart(lengths, 40) and not step._rows_apart([7, 12], 16)
+    rows = DecodeEngine(model, 3, 64, backend="eager", regional=True)
+    batched = DecodeEngine(model, 3, 64, compile=False)
+    torch.testing.assert_close(rows.prefill(ids, mask), batched.prefill(ids, mask), rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.cache.lengths, batched.cache.lengths) and rows.forward_passes == 1
+    for mine, its in zip(rows.cache.layers, batched.cache.layers, strict=True):
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(mine.keys[row, :, :n], its.keys[row, :, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values[row, :, :n], its.values[row, :, :n], rtol=1e-5, atol=1e-5)
+    out = dx.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[], backend="eager", regional=True)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30))
+
+
 @pytest.mark.parametrize(
     "strategy, options",
     [
