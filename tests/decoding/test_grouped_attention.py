@@ -19,19 +19,19 @@ class _Heads(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
-@pytest.mark.parametrize("mask_heads", [None, 1, "all"])
+@pytest.mark.parametrize("mask_heads", [None, 1, "all", "one row"])
 @pytest.mark.parametrize("heads, kv_heads, length", [(9, 3, 5), (4, 2, 1), (4, 4, 3), (6, 1, 2)])
 def test_equals_llamas_eager_attention(heads, kv_heads, length, mask_heads):
     """Outputs and weights of ``eager_attention_forward`` with ``repeat_kv``, for grouped, plain
-    multi-head and multi-query layouts, one or several query tokens, a mask shared by the heads
-    or one per head, or none."""
+    multi-head and multi-query layouts, one or several query tokens, a mask shared by the heads,
+    one per head, one for every row of the batch, or none."""
     torch.manual_seed(heads * 100 + length)
     batch, slots, dim = 2, 11, 8
     query = torch.randn(batch, heads, length, dim)
     key, value = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
     mask = None
     if mask_heads is not None:
-        mask = torch.randn(batch, heads if mask_heads == "all" else 1, length, slots)
+        mask = torch.randn(1 if mask_heads == "one row" else batch, heads if mask_heads == "all" else 1, length, slots)
         mask[..., -3:] = torch.finfo(torch.float32).min  # masked slots
     module = _Heads(heads // kv_heads).eval()
     out, weights = grouped_attention(module, query, key, value, mask, 0.3)
