@@ -58,9 +58,12 @@ def grouped_attention(
 
 def cpu_attention(model: PreTrainedModel) -> str:
     """The attention implementation a CPU engine traces ``model`` with: :data:`NAME` when its
-    family's eager attention is LLaMA's (the same code), else ``"eager"``."""
+    family's eager attention is LLaMA's (the same code, with the same ``repeat_kv``), else
+    ``"eager"``."""
     family = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
-    return NAME if _same_code(family, modeling_llama.eager_attention_forward) else "eager"
+    same = _same_code(family, modeling_llama.eager_attention_forward) and _same_code(
+        family.__globals__.get("repeat_kv"), modeling_llama.repeat_kv)
+    return NAME if same else "eager"
 
 
 def _same_code(fn: object, reference: object) -> bool:
