@@ -34,19 +34,28 @@ def test_equals_llamas_eager_attention(heads, kv_heads, length, mask_heads):
         mask = torch.randn(1 if mask_heads == "one row" else batch, heads if mask_heads == "all" else 1, length, slots)
         mask[..., -3:] = torch.finfo(torch.float32).min  # masked slots
     module = _Heads(heads // kv_heads).eval()
-    out, weights = grouped_attention(module, query, key, value, mask, 0.3)
-    ref_out, ref_weights = modeling_llama.eager_attention_forward(module, query, key, value, mask, 0.3)
+    out, weights = grouped_attention(module, query, key, value, mask, scaling=0.3, dropout=0.0)
+    ref_out, ref_weights = modeling_llama.eager_attention_forward(module, query, key, value, mask, scaling=0.3, dropout=0.0)
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-6)
+    # Gemma-2's: soft-capped scores (as Gemma-2 calls it: every option by name)
+    module.head_dim = dim
+    for scaling in (0.3, None):
+        out, weights = grouped_attention(module, query, key, value, mask, dropout=0.0, scaling=scaling, softcap=2.0)
+        ref_out, ref_weights = modeling_gemma2.eager_attention_forward(
+            module, query, key, value, mask, dropout=0.0, scaling=scaling, softcap=2.0)
+        torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-6)
 
 
-def test_used_where_the_familys_eager_attention_is_llamas():
-    """Mistral's eager attention is LLaMA's code: grouped. Gemma-2's soft-caps its scores and
-    GPT-2 has its own: they keep ``"eager"``."""
+def test_used_where_the_familys_eager_attention_is_llamas_or_gemma2s():
+    """Mistral's eager attention is LLaMA's code, Gemma-3's is Gemma-2's: grouped. GPT-2 and
+    GPT-NeoX have their own: they keep ``"eager"``."""
     assert modeling_gemma2.eager_attention_forward is not modeling_llama.eager_attention_forward
-    assert cpu_attention(family_model("mistral")) == NAME
-    assert cpu_attention(family_model("gemma2")) == "eager"
-    assert cpu_attention(family_model("gpt2")) == "eager"
+    for family in ("mistral", "gemma2", "gemma3"):
+        assert cpu_attention(family_model(family)) == NAME, family
+    for family in ("gpt2", "gpt_neox"):
+        assert cpu_attention(family_model(family)) == "eager", family
 
 
 def test_a_grouped_engine_decodes_transformers_greedy_tokens():
