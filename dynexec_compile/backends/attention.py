@@ -57,10 +57,8 @@ def grouped_attention(
     scores = torch.matmul(query.reshape(batch, kv_heads, group * length, dim), key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:  # [B | 1, H | 1, T, S] additive
-        mask = attention_mask.reshape(attention_mask.shape[0], -1, 1, length, slots)  # head h = (kv, g)
-        mask = mask.expand(batch, kv_heads, group, length, slots) if mask.shape[1] == 1 else mask.expand(batch, -1, -1, -1, -1)
-        scores = scores + mask.reshape(batch, kv_heads, group * length, slots)
+    if attention_mask is not None:  # [B | 1, H | 1, T, S] additive; head h = (kv, g)
+        scores = scores + attention_mask.expand(batch, heads, length, slots).reshape(batch, kv_heads, group * length, slots)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, KV, G*T, S]
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).reshape(batch, heads, length, dim)

@@ -106,7 +106,6 @@ class RegionalLayers:
                 f"regional compilation: {len(self.layers)} decoder layers but the cache holds "
                 f"{len(cache.layers)} attention layers"
             )
-        self._cache = cache
         params = list(inspect.signature(self.layers[0].forward).parameters)
         if "past_key_values" not in params:
             raise ValueError(

@@ -284,7 +284,7 @@ class DecodeEngine:
         longest = int(lengths.max())
         # regional compilation runs one dynamic-shape prefill graph for every length, so the
         # prompt only pads to a multiple of 8 there; whole-step graphs compile per bucket
-        bucket = prefill_bucket(longest) if self._regional is None else min(-(-longest // 8) * 8, prefill_bucket(longest))
+        bucket = prefill_bucket(longest) if self._regional is None else _regional_width(longest)
         if bucket > self.max_len:
             raise ValueError(
                 f"prefill: prompts of {longest} tokens need {bucket} slots (bucketed), cache has {self.max_len}"
@@ -315,7 +315,7 @@ class DecodeEngine:
         try:
             self.cache = self._row_cache
             for row, length in enumerate(lengths.tolist()):
-                ids = packed.new_zeros(1, -(-length // 8) * 8)
+                ids = packed.new_zeros(1, _regional_width(length))
                 ids[0, :length] = packed[row, :length]
                 parts.append(self.run_graph("prefill", DecodeEngine._prefill_body, ids, lengths[row : row + 1], width=0, forwards=0))
                 for mine, its in zip(whole.layers, self._row_cache.layers, strict=True):
@@ -585,10 +585,15 @@ class DecodeEngine:
 PREFILL_CALL_TOKENS = 16
 
 
+def _regional_width(length: int) -> int:
+    """A regional prefill's padded length (its graph takes every length): a multiple of 8."""
+    return -(-length // 8) * 8
+
+
 def _rows_apart(lengths: list[int], bucket: int) -> bool:
     """Whether prefilling row by row (each padded to a multiple of 8) saves more padded tokens
     than its extra calls cost (:data:`PREFILL_CALL_TOKENS` each)."""
-    own = sum(-(-n // 8) * 8 for n in lengths)
+    own = sum(map(_regional_width, lengths))
     return len(lengths) > 1 and len(lengths) * bucket - own > PREFILL_CALL_TOKENS * (len(lengths) - 1)
 
 
