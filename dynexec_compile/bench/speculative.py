@@ -243,6 +243,15 @@ def self_drafting_variants(ctx: BenchContext) -> list[Variant]:
         variants += [Variant(f"dynexec_eagle_k{k}_alt3_lookup3_copy10",
                              dynexec_run(ctx, "eagle", draft=eagle, num_draft=k, alternatives=3, lookup=3, copy_lookup=10),
                              "dynexec", params={"k": k, "alternatives": 3, "lookup": 3, "copy_lookup": 10}) for k in ctx.ks]
+        if ctx.compile:  # each step's shape chosen by measured time: counters vary run to run, so not in --quick
+            variants += [Variant(f"dynexec_eagle_k{k}_lookup3_adaptive",
+                                 dynexec_run(ctx, "eagle", draft=eagle, num_draft=k, lookup=3, adaptive=True), "dynexec",
+                                 params={"k": k, "lookup": 3, "adaptive": True}) for k in ctx.ks]
+            variants += [Variant(f"dynexec_eagle_k{k}_alt3_lookup3_copy10_adaptive",
+                                 dynexec_run(ctx, "eagle", draft=eagle, num_draft=k, alternatives=3, lookup=3, copy_lookup=10,
+                                             adaptive=True), "dynexec",
+                                 params={"k": k, "alternatives": 3, "lookup": 3, "copy_lookup": 10, "adaptive": True})
+                         for k in ctx.ks]
     exit_layer = ctx.early_exit_layer
     variants += [
         Variant(f"dynexec_selfspec_E{exit_layer}_k{k}",

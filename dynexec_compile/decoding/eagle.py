@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from dynexec_compile.decoding.adaptive import WidthChooser
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
@@ -195,26 +196,30 @@ class DraftRunner:
 
     def guess(self, out: torch.Tensor) -> torch.Tensor:
         """Top-1 draft tokens ``[B, ...]`` of draft features ``[B, ..., D]`` (see :meth:`ranked`)."""
-        return self.ranked(out, 1)[..., 0]
+        return self.ranked(out, 1)[0][..., 0]
 
-    def ranked(self, out: torch.Tensor, count: int) -> torch.Tensor:
+    def ranked(self, out: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``count`` best draft tokens ``[B, ..., count]``, best first, of draft features
-        ``[B, ..., D]``: over the vocabulary and each row's request tokens (distinct tokens)."""
+        ``[B, ..., D]``: over the vocabulary and each row's request tokens (distinct tokens);
+        and their draft probabilities ``[B, ..., count]`` (softmax over those logits)."""
         # F.linear: a compiled decoding graph runs it on the few-row kernel (backends/packed.py)
         request = torch.einsum("b...d,bed->b...e", out, self.request_head)  # [B, ..., E]
         # fillers are vocab[0] (a request token is never in the vocabulary): never a second guess
         unused = (self.request_ids == self.vocab[0]).view(out.shape[0], *[1] * (out.dim() - 2), -1)
         logits = torch.cat([F.linear(out, self.head), request.masked_fill(unused, float("-inf"))], dim=-1)
-        best = logits.topk(count, dim=-1).indices  # [B, ..., count]
+        top, best = logits.topk(count, dim=-1)  # [B, ..., count]
+        probs = (top - logits.logsumexp(dim=-1, keepdim=True)).exp()
         size = self.vocab.numel()
         index = (best - size).clamp(min=0).reshape(best.shape[0], -1)
-        return torch.where(best < size, self.vocab[best.clamp(max=size - 1)], self.request_ids.gather(1, index).view(best.shape))
+        tokens = torch.where(best < size, self.vocab[best.clamp(max=size - 1)], self.request_ids.gather(1, index).view(best.shape))
+        return tokens, probs
 
     def propose(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, kept: torch.Tensor, k: int,
-                count: int = 1) -> torch.Tensor:
+                count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``P`` pairs at positions ``base + j`` and guess ``k`` tokens after each row's
         ``kept``-th pair, each guess fed back for the next: ``[B, k, count]``, the ``count``
-        best tokens at each of the ``k`` positions (``[..., 0]`` the guess fed back).
+        best tokens at each of the ``k`` positions (``[..., 0]`` the guess fed back), and their
+        draft probabilities ``[B, k, count]``.
 
         Args:
             features: ``[B, P, D]`` the model's final hidden states; tokens: ``[B, P]`` the token
@@ -226,12 +231,12 @@ class DraftRunner:
         last = (kept - 1).clamp(min=0)[:, None]  # [B, 1]
         feature = out.gather(1, last[:, :, None].expand(-1, 1, out.shape[-1]))  # [B, 1, D]
         position = positions.gather(1, last)  # [B, 1]
-        guesses = [self.ranked(feature[:, 0], count)]  # [B, count] each
+        guesses = [self.ranked(feature[:, 0], count)]  # ([B, count], [B, count]) each
         for _ in range(k - 1):
             position = (position + 1).clamp(max=self.cache.max_len - 1)
-            feature = self.pairs(feature, guesses[-1][:, :1], position)  # [B, 1, D]
+            feature = self.pairs(feature, guesses[-1][0][:, :1], position)  # [B, 1, D]
             guesses.append(self.ranked(feature[:, 0], count))
-        return torch.stack(guesses, dim=1)  # [B, k, count]
+        return torch.stack([g[0] for g in guesses], dim=1), torch.stack([g[1] for g in guesses], dim=1)
 
 
 class EagleEngine(DecodeEngine):
@@ -271,14 +276,17 @@ class EagleEngine(DecodeEngine):
             tree, nodes = branch_tree(num_draft, alternatives, span)
             self.branches[span] = (StepShape.of_tree(tree), nodes)
         self.tree = self.branches[max(lookup, copy_lookup)][0].tree  # the widest
+        self.plain = StepShape.of_tree(TreeSpec.root_only())  # no guesses: what `adaptive` runs where they do not pay
+        self.chooser = WidthChooser()  # `adaptive`: what this engine's shapes cost and keep, across requests
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
         h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
         h_last = h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0]  # [B, D]
         return self.stack.lm_head(h_last), h, ids
 
-    def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-        """The first guesses ``[B, k, 1 + alternatives]`` after the prefill: the prompt's pairs, the root last."""
+    def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first guesses ``[B, k, 1 + alternatives]`` after the prefill (the prompt's pairs,
+        the root last) and their draft probabilities."""
         self.runner.set_request_vocab(ids, self.cache.lengths)
         return self.run_graph("eagle_prompt", _prompt_body, h, ids, root, width=0, forwards=0)
 
@@ -287,13 +295,14 @@ class EagleEngine(DecodeEngine):
         return tokens, self.stack.lm_head(h), (h, slots[:, 0])
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The next guesses ``[B, k, 1 + alternatives]``: the accepted path's pairs, then ``k`` guesses."""
+        """The next guesses ``[B, k, 1 + alternatives]`` and their draft probabilities: the
+        accepted path's pairs, then ``k`` guesses."""
         h, base = extras  # [B, T, D], [B]
         features = h.gather(1, verdict.path[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, D + 1, D]
-        return (self._propose(features, verdict.tokens, base, verdict.emitted, self.num_draft, 1 + self.alternatives),)
+        return self._propose(features, verdict.tokens, base, verdict.emitted, self.num_draft, 1 + self.alternatives)
 
 
-def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # h: [B, L, D] prompt features; ids: [B, L] packed prompts; root: [B] each row's first token
     lengths = engine.cache.lengths  # [B] prompt lengths (the prefill set them)
     after = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)  # [B, L] the token after each position
@@ -367,6 +376,7 @@ def eagle_strategy(
     alternatives: int = 0,
     lookup: int = 0,
     copy_lookup: int = 0,
+    adaptive: bool = False,
     **options: Any,
 ) -> GenerateOutput:
     """The ``"eagle"`` strategy (see the module docstring). Options: ``draft`` (required),
@@ -380,10 +390,15 @@ def eagle_strategy(
     when any row copies: on a CPU it pays at batch 1 (SmolLM2, batch 4: 0.35x dynexec greedy with
     ``copy_lookup=10``, 0.54x without; ``benchmarks/RESULTS.md``). Alternatives widen every step
     too: measured faster at batch 1 in fp32, slower on bf16 and int8 weights, whose few-row
-    kernels' cost grows faster with rows."""
+    kernels' cost grows faster with rows. ``adaptive``: choose each step's shape — these guesses, the
+    draft's alone without the lookup branch, or none (a plain one-token step) — by expected tokens
+    per second: the step times measured on this engine and the draft's own probabilities
+    (:mod:`~dynexec_compile.decoding.adaptive`); exact either way, only the speed changes."""
     if options:
         raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft=, "
-                        "alternatives=, lookup= and copy_lookup=")
+                        "alternatives=, lookup=, copy_lookup= and adaptive=")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"strategy='eagle': adaptive must be True or False, got {adaptive!r}")
     if draft is None:
         raise ValueError("strategy='eagle' needs draft=EagleDraft (dynexec_compile.train_eagle_draft / load_eagle_draft)")
     check_draft_fits(model, draft)
@@ -405,6 +420,9 @@ def eagle_strategy(
                                 copy_lookup=copy_lookup),
     )
     proposer = _EagleProposer("eagle", engine, settings, engine.tree)
+    if adaptive:
+        proposer.chooser = engine.chooser
+        proposer.chooser.begin()
     return decode_loop(proposer, input_ids, attention_mask, settings)
 
 
@@ -420,7 +438,7 @@ class _EagleProposer(DraftProposer):
         engine = self.engine
         logits, h, ids = engine.prefill_outputs(input_ids, attention_mask)  # [B, V], [B, L, D], [B, L]
         self.root = next_token(logits, self.settings)  # [B]
-        self.guesses = engine.first_guesses(h, ids, self.root)  # [B, k, 1 + alternatives]
+        self.guesses, self.confidence = engine.first_guesses(h, ids, self.root)  # [B, k, 1 + alternatives] each
         self.lookups, self.copy_steps = [], 0
         if engine.lookup:
             lengths = engine.cache.lengths.tolist()
@@ -437,8 +455,16 @@ class _EagleProposer(DraftProposer):
         span = engine.copy_lookup if copying else engine.lookup
         found = [lookup.candidates(1, span, COPY_MATCH if copying else 2) for lookup in self.lookups]
         span = span if any(found) else 0
+        self.shape = engine.branches[span][0]
+        if self.chooser is not None:
+            self.shape = self._choose(span, found)
+            if self.shape is engine.plain:
+                self.valid = None
+                return self.root[:, None], None
+            span = span if self.shape is engine.branches[span][0] else 0
         self.copy_steps += bool(copying and span)
-        self.shape, (chain, others, lookup_nodes) = engine.branches[span]
+        self.span, (chain, others, lookup_nodes) = span, engine.branches[span][1]
+        self.lookup_node = lookup_nodes[0] if span else None  # its validity: whether the row has a candidate
         size = self.shape.tree.size
         tokens = self.root[:, None].repeat(1, size)  # [B, T]; unfilled lookup nodes: the root, never valid
         tokens[:, chain] = self.guesses[:, :, 0]
@@ -454,8 +480,32 @@ class _EagleProposer(DraftProposer):
                 self.valid[row, lookup_nodes] = False
         return tokens, None
 
+    def _choose(self, span: int, found: list[list[tuple[int, ...]]]) -> StepShape:
+        """This step's shape by expected tokens per second (``adaptive``): the draft's expected
+        accepted tokens per row from its probabilities (the chain's ``p_1 .. p_k``, each depth's
+        guesses summed), scaled by its observed calibration; a row with a lookup candidate
+        expects the larger of that and the span's observed acceptance."""
+        engine, chooser, live = self.engine, self.chooser, self.live.float()  # [B]
+        top = self.confidence[:, :, 0].float()  # [B, k]
+        reach = torch.cumprod(torch.cat([torch.ones_like(top[:, :1]), top[:, :-1]], dim=1), dim=1)  # [B, k]
+        drafted = ((reach * self.confidence.float().sum(dim=-1)).sum(dim=1) * chooser.calibration).clamp(max=engine.num_draft)
+        rows = live.sum().clamp(min=1)
+        options = [(engine.branches[0][0], 1 + float((drafted * live).sum() / rows)), (engine.plain, 1.0)]
+        if span:
+            has = torch.tensor([bool(f) for f in found], device=live.device)
+            gain = torch.where(has, drafted.clamp(min=chooser.lookup_expectation(span)), drafted)
+            options.insert(0, (engine.branches[span][0], 1 + float((gain * live).sum() / rows)))
+        return chooser.choose(options)
+
     def accept(self, out: StepOut) -> None:
-        (self.guesses,) = out.after
+        if self.chooser is not None:  # the draft's first guesses against the model's token; the lookup branch's yield
+            live = self.live
+            hit = (self.guesses[:, 0, :] == out.verdict.tokens[:, :1]).any(dim=1) & live
+            has = self.valid[:, self.lookup_node] & live if self.valid is not None else torch.zeros_like(live)
+            self.chooser.observe(float(hit.sum()), float((self.confidence[:, 0].float().sum(dim=1) * live).sum()),
+                                 self.span if self.shape is not self.engine.plain else 0,
+                                 float((out.verdict.accepted * has).sum()), int(has.sum()))
+        self.guesses, self.confidence = out.after
         if self.lookups:
             for lookup, run, kept in zip(self.lookups, out.verdict.tokens.tolist(), out.kept.tolist(), strict=True):
                 lookup.extend(run[:kept])
@@ -464,7 +514,8 @@ class _EagleProposer(DraftProposer):
         engine = self.engine
         return {**super().extra(stats), "num_draft": engine.num_draft, "alternatives": engine.alternatives,
                 "draft_forwards": stats.steps * engine.num_draft,
-                "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps}
+                "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps,
+                "adaptive_steps": dict(self.chooser.chosen) if self.chooser is not None else None}
 
 
 __all__ = ["EagleDraft", "EagleEngine", "eagle_strategy", "load_eagle_draft", "save_eagle_draft"]

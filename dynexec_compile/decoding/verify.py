@@ -45,6 +45,7 @@ commit::
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -58,6 +59,7 @@ from dynexec_compile.decoding.runs import stop_counts
 from dynexec_compile.decoding.sampling import SamplingParams, draw, sampling_probs
 
 if TYPE_CHECKING:
+    from dynexec_compile.decoding.adaptive import WidthChooser
     from dynexec_compile.decoding.runs import TokenRuns
     from dynexec_compile.decoding.step import DecodeEngine
 
@@ -71,14 +73,19 @@ class TreeSpec:
     depth is a contiguous range of nodes (a *level*). The order of a node's children is the
     order they are tried in when sampling, and their rank among the drafter's tokens.
 
-    Build one with :meth:`chain`, :meth:`from_branching` or from explicit parents.
+    Build one with :meth:`chain`, :meth:`from_branching` or from explicit parents;
+    :meth:`root_only` is the step without guesses (a plain decoding step through the shared
+    step, which an adaptive strategy runs where guessing does not pay).
     """
 
     parents: tuple[int, ...]
+    plain: bool = False  # the root alone (root_only): the one tree without a drafted node
 
     def __post_init__(self) -> None:
         p = self.parents
-        if not isinstance(p, tuple) or len(p) < 2 or p[0] != -1:
+        if self.plain and p != (-1,):
+            raise ValueError(f"a plain tree is the root alone, (-1,), got {p!r}")
+        if not isinstance(p, tuple) or len(p) < 2 - self.plain or p[0] != -1:
             raise ValueError(f"tree parents must be a tuple (-1, ...) with at least one drafted node, got {p!r}")
         depths = [0]
         for i, parent in enumerate(p[1:], start=1):
@@ -102,6 +109,11 @@ class TreeSpec:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"num_draft must be an int >= 1, got {k!r}")
         return cls((-1, *range(k)))
+
+    @classmethod
+    def root_only(cls) -> TreeSpec:
+        """The root alone: one token per step, the model's own (see :class:`TreeSpec`)."""
+        return cls((-1,), plain=True)
 
     @classmethod
     def from_branching(cls, branching: Sequence[int]) -> TreeSpec:
@@ -741,6 +753,9 @@ class DraftProposer:
         root: ``[B]`` each row's last emitted token (the next tree's root).
         drafted, accepted: per step and row, the tokens drafted and the drafts accepted (0 for
             rows that had finished), for ``stats.extra``.
+        live: ``[B]`` the rows still generating at this step (set before :meth:`guess`).
+        chooser: a :class:`~dynexec_compile.decoding.adaptive.WidthChooser` when :meth:`guess`
+            chooses the step's shape (``self.shape``) per step; the step's time goes to it.
     """
 
     def __init__(self, name: str, engine: DecodeEngine, settings: Any, tree: TreeSpec):
@@ -750,6 +765,7 @@ class DraftProposer:
         self.drafted: list[torch.Tensor] = []
         self.accepted: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None  # [B, T] the tree nodes guess() filled (None: all)
+        self.chooser: WidthChooser | None = None  # a proposer choosing each step's shape sets one
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Fill the caches with the prompts; each row's first token ``[B]``."""
@@ -765,10 +781,15 @@ class DraftProposer:
         """What the drafter keeps of a verified step (its cache, its next candidates)."""
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
-        live, sampling = ~runs.done, self.settings.sampling  # [B] rows still generating
+        self.live = live = ~runs.done  # [B] rows still generating
         tokens, probs = self.guess()
-        out = verify_step(self.engine, self.shape, tokens, runs, sampling, self.settings.generator, draft_probs=probs,
-                          valid=self.valid)
+        start = time.perf_counter()
+        out = verify_step(self.engine, self.shape, tokens, runs, self.settings.sampling, self.settings.generator,
+                          draft_probs=probs, valid=self.valid)
+        if self.chooser is not None:  # the step's wall time (a CUDA step: once it has run)
+            if tokens.device.type == "cuda":
+                torch.cuda.synchronize(tokens.device)
+            self.chooser.timed(self.shape, time.perf_counter() - start)
         self.accept(out)
         self.root = torch.where(live, out.verdict.next_token, self.root)
         # [B] or all rows alike: this step's tree (a proposer may switch shapes); a node that is no

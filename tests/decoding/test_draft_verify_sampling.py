@@ -19,6 +19,7 @@ from conftest import exact_joint as conftest_exact_joint
 
 import dynexec_compile as dx
 from dynexec_compile.decoding import DraftHeads, SamplingParams
+from dynexec_compile.decoding.adaptive import WidthChooser
 
 V, ROWS, N = 8, 2000, 3
 PROMPT = torch.tensor([[1, 5, 2, 7]])
@@ -52,27 +53,36 @@ def exact_joint(model, params):
 
 def sample(model, heads, strategy, params, seed, tree=None):
     options = {"heads": heads} if strategy == "draft_heads" else {"exit_layer": 1}
+    adaptive = strategy == "eagle_adaptive"
     if strategy.startswith("eagle"):  # a random draft layer: its guesses are both accepted and rejected
-        options = {"draft": eagle_draft(model), "num_draft": 2, "lookup": 2 if strategy == "eagle_lookup" else 0}
+        options = {"draft": eagle_draft(model), "num_draft": 2, "lookup": 0 if strategy == "eagle" else 2,
+                   "adaptive": adaptive}
         strategy = "eagle"
     if tree is not None:
         options["tree"] = tree
     elif strategy == "self_speculative":
         options["num_draft"] = 2
-    out = dx.generate(
-        model, PROMPT.expand(ROWS, -1), strategy=strategy, do_sample=True, temperature=params.temperature,
-        top_k=params.top_k, top_p=params.top_p, generator=torch.Generator().manual_seed(seed), max_new_tokens=N,
-        eos_token_id=[], compile=False, **options,
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        if adaptive:  # steps alternate between the plain step (offered last) and the widest offered
+            choose = WidthChooser.choose
+            patch.setattr(WidthChooser, "choose", lambda self, offered: choose(
+                self, [offered[-1] if (sum(self.chosen.values()) + seed) % 2 else offered[0]]))
+        out = dx.generate(
+            model, PROMPT.expand(ROWS, -1), strategy=strategy, do_sample=True, temperature=params.temperature,
+            top_k=params.top_k, top_p=params.top_p, generator=torch.Generator().manual_seed(seed), max_new_tokens=N,
+            eos_token_id=[], compile=False, **options,
+        )
     return out.sequences[:, PROMPT.shape[1]:], out.stats
 
 
-@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative", "eagle", "eagle_lookup"])
+@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative", "eagle", "eagle_lookup", "eagle_adaptive"])
 @pytest.mark.parametrize("warp", sorted(PARAMS))
 def test_sampled_tokens_follow_the_target_distribution(strategy, warp, tiny):
     model, heads = tiny
     samples, stats = sample(model, heads, strategy, PARAMS[warp], seed=1)
     assert 0.05 < stats.extra["acceptance_rate"] < 0.95, "drafts must be both accepted and rejected"
+    if strategy == "eagle_adaptive":
+        assert "tree(-1,)" in stats.extra["adaptive_steps"] and len(stats.extra["adaptive_steps"]) >= 2
     assert chi_square_pvalue(samples, V, exact_joint(model, PARAMS[warp])) > 1e-3
 
 

@@ -292,3 +292,79 @@ def test_an_int8_weight_only_model_is_served_exactly():
     out = dx.generate(model, ids, mask, strategy="eagle", draft=EagleDraft(model.config), num_draft=2, lookup=2,
                       max_new_tokens=16, eos_token_id=[], compile=False)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 16))
+
+
+# ---- adaptive: each step's shape chosen by expected tokens per second ------------------------
+
+
+def _eagle_engine(model):
+    from dynexec_compile.decoding.eagle import EagleEngine
+    from dynexec_compile.decoding.generate import _ENGINES
+
+    return next(e for e in reversed(_ENGINES.values()) if isinstance(e, EagleEngine) and e.model is model)
+
+
+def _random_choice(seed):
+    """A WidthChooser.choose that picks any offered shape at random (seeded): every mix of shapes."""
+    import random
+
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    rng, choose = random.Random(seed), WidthChooser.choose
+
+    def pick(self, options):
+        return choose(self, [rng.choice(list(options))])
+
+    return pick
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_adaptive_steps_are_exact_whichever_shape_each_step_takes(kind, draft_for, monkeypatch):
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    model, draft = draft_for(kind)
+    text = own_text(model, rows=2, length=40)  # repeats: the lookup and copy branches have candidates
+    repeats = torch.cat([text, text[:, :8]], dim=1)
+    ids = torch.cat([repeats, left_padded_batch([repeats.shape[1]], seed=4)[0]])
+    mask = torch.ones_like(ids)
+    mask[2, :20] = 0  # a shorter third row (left padding)
+    common = dict(strategy="eagle", draft=draft, num_draft=2, alternatives=1, lookup=2, copy_lookup=5, max_new_tokens=30,
+                  eos_token_id=[], compile=False)
+    monkeypatch.setattr(WidthChooser, "choose", _random_choice(0))
+    out = dx.generate(model, ids, mask, adaptive=True, **common)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30))
+    assert out.stats.forward_passes == out.stats.steps + 1
+    engine = _eagle_engine(model)
+    used = out.stats.extra["adaptive_steps"]
+    assert engine.plain.name in used and engine.branches[0][0].name in used and len(used) >= 3, used
+    assert sum(used.values()) == out.stats.steps
+    # the draft saw the model's features of every committed position, whichever shapes the steps
+    # took: its cache holds what a run without plain steps writes
+    mixed = [layer.keys.clone() for layer in engine.runner.cache.layers]
+    fixed = dx.generate(model, ids, mask, **common)
+    assert _eagle_engine(model) is engine and torch.equal(fixed.sequences, out.sequences)
+    lengths = engine.cache.lengths - 1  # the last pair is written by the step after
+    for before, layer in zip(mixed, engine.runner.cache.layers, strict=True):
+        for row, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(before[row, :, :n], layer.keys[row, :, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_adaptive_follows_the_measured_step_costs(draft_for):
+    model, draft = draft_for("llama")
+    ids, mask = left_padded_batch([6, 10], seed=5)
+    common = dict(strategy="eagle", draft=draft, lookup=2, adaptive=True, max_new_tokens=24, eos_token_id=[], compile=False)
+    first = dx.generate(model, ids, mask, **common)
+    engine = _eagle_engine(model)
+    shapes = [engine.plain.name] + [shape.name for shape, _ in engine.branches.values()]
+    assert set(first.stats.extra["adaptive_steps"]) <= set(shapes)
+    reference = hf_greedy(model, ids, mask, 24)
+    for cheap in (engine.plain.name, engine.branches[0][0].name):
+        engine.chooser.costs.update({name: 1e-4 if name == cheap else 10.0 for name in shapes})
+        out = dx.generate(model, ids, mask, **common)
+        assert torch.equal(out.sequences, reference)
+        assert out.stats.extra["adaptive_steps"] == {cheap: out.stats.steps}, "only the cheap shape pays"
+        if cheap == engine.plain.name:  # one token a step, nothing drafted
+            assert out.stats.steps == 23 and sum(map(sum, out.stats.extra["drafted_per_step"])) == 0
+    assert torch.equal(first.sequences, reference)
+    with pytest.raises(ValueError, match="adaptive must be True or False"):
+        dx.generate(model, ids, mask, **{**common, "adaptive": "yes"})

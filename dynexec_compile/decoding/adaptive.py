@@ -1,0 +1,91 @@
+"""Each step's width from what it costs here and what it is expected to keep.
+
+A step that verifies ``T`` guessed tokens per row costs more than a one-token step, and how
+much more depends on the machine, the precision and the batch: on an AVX2 CPU with SmolLM2 in
+fp32 a 5-token step cost 1.10x a 1-token step at batch 1 and 2.4x at batch 4, where the rows'
+tokens no longer fit the memory-bound regime (``benchmarks/RESULTS.md``). A fixed width is
+right for one of them only. :class:`WidthChooser` picks, before every step, the shape with the
+most expected tokens per second among those the strategy offers (always including the plain
+one-token step), from two measurements:
+
+- the **cost** of each shape: the wall time of its step graph on this engine, a running
+  average (the first call of a shape compiles and is not counted; a shape not yet timed is
+  tried first);
+- the **expected tokens** a row keeps from it, which the strategy estimates from its guesses
+  (the draft's own probabilities, calibrated against how often its first guess was the
+  model's token, and each lookup span's observed acceptance).
+
+Any choice is exact: every shape is verified by the shared step, so greedy output stays
+identical to greedy decoding and sampling stays lossless; only speed depends on the choice.
+A chooser belongs to one engine: what it measured carries over to the engine's next requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dynexec_compile.decoding.verify import StepShape
+
+EMA = 0.25  # weight of a new timing in a shape's running average
+
+
+class WidthChooser:
+    """Chooses each step's shape by expected tokens per second (see the module docstring).
+
+    Attributes:
+        costs: ``{shape name: seconds}`` (``None``: called once, not timed yet).
+        hits, predicted: first-guess hits and the draft probabilities predicted for them, summed.
+        accepted, counted: per lookup span, tokens accepted on rows that had a candidate, and those rows.
+        chosen: ``{shape name: steps}`` since :meth:`begin` (one request).
+    """
+
+    def __init__(self) -> None:
+        self.costs: dict[str, float | None] = {}
+        self.hits = self.predicted = 0.0
+        self.accepted: dict[int, float] = {}
+        self.counted: dict[int, int] = {}
+        self.chosen: dict[str, int] = {}
+
+    def begin(self) -> None:
+        """A new request: count its choices afresh (what was measured stays)."""
+        self.chosen = {}
+
+    @property
+    def calibration(self) -> float:
+        """Observed over predicted first-guess agreement (1 before anything was observed)."""
+        return (self.hits + 2.0) / (self.predicted + 2.0)
+
+    def lookup_expectation(self, span: int) -> float:
+        """Tokens accepted on a row with a lookup candidate of ``span`` tokens; before any was
+        seen, all of them (an optimistic start, so that the branch gets tried)."""
+        return (self.accepted.get(span, 0.0) + span) / (self.counted.get(span, 0) + 1.0)
+
+    def choose(self, options: Sequence[tuple[StepShape, float]]) -> StepShape:
+        """The shape with the most ``expected tokens / seconds``; one not yet timed first."""
+        for shape, _ in options:
+            if self.costs.get(shape.name) is None:
+                choice = shape
+                break
+        else:
+            choice = max(options, key=lambda option: option[1] / self.costs[option[0].name])[0]
+        self.chosen[choice.name] = self.chosen.get(choice.name, 0) + 1
+        return choice
+
+    def timed(self, shape: StepShape, seconds: float) -> None:
+        """Record a step of ``shape`` that took ``seconds`` (its first call is taken as a compile)."""
+        if shape.name not in self.costs:
+            self.costs[shape.name] = None
+            return
+        known = self.costs[shape.name]
+        self.costs[shape.name] = seconds if known is None else (1 - EMA) * known + EMA * seconds
+
+    def observe(self, hits: float, predicted: float, span: int = 0, accepted: float = 0.0, rows: int = 0) -> None:
+        """A step's outcome: first-guess ``hits`` against the ``predicted`` probability mass,
+        and ``accepted`` tokens on the ``rows`` that had a lookup candidate of ``span`` tokens."""
+        self.hits += hits
+        self.predicted += predicted
+        if span and rows:
+            self.accepted[span] = self.accepted.get(span, 0.0) + accepted
+            self.counted[span] = self.counted.get(span, 0) + rows

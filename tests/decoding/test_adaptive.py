@@ -1,0 +1,50 @@
+"""WidthChooser: each step's shape by expected tokens per second, from measured step times."""
+
+import pytest
+
+from dynexec_compile.decoding.adaptive import WidthChooser
+from dynexec_compile.decoding.verify import StepShape, TreeSpec
+
+PLAIN, CHAIN, WIDE = (StepShape.of_tree(t) for t in (TreeSpec.root_only(), TreeSpec.chain(1), TreeSpec.chain(4)))
+
+
+def timed(chooser, shape, *seconds):
+    for s in seconds:
+        chooser.timed(shape, s)
+
+
+def test_untimed_shapes_are_tried_first_and_a_first_call_is_taken_as_a_compile():
+    chooser = WidthChooser()
+    assert chooser.choose([(CHAIN, 1.5), (PLAIN, 1.0)]) is CHAIN
+    chooser.timed(CHAIN, 9.0)  # the first call compiles: not a cost
+    assert chooser.costs[CHAIN.name] is None
+    assert chooser.choose([(CHAIN, 1.5), (PLAIN, 1.0)]) is CHAIN
+    chooser.timed(CHAIN, 0.06)
+    assert chooser.choose([(CHAIN, 1.5), (PLAIN, 1.0)]) is PLAIN, "the plain step is not timed yet"
+    timed(chooser, PLAIN, 5.0, 0.05)
+    assert chooser.costs == {CHAIN.name: 0.06, PLAIN.name: 0.05}
+    assert chooser.chosen == {CHAIN.name: 2, PLAIN.name: 1}
+    chooser.begin()
+    assert chooser.chosen == {} and chooser.costs[PLAIN.name] == 0.05, "a new request keeps what was measured"
+
+
+@pytest.mark.parametrize(("expected", "choice"), [(1.1, PLAIN), (1.3, CHAIN), (3.0, WIDE)])
+def test_the_most_expected_tokens_per_second_wins(expected, choice):
+    chooser = WidthChooser()
+    timed(chooser, PLAIN, 1.0, 0.050)
+    timed(chooser, CHAIN, 1.0, 0.060)  # 1.2x a plain step
+    timed(chooser, WIDE, 1.0, 0.120)  # 2.4x
+    # CHAIN keeps `expected` tokens, WIDE 1 + 3 (expected - 1): it pays only for confident guesses
+    assert chooser.choose([(WIDE, 1 + 3 * (expected - 1)), (CHAIN, expected), (PLAIN, 1.0)]) is choice
+
+
+def test_costs_follow_the_machine_and_estimates_learn_from_outcomes():
+    chooser = WidthChooser()
+    timed(chooser, CHAIN, 1.0, 0.060)
+    timed(chooser, CHAIN, *[0.120] * 20)  # the machine slowed down
+    assert chooser.costs[CHAIN.name] == pytest.approx(0.120, rel=0.01)
+    assert chooser.calibration == 1.0 and chooser.lookup_expectation(3) == 3.0, "neutral and optimistic starts"
+    chooser.observe(hits=2, predicted=8.0, span=3, accepted=1.0, rows=4)
+    assert chooser.calibration == pytest.approx(0.4)  # (2 + 2) / (8 + 2): the draft was overconfident
+    assert chooser.lookup_expectation(3) == pytest.approx((1.0 + 3) / 5)
+    assert chooser.lookup_expectation(10) == 10.0, "each span learns apart"
