@@ -11,9 +11,10 @@ one-token step), from two measurements:
 - the **cost** of each shape: the wall time of its step graph on this engine, a running
   average (the first call of a shape compiles and is not counted; a shape not yet timed is
   tried first);
-- the **expected tokens** a row keeps from it, which the strategy estimates from its guesses
-  (the draft's own probabilities, calibrated against how often its first guess was the
-  model's token, and each lookup span's observed acceptance).
+- the **expected tokens** a row keeps from it, which the strategy estimates from its guesses:
+  a draft's own probabilities, calibrated against how often its first guess was the model's
+  token (EAGLE), and each shape's observed acceptance on rows that had a looked-up guess
+  (EAGLE's lookup branch, lookahead and prompt lookup).
 
 Any choice is exact: every shape is verified by the shared step, so greedy output stays
 identical to greedy decoding and sampling stays lossless; only speed depends on the choice.
@@ -37,15 +38,15 @@ class WidthChooser:
     Attributes:
         costs: ``{shape name: seconds}`` (``None``: called once, not timed yet).
         hits, predicted: first-guess hits and the draft probabilities predicted for them, summed.
-        accepted, counted: per lookup span, tokens accepted on rows that had a candidate, and those rows.
+        accepted, counted: per shape name, tokens accepted on rows that had a looked-up guess, and those rows.
         chosen: ``{shape name: steps}`` since :meth:`begin` (one request).
     """
 
     def __init__(self) -> None:
         self.costs: dict[str, float | None] = {}
         self.hits = self.predicted = 0.0
-        self.accepted: dict[int, float] = {}
-        self.counted: dict[int, int] = {}
+        self.accepted: dict[str, float] = {}
+        self.counted: dict[str, int] = {}
         self.chosen: dict[str, int] = {}
 
     def begin(self) -> None:
@@ -57,10 +58,10 @@ class WidthChooser:
         """Observed over predicted first-guess agreement (1 before anything was observed)."""
         return (self.hits + 2.0) / (self.predicted + 2.0)
 
-    def lookup_expectation(self, span: int) -> float:
-        """Tokens accepted on a row with a lookup candidate of ``span`` tokens; before any was
-        seen, all of them (an optimistic start, so that the branch gets tried)."""
-        return (self.accepted.get(span, 0.0) + span) / (self.counted.get(span, 0) + 1.0)
+    def lookup_expectation(self, shape: StepShape, span: int) -> float:
+        """Tokens accepted on a row with a looked-up guess of ``span`` tokens in a step of
+        ``shape``; before any was seen, all of them (optimistic, so that the shape gets tried)."""
+        return (self.accepted.get(shape.name, 0.0) + span) / (self.counted.get(shape.name, 0) + 1.0)
 
     def choose(self, options: Sequence[tuple[StepShape, float]]) -> StepShape:
         """The shape with the most ``expected tokens / seconds``; one not yet timed first."""
@@ -81,11 +82,12 @@ class WidthChooser:
         known = self.costs[shape.name]
         self.costs[shape.name] = seconds if known is None else (1 - EMA) * known + EMA * seconds
 
-    def observe(self, hits: float, predicted: float, span: int = 0, accepted: float = 0.0, rows: int = 0) -> None:
-        """A step's outcome: first-guess ``hits`` against the ``predicted`` probability mass,
-        and ``accepted`` tokens on the ``rows`` that had a lookup candidate of ``span`` tokens."""
+    def observe(self, shape: StepShape, accepted: float = 0.0, rows: int = 0, hits: float = 0.0,
+                predicted: float = 0.0) -> None:
+        """A step's outcome: ``accepted`` tokens on the ``rows`` that had a looked-up guess in a
+        step of ``shape``, and a draft's first-guess ``hits`` against the ``predicted`` probability mass."""
         self.hits += hits
         self.predicted += predicted
-        if span and rows:
-            self.accepted[span] = self.accepted.get(span, 0.0) + accepted
-            self.counted[span] = self.counted.get(span, 0) + rows
+        if rows:
+            self.accepted[shape.name] = self.accepted.get(shape.name, 0.0) + accepted
+            self.counted[shape.name] = self.counted.get(shape.name, 0) + rows

@@ -65,7 +65,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from dynexec_compile.decoding.adaptive import WidthChooser
 from dynexec_compile.decoding.cache import SlotCache
 from dynexec_compile.decoding.generate import (
     DecodeSettings,
@@ -277,7 +276,6 @@ class EagleEngine(DecodeEngine):
             self.branches[span] = (StepShape.of_tree(tree), nodes)
         self.tree = self.branches[max(lookup, copy_lookup)][0].tree  # the widest
         self.plain = StepShape.of_tree(TreeSpec.root_only())  # no guesses: what `adaptive` runs where they do not pay
-        self.chooser = WidthChooser()  # `adaptive`: what this engine's shapes cost and keep, across requests
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
         h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
@@ -493,7 +491,7 @@ class _EagleProposer(DraftProposer):
         options = [(engine.branches[0][0], 1 + float((drafted * live).sum() / rows)), (engine.plain, 1.0)]
         if span:
             has = torch.tensor([bool(f) for f in found], device=live.device)
-            gain = torch.where(has, drafted.clamp(min=chooser.lookup_expectation(span)), drafted)
+            gain = torch.where(has, drafted.clamp(min=chooser.lookup_expectation(engine.branches[span][0], span)), drafted)
             options.insert(0, (engine.branches[span][0], 1 + float((gain * live).sum() / rows)))
         return chooser.choose(options)
 
@@ -502,9 +500,8 @@ class _EagleProposer(DraftProposer):
             live = self.live
             hit = (self.guesses[:, 0, :] == out.verdict.tokens[:, :1]).any(dim=1) & live
             has = self.valid[:, self.lookup_node] & live if self.valid is not None else torch.zeros_like(live)
-            self.chooser.observe(float(hit.sum()), float((self.confidence[:, 0].float().sum(dim=1) * live).sum()),
-                                 self.span if self.shape is not self.engine.plain else 0,
-                                 float((out.verdict.accepted * has).sum()), int(has.sum()))
+            self.chooser.observe(self.shape, float((out.verdict.accepted * has).sum()), int(has.sum()), float(hit.sum()),
+                                 float((self.confidence[:, 0].float().sum(dim=1) * live).sum()))
         self.guesses, self.confidence = out.after
         if self.lookups:
             for lookup, run, kept in zip(self.lookups, out.verdict.tokens.tolist(), out.kept.tolist(), strict=True):

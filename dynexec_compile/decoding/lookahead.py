@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,7 @@ from dynexec_compile.decoding.runs import TokenRuns
 from dynexec_compile.decoding.step import DecodeEngine, pack_prompts
 from dynexec_compile.decoding.verify import StepShape, TreeSpec, score_step, verify_step
 
-DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True, "copy_ngram": 0}
+DEFAULTS = {"window": 1, "ngram": 3, "guesses": 1, "prompt_lookup": True, "copy_ngram": 0, "adaptive": False}
 # With copy_ngram: a step copies when the text's last COPY_MATCH tokens occurred earlier in it.
 COPY_MATCH = 4
 _WINDOW_SEED = 0  # the initial window is drawn from the prompt with this seed (reproducible)
@@ -106,6 +107,10 @@ class LookaheadConfig:
             copying a passage of the prompt or of itself), the step guesses ``copy_ngram - 1``
             tokens from that passage instead of ``ngram - 1``, in a wider step compiled once
             too. 0 (default): every step guesses ``ngram - 1``.
+        adaptive: with ``window=0``, choose each step between this step and a plain one-token
+            step by expected tokens per second: the step times measured on this engine and each
+            layout's observed acceptance on rows that had a guess
+            (:mod:`~dynexec_compile.decoding.adaptive`). Exact either way; only the speed changes.
     """
 
     window: int = DEFAULTS["window"]
@@ -113,18 +118,25 @@ class LookaheadConfig:
     guesses: int = DEFAULTS["guesses"]
     prompt_lookup: bool = DEFAULTS["prompt_lookup"]
     copy_ngram: int = DEFAULTS["copy_ngram"]
+    adaptive: bool = DEFAULTS["adaptive"]
 
     def __post_init__(self) -> None:
         for name, low in (("window", 0), ("ngram", 2), ("guesses", 0), ("copy_ngram", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"lookahead: {name} must be an int >= {low}, got {value!r}")
-        if not isinstance(self.prompt_lookup, bool):
-            raise ValueError(f"lookahead: prompt_lookup must be True or False, got {self.prompt_lookup!r}")
+        for name in ("prompt_lookup", "adaptive"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"lookahead: {name} must be True or False, got {getattr(self, name)!r}")
         if self.window == 0 and not (self.prompt_lookup and self.guesses):
             raise ValueError(
                 "lookahead: window=0 guesses only from the text (prompt lookup): it needs prompt_lookup=True "
                 f"and guesses >= 1, got prompt_lookup={self.prompt_lookup}, guesses={self.guesses}"
+            )
+        if self.adaptive and self.window:
+            raise ValueError(
+                "lookahead: adaptive chooses between prompt-lookup steps and plain one-token steps: it needs window=0 "
+                f"(a Jacobi window feeds the n-gram pool only if it advances every step), got window={self.window}"
             )
         if self.copy_ngram and not (self.window == 0 and self.copy_ngram > self.ngram):
             raise ValueError(
@@ -394,6 +406,10 @@ class _LookaheadState:
         self.token = torch.zeros(packed.shape[0], dtype=torch.long, device=device)  # [B] current token
         self.guesses_per_step: list[list[int]] = []
         self.copy_steps = 0  # steps that took the copy_ngram layout
+        self.chooser = engine.chooser if config.adaptive else None
+        if self.chooser is not None:
+            self.chooser.begin()
+        self.plain = StepShape.of_tree(TreeSpec.root_only())
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Prefill the prompts; each row's first token."""
@@ -412,15 +428,44 @@ class _LookaheadState:
             "copy_ngram": config.copy_ngram,
             "copy_steps": self.copy_steps,
             "guesses_per_step": self.guesses_per_step,
+            "adaptive_steps": dict(self.chooser.chosen) if self.chooser is not None else None,
         }
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
         """One fused forward: verify, keep, commit, advance the window. Returns the tokens kept per row."""
         copying = self.copy_layout is not None and any(context.copying(COPY_MATCH) for context in self.contexts)
         layout = self.copy_layout if copying else self.layout
-        self.copy_steps += copying
         span = layout.candidates.shape[1]
         guesses = self._guesses(span, COPY_MATCH if copying else 2)
+        if self.chooser is not None:
+            return self._chosen_step(layout, span, guesses, runs)
+        return self._layout_step(layout, span, guesses, runs)
+
+    def _chosen_step(self, layout: StepLayout, span: int, guesses: list[list[tuple[int, ...]]], runs: TokenRuns) -> torch.Tensor:
+        """``adaptive``: the layout's step or a plain one, whichever is expected to keep more
+        tokens per second; the step's time and, for rows with a guess, its yield go to the chooser."""
+        live, chooser = (~runs.done).float(), self.chooser
+        has = torch.tensor([bool(found) for found in guesses], device=live.device) * live  # [B]
+        expected = 1 + float((has * chooser.lookup_expectation(layout, span)).sum() / live.sum().clamp(min=1))
+        shape = chooser.choose([(layout, expected), (self.plain, 1.0)])
+        start = time.perf_counter()
+        if shape is self.plain:
+            out = verify_step(self.engine, shape, self.token[:, None], runs, self.settings.sampling, self.settings.generator)
+            kept = out.kept
+            self.token = torch.where(kept > 0, out.verdict.next_token, self.token)
+            self._extend_texts(out.verdict.tokens, kept)
+            self.guesses_per_step.append([0] * len(guesses))
+        else:
+            kept = self._layout_step(layout, span, guesses, runs)
+            chooser.observe(layout, float(((kept - 1).clamp(min=0) * has).sum()), int(has.sum()))
+        if self.token.device.type == "cuda":
+            torch.cuda.synchronize(self.token.device)
+        chooser.timed(shape, time.perf_counter() - start)
+        return kept
+
+    def _layout_step(self, layout: StepLayout, span: int, guesses: list[list[tuple[int, ...]]], runs: TokenRuns) -> torch.Tensor:
+        """The step of ``layout`` (window and guesses) for every row; the tokens each row kept."""
+        self.copy_steps += layout is self.copy_layout
         candidates, valid = self._candidate_tensors(guesses, span)  # [B, G, span], [B, G]
         tokens = torch.cat([self.token[:, None], self.window.flatten(1), candidates.flatten(1)], dim=1)  # [B, T]
         if self.settings.sampling is None:  # the shared step: one graph, commit and stop rule included

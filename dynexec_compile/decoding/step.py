@@ -46,6 +46,7 @@ from dynexec_compile.backends.inductor_passes import (
 from dynexec_compile.backends.kernels import skinny
 from dynexec_compile.backends.packed import PackedWeights, packing_backend
 from dynexec_compile.backends.packed import available as packing_available
+from dynexec_compile.decoding.adaptive import WidthChooser
 from dynexec_compile.decoding.cache import SlotCache, attention_windows
 from dynexec_compile.decoding.masks import chain_mask, layer_masks, model_mask
 from dynexec_compile.decoding.regional import RegionalLayers, private_copy
@@ -165,6 +166,8 @@ class DecodeEngine:
     Attributes:
         cache: the :class:`SlotCache`; ``cache.lengths`` holds each row's committed length.
         forward_passes: model forwards run so far (prefill, decode and step calls).
+        chooser: what this engine's step shapes cost and keep, for strategies that choose
+            each step's shape (``adaptive=True``, :mod:`~dynexec_compile.decoding.adaptive`).
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class DecodeEngine:
         self.model = model
         self.cache = SlotCache(model.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
         self.forward_passes = 0
+        self.chooser = WidthChooser()
         self.compiled = compile
         self._freeze = freeze
         self._attention = attention

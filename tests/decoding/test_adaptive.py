@@ -43,8 +43,8 @@ def test_costs_follow_the_machine_and_estimates_learn_from_outcomes():
     timed(chooser, CHAIN, 1.0, 0.060)
     timed(chooser, CHAIN, *[0.120] * 20)  # the machine slowed down
     assert chooser.costs[CHAIN.name] == pytest.approx(0.120, rel=0.01)
-    assert chooser.calibration == 1.0 and chooser.lookup_expectation(3) == 3.0, "neutral and optimistic starts"
-    chooser.observe(hits=2, predicted=8.0, span=3, accepted=1.0, rows=4)
+    assert chooser.calibration == 1.0 and chooser.lookup_expectation(CHAIN, 3) == 3.0, "neutral and optimistic starts"
+    chooser.observe(CHAIN, accepted=1.0, rows=4, hits=2, predicted=8.0)
     assert chooser.calibration == pytest.approx(0.4)  # (2 + 2) / (8 + 2): the draft was overconfident
-    assert chooser.lookup_expectation(3) == pytest.approx((1.0 + 3) / 5)
-    assert chooser.lookup_expectation(10) == 10.0, "each span learns apart"
+    assert chooser.lookup_expectation(CHAIN, 3) == pytest.approx((1.0 + 3) / 5)
+    assert chooser.lookup_expectation(WIDE, 10) == 10.0, "each shape learns apart"

@@ -374,7 +374,7 @@ def test_token_runs_cut_at_eos_and_max_new_tokens():
         ({"guesses": -1}, ValueError, "guesses must be an int >= 0"),
         ({"window": 2.5}, ValueError, "window must be an int"),
         ({"prompt_lookup": "yes"}, ValueError, "prompt_lookup must be True or False"),
-        ({"beam": 2}, ValueError, r"unknown option\(s\) \['beam'\]; valid options are \['copy_ngram', 'guesses', 'ngram', 'prompt_lookup', 'window'\]"),
+        ({"beam": 2}, ValueError, r"unknown option\(s\) \['beam'\]; valid options are \['adaptive', 'copy_ngram', 'guesses', 'ngram', 'prompt_lookup', 'window'\]"),
         ({"copy_ngram": -1}, ValueError, "copy_ngram must be an int >= 0"),
         ({"window": 1, "copy_ngram": 6}, ValueError, "copy_ngram widens the steps of prompt lookup alone"),
         ({"window": 0, "ngram": 4, "copy_ngram": 4}, ValueError, "copy_ngram widens the steps of prompt lookup alone"),
@@ -391,3 +391,52 @@ def _settings(max_new_tokens: int) -> DecodeSettings:
         max_new_tokens=max_new_tokens, eos_token_ids=(), pad_token_id=0, sampling=None, generator=None,
         cache="static", compile=False, backend="inductor", mode=None, options=None, cuda_graphs=None,
     )
+
+
+# ---- adaptive: prompt-lookup steps or plain ones, by expected tokens per second ----------------
+
+
+def test_adaptive_prompt_lookup_is_exact_whichever_step_each_takes(lm, monkeypatch):
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    ids, mask = left_padded_batch([7, 12, 4])
+    ids = torch.cat([ids, ids[:, -6:]], dim=1)  # every row's last 6 tokens repeat: guesses, copies
+    mask = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+    options = {"window": 0, "ngram": 3, "guesses": 2, "copy_ngram": 6, "adaptive": True}
+    choose, turn = WidthChooser.choose, iter(range(10**6))
+    # offered: [the lookup layout, the plain step]; steps take them in the pattern layout, plain, layout
+    monkeypatch.setattr(WidthChooser, "choose", lambda self, offered: choose(self, [offered[next(turn) % 3 % 2]]))
+    out = dx.generate(lm, ids, mask, strategy="lookahead", max_new_tokens=30, eos_token_id=[], pad_token_id=0,
+                      compile=False, **options)
+    assert torch.equal(out.sequences, hf_greedy(lm, ids, mask, 30))
+    used = out.stats.extra["adaptive_steps"]
+    assert "tree(-1,)" in used and len(used) == 3 and sum(used.values()) == out.stats.steps, used  # copy steps too
+    assert out.stats.forward_passes == out.stats.steps + 1
+    plain_steps = [i for i, g in enumerate(out.stats.extra["guesses_per_step"]) if g == [0, 0, 0]]
+    assert all(max(out.stats.accepted_per_step[i]) <= 1 for i in plain_steps)
+    assert max(max(step) for step in out.stats.accepted_per_step) > 1, "the lookup steps kept guesses"
+
+
+def test_adaptive_prompt_lookup_follows_the_measured_costs_and_needs_window_0(llama):
+    from dynexec_compile.decoding.generate import _ENGINES
+
+    ids, mask = left_padded_batch([9, 14], seed=4)
+    ids = torch.cat([ids, ids[:, -8:]], dim=1)
+    mask = torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype)], dim=1)
+    common = {"window": 0, "ngram": 4, "guesses": 1, "adaptive": True}
+    reference = hf_greedy(llama, ids, mask, 24)
+    first = lookahead(llama, ids, mask, 24, **common)
+    engine = next(e for e in reversed(_ENGINES.values()) if e.model is llama)
+    shapes = list(first.stats.extra["adaptive_steps"])
+    assert torch.equal(first.sequences, reference) and len(shapes) == 2
+    steps = {}
+    for cheap in shapes:
+        engine.chooser.costs.update({name: 1e-4 if name == cheap else 10.0 for name in shapes})
+        out = lookahead(llama, ids, mask, 24, **common)
+        assert torch.equal(out.sequences, reference) and out.stats.extra["adaptive_steps"] == {cheap: out.stats.steps}
+        steps[cheap] = out.stats.steps
+    assert steps.pop("tree(-1,)") == 23 and steps.popitem()[1] < 23, "plain steps keep a token each, lookup ones more"
+    with pytest.raises(ValueError, match="adaptive .* needs window=0"):
+        lookahead(llama, ids, mask, 24, window=2, ngram=3, guesses=1, adaptive=True)
+    with pytest.raises(ValueError, match="adaptive must be True or False"):
+        lookahead(llama, ids, mask, 24, **{**common, "adaptive": 1})

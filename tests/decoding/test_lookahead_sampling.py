@@ -141,6 +141,27 @@ def test_the_chi_square_test_catches_a_rejected_guess_left_in_the_residual(tiny,
     assert chi_square_pvalue(generated[1::2], V, exact_joint(model, prompts[1], PARAMS["temperature"])) < 1e-6
 
 
+@pytest.mark.parametrize("first", [0, 1])
+def test_adaptive_prompt_lookup_samples_follow_the_target_distribution(first, tiny, monkeypatch):
+    """``adaptive=True`` (window 0): steps alternate between the lookup layout and the plain
+    one-token step, starting with either; the samples keep the target's distribution."""
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    model, prompts = tiny
+    choose = WidthChooser.choose  # offered: [the lookup layout, the plain step]
+    monkeypatch.setattr(WidthChooser, "choose", lambda self, offered: choose(
+        self, [offered[(sum(self.chosen.values()) + first) % 2]]))
+    ids, mask = batch_of(prompts, ROWS // 2)
+    out = sample(model, ids, mask, PARAMS["top_k"], seed=1, max_new_tokens=4, window=0, ngram=4, guesses=3, adaptive=True)
+    assert set(out.stats.extra["adaptive_steps"]) == {"tree(-1,)", "lookahead(0, 4, 3)"}
+    assert accepted_guesses(out.stats) > ROWS // 20, "guesses were rarely accepted: the test proves little"
+    last = out.sequences[:, -3:]  # tokens 2-4: both kinds of step, against their exact marginal
+    for p, prompt in enumerate(prompts):
+        marginal = exact_joint(model, prompt, PARAMS["top_k"], n=4).sum(dim=0)  # [V, V, V]
+        pvalue = chi_square_pvalue(last[p :: len(prompts)], V, marginal)
+        assert pvalue > 1e-3, f"prompt {p}: p-value {pvalue:.2e}"
+
+
 # ---- reproducible, batched, one forward per step, fixed shapes ---------------------------------
 
 
