@@ -191,6 +191,11 @@ def baseline_variants(ctx: BenchContext) -> list[Variant]:
         variants.append(Variant("dynexec_prompt_lookup_0_4_1_copy11",
                                 dynexec_run(ctx, "lookahead", window=0, ngram=4, guesses=1, copy_ngram=11), "dynexec",
                                 params={"window": 0, "ngram": 4, "guesses": 1, "copy_ngram": 11}))
+        if ctx.compile:  # chosen by measured step times: counters vary run to run, so not in --quick
+            variants.append(Variant("dynexec_prompt_lookup_0_4_1_copy11_adaptive",
+                                    dynexec_run(ctx, "lookahead", window=0, ngram=4, guesses=1, copy_ngram=11,
+                                                adaptive=True), "dynexec",
+                                    params={"window": 0, "ngram": 4, "guesses": 1, "copy_ngram": 11, "adaptive": True}))
     variants.append(Variant("dynexec_greedy", dynexec_run(ctx, "greedy"), "dynexec"))
     return variants
 

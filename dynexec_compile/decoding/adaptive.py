@@ -18,6 +18,8 @@ one-token step), from two measurements:
 
 Any choice is exact: every shape is verified by the shared step, so greedy output stays
 identical to greedy decoding and sampling stays lossless; only speed depends on the choice.
+The choice depends on timings, so it is opt-in (``adaptive=True``): sampled tokens are then not
+repeatable for a seed, and counters (tokens per forward) vary from run to run.
 A chooser belongs to one engine: what it measured carries over to the engine's next requests.
 """
 

@@ -391,7 +391,9 @@ def eagle_strategy(
     kernels' cost grows faster with rows. ``adaptive``: choose each step's shape — these guesses, the
     draft's alone without the lookup branch, or none (a plain one-token step) — by expected tokens
     per second: the step times measured on this engine and the draft's own probabilities
-    (:mod:`~dynexec_compile.decoding.adaptive`); exact either way, only the speed changes."""
+    (:mod:`~dynexec_compile.decoding.adaptive`); exact either way, only the speed changes — but the
+    shapes depend on timings, so sampled tokens are not repeatable for a seed (their distribution
+    is the model's) and counters such as tokens per forward vary from run to run. Off by default."""
     if options:
         raise TypeError(f"strategy='eagle' got unknown options {sorted(options)}; it takes draft=, num_draft=, "
                         "alternatives=, lookup=, copy_lookup= and adaptive=")

@@ -110,7 +110,9 @@ class LookaheadConfig:
         adaptive: with ``window=0``, choose each step between this step and a plain one-token
             step by expected tokens per second: the step times measured on this engine and each
             layout's observed acceptance on rows that had a guess
-            (:mod:`~dynexec_compile.decoding.adaptive`). Exact either way; only the speed changes.
+            (:mod:`~dynexec_compile.decoding.adaptive`). Exact either way; only the speed changes,
+            but the steps depend on timings: sampled tokens are not repeatable for a seed (their
+            distribution is the model's) and counters vary from run to run. Off by default.
     """
 
     window: int = DEFAULTS["window"]
