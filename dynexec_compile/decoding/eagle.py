@@ -88,6 +88,7 @@ _NOT_KEPT = ("quantization_config", "dtype", "torch_dtype", "transformers_versio
 FORMAT_VERSION = 1
 DEFAULT_NUM_DRAFT = 3
 REQUEST_VOCAB = 256  # prompt tokens outside the draft's vocabulary that a row may also guess
+CATCH_UP = 64  # the most missed positions the draft reads in one call after plain steps (adaptive)
 
 
 class EagleDraft(nn.Module):
@@ -258,7 +259,7 @@ class EagleEngine(DecodeEngine):
         weight = next(model.parameters())
         draft = copy.deepcopy(check_draft_fits(model, draft)).to(device=weight.device, dtype=weight.dtype).eval()
         self.runner = DraftRunner(draft, self.stack, batch_size, max_len, self._max_position)
-        self._propose = self.runner.propose
+        self._propose = self._catch_up = self.runner.propose
         settings = self.compile_settings
         if settings["regional"]:  # only the model's layers compile there: compile the draft's step apart
             backend = engine_options.get("backend", "inductor")
@@ -266,6 +267,8 @@ class EagleEngine(DecodeEngine):
             # a code object of its own: Dynamo's recompile limit counts per code object, and every
             # engine's draft compiles a graph per step shape
             self._propose = compiler(types.MethodType(private_copy(DraftRunner.propose, f"draft{id(self):x}"), self.runner))
+            # catching up after plain steps: one graph per bucket of missed positions, a code object of its own
+            self._catch_up = compiler(types.MethodType(private_copy(DraftRunner.propose, f"catchup{id(self):x}"), self.runner))
         self.num_draft, self.alternatives, self.lookup, self.copy_lookup = num_draft, alternatives, lookup, copy_lookup
         # span -> (step shape, (chain nodes, alternative nodes, lookup nodes)), one graph each: the
         # draft's nodes alone (0: no row has a lookup candidate), with `lookup` tokens, with
@@ -282,6 +285,23 @@ class EagleEngine(DecodeEngine):
         h_last = h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0]  # [B, D]
         return self.stack.lm_head(h_last), h, ids
 
+    def catch_up(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft reads the pairs of positions ``base .. base + n - 1`` that plain steps
+        committed without it (``features [B, n, D]``, ``tokens [B, n]``) and guesses from the
+        last: ``(guesses, probabilities)`` as after a step. Padded to a power of two (one graph
+        per size; the padding pairs are scratch past every row's position, overwritten before
+        any query sees them), at most :data:`CATCH_UP` pairs a call."""
+        while True:
+            n = min(features.shape[1], CATCH_UP)
+            width = 1 << (n - 1).bit_length()
+            pad = width - n
+            chunk = F.pad(features[:, :n], (0, 0, 0, pad)), F.pad(tokens[:, :n], (0, pad), value=0)
+            kept = torch.full_like(base, n)
+            out = self.run_graph("eagle_catch_up", _catch_up_body, *chunk, base, kept, width=0, forwards=0)
+            if n == features.shape[1]:
+                return out
+            features, tokens, base = features[:, n:], tokens[:, n:], base + n
+
     def first_guesses(self, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first guesses ``[B, k, 1 + alternatives]`` after the prefill (the prompt's pairs,
         the root last) and their draft probabilities."""
@@ -294,10 +314,19 @@ class EagleEngine(DecodeEngine):
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The next guesses ``[B, k, 1 + alternatives]`` and their draft probabilities: the
-        accepted path's pairs, then ``k`` guesses."""
+        accepted path's pairs, then ``k`` guesses. After a plain step (one token, no guesses) the
+        draft does not run: its pair ``(feature [B, 1, D], token [B, 1])`` is returned for
+        :meth:`catch_up`."""
         h, base = extras  # [B, T, D], [B]
+        if h.shape[1] == 1:
+            return h, verdict.tokens
         features = h.gather(1, verdict.path[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, D + 1, D]
         return self._propose(features, verdict.tokens, base, verdict.emitted, self.num_draft, 1 + self.alternatives)
+
+
+def _catch_up_body(engine: EagleEngine, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor,
+                   kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return engine._catch_up(features, tokens, base, kept, engine.num_draft, 1 + engine.alternatives)
 
 
 def _prompt_body(engine: EagleEngine, h: torch.Tensor, ids: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,6 +461,10 @@ class _EagleProposer(DraftProposer):
 
     Attributes:
         copy_steps: steps that took the ``copy_lookup`` branch.
+        pending: ``adaptive``: the ``(feature, token)`` pairs of plain steps the draft has not
+            read yet (from position ``pending_base``); it reads them before its next guess.
+        typical: ``adaptive``: a running mean of the draft's expected accepted tokens per row,
+            the estimate while its guesses are stale (after plain steps).
     """
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -440,6 +473,7 @@ class _EagleProposer(DraftProposer):
         self.root = next_token(logits, self.settings)  # [B]
         self.guesses, self.confidence = engine.first_guesses(h, ids, self.root)  # [B, k, 1 + alternatives] each
         self.lookups, self.copy_steps = [], 0
+        self.pending, self.pending_base, self.typical = [], None, None
         if engine.lookup:
             lengths = engine.cache.lengths.tolist()
             self.lookups = [ContextLookup(engine.lookup, row[:n] + [root])
@@ -459,8 +493,14 @@ class _EagleProposer(DraftProposer):
         if self.chooser is not None:
             self.shape = self._choose(span, found)
             if self.shape is engine.plain:
+                if not self.pending:
+                    self.pending_base = engine.cache.lengths.clone()  # [B] the root's position
                 self.valid = None
                 return self.root[:, None], None
+            if self.pending:  # the draft reads what the plain steps committed, then guesses afresh
+                features, tokens = (torch.cat(parts, dim=1) for parts in zip(*self.pending, strict=True))
+                self.guesses, self.confidence = engine.catch_up(features, tokens, self.pending_base)
+                self.pending = []
             span = span if self.shape is engine.branches[span][0] else 0
         self.copy_steps += bool(copying and span)
         self.span, (chain, others, lookup_nodes) = span, engine.branches[span][1]
@@ -483,13 +523,19 @@ class _EagleProposer(DraftProposer):
     def _choose(self, span: int, found: list[list[tuple[int, ...]]]) -> StepShape:
         """This step's shape by expected tokens per second (``adaptive``): the draft's expected
         accepted tokens per row from its probabilities (the chain's ``p_1 .. p_k``, each depth's
-        guesses summed), scaled by its observed calibration; a row with a lookup candidate
-        expects the larger of that and the span's observed acceptance."""
+        guesses summed), scaled by its observed calibration (after plain steps, whose positions
+        it has not read yet, its running mean); a row with a lookup candidate expects the larger
+        of that and the span's observed acceptance."""
         engine, chooser, live = self.engine, self.chooser, self.live.float()  # [B]
-        top = self.confidence[:, :, 0].float()  # [B, k]
-        reach = torch.cumprod(torch.cat([torch.ones_like(top[:, :1]), top[:, :-1]], dim=1), dim=1)  # [B, k]
-        drafted = ((reach * self.confidence.float().sum(dim=-1)).sum(dim=1) * chooser.calibration).clamp(max=engine.num_draft)
         rows = live.sum().clamp(min=1)
+        if self.pending:
+            drafted = torch.full_like(live, self.typical)
+        else:
+            top = self.confidence[:, :, 0].float()  # [B, k]
+            reach = torch.cumprod(torch.cat([torch.ones_like(top[:, :1]), top[:, :-1]], dim=1), dim=1)  # [B, k]
+            drafted = ((reach * self.confidence.float().sum(dim=-1)).sum(dim=1) * chooser.calibration).clamp(max=engine.num_draft)
+            mean = float((drafted * live).sum() / rows)
+            self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
         options = [(engine.branches[0][0], 1 + float((drafted * live).sum() / rows)), (engine.plain, 1.0)]
         if span:
             has = torch.tensor([bool(f) for f in found], device=live.device)
@@ -498,13 +544,19 @@ class _EagleProposer(DraftProposer):
         return chooser.choose(options)
 
     def accept(self, out: StepOut) -> None:
-        if self.chooser is not None:  # the draft's first guesses against the model's token; the lookup branch's yield
+        plain = self.shape is self.engine.plain
+        if self.chooser is not None and len(self.pending) == 0:
+            # the draft's first guesses against the model's token (fresh: no plain step since them);
+            # the lookup branch's yield
             live = self.live
             hit = (self.guesses[:, 0, :] == out.verdict.tokens[:, :1]).any(dim=1) & live
             has = self.valid[:, self.lookup_node] & live if self.valid is not None else torch.zeros_like(live)
             self.chooser.observe(self.shape, float((out.verdict.accepted * has).sum()), int(has.sum()), float(hit.sum()),
                                  float((self.confidence[:, 0].float().sum(dim=1) * live).sum()))
-        self.guesses, self.confidence = out.after
+        if plain:
+            self.pending.append(out.after)  # ([B, 1, D], [B, 1]): for the draft's next catch-up
+        else:
+            self.guesses, self.confidence = out.after
         if self.lookups:
             for lookup, run, kept in zip(self.lookups, out.verdict.tokens.tolist(), out.kept.tolist(), strict=True):
                 lookup.extend(run[:kept])

@@ -339,13 +339,17 @@ def test_adaptive_steps_are_exact_whichever_shape_each_step_takes(kind, draft_fo
     assert engine.plain.name in used and engine.branches[0][0].name in used and len(used) >= 3, used
     assert sum(used.values()) == out.stats.steps
     # the draft saw the model's features of every committed position, whichever shapes the steps
-    # took: its cache holds what a run without plain steps writes
+    # took (after plain steps it reads theirs before its next guess): its cache holds what a run
+    # without plain steps writes, up to the positions of the last steps that were plain
+    drafted = out.stats.extra["drafted_per_step"]
+    trailing = len(drafted) - max(i for i, step in enumerate(drafted) if any(step)) - 1  # plain steps at the end
+    unread = torch.tensor(out.stats.accepted_per_step[len(drafted) - trailing:] or [[0] * 3]).sum(dim=0)  # [B]
     mixed = [layer.keys.clone() for layer in engine.runner.cache.layers]
     fixed = dx.generate(model, ids, mask, **common)
     assert _eagle_engine(model) is engine and torch.equal(fixed.sequences, out.sequences)
-    lengths = engine.cache.lengths - 1  # the last pair is written by the step after
+    read = engine.cache.lengths - unread - 1  # the last pair is written by the step after
     for before, layer in zip(mixed, engine.runner.cache.layers, strict=True):
-        for row, n in enumerate(lengths.tolist()):
+        for row, n in enumerate(read.tolist()):
             torch.testing.assert_close(before[row, :, :n], layer.keys[row, :, :n], atol=1e-4, rtol=1e-4)
 
 
@@ -368,3 +372,23 @@ def test_adaptive_follows_the_measured_step_costs(draft_for):
     assert torch.equal(first.sequences, reference)
     with pytest.raises(ValueError, match="adaptive must be True or False"):
         dx.generate(model, ids, mask, **{**common, "adaptive": "yes"})
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_adaptive_compiled_steps_and_catch_ups_are_exact_and_compile_once(regional, draft_for, monkeypatch):
+    """Compiled (whole-step graphs, or regional with the draft compiled apart): any mix of plain
+    and guessing steps, with the draft's catch-ups after plain runs, equals HF greedy; a second
+    run with the same mix compiles nothing new."""
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    model, draft = draft_for("qwen2")
+    ids, mask = left_padded_batch([6, 9], seed=5)
+    common = dict(strategy="eagle", draft=draft, max_new_tokens=24, eos_token_id=[], backend="eager", regional=regional,
+                  lookup=2, adaptive=True)
+    runs = []
+    for _ in range(2):
+        monkeypatch.setattr(WidthChooser, "choose", _random_choice(3))
+        runs.append(dx.generate(model, ids, mask, **common))
+    assert torch.equal(runs[0].sequences, hf_greedy(model, ids, mask, 24))
+    assert torch.equal(runs[1].sequences, runs[0].sequences)
+    assert "tree(-1,)" in runs[0].stats.extra["adaptive_steps"] and runs[1].stats.compiles == 0
