@@ -88,7 +88,7 @@ _NOT_KEPT = ("quantization_config", "dtype", "torch_dtype", "transformers_versio
 FORMAT_VERSION = 1
 DEFAULT_NUM_DRAFT = 3
 REQUEST_VOCAB = 256  # prompt tokens outside the draft's vocabulary that a row may also guess
-CATCH_UP = 64  # the most missed positions the draft reads in one call after plain steps (adaptive)
+CATCH_UP = 8  # missed positions the draft reads per call after plain steps (adaptive): one graph, padded
 
 
 class EagleDraft(nn.Module):
@@ -267,7 +267,7 @@ class EagleEngine(DecodeEngine):
             # a code object of its own: Dynamo's recompile limit counts per code object, and every
             # engine's draft compiles a graph per step shape
             self._propose = compiler(types.MethodType(private_copy(DraftRunner.propose, f"draft{id(self):x}"), self.runner))
-            # catching up after plain steps: one graph per bucket of missed positions, a code object of its own
+            # catching up after plain steps: a code object of its own
             self._catch_up = compiler(types.MethodType(private_copy(DraftRunner.propose, f"catchup{id(self):x}"), self.runner))
         self.num_draft, self.alternatives, self.lookup, self.copy_lookup = num_draft, alternatives, lookup, copy_lookup
         # span -> (step shape, (chain nodes, alternative nodes, lookup nodes)), one graph each: the
@@ -288,13 +288,12 @@ class EagleEngine(DecodeEngine):
     def catch_up(self, features: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The draft reads the pairs of positions ``base .. base + n - 1`` that plain steps
         committed without it (``features [B, n, D]``, ``tokens [B, n]``) and guesses from the
-        last: ``(guesses, probabilities)`` as after a step. Padded to a power of two (one graph
-        per size; the padding pairs are scratch past every row's position, overwritten before
-        any query sees them), at most :data:`CATCH_UP` pairs a call."""
+        last: ``(guesses, probabilities)`` as after a step. :data:`CATCH_UP` pairs a call, the last
+        call padded (one graph for any count: a new shape would compile mid-request; the padding
+        pairs are scratch past every row's position, overwritten before any query sees them)."""
         while True:
             n = min(features.shape[1], CATCH_UP)
-            width = 1 << (n - 1).bit_length()
-            pad = width - n
+            pad = CATCH_UP - n
             chunk = F.pad(features[:, :n], (0, 0, 0, pad)), F.pad(tokens[:, :n], (0, pad), value=0)
             kept = torch.full_like(base, n)
             out = self.run_graph("eagle_catch_up", _catch_up_body, *chunk, base, kept, width=0, forwards=0)
