@@ -25,8 +25,12 @@ A chooser belongs to one engine: what it measured carries over to the engine's n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from dynexec_compile.decoding.verify import StepShape
@@ -75,6 +79,15 @@ class WidthChooser:
             choice = max(options, key=lambda option: option[1] / self.costs[option[0].name])[0]
         self.chosen[choice.name] = self.chosen.get(choice.name, 0) + 1
         return choice
+
+    @contextlib.contextmanager
+    def timing(self, shape: StepShape, device: torch.device) -> Iterator[None]:
+        """Time what runs inside as a step of ``shape`` (:meth:`timed`; on CUDA, once it has run)."""
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timed(shape, time.perf_counter() - start)
 
     def timed(self, shape: StepShape, seconds: float) -> None:
         """Record a step of ``shape`` that took ``seconds`` (its first call is taken as a compile)."""

@@ -502,7 +502,7 @@ class _EagleProposer(DraftProposer):
                 self.pending = []
             span = span if self.shape is engine.branches[span][0] else 0
         self.copy_steps += bool(copying and span)
-        self.span, (chain, others, lookup_nodes) = span, engine.branches[span][1]
+        chain, others, lookup_nodes = engine.branches[span][1]
         self.lookup_node = lookup_nodes[0] if span else None  # its validity: whether the row has a candidate
         size = self.shape.tree.size
         tokens = self.root[:, None].repeat(1, size)  # [B, T]; unfilled lookup nodes: the root, never valid
@@ -533,9 +533,10 @@ class _EagleProposer(DraftProposer):
             top = self.confidence[:, :, 0].float()  # [B, k]
             reach = torch.cumprod(torch.cat([torch.ones_like(top[:, :1]), top[:, :-1]], dim=1), dim=1)  # [B, k]
             drafted = ((reach * self.confidence.float().sum(dim=-1)).sum(dim=1) * chooser.calibration).clamp(max=engine.num_draft)
-            mean = float((drafted * live).sum() / rows)
+        mean = float((drafted * live).sum() / rows)
+        if not self.pending:
             self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
-        options = [(engine.branches[0][0], 1 + float((drafted * live).sum() / rows)), (engine.plain, 1.0)]
+        options = [(engine.branches[0][0], 1 + mean), (engine.plain, 1.0)]
         if span:
             has = torch.tensor([bool(f) for f in found], device=live.device)
             gain = torch.where(has, drafted.clamp(min=chooser.lookup_expectation(engine.branches[span][0], span)), drafted)
@@ -563,7 +564,9 @@ class _EagleProposer(DraftProposer):
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
         return {**super().extra(stats), "num_draft": engine.num_draft, "alternatives": engine.alternatives,
-                "draft_forwards": stats.steps * engine.num_draft,
+                # plain steps (adaptive) run no draft; their positions are read at the next catch-up
+                "draft_forwards": (stats.steps - self.chooser.chosen.get(engine.plain.name, 0)
+                                   if self.chooser is not None else stats.steps) * engine.num_draft,
                 "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps,
                 "adaptive_steps": dict(self.chooser.chosen) if self.chooser is not None else None}
 

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -450,20 +449,17 @@ class _LookaheadState:
         has = torch.tensor([bool(found) for found in guesses], device=live.device) * live  # [B]
         expected = 1 + float((has * chooser.lookup_expectation(layout, span)).sum() / live.sum().clamp(min=1))
         shape = chooser.choose([(layout, expected), (self.plain, 1.0)])
-        start = time.perf_counter()
-        if shape is self.plain:
-            out = verify_step(self.engine, shape, self.token[:, None], runs, self.settings.sampling, self.settings.generator)
-            kept = out.kept
-            self.token = torch.where(kept > 0, out.verdict.next_token, self.token)
-            self._extend_texts(out.verdict.tokens, kept)
-            self.guesses_per_step.append([0] * len(guesses))
-        else:
-            kept = self._layout_step(layout, span, guesses, runs)
+        if shape is not self.plain:
+            with chooser.timing(shape, self.token.device):
+                kept = self._layout_step(layout, span, guesses, runs)
             chooser.observe(layout, float(((kept - 1).clamp(min=0) * has).sum()), int(has.sum()))
-        if self.token.device.type == "cuda":
-            torch.cuda.synchronize(self.token.device)
-        chooser.timed(shape, time.perf_counter() - start)
-        return kept
+            return kept
+        with chooser.timing(shape, self.token.device):
+            out = verify_step(self.engine, shape, self.token[:, None], runs, self.settings.sampling, self.settings.generator)
+        self.token = torch.where(out.kept > 0, out.verdict.next_token, self.token)
+        self._extend_texts(out.verdict.tokens, out.kept)
+        self.guesses_per_step.append([0] * len(guesses))
+        return out.kept
 
     def _layout_step(self, layout: StepLayout, span: int, guesses: list[list[tuple[int, ...]]], runs: TokenRuns) -> torch.Tensor:
         """The step of ``layout`` (window and guesses) for every row; the tokens each row kept."""

@@ -44,8 +44,8 @@ commit::
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -783,13 +783,10 @@ class DraftProposer:
     def step(self, runs: TokenRuns) -> torch.Tensor:
         self.live = live = ~runs.done  # [B] rows still generating
         tokens, probs = self.guess()
-        start = time.perf_counter()
-        out = verify_step(self.engine, self.shape, tokens, runs, self.settings.sampling, self.settings.generator,
-                          draft_probs=probs, valid=self.valid)
-        if self.chooser is not None:  # the step's wall time (a CUDA step: once it has run)
-            if tokens.device.type == "cuda":
-                torch.cuda.synchronize(tokens.device)
-            self.chooser.timed(self.shape, time.perf_counter() - start)
+        timing = contextlib.nullcontext() if self.chooser is None else self.chooser.timing(self.shape, tokens.device)
+        with timing:
+            out = verify_step(self.engine, self.shape, tokens, runs, self.settings.sampling, self.settings.generator,
+                              draft_probs=probs, valid=self.valid)
         self.accept(out)
         self.root = torch.where(live, out.verdict.next_token, self.root)
         # [B] or all rows alike: this step's tree (a proposer may switch shapes); a node that is no

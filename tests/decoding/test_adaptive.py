@@ -48,3 +48,15 @@ def test_costs_follow_the_machine_and_estimates_learn_from_outcomes():
     assert chooser.calibration == pytest.approx(0.4)  # (2 + 2) / (8 + 2): the draft was overconfident
     assert chooser.lookup_expectation(CHAIN, 3) == pytest.approx((1.0 + 3) / 5)
     assert chooser.lookup_expectation(WIDE, 10) == 10.0, "each shape learns apart"
+
+
+def test_timing_records_the_wall_time_of_what_runs_inside():
+    import time
+
+    import torch
+
+    chooser = WidthChooser()
+    for _ in range(2):  # the first is taken as a compile
+        with chooser.timing(CHAIN, torch.device("cpu")):
+            time.sleep(0.02)
+    assert 0.02 <= chooser.costs[CHAIN.name] < 1.0
