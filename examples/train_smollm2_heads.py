@@ -131,6 +131,8 @@ def main() -> None:
                         "of its request (SST-2 train reviews, non-held-out stdlib functions)")
     parser.add_argument("--free-form", type=int, default=0,
                         help="eagle: also train on the model's own answers to this many free-form questions")
+    parser.add_argument("--init", type=Path, default=None, metavar="DRAFT",
+                        help="eagle: train this draft further (its training.json is kept in the new card)")
     parser.add_argument("--agreement", type=Path, nargs="+", default=None, metavar="DRAFT",
                         help="eagle: only print these draft files' held-out first-guess agreement, by kind of prompt")
     parser.add_argument("--exit-layer", type=int, default=15, help="E of the exit adapter (the bench's self-speculation layer)")
@@ -359,10 +361,13 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
     sequences = [seq for seq, _ in data] + free  # every position: the prompts' text too
     copies = copy_conversations(tokenizer, args.copy_conversations)
     sequences += copies
-    draft = dx.train_eagle_draft(model, sequences, vocab=args.vocab, epochs=args.epochs, lr=args.lr)
+    # --init: read before the new draft overwrites it (the default --out is the same folder)
+    start = dx.load_eagle_draft(args.init, dtype=torch.float32) if args.init else None
+    earlier = json.loads((args.init.parent / "training.json").read_text()) if args.init else None
+    draft = dx.train_eagle_draft(model, sequences, draft=start, vocab=args.vocab, epochs=args.epochs, lr=args.lr)
     train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
     torch.manual_seed(0)
-    untrained = EagleDraft(model.config, draft.vocab)
+    before = start if args.init else EagleDraft(model.config, draft.vocab)
     out = args.out or MODEL_DIR / "eagle"
     out.mkdir(parents=True, exist_ok=True)
     dx.save_eagle_draft(draft, out / "draft.safetensors", dtype=torch.bfloat16)
@@ -378,11 +383,13 @@ def train_eagle(args, model, tokenizer, data, held_prompts, held, gen_cpu: float
         "threads": args.threads,
         "draft_vocab": int(draft.vocab.numel()),
         "first_guess_agreement_heldout_answers": {
-            "untrained": eagle_agreement(model, untrained, held_prompts, held),
+            ("before_this_stage" if args.init else "untrained"): eagle_agreement(model, before, held_prompts, held),
             "trained": by_kind["all"],
             "trained_by_kind": by_kind,
         },
     }
+    if earlier is not None:
+        summary["earlier_stage"] = earlier  # the draft this run started from
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

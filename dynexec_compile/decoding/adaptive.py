@@ -69,6 +69,24 @@ class WidthChooser:
         ``shape``; before any was seen, all of them (optimistic, so that the shape gets tried)."""
         return (self.accepted.get(shape.name, 0.0) + span) / (self.counted.get(shape.name, 0) + 1.0)
 
+    def draft_yield(self, confidence: torch.Tensor, cap: int) -> torch.Tensor:
+        """``[B]`` drafted tokens each row is expected to keep: ``confidence`` ``[B, k, A]`` the
+        draft's probabilities of its guesses at each depth (``[:, :, 0]`` the chain's), so depth
+        ``d`` is reached with ``p_1 .. p_{d-1}`` and kept with the depth's summed mass; scaled by
+        :attr:`calibration`, at most ``cap``."""
+        top = confidence[:, :, 0].float()  # [B, k]
+        reach = torch.cumprod(torch.cat([torch.ones_like(top[:, :1]), top[:, :-1]], dim=1), dim=1)  # [B, k]
+        return ((reach * confidence.float().sum(dim=-1)).sum(dim=1) * self.calibration).clamp(max=cap)
+
+    @staticmethod
+    def first_hits(guesses: torch.Tensor, confidence: torch.Tensor, token: torch.Tensor,
+                   live: torch.Tensor) -> tuple[float, float]:
+        """``(hits, predicted)`` for :meth:`observe`: on the ``live`` rows, whether one of the
+        first depth's ``guesses`` ``[B, A]`` was the model's ``token`` ``[B]``, and the
+        probability mass ``confidence`` ``[B, A]`` the draft gave them."""
+        hit = (guesses == token[:, None]).any(dim=1) & live
+        return float(hit.sum()), float((confidence.float().sum(dim=1) * live).sum())
+
     def choose(self, options: Sequence[tuple[StepShape, float]]) -> StepShape:
         """The shape with the most ``expected tokens / seconds``; one not yet timed first."""
         for shape, _ in options:

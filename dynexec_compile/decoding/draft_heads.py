@@ -247,6 +247,7 @@ def draft_heads_strategy(
     *,
     heads: DraftHeads | None = None,
     tree: Any = None,
+    adaptive: bool = False,
     **options: Any,
 ) -> GenerateOutput:
     """The ``"draft_heads"`` strategy (see the module docstring).
@@ -254,9 +255,15 @@ def draft_heads_strategy(
     Options: ``heads`` (required); ``tree``: ``None`` for a chain of one candidate per head,
     or a candidate tree (children per depth, e.g. ``[4, 2, 1]``, or a ``TreeSpec``) at most
     ``k`` deep whose depth-``d`` nodes take head ``d``'s top tokens — greedy or sampling.
+    ``adaptive``: each step verifies the heads' candidates or none (a plain one-token step,
+    after which the heads still guess), whichever is expected to give more tokens per second
+    from the heads' probabilities and the measured step times
+    (:mod:`~dynexec_compile.decoding.adaptive`); exact either way.
     """
     if options:
-        raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads= and tree=")
+        raise TypeError(f"strategy='draft_heads' got unknown options {sorted(options)}; it takes heads=, tree= and adaptive=")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"strategy='draft_heads': adaptive must be True or False, got {adaptive!r}")
     if heads is None:
         raise ValueError("strategy='draft_heads' needs heads=DraftHeads (dynexec_compile.train_draft_heads / load_draft_heads)")
     check_heads_fit(model, heads)
@@ -266,34 +273,57 @@ def draft_heads_strategy(
         key=("draft_heads", id(heads), weights_fingerprint(heads), spec.parents),
         build=functools.partial(DraftHeadsEngine, heads=heads, tree=spec),
     )
-    return decode_loop(_HeadsProposer("draft_heads", engine, settings, spec), input_ids, attention_mask, settings)
+    proposer = _HeadsProposer("draft_heads", engine, settings, spec)
+    if adaptive:
+        proposer.chooser = engine.chooser
+        proposer.chooser.begin()
+    return decode_loop(proposer, input_ids, attention_mask, settings)
 
 
 class _HeadsProposer(DraftProposer):
-    """Draft heads' proposer: the candidates come out of the previous step's graph."""
+    """Draft heads' proposer: the candidates come out of the previous step's graph (a plain
+    step's too: the heads read its one node)."""
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         logits, head_logits = self.engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
         self.root = next_token(logits, self.settings)  # [B]
-        self.tokens = self.engine.tree_tokens(self.root, head_logits)  # [B, T]
+        self.head_logits, self.tokens = head_logits, self.engine.tree_tokens(self.root, head_logits)  # [B, T]
+        self.full = self.shape
         return self.root
 
     def guess(self) -> tuple[torch.Tensor, None]:
-        return self.tokens, None
+        if self.chooser is None:
+            return self.tokens, None
+        tree = self.tree
+        top = [tree._kids[d][2] for d in range(tree.max_depth)]  # candidates per depth
+        probs = self.head_logits[:, : tree.max_depth].float().softmax(dim=-1).topk(max(top), dim=-1).values  # [B, k, A]
+        self.confidence = probs * (torch.arange(max(top), device=probs.device) < torch.tensor(top, device=probs.device)[:, None])
+        drafted = self.chooser.draft_yield(self.confidence, tree.max_depth)  # [B]
+        live = self.live.float()
+        expected = 1 + float((drafted * live).sum() / live.sum().clamp(min=1))
+        self.shape = self.chooser.choose([(self.full, expected), (self.plain, 1.0)])
+        return (self.tokens if self.shape is self.full else self.root[:, None]), None
 
     def accept(self, out: StepOut) -> None:
-        _, self.tokens = out.after  # the heads' next candidates, from the step's graph
+        if self.chooser is not None:  # the first depth's candidates against the model's token, plain step or not
+            start, stop = self.tree.levels[1]
+            hits = self.chooser.first_hits(self.tokens[:, start:stop], self.confidence[:, 0, : stop - start],
+                                           out.verdict.tokens[:, 0], self.live)
+            self.chooser.observe(self.shape, hits=hits[0], predicted=hits[1])
+        self.head_logits, self.tokens = out.after  # the heads' next candidates, from the step's graph
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
+        plain = self.chooser.chosen.get(self.plain.name, 0) if self.chooser is not None else 0  # one-token steps
         return {
             **super().extra(stats),
             "draft_forwards": 0,  # the heads run inside the target's step graphs
             # token x layer evaluations per row in the decoding steps (prefill not counted):
             # every step runs all L layers on its T tokens; heads: one block each
-            "target_layer_evals": stats.steps * engine.stack.num_layers * engine.tree.size,
+            "target_layer_evals": (stats.steps * engine.tree.size - plain * (engine.tree.size - 1)) * engine.stack.num_layers,
             "draft_layer_evals": 0,
             "draft_head_evals": stats.steps * engine.num_heads,
+            "adaptive_steps": dict(self.chooser.chosen) if self.chooser is not None else None,
         }
 
 

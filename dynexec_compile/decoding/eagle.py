@@ -278,7 +278,6 @@ class EagleEngine(DecodeEngine):
             tree, nodes = branch_tree(num_draft, alternatives, span)
             self.branches[span] = (StepShape.of_tree(tree), nodes)
         self.tree = self.branches[max(lookup, copy_lookup)][0].tree  # the widest
-        self.plain = StepShape.of_tree(TreeSpec.root_only())  # no guesses: what `adaptive` runs where they do not pay
 
     def prefill_forward(self, ids, positions, mask, last):  # noqa: ANN001, ANN201 - see DecodeEngine
         h = self.stack.hidden(ids, positions, mask, self.cache, positions)  # [B, L, D]
@@ -491,7 +490,7 @@ class _EagleProposer(DraftProposer):
         self.shape = engine.branches[span][0]
         if self.chooser is not None:
             self.shape = self._choose(span, found)
-            if self.shape is engine.plain:
+            if self.shape is self.plain:
                 if not self.pending:
                     self.pending_base = engine.cache.lengths.clone()  # [B] the root's position
                 self.valid = None
@@ -530,13 +529,11 @@ class _EagleProposer(DraftProposer):
         if self.pending:
             drafted = torch.full_like(live, self.typical)
         else:
-            top = self.confidence[:, :, 0].float()  # [B, k]
-            reach = torch.cumprod(torch.cat([torch.ones_like(top[:, :1]), top[:, :-1]], dim=1), dim=1)  # [B, k]
-            drafted = ((reach * self.confidence.float().sum(dim=-1)).sum(dim=1) * chooser.calibration).clamp(max=engine.num_draft)
+            drafted = chooser.draft_yield(self.confidence, engine.num_draft)
         mean = float((drafted * live).sum() / rows)
         if not self.pending:
             self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
-        options = [(engine.branches[0][0], 1 + mean), (engine.plain, 1.0)]
+        options = [(engine.branches[0][0], 1 + mean), (self.plain, 1.0)]
         if span:
             has = torch.tensor([bool(f) for f in found], device=live.device)
             gain = torch.where(has, drafted.clamp(min=chooser.lookup_expectation(engine.branches[span][0], span)), drafted)
@@ -544,15 +541,14 @@ class _EagleProposer(DraftProposer):
         return chooser.choose(options)
 
     def accept(self, out: StepOut) -> None:
-        plain = self.shape is self.engine.plain
+        plain = self.shape is self.plain
         if self.chooser is not None and len(self.pending) == 0:
             # the draft's first guesses against the model's token (fresh: no plain step since them);
             # the lookup branch's yield
             live = self.live
-            hit = (self.guesses[:, 0, :] == out.verdict.tokens[:, :1]).any(dim=1) & live
             has = self.valid[:, self.lookup_node] & live if self.valid is not None else torch.zeros_like(live)
-            self.chooser.observe(self.shape, float((out.verdict.accepted * has).sum()), int(has.sum()), float(hit.sum()),
-                                 float((self.confidence[:, 0].float().sum(dim=1) * live).sum()))
+            hits = self.chooser.first_hits(self.guesses[:, 0], self.confidence[:, 0], out.verdict.tokens[:, 0], live)
+            self.chooser.observe(self.shape, float((out.verdict.accepted * has).sum()), int(has.sum()), *hits)
         if plain:
             self.pending.append(out.after)  # ([B, 1, D], [B, 1]): for the draft's next catch-up
         else:
@@ -565,7 +561,7 @@ class _EagleProposer(DraftProposer):
         engine = self.engine
         return {**super().extra(stats), "num_draft": engine.num_draft, "alternatives": engine.alternatives,
                 # plain steps (adaptive) run no draft; their positions are read at the next catch-up
-                "draft_forwards": (stats.steps - self.chooser.chosen.get(engine.plain.name, 0)
+                "draft_forwards": (stats.steps - self.chooser.chosen.get(self.plain.name, 0)
                                    if self.chooser is not None else stats.steps) * engine.num_draft,
                 "draft_vocab": int(engine.runner.vocab.numel()), "copy_steps": self.copy_steps,
                 "adaptive_steps": dict(self.chooser.chosen) if self.chooser is not None else None}

@@ -756,6 +756,7 @@ class DraftProposer:
         live: ``[B]`` the rows still generating at this step (set before :meth:`guess`).
         chooser: a :class:`~dynexec_compile.decoding.adaptive.WidthChooser` when :meth:`guess`
             chooses the step's shape (``self.shape``) per step; the step's time goes to it.
+        plain: the one-token step shape (the root alone) a chooser may pick.
     """
 
     def __init__(self, name: str, engine: DecodeEngine, settings: Any, tree: TreeSpec):
@@ -766,6 +767,7 @@ class DraftProposer:
         self.accepted: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None  # [B, T] the tree nodes guess() filled (None: all)
         self.chooser: WidthChooser | None = None  # a proposer choosing each step's shape sets one
+        self.plain = StepShape.of_tree(TreeSpec.root_only())  # no guesses: what a chooser runs where they do not pay
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Fill the caches with the prompts; each row's first token ``[B]``."""

@@ -322,3 +322,77 @@ def test_a_loss_mask_trains_only_the_marked_positions():
         assert _distill_loss(model, trained, lm_head, (text, answer), 1.0) < 0.8 * masked
     with pytest.raises(ValueError, match="mask must be a tensor shaped like"):
         dx.train_draft_heads(model, [(text, answer[:, :4])], heads=heads, progress=False)
+
+
+# ---- adaptive: each step verifies the heads' candidates or none -------------------------------
+
+PLAIN = "tree(-1,)"  # the one-token step's graph
+
+
+def _random_choice(seed):
+    """A WidthChooser.choose that picks any offered shape at random (seeded): every mix of shapes."""
+    import random
+
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    rng, choose = random.Random(seed), WidthChooser.choose
+    return lambda self, options: choose(self, [rng.choice(list(options))])
+
+
+@pytest.mark.parametrize("kind,tree", [("llama", None), ("gpt2", [2, 2, 1])])
+def test_adaptive_steps_are_exact_whichever_shape_each_step_takes(kind, tree, heads_for, monkeypatch):
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    model, heads = heads_for(kind)
+    ids, mask = left_padded_batch([5, 11, 8], seed=3)
+    monkeypatch.setattr(WidthChooser, "choose", _random_choice(1))
+    out = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, tree=tree, adaptive=True, max_new_tokens=40,
+                      eos_token_id=[], compile=False)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
+    used = out.stats.extra["adaptive_steps"]
+    assert PLAIN in used and len(used) == 2 and sum(used.values()) == out.stats.steps, used
+    assert out.stats.forward_passes == out.stats.steps + 1
+    # plain steps draft nothing; the others draft the whole tree
+    drafted = [max(step) for step in out.stats.extra["drafted_per_step"]]
+    assert drafted.count(0) == used[PLAIN] and set(drafted) == {0, K if tree is None else 2 + 4 + 4}
+
+
+def test_adaptive_follows_the_measured_step_costs(heads_for):
+    from dynexec_compile.decoding.draft_heads import DraftHeadsEngine
+    from dynexec_compile.decoding.generate import _ENGINES
+
+    model, heads = heads_for("llama")
+    ids, mask = left_padded_batch([6, 10], seed=5)
+    common = dict(strategy="draft_heads", heads=heads, adaptive=True, max_new_tokens=24, eos_token_id=[], compile=False)
+    first = dx.generate(model, ids, mask, **common)
+    engine = next(e for e in reversed(_ENGINES.values()) if isinstance(e, DraftHeadsEngine) and e.model is model)
+    full = engine.shape.name
+    assert set(first.stats.extra["adaptive_steps"]) <= {PLAIN, full}
+    reference = hf_greedy(model, ids, mask, 24)
+    assert torch.equal(first.sequences, reference)
+    for cheap in (PLAIN, full):
+        engine.chooser.costs.update({PLAIN: 1e-4 if cheap == PLAIN else 10.0, full: 1e-4 if cheap == full else 10.0})
+        out = dx.generate(model, ids, mask, **common)
+        assert torch.equal(out.sequences, reference)
+        assert out.stats.extra["adaptive_steps"] == {cheap: out.stats.steps}, "only the cheap shape pays"
+        if cheap == PLAIN:  # one token a step, nothing drafted, heads still read every step
+            assert out.stats.steps == 23 and sum(map(sum, out.stats.extra["drafted_per_step"])) == 0
+    # the heads' first-depth guesses are scored against the model's token on every step, plain or not
+    assert engine.chooser.predicted > 0
+    with pytest.raises(ValueError, match="adaptive must be True or False"):
+        dx.generate(model, ids, mask, **{**common, "adaptive": 1})
+
+
+def test_adaptive_compiled_steps_are_exact_and_compile_once(heads_for, monkeypatch):
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    model, heads = heads_for("qwen2")
+    ids, mask = left_padded_batch([6, 9], seed=5)
+    common = dict(strategy="draft_heads", heads=heads, max_new_tokens=24, eos_token_id=[], backend="eager", adaptive=True)
+    runs = []
+    for _ in range(2):
+        monkeypatch.setattr(WidthChooser, "choose", _random_choice(3))
+        runs.append(dx.generate(model, ids, mask, **common))
+    assert torch.equal(runs[0].sequences, hf_greedy(model, ids, mask, 24))
+    assert torch.equal(runs[1].sequences, runs[0].sequences)
+    assert PLAIN in runs[0].stats.extra["adaptive_steps"] and runs[1].stats.compiles == 0

@@ -52,8 +52,10 @@ def exact_joint(model, params):
 
 
 def sample(model, heads, strategy, params, seed, tree=None):
-    options = {"heads": heads} if strategy == "draft_heads" else {"exit_layer": 1}
-    adaptive = strategy == "eagle_adaptive"
+    adaptive = strategy.endswith("_adaptive")
+    if strategy == "draft_heads_adaptive":
+        strategy = "draft_heads"
+    options = {"heads": heads, "adaptive": adaptive} if strategy == "draft_heads" else {"exit_layer": 1}
     if strategy.startswith("eagle"):  # a random draft layer: its guesses are both accepted and rejected
         options = {"draft": eagle_draft(model), "num_draft": 2, "lookup": 0 if strategy == "eagle" else 2,
                    "adaptive": adaptive}
@@ -75,13 +77,14 @@ def sample(model, heads, strategy, params, seed, tree=None):
     return out.sequences[:, PROMPT.shape[1]:], out.stats
 
 
-@pytest.mark.parametrize("strategy", ["draft_heads", "self_speculative", "eagle", "eagle_lookup", "eagle_adaptive"])
+@pytest.mark.parametrize("strategy", ["draft_heads", "draft_heads_adaptive", "self_speculative", "eagle", "eagle_lookup",
+                                      "eagle_adaptive"])
 @pytest.mark.parametrize("warp", sorted(PARAMS))
 def test_sampled_tokens_follow_the_target_distribution(strategy, warp, tiny):
     model, heads = tiny
     samples, stats = sample(model, heads, strategy, PARAMS[warp], seed=1)
     assert 0.05 < stats.extra["acceptance_rate"] < 0.95, "drafts must be both accepted and rejected"
-    if strategy == "eagle_adaptive":
+    if strategy.endswith("_adaptive"):
         assert "tree(-1,)" in stats.extra["adaptive_steps"] and len(stats.extra["adaptive_steps"]) >= 2
     assert chi_square_pvalue(samples, V, exact_joint(model, PARAMS[warp])) > 1e-3
 
