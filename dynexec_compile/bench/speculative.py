@@ -293,6 +293,10 @@ def _draft_heads_variants(ctx: BenchContext, heads: Any) -> list[Variant]:
         for tree in ctx.trees
         if len(tree) <= heads.num_heads
     ]
+    if ctx.compile:  # each step's shape chosen by measured time: counters vary run to run, so not in --quick
+        variants.append(Variant(f"dynexec_draft_heads_k{heads.num_heads}_adaptive",
+                                dynexec_run(ctx, "draft_heads", heads=heads, adaptive=True), "dynexec",
+                                params={"k": heads.num_heads, "adaptive": True}))
     return variants
 
 

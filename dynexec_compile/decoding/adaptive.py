@@ -13,8 +13,12 @@ one-token step), from two measurements:
   tried first);
 - the **expected tokens** a row keeps from it, which the strategy estimates from its guesses:
   a draft's own probabilities, calibrated against how often its first guess was the model's
-  token (EAGLE), and each shape's observed acceptance on rows that had a looked-up guess
-  (EAGLE's lookup branch, lookahead and prompt lookup).
+  token (EAGLE, draft heads), and each shape's observed acceptance on rows that had a looked-up
+  guess (EAGLE's lookup branch, lookahead and prompt lookup). Those estimates are then scaled,
+  per shape, by what the steps that took it kept against what was expected of them (a
+  decaying sum): choosing a shape because its estimate is high makes its estimates too high
+  on the steps that run it (at batch 4 on SmolLM2, EAGLE's lookup shape was expected to keep
+  2.54 tokens per row and kept 2.2, enough to make it lose to the plain step).
 
 Any choice is exact: every shape is verified by the shared step, so greedy output stays
 identical to greedy decoding and sampling stays lossless; only speed depends on the choice.
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from dynexec_compile.decoding.verify import StepShape
 
 EMA = 0.25  # weight of a new timing in a shape's running average
+KEPT_DECAY = 0.95  # weight of the earlier steps in a shape's kept / expected sums (~20 steps)
 
 
 class WidthChooser:
@@ -46,6 +51,8 @@ class WidthChooser:
         hits, predicted: first-guess hits and the draft probabilities predicted for them, summed.
         accepted, counted: per shape name, tokens accepted on rows that had a looked-up guess, and those rows.
         chosen: ``{shape name: steps}`` since :meth:`begin` (one request).
+        kept: per shape name, ``(tokens kept, tokens expected)`` per row on the steps that took
+            it, decaying sums (:meth:`kept_on_step`).
     """
 
     def __init__(self) -> None:
@@ -54,6 +61,8 @@ class WidthChooser:
         self.accepted: dict[str, float] = {}
         self.counted: dict[str, int] = {}
         self.chosen: dict[str, int] = {}
+        self.kept: dict[str, tuple[float, float]] = {}
+        self.last: tuple[str, float] | None = None  # the shape chosen last and what it was expected to keep
 
     def begin(self) -> None:
         """A new request: count its choices afresh (what was measured stays)."""
@@ -88,15 +97,28 @@ class WidthChooser:
         return float(hit.sum()), float((confidence.float().sum(dim=1) * live).sum())
 
     def choose(self, options: Sequence[tuple[StepShape, float]]) -> StepShape:
-        """The shape with the most ``expected tokens / seconds``; one not yet timed first."""
-        for shape, _ in options:
+        """The shape with the most ``expected tokens x its kept ratio / seconds``; one not yet timed first."""
+        for shape, expected in options:
             if self.costs.get(shape.name) is None:
-                choice = shape
+                choice, chosen = shape, expected
                 break
         else:
-            choice = max(options, key=lambda option: option[1] / self.costs[option[0].name])[0]
+            choice, chosen = max(options, key=lambda option: option[1] * self.kept_ratio(option[0]) / self.costs[option[0].name])
         self.chosen[choice.name] = self.chosen.get(choice.name, 0) + 1
+        self.last = (choice.name, chosen)
         return choice
+
+    def kept_ratio(self, shape: StepShape) -> float:
+        """Tokens the steps of ``shape`` kept over what was expected of them (1 before any ran;
+        2 tokens of prior on each side)."""
+        kept, expected = self.kept.get(shape.name, (0.0, 0.0))
+        return (kept + 2.0) / (expected + 2.0)
+
+    def kept_on_step(self, tokens: float) -> None:
+        """The step of the shape :meth:`choose` returned last kept ``tokens`` per row."""
+        name, expected = self.last
+        kept, total = self.kept.get(name, (0.0, 0.0))
+        self.kept[name] = (KEPT_DECAY * kept + tokens, KEPT_DECAY * total + expected)
 
     @contextlib.contextmanager
     def timing(self, shape: StepShape, device: torch.device) -> Iterator[None]:

@@ -453,9 +453,11 @@ class _LookaheadState:
             with chooser.timing(shape, self.token.device):
                 kept = self._layout_step(layout, span, guesses, runs)
             chooser.observe(layout, float(((kept - 1).clamp(min=0) * has).sum()), int(has.sum()))
+            chooser.kept_on_step(float((kept * live).sum() / live.sum().clamp(min=1)))
             return kept
         with chooser.timing(shape, self.token.device):
             out = verify_step(self.engine, shape, self.token[:, None], runs, self.settings.sampling, self.settings.generator)
+        chooser.kept_on_step(1.0)
         self.token = torch.where(out.kept > 0, out.verdict.next_token, self.token)
         self._extend_texts(out.verdict.tokens, out.kept)
         self.guesses_per_step.append([0] * len(guesses))

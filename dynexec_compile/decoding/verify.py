@@ -790,6 +790,8 @@ class DraftProposer:
             out = verify_step(self.engine, self.shape, tokens, runs, self.settings.sampling, self.settings.generator,
                               draft_probs=probs, valid=self.valid)
         self.accept(out)
+        if self.chooser is not None:  # what the step verified per row (before any stop rule cut it)
+            self.chooser.kept_on_step(float(((out.verdict.accepted + 1) * live).sum() / live.sum().clamp(min=1)))
         self.root = torch.where(live, out.verdict.next_token, self.root)
         # [B] or all rows alike: this step's tree (a proposer may switch shapes); a node that is no
         # guess (not valid) was not drafted

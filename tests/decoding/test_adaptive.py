@@ -60,3 +60,23 @@ def test_timing_records_the_wall_time_of_what_runs_inside():
         with chooser.timing(CHAIN, torch.device("cpu")):
             time.sleep(0.02)
     assert 0.02 <= chooser.costs[CHAIN.name] < 1.0
+
+
+def test_a_shape_whose_steps_keep_less_than_expected_loses_its_lead():
+    """Chosen for a high estimate, a shape's steps keep less than expected (its estimates are
+    biased upwards where it runs): its expectations are scaled by kept / expected."""
+    chooser = WidthChooser()
+    timed(chooser, PLAIN, 1.0, 0.050)
+    timed(chooser, WIDE, 1.0, 0.110)  # 2.2x a plain step
+    options = [(WIDE, 2.5), (PLAIN, 1.0)]
+    assert chooser.kept_ratio(WIDE) == 1.0 and chooser.choose(options) is WIDE, "2.5 / 2.2 > 1 before any outcome"
+    chooser.kept_on_step(2.0)
+    assert chooser.kept[WIDE.name] == (2.0, 2.5) and chooser.kept_ratio(WIDE) == pytest.approx(4.0 / 4.5)
+    for _ in range(10):
+        if chooser.choose(options) is not WIDE:
+            break
+        chooser.kept_on_step(2.0)  # 2.0 / 2.2 < 1: the plain step pays more
+    assert chooser.choose(options) is PLAIN
+    chooser.kept_on_step(1.0)
+    assert chooser.kept_ratio(PLAIN) == 1.0, "the plain step keeps what it is expected to"
+    assert chooser.kept_ratio(CHAIN) == 1.0, "each shape apart"
