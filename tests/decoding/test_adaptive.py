@@ -80,3 +80,19 @@ def test_a_shape_whose_steps_keep_less_than_expected_loses_its_lead():
     chooser.kept_on_step(1.0)
     assert chooser.kept_ratio(PLAIN) == 1.0, "the plain step keeps what it is expected to"
     assert chooser.kept_ratio(CHAIN) == 1.0, "each shape apart"
+
+
+def test_a_close_second_not_run_for_a_while_runs_once():
+    """Costs and yields are measured only on the steps that run a shape: a shape scoring within
+    RETRY_WITHIN of the best runs once after RETRY_AFTER choices without it; a far one never."""
+    from dynexec_compile.decoding.adaptive import RETRY_AFTER
+
+    chooser = WidthChooser()
+    timed(chooser, PLAIN, 1.0, 0.050)
+    timed(chooser, CHAIN, 1.0, 0.060)
+    timed(chooser, WIDE, 1.0, 0.200)
+    close = [(CHAIN, 1.15), (WIDE, 1.5), (PLAIN, 1.0)]  # per second: CHAIN 0.96 of PLAIN, WIDE 0.38
+    picks = [chooser.choose(close).name for _ in range(3 * RETRY_AFTER)]
+    assert WIDE.name not in picks
+    # a shape never chosen counts from the first choice; then RETRY_AFTER choices after its last run
+    assert [i for i, name in enumerate(picks) if name == CHAIN.name] == [RETRY_AFTER, 2 * RETRY_AFTER + 1]
