@@ -232,11 +232,23 @@ class DraftHeadsEngine(DecodeEngine):
         return tokens, self.stack.lm_head(h), (h,)
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The heads on the accepted path's last node: ``(heads' logits [B, k, V], next candidates [B, T])``."""
+        """The heads on the accepted path's last node: ``(heads' logits [B, k, V], next candidates
+        [B, T])``. After a plain step (one token, no guesses; ``adaptive``) the heads do not run:
+        its hidden state ``[B, D]`` is returned for :meth:`heads_after`."""
         (h,) = extras  # [B, T, D]
+        if h.shape[1] == 1:
+            return (h[:, 0],)
         last = verdict.path.gather(1, verdict.accepted[:, None])  # [B, 1] the path's last node (== its step token)
-        head_logits = self.heads(h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0], self.stack.lm_head)
-        return head_logits, self.tree_tokens(verdict.next_token, head_logits)
+        return self._heads_on(h.gather(1, last[:, :, None].expand(-1, 1, h.shape[-1]))[:, 0], verdict.next_token)
+
+    def _heads_on(self, h: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head_logits = self.heads(h, self.stack.lm_head)  # [B, k, V]
+        return head_logits, self.tree_tokens(root, head_logits)
+
+    def heads_after(self, h: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(heads' logits, candidates)`` from a plain step's hidden state ``h`` ``[B, D]`` and
+        token ``root`` ``[B]``, when the next step guesses (one small graph)."""
+        return self.run_graph("draft_heads_after", _heads_after_body, h, root, width=0, forwards=0)
 
 
 def draft_heads_strategy(
@@ -280,37 +292,61 @@ def draft_heads_strategy(
     return decode_loop(proposer, input_ids, attention_mask, settings)
 
 
+def _heads_after_body(engine: DraftHeadsEngine, h: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return engine._heads_on(h, root)
+
+
 class _HeadsProposer(DraftProposer):
-    """Draft heads' proposer: the candidates come out of the previous step's graph (a plain
-    step's too: the heads read its one node)."""
+    """Draft heads' proposer: the candidates come out of the previous step's graph.
+
+    Attributes:
+        pending: ``adaptive``: after plain steps, whose graphs do not run the heads, the last
+            one's hidden state ``[B, D]``; the heads read it when a step guesses again.
+        typical: ``adaptive``: a running mean of the heads' expected accepted tokens per row,
+            the estimate while their guesses are stale.
+        head_runs: heads' evaluations after plain steps (:meth:`DraftHeadsEngine.heads_after`).
+    """
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         logits, head_logits = self.engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
         self.root = next_token(logits, self.settings)  # [B]
         self.head_logits, self.tokens = head_logits, self.engine.tree_tokens(self.root, head_logits)  # [B, T]
-        self.full = self.shape
+        self.full, self.pending, self.typical, self.head_runs = self.shape, None, None, 0
         return self.root
 
     def guess(self) -> tuple[torch.Tensor, None]:
         if self.chooser is None:
             return self.tokens, None
-        tree = self.tree
-        top = [tree._kids[d][2] for d in range(tree.max_depth)]  # candidates per depth
-        probs = self.head_logits[:, : tree.max_depth].float().softmax(dim=-1).topk(max(top), dim=-1).values  # [B, k, A]
-        self.confidence = probs * (torch.arange(max(top), device=probs.device) < torch.tensor(top, device=probs.device)[:, None])
-        drafted = self.chooser.draft_yield(self.confidence, tree.max_depth)  # [B]
-        live = self.live.float()
-        expected = 1 + float((drafted * live).sum() / live.sum().clamp(min=1))
-        self.shape = self.chooser.choose([(self.full, expected), (self.plain, 1.0)])
-        return (self.tokens if self.shape is self.full else self.root[:, None]), None
+        live, expected = self.live.float(), self.typical
+        if self.pending is None:
+            tree = self.tree
+            top = [tree._kids[d][2] for d in range(tree.max_depth)]  # candidates per depth
+            probs = self.head_logits[:, : tree.max_depth].float().softmax(dim=-1).topk(max(top), dim=-1).values  # [B, k, A]
+            ranks = torch.arange(max(top), device=probs.device) < torch.tensor(top, device=probs.device)[:, None]
+            self.confidence = probs * ranks
+            drafted = self.chooser.draft_yield(self.confidence, tree.max_depth)  # [B]
+            mean = float((drafted * live).sum() / live.sum().clamp(min=1))
+            self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
+            expected = mean
+        self.shape = self.chooser.choose([(self.full, 1 + expected), (self.plain, 1.0)])
+        if self.shape is self.plain:
+            return self.root[:, None], None
+        if self.pending is not None:  # the heads read the last plain step's hidden state
+            self.head_logits, self.tokens = self.engine.heads_after(self.pending, self.root)
+            self.pending, self.head_runs = None, self.head_runs + 1
+        return self.tokens, None
 
     def accept(self, out: StepOut) -> None:
-        if self.chooser is not None:  # the first depth's candidates against the model's token, plain step or not
+        if self.chooser is not None and self.pending is None:
+            # the first depth's candidates against the model's token (fresh: no plain step since them)
             start, stop = self.tree.levels[1]
             hits = self.chooser.first_hits(self.tokens[:, start:stop], self.confidence[:, 0, : stop - start],
                                            out.verdict.tokens[:, 0], self.live)
             self.chooser.observe(self.shape, hits=hits[0], predicted=hits[1])
-        self.head_logits, self.tokens = out.after  # the heads' next candidates, from the step's graph
+        if self.shape is self.plain:
+            (self.pending,) = out.after  # [B, D]
+        else:
+            self.head_logits, self.tokens = out.after  # the heads' next candidates, from the step's graph
 
     def extra(self, stats: GenerateStats) -> dict[str, Any]:
         engine = self.engine
@@ -322,7 +358,7 @@ class _HeadsProposer(DraftProposer):
             # every step runs all L layers on its T tokens; heads: one block each
             "target_layer_evals": (stats.steps * engine.tree.size - plain * (engine.tree.size - 1)) * engine.stack.num_layers,
             "draft_layer_evals": 0,
-            "draft_head_evals": stats.steps * engine.num_heads,
+            "draft_head_evals": (stats.steps - plain + self.head_runs) * engine.num_heads,
             "adaptive_steps": dict(self.chooser.chosen) if self.chooser is not None else None,
         }
 

@@ -367,6 +367,9 @@ def test_adaptive_follows_the_measured_step_costs(heads_for):
     first = dx.generate(model, ids, mask, **common)
     engine = next(e for e in reversed(_ENGINES.values()) if isinstance(e, DraftHeadsEngine) and e.model is model)
     full = engine.shape.name
+    calls = []  # the engine's heads, counted as they run (eager)
+    forward = engine.heads.forward
+    engine.heads.forward = lambda *args: calls.append(1) or forward(*args)
     assert set(first.stats.extra["adaptive_steps"]) <= {PLAIN, full}
     reference = hf_greedy(model, ids, mask, 24)
     assert torch.equal(first.sequences, reference)
@@ -375,20 +378,25 @@ def test_adaptive_follows_the_measured_step_costs(heads_for):
         out = dx.generate(model, ids, mask, **common)
         assert torch.equal(out.sequences, reference)
         assert out.stats.extra["adaptive_steps"] == {cheap: out.stats.steps}, "only the cheap shape pays"
-        if cheap == PLAIN:  # one token a step, nothing drafted, heads still read every step
+        if cheap == PLAIN:  # one token a step, nothing drafted, the heads never run after the prefill
             assert out.stats.steps == 23 and sum(map(sum, out.stats.extra["drafted_per_step"])) == 0
-    # the heads' first-depth guesses are scored against the model's token on every step, plain or not
+            assert calls == [1] and out.stats.extra["draft_head_evals"] == 0
+        calls.clear()
     assert engine.chooser.predicted > 0
     with pytest.raises(ValueError, match="adaptive must be True or False"):
         dx.generate(model, ids, mask, **{**common, "adaptive": 1})
 
 
-def test_adaptive_compiled_steps_are_exact_and_compile_once(heads_for, monkeypatch):
+@pytest.mark.parametrize("regional", [False, True])
+def test_adaptive_compiled_steps_are_exact_and_compile_once(regional, heads_for, monkeypatch):
+    """Compiled: any mix of plain and guessing steps (the heads reading a plain step's hidden
+    state in a graph of their own) equals HF greedy; a second run compiles nothing new."""
     from dynexec_compile.decoding.adaptive import WidthChooser
 
     model, heads = heads_for("qwen2")
     ids, mask = left_padded_batch([6, 9], seed=5)
-    common = dict(strategy="draft_heads", heads=heads, max_new_tokens=24, eos_token_id=[], backend="eager", adaptive=True)
+    common = dict(strategy="draft_heads", heads=heads, max_new_tokens=24, eos_token_id=[], backend="eager", adaptive=True,
+                  regional=regional)
     runs = []
     for _ in range(2):
         monkeypatch.setattr(WidthChooser, "choose", _random_choice(3))
@@ -396,3 +404,4 @@ def test_adaptive_compiled_steps_are_exact_and_compile_once(heads_for, monkeypat
     assert torch.equal(runs[0].sequences, hf_greedy(model, ids, mask, 24))
     assert torch.equal(runs[1].sequences, runs[0].sequences)
     assert PLAIN in runs[0].stats.extra["adaptive_steps"] and runs[1].stats.compiles == 0
+    assert runs[0].stats.extra["draft_head_evals"] < runs[0].stats.steps * K, "plain steps run no heads"
