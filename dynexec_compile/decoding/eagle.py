@@ -292,8 +292,10 @@ class EagleEngine(DecodeEngine):
         pairs are scratch past every row's position, overwritten before any query sees them)."""
         while True:
             n = min(features.shape[1], CATCH_UP)
-            pad = CATCH_UP - n
-            chunk = F.pad(features[:, :n], (0, 0, 0, pad)), F.pad(tokens[:, :n], (0, pad), value=0)
+            # fresh buffers: a full chunk cut from a longer run is a view with its strides (for one
+            # row even after .contiguous()), and Dynamo guards on strides: it recompiled mid-request
+            chunk = features.new_zeros(features.shape[0], CATCH_UP, features.shape[2]), tokens.new_zeros(tokens.shape[0], CATCH_UP)
+            chunk[0][:, :n], chunk[1][:, :n] = features[:, :n], tokens[:, :n]
             kept = torch.full_like(base, n)
             out = self.run_graph("eagle_catch_up", _catch_up_body, *chunk, base, kept, width=0, forwards=0)
             if n == features.shape[1]:
@@ -308,7 +310,7 @@ class EagleEngine(DecodeEngine):
 
     def step_forward(self, tokens, positions, slots, mask):  # noqa: ANN001, ANN201 - see DecodeEngine
         h = self.stack.hidden(tokens, positions, mask, self.cache, slots)  # [B, T, D]
-        return tokens, self.stack.lm_head(h), (h, slots[:, 0])
+        return tokens, self.stack.lm_head(h), (h, slots[:, 0].clone(memory_format=torch.contiguous_format))  # one stride, any shape
 
     def step_after(self, verdict: Verdict, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The next guesses ``[B, k, 1 + alternatives]`` and their draft probabilities: the

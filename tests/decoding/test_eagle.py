@@ -394,3 +394,32 @@ def test_adaptive_compiled_steps_and_catch_ups_are_exact_and_compile_once(region
     assert torch.equal(runs[0].sequences, hf_greedy(model, ids, mask, 24))
     assert torch.equal(runs[1].sequences, runs[0].sequences)
     assert PLAIN in runs[0].stats.extra["adaptive_steps"] and runs[1].stats.compiles == 0
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_adaptive_catch_ups_of_any_length_compile_once(regional, draft_for, monkeypatch):
+    """Runs of plain steps of any length (the draft catches up in chunks, the last padded) add
+    no graph after the first catch-up: a run with runs of 3 plain steps, then one with runs of
+    12 and 20 (full chunks cut from a longer run), compiles nothing new and stays exact."""
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    model, draft = draft_for("qwen2")
+    ids, mask = left_padded_batch([9], seed=5)  # one row: a [1, n] view keeps its longer stride
+    common = dict(strategy="eagle", draft=draft, max_new_tokens=40, eos_token_id=[], backend="eager", regional=regional,
+                  adaptive=True)
+    choose = WidthChooser.choose
+
+    def every(period):  # a guessing step, then period - 1 plain steps, over and over
+        return lambda self, options: choose(self, [options[0] if self.steps % period == 0 else options[-1]])
+
+    monkeypatch.setattr(WidthChooser, "choose", every(4))
+    first = dx.generate(model, ids, mask, **common)
+    monkeypatch.setattr(WidthChooser, "choose", every(13))
+    second = dx.generate(model, ids, mask, **common)
+    monkeypatch.setattr(WidthChooser, "choose", every(21))
+    third = dx.generate(model, ids, mask, **common)
+    reference = hf_greedy(model, ids, mask, 40)
+    for out in (first, second, third):
+        assert torch.equal(out.sequences, reference)
+    assert second.stats.extra["adaptive_steps"][PLAIN] >= 12 and second.stats.compiles == 0
+    assert third.stats.compiles == 0
