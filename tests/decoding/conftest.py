@@ -120,3 +120,27 @@ def exact_joint(model, prompt: list[int], params: SamplingParams, n: int) -> tor
             grown = torch.arange(vocab).repeat(prefixes.shape[0])[:, None]  # [V**(k+1), 1]
             prefixes = torch.cat([prefixes.repeat_interleave(vocab, dim=0), grown], dim=1)
     return joint
+
+
+def random_choice(seed: int):
+    """A ``WidthChooser.choose`` that picks any offered shape at random (seeded): every mix of
+    shapes an ``adaptive=True`` strategy can take."""
+    import random
+
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    rng, choose = random.Random(seed), WidthChooser.choose
+    return lambda self, options: choose(self, [rng.choice(list(options))])
+
+
+def random_mix_twice(monkeypatch, model, ids, mask, seed: int = 3, **options) -> list:
+    """Two ``generate`` runs under the same seeded random mix of shapes (compiled-path tests:
+    the second must compile nothing)."""
+    import dynexec_compile as dx
+    from dynexec_compile.decoding.adaptive import WidthChooser
+
+    runs = []
+    for _ in range(2):
+        monkeypatch.setattr(WidthChooser, "choose", random_choice(seed))
+        runs.append(dx.generate(model, ids, mask, **options))
+    return runs

@@ -7,7 +7,7 @@ counts per row) are exercised; a test checks they were.
 
 import pytest
 import torch
-from conftest import VOCAB, build_model, left_padded_batch
+from conftest import VOCAB, build_model, left_padded_batch, random_choice, random_mix_twice
 from safetensors.torch import save_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -329,23 +329,13 @@ def test_a_loss_mask_trains_only_the_marked_positions():
 PLAIN = "tree(-1,)"  # the one-token step's graph
 
 
-def _random_choice(seed):
-    """A WidthChooser.choose that picks any offered shape at random (seeded): every mix of shapes."""
-    import random
-
-    from dynexec_compile.decoding.adaptive import WidthChooser
-
-    rng, choose = random.Random(seed), WidthChooser.choose
-    return lambda self, options: choose(self, [rng.choice(list(options))])
-
-
 @pytest.mark.parametrize("kind,tree", [("llama", None), ("gpt2", [2, 2, 1])])
 def test_adaptive_steps_are_exact_whichever_shape_each_step_takes(kind, tree, heads_for, monkeypatch):
     from dynexec_compile.decoding.adaptive import WidthChooser
 
     model, heads = heads_for(kind)
     ids, mask = left_padded_batch([5, 11, 8], seed=3)
-    monkeypatch.setattr(WidthChooser, "choose", _random_choice(1))
+    monkeypatch.setattr(WidthChooser, "choose", random_choice(1))
     out = dx.generate(model, ids, mask, strategy="draft_heads", heads=heads, tree=tree, adaptive=True, max_new_tokens=40,
                       eos_token_id=[], compile=False)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 40))
@@ -391,16 +381,12 @@ def test_adaptive_follows_the_measured_step_costs(heads_for):
 def test_adaptive_compiled_steps_are_exact_and_compile_once(regional, heads_for, monkeypatch):
     """Compiled: any mix of plain and guessing steps (the heads reading a plain step's hidden
     state in a graph of their own) equals HF greedy; a second run compiles nothing new."""
-    from dynexec_compile.decoding.adaptive import WidthChooser
 
     model, heads = heads_for("qwen2")
     ids, mask = left_padded_batch([6, 9], seed=5)
     common = dict(strategy="draft_heads", heads=heads, max_new_tokens=24, eos_token_id=[], backend="eager", adaptive=True,
                   regional=regional)
-    runs = []
-    for _ in range(2):
-        monkeypatch.setattr(WidthChooser, "choose", _random_choice(3))
-        runs.append(dx.generate(model, ids, mask, **common))
+    runs = random_mix_twice(monkeypatch, model, ids, mask, **common)
     assert torch.equal(runs[0].sequences, hf_greedy(model, ids, mask, 24))
     assert torch.equal(runs[1].sequences, runs[0].sequences)
     assert PLAIN in runs[0].stats.extra["adaptive_steps"] and runs[1].stats.compiles == 0

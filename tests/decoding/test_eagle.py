@@ -7,7 +7,7 @@ a test checks they were.
 
 import pytest
 import torch
-from conftest import VOCAB, build_model, left_padded_batch
+from conftest import VOCAB, build_model, left_padded_batch, random_choice, random_mix_twice
 from test_draft_heads import hf_greedy, own_text
 
 import dynexec_compile as dx
@@ -306,20 +306,6 @@ def _eagle_engine(model):
     return next(e for e in reversed(_ENGINES.values()) if isinstance(e, EagleEngine) and e.model is model)
 
 
-def _random_choice(seed):
-    """A WidthChooser.choose that picks any offered shape at random (seeded): every mix of shapes."""
-    import random
-
-    from dynexec_compile.decoding.adaptive import WidthChooser
-
-    rng, choose = random.Random(seed), WidthChooser.choose
-
-    def pick(self, options):
-        return choose(self, [rng.choice(list(options))])
-
-    return pick
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_adaptive_steps_are_exact_whichever_shape_each_step_takes(kind, draft_for, monkeypatch):
     from dynexec_compile.decoding.adaptive import WidthChooser
@@ -332,7 +318,7 @@ def test_adaptive_steps_are_exact_whichever_shape_each_step_takes(kind, draft_fo
     mask[2, :20] = 0  # a shorter third row (left padding)
     common = dict(strategy="eagle", draft=draft, num_draft=2, alternatives=1, lookup=2, copy_lookup=5, max_new_tokens=30,
                   eos_token_id=[], compile=False)
-    monkeypatch.setattr(WidthChooser, "choose", _random_choice(0))
+    monkeypatch.setattr(WidthChooser, "choose", random_choice(0))
     out = dx.generate(model, ids, mask, adaptive=True, **common)
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 30))
     assert out.stats.forward_passes == out.stats.steps + 1
@@ -381,16 +367,12 @@ def test_adaptive_compiled_steps_and_catch_ups_are_exact_and_compile_once(region
     """Compiled (whole-step graphs, or regional with the draft compiled apart): any mix of plain
     and guessing steps, with the draft's catch-ups after plain runs, equals HF greedy; a second
     run with the same mix compiles nothing new."""
-    from dynexec_compile.decoding.adaptive import WidthChooser
 
     model, draft = draft_for("qwen2")
     ids, mask = left_padded_batch([6, 9], seed=5)
     common = dict(strategy="eagle", draft=draft, max_new_tokens=24, eos_token_id=[], backend="eager", regional=regional,
                   lookup=2, adaptive=True)
-    runs = []
-    for _ in range(2):
-        monkeypatch.setattr(WidthChooser, "choose", _random_choice(3))
-        runs.append(dx.generate(model, ids, mask, **common))
+    runs = random_mix_twice(monkeypatch, model, ids, mask, **common)
     assert torch.equal(runs[0].sequences, hf_greedy(model, ids, mask, 24))
     assert torch.equal(runs[1].sequences, runs[0].sequences)
     assert PLAIN in runs[0].stats.extra["adaptive_steps"] and runs[1].stats.compiles == 0
