@@ -268,7 +268,8 @@ def draft_heads_strategy(
     or a candidate tree (children per depth, e.g. ``[4, 2, 1]``, or a ``TreeSpec``) at most
     ``k`` deep whose depth-``d`` nodes take head ``d``'s top tokens — greedy or sampling.
     ``adaptive``: each step verifies the heads' candidates or none (a plain one-token step,
-    after which the heads still guess), whichever is expected to give more tokens per second
+    which skips the heads; they read its hidden state when a step guesses again), whichever is
+    expected to give more tokens per second
     from the heads' probabilities and the measured step times
     (:mod:`~dynexec_compile.decoding.adaptive`); exact either way.
     """
