@@ -303,8 +303,6 @@ class _HeadsProposer(DraftProposer):
     Attributes:
         pending: ``adaptive``: after plain steps, whose graphs do not run the heads, the last
             one's hidden state ``[B, D]``; the heads read it when a step guesses again.
-        typical: ``adaptive``: a running mean of the heads' expected accepted tokens per row,
-            the estimate while their guesses are stale.
         head_runs: heads' evaluations after plain steps (:meth:`DraftHeadsEngine.heads_after`).
     """
 
@@ -312,23 +310,19 @@ class _HeadsProposer(DraftProposer):
         logits, head_logits = self.engine.prefill_propose(input_ids, attention_mask)  # [B, V], [B, k, V]
         self.root = next_token(logits, self.settings)  # [B]
         self.head_logits, self.tokens = head_logits, self.engine.tree_tokens(self.root, head_logits)  # [B, T]
-        self.full, self.pending, self.typical, self.head_runs = self.shape, None, None, 0
+        self.full, self.pending, self.head_runs = self.shape, None, 0
+        tops = [self.tree._kids[d][2] for d in range(self.tree.max_depth)]  # candidates per depth (head d's top tokens)
+        self.ranks = torch.arange(max(tops), device=self.root.device) < torch.tensor(tops, device=self.root.device)[:, None]
         return self.root
 
     def guess(self) -> tuple[torch.Tensor, None]:
         if self.chooser is None:
             return self.tokens, None
-        live, expected = self.live.float(), self.typical
-        if self.pending is None:
-            tree = self.tree
-            top = [tree._kids[d][2] for d in range(tree.max_depth)]  # candidates per depth
-            probs = self.head_logits[:, : tree.max_depth].float().softmax(dim=-1).topk(max(top), dim=-1).values  # [B, k, A]
-            ranks = torch.arange(max(top), device=probs.device) < torch.tensor(top, device=probs.device)[:, None]
-            self.confidence = probs * ranks
-            drafted = self.chooser.draft_yield(self.confidence, tree.max_depth)  # [B]
-            mean = float((drafted * live).sum() / live.sum().clamp(min=1))
-            self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
-            expected = mean
+        confidence = None  # stale after plain steps
+        if self.pending is None:  # [B, k, A] the heads' probabilities of their candidates
+            probs = self.head_logits[:, : self.tree.max_depth].float().softmax(dim=-1)
+            confidence = self.confidence = probs.topk(self.ranks.shape[1], dim=-1).values * self.ranks
+        _, expected = self.expected_drafts(confidence, self.tree.max_depth)
         self.shape = self.chooser.choose([(self.full, 1 + expected), (self.plain, 1.0)])
         if self.shape is self.plain:
             return self.root[:, None], None

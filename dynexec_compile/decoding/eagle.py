@@ -463,8 +463,6 @@ class _EagleProposer(DraftProposer):
         copy_steps: steps that took the ``copy_lookup`` branch.
         pending: ``adaptive``: the ``(feature, token)`` pairs of plain steps the draft has not
             read yet (from position ``pending_base``); it reads them before its next guess.
-        typical: ``adaptive``: a running mean of the draft's expected accepted tokens per row,
-            the estimate while its guesses are stale (after plain steps).
     """
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -473,7 +471,7 @@ class _EagleProposer(DraftProposer):
         self.root = next_token(logits, self.settings)  # [B]
         self.guesses, self.confidence = engine.first_guesses(h, ids, self.root)  # [B, k, 1 + alternatives] each
         self.lookups, self.copy_steps = [], 0
-        self.pending, self.pending_base, self.typical = [], None, None
+        self.pending, self.pending_base = [], None
         if engine.lookup:
             lengths = engine.cache.lengths.tolist()
             self.lookups = [ContextLookup(engine.lookup, row[:n] + [root])
@@ -528,13 +526,7 @@ class _EagleProposer(DraftProposer):
         of that and the span's observed acceptance."""
         engine, chooser, live = self.engine, self.chooser, self.live.float()  # [B]
         rows = live.sum().clamp(min=1)
-        if self.pending:
-            drafted = torch.full_like(live, self.typical)
-        else:
-            drafted = chooser.draft_yield(self.confidence, engine.num_draft)
-        mean = float((drafted * live).sum() / rows)
-        if not self.pending:
-            self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
+        drafted, mean = self.expected_drafts(None if self.pending else self.confidence, engine.num_draft)
         options = [(engine.branches[0][0], 1 + mean), (self.plain, 1.0)]
         if span:
             has = torch.tensor([bool(f) for f in found], device=live.device)

@@ -757,6 +757,8 @@ class DraftProposer:
         chooser: a :class:`~dynexec_compile.decoding.adaptive.WidthChooser` when :meth:`guess`
             chooses the step's shape (``self.shape``) per step; the step's time goes to it.
         plain: the one-token step shape (the root alone) a chooser may pick.
+        typical: a running mean of the draft's expected kept tokens per row
+            (:meth:`expected_drafts`), the estimate while its guesses are stale.
     """
 
     def __init__(self, name: str, engine: DecodeEngine, settings: Any, tree: TreeSpec):
@@ -768,6 +770,7 @@ class DraftProposer:
         self.valid: torch.Tensor | None = None  # [B, T] the tree nodes guess() filled (None: all)
         self.chooser: WidthChooser | None = None  # a proposer choosing each step's shape sets one
         self.plain = StepShape.of_tree(TreeSpec.root_only())  # no guesses: what a chooser runs where they do not pay
+        self.typical: float | None = None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Fill the caches with the prompts; each row's first token ``[B]``."""
@@ -781,6 +784,19 @@ class DraftProposer:
 
     def accept(self, out: StepOut) -> None:
         """What the drafter keeps of a verified step (its cache, its next candidates)."""
+
+    def expected_drafts(self, confidence: torch.Tensor | None, cap: int) -> tuple[torch.Tensor, float]:
+        """``adaptive``: the drafted tokens each row is expected to keep ``[B]`` and their mean
+        over the live rows, from the draft's ``confidence`` ``[B, k, A]``
+        (:meth:`~dynexec_compile.decoding.adaptive.WidthChooser.draft_yield`); ``None`` while its
+        guesses are stale (after plain steps that did not run it): :attr:`typical`."""
+        live = self.live.float()
+        if confidence is None:
+            return torch.full_like(live, self.typical), self.typical
+        drafted = self.chooser.draft_yield(confidence, cap)
+        mean = float((drafted * live).sum() / live.sum().clamp(min=1))
+        self.typical = mean if self.typical is None else 0.9 * self.typical + 0.1 * mean
+        return drafted, mean
 
     def step(self, runs: TokenRuns) -> torch.Tensor:
         self.live = live = ~runs.done  # [B] rows still generating
